@@ -1,0 +1,18 @@
+#pragma once
+#include <ATen/ATen.h>
+#include <sstream>
+#include <string>
+
+namespace tlkernels {
+
+// Error messages name the op, the argument, what was expected and what came.
+inline std::string shape_str(at::IntArrayRef s) {
+  std::ostringstream os;
+  os << "(";
+  for (size_t i = 0; i < s.size(); ++i) os << (i ? ", " : "") << s[i];
+  if (s.size() == 1) os << ",";
+  os << ")";
+  return os.str();
+}
+
+}  // namespace tlkernels

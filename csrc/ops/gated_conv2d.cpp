@@ -1,0 +1,88 @@
+// Schema of the gated convolution ops:
+//   y = (1 - g) * conv2d(x, weight_pre, bias_pre) + g * conv2d(x, weight_ft, bias_ft)
+// gate g has shape (N,) (one gate per image, SpotTune) or (N, C_out) (one per image and output
+// filter, AdaFilter); g = 1 selects the fine-tuned filter. `hard` treats the gate as binary
+// (g >= 0.5) in the forward pass; gradients still flow to g as for the blend (straight-through).
+#include <torch/library.h>
+
+#include "ops/check.h"
+#include "ops/gated_conv2d.h"
+
+namespace tlkernels {
+
+std::vector<int64_t> gated_conv2d_output_size(const at::Tensor& input, const at::Tensor& weight,
+                                              at::IntArrayRef stride, at::IntArrayRef padding,
+                                              at::IntArrayRef dilation) {
+  std::vector<int64_t> out{input.size(0), weight.size(0)};
+  for (int d = 0; d < 2; ++d) {
+    const int64_t k = dilation[d] * (weight.size(d + 2) - 1) + 1;
+    out.push_back((input.size(d + 2) + 2 * padding[d] - k) / stride[d] + 1);
+  }
+  return out;
+}
+
+void check_gated_conv2d_args(const at::Tensor& input, const at::Tensor& weight_pre,
+                             const at::Tensor& weight_ft, const at::Tensor& gate,
+                             const c10::optional<at::Tensor>& bias_pre,
+                             const c10::optional<at::Tensor>& bias_ft, at::IntArrayRef stride,
+                             at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  const char* op = "gated_conv2d";
+  TORCH_CHECK(input.dim() == 4, op, ": input must be 4-D (N, C_in, H, W), got ", input.dim(), "-D");
+  TORCH_CHECK(weight_pre.dim() == 4, op, ": weight_pre must be 4-D (C_out, C_in/groups, kH, kW), got ",
+              weight_pre.dim(), "-D");
+  TORCH_CHECK(weight_ft.sizes() == weight_pre.sizes(), op, ": weight_ft must have the shape of weight_pre ",
+              shape_str(weight_pre.sizes()), ", got ", shape_str(weight_ft.sizes()));
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
+              ": stride, padding and dilation must have 2 values each");
+  for (int d = 0; d < 2; ++d) {
+    TORCH_CHECK(stride[d] >= 1, op, ": stride must be >= 1, got ", stride[d]);
+    TORCH_CHECK(padding[d] >= 0, op, ": padding must be >= 0, got ", padding[d]);
+    TORCH_CHECK(dilation[d] >= 1, op, ": dilation must be >= 1, got ", dilation[d]);
+  }
+  TORCH_CHECK(groups >= 1, op, ": groups must be >= 1, got ", groups);
+  const int64_t N = input.size(0), C_out = weight_pre.size(0);
+  TORCH_CHECK(input.size(1) == weight_pre.size(1) * groups, op, ": input must have C_in = ",
+              weight_pre.size(1) * groups, " channels (weight_pre.size(1) * groups), got ", input.size(1));
+  TORCH_CHECK(C_out % groups == 0, op, ": weight_pre.size(0) = ", C_out, " must be divisible by groups = ",
+              groups);
+  TORCH_CHECK((gate.dim() == 1 && gate.size(0) == N) ||
+                  (gate.dim() == 2 && gate.size(0) == N && gate.size(1) == C_out),
+              op, ": gate must have shape (N,) or (N, C_out) = (", N, ", ", C_out, "), got ",
+              shape_str(gate.sizes()));
+  const auto dt = input.scalar_type();
+  TORCH_CHECK(at::isFloatingType(dt), op, ": input must be floating point, got ", dt);
+  auto same = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.scalar_type() == dt, op, ": ", name, " must have the dtype of input (", dt, "), got ",
+                t.scalar_type());
+    TORCH_CHECK(t.device() == input.device(), op, ": ", name, " must be on the device of input (",
+                input.device(), "), got ", t.device());
+  };
+  same(weight_pre, "weight_pre");
+  same(weight_ft, "weight_ft");
+  same(gate, "gate");
+  auto bias = [&](const c10::optional<at::Tensor>& b, const char* name) {
+    if (!b.has_value() || !b->defined()) return;
+    same(*b, name);
+    TORCH_CHECK(b->dim() == 1 && b->size(0) == C_out, op, ": ", name, " must have shape (", C_out,
+                ",), got ", shape_str(b->sizes()));
+  };
+  bias(bias_pre, "bias_pre");
+  bias(bias_ft, "bias_ft");
+  for (int d = 0; d < 2; ++d) {
+    const int64_t k = dilation[d] * (weight_pre.size(d + 2) - 1) + 1;
+    TORCH_CHECK(input.size(d + 2) + 2 * padding[d] >= k, op, ": input spatial size ",
+                shape_str(input.sizes().slice(2)), " (padded) is smaller than the dilated kernel");
+  }
+}
+
+}  // namespace tlkernels
+
+TORCH_LIBRARY_FRAGMENT(tlkernels, m) {
+  m.def(
+      "gated_conv2d(Tensor input, Tensor weight_pre, Tensor weight_ft, Tensor gate, Tensor? bias_pre, "
+      "Tensor? bias_ft, int[2] stride, int[2] padding, int[2] dilation, int groups, bool hard) -> Tensor");
+  m.def(
+      "gated_conv2d_backward(Tensor grad_output, Tensor input, Tensor weight_pre, Tensor weight_ft, "
+      "Tensor gate, Tensor? bias_pre, Tensor? bias_ft, int[2] stride, int[2] padding, int[2] dilation, "
+      "int groups, bool hard, bool[6] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}

@@ -1,0 +1,105 @@
+"""Build tlkernels and its compiled op library `tlkernels._C`.
+
+C++ CPU kernels are always built. CUDA sources are added when a CUDA toolkit is found (or
+TLKERNELS_FORCE_CUDA=1) and skipped with TLKERNELS_NO_CUDA=1. We look for the toolkit ourselves:
+torch derives CUDA_HOME from `which nvcc`, and on machines where nvcc is a wrapper script outside
+the toolkit (e.g. /usr/local/bin/nvcc) that guess is wrong and linking fails.
+"""
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _is_toolkit(path):
+    return bool(path) and os.path.isfile(os.path.join(path, "bin", "nvcc")) and os.path.isdir(
+        os.path.join(path, "include")
+    ) and os.path.isfile(os.path.join(path, "include", "cuda_runtime.h"))
+
+
+def find_cuda_home():
+    """Return a CUDA toolkit root that really contains bin/nvcc and include/, or None."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        # Resolve symlinks; a wrapper script is not a toolkit, so read the exec line it forwards to.
+        real = os.path.realpath(nvcc)
+        candidates.append(os.path.dirname(os.path.dirname(real)))
+        try:
+            with open(real, "r", errors="ignore") as fh:
+                for tok in fh.read(4096).split():
+                    if tok.endswith("/bin/nvcc"):
+                        candidates.append(os.path.dirname(os.path.dirname(tok)))
+        except OSError:
+            pass
+    candidates += sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for c in candidates:
+        if _is_toolkit(c):
+            return os.path.realpath(c)
+    return None
+
+
+def decide_cuda():
+    if os.environ.get("TLKERNELS_NO_CUDA", "0") == "1":
+        return None, "TLKERNELS_NO_CUDA=1"
+    home = find_cuda_home()
+    force = os.environ.get("TLKERNELS_FORCE_CUDA", "0") == "1"
+    if home is None:
+        if force:
+            sys.exit("tlkernels setup: TLKERNELS_FORCE_CUDA=1 but no CUDA toolkit (bin/nvcc + include/) "
+                     "was found; set CUDA_HOME to the toolkit root")
+        return None, "no CUDA toolkit found"
+    return home, "toolkit at " + home + (" (forced)" if force else "")
+
+
+CUDA_HOME, REASON = decide_cuda()
+if CUDA_HOME:
+    # Must be set before torch.utils.cpp_extension is imported: it reads CUDA_HOME at import time.
+    os.environ["CUDA_HOME"] = CUDA_HOME
+    # Without a visible GPU torch would compile for every architecture it knows (slow);
+    # default to Ampere + Hopper, the targets of our Triton autotune configs.
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+if CUDA_HOME and torch.version.cuda is None:
+    CUDA_HOME, REASON = None, "installed torch is a CPU-only build"
+
+
+def get_extensions():
+    csrc = os.path.join("csrc")
+    sources = sorted(glob.glob(os.path.join(csrc, "*.cpp")) + glob.glob(os.path.join(csrc, "ops", "*.cpp"))
+                     + glob.glob(os.path.join(csrc, "ops", "cpu", "*.cpp")))
+    cxx = ["-O3", "-DPy_LIMITED_API=0x03090000"]
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    if CUDA_HOME:
+        sources += sorted(glob.glob(os.path.join(csrc, "ops", "cuda", "*.cu")))
+        ext = CUDAExtension("tlkernels._C", sources, include_dirs=include_dirs,
+                            define_macros=[("TLKERNELS_WITH_CUDA", "1")],
+                            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
+                            py_limited_api=True)
+    else:
+        ext = CppExtension("tlkernels._C", sources, include_dirs=include_dirs,
+                           extra_compile_args={"cxx": cxx}, py_limited_api=True)
+    print(f"tlkernels setup: CUDA kernels {'ON' if CUDA_HOME else 'OFF'} ({REASON}); "
+          f"{len(sources)} source files", flush=True)
+    return [ext]
+
+
+setup(
+    name="tlkernels",
+    version="0.1.0",
+    description="Fused CPU/Triton/CUDA kernels for adaptive fine-tuning of CNNs",
+    packages=find_packages(include=["tlkernels", "tlkernels.*"]),
+    ext_modules=get_extensions(),
+    cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=True)},
+    python_requires=">=3.10",
+    install_requires=["torch==2.14.1", "torchvision==0.29.1", "numpy", "tqdm"],
+    entry_points={"console_scripts": ["tlkernels-train=tlkernels.train:main"]},
+    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+)

@@ -1,0 +1,59 @@
+"""Loads the compiled op library and decides which backend serves each call.
+
+`import tlkernels` never fails because `_C` is missing: the ops then fall back to their
+pure-PyTorch references and `extension_status()` says what is missing and how to fix it.
+"""
+import os
+import warnings
+
+import torch
+
+_C_ERROR = None
+try:
+    from tlkernels import _C  # noqa: F401  (registers torch.ops.tlkernels.* through static initialisers)
+except ImportError as e:  # pragma: no cover - exercised only on broken installs
+    _C = None
+    _C_ERROR = e
+
+HAS_C = _C is not None
+
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover
+    HAS_TRITON = False
+
+_FIX = ("build it with `pip install --no-build-isolation -e .` from the repository root "
+        "(needs a C++ compiler; see README)")
+
+if not HAS_C:
+    warnings.warn(f"tlkernels: the compiled extension tlkernels._C could not be loaded ({_C_ERROR}); "
+                  f"ops fall back to the slow pure-PyTorch reference. To fix: {_FIX}.", RuntimeWarning,
+                  stacklevel=2)
+
+VALID_BACKENDS = ("auto", "reference")
+
+
+def backend() -> str:
+    """The backend chosen by TLKERNELS_BACKEND: 'auto' (compiled CPU / Triton GPU kernels) or 'reference'."""
+    b = os.environ.get("TLKERNELS_BACKEND", "auto").strip().lower() or "auto"
+    if b not in VALID_BACKENDS:
+        raise ValueError(f"tlkernels: TLKERNELS_BACKEND must be one of {VALID_BACKENDS}, got {b!r}")
+    return b
+
+
+def use_reference() -> bool:
+    return backend() == "reference"
+
+
+def interpret_mode() -> bool:
+    """True when Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1), as in our tests."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def extension_status() -> str:
+    lines = [f"tlkernels._C: {'loaded' if HAS_C else 'MISSING (' + str(_C_ERROR) + '); ' + _FIX}",
+             f"triton: {'available' if HAS_TRITON else 'missing (CUDA tensors use the reference)'}",
+             f"backend: {backend()}", f"torch: {torch.__version__}, CUDA build: {torch.version.cuda}"]
+    return "\n".join(lines)

@@ -1,0 +1,32 @@
+"""Argument checks shared by the ops. Messages name the op, the argument, what was expected and what came."""
+import torch
+
+
+def fail(op, msg, exc=ValueError):
+    raise exc(f"{op}: {msg}")
+
+
+def check_tensor(op, name, t, *, dim=None, dtype=None, device=None, floating=False):
+    if not isinstance(t, torch.Tensor):
+        fail(op, f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
+    if dim is not None and t.dim() not in (dim if isinstance(dim, tuple) else (dim,)):
+        fail(op, f"{name} must be {' or '.join(f'{d}-D' for d in (dim if isinstance(dim, tuple) else (dim,)))}, "
+                 f"got {t.dim()}-D with shape {tuple(t.shape)}")
+    if floating and not t.is_floating_point():
+        fail(op, f"{name} must be a floating-point tensor, got {t.dtype}", TypeError)
+    if dtype is not None and t.dtype != dtype:
+        fail(op, f"{name} must have dtype {dtype} (the dtype of the first input), got {t.dtype}", TypeError)
+    if device is not None and t.device != device:
+        fail(op, f"{name} must be on device {device} (the device of the first input), got {t.device}")
+
+
+def pair(op, name, v, allow_zero=False):
+    if isinstance(v, int) and not isinstance(v, bool):
+        v = (v, v)
+    if (not isinstance(v, (tuple, list)) or len(v) != 2
+            or not all(isinstance(i, int) and not isinstance(i, bool) for i in v)):
+        fail(op, f"{name} must be an int or a pair of ints, got {v!r}", TypeError)
+    lo = 0 if allow_zero else 1
+    if any(i < lo for i in v):
+        fail(op, f"{name} must be >= {lo}, got {tuple(v)}")
+    return tuple(v)

@@ -1,0 +1,195 @@
+"""Per-example gated convolution: y = (1 - g) * conv2d(x, W_pre, b_pre) + g * conv2d(x, W_ft, b_ft).
+
+gate g: (N,) per image (SpotTune) or (N, C_out) per image and output filter (AdaFilter); g = 1
+selects the fine-tuned filter. `hard=True` uses (g >= 0.5) in the forward pass and passes the
+gradient to g as for the blend (straight-through); all-0/1 gates are detected and get the same
+fast path. Backends: C++ (CPU tensors, csrc/ops/cpu), Triton (CUDA tensors,
+tlkernels/triton/gated_conv2d.py), pure PyTorch (`gated_conv2d_reference`, the oracle).
+"""
+import torch
+import torch.nn.functional as F
+from torch._prims_common import suggest_memory_format
+
+from tlkernels._extension import use_reference
+from tlkernels.ops._registry import ensure_op, op, register_gpu
+from tlkernels.ops._utils import check_tensor, fail, pair
+
+OP = "gated_conv2d"
+SCHEMA = ("gated_conv2d(Tensor input, Tensor weight_pre, Tensor weight_ft, Tensor gate, Tensor? bias_pre, "
+          "Tensor? bias_ft, int[2] stride, int[2] padding, int[2] dilation, int groups, bool hard) -> Tensor")
+BACKWARD_SCHEMA = (
+    "gated_conv2d_backward(Tensor grad_output, Tensor input, Tensor weight_pre, Tensor weight_ft, "
+    "Tensor gate, Tensor? bias_pre, Tensor? bias_ft, int[2] stride, int[2] padding, int[2] dilation, "
+    "int groups, bool hard, bool[6] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+
+
+# ----------------------------------------------------------------------------- reference (oracle)
+def effective_gate(gate, hard):
+    """Forward value of the gate: hard gates are rounded, with the gradient of the soft value."""
+    if not hard:
+        return gate
+    return gate + ((gate >= 0.5).to(gate.dtype) - gate).detach()
+
+
+def gated_conv2d_reference(input, weight_pre, weight_ft, gate, bias_pre=None, bias_ft=None, stride=1,
+                           padding=0, dilation=1, groups=1, hard=False):
+    """Two convolutions and a blend, as the papers' code computes it. Differentiable with autograd."""
+    g = effective_gate(gate, hard)
+    y_pre = F.conv2d(input, weight_pre, bias_pre, stride, padding, dilation, groups)
+    y_ft = F.conv2d(input, weight_ft, bias_ft, stride, padding, dilation, groups)
+    g = g.reshape(g.shape[0], -1, 1, 1)
+    return (1 - g) * y_pre + g * y_ft
+
+
+def _reference_forward(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, stride, padding, dilation,
+                       groups, hard):
+    with torch.no_grad():
+        return gated_conv2d_reference(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, stride, padding,
+                                      dilation, groups, hard).contiguous(memory_format=suggest_memory_format(input))
+
+
+def _reference_backward(grad_output, input, weight_pre, weight_ft, gate, bias_pre, bias_ft, stride, padding,
+                        dilation, groups, hard, output_mask):
+    args = [input, weight_pre, weight_ft, gate, bias_pre, bias_ft]
+    leaves = [a.detach().requires_grad_(m) if a is not None else None for a, m in zip(args, output_mask)]
+    with torch.enable_grad():
+        y = gated_conv2d_reference(*leaves, stride, padding, dilation, groups, hard)
+        wanted = [a for a, m in zip(leaves, output_mask) if m and a is not None]
+        grads = iter(torch.autograd.grad(y, wanted, grad_output, allow_unused=True) if wanted else [])
+    out = []
+    for a, m in zip(leaves, output_mask):
+        if m and a is not None:
+            gr = next(grads)
+            out.append(torch.zeros_like(a) if gr is None else gr)
+        else:
+            out.append(input.new_empty(0))
+    return tuple(out)
+
+
+# ----------------------------------------------------------------------------- registration
+ensure_op("gated_conv2d", SCHEMA, _reference_forward)
+ensure_op("gated_conv2d_backward", BACKWARD_SCHEMA, _reference_backward)
+
+
+def _triton_forward(*args):
+    from tlkernels.triton.gated_conv2d import gated_conv2d_forward
+    return gated_conv2d_forward(*args)
+
+
+def _triton_backward(*args):
+    from tlkernels.triton.gated_conv2d import gated_conv2d_backward
+    return gated_conv2d_backward(*args)
+
+
+register_gpu("gated_conv2d", _triton_forward, _reference_forward)
+register_gpu("gated_conv2d_backward", _triton_backward, _reference_backward)
+
+
+def output_size(input, weight, stride, padding, dilation):
+    out = [input.shape[0], weight.shape[0]]
+    for d in range(2):
+        k = dilation[d] * (weight.shape[d + 2] - 1) + 1
+        out.append((input.shape[d + 2] + 2 * padding[d] - k) // stride[d] + 1)
+    return out
+
+
+@torch.library.register_fake("tlkernels::gated_conv2d")
+def _fake_forward(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, stride, padding, dilation, groups,
+                  hard):
+    sizes = output_size(input, weight_pre, stride, padding, dilation)
+    return input.new_empty(sizes).contiguous(memory_format=suggest_memory_format(input))
+
+
+@torch.library.register_fake("tlkernels::gated_conv2d_backward")
+def _fake_backward(grad_output, input, weight_pre, weight_ft, gate, bias_pre, bias_ft, stride, padding, dilation,
+                   groups, hard, output_mask):
+    likes = [input, weight_pre, weight_ft, gate, bias_pre, bias_ft]
+    return tuple(torch.empty_like(t) if m and t is not None else input.new_empty(0)
+                 for t, m in zip(likes, output_mask))
+
+
+def _setup_context(ctx, inputs, output):
+    input, weight_pre, weight_ft, gate, bias_pre, bias_ft, stride, padding, dilation, groups, hard = inputs
+    ctx.save_for_backward(input, weight_pre, weight_ft, gate, bias_pre, bias_ft)
+    ctx.conv = (stride, padding, dilation, groups, hard)
+
+
+def _backward(ctx, grad_output):
+    input, weight_pre, weight_ft, gate, bias_pre, bias_ft = ctx.saved_tensors
+    mask = [bool(ctx.needs_input_grad[i]) for i in range(6)]
+    if not any(mask):
+        return (None,) * 11
+    grads = op("gated_conv2d_backward")(grad_output.contiguous(memory_format=suggest_memory_format(input)),
+                                        input, weight_pre, weight_ft, gate, bias_pre, bias_ft, *ctx.conv, mask)
+    return tuple(g if m else None for g, m in zip(grads, mask)) + (None,) * 5
+
+
+torch.library.register_autograd("tlkernels::gated_conv2d", _backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- public API
+def _resolve_padding(padding, weight, stride, dilation):
+    """Returns (symmetric padding, extra right/bottom padding) for int, pair, 'valid' or 'same'."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0), None
+        if padding != "same":
+            fail(OP, f"padding must be an int, a pair of ints, 'same' or 'valid', got {padding!r}")
+        if stride != (1, 1):
+            fail(OP, f"padding='same' needs stride 1 (as in F.conv2d), got stride={stride}")
+        total = [dilation[d] * (weight.shape[d + 2] - 1) for d in range(2)]
+        left = tuple(t // 2 for t in total)
+        extra = tuple(t - 2 * l for t, l in zip(total, left))
+        return left, (extra if any(extra) else None)
+    return pair(OP, "padding", padding, allow_zero=True), None
+
+
+def check_gated_conv2d_args(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, groups):
+    check_tensor(OP, "input", input, dim=4, floating=True)
+    dt, dev = input.dtype, input.device
+    check_tensor(OP, "weight_pre", weight_pre, dim=4, dtype=dt, device=dev)
+    check_tensor(OP, "weight_ft", weight_ft, dtype=dt, device=dev)
+    if weight_ft.shape != weight_pre.shape:
+        fail(OP, f"weight_ft must have the shape of weight_pre {tuple(weight_pre.shape)}, got {tuple(weight_ft.shape)}")
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        fail(OP, f"groups must be a positive int, got {groups!r}")
+    n, c_out = input.shape[0], weight_pre.shape[0]
+    if input.shape[1] != weight_pre.shape[1] * groups:
+        fail(OP, f"input must have C_in = weight_pre.size(1) * groups = {weight_pre.shape[1] * groups} "
+                 f"channels, got {input.shape[1]} (input shape {tuple(input.shape)})")
+    if c_out % groups:
+        fail(OP, f"weight_pre.size(0) = {c_out} must be divisible by groups = {groups}")
+    check_tensor(OP, "gate", gate, dtype=dt, device=dev)
+    if tuple(gate.shape) not in ((n,), (n, c_out)):
+        fail(OP, f"gate must have shape (N,) or (N, C_out) = ({n}, {c_out}), got {tuple(gate.shape)}")
+    for name, b in (("bias_pre", bias_pre), ("bias_ft", bias_ft)):
+        if b is not None:
+            check_tensor(OP, name, b, dtype=dt, device=dev)
+            if tuple(b.shape) != (c_out,):
+                fail(OP, f"{name} must have shape ({c_out},), got {tuple(b.shape)}")
+
+
+def gated_conv2d(input, weight_pre, weight_ft, gate, bias_pre=None, bias_ft=None, stride=1, padding=0,
+                 dilation=1, groups=1, hard=False):
+    """y = (1 - g) * conv2d(x, weight_pre, bias_pre) + g * conv2d(x, weight_ft, bias_ft).
+
+    Arguments follow `F.conv2d`; gate is (N,) or (N, C_out) with values in [0, 1] (not checked: that
+    would need a device sync). Gradients flow to every input that requires grad; a frozen
+    weight_pre costs no weight-gradient work.
+    """
+    check_gated_conv2d_args(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, groups)
+    stride = pair(OP, "stride", stride)
+    dilation = pair(OP, "dilation", dilation)
+    padding, extra = _resolve_padding(padding, weight_pre, stride, dilation)
+    if extra is not None:  # 'same' with an even dilated kernel: the extra pixel goes right/bottom, as in F.conv2d
+        input = F.pad(input, (0, extra[1], 0, extra[0]))
+    for d in range(2):
+        k = dilation[d] * (weight_pre.shape[d + 2] - 1) + 1
+        if input.shape[d + 2] + 2 * padding[d] < k:
+            fail(OP, f"input spatial size {tuple(input.shape[2:])} with padding {padding} is smaller than the "
+                     f"dilated kernel size {k}")
+    if use_reference():
+        return gated_conv2d_reference(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, stride, padding,
+                                      dilation, groups, hard)
+    return op("gated_conv2d")(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, list(stride),
+                              list(padding), list(dilation), groups, bool(hard))
