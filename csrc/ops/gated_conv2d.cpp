@@ -3,6 +3,10 @@
 // gate g has shape (N,) (one gate per image, SpotTune) or (N, C_out) (one per image and output
 // filter, AdaFilter); g = 1 selects the fine-tuned filter. `hard` treats the gate as binary
 // (g >= 0.5) in the forward pass; gradients still flow to g as for the blend (straight-through).
+// The second output `diff` is conv(x, Wf) - conv(x, Wp) (bias included) when save_diff is set and the
+// kernel gets it for free (the small-spatial concatenated GEMM computes both branches anyway); it lets the
+// backward produce the gate gradient without another convolution. Otherwise it is empty and the
+// backward derives the gate gradient itself. The backward takes it back as `diff`.
 #include <torch/library.h>
 
 #include "ops/check.h"
@@ -80,9 +84,10 @@ void check_gated_conv2d_args(const at::Tensor& input, const at::Tensor& weight_p
 TORCH_LIBRARY_FRAGMENT(tlkernels, m) {
   m.def(
       "gated_conv2d(Tensor input, Tensor weight_pre, Tensor weight_ft, Tensor gate, Tensor? bias_pre, "
-      "Tensor? bias_ft, int[2] stride, int[2] padding, int[2] dilation, int groups, bool hard) -> Tensor");
+      "Tensor? bias_ft, int[2] stride, int[2] padding, int[2] dilation, int groups, bool hard, bool save_diff) "
+      "-> (Tensor, Tensor)");
   m.def(
       "gated_conv2d_backward(Tensor grad_output, Tensor input, Tensor weight_pre, Tensor weight_ft, "
-      "Tensor gate, Tensor? bias_pre, Tensor? bias_ft, int[2] stride, int[2] padding, int[2] dilation, "
+      "Tensor gate, Tensor? bias_pre, Tensor? bias_ft, Tensor diff, int[2] stride, int[2] padding, int[2] dilation, "
       "int groups, bool hard, bool[6] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

@@ -16,10 +16,11 @@ from tlkernels.ops._utils import check_tensor, fail, pair
 
 OP = "gated_conv2d"
 SCHEMA = ("gated_conv2d(Tensor input, Tensor weight_pre, Tensor weight_ft, Tensor gate, Tensor? bias_pre, "
-          "Tensor? bias_ft, int[2] stride, int[2] padding, int[2] dilation, int groups, bool hard) -> Tensor")
+          "Tensor? bias_ft, int[2] stride, int[2] padding, int[2] dilation, int groups, bool hard, bool save_diff) "
+          "-> (Tensor, Tensor)")
 BACKWARD_SCHEMA = (
     "gated_conv2d_backward(Tensor grad_output, Tensor input, Tensor weight_pre, Tensor weight_ft, "
-    "Tensor gate, Tensor? bias_pre, Tensor? bias_ft, int[2] stride, int[2] padding, int[2] dilation, "
+    "Tensor gate, Tensor? bias_pre, Tensor? bias_ft, Tensor diff, int[2] stride, int[2] padding, int[2] dilation, "
     "int groups, bool hard, bool[6] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 
 
@@ -37,18 +38,30 @@ def gated_conv2d_reference(input, weight_pre, weight_ft, gate, bias_pre=None, bi
     g = effective_gate(gate, hard)
     y_pre = F.conv2d(input, weight_pre, bias_pre, stride, padding, dilation, groups)
     y_ft = F.conv2d(input, weight_ft, bias_ft, stride, padding, dilation, groups)
-    g = g.reshape(g.shape[0], -1, 1, 1)
+    g = g.reshape(g.shape[0], 1 if g.dim() == 1 else g.shape[1], 1, 1)
     return (1 - g) * y_pre + g * y_ft
 
 
+def _diff_reference(input, weight_pre, weight_ft, bias_pre, bias_ft, stride, padding, dilation, groups):
+    """conv(x, Wf) - conv(x, Wp), bias included: the `diff` output of the op when save_diff is set."""
+    db = None
+    if bias_pre is not None or bias_ft is not None:
+        db = (bias_ft if bias_ft is not None else 0) - (bias_pre if bias_pre is not None else 0)
+    return F.conv2d(input, weight_ft - weight_pre, db, stride, padding, dilation, groups)
+
+
 def _reference_forward(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, stride, padding, dilation,
-                       groups, hard):
+                       groups, hard, save_diff):
     with torch.no_grad():
-        return gated_conv2d_reference(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, stride, padding,
-                                      dilation, groups, hard).contiguous(memory_format=suggest_memory_format(input))
+        fmt = suggest_memory_format(input)
+        y = gated_conv2d_reference(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, stride, padding,
+                                   dilation, groups, hard).contiguous(memory_format=fmt)
+        diff = (_diff_reference(input, weight_pre, weight_ft, bias_pre, bias_ft, stride, padding, dilation, groups)
+                .contiguous(memory_format=fmt) if save_diff else input.new_empty(0))
+        return y, diff
 
 
-def _reference_backward(grad_output, input, weight_pre, weight_ft, gate, bias_pre, bias_ft, stride, padding,
+def _reference_backward(grad_output, input, weight_pre, weight_ft, gate, bias_pre, bias_ft, diff, stride, padding,
                         dilation, groups, hard, output_mask):
     args = [input, weight_pre, weight_ft, gate, bias_pre, bias_ft]
     leaves = [a.detach().requires_grad_(m) if a is not None else None for a, m in zip(args, output_mask)]
@@ -95,39 +108,42 @@ def output_size(input, weight, stride, padding, dilation):
 
 @torch.library.register_fake("tlkernels::gated_conv2d")
 def _fake_forward(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, stride, padding, dilation, groups,
-                  hard):
+                  hard, save_diff):
     sizes = output_size(input, weight_pre, stride, padding, dilation)
-    return input.new_empty(sizes).contiguous(memory_format=suggest_memory_format(input))
+    y = input.new_empty(sizes).contiguous(memory_format=suggest_memory_format(input))
+    return y, (torch.empty_like(y) if save_diff else input.new_empty(0))
 
 
 @torch.library.register_fake("tlkernels::gated_conv2d_backward")
-def _fake_backward(grad_output, input, weight_pre, weight_ft, gate, bias_pre, bias_ft, stride, padding, dilation,
-                   groups, hard, output_mask):
+def _fake_backward(grad_output, input, weight_pre, weight_ft, gate, bias_pre, bias_ft, diff, stride, padding,
+                   dilation, groups, hard, output_mask):
     likes = [input, weight_pre, weight_ft, gate, bias_pre, bias_ft]
     return tuple(torch.empty_like(t) if m and t is not None else input.new_empty(0)
                  for t, m in zip(likes, output_mask))
 
 
 def _setup_context(ctx, inputs, output):
-    input, weight_pre, weight_ft, gate, bias_pre, bias_ft, stride, padding, dilation, groups, hard = inputs
-    ctx.save_for_backward(input, weight_pre, weight_ft, gate, bias_pre, bias_ft)
+    input, weight_pre, weight_ft, gate, bias_pre, bias_ft, stride, padding, dilation, groups, hard, _ = inputs
+    ctx.save_for_backward(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, output[1])
     ctx.conv = (stride, padding, dilation, groups, hard)
+    ctx.mark_non_differentiable(output[1])
 
 
-def _backward(ctx, grad_output):
-    input, weight_pre, weight_ft, gate, bias_pre, bias_ft = ctx.saved_tensors
+def _backward(ctx, grad_output, _grad_diff):
+    input, weight_pre, weight_ft, gate, bias_pre, bias_ft, diff = ctx.saved_tensors
     mask = [bool(ctx.needs_input_grad[i]) for i in range(6)]
     if not any(mask):
-        return (None,) * 11
+        return (None,) * 12
     grads = op("gated_conv2d_backward")(grad_output.contiguous(memory_format=suggest_memory_format(input)),
-                                        input, weight_pre, weight_ft, gate, bias_pre, bias_ft, *ctx.conv, mask)
-    return tuple(g if m else None for g, m in zip(grads, mask)) + (None,) * 5
+                                        input, weight_pre, weight_ft, gate, bias_pre, bias_ft, diff, *ctx.conv, mask)
+    return tuple(g if m else None for g, m in zip(grads, mask)) + (None,) * 6
 
 
 torch.library.register_autograd("tlkernels::gated_conv2d", _backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------- public API
+SAVE_DIFF_MAX_PIXELS = 100  # = kBlendMinPixels in csrc/ops/cpu/gated_conv2d_kernel.cpp
 def _resolve_padding(padding, weight, stride, dilation):
     """Returns (symmetric padding, extra right/bottom padding) for int, pair, 'valid' or 'same'."""
     if isinstance(padding, str):
@@ -191,5 +207,13 @@ def gated_conv2d(input, weight_pre, weight_ft, gate, bias_pre=None, bias_ft=None
     if use_reference():
         return gated_conv2d_reference(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, stride, padding,
                                       dilation, groups, hard)
-    return op("gated_conv2d")(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, list(stride),
-                              list(padding), list(dilation), groups, bool(hard))
+    out_px = 1
+    for s in output_size(input, weight_pre, stride, padding, dilation)[2:]:
+        out_px *= s
+    # The CPU kernel's small-map path computes both branches anyway; keeping their difference lets the
+    # backward skip a convolution for dL/dg. Only worth it there (csrc: kBlendMinPixels).
+    save_diff = (gate.requires_grad and torch.is_grad_enabled() and gate.dim() == 2
+                 and input.device.type == "cpu" and out_px < SAVE_DIFF_MAX_PIXELS)
+    y, _ = op("gated_conv2d")(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, list(stride), list(padding),
+                              list(dilation), groups, bool(hard), save_diff)
+    return y

@@ -1,16 +1,24 @@
 // CPU kernels of the gated convolution.
 //
-// The blend y = (1-g)*conv(x,Wp) + g*conv(x,Wf) is linear in the weights, so three exact
-// strategies exist; we pick per call (thresholds measured on 2 CPU cores, see benchmarks/README.md):
-//  * routed   - per-image binary gates: split the batch by gate and run each part with one weight
-//               set. Exactly one convolution's work.
-//  * blended  - per image, blend the weights once (C_out*K values, tiny next to the conv at large
-//               H*W) and run one conv on that image with oneDNN. One convolution's FLOPs; at >= 14x14
-//               this measured as fast as, or faster than, one batched conv.
-//  * concat   - small spatial size: one conv over [Wp; Wf] (x read once, a single large GEMM) and a
-//               fused lerp epilogue. Two convs' FLOPs but full GEMM efficiency; per-image calls are
-//               dominated by overhead at 7x7.
-// No strategy keeps per-branch full-size outputs beyond the one conv output of the concat path.
+// y = (1-g)*conv(x,Wp) + g*conv(x,Wf) is linear in the weights, so several exact strategies exist;
+// we pick per call from the output size (measured on 2 CPU cores with oneDNN, see benchmarks/README.md):
+//  forward
+//   * routed  - per-image binary gates: split the batch by gate, one weight set per part: exactly one
+//               convolution's work.
+//   * blended - >= kBlendMinPixels output pixels: per image blend the weights (C_out*K values, tiny
+//               next to the conv) and run one conv on that image. One conv's FLOPs; measured as fast as
+//               one batched conv from 14x14 up.
+//   * concat  - small maps: one conv over [Wp; Wf] (x read once, one large GEMM) and a fused lerp
+//               epilogue. Two convs' FLOPs at full GEMM efficiency (per-image calls are overhead-bound
+//               at 7x7). When the gate needs a gradient it returns diff = y_f - y_p, free here, so the
+//               backward needs no extra conv for dL/dg.
+//  backward
+//   * grouped - >= kGroupedMinPixels: the batch folded into groups with per-image blended weights. One
+//               grouped conv backward yields dx and the per-image weight gradients dW_b, from which
+//               dWf = sum_b g_b dW_b, dWp = sum_b (1-g_b) dW_b and dg_b = <dW_b, Wf - Wp> follow by
+//               small contractions: a training step with gate gradient costs 3 conv-equivalents.
+//   * mixed   - mid sizes: per-image dx with blended weights, one batched weight gradient on g*dy.
+//   * concat  - small maps: dx from one conv-transpose over [Wp; Wf] with ((1-g)dy, g dy).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -20,8 +28,10 @@
 namespace tlkernels {
 namespace {
 
-// Below this many output pixels per image the per-image calls cost more than the saved FLOPs.
+// Below this many output pixels per image per-image conv calls cost more than the FLOPs they save.
 constexpr int64_t kBlendMinPixels = 100;
+// From this many output pixels up, oneDNN's grouped conv (batch folded into groups) is efficient.
+constexpr int64_t kGroupedMinPixels = 784;
 
 struct ConvArgs {
   at::IntArrayRef stride, padding, dilation;
@@ -29,8 +39,14 @@ struct ConvArgs {
 };
 
 at::Tensor conv(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b,
-                const ConvArgs& a) {
-  return at::conv2d(x, w, b, a.stride, a.padding, a.dilation, a.groups);
+                const ConvArgs& a, int64_t groups = -1) {
+  return at::conv2d(x, w, b, a.stride, a.padding, a.dilation, groups < 0 ? a.groups : groups);
+}
+
+bool has(const c10::optional<at::Tensor>& b) { return b.has_value() && b->defined(); }
+
+at::Tensor bias_or_zeros(const c10::optional<at::Tensor>& b, const at::Tensor& w) {
+  return has(b) ? *b : at::zeros({w.size(0)}, w.options());
 }
 
 // Effective forward gate, shape (N, C_out), dtype of the input.
@@ -41,17 +57,9 @@ at::Tensor effective_gate(const at::Tensor& gate, int64_t C_out, bool binary) {
 }
 
 bool gate_is_binary(const at::Tensor& gate, bool hard) {
-  if (hard) return true;
-  if (gate.numel() == 0) return true;
+  if (hard || gate.numel() == 0) return true;
   return at::logical_or(gate.eq(0), gate.eq(1)).all().item<bool>();
 }
-
-at::Tensor bias_or_zeros(const c10::optional<at::Tensor>& b, const at::Tensor& w) {
-  if (b.has_value() && b->defined()) return *b;
-  return at::zeros({w.size(0)}, w.options());
-}
-
-bool has(const c10::optional<at::Tensor>& b) { return b.has_value() && b->defined(); }
 
 // [Wp; Wf] arranged so that each group's output channels stay contiguous:
 // (G, C_out/G, ...) x 2 -> (G, 2, C_out/G, ...) -> (2*C_out, ...).
@@ -64,104 +72,113 @@ at::Tensor concat_per_group(const at::Tensor& p, const at::Tensor& f, int64_t gr
   return out.reshape(sp);
 }
 
-// View (N, 2*C_out, H, W) laid out per group as (N, G, 2, C_out/G, H, W).
-at::Tensor split_view(const at::Tensor& y, int64_t groups) {
-  return y.view({y.size(0), groups, 2, y.size(1) / (2 * groups), y.size(2), y.size(3)});
-}
-
 void routed_parts(const at::Tensor& g1d, at::Tensor& idx0, at::Tensor& idx1) {
   auto sel = g1d.ge(0.5);
   idx1 = at::nonzero(sel).squeeze(1);
   idx0 = at::nonzero(sel.logical_not()).squeeze(1);
 }
 
-at::Tensor forward_routed(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf,
-                          const at::Tensor& gate, const c10::optional<at::Tensor>& bp,
-                          const c10::optional<at::Tensor>& bf, const ConvArgs& a, at::Tensor out) {
-  at::Tensor idx0, idx1;
-  routed_parts(gate, idx0, idx1);
-  if (idx1.numel() == x.size(0)) return out.copy_(conv(x, wf, bf, a));
-  if (idx0.numel() == x.size(0)) return out.copy_(conv(x, wp, bp, a));
-  out.index_copy_(0, idx0, conv(x.index_select(0, idx0), wp, bp, a));
-  out.index_copy_(0, idx1, conv(x.index_select(0, idx1), wf, bf, a));
-  return out;
+// Per-image blended weights (N*C_out, C_in/G, kH, kW) for the grouped formulation.
+at::Tensor blended_weights(const at::Tensor& wp, const at::Tensor& wf, const at::Tensor& g) {
+  const int64_t N = g.size(0), C = wp.size(0);
+  auto w = at::addcmul(wp.unsqueeze(0), g.view({N, C, 1, 1, 1}), (wf - wp).unsqueeze(0));
+  return w.view({N * C, wp.size(1), wp.size(2), wp.size(3)});
 }
 
-at::Tensor forward_blended(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf,
-                           const at::Tensor& g, const c10::optional<at::Tensor>& bp,
-                           const c10::optional<at::Tensor>& bf, const ConvArgs& a, at::Tensor out) {
-  const int64_t N = x.size(0);
+void forward_routed(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf, const at::Tensor& gate,
+                    const c10::optional<at::Tensor>& bp, const c10::optional<at::Tensor>& bf, const ConvArgs& a,
+                    at::Tensor& out) {
+  at::Tensor idx0, idx1;
+  routed_parts(gate, idx0, idx1);
+  if (idx1.numel() == x.size(0)) { out.copy_(conv(x, wf, bf, a)); return; }
+  if (idx0.numel() == x.size(0)) { out.copy_(conv(x, wp, bp, a)); return; }
+  out.index_copy_(0, idx0, conv(x.index_select(0, idx0), wp, bp, a));
+  out.index_copy_(0, idx1, conv(x.index_select(0, idx1), wf, bf, a));
+}
+
+void forward_blended(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf, const at::Tensor& g,
+                     const c10::optional<at::Tensor>& bp, const c10::optional<at::Tensor>& bf, const ConvArgs& a,
+                     at::Tensor& out) {
   const bool any_bias = has(bp) || has(bf);
-  at::Tensor b0, db;
+  at::Tensor b0, db, bb;
   if (any_bias) {
     b0 = bias_or_zeros(bp, wp);
     db = bias_or_zeros(bf, wp) - b0;
+    bb = at::empty_like(b0);
   }
   const at::Tensor dw = wf - wp;
   at::Tensor wb = at::empty_like(wp);
-  at::Tensor bb = any_bias ? at::empty_like(b0) : at::Tensor();
-  std::vector<int64_t> gshape{wp.size(0), 1, 1, 1};
-  for (int64_t b = 0; b < N; ++b) {
-    const at::Tensor gb = g[b];
-    at::addcmul_out(wb, wp, gb.view(gshape), dw);
+  for (int64_t b = 0; b < x.size(0); ++b) {
+    at::addcmul_out(wb, wp, g[b].view({wp.size(0), 1, 1, 1}), dw);
     c10::optional<at::Tensor> bias;
-    if (any_bias) bias = at::addcmul_out(bb, b0, gb, db);
+    if (any_bias) bias = at::addcmul_out(bb, b0, g[b], db);
     out[b].copy_(conv(x.narrow(0, b, 1), wb, bias, a)[0]);
   }
-  return out;
 }
 
-at::Tensor forward_concat(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf,
-                          const at::Tensor& g, const c10::optional<at::Tensor>& bp,
-                          const c10::optional<at::Tensor>& bf, const ConvArgs& a, at::Tensor out) {
+void forward_concat(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf, const at::Tensor& g,
+                    const c10::optional<at::Tensor>& bp, const c10::optional<at::Tensor>& bf, const ConvArgs& a,
+                    at::Tensor& out, at::Tensor* diff) {
   const int64_t G = a.groups, C = wp.size(0), N = x.size(0);
   c10::optional<at::Tensor> bias;
   if (has(bp) || has(bf)) bias = concat_per_group(bias_or_zeros(bp, wp), bias_or_zeros(bf, wp), G);
-  auto y = split_view(conv(x, concat_per_group(wp, wf, G), bias, a), G);
+  auto y = conv(x, concat_per_group(wp, wf, G), bias, a);
+  y = y.view({N, G, 2, C / G, y.size(2), y.size(3)});
   auto outv = out.view({N, G, C / G, out.size(2), out.size(3)});
   at::lerp_out(outv, y.select(2, 0), y.select(2, 1), g.view({N, G, C / G, 1, 1}));
-  return out;
+  if (diff) {
+    *diff = at::empty_like(out);
+    auto dv = diff->view({N, G, C / G, out.size(2), out.size(3)});
+    at::sub_out(dv, y.select(2, 1), y.select(2, 0));
+  }
 }
 
-at::Tensor gated_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight_pre, const at::Tensor& weight_ft,
-                            const at::Tensor& gate, const c10::optional<at::Tensor>& bias_pre,
-                            const c10::optional<at::Tensor>& bias_ft, at::IntArrayRef stride,
-                            at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool hard) {
+std::tuple<at::Tensor, at::Tensor> gated_conv2d_cpu(
+    const at::Tensor& input, const at::Tensor& weight_pre, const at::Tensor& weight_ft, const at::Tensor& gate,
+    const c10::optional<at::Tensor>& bias_pre, const c10::optional<at::Tensor>& bias_ft, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool hard, bool save_diff) {
   check_gated_conv2d_args(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, stride, padding, dilation,
                           groups);
   const ConvArgs a{stride, padding, dilation, groups};
-  const auto mf = input.suggest_memory_format();
   auto sizes = gated_conv2d_output_size(input, weight_pre, stride, padding, dilation);
-  at::Tensor out = at::empty(sizes, input.options().memory_format(mf));
-  if (input.size(0) == 0) return out;
+  at::Tensor out = at::empty(sizes, input.options().memory_format(input.suggest_memory_format()));
+  at::Tensor diff = at::empty({0}, input.options());
+  if (input.size(0) == 0) return {out, diff};
   const bool binary = gate_is_binary(gate, hard);
-  if (gate.dim() == 1 && binary)
-    return forward_routed(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, a, out);
-  const at::Tensor g = effective_gate(gate, weight_pre.size(0), binary);
-  if (sizes[2] * sizes[3] >= kBlendMinPixels)
-    return forward_blended(input, weight_pre, weight_ft, g, bias_pre, bias_ft, a, out);
-  return forward_concat(input, weight_pre, weight_ft, g, bias_pre, bias_ft, a, out);
+  if (gate.dim() == 1 && binary) {
+    forward_routed(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, a, out);
+  } else {
+    const at::Tensor g = effective_gate(gate, weight_pre.size(0), binary);
+    if (sizes[2] * sizes[3] >= kBlendMinPixels)
+      forward_blended(input, weight_pre, weight_ft, g, bias_pre, bias_ft, a, out);
+    else
+      forward_concat(input, weight_pre, weight_ft, g, bias_pre, bias_ft, a, out, save_diff ? &diff : nullptr);
+  }
+  if (save_diff && diff.numel() == 0) {  // the contract holds on every path; the front end asks only where free
+    c10::optional<at::Tensor> db;
+    if (has(bias_pre) || has(bias_ft)) db = bias_or_zeros(bias_ft, weight_pre) - bias_or_zeros(bias_pre, weight_pre);
+    diff = conv(input, weight_ft - weight_pre, db, a).contiguous(input.suggest_memory_format());
+  }
+  return {out, diff};
 }
 
 using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-// dL/dg[b, c] = sum_hw dy * (conv(x, Wf - Wp) + bf - bp): one conv with the weight difference and a
-// batched dot product (no elementwise temporary), instead of keeping both branch outputs.
-at::Tensor gate_grad(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf,
-                     const c10::optional<at::Tensor>& bp, const c10::optional<at::Tensor>& bf,
-                     const ConvArgs& a, int64_t gate_dim) {
-  c10::optional<at::Tensor> db;
-  if (has(bp) || has(bf)) db = bias_or_zeros(bf, wp) - bias_or_zeros(bp, wp);
-  const at::Tensor z = conv(x, wf - wp, db, a).contiguous();
-  const int64_t N = dy.size(0), C = dy.size(1), P = dy.size(2) * dy.size(3);
-  const at::Tensor dyc = dy.contiguous();
-  at::Tensor dg = at::bmm(dyc.view({N * C, 1, P}), z.view({N * C, P, 1})).view({N, C});
-  return gate_dim == 1 ? dg.sum(1) : dg;
+// Batched dot product over pixels: out[b, c] = sum_hw u[b, c] * v[b, c] (BLAS, no elementwise temporary).
+at::Tensor pixel_dot(const at::Tensor& u, const at::Tensor& v) {
+  const int64_t N = u.size(0), C = u.size(1), P = u.size(2) * u.size(3);
+  return at::bmm(u.contiguous().view({N * C, 1, P}), v.contiguous().view({N * C, P, 1})).view({N, C});
+}
+
+// The bias part of dL/dg: sum_hw dy * (bf - bp).
+at::Tensor gate_grad_bias(const at::Tensor& dy_sum, const c10::optional<at::Tensor>& bp,
+                          const c10::optional<at::Tensor>& bf, const at::Tensor& wp) {
+  return dy_sum * (bias_or_zeros(bf, wp) - bias_or_zeros(bp, wp)).unsqueeze(0);
 }
 
 Grads backward_routed(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf,
                       const at::Tensor& gate, const c10::optional<at::Tensor>& bp,
-                      const c10::optional<at::Tensor>& bf, const ConvArgs& a, std::array<bool, 6> m) {
+                      const c10::optional<at::Tensor>& bf, const ConvArgs& a, const std::array<bool, 6>& m) {
   at::Tensor idx0, idx1;
   routed_parts(gate, idx0, idx1);
   at::Tensor dx = m[0] ? at::zeros_like(x) : at::Tensor();
@@ -185,53 +202,41 @@ Grads backward_routed(const at::Tensor& dy, const at::Tensor& x, const at::Tenso
     if (need_w[s]) dW[s] = std::get<1>(r);
     if (need_b[s]) dB[s] = dys.sum({0, 2, 3});
   }
-  at::Tensor dg = m[3] ? gate_grad(dy, x, wp, wf, bp, bf, a, 1) : at::Tensor();
+  at::Tensor dg;
+  if (m[3]) {  // one conv with Wf - Wp; both branch outputs are never materialised
+    c10::optional<at::Tensor> db;
+    if (has(bp) || has(bf)) db = bias_or_zeros(bf, wp) - bias_or_zeros(bp, wp);
+    dg = pixel_dot(dy, conv(x, wf - wp, db, a)).sum(1);
+  }
   return {dx, dW[0], dW[1], dg, dB[0], dB[1]};
 }
 
-Grads gated_conv2d_backward_cpu(const at::Tensor& grad_output, const at::Tensor& input,
-                                const at::Tensor& weight_pre, const at::Tensor& weight_ft, const at::Tensor& gate,
-                                const c10::optional<at::Tensor>& bias_pre, const c10::optional<at::Tensor>& bias_ft,
-                                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                                int64_t groups, bool hard, std::array<bool, 6> m) {
-  check_gated_conv2d_args(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, stride, padding, dilation,
-                          groups);
-  const ConvArgs a{stride, padding, dilation, groups};
-  const auto& x = input;
-  const auto& wp = weight_pre;
-  const auto& wf = weight_ft;
-  const int64_t N = x.size(0), C = wp.size(0), G = groups;
-  auto empty = [&](const at::Tensor& like) { return at::empty({0}, like.options()); };
-  auto finish = [&](Grads r) {
-    // Masked-out gradients come back as empty tensors (the schema has no optional outputs).
-    at::Tensor* t[6] = {&std::get<0>(r), &std::get<1>(r), &std::get<2>(r),
-                        &std::get<3>(r), &std::get<4>(r), &std::get<5>(r)};
-    for (int i = 0; i < 6; ++i)
-      if (!m[i] || !t[i]->defined()) *t[i] = empty(x);
-    return r;
-  };
-  if (N == 0) {
-    return finish({m[0] ? at::zeros_like(x) : at::Tensor(), m[1] ? at::zeros_like(wp) : at::Tensor(),
-                   m[2] ? at::zeros_like(wf) : at::Tensor(), m[3] ? at::zeros_like(gate) : at::Tensor(),
-                   m[4] ? at::zeros({C}, wp.options()) : at::Tensor(),
-                   m[5] ? at::zeros({C}, wp.options()) : at::Tensor()});
+Grads backward_grouped(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf,
+                       const at::Tensor& g, const ConvArgs& a, const std::array<bool, 6>& m) {
+  const int64_t N = x.size(0), C = wp.size(0), K = wp.numel() / C;
+  const bool need_dwb = m[1] || m[2] || m[3];
+  auto xg = x.contiguous().view({1, N * x.size(1), x.size(2), x.size(3)});
+  auto dyg = dy.contiguous().view({1, N * C, dy.size(2), dy.size(3)});
+  auto r = at::convolution_backward(dyg, xg, blended_weights(wp, wf, g), c10::nullopt, a.stride, a.padding,
+                                    a.dilation, false, {0, 0}, N * a.groups, {m[0], need_dwb, false});
+  at::Tensor dx, dwp, dwf, dg;
+  if (m[0]) dx = std::get<0>(r).view(x.sizes()).contiguous(x.suggest_memory_format());
+  if (need_dwb) {
+    const at::Tensor dwb = std::get<1>(r).view({N, C, K});  // per-image weight gradients
+    if (m[2]) dwf = at::einsum("nc,nck->ck", {g, dwb}).view(wf.sizes());
+    if (m[1]) dwp = at::einsum("nc,nck->ck", {1 - g, dwb}).view(wp.sizes());
+    if (m[3]) dg = at::einsum("nck,ck->nc", {dwb, (wf - wp).view({C, K})});
   }
-  const bool binary = gate_is_binary(gate, hard);
-  if (gate.dim() == 1 && binary) return finish(backward_routed(grad_output, x, wp, wf, gate, bias_pre, bias_ft, a, m));
+  return {dx, dwp, dwf, dg, at::Tensor(), at::Tensor()};
+}
 
-  const at::Tensor g = effective_gate(gate, C, binary);
-  const at::Tensor& dy = grad_output;
-  const bool large = dy.size(2) * dy.size(3) >= kBlendMinPixels;
-  at::Tensor dx, dwp, dwf, dg, dbp, dbf;
-  const at::Tensor g4 = g.view({N, C, 1, 1});
-  // (1-g)*dy and g*dy interleaved per group: the gradient of the concatenated conv.
-  auto dy_cat = [&]() {
-    auto dyv = dy.reshape({N, G, 1, C / G, dy.size(2), dy.size(3)});
-    auto gv = g.view({N, G, 1, C / G, 1, 1});
-    return (dyv * at::cat({1 - gv, gv}, 2)).reshape({N, 2 * C, dy.size(2), dy.size(3)});
-  };
-  at::Tensor dyc;
-  if (m[0] && large) {
+Grads backward_general(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf,
+                       const at::Tensor& g, const c10::optional<at::Tensor>& bp,
+                       const c10::optional<at::Tensor>& bf, const at::Tensor& diff, const ConvArgs& a,
+                       const std::array<bool, 6>& m, bool blended) {
+  const int64_t N = x.size(0), C = wp.size(0), G = a.groups;
+  at::Tensor dx, dwp, dwf, dg;
+  if (m[0] && blended) {
     dx = at::empty_like(x);
     const at::Tensor dw = wf - wp;
     at::Tensor wb = at::empty_like(wp);
@@ -243,11 +248,14 @@ Grads gated_conv2d_backward_cpu(const at::Tensor& grad_output, const at::Tensor&
     }
   }
   const bool both_w = m[1] && m[2];
-  if ((m[0] && !large) || both_w) {
-    dyc = dy_cat();
+  if ((m[0] && !blended) || both_w) {
+    // ((1-g) dy, g dy) interleaved per group: the output gradient of the concatenated conv.
+    auto dyv = dy.reshape({N, G, 1, C / G, dy.size(2), dy.size(3)});
+    auto gv = g.view({N, G, 1, C / G, 1, 1});
+    auto dyc = (dyv * at::cat({1 - gv, gv}, 2)).reshape({N, 2 * C, dy.size(2), dy.size(3)});
     auto r = at::convolution_backward(dyc, x, concat_per_group(wp, wf, G), c10::nullopt, a.stride, a.padding,
-                                      a.dilation, false, {0, 0}, G, {m[0] && !large, both_w, false});
-    if (m[0] && !large) dx = std::get<0>(r);
+                                      a.dilation, false, {0, 0}, G, {m[0] && !blended, both_w, false});
+    if (m[0] && !blended) dx = std::get<0>(r);
     if (both_w) {
       auto dwc = std::get<1>(r).view({G, 2, C / G, wp.size(1), wp.size(2), wp.size(3)});
       dwp = dwc.select(1, 0).reshape(wp.sizes());
@@ -255,37 +263,76 @@ Grads gated_conv2d_backward_cpu(const at::Tensor& grad_output, const at::Tensor&
     }
   }
   if (!both_w && (m[1] || m[2])) {
-    const at::Tensor scaled = m[2] ? dy * g4 : dy * (1 - g4);
-    auto r = at::convolution_backward(scaled, x, m[2] ? wf : wp, c10::nullopt, a.stride, a.padding, a.dilation,
-                                      false, {0, 0}, G, {false, true, false});
+    const at::Tensor g4 = g.view({N, C, 1, 1});
+    auto r = at::convolution_backward(m[2] ? dy * g4 : dy * (1 - g4), x, m[2] ? wf : wp, c10::nullopt, a.stride,
+                                      a.padding, a.dilation, false, {0, 0}, G, {false, true, false});
     (m[2] ? dwf : dwp) = std::get<1>(r);
   }
-  if (m[3]) dg = gate_grad(dy, x, wp, wf, bias_pre, bias_ft, a, gate.dim());
-  if (m[4] || m[5]) {
-    const at::Tensor s = dy.sum({2, 3});
-    if (m[4]) dbp = (s * (1 - g)).sum(0);
-    if (m[5]) dbf = (s * g).sum(0);
+  if (m[3]) {
+    if (diff.numel() == dy.numel()) {
+      dg = pixel_dot(dy, diff);  // diff saved by the forward already holds the bias difference
+    } else {
+      c10::optional<at::Tensor> db;
+      if (has(bp) || has(bf)) db = bias_or_zeros(bf, wp) - bias_or_zeros(bp, wp);
+      dg = pixel_dot(dy, conv(x, wf - wp, db, a));
+    }
   }
-  return finish({dx, dwp, dwf, dg, dbp, dbf});
+  return {dx, dwp, dwf, dg, at::Tensor(), at::Tensor()};
 }
 
-Grads backward_entry(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight_pre,
-                     const at::Tensor& weight_ft, const at::Tensor& gate, const c10::optional<at::Tensor>& bias_pre,
-                     const c10::optional<at::Tensor>& bias_ft, at::IntArrayRef stride, at::IntArrayRef padding,
-                     at::IntArrayRef dilation, int64_t groups, bool hard, c10::List<bool> output_mask) {
+Grads gated_conv2d_backward_cpu(const at::Tensor& grad_output, const at::Tensor& input,
+                                const at::Tensor& weight_pre, const at::Tensor& weight_ft, const at::Tensor& gate,
+                                const c10::optional<at::Tensor>& bias_pre, const c10::optional<at::Tensor>& bias_ft,
+                                const at::Tensor& diff, at::IntArrayRef stride, at::IntArrayRef padding,
+                                at::IntArrayRef dilation, int64_t groups, bool hard, c10::List<bool> output_mask) {
+  check_gated_conv2d_args(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, stride, padding, dilation,
+                          groups);
   TORCH_CHECK(output_mask.size() == 6, "gated_conv2d_backward: output_mask must have 6 values, got ",
               output_mask.size());
   std::array<bool, 6> m;
   for (int i = 0; i < 6; ++i) m[i] = output_mask.get(i);
-  return gated_conv2d_backward_cpu(grad_output, input, weight_pre, weight_ft, gate, bias_pre, bias_ft, stride,
-                                   padding, dilation, groups, hard, m);
+  const ConvArgs a{stride, padding, dilation, groups};
+  const at::Tensor& x = input;
+  const at::Tensor& dy = grad_output;
+  const int64_t N = x.size(0), C = weight_pre.size(0);
+  Grads r;
+  const bool binary = N == 0 || gate_is_binary(gate, hard);
+  at::Tensor g;
+  if (N == 0) {
+    r = {at::zeros_like(x), at::zeros_like(weight_pre), at::zeros_like(weight_ft), at::zeros_like(gate),
+         at::zeros({C}, x.options()), at::zeros({C}, x.options())};
+  } else if (gate.dim() == 1 && binary) {
+    r = backward_routed(dy, x, weight_pre, weight_ft, gate, bias_pre, bias_ft, a, m);
+  } else {
+    g = effective_gate(gate, C, binary);
+    const int64_t P = dy.size(2) * dy.size(3);
+    if (P >= kGroupedMinPixels) {
+      r = backward_grouped(dy, x, weight_pre, weight_ft, g, a, m);
+    } else {
+      r = backward_general(dy, x, weight_pre, weight_ft, g, bias_pre, bias_ft, diff, a, m, P >= kBlendMinPixels);
+    }
+    const bool bias_in_dg = m[3] && (has(bias_pre) || has(bias_ft)) && P >= kGroupedMinPixels;
+    if (m[4] || m[5] || bias_in_dg) {
+      const at::Tensor s = dy.sum({2, 3});
+      if (m[4]) std::get<4>(r) = (s * (1 - g)).sum(0);
+      if (m[5]) std::get<5>(r) = (s * g).sum(0);
+      if (bias_in_dg) std::get<3>(r) = std::get<3>(r) + gate_grad_bias(s, bias_pre, bias_ft, weight_pre);
+    }
+    if (m[3] && gate.dim() == 1) std::get<3>(r) = std::get<3>(r).sum(1);
+  }
+  // Masked-out gradients come back as empty tensors (the schema has no optional outputs).
+  at::Tensor* t[6] = {&std::get<0>(r), &std::get<1>(r), &std::get<2>(r),
+                      &std::get<3>(r), &std::get<4>(r), &std::get<5>(r)};
+  for (int i = 0; i < 6; ++i)
+    if (!m[i] || !t[i]->defined()) *t[i] = at::empty({0}, x.options());
+  return r;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(tlkernels, CPU, m) {
   m.impl("gated_conv2d", &gated_conv2d_cpu);
-  m.impl("gated_conv2d_backward", &backward_entry);
+  m.impl("gated_conv2d_backward", &gated_conv2d_backward_cpu);
 }
 
 }  // namespace tlkernels

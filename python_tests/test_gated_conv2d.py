@@ -1,0 +1,227 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tlkernels
+from tlkernels.ops import gated_conv2d, gated_conv2d_reference
+from tlkernels.ops.gated_conv2d import BACKWARD_SCHEMA, SCHEMA
+
+OP = torch.ops.tlkernels.gated_conv2d.default
+
+# (N, C_in, C_out, H, W, kernel, stride, padding, dilation, groups)
+SHAPES = [
+    (3, 4, 6, 8, 8, 1, 1, 0, 1, 1),      # 1x1
+    (2, 3, 5, 9, 7, 3, 1, 1, 1, 1),      # 3x3, odd, non-square
+    (2, 3, 4, 15, 15, 7, 2, 3, 1, 1),    # 7x7 stride 2 (ResNet stem)
+    (2, 4, 4, 11, 11, 3, 1, 2, 2, 1),    # dilation
+    (1, 4, 6, 12, 12, 3, 2, 1, 1, 2),    # N=1, groups, stride 2 (6x6 out: concat path)
+    (2, 2, 3, 12, 12, 3, 1, 1, 1, 1),    # 144 output pixels: per-image blended path
+    (2, 4, 6, 29, 28, 3, 1, 1, 1, 2),    # 812 output pixels: grouped backward, with groups
+    (0, 3, 4, 6, 6, 3, 1, 1, 1, 1),      # empty batch
+]
+GATES = ["image_soft", "filter_soft", "image_hard", "filter_hard", "hard_flag", "zeros", "ones"]
+
+
+def make_gate(kind, n, c, dtype=torch.float64):
+    if kind == "image_soft":
+        return torch.rand(n, dtype=dtype), False
+    if kind == "filter_soft":
+        return torch.rand(n, c, dtype=dtype), False
+    if kind == "image_hard":
+        return (torch.arange(n) % 2).to(dtype), False
+    if kind == "filter_hard":
+        return (torch.rand(n, c) > 0.5).to(dtype), False
+    if kind == "hard_flag":
+        return torch.rand(n, c, dtype=dtype), True
+    if kind == "zeros":
+        return torch.zeros(n, c, dtype=dtype), False
+    return torch.ones(n, dtype=dtype), False
+
+
+def make_case(shape, gate_kind, dtype=torch.float64, bias=True):
+    n, ci, co, h, w, k, s, p, d, g = shape
+    x = torch.randn(n, ci, h, w, dtype=dtype)
+    wp = torch.randn(co, ci // g, k, k, dtype=dtype)
+    wf = torch.randn(co, ci // g, k, k, dtype=dtype)
+    gate, hard = make_gate(gate_kind, n, co, dtype)
+    bp = torch.randn(co, dtype=dtype) if bias else None
+    bf = torch.randn(co, dtype=dtype) if bias else None
+    return (x, wp, wf, gate, bp, bf), dict(stride=s, padding=p, dilation=d, groups=g, hard=hard)
+
+
+def grads(fn, tensors, kw, dy=None):
+    leaves = [t.clone().requires_grad_() if t is not None else None for t in tensors]
+    y = fn(*leaves, **kw)
+    if dy is None:
+        dy = torch.randn_like(y)
+    want = [t for t in leaves if t is not None]
+    gs = torch.autograd.grad(y, want, dy, allow_unused=True) if y.numel() else [torch.zeros_like(t) for t in want]
+    return y, [torch.zeros_like(t) if gr is None else gr for gr, t in zip(gs, want)], dy
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("gate_kind", GATES)
+def test_matches_reference_float64(shape, gate_kind):
+    tensors, kw = make_case(shape, gate_kind)
+    y_ref, g_ref, dy = grads(gated_conv2d_reference, tensors, kw)
+    y, g, _ = grads(gated_conv2d, tensors, kw, dy)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("gate_kind", ["zeros", "ones"])
+def test_constant_gates_are_plain_convs(gate_kind):
+    (x, wp, wf, gate, bp, bf), kw = make_case((2, 3, 5, 10, 10, 3, 1, 1, 1, 1), gate_kind)
+    y = gated_conv2d(x, wp, wf, gate, bp, bf, padding=1)
+    w, b = (wp, bp) if gate_kind == "zeros" else (wf, bf)
+    torch.testing.assert_close(y, F.conv2d(x, w, b, padding=1), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("gate_kind", ["image_soft", "filter_soft", "filter_hard", "image_hard"])
+@pytest.mark.parametrize("hw", [5, 11])
+def test_gradcheck(gate_kind, hw):
+    (x, wp, wf, gate, bp, bf), kw = make_case((2, 2, 3, hw, hw, 3, 1, 1, 1, 1), gate_kind)
+    leaves = [t.requires_grad_() for t in (x, wp, wf, gate, bp, bf)]
+    assert torch.autograd.gradcheck(lambda *a: gated_conv2d(*a, **kw), leaves, eps=1e-6, atol=1e-6)
+
+
+def test_frozen_weight_gets_no_gradient_work():
+    (x, wp, wf, gate, bp, bf), kw = make_case((2, 3, 4, 6, 6, 3, 1, 1, 1, 1), "filter_soft")
+    mask = [True, False, True, True, False, True]
+    out = torch.ops.tlkernels.gated_conv2d_backward(torch.randn(2, 4, 6, 6, dtype=x.dtype), x, wp, wf, gate, bp,
+                                                    bf, x.new_empty(0), [1, 1], [1, 1], [1, 1], 1, False, mask)
+    for t, m in zip(out, mask):
+        assert (t.numel() > 0) == m
+    # autograd asks only for what requires grad
+    x.requires_grad_()
+    wf.requires_grad_()
+    y = gated_conv2d(x, wp, wf, gate, bp, bf, padding=1)
+    y.sum().backward()
+    assert wp.grad is None and x.grad is not None and wf.grad is not None
+
+
+def _opcheck_samples():
+    samples = []
+    for shape, gk in [((2, 3, 4, 6, 6, 3, 1, 1, 1, 1), "filter_soft"), ((3, 4, 4, 12, 12, 1, 1, 0, 1, 2), "image_hard"),
+                      ((2, 3, 4, 5, 5, 3, 2, 1, 1, 1), "hard_flag")]:
+        (x, wp, wf, gate, bp, bf), kw = make_case(shape, gk, dtype=torch.float32)
+        for t in (x, wf, gate, bf):
+            t.requires_grad_()
+        s, p, d = kw["stride"], kw["padding"], kw["dilation"]
+        samples.append((x, wp, wf, gate, bp, bf, [s, s], [p, p], [d, d], kw["groups"], kw["hard"], gate.dim() == 2))
+    return samples
+
+
+@pytest.mark.parametrize("idx", range(3))
+def test_opcheck(idx):
+    torch.library.opcheck(OP, _opcheck_samples()[idx])
+
+
+def test_schema_defined_in_cpp_matches_python_fallback():
+    assert tlkernels.HAS_C, tlkernels.extension_status()
+    assert OP._schema == torch._C.parse_schema("tlkernels::" + SCHEMA)
+    assert torch.ops.tlkernels.gated_conv2d_backward.default._schema == torch._C.parse_schema(
+        "tlkernels::" + BACKWARD_SCHEMA)
+
+
+def test_torch_compile_fullgraph():
+    conv = tlkernels.nn.GatedConv2d(3, 4, 3, padding=1)
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    gate = torch.rand(2, 4, requires_grad=True)
+
+    def f(x, gate):
+        return conv(x, gate).relu().sum()
+
+    compiled = torch.compile(f, fullgraph=True)
+    out = compiled(x, gate)
+    gx, gg = torch.autograd.grad(out, [x, gate])
+    ref = f(x, gate)
+    rx, rg = torch.autograd.grad(ref, [x, gate])
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(gx, rx)
+    torch.testing.assert_close(gg, rg)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("gate_kind", ["filter_soft", "image_hard"])
+@pytest.mark.parametrize("hw", [6, 12])
+def test_low_precision_error_within_twice_reference(dtype, gate_kind, hw):
+    tensors, kw = make_case((2, 8, 8, hw, hw, 3, 1, 1, 1, 1), gate_kind)
+    exact = gated_conv2d_reference(*tensors, **kw)
+    low = [t.to(dtype) if t is not None else None for t in tensors]
+    ref_err = (gated_conv2d_reference(*low, **kw).double() - exact).abs().max().item()
+    err = (gated_conv2d(*low, **kw).double() - exact).abs().max().item()
+    assert err <= 2 * ref_err + 1e-3 * exact.abs().max().item(), (err, ref_err)
+
+
+def test_noncontiguous_and_channels_last():
+    (x, wp, wf, gate, bp, bf), kw = make_case((2, 4, 6, 12, 12, 3, 1, 1, 1, 1), "filter_soft")
+    ref = gated_conv2d_reference(x, wp, wf, gate, bp, bf, padding=1)
+    xcl = x.contiguous(memory_format=torch.channels_last)
+    ycl = gated_conv2d(xcl, wp, wf, gate, bp, bf, padding=1)
+    assert ycl.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(ycl, ref)
+    xnc = torch.randn(2, 12, 12, 4, dtype=x.dtype).permute(0, 3, 1, 2)  # non-contiguous view
+    xnc.copy_(x)
+    gnc = torch.rand(6, 2, dtype=x.dtype).t()
+    torch.testing.assert_close(gated_conv2d(xnc, wp, wf, gnc, bp, bf, padding=1),
+                               gated_conv2d_reference(x, wp, wf, gnc, bp, bf, padding=1))
+
+
+@pytest.mark.parametrize("k,dil", [(3, 1), (4, 1), (2, 3)])
+def test_padding_same_and_valid(k, dil):
+    x = torch.randn(2, 3, 9, 8, dtype=torch.float64)
+    wp, wf = torch.randn(2, 4, 3, k, k, dtype=torch.float64)
+    gate = torch.rand(2, 4, dtype=torch.float64)
+    for pad in ("same", "valid"):
+        y = gated_conv2d(x, wp, wf, gate, padding=pad, dilation=dil)
+        g = gate[:, :, None, None]
+        ref = (1 - g) * F.conv2d(x, wp, padding=pad, dilation=dil) + g * F.conv2d(x, wf, padding=pad, dilation=dil)
+        torch.testing.assert_close(y, ref)
+
+
+def test_reference_backend_env(monkeypatch):
+    tensors, kw = make_case((2, 3, 4, 6, 6, 3, 1, 1, 1, 1), "filter_soft")
+    fast = gated_conv2d(*tensors, **kw)
+    monkeypatch.setenv("TLKERNELS_BACKEND", "reference")
+    torch.testing.assert_close(gated_conv2d(*tensors, **kw), fast)
+    monkeypatch.setenv("TLKERNELS_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="TLKERNELS_BACKEND"):
+        gated_conv2d(*tensors, **kw)
+
+
+BAD = [
+    ("gate", lambda a: a.update(gate=torch.rand(8, 32)), r"gate must have shape \(N,\) or \(N, C_out\) = \(2, 4\), got \(8, 32\)"),
+    ("weight_ft", lambda a: a.update(weight_ft=torch.randn(4, 3, 1, 1)), "weight_ft must have the shape of weight_pre"),
+    ("dtype", lambda a: a.update(gate=a["gate"].double()), "gate must have dtype torch.float32"),
+    ("weight dtype", lambda a: a.update(weight_pre=a["weight_pre"].half()), "weight_pre must have dtype"),
+    ("device", lambda a: a.update(bias_ft=torch.randn(4, device="meta")), "bias_ft must be on device cpu"),
+    ("rank", lambda a: a.update(input=a["input"][0]), "input must be 4-D"),
+    ("channels", lambda a: a.update(input=torch.randn(2, 5, 6, 6)), "input must have C_in"),
+    ("bias shape", lambda a: a.update(bias_pre=torch.randn(3)), r"bias_pre must have shape \(4,\)"),
+    ("stride", lambda a: a.update(stride=0), "stride must be >= 1"),
+    ("padding", lambda a: a.update(padding="full"), "padding must be an int, a pair of ints, 'same' or 'valid'"),
+    ("groups", lambda a: a.update(groups=2), "input must have C_in"),
+    ("type", lambda a: a.update(input=[1.0]), "input must be a torch.Tensor"),
+    ("too small", lambda a: a.update(input=torch.randn(2, 3, 1, 1)), r"input spatial size \(1, 1\) with padding \(0, 0\) is smaller than the dilated kernel"),
+]
+
+
+@pytest.mark.parametrize("name,mutate,msg", BAD, ids=[b[0] for b in BAD])
+def test_bad_inputs_name_the_argument(name, mutate, msg):
+    args = dict(input=torch.randn(2, 3, 6, 6), weight_pre=torch.randn(4, 3, 3, 3), weight_ft=torch.randn(4, 3, 3, 3),
+                gate=torch.rand(2, 4), bias_pre=None, bias_ft=torch.randn(4))
+    mutate(args)
+    with pytest.raises((ValueError, TypeError), match="gated_conv2d: " + msg):
+        gated_conv2d(**args)
+
+
+def test_cpp_kernel_checks_name_the_argument():
+    x, wp = torch.randn(2, 3, 6, 6), torch.randn(4, 3, 3, 3)
+    with pytest.raises(RuntimeError, match=r"gated_conv2d: gate must have shape \(N,\) or \(N, C_out\) = \(2, 4\), got \(8, 32\)"):
+        OP(x, wp, wp, torch.rand(8, 32), None, None, [1, 1], [0, 0], [1, 1], 1, False, False)

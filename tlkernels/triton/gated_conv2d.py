@@ -1,0 +1,349 @@
+"""Triton kernels of the gated convolution (implicit GEMM), forward and backward.
+
+Forward: one program per (image, tile of output pixels) x (group, tile of output filters). The
+weight operand is blended per image inside the K loop, W_b = Wp + g[b, n] * (Wf - Wp), so a soft or
+hard gate costs one convolution's FLOPs and no per-branch output is ever written.
+Backward:
+  dx   implicit GEMM of dy with the per-image blended weights (transposed conv)
+  dW   one kernel for dWf = sum (g*dy) x_col and, only when asked, dWp = sum ((1-g)*dy) x_col
+  dg   dg[b, c] = sum_hw dy * (conv(x, Wf - Wp) + bf - bp): the forward tile with the difference
+       weight and a multiply-reduce epilogue; one program loops over an image's pixel tiles, so the
+       sum is deterministic (no atomics) and nothing full-size is stored.
+"""
+import torch
+import triton
+import triton.language as tl
+from torch._prims_common import suggest_memory_format
+
+from tlkernels.triton._common import gemm_configs
+
+
+@triton.jit
+def _conv_tile(x_ptr, wp_ptr, wf_ptr, b, grp, offs_m, m_mask, co, n_mask, g, C_in_g, H, W, OW, K_TOTAL,
+               sxn, sxc, sxh, sxw, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+               KH: tl.constexpr, KW: tl.constexpr, DIFF: tl.constexpr, IS_F64: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc[m, n] = sum_k x_col[b, m, k] * W[n, k], W blended per image (DIFF=False) or Wf - Wp (DIFF=True)."""
+    oh = offs_m // OW
+    ow = offs_m % OW
+    if IS_F64:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    x_base = x_ptr + b * sxn + grp * C_in_g * sxc
+    for k0 in range(0, K_TOTAL, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K_TOTAL
+        ci = offs_k // (KH * KW)
+        r = offs_k % (KH * KW)
+        kh = r // KW
+        kw = r % KW
+        ih = oh[:, None] * stride_h - pad_h + kh[None, :] * dil_h
+        iw = ow[:, None] * stride_w - pad_w + kw[None, :] * dil_w
+        xm = m_mask[:, None] & k_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        xt = tl.load(x_base + ci[None, :] * sxc + ih * sxh + iw * sxw, mask=xm, other=0.0)
+        woff = co[None, :] * K_TOTAL + offs_k[:, None]
+        wm = k_mask[:, None] & n_mask[None, :]
+        wpt = tl.load(wp_ptr + woff, mask=wm, other=0.0).to(acc.dtype)
+        wft = tl.load(wf_ptr + woff, mask=wm, other=0.0).to(acc.dtype)
+        if DIFF:
+            wt = wft - wpt
+        else:
+            wt = wpt + g[None, :] * (wft - wpt)
+        acc += tl.dot(xt, wt.to(xt.dtype), out_dtype=acc.dtype)
+    return acc
+
+
+@triton.jit
+def _load_gate(g_ptr, b, co, n_mask, sgn, sgc, HARD: tl.constexpr, IS_F64: tl.constexpr):
+    if IS_F64:
+        g = tl.load(g_ptr + b * sgn + co * sgc, mask=n_mask, other=0.0).to(tl.float64)
+    else:
+        g = tl.load(g_ptr + b * sgn + co * sgc, mask=n_mask, other=0.0).to(tl.float32)
+    if HARD:
+        g = tl.where(g >= 0.5, 1.0, 0.0).to(g.dtype)
+    return g
+
+
+@triton.autotune(configs=gemm_configs(), key=["C_OUT_G", "K_TOTAL", "P"])
+@triton.jit
+def _gated_conv_fwd_kernel(x_ptr, wp_ptr, wf_ptr, g_ptr, bp_ptr, bf_ptr, y_ptr,
+                           C_in_g, H, W, OW, C_OUT_G, K_TOTAL, P,
+                           sxn, sxc, sxh, sxw, sgn, sgc, syn, syc, syh, syw,
+                           stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+                           KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, HARD: tl.constexpr,
+                           IS_F64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    num_mt = tl.cdiv(P, BLOCK_M)
+    b = pid_m // num_mt
+    offs_m = (pid_m % num_mt) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < P
+    n_tiles = tl.cdiv(C_OUT_G, BLOCK_N)
+    grp = pid_n // n_tiles
+    offs_nl = (pid_n % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_nl < C_OUT_G
+    co = grp * C_OUT_G + offs_nl
+    g = _load_gate(g_ptr, b, co, n_mask, sgn, sgc, HARD, IS_F64)
+    acc = _conv_tile(x_ptr, wp_ptr, wf_ptr, b, grp, offs_m, m_mask, co, n_mask, g, C_in_g, H, W, OW, K_TOTAL,
+                     sxn, sxc, sxh, sxw, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+                     KH, KW, False, IS_F64, BLOCK_M, BLOCK_N, BLOCK_K)
+    if HAS_BIAS:
+        bp = tl.load(bp_ptr + co, mask=n_mask, other=0.0).to(acc.dtype)
+        bf = tl.load(bf_ptr + co, mask=n_mask, other=0.0).to(acc.dtype)
+        acc += (bp + g * (bf - bp))[None, :]
+    oh = offs_m // OW
+    ow = offs_m % OW
+    yoff = b * syn + co[None, :] * syc + oh[:, None] * syh + ow[:, None] * syw
+    tl.store(y_ptr + yoff, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.autotune(configs=gemm_configs(), key=["C_OUT_G", "K_TOTAL", "P"])
+@triton.jit
+def _gated_conv_dgate_kernel(x_ptr, wp_ptr, wf_ptr, bp_ptr, bf_ptr, dy_ptr, dg_ptr, C_OUT,
+                             C_in_g, H, W, OW, C_OUT_G, K_TOTAL, P,
+                             sxn, sxc, sxh, sxw, syn, syc, syh, syw,
+                             stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+                             KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, IS_F64: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    b = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    n_tiles = tl.cdiv(C_OUT_G, BLOCK_N)
+    grp = pid_n // n_tiles
+    offs_nl = (pid_n % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_nl < C_OUT_G
+    co = grp * C_OUT_G + offs_nl
+    if IS_F64:
+        total = tl.zeros((BLOCK_N,), dtype=tl.float64)
+    else:
+        total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for m0 in range(0, P, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < P
+        acc = _conv_tile(x_ptr, wp_ptr, wf_ptr, b, grp, offs_m, m_mask, co, n_mask, total, C_in_g, H, W, OW,
+                         K_TOTAL, sxn, sxc, sxh, sxw, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+                         KH, KW, True, IS_F64, BLOCK_M, BLOCK_N, BLOCK_K)
+        if HAS_BIAS:
+            bp = tl.load(bp_ptr + co, mask=n_mask, other=0.0).to(acc.dtype)
+            bf = tl.load(bf_ptr + co, mask=n_mask, other=0.0).to(acc.dtype)
+            acc += (bf - bp)[None, :]
+        oh = offs_m // OW
+        ow = offs_m % OW
+        dy = tl.load(dy_ptr + b * syn + co[None, :] * syc + oh[:, None] * syh + ow[:, None] * syw,
+                     mask=m_mask[:, None] & n_mask[None, :], other=0.0).to(acc.dtype)
+        total += tl.sum(acc * dy, axis=0)
+    tl.store(dg_ptr + b * C_OUT + co, total, mask=n_mask)
+
+
+@triton.autotune(configs=gemm_configs(), key=["C_IN_G", "R_TOTAL", "P_IN"])
+@triton.jit
+def _gated_conv_dx_kernel(dy_ptr, wp_ptr, wf_ptr, g_ptr, dx_ptr,
+                          C_IN_G, H, W, OH, OW, C_OUT_G, R_TOTAL, P_IN,
+                          syn, syc, syh, syw, sgn, sgc, sxn, sxc, sxh, sxw,
+                          stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+                          KH: tl.constexpr, KW: tl.constexpr, HARD: tl.constexpr, IS_F64: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """dx[b, ci, ih, iw] = sum_{co, kh, kw} dy[b, co, oh, ow] * W_b[co, ci, kh, kw], ih = oh*s - p + kh*d."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    num_mt = tl.cdiv(P_IN, BLOCK_M)
+    b = pid_m // num_mt
+    offs_m = (pid_m % num_mt) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < P_IN
+    ih = offs_m // W
+    iw = offs_m % W
+    n_tiles = tl.cdiv(C_IN_G, BLOCK_N)
+    grp = pid_n // n_tiles
+    offs_n = (pid_n % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < C_IN_G
+    if IS_F64:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, R_TOTAL, BLOCK_K):
+        offs_r = r0 + tl.arange(0, BLOCK_K)
+        r_mask = offs_r < R_TOTAL
+        co = grp * C_OUT_G + offs_r // (KH * KW)
+        rr = offs_r % (KH * KW)
+        kh = rr // KW
+        kw = rr % KW
+        th = ih[:, None] + pad_h - kh[None, :] * dil_h
+        tw = iw[:, None] + pad_w - kw[None, :] * dil_w
+        thc = tl.where(th >= 0, th, 0)
+        twc = tl.where(tw >= 0, tw, 0)
+        oh = thc // stride_h
+        ow = twc // stride_w
+        valid = (m_mask[:, None] & r_mask[None, :] & (th >= 0) & (tw >= 0) & (thc % stride_h == 0)
+                 & (twc % stride_w == 0) & (oh < OH) & (ow < OW))
+        dyt = tl.load(dy_ptr + b * syn + co[None, :] * syc + oh * syh + ow * syw, mask=valid, other=0.0)
+        gk = _load_gate(g_ptr, b, co, r_mask, sgn, sgc, HARD, IS_F64)
+        woff = co[:, None] * (C_IN_G * KH * KW) + offs_n[None, :] * (KH * KW) + rr[:, None]
+        wm = r_mask[:, None] & n_mask[None, :]
+        wpt = tl.load(wp_ptr + woff, mask=wm, other=0.0).to(acc.dtype)
+        wft = tl.load(wf_ptr + woff, mask=wm, other=0.0).to(acc.dtype)
+        wt = wpt + gk[:, None] * (wft - wpt)
+        acc += tl.dot(dyt, wt.to(dyt.dtype), out_dtype=acc.dtype)
+    xoff = b * sxn + (grp * C_IN_G + offs_n)[None, :] * sxc + ih[:, None] * sxh + iw[:, None] * sxw
+    tl.store(dx_ptr + xoff, acc.to(dx_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.autotune(configs=gemm_configs(), key=["C_OUT_G", "K_TOTAL", "R_TOTAL"])
+@triton.jit
+def _gated_conv_dw_kernel(x_ptr, dy_ptr, g_ptr, dwp_ptr, dwf_ptr,
+                          C_in_g, H, W, OW, C_OUT_G, K_TOTAL, P, R_TOTAL,
+                          sxn, sxc, sxh, sxw, syn, syc, syh, syw, sgn, sgc,
+                          stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+                          KH: tl.constexpr, KW: tl.constexpr, HARD: tl.constexpr, NEED_P: tl.constexpr,
+                          NEED_F: tl.constexpr, IS_F64: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """dWf[co, k] = sum_r g*dy[r, co] * x_col[r, k]; dWp likewise with (1 - g), computed only if NEED_P."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    m_tiles = tl.cdiv(C_OUT_G, BLOCK_M)
+    grp = pid_m // m_tiles
+    offs_cl = (pid_m % m_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    c_mask = offs_cl < C_OUT_G
+    co = grp * C_OUT_G + offs_cl
+    offs_k = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_mask = offs_k < K_TOTAL
+    ci = offs_k // (KH * KW)
+    rk = offs_k % (KH * KW)
+    kh = rk // KW
+    kw = rk % KW
+    if IS_F64:
+        acc_f = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
+    else:
+        acc_f = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_p = tl.zeros_like(acc_f)
+    for r0 in range(0, R_TOTAL, BLOCK_K):
+        offs_r = r0 + tl.arange(0, BLOCK_K)
+        r_mask = offs_r < R_TOTAL
+        b = offs_r // P
+        m = offs_r % P
+        oh = m // OW
+        ow = m % OW
+        dm = c_mask[:, None] & r_mask[None, :]
+        dyt = tl.load(dy_ptr + b[None, :] * syn + co[:, None] * syc + oh[None, :] * syh + ow[None, :] * syw,
+                      mask=dm, other=0.0).to(acc_f.dtype)
+        gt = tl.load(g_ptr + b[None, :] * sgn + co[:, None] * sgc, mask=dm, other=0.0).to(acc_f.dtype)
+        if HARD:
+            gt = tl.where(gt >= 0.5, 1.0, 0.0).to(acc_f.dtype)
+        ih = oh[:, None] * stride_h - pad_h + kh[None, :] * dil_h
+        iw = ow[:, None] * stride_w - pad_w + kw[None, :] * dil_w
+        xm = r_mask[:, None] & k_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        xt = tl.load(x_ptr + b[:, None] * sxn + (grp * C_in_g + ci)[None, :] * sxc + ih * sxh + iw * sxw,
+                     mask=xm, other=0.0)
+        if NEED_F:
+            acc_f += tl.dot((gt * dyt).to(xt.dtype), xt, out_dtype=acc_f.dtype)
+        if NEED_P:
+            acc_p += tl.dot(((1 - gt) * dyt).to(xt.dtype), xt, out_dtype=acc_f.dtype)
+    woff = co[:, None] * K_TOTAL + offs_k[None, :]
+    wm = c_mask[:, None] & k_mask[None, :]
+    if NEED_F:
+        tl.store(dwf_ptr + woff, acc_f.to(dwf_ptr.dtype.element_ty), mask=wm)
+    if NEED_P:
+        tl.store(dwp_ptr + woff, acc_p.to(dwp_ptr.dtype.element_ty), mask=wm)
+
+
+# ----------------------------------------------------------------------------- launchers
+def _out_hw(input, weight, stride, padding, dilation):
+    return [(input.shape[d + 2] + 2 * padding[d] - dilation[d] * (weight.shape[d + 2] - 1) - 1) // stride[d] + 1
+            for d in range(2)]
+
+
+def _gate2d(gate, c_out):
+    return gate[:, None].expand(gate.shape[0], c_out) if gate.dim() == 1 else gate
+
+
+def _biases(bias_pre, bias_ft, weight):
+    if bias_pre is None and bias_ft is None:
+        return False, weight, weight  # dummies, never read (HAS_BIAS=False)
+    z = weight.new_zeros(weight.shape[0])
+    return True, (z if bias_pre is None else bias_pre.contiguous()), (z if bias_ft is None else bias_ft.contiguous())
+
+
+def gated_conv2d_forward(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, stride, padding, dilation, groups,
+                         hard, save_diff=False):
+    y = _forward(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, stride, padding, dilation, groups, hard)
+    if not save_diff:  # the Python front end asks for diff only on the CPU; honour the op contract anyway
+        return y, input.new_empty(0)
+    has_bias, bp, bf = _biases(bias_pre, bias_ft, weight_pre)
+    diff = torch.nn.functional.conv2d(input, weight_ft - weight_pre, bf - bp if has_bias else None, stride, padding,
+                                      dilation, groups)
+    return y, diff.contiguous(memory_format=suggest_memory_format(input))
+
+
+def _forward(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, stride, padding, dilation, groups, hard):
+    N, _, H, W = input.shape
+    C_out, C_in_g, KH, KW = weight_pre.shape
+    OH, OW = _out_hw(input, weight_pre, stride, padding, dilation)
+    y = torch.empty((N, C_out, OH, OW), device=input.device, dtype=input.dtype).contiguous(
+        memory_format=suggest_memory_format(input))
+    if N == 0 or OH * OW == 0:
+        return y
+    g = _gate2d(gate, C_out)
+    has_bias, bp, bf = _biases(bias_pre, bias_ft, weight_pre)
+    c_out_g = C_out // groups
+    P = OH * OW
+    grid = lambda meta: (N * triton.cdiv(P, meta["BLOCK_M"]), groups * triton.cdiv(c_out_g, meta["BLOCK_N"]))  # noqa
+    _gated_conv_fwd_kernel[grid](
+        input, weight_pre.contiguous(), weight_ft.contiguous(), g, bp, bf, y,
+        C_in_g, H, W, OW, c_out_g, C_in_g * KH * KW, P,
+        *input.stride(), *g.stride(), *y.stride(), *stride, *padding, *dilation,
+        KH=KH, KW=KW, HAS_BIAS=has_bias, HARD=bool(hard), IS_F64=input.dtype == torch.float64)
+    return y
+
+
+def gated_conv2d_backward(grad_output, input, weight_pre, weight_ft, gate, bias_pre, bias_ft, diff, stride, padding,
+                          dilation, groups, hard, output_mask):
+    N, C_in, H, W = input.shape
+    C_out, C_in_g, KH, KW = weight_pre.shape
+    OH, OW = grad_output.shape[2:]
+    P = OH * OW
+    c_out_g = C_out // groups
+    is_f64 = input.dtype == torch.float64
+    dy = grad_output
+    g = _gate2d(gate, C_out)
+    wp, wf = weight_pre.contiguous(), weight_ft.contiguous()
+    conv = (*stride, *padding, *dilation)
+    empty = input.new_empty(0)
+    dx = dwp = dwf = dg = dbp = dbf = empty
+    if output_mask[0]:
+        dx = torch.empty_like(input)
+        if N:
+            grid = lambda meta: (N * triton.cdiv(H * W, meta["BLOCK_M"]),  # noqa
+                                 groups * triton.cdiv(C_in_g, meta["BLOCK_N"]))
+            _gated_conv_dx_kernel[grid](dy, wp, wf, g, dx, C_in_g, H, W, OH, OW, c_out_g, c_out_g * KH * KW, H * W,
+                                        *dy.stride(), *g.stride(), *dx.stride(), *conv, KH=KH, KW=KW,
+                                        HARD=bool(hard), IS_F64=is_f64)
+    if output_mask[1] or output_mask[2]:
+        dwp_t = torch.zeros_like(wp) if output_mask[1] else wp
+        dwf_t = torch.zeros_like(wf) if output_mask[2] else wf
+        if N:
+            K = C_in_g * KH * KW
+            grid = lambda meta: (groups * triton.cdiv(c_out_g, meta["BLOCK_M"]), triton.cdiv(K, meta["BLOCK_N"]))  # noqa
+            _gated_conv_dw_kernel[grid](input, dy, g, dwp_t, dwf_t, C_in_g, H, W, OW, c_out_g, K, P, N * P,
+                                        *input.stride(), *dy.stride(), *g.stride(), *conv, KH=KH, KW=KW,
+                                        HARD=bool(hard), NEED_P=bool(output_mask[1]), NEED_F=bool(output_mask[2]),
+                                        IS_F64=is_f64)
+        dwp = dwp_t if output_mask[1] else empty
+        dwf = dwf_t if output_mask[2] else empty
+    if output_mask[3]:
+        acc_dtype = torch.float64 if is_f64 else torch.float32
+        dg2 = torch.zeros((N, C_out), device=input.device, dtype=acc_dtype)
+        if N:
+            has_bias, bp, bf = _biases(bias_pre, bias_ft, weight_pre)
+            grid = lambda meta: (N, groups * triton.cdiv(c_out_g, meta["BLOCK_N"]))  # noqa
+            _gated_conv_dgate_kernel[grid](input, wp, wf, bp, bf, dy, dg2, C_out, C_in_g, H, W, OW, c_out_g,
+                                           C_in_g * KH * KW, P, *input.stride(), *dy.stride(), *conv,
+                                           KH=KH, KW=KW, HAS_BIAS=has_bias, IS_F64=is_f64)
+        dg = (dg2.sum(1) if gate.dim() == 1 else dg2).to(gate.dtype)
+    if output_mask[4] or output_mask[5]:
+        s = dy.sum((2, 3), dtype=torch.float64 if is_f64 else torch.float32)
+        ge = (g >= 0.5).to(s.dtype) if hard else g.to(s.dtype)
+        if output_mask[4]:
+            dbp = ((1 - ge) * s).sum(0).to(input.dtype)
+        if output_mask[5]:
+            dbf = (ge * s).sum(0).to(input.dtype)
+    return dx, dwp, dwf, dg, dbp, dbf
