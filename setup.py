@@ -7,7 +7,6 @@ the toolkit (e.g. /usr/local/bin/nvcc) that guess is wrong and linking fails.
 """
 import glob
 import os
-import shutil
 import sys
 
 from setuptools import find_packages, setup
@@ -15,32 +14,8 @@ from setuptools import find_packages, setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
-def _is_toolkit(path):
-    return bool(path) and os.path.isfile(os.path.join(path, "bin", "nvcc")) and os.path.isdir(
-        os.path.join(path, "include")
-    ) and os.path.isfile(os.path.join(path, "include", "cuda_runtime.h"))
-
-
-def find_cuda_home():
-    """Return a CUDA toolkit root that really contains bin/nvcc and include/, or None."""
-    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        # Resolve symlinks; a wrapper script is not a toolkit, so read the exec line it forwards to.
-        real = os.path.realpath(nvcc)
-        candidates.append(os.path.dirname(os.path.dirname(real)))
-        try:
-            with open(real, "r", errors="ignore") as fh:
-                for tok in fh.read(4096).split():
-                    if tok.endswith("/bin/nvcc"):
-                        candidates.append(os.path.dirname(os.path.dirname(tok)))
-        except OSError:
-            pass
-    candidates += sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
-    for c in candidates:
-        if _is_toolkit(c):
-            return os.path.realpath(c)
-    return None
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+from find_cuda import find_cuda_home  # noqa: E402
 
 
 def decide_cuda():
