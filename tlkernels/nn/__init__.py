@@ -1,4 +1,5 @@
-"""Modules: GatedConv2d and convert_conv2d (more land with the loss and method issues)."""
+"""Modules: GatedConv2d / convert_conv2d, and the transfer objectives L2SP, SoftJointLoss, TransferLoss."""
 from tlkernels.nn.gated_conv import GatedConv2d, convert_conv2d
+from tlkernels.nn.losses import L2SP, SoftJointLoss, TransferLoss
 
-__all__ = ["GatedConv2d", "convert_conv2d"]
+__all__ = ["GatedConv2d", "convert_conv2d", "L2SP", "SoftJointLoss", "TransferLoss"]

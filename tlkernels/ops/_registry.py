@@ -42,3 +42,9 @@ def op(name: str):
 
 
 __all__ = ["HAS_C", "ensure_op", "register_gpu", "op", "has_op"]
+
+
+def register_gpu_fallback(name: str, reference_impl):
+    """CUDA tensors use the reference unless the compiled library registered a CUDA kernel for `name`."""
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(f"tlkernels::{name}", "CUDA"):
+        torch.library.register_kernel(f"tlkernels::{name}", "cuda", reference_impl)

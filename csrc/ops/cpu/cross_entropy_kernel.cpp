@@ -1,0 +1,122 @@
+// CPU kernel of the fused cross-entropy: one parallel pass over rows; each row computes its
+// log-sum-exp online, its loss, and (optionally) its gradient row while it is hot in cache.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "ops/check.h"
+#include "ops/common/softmax_math.h"
+
+namespace tlkernels {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_cpu(const at::Tensor& logits_in, const at::Tensor& target_in,
+                                                     const c10::optional<at::Tensor>& sample_weight,
+                                                     int64_t ignore_index, int64_t reduction, double scale,
+                                                     bool compute_grad) {
+  const char* op = "cross_entropy";
+  TORCH_CHECK(logits_in.dim() == 2, op, ": logits must be 2-D (N, C), got ", logits_in.dim(), "-D");
+  TORCH_CHECK(at::isFloatingType(logits_in.scalar_type()), op, ": logits must be floating point, got ",
+              logits_in.scalar_type());
+  TORCH_CHECK(reduction >= 0 && reduction <= 2, op, ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ",
+              reduction);
+  const int64_t N = logits_in.size(0), C = logits_in.size(1);
+  const bool soft = target_in.is_floating_point();
+  if (soft) {
+    TORCH_CHECK(target_in.sizes() == logits_in.sizes(), op, ": soft target must have the shape of logits ",
+                shape_str(logits_in.sizes()), ", got ", shape_str(target_in.sizes()));
+  } else {
+    TORCH_CHECK(target_in.scalar_type() == at::kLong, op, ": target must be int64 labels or a float probability "
+                "matrix, got ", target_in.scalar_type());
+    TORCH_CHECK(target_in.dim() == 1 && target_in.size(0) == N, op, ": target must have shape (", N, ",), got ",
+                shape_str(target_in.sizes()));
+  }
+  at::Tensor w;
+  if (sample_weight.has_value() && sample_weight->defined()) {
+    TORCH_CHECK(sample_weight->dim() == 1 && sample_weight->size(0) == N, op, ": sample_weight must have shape (",
+                N, ",), got ", shape_str(sample_weight->sizes()));
+    w = sample_weight->to(at::kDouble).contiguous();
+  }
+  const at::Tensor logits = logits_in.contiguous();
+  const at::Tensor target = soft ? target_in.to(logits.scalar_type()).contiguous() : target_in.contiguous();
+  const int64_t* lab = soft ? nullptr : target.const_data_ptr<int64_t>();
+  const double* wp = w.defined() ? w.const_data_ptr<double>() : nullptr;
+
+  // Weighted count of rows that count (mean's denominator), and label range check.
+  double denom = 0;
+  for (int64_t i = 0; i < N; ++i) {
+    if (lab) {
+      const int64_t y = lab[i];
+      if (y == ignore_index) continue;
+      TORCH_CHECK(y >= 0 && y < C, op, ": target[", i, "] = ", y, " is out of range [0, ", C,
+                  ") (and is not ignore_index = ", ignore_index, ")");
+    }
+    denom += wp ? wp[i] : 1.0;
+  }
+  const double norm = reduction == 1 ? scale / denom : scale;  // 0/0 -> nan, as F.cross_entropy
+
+  at::Tensor rows = at::empty({N}, logits.options().dtype(at::kDouble));
+  at::Tensor grad = compute_grad ? at::empty_like(logits) : at::empty({0}, logits.options());
+  double* rowp = rows.mutable_data_ptr<double>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cross_entropy_cpu", [&] {
+    using A = at::opmath_type<scalar_t>;
+    const scalar_t* x = logits.const_data_ptr<scalar_t>();
+    const scalar_t* q = soft ? target.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* g = compute_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, N, 16, [&](int64_t rb, int64_t re) {
+      for (int64_t i = rb; i < re; ++i) {
+        const scalar_t* xi = x + i * C;
+        const bool ignored = lab && lab[i] == ignore_index;
+        const double wi = ignored ? 0.0 : (wp ? wp[i] : 1.0);
+        OnlineLse<A> lse;
+        for (int64_t c = 0; c < C; ++c) lse.add(static_cast<A>(xi[c]));
+        const A L = lse.value();
+        double loss = 0, qsum = 1;
+        if (ignored) {
+          loss = 0;
+        } else if (q) {
+          const scalar_t* qi = q + i * C;
+          double dot = 0;
+          qsum = 0;
+          for (int64_t c = 0; c < C; ++c) {
+            dot += static_cast<double>(qi[c]) * static_cast<double>(xi[c]);
+            qsum += static_cast<double>(qi[c]);
+          }
+          loss = static_cast<double>(L) * qsum - dot;
+        } else {
+          loss = static_cast<double>(L) - static_cast<double>(xi[lab[i]]);
+        }
+        rowp[i] = wi * loss;
+        if (g) {
+          // d(scaled loss)/dx_c = coef * (softmax_c * sum(q) - q_c); coef 0 for ignored rows.
+          // Ignored (zero-weight) rows get exact zeros, as F.cross_entropy (even when mean is 0/0 = nan).
+          const A coef = wi == 0.0 ? A(0) : static_cast<A>(reduction == 0 ? wi * scale : wi * norm);
+          scalar_t* gi = g + i * C;
+          const A qs = static_cast<A>(qsum);
+          for (int64_t c = 0; c < C; ++c) {
+            const A p = std::exp(static_cast<A>(xi[c]) - L);
+            const A qc = q ? static_cast<A>(q[i * C + c]) : (c == lab[i] ? A(1) : A(0));
+            gi[c] = static_cast<scalar_t>(coef * (p * qs - qc));
+          }
+        }
+      }
+    });
+  });
+  at::Tensor loss;
+  if (reduction == 0) {
+    loss = (rows * scale).to(logits.scalar_type());
+  } else {
+    double total = 0;
+    for (int64_t i = 0; i < N; ++i) total += rowp[i];  // ordered: deterministic
+    loss = at::scalar_tensor(total * norm, logits.options().dtype(logits.scalar_type()));
+  }
+  return {loss, grad};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tlkernels, CPU, m) { m.impl("cross_entropy", &cross_entropy_cpu); }
+
+}  // namespace tlkernels

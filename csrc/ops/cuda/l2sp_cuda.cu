@@ -1,0 +1,321 @@
+// CUDA multi-tensor kernels of the L2-SP penalty and of the L2-SP-aware SGD / AdamW steps.
+//
+// Multi-tensor apply as in apex / ATen's MultiTensorApply.cuh: the host cuts every tensor into chunks of
+// 65,536 elements and packs up to kMaxTensors tensors and kMaxBlocks (tensor, chunk) pairs into one
+// kernel-argument struct (CUDA >= 12.1 allows 32 KB of parameters on Volta and newer), one block per chunk.
+// The penalty writes one partial sum per chunk into a buffer that one cleanup reduction adds up:
+// deterministic, no atomics. The per-element math lives in ops/common/l2sp_math.h, compiled and tested
+// in the CPU build as well.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cub/block/block_reduce.cuh>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "ops/common/l2sp_math.h"
+#include "ops/l2sp_checks.h"
+
+namespace tlkernels {
+namespace {
+
+constexpr int kChunk = 65536;
+constexpr int kThreads = 256;
+constexpr int kMaxTensors = 48;
+constexpr int kMaxBlocks = 320;
+
+template <int D>
+struct Meta {
+  void* addr[D][kMaxTensors];
+  int64_t numel[kMaxTensors];
+  float coeff[kMaxTensors];
+  int tensor_of_block[kMaxBlocks];
+  int chunk_of_block[kMaxBlocks];
+  int64_t first_block;  // global index of this launch's first chunk (penalty partial sums)
+};
+
+// Calls launch(meta, nblocks) for every full pack of (tensor, chunk) pairs. lists[d][t] is the d-th
+// operand of tensor t (undefined = absent operand, e.g. no reference for a head parameter).
+template <int D, typename Launch>
+void multi_tensor_apply(const std::vector<std::vector<at::Tensor>>& lists, const std::vector<double>& coeffs,
+                        Launch launch) {
+  Meta<D> meta{};
+  meta.first_block = 0;
+  int nt = 0, nb = 0;
+  int64_t global = 0;
+  for (size_t t = 0; t < lists[0].size(); ++t) {
+    const int64_t numel = lists[0][t].numel();
+    if (numel == 0) continue;
+    for (int d = 0; d < D; ++d) meta.addr[d][nt] = lists[d][t].defined() ? lists[d][t].data_ptr() : nullptr;
+    meta.numel[nt] = numel;
+    meta.coeff[nt] = static_cast<float>(coeffs[t]);
+    const int64_t chunks = (numel + kChunk - 1) / kChunk;
+    for (int64_t c = 0; c < chunks; ++c) {
+      meta.tensor_of_block[nb] = nt;
+      meta.chunk_of_block[nb] = static_cast<int>(c);
+      ++nb;
+      ++global;
+      const bool last_chunk = c == chunks - 1;
+      if (nb == kMaxBlocks || (last_chunk && nt + 1 == kMaxTensors)) {
+        launch(meta, nb);
+        meta.first_block = global;
+        nb = 0;
+        if (last_chunk) {
+          nt = -1;  // the next tensor starts at slot 0
+        } else {    // this tensor goes on in the next pack, as its slot 0
+          for (int d = 0; d < D; ++d) meta.addr[d][0] = meta.addr[d][nt];
+          meta.numel[0] = meta.numel[nt];
+          meta.coeff[0] = meta.coeff[nt];
+          nt = 0;
+        }
+      }
+    }
+    ++nt;
+  }
+  if (nb > 0) launch(meta, nb);
+}
+
+int64_t count_chunks(const std::vector<at::Tensor>& ts) {
+  int64_t c = 0;
+  for (auto& t : ts) c += (t.numel() + kChunk - 1) / kChunk;
+  return c;
+}
+
+// operands: 0 p, 1 ref (optional), 2 grad out (optional)
+template <typename scalar_t>
+__global__ void penalty_kernel(Meta<3> meta, float scale, double* partial) {
+  using A = at::opmath_type<scalar_t>;
+  const int t = meta.tensor_of_block[blockIdx.x];
+  const int64_t base = static_cast<int64_t>(meta.chunk_of_block[blockIdx.x]) * kChunk;
+  const int64_t end = min(base + kChunk, meta.numel[t]);
+  const auto* p = static_cast<const scalar_t*>(meta.addr[0][t]);
+  const auto* r = static_cast<const scalar_t*>(meta.addr[1][t]);
+  auto* g = static_cast<scalar_t*>(meta.addr[2][t]);
+  const A c = static_cast<A>(meta.coeff[t] * scale);
+  double acc = 0;
+  for (int64_t i = base + threadIdx.x; i < end; i += blockDim.x) {
+    const A pv = static_cast<A>(p[i]);
+    const A rv = r ? static_cast<A>(r[i]) : A(0);
+    acc += static_cast<double>(l2sp::penalty_sq(pv, rv));
+    if (g) g[i] = static_cast<scalar_t>(l2sp::penalty_grad(pv, rv, c));
+  }
+  using Reduce = cub::BlockReduce<double, kThreads>;
+  __shared__ typename Reduce::TempStorage tmp;
+  const double s = Reduce(tmp).Sum(acc);
+  if (threadIdx.x == 0 && partial) partial[meta.first_block + blockIdx.x] = s * meta.coeff[t] * 0.5;
+}
+
+// Penalty over one list (params with refs, or new params without). Returns sum coeff/2 * ||p - ref||^2 as
+// a device scalar (if want_value) and writes gradients coeff*scale*(p - ref) into *grads (if grads).
+// One launch series per dtype; each series' per-chunk partials are summed in a fixed order.
+at::Tensor penalty_list(const std::vector<at::Tensor>& P, const std::vector<at::Tensor>& R, double coeff,
+                        std::vector<at::Tensor>* grads, double scale, bool want_value, const at::Device& dev) {
+  at::Tensor total = at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(dev));
+  std::vector<at::Tensor> G;
+  for (auto& p : P) G.push_back(grads ? at::empty_like(p) : at::Tensor());
+  for (auto dt : {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16}) {
+    std::vector<std::vector<at::Tensor>> lists(3);
+    std::vector<double> coeffs;
+    for (size_t i = 0; i < P.size(); ++i) {
+      if (P[i].scalar_type() != dt) continue;
+      lists[0].push_back(P[i]);
+      lists[1].push_back(R.empty() ? at::Tensor() : R[i]);
+      lists[2].push_back(G[i]);
+      coeffs.push_back(coeff);
+    }
+    if (lists[0].empty()) continue;
+    at::Tensor partial = want_value ? at::zeros({count_chunks(lists[0])}, total.options()) : at::Tensor();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "l2sp_penalty_cuda", [&] {
+      multi_tensor_apply<3>(lists, coeffs, [&](const Meta<3>& meta, int nb) {
+        penalty_kernel<scalar_t><<<nb, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+            meta, static_cast<float>(scale), want_value ? partial.data_ptr<double>() : nullptr);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+    if (want_value) total = total + partial.sum();
+  }
+  if (grads) *grads = G;
+  return total;
+}
+
+std::vector<at::Tensor> contig(at::TensorList ts) {
+  std::vector<at::Tensor> out;
+  for (auto& t : ts) out.push_back(t.contiguous());
+  return out;
+}
+
+at::Tensor penalty_value(const std::vector<at::Tensor>& P, const std::vector<at::Tensor>& R, double alpha,
+                         const std::vector<at::Tensor>& Q, double beta, std::vector<at::Tensor>* gp,
+                         std::vector<at::Tensor>* gn) {
+  bool dbl = false;
+  for (auto& t : P) dbl |= t.scalar_type() == at::kDouble;
+  for (auto& t : Q) dbl |= t.scalar_type() == at::kDouble;
+  const auto dev = !P.empty() ? P[0].device() : Q[0].device();
+  auto v = penalty_list(P, R, alpha, gp, 1.0, true, dev) + penalty_list(Q, {}, beta, gn, 1.0, true, dev);
+  return v.to(dbl ? at::kDouble : at::kFloat);
+}
+
+at::Tensor l2sp_penalty_cuda(at::TensorList params, at::TensorList refs, double alpha, at::TensorList new_params,
+                             double beta) {
+  check_penalty_args("l2sp_penalty", params, refs, new_params);
+  const c10::cuda::OptionalCUDAGuard guard(params.empty() ? new_params[0].device() : params[0].device());
+  return penalty_value(contig(params), contig(refs), alpha, contig(new_params), beta, nullptr, nullptr);
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> l2sp_penalty_backward_cuda(
+    const at::Tensor& grad, at::TensorList params, at::TensorList refs, double alpha, at::TensorList new_params,
+    double beta) {
+  check_penalty_args("l2sp_penalty_backward", params, refs, new_params);
+  const c10::cuda::OptionalCUDAGuard guard(grad.device());
+  // The upstream gradient of a scalar loss is read once on the host; the op is a backward, off the hot path.
+  const double scale = grad.item<double>();
+  std::vector<at::Tensor> gp, gn;
+  penalty_list(contig(params), contig(refs), alpha, &gp, scale, false, grad.device());
+  penalty_list(contig(new_params), {}, beta, &gn, scale, false, grad.device());
+  return {gp, gn};
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> l2sp_value_and_grad_cuda(
+    at::TensorList params, at::TensorList refs, double alpha, at::TensorList new_params, double beta) {
+  check_penalty_args("l2sp_value_and_grad", params, refs, new_params);
+  const c10::cuda::OptionalCUDAGuard guard(params.empty() ? new_params[0].device() : params[0].device());
+  std::vector<at::Tensor> gp, gn;
+  auto v = penalty_value(contig(params), contig(refs), alpha, contig(new_params), beta, &gp, &gn);
+  return {v, gp, gn};
+}
+
+// operands: 0 p, 1 g, 2 momentum buffer (optional), 3 ref (optional)
+template <typename scalar_t>
+__global__ void sgd_kernel(Meta<4> meta, float lr, float momentum, float dampening, float weight_decay, bool nesterov,
+                           bool maximize, bool first) {
+  using A = at::opmath_type<scalar_t>;
+  const int t = meta.tensor_of_block[blockIdx.x];
+  const int64_t base = static_cast<int64_t>(meta.chunk_of_block[blockIdx.x]) * kChunk;
+  const int64_t end = min(base + kChunk, meta.numel[t]);
+  auto* p = static_cast<scalar_t*>(meta.addr[0][t]);
+  const auto* g = static_cast<const scalar_t*>(meta.addr[1][t]);
+  auto* b = static_cast<scalar_t*>(meta.addr[2][t]);
+  const auto* r = static_cast<const scalar_t*>(meta.addr[3][t]);
+  for (int64_t i = base + threadIdx.x; i < end; i += blockDim.x) {
+    A buf = b ? static_cast<A>(b[i]) : A(0);
+    p[i] = static_cast<scalar_t>(l2sp::sgd_update<A>(p[i], g[i], r ? static_cast<A>(r[i]) : A(0), meta.coeff[t],
+                                                     &buf, first, lr, momentum, dampening, weight_decay, nesterov,
+                                                     maximize));
+    if (b) b[i] = static_cast<scalar_t>(buf);
+  }
+}
+
+std::vector<at::Tensor> refs_or_undefined(const c10::List<std::optional<at::Tensor>>& refs) {
+  std::vector<at::Tensor> out;
+  for (size_t i = 0; i < refs.size(); ++i) {
+    auto r = refs.get(i);
+    out.push_back(r.has_value() ? r->contiguous() : at::Tensor());
+  }
+  return out;
+}
+
+void sgd_l2sp_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList bufs,
+                        const c10::List<std::optional<at::Tensor>>& refs, at::ArrayRef<double> coeffs, double lr,
+                        double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
+                        bool first_step) {
+  const bool use_buf = momentum != 0.0;
+  check_step_args("sgd_l2sp_step_", params, grads,
+                  use_buf ? std::vector<at::TensorList>{bufs} : std::vector<at::TensorList>{}, {"momentum_buffers"},
+                  refs, coeffs);
+  if (params.empty()) return;
+  const c10::cuda::OptionalCUDAGuard guard(params[0].device());
+  const auto R = refs_or_undefined(refs);
+  for (auto dt : {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16}) {
+    std::vector<std::vector<at::Tensor>> lists(4);
+    std::vector<double> cs;
+    for (size_t i = 0; i < params.size(); ++i) {
+      if (params[i].scalar_type() != dt) continue;
+      lists[0].push_back(params[i]);
+      lists[1].push_back(grads[i].contiguous());
+      lists[2].push_back(use_buf ? bufs[i] : at::Tensor());
+      lists[3].push_back(R[i]);
+      cs.push_back(coeffs[i]);
+    }
+    if (lists[0].empty()) continue;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "sgd_l2sp_cuda", [&] {
+      multi_tensor_apply<4>(lists, cs, [&](const Meta<4>& meta, int nb) {
+        sgd_kernel<scalar_t><<<nb, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+            meta, lr, momentum, dampening, weight_decay, nesterov, maximize, first_step);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  }
+}
+
+// operands: 0 p, 1 g, 2 exp_avg, 3 exp_avg_sq, 4 ref (optional)
+template <typename scalar_t>
+__global__ void adamw_kernel(Meta<5> meta, float lr, float beta1, float beta2, float eps, float weight_decay,
+                             float bias_c1, float bias_c2_sqrt, bool maximize) {
+  using A = at::opmath_type<scalar_t>;
+  const int t = meta.tensor_of_block[blockIdx.x];
+  const int64_t base = static_cast<int64_t>(meta.chunk_of_block[blockIdx.x]) * kChunk;
+  const int64_t end = min(base + kChunk, meta.numel[t]);
+  auto* p = static_cast<scalar_t*>(meta.addr[0][t]);
+  const auto* g = static_cast<const scalar_t*>(meta.addr[1][t]);
+  auto* m = static_cast<scalar_t*>(meta.addr[2][t]);
+  auto* v = static_cast<scalar_t*>(meta.addr[3][t]);
+  const auto* r = static_cast<const scalar_t*>(meta.addr[4][t]);
+  for (int64_t i = base + threadIdx.x; i < end; i += blockDim.x) {
+    A mm = m[i], vv = v[i];
+    p[i] = static_cast<scalar_t>(l2sp::adamw_update<A>(p[i], g[i], r ? static_cast<A>(r[i]) : A(0), meta.coeff[t],
+                                                       &mm, &vv, lr, beta1, beta2, eps, weight_decay, bias_c1,
+                                                       bias_c2_sqrt, maximize));
+    m[i] = static_cast<scalar_t>(mm);
+    v[i] = static_cast<scalar_t>(vv);
+  }
+}
+
+void adamw_l2sp_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                          at::TensorList exp_avg_sqs, const c10::List<std::optional<at::Tensor>>& refs,
+                          at::ArrayRef<double> coeffs, double lr, double beta1, double beta2, double eps,
+                          double weight_decay, int64_t step, bool maximize) {
+  TORCH_CHECK(step >= 1, "adamw_l2sp_step_: step must be >= 1, got ", step);
+  check_step_args("adamw_l2sp_step_", params, grads, {exp_avgs, exp_avg_sqs}, {"exp_avgs", "exp_avg_sqs"}, refs,
+                  coeffs);
+  if (params.empty()) return;
+  const c10::cuda::OptionalCUDAGuard guard(params[0].device());
+  const auto R = refs_or_undefined(refs);
+  const float bc1 = 1.0 - std::pow(beta1, (double)step), bc2s = std::sqrt(1.0 - std::pow(beta2, (double)step));
+  for (auto dt : {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16}) {
+    std::vector<std::vector<at::Tensor>> lists(5);
+    std::vector<double> cs;
+    for (size_t i = 0; i < params.size(); ++i) {
+      if (params[i].scalar_type() != dt) continue;
+      lists[0].push_back(params[i]);
+      lists[1].push_back(grads[i].contiguous());
+      lists[2].push_back(exp_avgs[i]);
+      lists[3].push_back(exp_avg_sqs[i]);
+      lists[4].push_back(R[i]);
+      cs.push_back(coeffs[i]);
+    }
+    if (lists[0].empty()) continue;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "adamw_l2sp_cuda", [&] {
+      multi_tensor_apply<5>(lists, cs, [&](const Meta<5>& meta, int nb) {
+        adamw_kernel<scalar_t><<<nb, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+            meta, lr, beta1, beta2, eps, weight_decay, bc1, bc2s, maximize);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tlkernels, CUDA, m) {
+  m.impl("l2sp_penalty", &l2sp_penalty_cuda);
+  m.impl("l2sp_penalty_backward", &l2sp_penalty_backward_cuda);
+  m.impl("l2sp_value_and_grad", &l2sp_value_and_grad_cuda);
+  m.impl("sgd_l2sp_step_", &sgd_l2sp_step_cuda);
+  m.impl("adamw_l2sp_step_", &adamw_l2sp_step_cuda);
+}
+
+}  // namespace tlkernels

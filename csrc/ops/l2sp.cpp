@@ -1,0 +1,26 @@
+// Schemas of the L2-SP ops.
+//  l2sp_penalty: alpha/2 * sum ||p - p0||^2 + beta/2 * sum ||q||^2 over lists of tensors (any float dtypes),
+//                one multi-tensor pass, deterministic (fixed chunking, ordered final sum).
+//  l2sp_penalty_backward: grad * alpha * (p - p0) and grad * beta * q.
+//  l2sp_value_and_grad: both in one pass (reads p and p0 once, writes the gradient).
+//  sgd_l2sp_step_ / adamw_l2sp_step_: torch.optim.SGD / AdamW steps with the L2-SP gradient
+//                coeff * (p - ref) (ref absent: coeff * p) folded in, one pass over p, g, ref and state.
+#include <torch/library.h>
+
+TORCH_LIBRARY_FRAGMENT(tlkernels, m) {
+  m.def("l2sp_penalty(Tensor[] params, Tensor[] refs, float alpha, Tensor[] new_params, float beta) -> Tensor");
+  m.def(
+      "l2sp_penalty_backward(Tensor grad, Tensor[] params, Tensor[] refs, float alpha, Tensor[] new_params, "
+      "float beta) -> (Tensor[], Tensor[])");
+  m.def(
+      "l2sp_value_and_grad(Tensor[] params, Tensor[] refs, float alpha, Tensor[] new_params, float beta) "
+      "-> (Tensor, Tensor[], Tensor[])");
+  m.def(
+      "sgd_l2sp_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor?[] refs, "
+      "float[] coeffs, float lr, float momentum, float dampening, float weight_decay, bool nesterov, "
+      "bool maximize, bool first_step) -> ()");
+  m.def(
+      "adamw_l2sp_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor?[] refs, float[] coeffs, float lr, float beta1, float beta2, float eps, float weight_decay, "
+      "int step, bool maximize) -> ()");
+}

@@ -1,0 +1,325 @@
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tlkernels.nn import L2SP, SoftJointLoss, TransferLoss
+from tlkernels.ops import (cross_entropy, cross_entropy_reference, joint_cross_entropy, l2sp_penalty,
+                           l2sp_penalty_reference, l2sp_value_and_grad)
+from tlkernels.optim import SGD, AdamW
+
+
+def _lists(dtypes=(torch.float32, torch.float64, torch.bfloat16), n_new=2):
+    params = [torch.randn(s, dtype=dt, requires_grad=True) for s, dt in zip([(7, 3, 3, 3), (70000,), (5, 4)], dtypes)]
+    refs = [(p.detach() + 0.1 * torch.randn_like(p)) for p in params]
+    new = [torch.randn(3, 2, dtype=torch.float32, requires_grad=True) for _ in range(n_new)]
+    return params, refs, new
+
+
+# ----------------------------------------------------------------------------- L2-SP op
+def test_l2sp_matches_reference_value_and_grads():
+    params, refs, new = _lists()
+    v = l2sp_penalty(params, refs, 0.1, new, 0.01)
+    r = l2sp_penalty_reference(params, refs, 0.1, new, 0.01)
+    assert v.dtype == torch.float64  # promoted: one param is float64
+    torch.testing.assert_close(v, r, rtol=1e-6, atol=0)
+    v.backward()
+    for p, p0 in zip(params, refs):
+        torch.testing.assert_close(p.grad, (0.1 * (p.detach().double() - p0.double())).to(p.dtype))
+    for q in new:
+        torch.testing.assert_close(q.grad, 0.01 * q.detach())
+
+
+def test_l2sp_value_and_grad_is_one_pass_of_the_same_thing():
+    params, refs, new = _lists()
+    v, gp, gn = l2sp_value_and_grad(params, refs, 0.1, new, 0.01)
+    torch.testing.assert_close(v, l2sp_penalty(params, refs, 0.1, new, 0.01))
+    torch.testing.assert_close(gp[0], 0.1 * (params[0].detach() - refs[0]))
+    torch.testing.assert_close(gn[1], 0.01 * new[1].detach())
+
+
+def test_l2sp_deterministic_across_runs_and_thread_counts():
+    params, refs, new = _lists(dtypes=(torch.float32,) * 3)
+    big = [torch.randn(300_001) for _ in range(3)]
+    big_refs = [b + 0.01 for b in big]
+    a = l2sp_penalty(params + big, refs + big_refs, 0.1, new, 0.01)
+    b = l2sp_penalty(params + big, refs + big_refs, 0.1, new, 0.01)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        c = l2sp_penalty(params + big, refs + big_refs, 0.1, new, 0.01)
+    finally:
+        torch.set_num_threads(n)
+    assert a.item() == b.item() == c.item()
+
+
+def test_l2sp_gradcheck_and_opcheck():
+    p = [torch.randn(4, 3, dtype=torch.float64, requires_grad=True), torch.randn(5, dtype=torch.float64, requires_grad=True)]
+    r = [torch.randn(4, 3, dtype=torch.float64), torch.randn(5, dtype=torch.float64)]
+    q = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b, c: l2sp_penalty([a, b], r, 0.3, [c], 0.05), (*p, q))
+    torch.library.opcheck(torch.ops.tlkernels.l2sp_penalty.default, (p, r, 0.3, [q], 0.05))
+    # not differentiable (an explicit value-and-gradient pass): checked on plain tensors
+    torch.library.opcheck(torch.ops.tlkernels.l2sp_value_and_grad.default,
+                          ([t.detach() for t in p], r, 0.3, [q.detach()], 0.05))
+
+
+@pytest.mark.parametrize("call,msg", [
+    (lambda p, r, q: l2sp_penalty(p, r[:-1], 0.1, q), r"l2sp_penalty: refs must have one tensor per param \(3\), got 2"),
+    (lambda p, r, q: l2sp_penalty(p, [r[0], r[1], torch.randn(4, 5)], 0.1, q),
+     r"l2sp_penalty: refs\[2\] must have the shape of params\[2\] \(5, 4\), got \(4, 5\)"),
+    (lambda p, r, q: l2sp_penalty(p, [r[0], r[1].float(), r[2]], 0.1, q),
+     r"l2sp_penalty: refs\[1\] must have the dtype of params\[1\]"),
+    (lambda p, r, q: l2sp_penalty(p, r, 0.1, [torch.zeros(3, dtype=torch.long)]),
+     r"l2sp_penalty: new_params\[0\] must be floating point"),
+    (lambda p, r, q: l2sp_penalty(p[0], r, 0.1, q), "l2sp_penalty: params must be a list or tuple of tensors"),
+])
+def test_l2sp_bad_inputs(call, msg):
+    params, refs, new = _lists()
+    with pytest.raises((ValueError, TypeError), match=msg):
+        call(params, refs, new)
+
+
+def test_l2sp_cpp_checks_name_the_argument():
+    with pytest.raises(RuntimeError, match=r"l2sp_penalty: refs\[0\] must have the shape of params\[0\]"):
+        torch.ops.tlkernels.l2sp_penalty([torch.randn(3)], [torch.randn(4)], 0.1, [], 0.0)
+
+
+# ----------------------------------------------------------------------------- cross-entropy
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_cross_entropy_parity_with_torch(reduction, weighted):
+    x = torch.randn(9, 7, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 6, -100, 3, 3, 2, -100, 1, 5])
+    cw = torch.rand(7, dtype=torch.float64) + 0.5 if weighted else None
+    sw = cw[y.clamp(min=0)] if weighted else None
+    ours = cross_entropy(x, y, sample_weight=sw, reduction=reduction)
+    ref = F.cross_entropy(x, y, weight=cw, reduction=reduction)
+    torch.testing.assert_close(ours, ref)
+    gy = torch.randn_like(ref)
+    torch.testing.assert_close(torch.autograd.grad(ours, x, gy)[0], torch.autograd.grad(ref, x, gy)[0])
+
+
+def test_cross_entropy_all_ignored_and_one_class():
+    x = torch.randn(4, 5, requires_grad=True)
+    y = torch.full((4,), -100)
+    ours, ref = cross_entropy(x, y), F.cross_entropy(x, y)
+    assert torch.isnan(ours) and torch.isnan(ref)
+    g = torch.autograd.grad(ours, x)[0]
+    torch.testing.assert_close(g, torch.autograd.grad(ref, x)[0])  # zeros, as torch
+    x1 = torch.randn(6, 1, requires_grad=True)
+    y1 = torch.zeros(6, dtype=torch.long)
+    torch.testing.assert_close(cross_entropy(x1, y1), F.cross_entropy(x1, y1))
+
+
+def test_cross_entropy_soft_labels_and_gradcheck():
+    x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    q = torch.softmax(torch.randn(5, 6, dtype=torch.float64), 1)
+    torch.testing.assert_close(cross_entropy(x, q), F.cross_entropy(x, q))
+    assert torch.autograd.gradcheck(lambda a: cross_entropy(a, q, reduction="sum", scale=0.7), (x,))
+    y = torch.tensor([1, 0, -100, 5, 2])
+    sw = torch.rand(5, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda a: cross_entropy(a, y, sample_weight=sw), (x,))
+    assert torch.autograd.gradcheck(lambda a: cross_entropy(a, y, reduction="none"), (x,))
+
+
+def test_cross_entropy_opcheck():
+    x = torch.randn(6, 5, requires_grad=True)
+    y = torch.tensor([0, 1, -100, 4, 2, 3])
+    op = torch.ops.tlkernels.cross_entropy.default
+    torch.library.opcheck(op, (x, y, None, -100, 1, 1.0, True))
+    torch.library.opcheck(op, (x, y, torch.rand(6), -100, 0, 0.5, True))
+    torch.library.opcheck(op, (x, torch.softmax(torch.randn(6, 5), 1), None, -100, 2, 2.0, True))
+
+
+def test_joint_cross_entropy_matches_weighted_sum():
+    xt = torch.randn(8, 10, requires_grad=True)
+    yt = torch.randint(0, 10, (8,))
+    xs = torch.randn(12, 30, requires_grad=True)
+    ys = torch.randint(0, 30, (12,))
+    ours = joint_cross_entropy(xt, yt, xs, ys, source_weight=0.3, target_weight=0.5)
+    ref = 0.5 * F.cross_entropy(xt, yt) + 0.3 * F.cross_entropy(xs, ys)
+    torch.testing.assert_close(ours, ref)
+    g = torch.autograd.grad(ours, [xt, xs])
+    gr = torch.autograd.grad(ref, [xt, xs])
+    for a, b in zip(g, gr):
+        torch.testing.assert_close(a, b)
+    rows_t, rows_s = joint_cross_entropy(xt, yt, xs, ys, source_weight=0.3, reduction="none")
+    torch.testing.assert_close(rows_s, 0.3 * F.cross_entropy(xs, ys, reduction="none"))
+
+
+def test_joint_cross_entropy_under_torch_compile():
+    xt = torch.randn(8, 10, requires_grad=True)
+    yt = torch.randint(0, 10, (8,))
+    xs = torch.randn(12, 30, requires_grad=True)
+    ys = torch.randint(0, 30, (12,))
+    p = [torch.randn(5, 3, requires_grad=True)]
+    r = [torch.randn(5, 3)]
+
+    def f(xt, xs, p0):
+        return joint_cross_entropy(xt * 2, yt, xs, ys, source_weight=0.5) + l2sp_penalty([p0], r, 0.1)
+
+    out = torch.compile(f, fullgraph=True)(xt, xs, p[0])
+    ref = f(xt, xs, p[0])
+    torch.testing.assert_close(out, ref)
+    g = torch.autograd.grad(out, [xt, xs, p[0]])
+    gr = torch.autograd.grad(ref, [xt, xs, p[0]])
+    for a, b in zip(g, gr):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("call,msg", [
+    (lambda x, y: cross_entropy(x, torch.tensor([0, 9, 1])), r"cross_entropy: target\[1\] = 9 is out of range \[0, 5\)"),
+    (lambda x, y: cross_entropy(x[0], y), "cross_entropy: logits must be 2-D"),
+    (lambda x, y: cross_entropy(x, y.int()), "cross_entropy: target must be int64 labels or a float probability matrix"),
+    (lambda x, y: cross_entropy(x, y[:2]), r"cross_entropy: target must have shape \(3,\)"),
+    (lambda x, y: cross_entropy(x, torch.rand(3, 4)), "cross_entropy: target \\(soft labels\\) must have the shape"),
+    (lambda x, y: cross_entropy(x, y, reduction="avg"), "cross_entropy: reduction must be one of"),
+    (lambda x, y: joint_cross_entropy(x, y, x), "joint_cross_entropy: source_logits and source_labels must be given together"),
+    (lambda x, y: joint_cross_entropy(x, y, x[0], y), "joint_cross_entropy: source_logits must be 2-D"),
+])
+def test_cross_entropy_bad_inputs(call, msg):
+    x = torch.randn(3, 5)
+    y = torch.tensor([0, 4, 1])
+    with pytest.raises((ValueError, TypeError, RuntimeError), match=msg):
+        call(x, y)
+
+
+def test_cross_entropy_deterministic():
+    x = torch.randn(512, 300)
+    y = torch.randint(0, 300, (512,))
+    assert cross_entropy(x, y).item() == cross_entropy(x, y).item()
+
+
+# ----------------------------------------------------------------------------- Triton kernel, interpreted
+@pytest.mark.parametrize("soft,weighted,reduction", [(False, False, 1), (False, True, 0), (True, False, 2)])
+def test_triton_cross_entropy_interpreted(soft, weighted, reduction):
+    from tlkernels.triton.cross_entropy import cross_entropy_forward
+    x = torch.randn(5, 37)
+    y = torch.softmax(torch.randn(5, 37), 1) if soft else torch.tensor([3, -100, 36, 0, 17])
+    sw = torch.rand(5) if weighted else None
+    loss, grad = cross_entropy_forward(x, y, sw, -100, reduction, 0.5, True)
+    red = {0: "none", 1: "mean", 2: "sum"}[reduction]
+    xr = x.clone().requires_grad_()
+    ref = cross_entropy_reference(xr, y, sw, -100, red, 0.5)
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, torch.autograd.grad(ref.sum(), xr)[0], rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- modules
+def _net(dtype=torch.float64):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                      nn.Flatten(), nn.Linear(4, 6))
+    return m.to(dtype)
+
+
+def test_l2sp_module_scopes_and_head():
+    m = _net()
+    ref = {k: v.clone() for k, v in m.state_dict().items()}
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    k = L2SP(m, reference=ref, alpha=0.1, beta=0.01, head="5", scope="kernels")
+    assert k.names == ["0.weight"] and k.new_names == ["5.weight"]
+    exp = 0.05 * (m[0].weight - ref["0.weight"]).pow(2).sum() + 0.005 * m[5].weight.pow(2).sum()
+    torch.testing.assert_close(k(), exp)
+    a = L2SP(m, reference=ref, alpha=0.1, beta=0.01, head="5", scope="all")
+    assert set(a.names) == {"0.weight", "0.bias", "1.weight", "1.bias"} and set(a.new_names) == {"5.weight", "5.bias"}
+    snap = L2SP(m)  # snapshot now: zero penalty
+    assert snap().item() == 0.0
+    with pytest.raises(ValueError, match="L2SP: head 'fc' matches no trainable parameter"):
+        L2SP(m, head="fc")
+    with pytest.raises(KeyError, match="L2SP: reference has no entry for '5.weight'"):
+        L2SP(m, reference={k2: v for k2, v in ref.items() if not k2.startswith("5.")})
+    with pytest.raises(ValueError, match="L2SP: scope must be 'kernels' or 'all'"):
+        L2SP(m, scope="bn")
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine", "exponential", "step"])
+def test_soft_joint_schedules(schedule):
+    loss = SoftJointLoss(schedule, lambda0=0.8, total_steps=10)
+    lams = []
+    for _ in range(12):
+        lams.append(loss.lam())
+        loss.step()
+    assert lams[0] == pytest.approx(0.8)
+    if schedule == "constant":
+        assert all(v == pytest.approx(0.8) for v in lams)
+    else:
+        assert all(a >= b for a, b in zip(lams, lams[1:])) and lams[10] == 0.0 and lams[9] > 0
+    # resume keeps t
+    sd = loss.state_dict()
+    again = SoftJointLoss(schedule, lambda0=0.8, total_steps=10)
+    again.load_state_dict(sd)
+    assert again.t == 12 and again.lam() == loss.lam()
+    with pytest.raises(ValueError, match="SoftJointLoss: schedule must be one of"):
+        SoftJointLoss("sigmoid", total_steps=3)
+    with pytest.raises(ValueError, match="needs total_steps > 0"):
+        SoftJointLoss("linear")
+
+
+def test_transfer_loss_parts():
+    m = _net()
+    l2 = L2SP(m, head="5")
+    with torch.no_grad():
+        m[0].weight.add_(0.5)
+    joint = SoftJointLoss("linear", lambda0=0.5, total_steps=4)
+    tl = TransferLoss(joint, l2)
+    xt, yt = torch.randn(4, 6, dtype=torch.float64), torch.randint(0, 6, (4,))
+    xs, ys = torch.randn(3, 9, dtype=torch.float64), torch.randint(0, 9, (3,))
+    total, parts = tl(xt, yt, xs, ys)
+    exp = F.cross_entropy(xt, yt) + 0.5 * F.cross_entropy(xs, ys) + l2()
+    torch.testing.assert_close(total, exp)
+    assert set(parts) == {"target_ce", "source_ce", "lambda", "l2sp"} and parts["lambda"] == 0.5
+
+
+# ----------------------------------------------------------------------------- optimizers
+def _trajectory(fused, opt_name, kw, steps=4, scope="kernels"):
+    m = _net()
+    ref = {k: v.clone() for k, v in m.state_dict().items()}
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    l2 = L2SP(m, reference=ref, alpha=0.1, beta=0.01, head="5", scope=scope)
+    if fused:
+        opt = {"sgd": SGD, "adamw": AdamW}[opt_name](m.parameters(), l2sp=l2, **kw)
+    else:
+        opt = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}[opt_name](m.parameters(), **kw)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x = torch.randn(6, 3, 8, 8, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 6, (6,), generator=g)
+        opt.zero_grad()
+        loss = F.cross_entropy(m(x), y)
+        if not fused:
+            loss = loss + l2()
+        loss.backward()
+        opt.step()
+    return torch.cat([p.detach().flatten() for p in m.parameters()])
+
+
+@pytest.mark.parametrize("opt_name,kw", [
+    ("sgd", dict(lr=0.1)),
+    ("sgd", dict(lr=0.1, momentum=0.9, weight_decay=1e-3)),
+    ("sgd", dict(lr=0.05, momentum=0.9, nesterov=True)),
+    ("sgd", dict(lr=0.05, momentum=0.5, dampening=0.3, maximize=False)),
+    ("adamw", dict(lr=1e-2)),
+    ("adamw", dict(lr=1e-2, betas=(0.8, 0.99), weight_decay=0.1)),
+])
+@pytest.mark.parametrize("scope", ["kernels", "all"])
+def test_fused_optimizer_follows_torch_optim_plus_penalty(opt_name, kw, scope):
+    a = _trajectory(True, opt_name, kw, scope=scope)
+    b = _trajectory(False, opt_name, kw, scope=scope)
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_optimizer_step_bad_inputs():
+    p = [torch.randn(3)]
+    with pytest.raises(RuntimeError, match=r"sgd_l2sp_step_: grads must have one tensor per param \(1\), got 0"):
+        torch.ops.tlkernels.sgd_l2sp_step_(p, [], [], [None], [0.0], 0.1, 0.0, 0.0, 0.0, False, False, False)
+    with pytest.raises(RuntimeError, match=r"adamw_l2sp_step_: refs\[0\] must have the shape of params\[0\]"):
+        torch.ops.tlkernels.adamw_l2sp_step_(p, [torch.randn(3)], [torch.zeros(3)], [torch.zeros(3)],
+                                             [torch.zeros(4)], [0.1], 0.1, 0.9, 0.99, 1e-8, 0.0, 1, False)
+    with pytest.raises(ValueError, match="SGD: nesterov momentum requires momentum > 0"):
+        SGD([torch.zeros(1, requires_grad=True)], lr=0.1, nesterov=True)

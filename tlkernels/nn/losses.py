@@ -1,0 +1,189 @@
+"""Transfer-learning objectives: L2SP penalty, SoftJointLoss (lambda(t) schedules) and TransferLoss."""
+import math
+
+import torch
+import torch.nn as nn
+
+from tlkernels.ops.cross_entropy import cross_entropy
+from tlkernels.ops.l2sp import l2sp_penalty
+
+_KERNEL_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def _kernel_param_names(model):
+    """Names of conv/linear kernels ('weight' of such modules, GatedConv2d's fine-tuned weight included)."""
+    from tlkernels.nn.gated_conv import GatedConv2d
+    names = set()
+    for mname, m in model.named_modules():
+        if isinstance(m, _KERNEL_MODULES + (GatedConv2d,)) and getattr(m, "weight", None) is not None:
+            names.add(f"{mname}.weight" if mname else "weight")
+    return names
+
+
+class L2SP:
+    """alpha/2 ||w_S - w_S^0||^2 + beta/2 ||w_new||^2 for a model (Li et al., ICML 2018).
+
+    model      the network being fine-tuned
+    reference  a state_dict of the pre-trained weights; default: a snapshot of `model` now (copies)
+    head       name prefix(es) of the new layers (e.g. "fc"): penalised toward 0 with beta
+    scope      "kernels": conv/linear weights only (the paper's code); "all": every trainable parameter
+               (Transfer-Learning-Library's convention, BN and biases included)
+    Calling it returns the penalty (differentiable, one fused multi-tensor pass).
+    """
+
+    def __init__(self, model, reference=None, alpha=0.1, beta=0.01, head=None, scope="kernels"):
+        if scope not in ("kernels", "all"):
+            raise ValueError(f"L2SP: scope must be 'kernels' or 'all', got {scope!r}")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"L2SP: model must be an nn.Module, got {type(model).__name__}")
+        if alpha < 0 or beta < 0:
+            raise ValueError(f"L2SP: alpha and beta must be >= 0, got alpha={alpha}, beta={beta}")
+        heads = () if head is None else ((head,) if isinstance(head, str) else tuple(head))
+        self.alpha, self.beta, self.scope, self.head = float(alpha), float(beta), scope, heads
+        kernels = _kernel_param_names(model)
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        for h in heads:
+            if not any(n == h or n.startswith(h + ".") for n, _ in named):
+                raise ValueError(f"L2SP: head {h!r} matches no trainable parameter of the model")
+        ref_sd = reference if reference is not None else {n: p.detach() for n, p in model.named_parameters()}
+        self.names, self.params, self.refs, self.new_names, self.new_params = [], [], [], [], []
+        for n, p in named:
+            if scope == "kernels" and n not in kernels:
+                continue
+            if any(n == h or n.startswith(h + ".") for h in heads):
+                self.new_names.append(n)
+                self.new_params.append(p)
+                continue
+            if n not in ref_sd:
+                raise KeyError(f"L2SP: reference has no entry for {n!r}; name its layer in head= if it is new")
+            r = ref_sd[n]
+            if tuple(r.shape) != tuple(p.shape):
+                raise ValueError(f"L2SP: reference[{n!r}] has shape {tuple(r.shape)}, the parameter {tuple(p.shape)}")
+            self.names.append(n)
+            self.params.append(p)
+            self.refs.append(r.detach().to(device=p.device, dtype=p.dtype, copy=True))
+        self._coeff = {id(p): (r, self.alpha) for p, r in zip(self.params, self.refs)}
+        self._coeff.update({id(q): (None, self.beta) for q in self.new_params})
+
+    def __call__(self):
+        return l2sp_penalty(self.params, self.refs, self.alpha, self.new_params, self.beta)
+
+    @torch.no_grad()
+    def value(self):
+        """The penalty without an autograd graph (for logging when the optimizer applies its gradient)."""
+        return l2sp_penalty(self.params, self.refs, self.alpha, self.new_params, self.beta)
+
+    def coefficient(self, param):
+        """(reference tensor or None, coefficient) of the L2-SP gradient for `param`; (None, 0) if not penalised."""
+        return self._coeff.get(id(param), (None, 0.0))
+
+    def state_dict(self):
+        return {"alpha": self.alpha, "beta": self.beta, "scope": self.scope, "head": list(self.head),
+                "refs": {n: r for n, r in zip(self.names, self.refs)}}
+
+    def load_state_dict(self, sd):
+        missing = [n for n in self.names if n not in sd["refs"]]
+        if missing:
+            raise KeyError(f"L2SP.load_state_dict: refs missing for {missing[:5]}")
+        for i, n in enumerate(self.names):
+            self.refs[i].copy_(sd["refs"][n])
+        self.alpha, self.beta = float(sd["alpha"]), float(sd["beta"])
+        self._coeff = {id(p): (r, self.alpha) for p, r in zip(self.params, self.refs)}
+        self._coeff.update({id(q): (None, self.beta) for q in self.new_params})
+
+
+SCHEDULES = ("constant", "linear", "cosine", "exponential", "step")
+
+
+class SoftJointLoss(nn.Module):
+    """L(t) = target_weight * CE_target + lambda(t) * CE_source, lambda(0) = lambda0 decaying to 0 by total_steps.
+
+    schedule   constant (selective joint fine-tuning: lambda0 = target_weight = 0.5), linear, cosine,
+               exponential (lambda0 * exp(-rate t), rate = ln(1/final_fraction)/T, then 0 at T),
+               step (lambda0 * gamma^k after the k-th milestone, 0 at T)
+    `.step()` advances t; t is in the state_dict, so a resumed run continues the schedule.
+    """
+
+    def __init__(self, schedule="cosine", lambda0=1.0, total_steps=None, target_weight=1.0, final_fraction=0.01,
+                 milestones=None, gamma=0.1, ignore_index=-100):
+        super().__init__()
+        if schedule not in SCHEDULES:
+            raise ValueError(f"SoftJointLoss: schedule must be one of {SCHEDULES}, got {schedule!r}")
+        if schedule != "constant" and (not isinstance(total_steps, int) or total_steps <= 0):
+            raise ValueError(f"SoftJointLoss: schedule {schedule!r} needs total_steps > 0, got {total_steps!r}")
+        if lambda0 < 0 or target_weight < 0:
+            raise ValueError("SoftJointLoss: lambda0 and target_weight must be >= 0")
+        if not 0 < final_fraction < 1:
+            raise ValueError(f"SoftJointLoss: final_fraction must be in (0, 1), got {final_fraction}")
+        self.schedule, self.lambda0, self.total_steps = schedule, float(lambda0), total_steps
+        self.target_weight, self.final_fraction, self.gamma = float(target_weight), final_fraction, gamma
+        self.milestones = sorted(milestones) if milestones is not None else (
+            [total_steps // 3, 2 * total_steps // 3] if total_steps else [])
+        self.ignore_index = ignore_index
+        self.t = 0
+
+    def lam(self, t=None):
+        t = self.t if t is None else t
+        T = self.total_steps
+        if self.schedule == "constant":
+            return self.lambda0
+        if t >= T:
+            return 0.0
+        if self.schedule == "linear":
+            return self.lambda0 * (1 - t / T)
+        if self.schedule == "cosine":
+            return self.lambda0 * 0.5 * (1 + math.cos(math.pi * t / T))
+        if self.schedule == "exponential":
+            return self.lambda0 * math.exp(math.log(self.final_fraction) * t / T)
+        return self.lambda0 * self.gamma ** sum(t >= m for m in self.milestones)
+
+    def step(self):
+        self.t += 1
+
+    def parts(self, target_logits, target_labels, source_logits=None, source_labels=None):
+        """(total, target term, source term) with the weights applied; the source term is 0 without a source batch."""
+        lt = cross_entropy(target_logits, target_labels, ignore_index=self.ignore_index, scale=self.target_weight)
+        lam = self.lam()
+        if source_logits is None or lam == 0:
+            ls = (0.0 * source_logits.sum()) if source_logits is not None else target_logits.new_zeros(())
+        else:
+            ls = cross_entropy(source_logits, source_labels, ignore_index=self.ignore_index, scale=lam)
+        return lt + ls, lt, ls
+
+    def forward(self, target_logits, target_labels, source_logits=None, source_labels=None):
+        return self.parts(target_logits, target_labels, source_logits, source_labels)[0]
+
+    def get_extra_state(self):
+        return {"t": self.t}
+
+    def set_extra_state(self, state):
+        self.t = int(state["t"])
+
+    def extra_repr(self):
+        return f"schedule={self.schedule}, lambda0={self.lambda0}, total_steps={self.total_steps}, t={self.t}"
+
+
+class TransferLoss(nn.Module):
+    """target CE + lambda(t) source CE + L2-SP in one call: returns (total, parts) with parts for logging.
+
+    joint: a SoftJointLoss (default: plain target CE); l2sp: an L2SP or None. With include_penalty=False
+    the penalty is left to a tlkernels.optim optimizer (it is still reported, computed without a graph).
+    """
+
+    def __init__(self, joint=None, l2sp=None, include_penalty=True):
+        super().__init__()
+        self.joint = joint if joint is not None else SoftJointLoss("constant", lambda0=0.0)
+        self.l2sp = l2sp
+        self.include_penalty = include_penalty
+
+    def forward(self, target_logits, target_labels, source_logits=None, source_labels=None):
+        total, lt, ls = self.joint.parts(target_logits, target_labels, source_logits, source_labels)
+        parts = {"target_ce": lt.detach(), "source_ce": ls.detach(), "lambda": self.joint.lam()}
+        if self.l2sp is not None:
+            if self.include_penalty:
+                pen = self.l2sp()
+                total = total + pen
+                parts["l2sp"] = pen.detach()
+            else:
+                parts["l2sp"] = self.l2sp.value()
+        return total, parts

@@ -1,0 +1,154 @@
+"""Fused cross-entropy (loss and gradient in one row pass) and the joint target/source objective
+L = target_weight * CE(target head) + source_weight * CE(source head).
+
+Hard labels follow F.cross_entropy (ignore_index; the weighted mean divides by the summed weight of the
+rows that count; an all-ignored batch gives nan loss and zero gradients). Per-sample weights generalise
+F.cross_entropy's class weights: `sample_weight = class_weight[labels]` reproduces them exactly. Soft
+labels (a probability matrix) serve distillation toward a frozen source model; no gradient flows to them.
+"""
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from tlkernels._extension import use_reference
+from tlkernels.ops._registry import ensure_op, op, register_gpu
+from tlkernels.ops._utils import check_tensor, fail
+
+SCHEMA = ("cross_entropy(Tensor logits, Tensor target, Tensor? sample_weight, int ignore_index, int reduction, "
+          "float scale, bool compute_grad) -> (Tensor, Tensor)")
+REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+
+
+def cross_entropy_reference(logits, target, sample_weight=None, ignore_index=-100, reduction="mean", scale=1.0):
+    """Plain PyTorch (differentiable), the oracle."""
+    if target.is_floating_point():
+        rows = -(target * F.log_softmax(logits, dim=1)).sum(1)
+        counted = torch.ones_like(rows)
+    else:
+        rows = F.cross_entropy(logits, target, reduction="none", ignore_index=ignore_index)
+        counted = (target != ignore_index).to(rows.dtype)
+    w = counted if sample_weight is None else counted * sample_weight.to(rows.dtype)
+    rows = rows * w
+    if reduction == "none":
+        return rows * scale
+    if reduction == "sum":
+        return rows.sum() * scale
+    return rows.sum() / w.sum() * scale
+
+
+def _ref_impl(logits, target, sample_weight, ignore_index, reduction, scale, compute_grad):
+    red = {v: k for k, v in REDUCTIONS.items()}[reduction]
+    x = logits.detach().requires_grad_(compute_grad)
+    with torch.enable_grad():
+        loss = cross_entropy_reference(x, target, sample_weight, ignore_index, red, scale)
+        if not compute_grad:
+            return loss.detach(), logits.new_empty(0)
+        # gradient of the returned loss with upstream 1 (per row for 'none')
+        (g,) = torch.autograd.grad(loss.sum() if reduction == 0 else loss, [x])
+    if reduction == 0:  # rows are independent: d(sum)/dx row i = d(loss_i)/dx_i
+        pass
+    return loss.detach(), g
+
+
+def _triton_impl(*args):
+    from tlkernels.triton.cross_entropy import cross_entropy_forward
+    return cross_entropy_forward(*args)
+
+
+ensure_op("cross_entropy", SCHEMA, _ref_impl)
+register_gpu("cross_entropy", _triton_impl, _ref_impl)
+
+
+@torch.library.register_fake("tlkernels::cross_entropy")
+def _fake(logits, target, sample_weight, ignore_index, reduction, scale, compute_grad):
+    loss = logits.new_empty((logits.shape[0],) if reduction == 0 else ())
+    return loss, (torch.empty_like(logits, memory_format=torch.contiguous_format) if compute_grad
+                  else logits.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.none = inputs[4] == 0
+    ctx.save_for_backward(output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _is_eager_cpu(t):
+    """A real CPU tensor outside any tracing (compile, fake or functional modes): reading it is free."""
+    return (type(t) is torch.Tensor and t.device.type == "cpu" and not torch.compiler.is_compiling()
+            and _get_current_dispatch_mode() is None)
+
+
+def _backward(ctx, grad_loss, _grad_grad):
+    (g,) = ctx.saved_tensors
+    if g.numel() == 0 and ctx.needs_input_grad[0]:
+        raise RuntimeError("cross_entropy: the forward ran without compute_grad; call it with the logits "
+                           "requiring grad and grad mode enabled")
+    # The forward already wrote d(loss)/d(logits) for an upstream gradient of 1. In the usual
+    # `loss.backward()` on the CPU that is the answer: return it without another N x C pass (autograd
+    # copies it before accumulating, since ctx still holds it, so retain_graph stays correct).
+    # Otherwise scale out of place. On GPUs no value is read back: that would synchronise.
+    if not ctx.none and _is_eager_cpu(grad_loss) and grad_loss.item() == 1.0:
+        return g, None, None, None, None, None, None
+    scale = grad_loss[:, None] if ctx.none else grad_loss
+    return g * scale.to(g.dtype), None, None, None, None, None, None
+
+
+torch.library.register_autograd("tlkernels::cross_entropy", _backward, setup_context=_setup_context)
+
+
+def _check(opname, logits, target, sample_weight, reduction, name="logits", tname="target"):
+    check_tensor(opname, name, logits, dim=2, floating=True)
+    if not isinstance(target, torch.Tensor):
+        fail(opname, f"{tname} must be a torch.Tensor, got {type(target).__name__}", TypeError)
+    if target.device != logits.device:
+        fail(opname, f"{tname} must be on the device of {name} ({logits.device}), got {target.device}")
+    if target.is_floating_point():
+        if target.shape != logits.shape:
+            fail(opname, f"{tname} (soft labels) must have the shape of {name} {tuple(logits.shape)}, "
+                         f"got {tuple(target.shape)}")
+    elif target.dtype != torch.int64:
+        fail(opname, f"{tname} must be int64 labels or a float probability matrix, got {target.dtype}", TypeError)
+    elif tuple(target.shape) != (logits.shape[0],):
+        fail(opname, f"{tname} must have shape ({logits.shape[0]},), got {tuple(target.shape)}")
+    if sample_weight is not None:
+        check_tensor(opname, f"{tname.split('_')[0]}_sample_weight" if "_" in tname else "sample_weight",
+                     sample_weight, dim=1, device=logits.device, floating=True)
+        if sample_weight.shape[0] != logits.shape[0]:
+            fail(opname, f"sample_weight must have shape ({logits.shape[0]},), got {tuple(sample_weight.shape)}")
+    if reduction not in REDUCTIONS:
+        fail(opname, f"reduction must be one of {list(REDUCTIONS)}, got {reduction!r}")
+
+
+def cross_entropy(logits, target, sample_weight=None, ignore_index=-100, reduction="mean", scale=1.0):
+    """scale * CE(logits, target) with F.cross_entropy semantics; see the module docstring."""
+    _check("cross_entropy", logits, target, sample_weight, reduction)
+    if use_reference():
+        return cross_entropy_reference(logits, target, sample_weight, ignore_index, reduction, scale)
+    compute_grad = logits.requires_grad and torch.is_grad_enabled()
+    loss, _ = op("cross_entropy")(logits, target.detach(), None if sample_weight is None else sample_weight.detach(),
+                                  int(ignore_index), REDUCTIONS[reduction], float(scale), compute_grad)
+    return loss
+
+
+def joint_cross_entropy(target_logits, target_labels, source_logits=None, source_labels=None, source_weight=1.0,
+                        target_weight=1.0, target_sample_weight=None, source_sample_weight=None, ignore_index=-100,
+                        reduction="mean"):
+    """target_weight * CE(target_logits, target_labels) + source_weight * CE(source_logits, source_labels).
+
+    Each head is one fused row pass (its weight folded into the gradient, no extra pass). With
+    reduction="none" returns the weighted per-row losses: a tensor for the target head alone, or the
+    tuple (target_rows, source_rows) when a source head is given (the heads have different batch sizes).
+    A source_weight of 0 skips the source head entirely (soft fine-tuning at the end of its schedule).
+    """
+    op_name = "joint_cross_entropy"
+    _check(op_name, target_logits, target_labels, target_sample_weight, reduction, "target_logits", "target_labels")
+    if (source_logits is None) != (source_labels is None):
+        fail(op_name, "source_logits and source_labels must be given together")
+    lt = cross_entropy(target_logits, target_labels, target_sample_weight, ignore_index, reduction, target_weight)
+    if source_logits is None:
+        return lt
+    _check(op_name, source_logits, source_labels, source_sample_weight, reduction, "source_logits", "source_labels")
+    if isinstance(source_weight, (int, float)) and source_weight == 0 and reduction != "none":
+        return lt + 0.0 * source_logits.sum()  # keeps the source head in the graph (DDP) at no real cost
+    ls = cross_entropy(source_logits, source_labels, source_sample_weight, ignore_index, reduction, source_weight)
+    return (lt, ls) if reduction == "none" else lt + ls

@@ -1,0 +1,137 @@
+"""L2-SP penalty: alpha/2 * sum ||p - p0||^2 over pre-trained tensors + beta/2 * sum ||q||^2 over new ones.
+
+One multi-tensor pass (C++ on the CPU, CUDA multi-tensor kernel on GPUs when built), deterministic,
+any mix of float dtypes. `l2sp_penalty` is differentiable (its backward adds alpha*(p - p0) and beta*q);
+`l2sp_value_and_grad` returns value and gradients from a single read of p and p0.
+"""
+import torch
+
+from tlkernels._extension import use_reference
+from tlkernels.ops._registry import ensure_op, op, register_gpu_fallback
+from tlkernels.ops._utils import fail
+
+SCHEMAS = {
+    "l2sp_penalty": "l2sp_penalty(Tensor[] params, Tensor[] refs, float alpha, Tensor[] new_params, float beta) -> Tensor",
+    "l2sp_penalty_backward": ("l2sp_penalty_backward(Tensor grad, Tensor[] params, Tensor[] refs, float alpha, "
+                              "Tensor[] new_params, float beta) -> (Tensor[], Tensor[])"),
+    "l2sp_value_and_grad": ("l2sp_value_and_grad(Tensor[] params, Tensor[] refs, float alpha, Tensor[] new_params, "
+                            "float beta) -> (Tensor, Tensor[], Tensor[])"),
+}
+
+
+def _out_dtype(params, new_params):
+    return torch.float64 if any(t.dtype == torch.float64 for t in (*params, *new_params)) else torch.float32
+
+
+def l2sp_penalty_reference(params, refs, alpha, new_params=(), beta=0.0):
+    """Plain PyTorch, accumulated in float64 (the oracle; differentiable)."""
+    dev = (list(params) + list(new_params) + [torch.empty(0)])[0].device
+    total = torch.zeros((), dtype=torch.float64, device=dev)
+    for p, r in zip(params, refs):
+        total = total + 0.5 * alpha * (p.double() - r.double()).pow(2).sum()
+    for q in new_params:
+        total = total + 0.5 * beta * q.double().pow(2).sum()
+    return total.to(_out_dtype(params, new_params))
+
+
+def _ref_penalty(params, refs, alpha, new_params, beta):
+    with torch.no_grad():
+        return l2sp_penalty_reference(params, refs, alpha, new_params, beta)
+
+
+def _ref_backward(grad, params, refs, alpha, new_params, beta):
+    gp = [(grad * alpha * (p.double() - r.double())).to(p.dtype) for p, r in zip(params, refs)]
+    gn = [(grad * beta * q.double()).to(q.dtype) for q in new_params]
+    return gp, gn
+
+
+def _ref_value_and_grad(params, refs, alpha, new_params, beta):
+    v = _ref_penalty(params, refs, alpha, new_params, beta)
+    gp, gn = _ref_backward(torch.ones((), dtype=torch.float64), params, refs, alpha, new_params, beta)
+    return v, gp, gn
+
+
+for _name, _impl in (("l2sp_penalty", _ref_penalty), ("l2sp_penalty_backward", _ref_backward),
+                     ("l2sp_value_and_grad", _ref_value_and_grad)):
+    ensure_op(_name, SCHEMAS[_name], _impl)
+    register_gpu_fallback(_name, _impl)
+
+
+@torch.library.register_fake("tlkernels::l2sp_penalty")
+def _fake_penalty(params, refs, alpha, new_params, beta):
+    dev = (list(params) + list(new_params))[0].device if (params or new_params) else torch.device("cpu")
+    return torch.empty((), dtype=_out_dtype(params, new_params), device=dev)
+
+
+@torch.library.register_fake("tlkernels::l2sp_penalty_backward")
+def _fake_backward(grad, params, refs, alpha, new_params, beta):
+    return [torch.empty_like(p) for p in params], [torch.empty_like(q) for q in new_params]
+
+
+@torch.library.register_fake("tlkernels::l2sp_value_and_grad")
+def _fake_value_and_grad(params, refs, alpha, new_params, beta):
+    return (_fake_penalty(params, refs, alpha, new_params, beta), [torch.empty_like(p) for p in params],
+            [torch.empty_like(q) for q in new_params])
+
+
+def _setup_context(ctx, inputs, output):
+    params, refs, alpha, new_params, beta = inputs
+    ctx.n = (len(params), len(new_params))
+    ctx.coeff = (alpha, beta)
+    ctx.save_for_backward(*params, *refs, *new_params)
+
+
+def _backward(ctx, grad):
+    n, m = ctx.n
+    saved = ctx.saved_tensors
+    params, refs, new_params = saved[:n], saved[n:2 * n], saved[2 * n:]
+    gp, gn = op("l2sp_penalty_backward")(grad, list(params), list(refs), ctx.coeff[0], list(new_params), ctx.coeff[1])
+    return list(gp), [None] * n, None, list(gn), None
+
+
+torch.library.register_autograd("tlkernels::l2sp_penalty", _backward, setup_context=_setup_context)
+
+
+def check_l2sp_args(opname, params, refs, new_params):
+    for name, lst in (("params", params), ("refs", refs), ("new_params", new_params)):
+        if not isinstance(lst, (list, tuple)) or not all(isinstance(t, torch.Tensor) for t in lst):
+            fail(opname, f"{name} must be a list or tuple of tensors, got {type(lst).__name__}", TypeError)
+    if len(refs) != len(params):
+        fail(opname, f"refs must have one tensor per param ({len(params)}), got {len(refs)}")
+    for i, (p, r) in enumerate(zip(params, refs)):
+        if r.shape != p.shape:
+            fail(opname, f"refs[{i}] must have the shape of params[{i}] {tuple(p.shape)}, got {tuple(r.shape)}")
+        if r.dtype != p.dtype:
+            fail(opname, f"refs[{i}] must have the dtype of params[{i}] ({p.dtype}), got {r.dtype}", TypeError)
+        if r.device != p.device:
+            fail(opname, f"refs[{i}] must be on the device of params[{i}] ({p.device}), got {r.device}")
+    for name, lst in (("params", params), ("new_params", new_params)):
+        for i, t in enumerate(lst):
+            if not t.is_floating_point():
+                fail(opname, f"{name}[{i}] must be floating point, got {t.dtype}", TypeError)
+    if not params and not new_params:
+        fail(opname, "needs at least one tensor in params or new_params")
+
+
+def l2sp_penalty(params, refs, alpha=0.1, new_params=(), beta=0.0):
+    """alpha/2 * sum ||p - p0||^2 + beta/2 * sum ||q||^2 as a scalar tensor (float32, float64 if any input is).
+
+    Differentiable: backward adds alpha*(p - p0) to each p's gradient and beta*q to each q's. refs are
+    constants (no gradient).
+    """
+    check_l2sp_args("l2sp_penalty", params, refs, new_params)
+    params, refs, new_params = list(params), list(refs), list(new_params)
+    if use_reference():
+        return l2sp_penalty_reference(params, [r.detach() for r in refs], alpha, new_params, beta)
+    return op("l2sp_penalty")(params, [r.detach() for r in refs], float(alpha), new_params, float(beta))
+
+
+def l2sp_value_and_grad(params, refs, alpha=0.1, new_params=(), beta=0.0):
+    """(value, grads of params, grads of new_params) from one pass; no autograd graph."""
+    check_l2sp_args("l2sp_value_and_grad", params, refs, new_params)
+    params, refs, new_params = list(params), list(refs), list(new_params)
+    detached = ([p.detach() for p in params], [r.detach() for r in refs], [q.detach() for q in new_params])
+    if use_reference():
+        return _ref_value_and_grad(detached[0], detached[1], alpha, detached[2], beta)
+    v, gp, gn = op("l2sp_value_and_grad")(detached[0], detached[1], float(alpha), detached[2], float(beta))
+    return v, list(gp), list(gn)

@@ -1,0 +1,60 @@
+"""Registration of the fused optimizer-step ops (sgd_l2sp_step_, adamw_l2sp_step_): references, fakes.
+
+The steps are mutating multi-tensor ops used by tlkernels.optim; they carry no autograd.
+"""
+import math
+
+import torch
+
+from tlkernels.ops._registry import ensure_op, register_gpu_fallback
+
+SCHEMAS = {
+    "sgd_l2sp_step_": ("sgd_l2sp_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
+                       "Tensor?[] refs, float[] coeffs, float lr, float momentum, float dampening, float weight_decay, "
+                       "bool nesterov, bool maximize, bool first_step) -> ()"),
+    "adamw_l2sp_step_": ("adamw_l2sp_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+                         "Tensor(c!)[] exp_avg_sqs, Tensor?[] refs, float[] coeffs, float lr, float beta1, float beta2, "
+                         "float eps, float weight_decay, int step, bool maximize) -> ()"),
+}
+
+
+def _penalty_grad(p, ref, coeff):
+    return coeff * (p if ref is None else p - ref)
+
+
+@torch.no_grad()
+def sgd_l2sp_step_reference(params, grads, momentum_buffers, refs, coeffs, lr, momentum, dampening, weight_decay,
+                            nesterov, maximize, first_step):
+    for i, p in enumerate(params):
+        g = -grads[i] if maximize else grads[i]
+        g = g + _penalty_grad(p, refs[i], coeffs[i])
+        if weight_decay:
+            g = g + weight_decay * p
+        if momentum:
+            buf = momentum_buffers[i]
+            if first_step:
+                buf.copy_(g)
+            else:
+                buf.mul_(momentum).add_(g, alpha=1 - dampening)
+            g = g + momentum * buf if nesterov else buf
+        p.add_(g, alpha=-lr)
+
+
+@torch.no_grad()
+def adamw_l2sp_step_reference(params, grads, exp_avgs, exp_avg_sqs, refs, coeffs, lr, beta1, beta2, eps, weight_decay,
+                              step, maximize):
+    bc1 = 1 - beta1 ** step
+    bc2s = math.sqrt(1 - beta2 ** step)
+    for i, p in enumerate(params):
+        g = -grads[i] if maximize else grads[i]
+        g = g + _penalty_grad(p, refs[i], coeffs[i])
+        p.mul_(1 - lr * weight_decay)
+        exp_avgs[i].mul_(beta1).add_(g, alpha=1 - beta1)
+        exp_avg_sqs[i].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        p.addcdiv_(exp_avgs[i], exp_avg_sqs[i].sqrt() / bc2s + eps, value=-lr / bc1)
+
+
+for _name, _impl in (("sgd_l2sp_step_", sgd_l2sp_step_reference), ("adamw_l2sp_step_", adamw_l2sp_step_reference)):
+    ensure_op(_name, SCHEMAS[_name], _impl)
+    register_gpu_fallback(_name, _impl)
+    torch.library.register_fake(f"tlkernels::{_name}")(lambda *args, **kwargs: None)

@@ -1,0 +1,119 @@
+"""SGD and AdamW with the L2-SP gradient folded into the step.
+
+`tlkernels.optim.SGD(model.parameters(), lr=..., momentum=0.9, l2sp=L2SP(model, ...))` follows the
+trajectory of torch.optim.SGD on `loss + l2sp()` (within float tolerance) while the penalty's gradient,
+alpha*(p - p0) (beta*p for the head), is added inside the one multi-tensor step kernel that reads p, g,
+p0 and the state once. Do not add the penalty to the loss as well: it would count twice. For logging,
+`l2sp.value()` gives the penalty without a graph.
+"""
+import torch
+
+from tlkernels._extension import use_reference
+from tlkernels.ops import optim_step as _steps
+from tlkernels.ops._registry import op
+
+
+def _plan(optimizer, group):
+    """Params with gradients in `group`, with their L2-SP reference (or None) and coefficient."""
+    params, grads, refs, coeffs = [], [], [], []
+    l2sp = optimizer.l2sp
+    for p in group["params"]:
+        if p.grad is None:
+            continue
+        if p.grad.is_sparse:
+            raise RuntimeError(f"{type(optimizer).__name__}: sparse gradients are not supported")
+        params.append(p)
+        grads.append(p.grad)
+        ref, coeff = l2sp.coefficient(p) if l2sp is not None else (None, 0.0)
+        refs.append(ref)
+        coeffs.append(float(coeff))
+    return params, grads, refs, coeffs
+
+
+class SGD(torch.optim.Optimizer):
+    """torch.optim.SGD (momentum, dampening, weight_decay, nesterov, maximize) plus an optional fused L2-SP term."""
+
+    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *,
+                 maximize=False, l2sp=None):
+        if lr < 0:
+            raise ValueError(f"SGD: lr must be >= 0, got {lr}")
+        if momentum < 0:
+            raise ValueError(f"SGD: momentum must be >= 0, got {momentum}")
+        if weight_decay < 0:
+            raise ValueError(f"SGD: weight_decay must be >= 0, got {weight_decay}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("SGD: nesterov momentum requires momentum > 0 and dampening = 0")
+        super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                                      nesterov=nesterov, maximize=maximize))
+        self.l2sp = l2sp
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        impl = _steps.sgd_l2sp_step_reference if use_reference() else op("sgd_l2sp_step_")
+        for group in self.param_groups:
+            params, grads, refs, coeffs = _plan(self, group)
+            if not params:
+                continue
+            momentum = group["momentum"]
+            hyper = (group["lr"], momentum, group["dampening"], group["weight_decay"], group["nesterov"],
+                     group["maximize"])
+            if momentum == 0:
+                impl(params, grads, [], refs, coeffs, *hyper, False)
+                continue
+            # First-step params (buffer := gradient) and the others go in separate calls.
+            fresh = [i for i, p in enumerate(params) if "momentum_buffer" not in self.state[p]]
+            for i in fresh:
+                self.state[params[i]]["momentum_buffer"] = torch.empty_like(params[i])
+            old = [i for i in range(len(params)) if i not in set(fresh)]
+            for first, idx in ((True, fresh), (False, old)):
+                if idx:
+                    impl([params[i] for i in idx], [grads[i] for i in idx],
+                         [self.state[params[i]]["momentum_buffer"] for i in idx], [refs[i] for i in idx],
+                         [coeffs[i] for i in idx], *hyper, first)
+        return loss
+
+
+class AdamW(torch.optim.Optimizer):
+    """torch.optim.AdamW (no amsgrad) plus an optional fused L2-SP term added to the gradient before the moments."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, *, maximize=False,
+                 l2sp=None):
+        if lr < 0:
+            raise ValueError(f"AdamW: lr must be >= 0, got {lr}")
+        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+            raise ValueError(f"AdamW: betas must be in [0, 1), got {betas}")
+        if eps < 0:
+            raise ValueError(f"AdamW: eps must be >= 0, got {eps}")
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize))
+        self.l2sp = l2sp
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        impl = _steps.adamw_l2sp_step_reference if use_reference() else op("adamw_l2sp_step_")
+        for group in self.param_groups:
+            params, grads, refs, coeffs = _plan(self, group)
+            by_step = {}
+            for i, p in enumerate(params):
+                st = self.state[p]
+                if not st:
+                    st["step"] = 0
+                    st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["step"] += 1
+                by_step.setdefault(st["step"], []).append(i)
+            b1, b2 = group["betas"]
+            for step, idx in by_step.items():
+                impl([params[i] for i in idx], [grads[i] for i in idx],
+                     [self.state[params[i]]["exp_avg"] for i in idx],
+                     [self.state[params[i]]["exp_avg_sq"] for i in idx], [refs[i] for i in idx],
+                     [coeffs[i] for i in idx], group["lr"], b1, b2, group["eps"], group["weight_decay"], int(step),
+                     group["maximize"])
+        return loss
