@@ -1,0 +1,138 @@
+"""L2-SP penalty, fused optimizer step and joint cross-entropy on the CPU.
+
+Run: python -m pytest benchmarks/test_bench_losses.py --benchmark-json=.benchmarks/losses.json
+     python benchmarks/report.py .benchmarks/losses.json
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+import tlkernels
+from conftest import run
+from peakmem import peak_extra_mb
+
+
+def resnet50_params():
+    torch.manual_seed(0)
+    m = torchvision.models.resnet50()
+    params = [p.detach().clone().requires_grad_() for p in m.parameters()]
+    refs = [p.detach() + 0.01 * torch.randn_like(p) for p in params]
+    return params, refs
+
+
+@pytest.fixture(scope="module")
+def r50():
+    return resnet50_params()
+
+
+# ----------------------------------------------------------------------------- L2-SP value + gradient
+@pytest.mark.parametrize("provider", ["naive", "foreach", "tlkernels", "tlkernels_autograd", "triad"])
+def test_l2sp_value_and_grad(benchmark, r50, provider):
+    params, refs = r50
+    n = sum(p.numel() for p in params)
+    benchmark.group = f"l2sp value+grad resnet50 ({n / 1e6:.1f}M in {len(params)} tensors)"
+    benchmark.extra_info["provider"] = provider
+    alpha = 0.1
+    if provider == "naive":  # the Transfer-Learning-Library way: a Python loop and autograd
+        def fn():
+            for p in params:
+                p.grad = None
+            loss = 0.0
+            for p, r in zip(params, refs):
+                loss = loss + 0.5 * alpha * (p - r).pow(2).sum()
+            loss.backward()
+            return loss
+    elif provider == "foreach":
+        def fn():
+            with torch.no_grad():
+                d = torch._foreach_sub([p.detach() for p in params], refs)
+                value = 0.5 * alpha * torch.stack(torch._foreach_norm(d)).pow(2).sum()
+                torch._foreach_mul_(d, alpha)
+                return value, d
+    elif provider == "tlkernels":
+        def fn():
+            return tlkernels.ops.l2sp_value_and_grad(params, refs, alpha)
+    elif provider == "tlkernels_autograd":
+        def fn():
+            for p in params:
+                p.grad = None
+            loss = tlkernels.ops.l2sp_penalty(params, refs, alpha)
+            loss.backward()
+            return loss
+    else:  # memory-bandwidth yardstick: c = a + s*b over the same sizes (3 streams, as the fused pass)
+        outs = [torch.empty_like(p) for p in params]
+
+        def fn():
+            with torch.no_grad():
+                for p, r, o in zip(params, refs, outs):
+                    torch.add(p, r, alpha=alpha, out=o)
+    result = run(benchmark, fn, rounds=5)
+    # bytes moved by one read of p, one of p0 and one write: the same for the fused pass and the triad
+    benchmark.extra_info["GB/s (3 streams)"] = round(3 * 4 * n / benchmark.stats.stats.median / 1e9, 2)
+    return result
+
+
+# ----------------------------------------------------------------------------- optimizer step
+@pytest.mark.parametrize("provider", ["naive", "tlkernels"])
+def test_sgd_l2sp_step(benchmark, provider):
+    torch.manual_seed(0)
+    m = torchvision.models.resnet50()
+    for p in m.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    l2 = tlkernels.nn.L2SP(m, head="fc", scope="kernels")
+    benchmark.group = "sgd momentum + l2sp step resnet50"
+    benchmark.extra_info["provider"] = provider
+    if provider == "naive":  # torch.optim.SGD(foreach) with the penalty's gradient from a separate backward
+        opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, foreach=True)
+
+        def fn():
+            l2().backward()  # adds alpha*(p - p0) into p.grad
+            opt.step()
+    else:
+        opt = tlkernels.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, l2sp=l2)
+
+        def fn():
+            opt.step()
+    run(benchmark, fn, rounds=5)
+
+
+# ----------------------------------------------------------------------------- joint cross-entropy
+N, CT, CS = 256, 100, 1000
+
+_SETUP = f"""
+import torch, torch.nn.functional as F, tlkernels
+torch.manual_seed(0)
+def naive(xt, yt, xs, ys):
+    return 0.5 * F.cross_entropy(xt, yt) + 0.5 * F.cross_entropy(xs, ys)
+def ours(xt, yt, xs, ys):
+    return tlkernels.ops.joint_cross_entropy(xt, yt, xs, ys, source_weight=0.5, target_weight=0.5)
+for s in (2, {N}):
+    xt = torch.randn(s, {CT}, requires_grad=True); yt = torch.randint(0, {CT}, (s,))
+    xs = torch.randn(s, {CS}, requires_grad=True); ys = torch.randint(0, {CS}, (s,))
+    if s == 2:
+        PROVIDER(xt, yt, xs, ys).backward()
+"""
+
+
+@pytest.mark.parametrize("provider", ["naive", "tlkernels"])
+def test_joint_cross_entropy(benchmark, provider):
+    torch.manual_seed(0)
+    xt = torch.randn(N, CT, requires_grad=True)
+    yt = torch.randint(0, CT, (N,))
+    xs = torch.randn(N, CS, requires_grad=True)
+    ys = torch.randint(0, CS, (N,))
+    benchmark.group = f"joint cross-entropy fwd+bwd N={N} target {CT} source {CS} classes"
+    benchmark.extra_info["provider"] = provider
+    if provider == "naive":
+        def fn():
+            loss = 0.5 * F.cross_entropy(xt, yt) + 0.5 * F.cross_entropy(xs, ys)
+            return torch.autograd.grad(loss, [xt, xs])
+    else:
+        def fn():
+            loss = tlkernels.ops.joint_cross_entropy(xt, yt, xs, ys, source_weight=0.5, target_weight=0.5)
+            return torch.autograd.grad(loss, [xt, xs])
+    run(benchmark, fn, rounds=20)
+    fname = "naive" if provider == "naive" else "ours"
+    benchmark.extra_info["peak extra MB"] = round(peak_extra_mb(
+        _SETUP.replace("PROVIDER", fname), f"torch.autograd.grad({fname}(xt, yt, xs, ys), [xt, xs])"), 2)

@@ -1,0 +1,108 @@
+#pragma once
+// AVX2 + FMA fast paths for float32 rows, chosen at run time (scalar fallback elsewhere). The extension is
+// built without -mavx2 so it loads on any x86-64; only these functions carry the target attribute.
+// exp comes from Sleef, which libtorch_cpu ships and exports (it is what ATen's own kernels use).
+#include <cstdint>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define TLK_HAVE_AVX2_PATH 1
+#include <immintrin.h>
+extern "C" __m256 Sleef_expf8_u10avx2(__m256);
+
+namespace tlkernels {
+namespace avx2 {
+
+inline bool available() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+
+__attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+__attribute__((target("avx2,fma"))) inline float hmax(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// sum (p - r)^2 over [0, n) (r may be null: r = 0); writes g = c * (p - r) when g is not null.
+// Four independent accumulators; the sum is a fixed-order function of the data: deterministic.
+__attribute__((target("avx2,fma"))) inline double l2sp_chunk(const float* p, const float* r, float* g, float c,
+                                                             int64_t n) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  const __m256 vc = _mm256_set1_ps(c);
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    __m256 d[4];
+    for (int k = 0; k < 4; ++k) {
+      __m256 pv = _mm256_loadu_ps(p + i + 8 * k);
+      d[k] = r ? _mm256_sub_ps(pv, _mm256_loadu_ps(r + i + 8 * k)) : pv;
+      if (g) _mm256_storeu_ps(g + i + 8 * k, _mm256_mul_ps(d[k], vc));
+    }
+    a0 = _mm256_fmadd_ps(d[0], d[0], a0);
+    a1 = _mm256_fmadd_ps(d[1], d[1], a1);
+    a2 = _mm256_fmadd_ps(d[2], d[2], a2);
+    a3 = _mm256_fmadd_ps(d[3], d[3], a3);
+  }
+  double s = (double)hsum(a0) + (double)hsum(a1) + (double)hsum(a2) + (double)hsum(a3);
+  for (; i < n; ++i) {
+    const float d = r ? p[i] - r[i] : p[i];
+    if (g) g[i] = c * d;
+    s += (double)d * d;
+  }
+  return s;
+}
+
+// Row max of x[0, n).
+__attribute__((target("avx2,fma"))) inline float row_max(const float* x, int64_t n) {
+  __m256 m = _mm256_set1_ps(-INFINITY);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(x + i));
+  float r = hmax(m);
+  for (; i < n; ++i) r = x[i] > r ? x[i] : r;
+  return r;
+}
+
+// e[c] = exp(x[c] - m) (e may be null) and returns sum_c e[c].
+__attribute__((target("avx2,fma"))) inline float row_exp_sum(const float* x, float m, float* e, int64_t n) {
+  const __m256 vm = _mm256_set1_ps(m);
+  __m256 s = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m256 v = Sleef_expf8_u10avx2(_mm256_sub_ps(_mm256_loadu_ps(x + i), vm));
+    if (e) _mm256_storeu_ps(e + i, v);
+    s = _mm256_add_ps(s, v);
+  }
+  float r = hsum(s);
+  for (; i < n; ++i) {
+    const float v = std::exp(x[i] - m);
+    if (e) e[i] = v;
+    r += v;
+  }
+  return r;
+}
+
+// g[c] = coef * (g[c] * k - q[c]) in place (q null: one-hot at `label`): turns the stored exp into the
+// cross-entropy gradient, k = sum(q) / sum(exp).
+__attribute__((target("avx2,fma"))) inline void row_grad(float* g, const float* q, int64_t label, float coef,
+                                                         float k, int64_t n) {
+  const __m256 vk = _mm256_set1_ps(coef * k), vc = _mm256_set1_ps(coef);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m256 v = _mm256_mul_ps(_mm256_loadu_ps(g + i), vk);
+    if (q) v = _mm256_fnmadd_ps(vc, _mm256_loadu_ps(q + i), v);
+    _mm256_storeu_ps(g + i, v);
+  }
+  for (; i < n; ++i) g[i] = g[i] * coef * k - (q ? coef * q[i] : 0.f);
+  if (!q && label >= 0 && label < n) g[label] -= coef;
+}
+
+}  // namespace avx2
+}  // namespace tlkernels
+#endif
