@@ -3,5 +3,6 @@ from tlkernels._extension import HAS_C, extension_status  # noqa: F401  (loads t
 from tlkernels import ops  # noqa: F401
 from tlkernels import nn  # noqa: F401
 from tlkernels import optim  # noqa: F401
+from tlkernels import methods  # noqa: F401
 
 __version__ = "0.1.0"

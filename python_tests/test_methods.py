@@ -1,0 +1,270 @@
+import copy
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+from tlkernels.methods import AdaFilter, SpotTune
+from tlkernels.methods.adafilter import AdaFilterConv
+from tlkernels.methods.spottune import SpotTuneBlock
+
+
+def _resnet(arch="resnet18", classes=5):
+    torch.manual_seed(0)
+    m = getattr(torchvision.models, arch)(num_classes=classes)
+    with torch.no_grad():  # non-trivial BN statistics, as a pre-trained net has
+        for mod in m.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.running_mean.uniform_(-0.1, 0.1)
+                mod.running_var.uniform_(0.5, 1.5)
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.uniform_(-0.1, 0.1)
+    return m.double()
+
+
+def _perturb_finetuned(model):
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad and "policy" not in n and "controller" not in n:
+                p.add_(0.05 * torch.randn_like(p))
+
+
+# ----------------------------------------------------------------------------- SpotTune
+def _spottune_reference(m, x, gates):
+    """Both copies of every block computed and blended, by hand (what the official code does)."""
+    blocks = {id(b): i for i, b in enumerate(m.blocks)}
+    originals = {}
+
+    def blended(block):
+        def fwd(inp):
+            g = gates[:, blocks[id(block)]].view(-1, 1, 1, 1)
+            return (1 - g) * block.frozen(inp) + g * block.finetuned(inp)
+        return fwd
+
+    for b in m.blocks:
+        originals[b] = b.forward
+        b.forward = blended(b)
+    try:
+        return m.backbone(x)
+    finally:
+        for b, f in originals.items():
+            b.forward = f
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_spottune_matches_reference_train_and_eval(arch):
+    m = SpotTune(_resnet(arch)).double()
+    assert len(m.blocks) == (8 if arch == "resnet18" else 16)
+    _perturb_finetuned(m)
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    m.eval()
+    with torch.no_grad():
+        routed = m(x)  # routed: each image through one copy
+        gates = m.last_gates
+        ref = _spottune_reference(m, x, gates)
+    torch.testing.assert_close(routed, ref)
+    # forced mixed gates: routing must still agree with blending
+    fixed = (torch.arange(4 * len(m.blocks)).view(4, -1) % 3 == 0).double()
+    m.policy.forward = lambda inp: torch.stack([1 - fixed, fixed], -1) * 10
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), _spottune_reference(m, x, fixed))
+    # train mode: straight-through Gumbel gates; same outputs and gradients as the reference
+    m.train()
+    torch.manual_seed(3)
+    out = m(x)
+    g = m.last_gates
+    params = [p for p in m.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(out.square().sum(), params, allow_unused=True)
+    ref = _spottune_reference(m, x, g)
+    ref_grads = torch.autograd.grad(ref.square().sum(), params, allow_unused=True)
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(grads, ref_grads):
+        if a is not None and b is not None:
+            torch.testing.assert_close(a, b)
+
+
+def test_spottune_policy_gets_gradients_and_frozen_weights_do_not_move():
+    m = SpotTune(_resnet()).double()
+    frozen_before = {n: p.clone() for n, p in m.named_parameters() if ".frozen." in n and "downsample" not in n}
+    bn_stats_before = {n: b.clone() for n, b in m.named_buffers() if ".frozen." in n and "running" in n
+                       and "downsample" not in n}
+    assert frozen_before and all(not p.requires_grad for n, p in m.named_parameters() if n in frozen_before)
+    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+    x, y = torch.randn(4, 3, 32, 32, dtype=torch.float64), torch.randint(0, 5, (4,))
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(m(x), y).backward()
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.policy.parameters())
+        opt.step()
+    for n, p in m.named_parameters():
+        if n in frozen_before:
+            assert torch.equal(p, frozen_before[n]), n
+    for n, b in m.named_buffers():
+        if n in bn_stats_before:
+            assert torch.equal(b, bn_stats_before[n]), n
+    # the copies do not share storage
+    b0 = m.blocks[0]
+    assert b0.frozen.conv1.weight.data_ptr() != b0.finetuned.conv1.weight.data_ptr()
+    usage = m.gate_usage(reset=True)
+    assert usage.shape == (8,) and ((0 <= usage) & (usage <= 1)).all()
+
+
+def test_spottune_state_dict_round_trip():
+    m = SpotTune(_resnet()).double().eval()
+    _perturb_finetuned(m)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    sd = m.state_dict()
+    m2 = SpotTune(_resnet()).double().eval()
+    m2.load_state_dict(sd)
+    with torch.no_grad():
+        torch.testing.assert_close(m2(x), m(x))
+
+
+def test_spottune_bad_inputs():
+    with pytest.raises(ValueError, match="SpotTune: found no residual blocks in Sequential"):
+        SpotTune(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()))
+    m = SpotTune(_resnet())
+    with pytest.raises(ValueError, match=r"SpotTune: input must be 4-D \(N, C, H, W\), got shape \(3, 32, 32\)"):
+        m(torch.randn(3, 32, 32, dtype=torch.float64))
+
+
+# ----------------------------------------------------------------------------- AdaFilter
+def _adafilter_reference(m, x):
+    """Two convolutions, two BNs and a blend per layer, by hand; the same controller for the gates."""
+    layers = [l for _, l in m.layers]
+    saved = {}
+
+    def two_branch(layer):
+        def fwd(inp):
+            gate = layer._controller[0].gate(layer.index, inp)
+            c = layer.conv
+            y_pre = F.conv2d(inp, c.weight_pre, c.bias_pre, c.stride, c.padding, c.dilation, c.groups)
+            y_ft = F.conv2d(inp, c.weight, c.bias, c.stride, c.padding, c.dilation, c.groups)
+            if layer.bn_ft is not None:
+                y_pre, y_ft = layer.bn_pre(y_pre), layer.bn_ft(y_ft)
+            g = gate[:, :, None, None]
+            return (1 - g) * y_pre + g * y_ft
+        return fwd
+
+    for l in layers:
+        saved[l] = l.forward
+        l.forward = two_branch(l)
+    try:
+        m.controller.state = None
+        return m.backbone(x)
+    finally:
+        for l, f in saved.items():
+            l.forward = f
+
+
+def _mixed_gates(m):
+    with torch.no_grad():  # heads that give a mix of open and closed gates
+        for h in m.controller.heads:
+            h.weight.normal_(0, 1.0)
+            h.bias.normal_(0, 0.5)
+
+
+def test_adafilter_matches_two_branch_reference_train_and_eval():
+    base = _resnet()
+    m = AdaFilter(base, hidden_size=16).double()
+    assert len(m.layers) == 19 and isinstance(m.backbone.layer1[0].bn1, nn.Identity)
+    _perturb_finetuned(m)
+    _mixed_gates(m)
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    m.train()
+    state = copy.deepcopy(m.state_dict())
+    out = m(x)
+    params = [p for p in m.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(out.square().sum(), params)
+    m.load_state_dict(state)  # BN running statistics moved: restore before the reference pass
+    ref = _adafilter_reference(m, x)
+    ref_grads = torch.autograd.grad(ref.square().sum(), params)
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b)
+    usage = m.gate_usage()
+    assert 0 < sum(usage.values()) / len(usage) < 1
+    m.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), _adafilter_reference(m, x))  # folded BN + gated conv == two branches
+
+
+def test_adafilter_lstm_gets_gradients_and_frozen_filters_do_not_move():
+    m = AdaFilter(_resnet(), hidden_size=16).double()
+    _mixed_gates(m)
+    _perturb_finetuned(m)  # identical branches would give the gates an exactly zero gradient
+    before = {n: b.clone() for n, b in m.named_buffers() if n.endswith("weight_pre")}
+    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.05)
+    x, y = torch.randn(4, 3, 32, 32, dtype=torch.float64), torch.randint(0, 5, (4,))
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(m(x), y).backward()
+        assert m.controller.lstm.weight_ih.grad.abs().sum() > 0
+        assert any(p.grad.abs().sum() > 0 for p in m.controller.proj.parameters())
+        opt.step()
+    for n, b in m.named_buffers():
+        if n in before:
+            assert torch.equal(b, before[n]), n
+
+
+def test_adafilter_state_dict_and_bad_inputs():
+    m = AdaFilter(_resnet(), hidden_size=8).double().eval()
+    _mixed_gates(m)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    m2 = AdaFilter(_resnet(), hidden_size=8).double().eval()
+    m2.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(m2(x), m(x))
+    with pytest.raises(ValueError, match="AdaFilter: found no nn.Conv2d to gate in Sequential"):
+        AdaFilter(nn.Sequential(nn.Linear(3, 3)))
+    with pytest.raises(ValueError, match="AdaFilter: input must be 4-D"):
+        m(torch.randn(3, 32, 32, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("method", ["spottune", "adafilter"])
+def test_methods_under_torch_compile(method):
+    torch.manual_seed(0)
+    base = torchvision.models.resnet18(num_classes=5)
+    m = SpotTune(base) if method == "spottune" else AdaFilter(base, hidden_size=8)
+    m.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        eager = m(x)
+        compiled = torch.compile(m)(x)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- DDP, 2 gloo processes
+def _ddp_worker(rank, world, init_file, method, result_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    base = torchvision.models.resnet18(num_classes=5)
+    m = SpotTune(base) if method == "spottune" else AdaFilter(base, hidden_size=8)
+    ddp = torch.nn.parallel.DistributedDataParallel(m)  # find_unused_parameters=False: every param must be used
+    opt = torch.optim.SGD([p for p in ddp.parameters() if p.requires_grad], lr=0.01)
+    torch.manual_seed(100 + rank)
+    for _ in range(2):
+        x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 5, (4,))
+        opt.zero_grad()
+        F.cross_entropy(ddp(x), y).backward()
+        opt.step()
+    flat = torch.cat([p.detach().flatten() for p in m.parameters()])
+    gathered = [torch.zeros_like(flat) for _ in range(world)]
+    dist.all_gather(gathered, flat)
+    if rank == 0:
+        torch.save((gathered[0] - gathered[1]).abs().max(), result_file)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("method", ["spottune", "adafilter"])
+def test_methods_under_ddp_two_gloo_processes(method):
+    with tempfile.TemporaryDirectory() as d:
+        init, result = os.path.join(d, "init"), os.path.join(d, "result.pt")
+        mp.spawn(_ddp_worker, args=(2, init, method, result), nprocs=2, join=True)
+        assert torch.load(result).item() == 0.0  # replicas stay identical

@@ -1,0 +1,141 @@
+"""AdaFilter (Guo, Li, Rosing et al., AAAI 2020): per image and output filter, a gate picks the fine-tuned or
+the frozen pre-trained filter; gates come from one LSTM shared by all layers, fed with the global average
+pool of each layer's input; each branch has its own BatchNorm ("gated batch norm"). No public code exists;
+our choices (README "Method choices"):
+- gates: G_l = binarize(sigmoid(W_l h_l)) with a straight-through estimator (forward hard 0/1, backward the
+  sigmoid's gradient); G = 1 selects the fine-tuned filter.
+- LSTM input: proj_l(GAP(x_l)), a per-layer linear projection of the layer input to the shared LSTM width;
+  the LSTM state runs across layers in execution order and restarts for each batch.
+- gated BN: both branch BNs are ordinary BatchNorm2d layers initialised from the pre-trained BN, trainable,
+  batch statistics in training; only the frozen branch's conv filters are fixed.
+- training computes both branches (one GEMM over the concatenated filters, one BatchNorm over both
+  halves); eval folds each branch's BN into its filters and bias, so a layer is one per-image blended
+  convolution (tlkernels.ops.gated_conv2d).
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tlkernels.methods._blocks import conv_bn_pairs
+from tlkernels.nn.gated_conv import GatedConv2d
+from tlkernels.ops.gated_conv2d import gated_conv2d
+
+
+class _Controller(nn.Module):
+    def __init__(self, hidden_size):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.lstm = nn.LSTMCell(hidden_size, hidden_size)
+        self.proj = nn.ModuleList()
+        self.heads = nn.ModuleList()
+        self.state = None
+
+    def add_layer(self, in_channels, out_channels):
+        self.proj.append(nn.Linear(in_channels, self.hidden_size))
+        head = nn.Linear(self.hidden_size, out_channels)
+        nn.init.zeros_(head.weight)
+        nn.init.constant_(head.bias, 1.0)  # start near "fine-tuned everywhere" (sigmoid(1) = 0.73), trainable
+        self.heads.append(head)
+        return len(self.heads) - 1
+
+    def gate(self, index, x):
+        z = self.proj[index](x.mean((2, 3)))
+        h, c = self.lstm(z, self.state)
+        self.state = (h, c)
+        soft = torch.sigmoid(self.heads[index](h))
+        hard = (soft > 0.5).to(soft.dtype)
+        return hard + soft - soft.detach() if self.training else hard
+
+
+class AdaFilterConv(nn.Module):
+    """conv + gated BN: G * BN_ft(conv(x, W_ft)) + (1 - G) * BN_pre(conv(x, W_pre))."""
+
+    def __init__(self, conv, bn, controller, index):
+        super().__init__()
+        self.conv = GatedConv2d.from_conv(conv)
+        self.bn_ft = bn
+        self.bn_pre = None
+        if bn is not None:
+            import copy
+            self.bn_pre = copy.deepcopy(bn)
+        self._controller = [controller]  # not a submodule: shared by every layer, owned by AdaFilter
+        self.index = index
+        self.last_gate = None
+
+    def _branch_outputs(self, x):
+        """Both branches in one GEMM over [W_pre; W_ft], then each branch's BN: (y_pre, y_ft)."""
+        c = self.conv
+        w = torch.cat([c.weight_pre, c.weight])
+        b = None if c.bias is None else torch.cat([c.bias_pre, c.bias])
+        if c.groups != 1:  # keep each group's filters together: fall back to two convs
+            y_pre = F.conv2d(x, c.weight_pre, c.bias_pre, c.stride, c.padding, c.dilation, c.groups)
+            y_ft = F.conv2d(x, c.weight, c.bias, c.stride, c.padding, c.dilation, c.groups)
+        else:
+            y_pre, y_ft = F.conv2d(x, w, b, c.stride, c.padding, c.dilation).chunk(2, dim=1)
+        if self.bn_ft is not None:
+            y_pre, y_ft = self.bn_pre(y_pre), self.bn_ft(y_ft)
+        return y_pre, y_ft
+
+    def _folded(self):
+        """Eval-mode BN folded into each branch's filters and bias."""
+        c = self.conv
+        if self.bn_ft is None:
+            return c.weight_pre, c.weight, c.bias_pre, c.bias
+        out = []
+        for w, b, bn in ((c.weight_pre, c.bias_pre, self.bn_pre), (c.weight, c.bias, self.bn_ft)):
+            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            bias = bn.bias - bn.running_mean * scale + (0 if b is None else b * scale)
+            out.append((w * scale.view(-1, 1, 1, 1), bias))
+        return out[0][0], out[1][0], out[0][1], out[1][1]
+
+    def forward(self, x):
+        gate = self._controller[0].gate(self.index, x)
+        self.last_gate = gate.detach()
+        if self.training:
+            y_pre, y_ft = self._branch_outputs(x)
+            g = gate[:, :, None, None].to(y_ft.dtype)
+            return (1 - g) * y_pre + g * y_ft
+        w_pre, w_ft, b_pre, b_ft = self._folded()
+        c = self.conv
+        return gated_conv2d(x, w_pre, w_ft, gate.to(x.dtype), b_pre, b_ft, c.stride, c.padding, c.dilation, c.groups)
+
+
+class AdaFilter(nn.Module):
+    """Wraps a backbone: every nn.Conv2d (but those named in `skip`) becomes an AdaFilterConv; the BN that
+    follows it becomes a gated BN pair. `skip` defaults to the stem ("conv1")."""
+
+    def __init__(self, backbone, hidden_size=64, skip=("conv1",)):
+        super().__init__()
+        if hidden_size <= 0:
+            raise ValueError(f"AdaFilter: hidden_size must be > 0, got {hidden_size}")
+        self.controller = _Controller(hidden_size)
+        names = {id(m): n for n, m in backbone.named_modules()}
+        self.layers = []
+        for parent, conv_name, bn_name in conv_bn_pairs(backbone):
+            conv = getattr(parent, conv_name)
+            full = f"{names[id(parent)]}.{conv_name}".lstrip(".")
+            if full in skip:
+                continue
+            bn = getattr(parent, bn_name) if bn_name else None
+            idx = self.controller.add_layer(conv.in_channels, conv.out_channels)
+            layer = AdaFilterConv(conv, bn, self.controller, idx)
+            setattr(parent, conv_name, layer)
+            if bn_name:
+                setattr(parent, bn_name, nn.Identity())
+            self.layers.append((full, layer))
+        if not self.layers:
+            raise ValueError(f"AdaFilter: found no nn.Conv2d to gate in {type(backbone).__name__} (skip={skip})")
+        self.backbone = backbone
+
+    def forward(self, x):
+        if x.dim() != 4:
+            raise ValueError(f"AdaFilter: input must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+        self.controller.state = None
+        try:
+            return self.backbone(x)
+        finally:
+            self.controller.state = None
+
+    def gate_usage(self):
+        """{layer name: fraction of (image, filter) gates that selected the fine-tuned filter} of the last batch."""
+        return {n: float(l.last_gate.float().mean()) for n, l in self.layers if l.last_gate is not None}

@@ -1,0 +1,152 @@
+"""SpotTune (Guo et al., CVPR 2019): per image and residual block, a policy network picks the fine-tuned
+copy of the block or the frozen pre-trained copy.
+
+Choices (see README "Method choices"):
+- the shortcut (downsample) of a block is shared by both copies and trainable, as in the official code;
+  the residual branch's convs and BNs are duplicated (separate storage).
+- frozen copy: conv weights never train; its BN layers run with their pre-trained running statistics and
+  frozen affine parameters unless train_frozen_bn=True (then they train, as in the official code).
+- training: both copies for every image, blended with the straight-through Gumbel-softmax gate
+  (forward hard one-hot, backward the soft sample's gradient), tau = 5.
+- eval: argmax gates (deterministic) by default, Gumbel sampling with sample_at_eval=True; hard gates are
+  routed: each image runs only its chosen copy of each block (about one backbone's work).
+"""
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tlkernels.methods._blocks import residual_blocks
+
+
+class PolicyNet(nn.Module):
+    """The official policy's shape: a small ResNet of three basic blocks (64/128/256 channels) on the input
+    image, then 2 logits per backbone block."""
+
+    def __init__(self, num_blocks, in_channels=3):
+        super().__init__()
+        from torchvision.models.resnet import BasicBlock
+
+        def block(cin, cout, stride):
+            ds = None if stride == 1 and cin == cout else nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            return BasicBlock(cin, cout, stride, ds)
+
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU(True))
+        self.layers = nn.Sequential(block(64, 64, 2), block(64, 128, 2), block(128, 256, 2))
+        self.fc = nn.Linear(256, 2 * num_blocks)
+        self.num_blocks = num_blocks
+
+    def forward(self, x):
+        h = self.layers(self.stem(x))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1)).view(x.shape[0], self.num_blocks, 2)
+
+
+class SpotTuneBlock(nn.Module):
+    """A residual block with a frozen and a fine-tuned copy; its gate (N,) is set by SpotTune.forward."""
+
+    def __init__(self, block, train_frozen_bn):
+        super().__init__()
+        self.finetuned = block
+        self.frozen = copy.deepcopy(block)  # deep copy: no shared storage
+        if getattr(block, "downsample", None) is not None:
+            self.frozen.downsample = block.downsample  # the shortcut is shared (official code)
+        for n, p in self.frozen.named_parameters():
+            if not n.startswith("downsample."):
+                is_bn = isinstance(self.frozen.get_submodule(n.rsplit(".", 1)[0]), nn.BatchNorm2d)
+                p.requires_grad_(bool(train_frozen_bn and is_bn))
+        self.train_frozen_bn = train_frozen_bn
+        self.gate = None  # (N,) in {0, 1} forward values, straight-through gradient in training
+        self.route = False
+
+    def train(self, mode=True):
+        super().train(mode)
+        if not self.train_frozen_bn:  # the frozen copy's own BNs keep their pre-trained running statistics
+            shared = set(self.frozen.downsample.modules()) if getattr(self.frozen, "downsample", None) is not None else set()
+            for m in self.frozen.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m not in shared:
+                    m.eval()
+        return self
+
+    def forward(self, x):
+        g = self.gate
+        if g is None:
+            raise RuntimeError("SpotTuneBlock: no gate set; call the SpotTune wrapper, not the backbone")
+        if self.route:  # hard gates, no gradient: each image runs one copy only
+            sel = g > 0.5
+            idx1, idx0 = sel.nonzero().squeeze(1), (~sel).nonzero().squeeze(1)
+            if idx1.numel() == x.shape[0]:
+                return self.finetuned(x)
+            if idx0.numel() == x.shape[0]:
+                return self.frozen(x)
+            y1 = self.finetuned(x.index_select(0, idx1))
+            y0 = self.frozen(x.index_select(0, idx0))
+            out = y1.new_empty((x.shape[0],) + y1.shape[1:])
+            out.index_copy_(0, idx1, y1)
+            out.index_copy_(0, idx0, y0)
+            return out
+        g4 = g.view(-1, 1, 1, 1).to(x.dtype)
+        return (1 - g4) * self.frozen(x) + g4 * self.finetuned(x)
+
+
+class SpotTune(nn.Module):
+    """Wraps a backbone (torchvision ResNet-18/34/50 or any model whose residual blocks it finds)."""
+
+    def __init__(self, backbone, policy=None, tau=5.0, train_frozen_bn=False, sample_at_eval=False):
+        super().__init__()
+        found = residual_blocks(backbone)
+        if not found:
+            raise ValueError(f"SpotTune: found no residual blocks in {type(backbone).__name__}; expected torchvision "
+                             "BasicBlock/Bottleneck or modules with a `downsample` attribute and two or more convs")
+        if tau <= 0:
+            raise ValueError(f"SpotTune: tau must be > 0, got {tau}")
+        self.blocks = []
+        for parent, name, block in found:
+            wrapped = SpotTuneBlock(block, train_frozen_bn)
+            setattr(parent, name, wrapped)
+            self.blocks.append(wrapped)
+        self.backbone = backbone
+        self.policy = policy if policy is not None else PolicyNet(len(self.blocks))
+        self.tau, self.sample_at_eval = float(tau), sample_at_eval
+        self.register_buffer("usage_sum", torch.zeros(len(self.blocks)), persistent=False)
+        self.register_buffer("usage_count", torch.zeros(()), persistent=False)
+        self.last_gates = None
+        self.train()
+
+    def gates(self, x):
+        """(N, num_blocks) gates: hard 0/1 values; in training (or sample_at_eval) a straight-through
+        Gumbel-softmax sample at temperature tau, else the argmax."""
+        if x.dim() != 4:
+            raise ValueError(f"SpotTune: input must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+        logits = self.policy(x)
+        if tuple(logits.shape) != (x.shape[0], len(self.blocks), 2):
+            raise ValueError(f"SpotTune: policy must return (N, {len(self.blocks)}, 2) logits, got {tuple(logits.shape)}")
+        if self.training or self.sample_at_eval:
+            return F.gumbel_softmax(logits, tau=self.tau, hard=True, dim=-1)[..., 1]
+        return logits.argmax(-1).to(logits.dtype)
+
+    def forward(self, x):
+        g = self.gates(x)
+        # Route only in eval: in training the BNs need the whole batch through both copies (exact method).
+        route = not self.training and not (torch.is_grad_enabled() and g.requires_grad)
+        for i, b in enumerate(self.blocks):
+            b.gate, b.route = g[:, i], route
+        try:
+            out = self.backbone(x)
+        finally:
+            for b in self.blocks:
+                b.gate = None
+        with torch.no_grad():
+            self.last_gates = g.detach()
+            self.usage_sum += g.detach().float().sum(0)
+            self.usage_count += g.shape[0]
+        return out
+
+    def gate_usage(self, reset=False):
+        """Per block, the fraction of images that used the fine-tuned copy since the last reset."""
+        u = self.usage_sum / self.usage_count.clamp(min=1)
+        if reset:
+            self.usage_sum.zero_()
+            self.usage_count.zero_()
+        return u.clone()
