@@ -8,9 +8,9 @@ our choices (README "Method choices"):
   the LSTM state runs across layers in execution order and restarts for each batch.
 - gated BN: both branch BNs are ordinary BatchNorm2d layers initialised from the pre-trained BN, trainable,
   batch statistics in training; only the frozen branch's conv filters are fixed.
-- training computes both branches (one GEMM over the concatenated filters, one BatchNorm over both
-  halves); eval folds each branch's BN into its filters and bias, so a layer is one per-image blended
-  convolution (tlkernels.ops.gated_conv2d).
+- training computes both branches (two convolutions, the frozen one without weight gradient, each with
+  its BN) - batch statistics need both full outputs; eval folds each branch's BN into its filters and bias,
+  so a layer is one per-image blended convolution (tlkernels.ops.gated_conv2d).
 """
 import torch
 import torch.nn as nn
@@ -61,20 +61,7 @@ class AdaFilterConv(nn.Module):
         self._controller = [controller]  # not a submodule: shared by every layer, owned by AdaFilter
         self.index = index
         self.last_gate = None
-
-    def _branch_outputs(self, x):
-        """Both branches in one GEMM over [W_pre; W_ft], then each branch's BN: (y_pre, y_ft)."""
-        c = self.conv
-        w = torch.cat([c.weight_pre, c.weight])
-        b = None if c.bias is None else torch.cat([c.bias_pre, c.bias])
-        if c.groups != 1:  # keep each group's filters together: fall back to two convs
-            y_pre = F.conv2d(x, c.weight_pre, c.bias_pre, c.stride, c.padding, c.dilation, c.groups)
-            y_ft = F.conv2d(x, c.weight, c.bias, c.stride, c.padding, c.dilation, c.groups)
-        else:
-            y_pre, y_ft = F.conv2d(x, w, b, c.stride, c.padding, c.dilation).chunk(2, dim=1)
-        if self.bn_ft is not None:
-            y_pre, y_ft = self.bn_pre(y_pre), self.bn_ft(y_ft)
-        return y_pre, y_ft
+        self.fused = True
 
     def _folded(self):
         """Eval-mode BN folded into each branch's filters and bias."""
@@ -88,13 +75,23 @@ class AdaFilterConv(nn.Module):
             out.append((w * scale.view(-1, 1, 1, 1), bias))
         return out[0][0], out[1][0], out[0][1], out[1][1]
 
+    def _two_branch(self, x, gate):
+        """The papers'-code computation: two convolutions, two BNs, a blend (fused=False; benchmarks)."""
+        c = self.conv
+        y_pre = F.conv2d(x, c.weight_pre, c.bias_pre, c.stride, c.padding, c.dilation, c.groups)
+        y_ft = F.conv2d(x, c.weight, c.bias, c.stride, c.padding, c.dilation, c.groups)
+        if self.bn_ft is not None:
+            y_pre, y_ft = self.bn_pre(y_pre), self.bn_ft(y_ft)
+        g = gate[:, :, None, None].to(y_ft.dtype)
+        return (1 - g) * y_pre + g * y_ft
+
     def forward(self, x):
         gate = self._controller[0].gate(self.index, x)
         self.last_gate = gate.detach()
-        if self.training:
-            y_pre, y_ft = self._branch_outputs(x)
-            g = gate[:, :, None, None].to(y_ft.dtype)
-            return (1 - g) * y_pre + g * y_ft
+        if not self.fused or self.training:
+            # Training needs each branch's batch statistics, so both branch outputs exist anyway; measured
+            # on the CPU, two convs (no weight gradient for the frozen one) beat one GEMM over [W_pre; W_ft].
+            return self._two_branch(x, gate)
         w_pre, w_ft, b_pre, b_ft = self._folded()
         c = self.conv
         return gated_conv2d(x, w_pre, w_ft, gate.to(x.dtype), b_pre, b_ft, c.stride, c.padding, c.dilation, c.groups)
@@ -104,7 +101,7 @@ class AdaFilter(nn.Module):
     """Wraps a backbone: every nn.Conv2d (but those named in `skip`) becomes an AdaFilterConv; the BN that
     follows it becomes a gated BN pair. `skip` defaults to the stem ("conv1")."""
 
-    def __init__(self, backbone, hidden_size=64, skip=("conv1",)):
+    def __init__(self, backbone, hidden_size=64, skip=("conv1",), fused=True):
         super().__init__()
         if hidden_size <= 0:
             raise ValueError(f"AdaFilter: hidden_size must be > 0, got {hidden_size}")
@@ -126,6 +123,13 @@ class AdaFilter(nn.Module):
         if not self.layers:
             raise ValueError(f"AdaFilter: found no nn.Conv2d to gate in {type(backbone).__name__} (skip={skip})")
         self.backbone = backbone
+        self.set_fused(fused)
+
+    def set_fused(self, fused=True):
+        """fused=False computes every layer as two convolutions, two BNs and a blend (the papers' way)."""
+        for _, layer in self.layers:
+            layer.fused = bool(fused)
+        return self
 
     def forward(self, x):
         if x.dim() != 4:

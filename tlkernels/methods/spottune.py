@@ -93,8 +93,9 @@ class SpotTuneBlock(nn.Module):
 class SpotTune(nn.Module):
     """Wraps a backbone (torchvision ResNet-18/34/50 or any model whose residual blocks it finds)."""
 
-    def __init__(self, backbone, policy=None, tau=5.0, train_frozen_bn=False, sample_at_eval=False):
+    def __init__(self, backbone, policy=None, tau=5.0, train_frozen_bn=False, sample_at_eval=False, route=True):
         super().__init__()
+        self.route_eval = route  # False: eval computes both copies and blends (the official code's way)
         found = residual_blocks(backbone)
         if not found:
             raise ValueError(f"SpotTune: found no residual blocks in {type(backbone).__name__}; expected torchvision "
@@ -129,7 +130,7 @@ class SpotTune(nn.Module):
     def forward(self, x):
         g = self.gates(x)
         # Route only in eval: in training the BNs need the whole batch through both copies (exact method).
-        route = not self.training and not (torch.is_grad_enabled() and g.requires_grad)
+        route = self.route_eval and not self.training and not (torch.is_grad_enabled() and g.requires_grad)
         for i, b in enumerate(self.blocks):
             b.gate, b.route = g[:, i], route
         try:

@@ -1,0 +1,74 @@
+"""SpotTune and AdaFilter on ResNet-18, CPU. Providers: naive = both copies / branches computed and blended
+(the papers' code), tlkernels = routed SpotTune eval / fused AdaFilter.
+
+Run: python -m pytest benchmarks/test_bench_methods.py --benchmark-json=.benchmarks/methods.json
+     python benchmarks/report.py .benchmarks/methods.json
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from conftest import run
+from tlkernels.methods import AdaFilter, SpotTune
+
+
+def _mixed_policy(m, n):
+    """Half the images on the fine-tuned copy of each block (a trained policy's typical mix, and
+    the case where routing saves least over a one-copy shortcut)."""
+    g = (torch.arange(n)[:, None] + torch.arange(len(m.blocks))[None]) % 2
+    logits = torch.stack([1 - g, g], -1).float() * 10
+    m.policy.forward = lambda x: logits[: x.shape[0]]
+
+
+@pytest.mark.parametrize("provider", ["naive", "tlkernels"])
+def test_spottune_eval(benchmark, provider):
+    torch.manual_seed(0)
+    m = SpotTune(torchvision.models.resnet18(num_classes=10), route=provider == "tlkernels").eval()
+    _mixed_policy(m, 64)
+    x = torch.randn(64, 3, 64, 64)
+    benchmark.group = "spottune resnet18 eval N=64 64x64"
+    benchmark.extra_info["provider"] = provider
+
+    def fn():
+        with torch.no_grad():
+            return m(x)
+    run(benchmark, fn, rounds=5)
+
+
+def _adafilter(provider):
+    torch.manual_seed(0)
+    m = AdaFilter(torchvision.models.resnet18(num_classes=10), hidden_size=32, fused=provider == "tlkernels")
+    with torch.no_grad():
+        for h in m.controller.heads:  # a mix of open and closed gates
+            h.weight.normal_(0, 1.0)
+            h.bias.zero_()
+    return m
+
+
+@pytest.mark.parametrize("provider", ["naive", "tlkernels"])
+def test_adafilter_eval(benchmark, provider):
+    m = _adafilter(provider).eval()
+    x = torch.randn(32, 3, 112, 112)
+    benchmark.group = "adafilter resnet18 eval N=32 112x112"
+    benchmark.extra_info["provider"] = provider
+
+    def fn():
+        with torch.no_grad():
+            return m(x)
+    run(benchmark, fn, rounds=5)
+
+
+@pytest.mark.parametrize("provider", ["naive", "tlkernels"])
+def test_adafilter_train_step(benchmark, provider):
+    m = _adafilter(provider).train()
+    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+    x, y = torch.randn(32, 3, 112, 112), torch.randint(0, 10, (32,))
+    benchmark.group = "adafilter resnet18 train step N=32 112x112"
+    benchmark.extra_info["provider"] = provider
+
+    def fn():
+        opt.zero_grad()
+        F.cross_entropy(m(x), y).backward()
+        opt.step()
+    run(benchmark, fn, rounds=3)
