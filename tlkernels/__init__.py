@@ -4,5 +4,6 @@ from tlkernels import ops  # noqa: F401
 from tlkernels import nn  # noqa: F401
 from tlkernels import optim  # noqa: F401
 from tlkernels import methods  # noqa: F401
+from tlkernels import filters, select  # noqa: F401
 
 __version__ = "0.1.0"

@@ -1,0 +1,20 @@
+#pragma once
+// Per-element binning shared by the CPU kernel and the CUDA histogram kernel: the bin of value v among
+// `nbins` bins with increasing edges e[0..nbins]; values outside [e[0], e[nbins]] clamp to the end bins.
+#include "ops/common/macros.h"
+
+namespace tlkernels {
+
+template <typename T>
+TLK_HD int bin_index(T v, const T* e, int nbins) {
+  if (!(v >= e[1])) return 0;            // also NaN -> bin 0
+  if (v >= e[nbins - 1]) return nbins - 1;
+  int lo = 1, hi = nbins - 1;            // invariant: e[lo] <= v < e[hi]
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) >> 1;
+    if (v >= e[mid]) lo = mid; else hi = mid;
+  }
+  return lo;
+}
+
+}  // namespace tlkernels

@@ -1,0 +1,225 @@
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torchvision
+from torch.utils.data import TensorDataset
+
+from tlkernels.filters import from_model, gabor_bank
+from tlkernels.ops import (filterbank_histogram, filterbank_histogram_reference, fit_bin_edges, knn_search,
+                           knn_search_reference)
+from tlkernels.select import JointDataset, SourceSelector
+
+
+def _edges(f, nb, lo=-2.0, hi=2.0):
+    return torch.linspace(lo, hi, nb + 1).repeat(f, 1)
+
+
+# ----------------------------------------------------------------------------- histogram op
+@pytest.mark.parametrize("n,c,h,w,k,stride,pad", [(3, 3, 17, 13, 5, 1, 2), (1, 1, 9, 9, 3, 2, 0), (2, 3, 20, 20, 11, 1, 5)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.uint8])
+def test_histogram_matches_reference(n, c, h, w, k, stride, pad, dtype):
+    x = torch.rand(n, c, h, w) if dtype == torch.float32 else torch.randint(0, 256, (n, c, h, w), dtype=torch.uint8)
+    filt = torch.randn(6, c, k, k) * (0.5 if dtype == torch.float32 else 0.01)
+    edges = torch.sort(torch.randn(6, 9) * 2, 1).values  # values beyond the ends clamp to the end bins
+    out = filterbank_histogram(x, filt, edges, stride, pad)
+    ref = filterbank_histogram_reference(x, filt, edges, stride, pad)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+    torch.testing.assert_close(out.sum(-1), torch.ones(n, 6), rtol=0, atol=1e-5)
+
+
+def test_histogram_empty_batch_and_opcheck():
+    filt = torch.randn(4, 3, 3, 3)
+    assert filterbank_histogram(torch.rand(0, 3, 8, 8), filt, _edges(4, 5)).shape == (0, 4, 5)
+    torch.library.opcheck(torch.ops.tlkernels.filterbank_histogram.default,
+                          (torch.rand(2, 3, 8, 8), filt, _edges(4, 5), [1, 1], [1, 1]))
+
+
+def test_histogram_deterministic():
+    x = torch.rand(8, 3, 32, 32)
+    bank = gabor_bank()
+    e = _edges(48, 100, -1, 1)
+    a = filterbank_histogram(x, bank.stages[0]["weight"], e, 1, 5)
+    assert torch.equal(a, filterbank_histogram(x, bank.stages[0]["weight"], e, 1, 5))
+
+
+@pytest.mark.parametrize("nb", [7, 8])
+def test_triton_histogram_interpreted(nb):
+    from tlkernels.triton.histogram import filterbank_histogram_forward
+    x, filt = torch.rand(2, 3, 10, 9), torch.randn(3, 3, 3, 3)
+    edges = torch.sort(torch.randn(3, nb + 1), 1).values
+    torch.testing.assert_close(filterbank_histogram_forward(x, filt, edges, (1, 1), (1, 1)),
+                               filterbank_histogram_reference(x, filt, edges, 1, 1), rtol=0, atol=1e-6)
+
+
+def test_histogram_memory_is_tile_bounded():
+    """64 RGB images of 128x128 through 48 filters: full responses would be 192 MB; the fused op stays small."""
+    code = """
+import resource, torch, tlkernels, json
+from tlkernels.filters import gabor_bank
+torch.set_num_threads(2)
+w = gabor_bank().stages[0]["weight"]; e = torch.linspace(-1, 1, 101).repeat(48, 1)
+tlkernels.ops.filterbank_histogram(torch.rand(1, 3, 16, 16), w, e, 1, 5)
+x = torch.rand(64, 3, 128, 128)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+tlkernels.ops.filterbank_histogram(x, w, e, 1, 5)
+print(json.dumps((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    extra_mb = json.loads(r.stdout.strip().splitlines()[-1])
+    assert extra_mb < 40, f"peak extra memory {extra_mb:.1f} MB; full responses would take 192 MB"
+
+
+@pytest.mark.parametrize("call,msg", [
+    (lambda x, f, e: filterbank_histogram(x, f, torch.flip(e, [1])), "filterbank_histogram: edges must be strictly increasing"),
+    (lambda x, f, e: filterbank_histogram(x, f[:, :2], e), r"filterbank_histogram: filters must have C = 3 input channels"),
+    (lambda x, f, e: filterbank_histogram(x[0], f, e), "filterbank_histogram: images must be 4-D"),
+    (lambda x, f, e: filterbank_histogram(x, f, e[:2]), r"filterbank_histogram: edges must have shape \(F, bins \+ 1\)"),
+])
+def test_histogram_bad_inputs(call, msg):
+    x, f = torch.rand(2, 3, 8, 8), torch.randn(4, 3, 3, 3)
+    with pytest.raises((ValueError, TypeError), match=msg):
+        call(x, f, _edges(4, 5))
+
+
+# ----------------------------------------------------------------------------- bins
+def test_fit_bin_edges_equal_mass_and_uniform():
+    bank = gabor_bank(scales=2, orientations=2, size=7)
+    data = [(torch.rand(8, 3, 24, 24), None) for _ in range(3)]
+    e = fit_bin_edges(data, bank, bins=10, fine_bins=400)[0]
+    assert e.shape == (8, 11) and bool((e[:, 1:] > e[:, :-1]).all())
+    mass = sum(filterbank_histogram(x, bank.stages[0]["weight"], e, 1, 3).sum(0) for x, _ in data)
+    mass = mass / mass.sum(-1, keepdim=True)
+    assert float((mass - 0.1).abs().max()) < 0.02  # equal pixel mass per bin on the target set
+    u = fit_bin_edges(data, bank, bins=10, mode="uniform")[0]
+    torch.testing.assert_close(u[:, 1:] - u[:, :-1], (u[:, 1:] - u[:, :-1])[:, :1].expand(-1, 10))
+
+
+# ----------------------------------------------------------------------------- knn
+@pytest.mark.parametrize("metric", ["skl", "kl", "l2", "ip"])
+def test_knn_matches_brute_force_with_chunks_and_weights(metric):
+    q = torch.softmax(torch.randn(9, 24, dtype=torch.float64), 1)
+    db = torch.softmax(torch.randn(300, 24, dtype=torch.float64), 1)
+    w = torch.rand(4, dtype=torch.float64)  # per channel of 6 bins
+    d, i = knn_search(q, db, 11, metric, channel_weights=w, chunk_size=64)
+    rd, ri = knn_search_reference(q, db, 11, metric, channel_weights=w)
+    assert torch.equal(i, ri)
+    torch.testing.assert_close(d, rd)
+    assert bool((d[:, 1:] >= d[:, :-1]).all())
+
+
+def test_knn_ties_k1_kall_empty_single_and_memmap(tmp_path):
+    base = torch.softmax(torch.randn(5, 8, dtype=torch.float64), 1)
+    db = base.repeat(20, 1)  # every row appears 20 times: ties everywhere
+    q = base[:3]
+    d, i = knn_search(q, db, 7, chunk_size=16)
+    rd, ri = knn_search_reference(q, db, 7)
+    assert torch.equal(i, ri)
+    assert i[0].tolist() == [0, 5, 10, 15, 20, 25, 30]  # equal distances: lower index first
+    d1, i1 = knn_search(q, db, 1)
+    assert i1[:, 0].tolist() == [0, 1, 2]
+    dall, iall = knn_search(q, db, 100, chunk_size=32)
+    assert torch.equal(iall, knn_search_reference(q, db, 100)[1])
+    e_d, e_i = knn_search(q[:0], db, 4)
+    assert e_d.shape == (0, 4) and e_i.shape == (0, 4)
+    s_d, s_i = knn_search(q[:1], db[:1], 1)
+    assert s_i.item() == 0
+    mm = np.lib.format.open_memmap(str(tmp_path / "db.npy"), mode="w+", dtype=np.float64, shape=tuple(db.shape))
+    mm[:] = db.numpy()
+    mm.flush()
+    ro = np.load(str(tmp_path / "db.npy"), mmap_mode="r")
+    assert torch.equal(knn_search(q, ro, 9, chunk_size=13)[1], knn_search_reference(q, db, 9)[1])
+
+
+@pytest.mark.parametrize("call,msg", [
+    (lambda q, db: knn_search(q, db, 11), r"knn_search: k = 11 is larger than the database \(10 rows\)"),
+    (lambda q, db: knn_search(q[0], db, 1), r"knn_search: queries must be a 2-D tensor"),
+    (lambda q, db: knn_search(q, db[:, :3], 1), "knn_search: database must have D = 4 columns"),
+    (lambda q, db: knn_search(q, db, 1, metric="cos"), "knn_search: metric must be one of"),
+    (lambda q, db: knn_search(q, db, 0), "knn_search: k must be a positive int"),
+])
+def test_knn_bad_inputs(call, msg):
+    with pytest.raises((ValueError, TypeError), match=msg):
+        call(torch.rand(3, 4), torch.rand(10, 4))
+
+
+def _shard_worker(rank, world, init, out):
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    g = torch.Generator().manual_seed(0)
+    q = torch.softmax(torch.randn(6, 16, generator=g, dtype=torch.float64), 1)
+    db = torch.softmax(torch.randn(101, 16, generator=g, dtype=torch.float64), 1)
+    db[50] = db[3]  # a tie across the shard boundary
+    bounds = [0, 37, 101]
+    d, i = knn_search(q, db[bounds[rank]:bounds[rank + 1]], 45, sharded=True, chunk_size=10)
+    if rank == 0:
+        torch.save((d, i, *knn_search(q, db, 45)), out)
+    dist.destroy_process_group()
+
+
+def test_sharded_knn_two_gloo_processes():
+    with tempfile.TemporaryDirectory() as t:
+        out = os.path.join(t, "out.pt")
+        mp.spawn(_shard_worker, args=(2, os.path.join(t, "init"), out), nprocs=2, join=True)
+        d, i, d1, i1 = torch.load(out)
+        assert torch.equal(i, i1)  # 45 > the first shard's 37 rows: padding path exercised too
+        torch.testing.assert_close(d, d1)
+
+
+# ----------------------------------------------------------------------------- selector
+def _dataset(n, seed, size=24):
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.rand(n, 3, size, size, generator=g), torch.randint(0, 3, (n,), generator=g))
+
+
+def test_selector_end_to_end_cache_and_corruption(tmp_path):
+    target, source = _dataset(12, 1), _dataset(40, 2)
+    bank = gabor_bank(scales=2, orientations=3, size=7)
+    sel = SourceSelector(bank, bins=8, fine_bins=64, batch_size=5, cache_dir=str(tmp_path), progress=False)
+    sel.fit(target)
+    t = sel.describe(target, "target")
+    s = sel.describe(source, "source")
+    assert t.shape == (12, 12 * 8) and s.shape == (40, 12 * 8)
+    nb = sel.select(5)
+    ref = knn_search_reference(t.double(), s.double(), 5, "skl", channel_weights=bank.channel_weights().double())[1]
+    assert torch.equal(nb, ref)
+    # the cache is reused
+    again = SourceSelector(bank, bins=8, fine_bins=64, batch_size=5, cache_dir=str(tmp_path), progress=False)
+    again.edges = sel.edges
+    assert torch.equal(again.describe(source, "source"), s)
+    # corrupted: detected, rebuilt, equal
+    path = tmp_path / "descriptors-source.pt"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.warns(UserWarning, match="unreadable"):
+        assert torch.equal(again.describe(source, "source"), s)
+    # mismatched (other edges): detected and rebuilt
+    other = SourceSelector(bank, bins=8, fine_bins=64, mode="uniform", batch_size=5, cache_dir=str(tmp_path),
+                           progress=False).fit(target)
+    with pytest.warns(UserWarning, match="does not match"):
+        other.describe(source, "source")
+    # hard target images get more neighbours; the joint dataset pairs with retrieved images only
+    nbrs = sel.grow([0, 3], levels=3)
+    assert len(nbrs[0]) == 15 and len(nbrs[1]) == 5
+    joint = JointDataset(target, source, nbrs, seed=0)
+    ti, tl, si, sl = joint[3]
+    j = [k for k in range(40) if torch.equal(source[k][0], si)]
+    assert j and j[0] in nbrs[3].tolist()
+    assert torch.equal(joint[3][2], si)  # reproducible per (seed, epoch, index)
+
+
+def test_selector_from_model_bank_and_errors():
+    bank = from_model(torchvision.models.resnet18(), layers=2)
+    assert [s["weight"].shape[0] for s in bank.stages] == [64, 64]
+    sel = SourceSelector(bank, bins=4, fine_bins=16, batch_size=4, progress=False).fit(_dataset(4, 0, 32))
+    assert sel.describe(_dataset(3, 5, 32), "source").shape == (3, 128 * 4)
+    with pytest.raises(TypeError, match="SourceSelector: bank must be a tlkernels.filters.FilterBank"):
+        SourceSelector(torch.randn(4, 3, 3, 3))
+    with pytest.raises(RuntimeError, match=r"SourceSelector.select: describe\(..., name='target'\) first"):
+        sel.select(2)

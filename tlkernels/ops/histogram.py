@@ -1,0 +1,69 @@
+"""Fused filter-bank histograms: per image and filter, the histogram of the filter's responses over
+per-channel bin edges, each summing to 1. No autograd (descriptors are computed without gradients)."""
+import torch
+import torch.nn.functional as F
+
+from tlkernels._extension import use_reference
+from tlkernels.ops._registry import ensure_op, has_op, op
+from tlkernels.ops._utils import check_tensor, fail, pair
+
+SCHEMA = "filterbank_histogram(Tensor images, Tensor filters, Tensor edges, int[2] stride, int[2] padding) -> Tensor"
+
+
+def filterbank_histogram_reference(images, filters, edges, stride=1, padding=0):
+    """F.conv2d, then per channel torch.bucketize and a count (the oracle; materialises all responses)."""
+    r = F.conv2d(images.float(), filters.float(), None, stride, padding)
+    n, f = r.shape[:2]
+    nb = edges.shape[1] - 1
+    r = r.reshape(n, f, -1)
+    out = torch.zeros(n, f, nb, dtype=torch.float32, device=images.device)
+    for c in range(f):
+        b = torch.bucketize(r[:, c].contiguous(), edges[c, 1:-1].float().contiguous(), right=True)
+        out[:, c].scatter_add_(1, b, torch.ones_like(b, dtype=torch.float32))
+    return out / r.shape[2]
+
+
+def _ref_impl(images, filters, edges, stride, padding):
+    return filterbank_histogram_reference(images, filters, edges, stride, padding)
+
+
+def _gpu_impl(images, filters, edges, stride, padding):
+    from tlkernels.triton.histogram import filterbank_histogram_forward
+    return filterbank_histogram_forward(images, filters, edges, stride, padding)
+
+
+ensure_op("filterbank_histogram", SCHEMA, _ref_impl)
+if not torch._C._dispatch_has_kernel_for_dispatch_key("tlkernels::filterbank_histogram", "CUDA"):
+    from tlkernels._extension import HAS_TRITON
+    torch.library.register_kernel("tlkernels::filterbank_histogram", "cuda", _gpu_impl if HAS_TRITON else _ref_impl)
+
+
+@torch.library.register_fake("tlkernels::filterbank_histogram")
+def _fake(images, filters, edges, stride, padding):
+    return images.new_empty((images.shape[0], filters.shape[0], edges.shape[1] - 1), dtype=torch.float32)
+
+
+def check_edges(opname, edges, n_filters):
+    check_tensor(opname, "edges", edges, dim=2, floating=True)
+    if edges.shape[0] != n_filters or edges.shape[1] < 2:
+        fail(opname, f"edges must have shape (F, bins + 1) = ({n_filters}, >= 2), got {tuple(edges.shape)}")
+    if edges.shape[1] > 2 and not bool((edges[:, 1:] > edges[:, :-1]).all()):
+        fail(opname, "edges must be strictly increasing along each row")
+
+
+def filterbank_histogram(images, filters, edges, stride=1, padding=0):
+    """(N, F, bins) histograms of conv2d(images, filters) responses; uint8 or float images."""
+    name = "filterbank_histogram"
+    check_tensor(name, "images", images, dim=4)
+    check_tensor(name, "filters", filters, dim=4, floating=True, device=images.device)
+    if filters.shape[1] != images.shape[1]:
+        fail(name, f"filters must have C = {images.shape[1]} input channels (the images'), got {filters.shape[1]}")
+    check_edges(name, edges, filters.shape[0])
+    stride, padding = pair(name, "stride", stride), pair(name, "padding", padding, allow_zero=True)
+    for d in range(2):
+        if images.shape[2 + d] + 2 * padding[d] < filters.shape[2 + d]:
+            fail(name, f"images {tuple(images.shape[2:])} are smaller than the filters {tuple(filters.shape[2:])}")
+    with torch.no_grad():
+        if use_reference():
+            return filterbank_histogram_reference(images, filters, edges.to(images.device), stride, padding)
+        return op("filterbank_histogram")(images, filters, edges.to(images.device), list(stride), list(padding))

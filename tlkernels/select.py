@@ -1,0 +1,190 @@
+"""Source-image selection for selective joint fine-tuning (Ge & Yu, CVPR 2017).
+
+    sel = SourceSelector(gabor_bank(), bins=100, cache_dir="cache/")
+    sel.fit(target_train)                      # equal-mass bin edges on the target set
+    sel.describe(target_train, name="target")  # (N_t, channels*bins) descriptors, cached on disk
+    sel.describe(source_train, name="source")
+    nbrs = sel.select(k=300)                   # K nearest source images of each target image (weighted sym. KL)
+    sel.grow(hard_target_indices, levels=2)    # hard target images get more neighbours
+    joint = JointDataset(target_train, source_train, sel.neighbours())
+"""
+import hashlib
+import io
+import os
+import tempfile
+import warnings
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from tlkernels.ops.bins import fit_bin_edges
+from tlkernels.ops.histogram import filterbank_histogram
+from tlkernels.ops.knn import knn_search
+
+CACHE_FORMAT = "tlkernels-descriptors"
+CACHE_VERSION = 1
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file in the same directory, fsync, then rename: readers see the old
+    file or the new one, never a torn one."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".pt")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class SourceSelector:
+    def __init__(self, bank, bins=100, fine_bins=2000, mode="equal_mass", metric="skl", batch_size=64,
+                 cache_dir=None, progress=True, num_workers=0):
+        from tlkernels.filters import FilterBank
+        if not isinstance(bank, FilterBank):
+            raise TypeError(f"SourceSelector: bank must be a tlkernels.filters.FilterBank (gabor_bank() or "
+                            f"from_model(...)), got {type(bank).__name__}")
+        self.bank, self.bins, self.fine_bins, self.mode, self.metric = bank, bins, fine_bins, mode, metric
+        self.batch_size, self.cache_dir, self.progress, self.num_workers = batch_size, cache_dir, progress, num_workers
+        self.edges = None
+        self.descriptors = {}
+        self._nbrs = None
+        self._counts = None
+        self.k = None
+
+    def _loader(self, dataset):
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+
+    def fit(self, target_dataset):
+        if len(target_dataset) == 0:
+            raise ValueError("SourceSelector.fit: the target dataset is empty")
+        self.edges = fit_bin_edges(self._loader(target_dataset), self.bank, self.bins, self.fine_bins, self.mode)
+        return self
+
+    def _fingerprint(self, dataset, name):
+        h = hashlib.sha256()
+        for t in self.bank.fingerprint_tensors() + list(self.edges):
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        h.update(f"{name}|{len(dataset)}|{self.bins}|{self.mode}".encode())
+        return h.hexdigest()
+
+    def _load_cache(self, path, fingerprint, n):
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+            ok = (isinstance(obj, dict) and obj.get("format") == CACHE_FORMAT and obj.get("version") == CACHE_VERSION
+                  and obj.get("fingerprint") == fingerprint and isinstance(obj.get("descriptors"), torch.Tensor)
+                  and tuple(obj["descriptors"].shape) == (n, self.bank.num_channels * self.bins)
+                  and hashlib.sha256(obj["descriptors"].numpy().tobytes()).hexdigest() == obj.get("checksum"))
+            if ok:
+                return obj["descriptors"]
+            warnings.warn(f"SourceSelector: cache {path} does not match this bank/edges/dataset; rebuilding it")
+        except Exception as e:  # corrupted file: rebuild, never use it
+            warnings.warn(f"SourceSelector: cache {path} is unreadable ({type(e).__name__}: {e}); rebuilding it")
+        return None
+
+    @torch.no_grad()
+    def describe(self, dataset, name):
+        """(N, channels * bins) descriptors of `dataset` (histograms per filter channel, each summing to 1)."""
+        if self.edges is None:
+            raise RuntimeError("SourceSelector.describe: call fit(target_dataset) first")
+        path = None
+        if self.cache_dir is not None:
+            fp = self._fingerprint(dataset, name)
+            path = os.path.join(self.cache_dir, f"descriptors-{name}.pt")
+            if os.path.exists(path):
+                d = self._load_cache(path, fp, len(dataset))
+                if d is not None:
+                    self.descriptors[name] = d
+                    return d
+        parts = []
+        loader = self._loader(dataset)
+        if self.progress:
+            from tqdm.auto import tqdm
+            loader = tqdm(loader, desc=f"describe {name}", unit="batch", leave=False)
+        for batch in loader:
+            images = batch[0] if isinstance(batch, (tuple, list)) else batch
+            hs = [filterbank_histogram(x, s["weight"].to(x.device), self.edges[i].to(x.device), s["stride"],
+                                       s["padding"])
+                  for i, (s, x) in enumerate(self.bank.stage_inputs(images))]
+            parts.append(torch.cat(hs, 1).flatten(1).cpu())
+        d = torch.cat(parts) if parts else torch.zeros(0, self.bank.num_channels * self.bins)
+        if path is not None:
+            atomic_save({"format": CACHE_FORMAT, "version": CACHE_VERSION, "fingerprint": fp, "descriptors": d,
+                         "checksum": hashlib.sha256(d.numpy().tobytes()).hexdigest()}, path)
+        self.descriptors[name] = d
+        return d
+
+    def channel_weights(self):
+        return self.bank.channel_weights()
+
+    def _search(self, rows, k):
+        t, s = self.descriptors["target"], self.descriptors["source"]
+        return knn_search(t[rows].double(), s.double(), k, metric=self.metric,
+                          channel_weights=self.channel_weights().double())[1]
+
+    def select(self, k):
+        """(N_target, k) indices of each target image's k nearest source images, nearest first."""
+        for name in ("target", "source"):
+            if name not in self.descriptors:
+                raise RuntimeError(f"SourceSelector.select: describe(..., name={name!r}) first")
+        n_src = self.descriptors["source"].shape[0]
+        if not 1 <= k <= n_src:
+            raise ValueError(f"SourceSelector.select: k must be in [1, {n_src}] (source images), got {k}")
+        self.k = k
+        self._nbrs = self._search(torch.arange(self.descriptors["target"].shape[0]), k)
+        self._counts = torch.full((self._nbrs.shape[0],), k, dtype=torch.long)
+        return self._nbrs
+
+    def grow(self, hard_target_indices, levels=2):
+        """Give the listed (hard) target images k * levels neighbours (capped at the source size)."""
+        if self._nbrs is None:
+            raise RuntimeError("SourceSelector.grow: call select(k) first")
+        idx = torch.as_tensor(hard_target_indices, dtype=torch.long).unique()
+        if idx.numel() == 0:
+            return self.neighbours()
+        if idx.min() < 0 or idx.max() >= self._nbrs.shape[0]:
+            raise ValueError(f"SourceSelector.grow: hard_target_indices must be in [0, {self._nbrs.shape[0]}), got "
+                             f"[{int(idx.min())}, {int(idx.max())}]")
+        kk = min(self.k * int(levels), self.descriptors["source"].shape[0])
+        new = self._search(idx, kk)
+        if kk > self._nbrs.shape[1]:
+            pad = self._nbrs.new_full((self._nbrs.shape[0], kk - self._nbrs.shape[1]), -1)
+            self._nbrs = torch.cat([self._nbrs, pad], 1)
+        self._nbrs[idx, :kk] = new
+        self._counts[idx] = torch.maximum(self._counts[idx], torch.tensor(kk))
+        return self.neighbours()
+
+    def neighbours(self):
+        """List over target images of their neighbour index tensors (nearest first)."""
+        return [self._nbrs[i, :c] for i, c in enumerate(self._counts.tolist())]
+
+
+class JointDataset(Dataset):
+    """Pairs target image i with one of its retrieved source images, drawn reproducibly per (seed, epoch, i).
+    Items: (target_image, target_label, source_image, source_label)."""
+
+    def __init__(self, target, source, neighbours, seed=0):
+        if len(neighbours) != len(target):
+            raise ValueError(f"JointDataset: neighbours must have one entry per target image ({len(target)}), "
+                             f"got {len(neighbours)}")
+        self.target, self.source, self.neighbours, self.seed, self.epoch = target, source, neighbours, seed, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = int(epoch)
+
+    def __len__(self):
+        return len(self.target)
+
+    def __getitem__(self, i):
+        nb = self.neighbours[i]
+        g = torch.Generator().manual_seed(hash((self.seed, self.epoch, int(i))) & 0x7FFFFFFF)
+        j = int(nb[torch.randint(len(nb), (1,), generator=g)])
+        ti, tl = self.target[i]
+        si, sl = self.source[j]
+        return ti, tl, si, sl
