@@ -15,6 +15,8 @@ and every rank gets the global answer.
 import numpy as np
 import torch
 
+from tlkernels._extension import use_reference
+from tlkernels.ops._registry import has_op, op
 from tlkernels.ops._utils import fail
 
 METRICS = ("skl", "kl", "l2", "ip")
@@ -64,10 +66,15 @@ def quantize(d, scale):
 
 
 def _distances(A, row_c, scale, B, col_c):
-    cross = A @ B.t()
-    d = row_c[:, None] + col_c[None, :] + scale * cross
-    mag = row_c.abs()[:, None] + col_c.abs()[None, :] + abs(scale) * (A.abs() @ B.abs().t())
+    t = scale * (A @ B.t())
+    d = row_c[:, None] + col_c[None, :] + t
+    # magnitude of the terms: no cancellation inside the cross term for non-negative histograms
+    mag = row_c.abs()[:, None] + col_c.abs()[None, :] + t.abs()
     return quantize(d, mag)
+
+
+def _fused_select(q):
+    return q.device.type == "cpu" and has_op("knn_select_chunk") and not use_reference()
 
 
 def _chunk_topk(d, k, base):
@@ -139,9 +146,13 @@ def knn_search(queries, database, k, metric="skl", channel_weights=None, eps=EPS
         for start in range(0, local_m, chunk_size):
             p = _rows(database, start, min(start + chunk_size, local_m), dtype, device)
             B, col_c = _db_side(metric, p, w, eps)
-            d = _distances(A, row_c, scale, B, col_c)
-            cd, ci = _chunk_topk(d, kl, offset + start)
-            best_d, best_i = _merge(torch.cat([best_d, cd], 1), torch.cat([best_i, ci], 1), kl)
+            if _fused_select(q):  # C++: distances, tie grid and a k-heap per row in one pass over the GEMM
+                best_d, best_i = op("knn_select_chunk")(A @ B.t(), row_c, col_c, scale, best_d, best_i,
+                                                        offset + start, kl, 40 if dtype == torch.float64 else 18)
+            else:
+                d = _distances(A, row_c, scale, B, col_c)
+                cd, ci = _chunk_topk(d, kl, offset + start)
+                best_d, best_i = _merge(torch.cat([best_d, cd], 1), torch.cat([best_i, ci], 1), kl)
         if sharded:
             import torch.distributed as dist
             world = dist.get_world_size(group)
@@ -174,6 +185,6 @@ def knn_search_reference(queries, database, k, metric="skl", channel_weights=Non
     # the same tie grid as the search (term magnitudes from the expanded form), on the direct formula's values
     Aq, rq, sc = _query_side(metric, a, w, eps)
     Bq, cq = _db_side(metric, p, w, eps)
-    mag = rq.abs()[:, None] + cq.abs()[None, :] + abs(sc) * (Aq.abs() @ Bq.abs().t())
+    mag = rq.abs()[:, None] + cq.abs()[None, :] + (sc * (Aq @ Bq.t())).abs()
     idx = torch.arange(p.shape[0]).expand_as(d)
     return _merge(quantize(d, mag), idx, k)

@@ -11,7 +11,8 @@
 namespace tlkernels {
 namespace {
 
-constexpr int64_t kTileElems = 1 << 18;  // 1 MB of float32 responses per work item
+constexpr int64_t kLutCells = 4096;
+constexpr int64_t kTileElems = 1 << 20;  // 4 MB of float32 responses per work item (48 filters at 128x128)
 
 at::Tensor filterbank_histogram_cpu(const at::Tensor& images, const at::Tensor& filters, const at::Tensor& edges,
                                     at::IntArrayRef stride, at::IntArrayRef padding) {
@@ -35,14 +36,41 @@ at::Tensor filterbank_histogram_cpu(const at::Tensor& images, const at::Tensor& 
               " are smaller than the filters ", shape_str(filters.sizes().slice(2)));
   at::Tensor out = at::zeros({N, F, nb}, images.options().dtype(at::kFloat));
   if (N == 0) return out;
-  const at::Tensor x = images.is_floating_point() ? images.to(at::kFloat) : images.to(at::kFloat);
-  const at::Tensor w = filters.to(at::kFloat).contiguous();
+  at::Tensor x = images.to(at::kFloat);
+  at::Tensor w = filters.to(at::kFloat).contiguous();
+  // Filters identical across input channels (a grey-level bank such as gabor_bank on RGB) act on the channel
+  // sum: conv(x, [w0, w0, w0]) = conv(x0 + x1 + x2, w0), a third of the work.
+  if (w.size(1) > 1 && at::equal(w, w.narrow(1, 0, 1).expand_as(w))) {
+    x = x.sum(1, /*keepdim=*/true);
+    w = w.narrow(1, 0, 1).contiguous();
+  }
   const int64_t P = OH * OW;
   const int64_t fchunk = std::max<int64_t>(1, std::min<int64_t>(F, kTileElems / P));
   const int64_t nchunks = (F + fchunk - 1) / fchunk;
   const float inv = 1.0f / static_cast<float>(P);
   const float* ep = e.const_data_ptr<float>();
   float* op_ = out.mutable_data_ptr<float>();
+  // Per channel, a lookup table over a uniform grid of [e1, e_{nb-1}]: cell -> bin of its left end (by the
+  // shared bin_index), so binning is a multiply, a load and (rarely) a compare or two, not a binary search.
+  struct Lut {
+    float lo, inv;
+    std::vector<int32_t> bin;
+  };
+  std::vector<Lut> luts(F);
+  for (int64_t ch = 0; ch < F; ++ch) {
+    const float* ef = ep + ch * (nb + 1);
+    Lut& L = luts[ch];
+    const float hi = nb > 2 ? ef[nb - 1] : ef[1] + 1.0f;
+    L.lo = ef[1];
+    L.inv = static_cast<float>(kLutCells) / std::max(hi - L.lo, 1e-30f);
+    L.bin.resize(kLutCells);
+    for (int64_t c = 0; c < kLutCells; ++c) {
+      const float left = L.lo + static_cast<float>(c) / L.inv;
+      int b = bin_index<float>(left, ef, static_cast<int>(nb));
+      while (b > 0 && left < ef[b]) --b;  // float rounding of `left`: never start past the true bin
+      L.bin[c] = b;
+    }
+  }
   // Items run in parallel; the conv inside each runs single-threaded (we are already in a parallel region).
   at::parallel_for(0, N * nchunks, 1, [&](int64_t ib, int64_t ie) {
     std::vector<int32_t> counts(fchunk * nb);
@@ -52,10 +80,25 @@ at::Tensor filterbank_histogram_cpu(const at::Tensor& images, const at::Tensor& 
       const float* rp = r.const_data_ptr<float>();
       std::fill(counts.begin(), counts.end(), 0);
       for (int64_t f = 0; f < fc; ++f) {
-        const float* ef = ep + (f0 + f) * (nb + 1);
+        const int64_t ch = f0 + f;
+        const float* ef = ep + ch * (nb + 1);
         int32_t* cf = counts.data() + f * nb;
         const float* rf = rp + f * P;
-        for (int64_t i = 0; i < P; ++i) ++cf[bin_index<float>(rf[i], ef, static_cast<int>(nb))];
+        const Lut& L = luts[ch];
+        for (int64_t i = 0; i < P; ++i) {
+          const float v = rf[i];
+          int b;
+          if (!(v >= ef[1])) {
+            b = 0;
+          } else if (v >= ef[nb - 1]) {
+            b = static_cast<int>(nb) - 1;
+          } else {  // the cell's first bin, then step over the edges inside the cell (usually none)
+            const int64_t c = std::min<int64_t>(kLutCells - 1, static_cast<int64_t>((v - L.lo) * L.inv));
+            b = L.bin[c];
+            while (v >= ef[b + 1]) ++b;
+          }
+          ++cf[b];
+        }
         float* of = op_ + (n * F + f0 + f) * nb;
         for (int64_t b = 0; b < nb; ++b) of[b] = static_cast<float>(cf[b]) * inv;
       }

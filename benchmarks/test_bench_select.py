@@ -1,0 +1,98 @@
+"""Filter-bank histograms and source search on the CPU.
+
+Run: python -m pytest benchmarks/test_bench_select.py --benchmark-json=.benchmarks/select.json
+     python benchmarks/report.py .benchmarks/select.json
+(faiss-cpu is a benchmark-only dependency: pip install -r requirements-bench.txt)
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tlkernels
+from conftest import run
+from peakmem import peak_extra_mb
+from tlkernels.filters import gabor_bank
+from tlkernels.ops.knn import _db_side, _query_side
+
+N, SIZE, BINS = 256, 128, 100
+
+_HSETUP = f"""
+import torch, torch.nn.functional as F, tlkernels
+from tlkernels.filters import gabor_bank
+from test_bench_select import hist_providers
+w = gabor_bank().stages[0]["weight"]; e = torch.linspace(-0.6, 0.6, {BINS} + 1).repeat(48, 1)
+fn = hist_providers()["PROVIDER"]
+fn(torch.rand(2, 3, 16, 16), w, e)
+x = torch.rand({N}, 3, {SIZE}, {SIZE})
+"""
+
+
+def hist_providers():
+    def naive(x, w, e):  # conv, then torch.histc per channel and image (edges uniform here, as histc needs)
+        r = F.conv2d(x, w, padding=5)
+        out = torch.empty(x.shape[0], w.shape[0], e.shape[1] - 1)
+        for n in range(x.shape[0]):
+            for c in range(w.shape[0]):
+                out[n, c] = torch.histc(r[n, c].clamp(e[c, 0], e[c, -1]), bins=e.shape[1] - 1, min=float(e[c, 0]),
+                                        max=float(e[c, -1]))
+        return out / r[0, 0].numel()
+
+    def bucketize(x, w, e):  # conv, bucketize, one scatter_add
+        return tlkernels.ops.filterbank_histogram_reference(x, w, e, 1, 5)
+
+    def ours(x, w, e):
+        return tlkernels.ops.filterbank_histogram(x, w, e, 1, 5)
+    return {"naive": naive, "bucketize": bucketize, "tlkernels": ours}
+
+
+@pytest.mark.parametrize("provider", ["naive", "bucketize", "tlkernels"])
+def test_filterbank_histogram(benchmark, provider):
+    torch.manual_seed(0)
+    x = torch.rand(N, 3, SIZE, SIZE)
+    w = gabor_bank().stages[0]["weight"]
+    e = torch.linspace(-0.6, 0.6, BINS + 1).repeat(48, 1)
+    benchmark.group = f"filterbank histogram {N} RGB {SIZE}x{SIZE}, 48 Gabor 11x11, {BINS} bins"
+    benchmark.extra_info["provider"] = provider
+    fn = hist_providers()[provider]
+    run(benchmark, lambda: fn(x, w, e), rounds=1 if provider == "naive" else 3)
+    benchmark.extra_info["peak extra MB"] = round(peak_extra_mb(_HSETUP.replace("PROVIDER", provider), "fn(x, w, e)"), 1)
+
+
+Q, M, D, K = 1000, 50000, 1600, 50
+
+
+@pytest.fixture(scope="module")
+def descriptors():
+    g = torch.Generator().manual_seed(0)
+    q = torch.softmax(torch.randn(Q, 16, 100, generator=g), -1).reshape(Q, D)
+    db = torch.softmax(torch.randn(M, 16, 100, generator=g), -1).reshape(M, D)
+    return q, db
+
+
+@pytest.mark.parametrize("provider", ["naive", "faiss", "tlkernels"])
+def test_knn_search(benchmark, descriptors, provider):
+    q, db = descriptors
+    benchmark.group = f"knn skl {Q} queries x {M} db x {D} dims, k={K}"
+    benchmark.extra_info["provider"] = provider
+    w = torch.ones(D)
+    if provider == "naive":  # the full distance matrix (expanded form, one GEMM) and torch.topk
+        def fn():
+            A, r, s = _query_side("skl", q, w, 2.2204e-16)
+            B, c = _db_side("skl", db, w, 2.2204e-16)
+            return torch.topk(r[:, None] + c[None, :] + s * (A @ B.t()), K, dim=1, largest=False)
+    elif provider == "faiss":  # exact inner-product index on the same expanded vectors
+        faiss = pytest.importorskip("faiss")  # benchmark-only dependency (requirements-bench.txt)
+        A, r, s = _query_side("skl", q, w, 2.2204e-16)
+        B, c = _db_side("skl", db, w, 2.2204e-16)
+        # max <A, B'> with B' = [B, -2c] and A' = [A, 1]: ranks by the skl distance (row constant dropped)
+        Bp = torch.cat([B, -2 * c[:, None]], 1).numpy()
+        Ap = torch.cat([A, torch.ones(Q, 1)], 1).numpy()
+        index = faiss.IndexFlatIP(Bp.shape[1])
+        index.add(Bp)
+
+        def fn():
+            return index.search(Ap, K)
+    else:
+        def fn():
+            return tlkernels.ops.knn_search(q, db, K, "skl", chunk_size=4096)
+    run(benchmark, fn, rounds=2)

@@ -1,0 +1,11 @@
+// Schema of the kNN chunk selection: given the GEMM of a chunk, cross (Q, m), with the row and column
+// constants of the expanded distance d = row_c + col_c + scale * cross, merge the chunk into the running
+// best lists (Q, k) sorted by (distance, index). Distances are rounded to 2^-bits of the magnitude of their
+// terms, so equal descriptors tie exactly and the lower index wins whatever the chunking.
+#include <torch/library.h>
+
+TORCH_LIBRARY_FRAGMENT(tlkernels, m) {
+  m.def(
+      "knn_select_chunk(Tensor cross, Tensor row_c, Tensor col_c, float scale, Tensor best_d, Tensor best_i, "
+      "int base, int k, int bits) -> (Tensor, Tensor)");
+}
