@@ -17,7 +17,7 @@ def table(path, baseline="naive"):
     for b in data["benchmarks"]:
         p = b["extra_info"].get("provider", b["name"])
         groups.setdefault(b["group"], {})[p] = b["stats"]["median"]
-        extra = {k: v for k, v in b["extra_info"].items() if k != "provider"}
+        extra = {f"{k} ({p})": v for k, v in b["extra_info"].items() if k != "provider"}
         if extra:
             groups[b["group"]].setdefault("_extra", {}).update(extra)
         if p not in providers:

@@ -108,7 +108,9 @@ class SpotTune(nn.Module):
             setattr(parent, name, wrapped)
             self.blocks.append(wrapped)
         self.backbone = backbone
-        self.policy = policy if policy is not None else PolicyNet(len(self.blocks))
+        first_conv = next((m for m in backbone.modules() if isinstance(m, nn.Conv2d)), None)
+        in_ch = first_conv.in_channels if first_conv is not None else 3
+        self.policy = policy if policy is not None else PolicyNet(len(self.blocks), in_channels=in_ch)
         self.tau, self.sample_at_eval = float(tau), sample_at_eval
         self.register_buffer("usage_sum", torch.zeros(len(self.blocks)), persistent=False)
         self.register_buffer("usage_count", torch.zeros(()), persistent=False)
