@@ -1,5 +1,6 @@
 """PNG plots of the trainer (matplotlib, Agg backend: no display needed)."""
 import matplotlib
+import torch
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -33,12 +34,13 @@ def gates(usage, path, title):
 
 def retrieval_grid(target, source, neighbours, path, rows=6, cols=6):
     fig, axes = plt.subplots(rows, cols + 1, figsize=(1.2 * (cols + 1), 1.2 * rows))
-    for r in range(rows):
-        x, _ = target[r]
-        axes[r, 0].imshow(x[0], cmap="gray")
+    picks = [int(i) for i in torch.linspace(0, len(target) - 1, rows)]  # spread over the (class-sorted) set
+    for r, t in enumerate(picks):
+        x, _ = target[t]
+        axes[r, 0].imshow(x[0].numpy(), cmap="gray")
         for c in range(cols):
-            s, _ = source[int(neighbours[r][c])]
-            axes[r, c + 1].imshow(s[0], cmap="gray")
+            s, _ = source[int(neighbours[t][c])]
+            axes[r, c + 1].imshow(s[0].numpy(), cmap="gray")
     for ax in axes.flat:
         ax.axis("off")
     axes[0, 0].set_title("target", fontsize=8)

@@ -84,10 +84,10 @@ def parse_args(argv=None):
         for k, v in values.items():
             if k not in names:
                 ap.error(f"--config {ns.config}: unknown option {k!r}")
-            want = {"int": int, "float": (int, float), "str": str, "bool": bool}[
-                names[k].type if isinstance(names[k].type, str) else names[k].type.__name__]
+            tname = names[k].type if isinstance(names[k].type, str) else names[k].type.__name__
+            want = {"int": int, "float": (int, float), "str": str, "bool": bool}[tname]
             if not isinstance(v, want) or (want is int and isinstance(v, bool)):
-                ap.error(f"--config {ns.config}: option {k!r} must be {names[k].type}, got {v!r}")
+                ap.error(f"--config {ns.config}: option {k!r} must be {tname}, got {v!r}")
     values.update({k: v for k, v in vars(ns).items() if v is not None})
     cfg = Config(**values)
     for m in ([cfg.method] + [m for m in cfg.compare.split(",") if m]):
