@@ -1,8 +1,9 @@
-"""Peak extra memory of one call, measured as the growth of the process's peak RSS in a fresh subprocess.
+"""Peak extra memory of one call: in a fresh subprocess, a thread samples the resident set size
+(/proc/self/statm) every 0.5 ms while `call` runs; the result is the peak minus the RSS just before.
 
 `setup` builds the inputs (and runs a warm-up on tiny inputs so code pages and lazy imports do not
-count); `call` runs once. glibc hands large freed blocks back to the OS, so RSS follows live tensors.
-Coarse (page granularity, whole process) but it sees every allocation, including those inside C++ kernels.
+count). glibc hands large freed blocks back to the OS, so RSS follows live tensors. Coarse (sampling,
+page granularity, whole process) but it sees every allocation, including those inside C++ kernels.
 """
 import json
 import os
@@ -11,15 +12,28 @@ import sys
 import textwrap
 
 _DRIVER = """
-import resource, json, os, sys
+import json, os, sys, threading, time
 sys.path.insert(0, {bench_dir!r})
 import torch
 torch.set_num_threads(2)
+page_kb = os.sysconf("SC_PAGE_SIZE") / 1024
+def rss_kb():
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * page_kb
 {setup}
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = rss_kb()
+peak = [before]
+done = threading.Event()
+def sample():
+    while not done.is_set():
+        peak[0] = max(peak[0], rss_kb())
+        time.sleep(0.0005)
+t = threading.Thread(target=sample, daemon=True)
+t.start()
 {call}
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({{"extra_kb": after - before}}))
+done.set(); t.join()
+peak[0] = max(peak[0], rss_kb())
+print(json.dumps({{"extra_kb": peak[0] - before}}))
 """
 
 
