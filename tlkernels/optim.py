@@ -30,8 +30,31 @@ def _plan(optimizer, group):
     return params, grads, refs, coeffs
 
 
-class SGD(torch.optim.Optimizer):
+class _FusedL2SP(torch.optim.Optimizer):
+    """Shared step(): closure, then one fused multi-tensor step per parameter group."""
+
+    reference_step = None  # pure-PyTorch step used with TLKERNELS_BACKEND=reference
+    op_name = None
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        impl = type(self).reference_step if use_reference() else op(self.op_name)
+        for group in self.param_groups:
+            params, grads, refs, coeffs = _plan(self, group)
+            if params:
+                self._step_group(impl, group, params, grads, refs, coeffs)
+        return loss
+
+
+class SGD(_FusedL2SP):
     """torch.optim.SGD (momentum, dampening, weight_decay, nesterov, maximize) plus an optional fused L2-SP term."""
+
+    reference_step = staticmethod(_steps.sgd_l2sp_step_reference)
+    op_name = "sgd_l2sp_step_"
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *,
                  maximize=False, l2sp=None):
@@ -47,38 +70,30 @@ class SGD(torch.optim.Optimizer):
                                       nesterov=nesterov, maximize=maximize))
         self.l2sp = l2sp
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        impl = _steps.sgd_l2sp_step_reference if use_reference() else op("sgd_l2sp_step_")
-        for group in self.param_groups:
-            params, grads, refs, coeffs = _plan(self, group)
-            if not params:
-                continue
-            momentum = group["momentum"]
-            hyper = (group["lr"], momentum, group["dampening"], group["weight_decay"], group["nesterov"],
-                     group["maximize"])
-            if momentum == 0:
-                impl(params, grads, [], refs, coeffs, *hyper, False)
-                continue
-            # First-step params (buffer := gradient) and the others go in separate calls.
-            fresh = [i for i, p in enumerate(params) if "momentum_buffer" not in self.state[p]]
-            for i in fresh:
-                self.state[params[i]]["momentum_buffer"] = torch.empty_like(params[i])
-            old = [i for i in range(len(params)) if i not in set(fresh)]
-            for first, idx in ((True, fresh), (False, old)):
-                if idx:
-                    impl([params[i] for i in idx], [grads[i] for i in idx],
-                         [self.state[params[i]]["momentum_buffer"] for i in idx], [refs[i] for i in idx],
-                         [coeffs[i] for i in idx], *hyper, first)
-        return loss
+    def _step_group(self, impl, group, params, grads, refs, coeffs):
+        momentum = group["momentum"]
+        hyper = (group["lr"], momentum, group["dampening"], group["weight_decay"], group["nesterov"],
+                 group["maximize"])
+        if momentum == 0:
+            impl(params, grads, [], refs, coeffs, *hyper, False)
+            return
+        # First-step params (buffer := gradient) and the others go in separate calls.
+        fresh = [i for i, p in enumerate(params) if "momentum_buffer" not in self.state[p]]
+        for i in fresh:
+            self.state[params[i]]["momentum_buffer"] = torch.empty_like(params[i])
+        old = [i for i in range(len(params)) if i not in set(fresh)]
+        for first, idx in ((True, fresh), (False, old)):
+            if idx:
+                impl([params[i] for i in idx], [grads[i] for i in idx],
+                     [self.state[params[i]]["momentum_buffer"] for i in idx], [refs[i] for i in idx],
+                     [coeffs[i] for i in idx], *hyper, first)
 
 
-class AdamW(torch.optim.Optimizer):
+class AdamW(_FusedL2SP):
     """torch.optim.AdamW (no amsgrad) plus an optional fused L2-SP term added to the gradient before the moments."""
+
+    reference_step = staticmethod(_steps.adamw_l2sp_step_reference)
+    op_name = "adamw_l2sp_step_"
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, *, maximize=False,
                  l2sp=None):
@@ -91,29 +106,19 @@ class AdamW(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize))
         self.l2sp = l2sp
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        impl = _steps.adamw_l2sp_step_reference if use_reference() else op("adamw_l2sp_step_")
-        for group in self.param_groups:
-            params, grads, refs, coeffs = _plan(self, group)
-            by_step = {}
-            for i, p in enumerate(params):
-                st = self.state[p]
-                if not st:
-                    st["step"] = 0
-                    st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                st["step"] += 1
-                by_step.setdefault(st["step"], []).append(i)
-            b1, b2 = group["betas"]
-            for step, idx in by_step.items():
-                impl([params[i] for i in idx], [grads[i] for i in idx],
-                     [self.state[params[i]]["exp_avg"] for i in idx],
-                     [self.state[params[i]]["exp_avg_sq"] for i in idx], [refs[i] for i in idx],
-                     [coeffs[i] for i in idx], group["lr"], b1, b2, group["eps"], group["weight_decay"], int(step),
-                     group["maximize"])
-        return loss
+    def _step_group(self, impl, group, params, grads, refs, coeffs):
+        by_step = {}
+        for i, p in enumerate(params):
+            st = self.state[p]
+            if not st:
+                st["step"] = 0
+                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st["step"] += 1
+            by_step.setdefault(st["step"], []).append(i)
+        b1, b2 = group["betas"]
+        for step, idx in by_step.items():
+            impl([params[i] for i in idx], [grads[i] for i in idx], [self.state[params[i]]["exp_avg"] for i in idx],
+                 [self.state[params[i]]["exp_avg_sq"] for i in idx], [refs[i] for i in idx],
+                 [coeffs[i] for i in idx], group["lr"], b1, b2, group["eps"], group["weight_decay"], int(step),
+                 group["maximize"])
