@@ -103,7 +103,7 @@ def _merge(dist, idx, k):
 def _rows(database, start, stop, dtype, device):
     part = database[start:stop]
     if isinstance(part, np.ndarray):
-        part = torch.from_numpy(np.ascontiguousarray(part))
+        part = torch.from_numpy(np.array(part))  # a copy: memory maps may be read-only
     return part.to(device=device, dtype=dtype)
 
 

@@ -27,7 +27,7 @@ def _ce_kernel(x_ptr, x_stride, t_ptr, q_ptr, q_stride, w_ptr, denom_ptr, rows_p
         m = new_m
         if SOFT:
             qv = tl.load(q_ptr + row * q_stride + offs, mask=mask, other=0.0).to(tl.float32)
-            dot += tl.sum(tl.where(mask, qv * xv, 0.0), axis=0)
+            dot += tl.sum(qv * tl.where(mask, xv, 0.0), axis=0)  # masked lanes: 0, not 0 * -inf
             qsum += tl.sum(qv, axis=0)
     lse = m + tl.log(s)
     w = 1.0
