@@ -13,7 +13,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -59,12 +59,11 @@ class Config:
     quiet: bool = False            # no progress bars
     config: str = ""               # JSON file with any of these fields
     threads: int = 0               # torch threads (0: leave torch's default)
-    extra: dict = field(default_factory=dict, repr=False)
 
 
 # ----------------------------------------------------------------------------- options
 def parse_args(argv=None):
-    fields = [f for f in dataclasses.fields(Config) if f.name != "extra"]
+    fields = dataclasses.fields(Config)
     ap = argparse.ArgumentParser(prog="tlkernels-train", description=__doc__.split("\n")[0])
     for f in fields:
         if f.type is bool or f.type == "bool":

@@ -37,17 +37,26 @@ def cross_entropy_reference(logits, target, sample_weight=None, ignore_index=-10
 
 
 def _ref_impl(logits, target, sample_weight, ignore_index, reduction, scale, compute_grad):
+    """Reference kernel of the op (used without the compiled library). Analytic gradient: an op kernel runs
+    below the autograd dispatch keys, where torch.autograd cannot record."""
     red = {v: k for k, v in REDUCTIONS.items()}[reduction]
-    x = logits.detach().requires_grad_(compute_grad)
-    with torch.enable_grad():
-        loss = cross_entropy_reference(x, target, sample_weight, ignore_index, red, scale)
+    with torch.no_grad():
+        loss = cross_entropy_reference(logits, target, sample_weight, ignore_index, red, scale)
         if not compute_grad:
-            return loss.detach(), logits.new_empty(0)
-        # gradient of the returned loss with upstream 1 (per row for 'none')
-        (g,) = torch.autograd.grad(loss.sum() if reduction == 0 else loss, [x])
-    if reduction == 0:  # rows are independent: d(sum)/dx row i = d(loss_i)/dx_i
-        pass
-    return loss.detach(), g
+            return loss, logits.new_empty(0)
+        p = torch.softmax(logits.double(), dim=1)
+        if target.is_floating_point():
+            q = target.double()
+            w = torch.ones(logits.shape[0], dtype=torch.float64, device=logits.device)
+        else:
+            w = (target != ignore_index).double()
+            q = F.one_hot(target.clamp(min=0), logits.shape[1]).double() * w[:, None]
+        if sample_weight is not None:
+            w = w * sample_weight.double()
+        coef = w * scale / (w.sum() if reduction == 1 else 1.0)
+        coef = torch.where(w == 0, torch.zeros_like(coef), coef)  # ignored rows: exact zeros, as torch
+        g = coef[:, None] * (p * q.sum(1, keepdim=True) - q)
+    return loss, g.to(logits.dtype)
 
 
 def _triton_impl(*args):
@@ -123,6 +132,12 @@ def cross_entropy(logits, target, sample_weight=None, ignore_index=-100, reducti
     """scale * CE(logits, target) with F.cross_entropy semantics; see the module docstring."""
     _check("cross_entropy", logits, target, sample_weight, reduction)
     if use_reference():
+        if not target.is_floating_point() and not torch.compiler.is_compiling():  # compiled kernels check it
+            bad = ((target < 0) | (target >= logits.shape[1])) & (target != ignore_index)
+            if bool(bad.any()):
+                i = int(bad.nonzero()[0, 0])
+                fail("cross_entropy", f"target[{i}] = {int(target[i])} is out of range [0, {logits.shape[1]}) "
+                                      f"(and is not ignore_index = {ignore_index})")
         return cross_entropy_reference(logits, target, sample_weight, ignore_index, reduction, scale)
     compute_grad = logits.requires_grad and torch.is_grad_enabled()
     loss, _ = op("cross_entropy")(logits, target.detach(), None if sample_weight is None else sample_weight.detach(),
