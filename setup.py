@@ -50,7 +50,7 @@ def get_extensions():
     csrc = os.path.join("csrc")
     sources = sorted(glob.glob(os.path.join(csrc, "*.cpp")) + glob.glob(os.path.join(csrc, "ops", "*.cpp"))
                      + glob.glob(os.path.join(csrc, "ops", "cpu", "*.cpp")))
-    cxx = ["-O3", "-DPy_LIMITED_API=0x03090000"]
+    cxx = ["-O3"]  # (py_limited_api=True makes torch define Py_LIMITED_API itself)
     include_dirs = [os.path.join(ROOT, "csrc")]
     if CUDA_HOME:
         sources += sorted(glob.glob(os.path.join(csrc, "ops", "cuda", "*.cu")))
