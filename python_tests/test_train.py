@@ -107,3 +107,27 @@ def test_torchrun_two_processes(tmp_path, cache):
     for m in ("finetune", "selective"):
         s = json.loads((tmp_path / m / "summary.json").read_text())
         assert s["status"] == "done" and s["steps"] == 4
+
+
+def test_pretraining_is_identical_across_processes(tmp_path):
+    """The demo's cached pre-trained model must not depend on the process (a README number depends on it)."""
+    code = """
+import hashlib, os, sys, torch
+from tlkernels import train
+cfg = train.parse_args(["--out_dir", sys.argv[1], "--source_limit", "300", "--pretrain_epochs", "1", "--quiet",
+                        "--threads", "2"])
+cfg.cache_dir = sys.argv[1]
+os.makedirs(cfg.cache_dir, exist_ok=True)
+t, s = train.load_data(cfg)
+torch.rand(int(sys.argv[2]))  # different earlier RNG use in each process
+m = train.pretrained_backbone(cfg, s, print)
+print(hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in m.parameters())).hexdigest())
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    digests = []
+    for i, n in enumerate((1, 7)):
+        r = subprocess.run([sys.executable, "-c", code, str(tmp_path / f"p{i}"), str(n)], capture_output=True,
+                           text=True, env=env, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        digests.append(r.stdout.strip().splitlines()[-1])
+    assert digests[0] == digests[1]

@@ -175,6 +175,7 @@ def pretrained_backbone(cfg, source, log):
             raise SystemExit(f"tlkernels-train: --checkpoint {cfg.checkpoint}: {e}")
         return model
     path = os.path.join(cfg.cache_dir, f"pretrained-demo-e{cfg.pretrain_epochs}-n{len(source.train)}.pt")
+    torch.manual_seed(1234)  # before construction: the initial weights must not depend on earlier RNG use
     model = demo_backbone()
     if os.path.exists(path):
         try:
@@ -183,7 +184,6 @@ def pretrained_backbone(cfg, source, log):
         except Exception as e:
             log(f"cached pre-trained model {path} unusable ({e}); pre-training again")
     if is_main():  # one rank pre-trains; the others wait and load the cache
-        torch.manual_seed(1234)
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
         n, bs = len(source.train), 64
         from tqdm.auto import tqdm
