@@ -1,6 +1,3 @@
-import os
-import subprocess
-import sys
 
 import pytest
 import torch

@@ -11,8 +11,6 @@ import torch.nn.functional as F
 import torchvision
 
 from tlkernels.methods import AdaFilter, SpotTune
-from tlkernels.methods.adafilter import AdaFilterConv
-from tlkernels.methods.spottune import SpotTuneBlock
 
 
 def _resnet(arch="resnet18", classes=5):

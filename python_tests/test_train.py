@@ -2,7 +2,6 @@
 bad options and missing directories."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 

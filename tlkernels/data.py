@@ -2,7 +2,6 @@
 ImageFolder directories for real use."""
 import os
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset

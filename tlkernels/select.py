@@ -9,7 +9,6 @@
     joint = JointDataset(target_train, source_train, sel.neighbours())
 """
 import hashlib
-import io
 import os
 import tempfile
 import warnings

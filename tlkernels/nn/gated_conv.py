@@ -1,10 +1,8 @@
 """GatedConv2d: a drop-in for nn.Conv2d holding frozen pre-trained filters and trainable fine-tuned ones."""
-import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.modules.utils import _pair
 
 from tlkernels.ops.gated_conv2d import gated_conv2d
 

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from tlkernels._extension import use_reference
-from tlkernels.ops._registry import ensure_op, has_op, op
+from tlkernels.ops._registry import ensure_op, op
 from tlkernels.ops._utils import check_tensor, fail, pair
 
 SCHEMA = "filterbank_histogram(Tensor images, Tensor filters, Tensor edges, int[2] stride, int[2] padding) -> Tensor"
