@@ -50,17 +50,24 @@ def get_extensions():
     csrc = os.path.join("csrc")
     sources = sorted(glob.glob(os.path.join(csrc, "*.cpp")) + glob.glob(os.path.join(csrc, "ops", "*.cpp"))
                      + glob.glob(os.path.join(csrc, "ops", "cpu", "*.cpp")))
-    cxx = ["-O3"]  # (py_limited_api=True makes torch define Py_LIMITED_API itself)
+    # (py_limited_api=True makes torch define Py_LIMITED_API itself.) OpenMP: at::parallel_for is a header
+    # template that runs serially unless the including library is itself compiled with OpenMP; libgomp
+    # is the one torch already loads (same soname), so no second runtime appears.
+    cxx = ["-O3"]
+    link = []
+    if sys.platform.startswith("linux"):
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     include_dirs = [os.path.join(ROOT, "csrc")]
     if CUDA_HOME:
         sources += sorted(glob.glob(os.path.join(csrc, "ops", "cuda", "*.cu")))
         ext = CUDAExtension("tlkernels._C", sources, include_dirs=include_dirs,
                             define_macros=[("TLKERNELS_WITH_CUDA", "1")],
                             extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
-                            py_limited_api=True)
+                            extra_link_args=link, py_limited_api=True)
     else:
         ext = CppExtension("tlkernels._C", sources, include_dirs=include_dirs,
-                           extra_compile_args={"cxx": cxx}, py_limited_api=True)
+                           extra_compile_args={"cxx": cxx}, extra_link_args=link, py_limited_api=True)
     print(f"tlkernels setup: CUDA kernels {'ON' if CUDA_HOME else 'OFF'} ({REASON}); "
           f"{len(sources)} source files", flush=True)
     return [ext]

@@ -41,3 +41,20 @@ print("FALLBACK OK")
 def test_import_and_ops_without_compiled_library():
     r = subprocess.run([sys.executable, "-c", CODE], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "FALLBACK OK" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+def test_cpu_kernels_use_all_intra_op_threads():
+    """at::parallel_for is a header template: a library built without OpenMP runs it on one thread and
+    nothing else notices (results are identical, only slower). This failed before setup.py passed -fopenmp."""
+    import torch
+    import tlkernels
+    if not tlkernels.HAS_C:
+        raise AssertionError("tlkernels._C is not built; " + tlkernels.extension_status())
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert torch.ops.tlkernels._intra_op_threads() == 2
+        torch.set_num_threads(1)
+        assert torch.ops.tlkernels._intra_op_threads() == 1
+    finally:
+        torch.set_num_threads(before)
