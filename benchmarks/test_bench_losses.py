@@ -132,7 +132,7 @@ def test_joint_cross_entropy(benchmark, provider):
         def fn():
             loss = tlkernels.ops.joint_cross_entropy(xt, yt, xs, ys, source_weight=0.5, target_weight=0.5)
             return torch.autograd.grad(loss, [xt, xs])
-    run(benchmark, fn, rounds=20)
+    run(benchmark, fn, rounds=20, iterations=50)
     fname = "naive" if provider == "naive" else "ours"
     benchmark.extra_info["peak extra MB"] = round(peak_extra_mb(
         _SETUP.replace("PROVIDER", fname), f"torch.autograd.grad({fname}(xt, yt, xs, ys), [xt, xs])"), 2)

@@ -148,6 +148,53 @@ def test_joint_cross_entropy_matches_weighted_sum():
     torch.testing.assert_close(rows_s, 0.3 * F.cross_entropy(xs, ys, reduction="none"))
 
 
+def test_joint_cross_entropy_is_one_autograd_node_with_weights_and_ignored_rows():
+    torch.manual_seed(1)
+    xt = torch.randn(7, 10, dtype=torch.float64, requires_grad=True)
+    yt = torch.tensor([0, -100, 9, 3, 3, -100, 1])
+    wt = torch.rand(7, dtype=torch.float64)
+    xs = torch.randn(5, 30, requires_grad=True)  # heads may differ in dtype: the loss is promoted
+    ys = torch.randint(0, 30, (5,))
+    for reduction in ("mean", "sum"):
+        ours = joint_cross_entropy(xt, yt, xs, ys, source_weight=0.3, target_weight=0.7, target_sample_weight=wt,
+                                   reduction=reduction)
+        # one node for both heads: its inputs are the two leaves' gradient accumulators
+        nxt = {type(f).__name__ if f is not None else None for f, _ in ours.grad_fn.next_functions}
+        assert nxt - {None} == {"AccumulateGrad"}, ours.grad_fn.next_functions
+        assert ours.dtype == torch.float64
+        ref = (0.7 * cross_entropy_reference(xt, yt, wt, reduction=reduction)
+               + 0.3 * F.cross_entropy(xs, ys, reduction=reduction))
+        torch.testing.assert_close(ours, ref)
+        # an upstream gradient other than 1 scales both heads
+        g = torch.autograd.grad(3 * ours, [xt, xs])
+        gr = torch.autograd.grad(3 * ref, [xt, xs])
+        for a, b in zip(g, gr):
+            torch.testing.assert_close(a, b)
+    assert torch.all(g[0][yt == -100] == 0)
+    # only one head trainable (a frozen target head; an optional weight shifts the tensor inputs)
+    for w in (wt, None):
+        ours = joint_cross_entropy(xt.detach(), yt, xs, ys, source_weight=0.3, target_sample_weight=w)
+        ref = 0.3 * F.cross_entropy(xs, ys)
+        torch.testing.assert_close(torch.autograd.grad(ours, [xs])[0], torch.autograd.grad(ref, [xs])[0])
+        ours = joint_cross_entropy(xt, yt, xs.detach(), ys, source_weight=0.3, target_sample_weight=w)
+        assert torch.autograd.grad(ours, [xt])[0].shape == xt.shape
+
+
+def test_joint_cross_entropy_opcheck():
+    xt = torch.randn(6, 5, requires_grad=True)
+    yt = torch.tensor([0, 1, -100, 4, 2, 3])
+    xs = torch.randn(4, 9, requires_grad=True)
+    ys = torch.tensor([8, 0, 2, 2])
+    op = torch.ops.tlkernels.joint_cross_entropy.default
+    torch.library.opcheck(op, (xt, yt, None, xs, ys, None, -100, 1, 0.5, 0.25, True))
+    torch.library.opcheck(op, (xt, yt, torch.rand(6), xs, torch.softmax(torch.randn(4, 9), 1), None, -100, 2,
+                               1.0, 2.0, True))
+    with pytest.raises(RuntimeError, match="joint_cross_entropy: reduction must be 1 \\(mean\\) or 2 \\(sum\\)"):
+        op(xt, yt, None, xs, ys, None, -100, 0, 1.0, 1.0, False)
+    with pytest.raises(RuntimeError, match=r"joint_cross_entropy \(source head\): target\[0\] = 9 is out of range"):
+        op(xt, yt, None, xs, torch.tensor([9, 0, 0, 0]), None, -100, 1, 1.0, 1.0, False)
+
+
 def test_joint_cross_entropy_under_torch_compile():
     xt = torch.randn(8, 10, requires_grad=True)
     yt = torch.randint(0, 10, (8,))
@@ -204,6 +251,17 @@ def test_triton_cross_entropy_interpreted(soft, weighted, reduction):
     ref = cross_entropy_reference(xr, y, sw, -100, red, 0.5)
     torch.testing.assert_close(loss, ref.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad, torch.autograd.grad(ref.sum(), xr)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_triton_joint_cross_entropy_interpreted():
+    """The CUDA kernel of joint_cross_entropy (two Triton row passes), run by the interpreter on the CPU."""
+    from tlkernels.ops.cross_entropy import _joint_impl, _triton_impl
+    xt, yt = torch.randn(5, 37), torch.tensor([3, -100, 36, 0, 17])
+    xs, ys = torch.randn(3, 70), torch.tensor([69, 0, 5])
+    loss, gt, gs = _joint_impl(_triton_impl)(xt, yt, None, xs, ys, None, -100, 1, 0.5, 2.0, True)
+    ref = torch.ops.tlkernels.joint_cross_entropy(xt, yt, None, xs, ys, None, -100, 1, 0.5, 2.0, True)
+    for a, b in zip((loss, gt, gs), ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- modules
@@ -323,3 +381,25 @@ def test_optimizer_step_bad_inputs():
                                              [torch.zeros(4)], [0.1], 0.1, 0.9, 0.99, 1e-8, 0.0, 1, False)
     with pytest.raises(ValueError, match="SGD: nesterov momentum requires momentum > 0"):
         SGD([torch.zeros(1, requires_grad=True)], lr=0.1, nesterov=True)
+
+
+def test_cross_entropy_fast_exp_accuracy_and_masked_logits():
+    """The AVX2 row pass uses its own exp (flushes below e^-87.3): softmax as accurate as torch's float32 one,
+    -inf (masked) logits give exact zero gradients, NaN logits give a NaN loss."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 1003) * 30
+    x[0, 5] = float("-inf")
+    x[1] = torch.linspace(-100, 0, 1003)
+    y = torch.randint(0, 1003, (64,))
+    xr = x.clone().requires_grad_()
+    loss = cross_entropy(xr, y, reduction="sum")
+    (g,) = torch.autograd.grad(loss, xr)
+    p = torch.softmax(x.double(), 1)
+    off = (p > 1e-30) & (F.one_hot(y, 1003) == 0)
+    ours = ((g.double() - p).abs() / p)[off].max()
+    torch32 = ((torch.softmax(x, 1).double() - p).abs() / p)[off].max()
+    assert ours <= 1.5 * torch32 + 1e-6, (ours, torch32)
+    assert g[0, 5].item() == 0.0
+    torch.testing.assert_close(loss.double(), F.cross_entropy(x.double(), y, reduction="sum"), rtol=1e-6, atol=0)
+    x[2, 7] = float("nan")
+    assert torch.isnan(cross_entropy(x, y))

@@ -6,10 +6,18 @@
 // 0 none, 1 mean, 2 sum. The loss is multiplied by `scale`. With compute_grad the gradient of the
 // returned (scaled) loss, as if its upstream gradient were 1, is written in the same row pass (online
 // log-sum-exp); no softmax buffer exists besides it. Otherwise grad_logits is empty.
+// joint_cross_entropy(target head..., source head..., ignore_index, reduction, target_weight, source_weight,
+//                     compute_grad) -> (loss, grad_target_logits, grad_source_logits)
+//   target_weight * CE(target head) + source_weight * CE(source head) as one op (one autograd node);
+//   reduction 1 (mean, per head) or 2 (sum).
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(tlkernels, m) {
   m.def(
       "cross_entropy(Tensor logits, Tensor target, Tensor? sample_weight, int ignore_index, int reduction, "
       "float scale, bool compute_grad) -> (Tensor, Tensor)");
+  m.def(
+      "joint_cross_entropy(Tensor target_logits, Tensor target_labels, Tensor? target_sample_weight, "
+      "Tensor source_logits, Tensor source_labels, Tensor? source_sample_weight, int ignore_index, int reduction, "
+      "float target_weight, float source_weight, bool compute_grad) -> (Tensor, Tensor, Tensor)");
 }

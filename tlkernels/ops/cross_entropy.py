@@ -16,6 +16,9 @@ from tlkernels.ops._utils import check_tensor, fail
 
 SCHEMA = ("cross_entropy(Tensor logits, Tensor target, Tensor? sample_weight, int ignore_index, int reduction, "
           "float scale, bool compute_grad) -> (Tensor, Tensor)")
+JOINT_SCHEMA = ("joint_cross_entropy(Tensor target_logits, Tensor target_labels, Tensor? target_sample_weight, "
+                "Tensor source_logits, Tensor source_labels, Tensor? source_sample_weight, int ignore_index, "
+                "int reduction, float target_weight, float source_weight, bool compute_grad) -> (Tensor, Tensor, Tensor)")
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 
 
@@ -81,6 +84,45 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1])
 
 
+# ----------------------------------------------------------------------------- joint op (one autograd node)
+def _joint_impl(single):
+    """Kernel of joint_cross_entropy built from a single-head kernel (reference or Triton)."""
+    def impl(tl, ty, tw, sl, sy, sw, ignore_index, reduction, target_weight, source_weight, compute_grad):
+        if reduction not in (1, 2):
+            fail("joint_cross_entropy", f"reduction must be 1 (mean) or 2 (sum), got {reduction}")
+        lt, gt = single(tl, ty, tw, ignore_index, reduction, target_weight, compute_grad)
+        ls, gs = single(sl, sy, sw, ignore_index, reduction, source_weight, compute_grad)
+        return lt + ls, gt, gs
+    return impl
+
+
+ensure_op("joint_cross_entropy", JOINT_SCHEMA, _joint_impl(_ref_impl))
+register_gpu("joint_cross_entropy", _joint_impl(_triton_impl), _joint_impl(_ref_impl))
+
+
+@torch.library.register_fake("tlkernels::joint_cross_entropy")
+def _joint_fake(tl, ty, tw, sl, sy, sw, ignore_index, reduction, target_weight, source_weight, compute_grad):
+    def grad(x):
+        return torch.empty_like(x, memory_format=torch.contiguous_format) if compute_grad else x.new_empty(0)
+    return tl.new_empty((), dtype=torch.promote_types(tl.dtype, sl.dtype)), grad(tl), grad(sl)
+
+
+def _joint_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[1], output[2])
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _joint_backward(ctx, grad_loss, _g1, _g2):
+    gt, gs = ctx.saved_tensors
+    if (gt.numel() == 0 and ctx.needs_input_grad[0]) or (gs.numel() == 0 and ctx.needs_input_grad[3]):
+        raise RuntimeError("joint_cross_entropy: the forward ran without compute_grad; call it with the logits "
+                           "requiring grad and grad mode enabled")
+    nones = (None,) * 7
+    if _is_eager_cpu(grad_loss) and grad_loss.item() == 1.0:  # see _backward: the usual loss.backward()
+        return (gt, None, None, gs, None, None) + nones[:5]
+    return (gt * grad_loss.to(gt.dtype), None, None, gs * grad_loss.to(gs.dtype), None, None) + nones[:5]
+
+
 def _is_eager_cpu(t):
     """A real CPU tensor outside any tracing (compile, fake or functional modes): reading it is free."""
     return (type(t) is torch.Tensor and t.device.type == "cpu" and not torch.compiler.is_compiling()
@@ -102,7 +144,13 @@ def _backward(ctx, grad_loss, _grad_grad):
     return g * scale.to(g.dtype), None, None, None, None, None, None
 
 
-torch.library.register_autograd("tlkernels::cross_entropy", _backward, setup_context=_setup_context)
+# The compiled library registers both ops' autograd in C++ (csrc/ops/cross_entropy_autograd.cpp: a Python
+# autograd node cost as much as the kernels at typical sizes); these Python twins serve the fallback.
+if not torch._C._dispatch_has_kernel_for_dispatch_key("tlkernels::cross_entropy", "Autograd"):
+    torch.library.register_autograd("tlkernels::cross_entropy", _backward, setup_context=_setup_context)
+if not torch._C._dispatch_has_kernel_for_dispatch_key("tlkernels::joint_cross_entropy", "Autograd"):
+    torch.library.register_autograd("tlkernels::joint_cross_entropy", _joint_backward,
+                                    setup_context=_joint_setup_context)
 
 
 def _check(opname, logits, target, sample_weight, reduction, name="logits", tname="target"):
@@ -150,7 +198,8 @@ def joint_cross_entropy(target_logits, target_labels, source_logits=None, source
                         reduction="mean"):
     """target_weight * CE(target_logits, target_labels) + source_weight * CE(source_logits, source_labels).
 
-    Each head is one fused row pass (its weight folded into the gradient, no extra pass). With
+    Each head is one fused row pass (its weight folded into the gradient, no extra pass); with both heads,
+    number weights and a mean/sum reduction the two passes are one op (one autograd node). With
     reduction="none" returns the weighted per-row losses: a tensor for the target head alone, or the
     tuple (target_rows, source_rows) when a source head is given (the heads have different batch sizes).
     A source_weight of 0 skips the source head entirely (soft fine-tuning at the end of its schedule).
@@ -159,11 +208,25 @@ def joint_cross_entropy(target_logits, target_labels, source_logits=None, source
     _check(op_name, target_logits, target_labels, target_sample_weight, reduction, "target_logits", "target_labels")
     if (source_logits is None) != (source_labels is None):
         fail(op_name, "source_logits and source_labels must be given together")
-    lt = cross_entropy(target_logits, target_labels, target_sample_weight, ignore_index, reduction, target_weight)
     if source_logits is None:
-        return lt
+        return cross_entropy(target_logits, target_labels, target_sample_weight, ignore_index, reduction,
+                             target_weight)
     _check(op_name, source_logits, source_labels, source_sample_weight, reduction, "source_logits", "source_labels")
     if isinstance(source_weight, (int, float)) and source_weight == 0 and reduction != "none":
+        lt = cross_entropy(target_logits, target_labels, target_sample_weight, ignore_index, reduction, target_weight)
         return lt + 0.0 * source_logits.sum()  # keeps the source head in the graph (DDP) at no real cost
+    if (reduction != "none" and not use_reference() and isinstance(source_weight, (int, float))
+            and isinstance(target_weight, (int, float))):
+        compute_grad = torch.is_grad_enabled() and (target_logits.requires_grad or source_logits.requires_grad)
+        loss, _, _ = op("joint_cross_entropy")(
+            target_logits, target_labels.detach(), _detach(target_sample_weight), source_logits,
+            source_labels.detach(), _detach(source_sample_weight), int(ignore_index), REDUCTIONS[reduction],
+            float(target_weight), float(source_weight), compute_grad)
+        return loss
+    lt = cross_entropy(target_logits, target_labels, target_sample_weight, ignore_index, reduction, target_weight)
     ls = cross_entropy(source_logits, source_labels, source_sample_weight, ignore_index, reduction, source_weight)
     return (lt, ls) if reduction == "none" else lt + ls
+
+
+def _detach(t):
+    return None if t is None else t.detach()

@@ -13,11 +13,12 @@
 namespace tlkernels {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> cross_entropy_cpu(const at::Tensor& logits_in, const at::Tensor& target_in,
-                                                     const c10::optional<at::Tensor>& sample_weight,
-                                                     int64_t ignore_index, int64_t reduction, double scale,
-                                                     bool compute_grad) {
-  const char* op = "cross_entropy";
+// `op` names the caller in error messages (cross_entropy, or one head of joint_cross_entropy).
+std::tuple<at::Tensor, at::Tensor> cross_entropy_impl(const char* op, const at::Tensor& logits_in,
+                                                      const at::Tensor& target_in,
+                                                      const c10::optional<at::Tensor>& sample_weight,
+                                                      int64_t ignore_index, int64_t reduction, double scale,
+                                                      bool compute_grad) {
   TORCH_CHECK(logits_in.dim() == 2, op, ": logits must be 2-D (N, C), got ", logits_in.dim(), "-D");
   TORCH_CHECK(at::isFloatingType(logits_in.scalar_type()), op, ": logits must be floating point, got ",
               logits_in.scalar_type());
@@ -149,8 +150,35 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_cpu(const at::Tensor& logits_in
   return {loss, grad};
 }
 
+std::tuple<at::Tensor, at::Tensor> cross_entropy_cpu(const at::Tensor& logits, const at::Tensor& target,
+                                                     const c10::optional<at::Tensor>& sample_weight,
+                                                     int64_t ignore_index, int64_t reduction, double scale,
+                                                     bool compute_grad) {
+  return cross_entropy_impl("cross_entropy", logits, target, sample_weight, ignore_index, reduction, scale,
+                            compute_grad);
+}
+
+// Both heads in one op, so autograd records a single node (at N=256 the per-node overhead of the
+// Python-level custom-op autograd costs as much as the row passes themselves).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> joint_cross_entropy_cpu(
+    const at::Tensor& target_logits, const at::Tensor& target_labels,
+    const c10::optional<at::Tensor>& target_sample_weight, const at::Tensor& source_logits,
+    const at::Tensor& source_labels, const c10::optional<at::Tensor>& source_sample_weight, int64_t ignore_index,
+    int64_t reduction, double target_weight, double source_weight, bool compute_grad) {
+  TORCH_CHECK(reduction == 1 || reduction == 2, "joint_cross_entropy: reduction must be 1 (mean) or 2 (sum) "
+              "(per-row losses of two heads of different sizes do not add up), got ", reduction);
+  auto [lt, gt] = cross_entropy_impl("joint_cross_entropy (target head)", target_logits, target_labels,
+                                     target_sample_weight, ignore_index, reduction, target_weight, compute_grad);
+  auto [ls, gs] = cross_entropy_impl("joint_cross_entropy (source head)", source_logits, source_labels,
+                                     source_sample_weight, ignore_index, reduction, source_weight, compute_grad);
+  return {at::add(lt, ls), gt, gs};
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tlkernels, CPU, m) { m.impl("cross_entropy", &cross_entropy_cpu); }
+TORCH_LIBRARY_IMPL(tlkernels, CPU, m) {
+  m.impl("cross_entropy", &cross_entropy_cpu);
+  m.impl("joint_cross_entropy", &joint_cross_entropy_cpu);
+}
 
 }  // namespace tlkernels
