@@ -73,6 +73,51 @@ def test_l2sp_value_and_grad(benchmark, r50, provider):
     return result
 
 
+# ----------------------------------------------------------------------------- ... added into .grad
+@pytest.mark.parametrize("provider", ["naive", "foreach", "tlkernels", "triad"])
+def test_l2sp_value_and_grad_into_grad(benchmark, r50, provider):
+    """The training use: the task loss's backward has filled .grad, the penalty's gradient is added to it."""
+    params, refs = r50
+    n = sum(p.numel() for p in params)
+    benchmark.group = f"l2sp value+grad added into .grad, resnet50 ({n / 1e6:.1f}M in {len(params)} tensors)"
+    benchmark.extra_info["provider"] = provider
+    alpha = 0.1
+    for p in params:
+        p.grad = torch.randn_like(p)  # as left by the task loss's backward
+    if provider == "naive":  # the Transfer-Learning-Library way: the penalty in the loss, autograd adds it up
+        def fn():
+            loss = 0.0
+            for p, r in zip(params, refs):
+                loss = loss + 0.5 * alpha * (p - r).pow(2).sum()
+            loss.backward()
+            return loss
+    elif provider == "foreach":
+        def fn():
+            with torch.no_grad():
+                d = torch._foreach_sub([p.detach() for p in params], refs)
+                value = 0.5 * alpha * torch.stack(torch._foreach_norm(d)).pow(2).sum()
+                torch._foreach_add_([p.grad for p in params], d, alpha=alpha)
+                return value
+    elif provider == "tlkernels":
+        def fn():
+            return tlkernels.ops.l2sp_value_and_grad(params, refs, alpha, accumulate=True)[0]
+    else:  # bandwidth yardstick, as above
+        outs = [torch.empty_like(p) for p in params]
+
+        def fn():
+            with torch.no_grad():
+                for p, r, o in zip(params, refs, outs):
+                    torch.add(p, r, alpha=alpha, out=o)
+    result = run(benchmark, fn, rounds=7)
+    for p in params:
+        p.grad = None
+    # minimum traffic of each: the triad reads two tensors and writes one; the task reads p, p0 and g and
+    # writes g (16 bytes per float32 element)
+    streams = 3 if provider == "triad" else 4
+    benchmark.extra_info["GB/s (minimum traffic)"] = round(streams * 4 * n / benchmark.stats.stats.median / 1e9, 2)
+    return result
+
+
 # ----------------------------------------------------------------------------- optimizer step
 @pytest.mark.parametrize("provider", ["naive", "tlkernels"])
 def test_sgd_l2sp_step(benchmark, provider):

@@ -38,6 +38,48 @@ def test_l2sp_value_and_grad_is_one_pass_of_the_same_thing():
     torch.testing.assert_close(gn[1], 0.01 * new[1].detach())
 
 
+def test_l2sp_value_and_grad_accumulates_into_dot_grad():
+    """accumulate=True leaves in .grad what (task loss + penalty).backward() leaves there, in place."""
+    params, refs, new = _lists()
+    big = torch.randn(200_003, requires_grad=True)  # several chunks, AVX2 body and a scalar tail
+    big_ref = big.detach() + 0.05 * torch.randn(200_003)
+    params, refs = params + [big], refs + [big_ref]
+    torch.manual_seed(3)
+    task = [torch.randn_like(t) for t in params + new]
+    ref_p = [t.detach().clone().requires_grad_() for t in params + new]
+    n = len(params)
+    for t, w in zip(ref_p, task):
+        t.grad = w.clone()
+    l2sp_penalty_reference(ref_p[:n], refs, 0.1, ref_p[n:], 0.01).backward()
+    for t, w in zip(params + new, task):
+        t.grad = w.clone()
+    new[0].grad = None  # a tensor without a gradient yet gets one
+    keep = params[0].grad
+    v, gp, gn = l2sp_value_and_grad(params, refs, 0.1, new, 0.01, accumulate=True)
+    assert gp[0] is keep and params[0].grad is keep  # in place, no new tensor
+    torch.testing.assert_close(v, l2sp_penalty_reference(params, refs, 0.1, new, 0.01))
+    for t, r, w in zip(params + new, ref_p, task):
+        exp = r.grad if t is not new[0] else r.grad - w
+        torch.testing.assert_close(t.grad, exp.to(t.dtype))
+    op = torch.ops.tlkernels.l2sp_value_and_grad_.default
+    d = [t.detach() for t in params]
+    with pytest.raises(RuntimeError, match=r"l2sp_value_and_grad_: grads must have one tensor per params \(4\), got 3"):
+        op(d, refs, 0.1, [], 0.0, [t.grad for t in params][:3], [])
+    with pytest.raises(RuntimeError, match=r"l2sp_value_and_grad_: grads\[0\] must be contiguous"):
+        op(d[:1], refs[:1], 0.1, [], 0.0, [torch.zeros(d[0].shape[::-1], dtype=d[0].dtype).permute(3, 2, 1, 0)], [])
+    params[0].grad = torch.zeros(params[0].shape[::-1]).permute(3, 2, 1, 0)
+    with pytest.raises(ValueError, match=r"l2sp_value_and_grad: params\[0\].grad must be contiguous"):
+        l2sp_value_and_grad(params, refs, 0.1, accumulate=True)
+
+
+def test_l2sp_value_and_grad_inplace_opcheck():
+    p = [torch.randn(4, 3, dtype=torch.float64), torch.randn(70_000)]
+    r = [torch.randn(4, 3, dtype=torch.float64), torch.randn(70_000)]
+    q = [torch.randn(2)]
+    torch.library.opcheck(torch.ops.tlkernels.l2sp_value_and_grad_.default,
+                          (p, r, 0.3, q, 0.05, [torch.randn_like(t) for t in p], [torch.randn_like(q[0])]))
+
+
 def test_l2sp_deterministic_across_runs_and_thread_counts():
     params, refs, new = _lists(dtypes=(torch.float32,) * 3)
     big = [torch.randn(300_001) for _ in range(3)]

@@ -3,6 +3,8 @@
 //                one multi-tensor pass, deterministic (fixed chunking, ordered final sum).
 //  l2sp_penalty_backward: grad * alpha * (p - p0) and grad * beta * q.
 //  l2sp_value_and_grad: both in one pass (reads p and p0 once, writes the gradient).
+//  l2sp_value_and_grad_: the same, adding the gradient into existing tensors (p.grad after the task
+//                loss's backward) instead of returning new ones: no allocation, one pass over p, p0, g.
 //  sgd_l2sp_step_ / adamw_l2sp_step_: torch.optim.SGD / AdamW steps with the L2-SP gradient
 //                coeff * (p - ref) (ref absent: coeff * p) folded in, one pass over p, g, ref and state.
 #include <torch/library.h>
@@ -15,6 +17,9 @@ TORCH_LIBRARY_FRAGMENT(tlkernels, m) {
   m.def(
       "l2sp_value_and_grad(Tensor[] params, Tensor[] refs, float alpha, Tensor[] new_params, float beta) "
       "-> (Tensor, Tensor[], Tensor[])");
+  m.def(
+      "l2sp_value_and_grad_(Tensor[] params, Tensor[] refs, float alpha, Tensor[] new_params, float beta, "
+      "Tensor(a!)[] grads, Tensor(b!)[] new_grads) -> Tensor");
   m.def(
       "sgd_l2sp_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor?[] refs, "
       "float[] coeffs, float lr, float momentum, float dampening, float weight_decay, bool nesterov, "

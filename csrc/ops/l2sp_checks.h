@@ -27,6 +27,18 @@ inline void check_penalty_args(const char* op, at::TensorList params, at::Tensor
   for (size_t i = 0; i < new_params.size(); ++i) check_pair(op, new_params[i], at::Tensor(), i, "new_params", "");
 }
 
+// Gradients that the penalty's gradient is added into, in place: one per tensor, same shape, dtype and
+// device, contiguous (written through a flat pointer).
+inline void check_accumulate_args(const char* op, at::TensorList params, at::TensorList grads,
+                                  const char* pname, const char* gname) {
+  TORCH_CHECK(grads.size() == params.size(), op, ": ", gname, " must have one tensor per ", pname, " (",
+              params.size(), "), got ", grads.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    check_pair(op, params[i], grads[i], i, pname, gname);
+    TORCH_CHECK(grads[i].is_contiguous(), op, ": ", gname, "[", i, "] must be contiguous (it is written in place)");
+  }
+}
+
 inline void check_step_args(const char* op, at::TensorList params, at::TensorList grads,
                      const std::vector<at::TensorList>& states, const std::vector<const char*>& state_names,
                      const c10::List<std::optional<at::Tensor>>& refs, at::ArrayRef<double> coeffs) {

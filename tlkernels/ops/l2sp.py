@@ -2,7 +2,9 @@
 
 One multi-tensor pass (C++ on the CPU, CUDA multi-tensor kernel on GPUs when built), deterministic,
 any mix of float dtypes. `l2sp_penalty` is differentiable (its backward adds alpha*(p - p0) and beta*q);
-`l2sp_value_and_grad` returns value and gradients from a single read of p and p0.
+`l2sp_value_and_grad` returns value and gradients from a single read of p and p0; with accumulate=True it
+adds them into the parameters' .grad in place (the training use: after the task loss's backward), which
+allocates nothing and is one pass over p, p0 and the gradient.
 """
 import torch
 
@@ -16,6 +18,8 @@ SCHEMAS = {
                               "Tensor[] new_params, float beta) -> (Tensor[], Tensor[])"),
     "l2sp_value_and_grad": ("l2sp_value_and_grad(Tensor[] params, Tensor[] refs, float alpha, Tensor[] new_params, "
                             "float beta) -> (Tensor, Tensor[], Tensor[])"),
+    "l2sp_value_and_grad_": ("l2sp_value_and_grad_(Tensor[] params, Tensor[] refs, float alpha, Tensor[] new_params, "
+                             "float beta, Tensor(a!)[] grads, Tensor(b!)[] new_grads) -> Tensor"),
 }
 
 
@@ -51,8 +55,16 @@ def _ref_value_and_grad(params, refs, alpha, new_params, beta):
     return v, gp, gn
 
 
+def _ref_value_and_grad_inplace(params, refs, alpha, new_params, beta, grads, new_grads):
+    v, gp, gn = _ref_value_and_grad(params, refs, alpha, new_params, beta)
+    for g, d in zip(list(grads) + list(new_grads), gp + gn):
+        g.add_(d)
+    return v
+
+
 for _name, _impl in (("l2sp_penalty", _ref_penalty), ("l2sp_penalty_backward", _ref_backward),
-                     ("l2sp_value_and_grad", _ref_value_and_grad)):
+                     ("l2sp_value_and_grad", _ref_value_and_grad),
+                     ("l2sp_value_and_grad_", _ref_value_and_grad_inplace)):
     ensure_op(_name, SCHEMAS[_name], _impl)
     register_gpu_fallback(_name, _impl)
 
@@ -72,6 +84,11 @@ def _fake_backward(grad, params, refs, alpha, new_params, beta):
 def _fake_value_and_grad(params, refs, alpha, new_params, beta):
     return (_fake_penalty(params, refs, alpha, new_params, beta), [torch.empty_like(p) for p in params],
             [torch.empty_like(q) for q in new_params])
+
+
+@torch.library.register_fake("tlkernels::l2sp_value_and_grad_")
+def _fake_value_and_grad_inplace(params, refs, alpha, new_params, beta, grads, new_grads):
+    return _fake_penalty(params, refs, alpha, new_params, beta)
 
 
 def _setup_context(ctx, inputs, output):
@@ -126,11 +143,42 @@ def l2sp_penalty(params, refs, alpha=0.1, new_params=(), beta=0.0):
     return op("l2sp_penalty")(params, [r.detach() for r in refs], float(alpha), new_params, float(beta))
 
 
-def l2sp_value_and_grad(params, refs, alpha=0.1, new_params=(), beta=0.0):
-    """(value, grads of params, grads of new_params) from one pass; no autograd graph."""
+def _grads_to_fill(opname, tensors, name):
+    """The .grad of each tensor, created as zeros where it is None (checked: written in place)."""
+    out = []
+    for i, t in enumerate(tensors):
+        if t.grad is None:
+            t.grad = torch.zeros_like(t, memory_format=torch.contiguous_format)
+        g = t.grad
+        if g.shape != t.shape or g.dtype != t.dtype or g.device != t.device:
+            fail(opname, f"{name}[{i}].grad must match {name}[{i}] (shape {tuple(t.shape)}, {t.dtype}, {t.device}), "
+                         f"got shape {tuple(g.shape)}, {g.dtype}, {g.device}")
+        if not g.is_contiguous():
+            fail(opname, f"{name}[{i}].grad must be contiguous (it is updated in place)")
+        out.append(g)
+    return out
+
+
+def l2sp_value_and_grad(params, refs, alpha=0.1, new_params=(), beta=0.0, accumulate=False):
+    """(value, grads of params, grads of new_params) from one pass; no autograd graph.
+
+    accumulate=True adds the gradients into each tensor's .grad (created as zeros if None) in place and
+    returns those .grad tensors: what `(task_loss + penalty).backward()` would leave there, without a
+    second backward and without allocating anything.
+    """
     check_l2sp_args("l2sp_value_and_grad", params, refs, new_params)
     params, refs, new_params = list(params), list(refs), list(new_params)
     detached = ([p.detach() for p in params], [r.detach() for r in refs], [q.detach() for q in new_params])
+    if accumulate:
+        grads = _grads_to_fill("l2sp_value_and_grad", params, "params")
+        new_grads = _grads_to_fill("l2sp_value_and_grad", new_params, "new_params")
+        with torch.no_grad():
+            if use_reference():
+                v = _ref_value_and_grad_inplace(detached[0], detached[1], alpha, detached[2], beta, grads, new_grads)
+            else:
+                v = op("l2sp_value_and_grad_")(detached[0], detached[1], float(alpha), detached[2], float(beta),
+                                               grads, new_grads)
+        return v, grads, new_grads
     if use_reference():
         return _ref_value_and_grad(detached[0], detached[1], alpha, detached[2], beta)
     v, gp, gn = op("l2sp_value_and_grad")(detached[0], detached[1], float(alpha), detached[2], float(beta))

@@ -43,10 +43,11 @@ bool any_double(const std::vector<at::TensorList>& lists) {
   return false;
 }
 
-// Shared by the three penalty ops: value (if `value`) and gradients scaled by `scale` (if `gp`).
+// Shared by the four penalty ops: value (if `value`) and gradients scaled by `scale` (if `gp`): new
+// tensors, or (accumulate) added into the tensors *gp / *gn already hold.
 at::Tensor l2sp_core(const char* op, at::TensorList params, at::TensorList refs, double alpha,
                      at::TensorList new_params, double beta, const at::Tensor* scale_t, bool value,
-                     std::vector<at::Tensor>* gp, std::vector<at::Tensor>* gn) {
+                     std::vector<at::Tensor>* gp, std::vector<at::Tensor>* gn, bool accumulate = false) {
   check_penalty_args(op, params, refs, new_params);
   std::vector<at::Tensor> P, R, Q;  // contiguous views (copies only for non-contiguous inputs)
   for (auto& t : params) P.push_back(t.contiguous());
@@ -54,7 +55,7 @@ at::Tensor l2sp_core(const char* op, at::TensorList params, at::TensorList refs,
   for (auto& t : new_params) Q.push_back(t.contiguous());
   const std::vector<at::TensorList> lists{P, Q};
   const double scale = scale_t ? scale_t->item<double>() : 1.0;
-  if (gp) {
+  if (gp && !accumulate) {
     for (auto& t : P) gp->push_back(at::empty_like(t));
     for (auto& t : Q) gn->push_back(at::empty_like(t));
   }
@@ -78,7 +79,7 @@ at::Tensor l2sp_core(const char* op, at::TensorList params, at::TensorList refs,
             const float* rf = reinterpret_cast<const float*>(rp);
             float* gf = reinterpret_cast<float*>(gptr);
             partial[it] = avx2::l2sp_chunk(pf + w.begin, rf ? rf + w.begin : nullptr, gf ? gf + w.begin : nullptr,
-                                           static_cast<float>(coeff), w.end - w.begin);
+                                           static_cast<float>(coeff), w.end - w.begin, accumulate);
             return;
           }
         }
@@ -89,7 +90,10 @@ at::Tensor l2sp_core(const char* op, at::TensorList params, at::TensorList refs,
           const A pv = static_cast<A>(pp[i]);
           const A rv = rp ? static_cast<A>(rp[i]) : A(0);
           if (value) acc[i & 3] += static_cast<double>(l2sp::penalty_sq(pv, rv));
-          if (gptr) gptr[i] = static_cast<scalar_t>(l2sp::penalty_grad(pv, rv, c));
+          if (gptr) {
+            const A d = l2sp::penalty_grad(pv, rv, c);
+            gptr[i] = static_cast<scalar_t>(accumulate ? static_cast<A>(gptr[i]) + d : d);
+          }
         }
         partial[it] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
       });
@@ -121,6 +125,16 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> l2sp_va
   std::vector<at::Tensor> gp, gn;
   auto v = l2sp_core("l2sp_value_and_grad", params, refs, alpha, new_params, beta, nullptr, true, &gp, &gn);
   return {v, gp, gn};
+}
+
+at::Tensor l2sp_value_and_grad_inplace_cpu(at::TensorList params, at::TensorList refs, double alpha,
+                                            at::TensorList new_params, double beta, at::TensorList grads,
+                                            at::TensorList new_grads) {
+  const char* op = "l2sp_value_and_grad_";
+  check_accumulate_args(op, params, grads, "params", "grads");
+  check_accumulate_args(op, new_params, new_grads, "new_params", "new_grads");
+  std::vector<at::Tensor> gp(grads.begin(), grads.end()), gn(new_grads.begin(), new_grads.end());
+  return l2sp_core(op, params, refs, alpha, new_params, beta, nullptr, true, &gp, &gn, true);
 }
 
 void sgd_l2sp_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList bufs,
@@ -207,6 +221,7 @@ TORCH_LIBRARY_IMPL(tlkernels, CPU, m) {
   m.impl("l2sp_penalty", &l2sp_penalty_cpu);
   m.impl("l2sp_penalty_backward", &l2sp_penalty_backward_cpu);
   m.impl("l2sp_value_and_grad", &l2sp_value_and_grad_cpu);
+  m.impl("l2sp_value_and_grad_", &l2sp_value_and_grad_inplace_cpu);
   m.impl("sgd_l2sp_step_", &sgd_l2sp_step_cpu);
   m.impl("adamw_l2sp_step_", &adamw_l2sp_step_cpu);
 }

@@ -87,7 +87,7 @@ int64_t count_chunks(const std::vector<at::Tensor>& ts) {
 
 // operands: 0 p, 1 ref (optional), 2 grad out (optional)
 template <typename scalar_t>
-__global__ void penalty_kernel(Meta<3> meta, float scale, double* partial) {
+__global__ void penalty_kernel(Meta<3> meta, float scale, double* partial, bool accumulate) {
   using A = at::opmath_type<scalar_t>;
   const int t = meta.tensor_of_block[blockIdx.x];
   const int64_t base = static_cast<int64_t>(meta.chunk_of_block[blockIdx.x]) * kChunk;
@@ -101,7 +101,10 @@ __global__ void penalty_kernel(Meta<3> meta, float scale, double* partial) {
     const A pv = static_cast<A>(p[i]);
     const A rv = r ? static_cast<A>(r[i]) : A(0);
     acc += static_cast<double>(l2sp::penalty_sq(pv, rv));
-    if (g) g[i] = static_cast<scalar_t>(l2sp::penalty_grad(pv, rv, c));
+    if (g) {
+      const A d = l2sp::penalty_grad(pv, rv, c);
+      g[i] = static_cast<scalar_t>(accumulate ? static_cast<A>(g[i]) + d : d);
+    }
   }
   using Reduce = cub::BlockReduce<double, kThreads>;
   __shared__ typename Reduce::TempStorage tmp;
@@ -112,11 +115,17 @@ __global__ void penalty_kernel(Meta<3> meta, float scale, double* partial) {
 // Penalty over one list (params with refs, or new params without). Returns sum coeff/2 * ||p - ref||^2 as
 // a device scalar (if want_value) and writes gradients coeff*scale*(p - ref) into *grads (if grads).
 // One launch series per dtype; each series' per-chunk partials are summed in a fixed order.
+// accumulate: *grads already holds one tensor per p, and the gradient is added into it.
 at::Tensor penalty_list(const std::vector<at::Tensor>& P, const std::vector<at::Tensor>& R, double coeff,
-                        std::vector<at::Tensor>* grads, double scale, bool want_value, const at::Device& dev) {
+                        std::vector<at::Tensor>* grads, double scale, bool want_value, const at::Device& dev,
+                        bool accumulate = false) {
   at::Tensor total = at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(dev));
   std::vector<at::Tensor> G;
-  for (auto& p : P) G.push_back(grads ? at::empty_like(p) : at::Tensor());
+  if (accumulate) {
+    G = *grads;
+  } else {
+    for (auto& p : P) G.push_back(grads ? at::empty_like(p) : at::Tensor());
+  }
   for (auto dt : {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16}) {
     std::vector<std::vector<at::Tensor>> lists(3);
     std::vector<double> coeffs;
@@ -132,7 +141,7 @@ at::Tensor penalty_list(const std::vector<at::Tensor>& P, const std::vector<at::
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "l2sp_penalty_cuda", [&] {
       multi_tensor_apply<3>(lists, coeffs, [&](const Meta<3>& meta, int nb) {
         penalty_kernel<scalar_t><<<nb, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-            meta, static_cast<float>(scale), want_value ? partial.data_ptr<double>() : nullptr);
+            meta, static_cast<float>(scale), want_value ? partial.data_ptr<double>() : nullptr, accumulate);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
@@ -150,12 +159,13 @@ std::vector<at::Tensor> contig(at::TensorList ts) {
 
 at::Tensor penalty_value(const std::vector<at::Tensor>& P, const std::vector<at::Tensor>& R, double alpha,
                          const std::vector<at::Tensor>& Q, double beta, std::vector<at::Tensor>* gp,
-                         std::vector<at::Tensor>* gn) {
+                         std::vector<at::Tensor>* gn, bool accumulate = false) {
   bool dbl = false;
   for (auto& t : P) dbl |= t.scalar_type() == at::kDouble;
   for (auto& t : Q) dbl |= t.scalar_type() == at::kDouble;
   const auto dev = !P.empty() ? P[0].device() : Q[0].device();
-  auto v = penalty_list(P, R, alpha, gp, 1.0, true, dev) + penalty_list(Q, {}, beta, gn, 1.0, true, dev);
+  auto v = penalty_list(P, R, alpha, gp, 1.0, true, dev, accumulate) +
+           penalty_list(Q, {}, beta, gn, 1.0, true, dev, accumulate);
   return v.to(dbl ? at::kDouble : at::kFloat);
 }
 
@@ -186,6 +196,18 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> l2sp_va
   std::vector<at::Tensor> gp, gn;
   auto v = penalty_value(contig(params), contig(refs), alpha, contig(new_params), beta, &gp, &gn);
   return {v, gp, gn};
+}
+
+at::Tensor l2sp_value_and_grad_inplace_cuda(at::TensorList params, at::TensorList refs, double alpha,
+                                             at::TensorList new_params, double beta, at::TensorList grads,
+                                             at::TensorList new_grads) {
+  const char* op = "l2sp_value_and_grad_";
+  check_penalty_args(op, params, refs, new_params);
+  check_accumulate_args(op, params, grads, "params", "grads");
+  check_accumulate_args(op, new_params, new_grads, "new_params", "new_grads");
+  const c10::cuda::OptionalCUDAGuard guard(params.empty() ? new_params[0].device() : params[0].device());
+  std::vector<at::Tensor> gp(grads.begin(), grads.end()), gn(new_grads.begin(), new_grads.end());
+  return penalty_value(contig(params), contig(refs), alpha, contig(new_params), beta, &gp, &gn, true);
 }
 
 // operands: 0 p, 1 g, 2 momentum buffer (optional), 3 ref (optional)
@@ -314,6 +336,7 @@ TORCH_LIBRARY_IMPL(tlkernels, CUDA, m) {
   m.impl("l2sp_penalty", &l2sp_penalty_cuda);
   m.impl("l2sp_penalty_backward", &l2sp_penalty_backward_cuda);
   m.impl("l2sp_value_and_grad", &l2sp_value_and_grad_cuda);
+  m.impl("l2sp_value_and_grad_", &l2sp_value_and_grad_inplace_cuda);
   m.impl("sgd_l2sp_step_", &sgd_l2sp_step_cuda);
   m.impl("adamw_l2sp_step_", &adamw_l2sp_step_cuda);
 }
