@@ -13,8 +13,8 @@ import torchvision
 from torch.utils.data import TensorDataset
 
 from tlkernels.filters import from_model, gabor_bank
-from tlkernels.ops import (filterbank_histogram, filterbank_histogram_reference, fit_bin_edges, knn_search,
-                           knn_search_reference)
+from tlkernels.ops import (KnnIndex, filterbank_histogram, filterbank_histogram_reference, fit_bin_edges,
+                           knn_search, knn_search_reference)
 from tlkernels.select import JointDataset, SourceSelector
 
 
@@ -139,7 +139,29 @@ def test_knn_ties_k1_kall_empty_single_and_memmap(tmp_path):
     assert torch.equal(knn_search(q, ro, 9, chunk_size=13)[1], knn_search_reference(q, db, 9)[1])
 
 
+@pytest.mark.parametrize("metric", ["skl", "kl", "l2", "ip"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_knn_index_answers_as_knn_search(metric, dtype):
+    g = torch.Generator().manual_seed(1)
+    q = torch.softmax(torch.randn(13, 30, generator=g, dtype=dtype), 1)
+    db = torch.softmax(torch.randn(257, 30, generator=g, dtype=dtype), 1)
+    db[200] = db[7]  # a tie across chunks
+    w = torch.rand(3, generator=g, dtype=dtype)
+    index = KnnIndex(db, metric, channel_weights=w, chunk_size=64)  # same GEMM blocks: bit-equal answers
+    for k in (1, 9, 257):
+        d, i = index.search(q, k)
+        rd, ri = knn_search(q, db, k, metric, channel_weights=w, chunk_size=64)
+        assert torch.equal(i, ri) and torch.equal(d, rd)
+    if dtype == torch.float64:
+        assert torch.equal(index.search(q, 9)[1], knn_search_reference(q, db, 9, metric, channel_weights=w)[1])
+
+
 @pytest.mark.parametrize("call,msg", [
+    (lambda q, db: KnnIndex(db[0]), "KnnIndex: database must be a 2-D floating-point tensor"),
+    (lambda q, db: KnnIndex(db, metric="cos"), "KnnIndex: metric must be one of"),
+    (lambda q, db: KnnIndex(db).search(q[:, :3], 1), r"KnnIndex.search: queries must be a 2-D tensor \(Q, 4\)"),
+    (lambda q, db: KnnIndex(db).search(q.double(), 1), "KnnIndex.search: queries must be torch.float32"),
+    (lambda q, db: KnnIndex(db).search(q, 11), r"KnnIndex.search: k must be an int in \[1, 10\], got 11"),
     (lambda q, db: knn_search(q, db, 11), r"knn_search: k = 11 is larger than the database \(10 rows\)"),
     (lambda q, db: knn_search(q[0], db, 1), r"knn_search: queries must be a 2-D tensor"),
     (lambda q, db: knn_search(q, db[:, :3], 1), "knn_search: database must have D = 4 columns"),
