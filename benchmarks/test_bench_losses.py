@@ -27,17 +27,23 @@ def r50():
 
 
 # ----------------------------------------------------------------------------- L2-SP value + gradient
-@pytest.mark.parametrize("provider", ["naive", "foreach", "tlkernels", "tlkernels_autograd", "triad"])
-def test_l2sp_value_and_grad(benchmark, r50, provider):
-    params, refs = r50
-    n = sum(p.numel() for p in params)
-    benchmark.group = f"l2sp value+grad resnet50 ({n / 1e6:.1f}M in {len(params)} tensors)"
-    benchmark.extra_info["provider"] = provider
-    alpha = 0.1
-    if provider == "naive":  # the Transfer-Learning-Library way: a Python loop and autograd
-        def fn():
+# Two uses. "fresh": gradients as new tensors (.grad None before). "into_grad": the training use, the task
+# loss's backward has filled .grad and the penalty's gradient is added to it.
+L2SP_CASES = [("fresh", p) for p in ("naive", "foreach", "tlkernels", "tlkernels_autograd", "triad")] + \
+             [("into_grad", p) for p in ("naive", "foreach", "tlkernels", "triad")]
+
+
+def _l2sp_provider(provider, mode, params, refs, alpha):
+    fresh = mode == "fresh"
+
+    def clear():
+        if fresh:
             for p in params:
                 p.grad = None
+
+    if provider == "naive":  # the Transfer-Learning-Library way: the penalty in the loss, autograd
+        def fn():
+            clear()
             loss = 0.0
             for p, r in zip(params, refs):
                 loss = loss + 0.5 * alpha * (p - r).pow(2).sum()
@@ -48,73 +54,47 @@ def test_l2sp_value_and_grad(benchmark, r50, provider):
             with torch.no_grad():
                 d = torch._foreach_sub([p.detach() for p in params], refs)
                 value = 0.5 * alpha * torch.stack(torch._foreach_norm(d)).pow(2).sum()
-                torch._foreach_mul_(d, alpha)
-                return value, d
-    elif provider == "tlkernels":
-        def fn():
-            return tlkernels.ops.l2sp_value_and_grad(params, refs, alpha)
-    elif provider == "tlkernels_autograd":
-        def fn():
-            for p in params:
-                p.grad = None
-            loss = tlkernels.ops.l2sp_penalty(params, refs, alpha)
-            loss.backward()
-            return loss
-    else:  # memory-bandwidth yardstick: c = a + s*b over the same sizes (3 streams, as the fused pass)
-        outs = [torch.empty_like(p) for p in params]
-
-        def fn():
-            with torch.no_grad():
-                for p, r, o in zip(params, refs, outs):
-                    torch.add(p, r, alpha=alpha, out=o)
-    result = run(benchmark, fn, rounds=5)
-    # bytes moved by one read of p, one of p0 and one write: the same for the fused pass and the triad
-    benchmark.extra_info["GB/s (3 streams)"] = round(3 * 4 * n / benchmark.stats.stats.median / 1e9, 2)
-    return result
-
-
-# ----------------------------------------------------------------------------- ... added into .grad
-@pytest.mark.parametrize("provider", ["naive", "foreach", "tlkernels", "triad"])
-def test_l2sp_value_and_grad_into_grad(benchmark, r50, provider):
-    """The training use: the task loss's backward has filled .grad, the penalty's gradient is added to it."""
-    params, refs = r50
-    n = sum(p.numel() for p in params)
-    benchmark.group = f"l2sp value+grad added into .grad, resnet50 ({n / 1e6:.1f}M in {len(params)} tensors)"
-    benchmark.extra_info["provider"] = provider
-    alpha = 0.1
-    for p in params:
-        p.grad = torch.randn_like(p)  # as left by the task loss's backward
-    if provider == "naive":  # the Transfer-Learning-Library way: the penalty in the loss, autograd adds it up
-        def fn():
-            loss = 0.0
-            for p, r in zip(params, refs):
-                loss = loss + 0.5 * alpha * (p - r).pow(2).sum()
-            loss.backward()
-            return loss
-    elif provider == "foreach":
-        def fn():
-            with torch.no_grad():
-                d = torch._foreach_sub([p.detach() for p in params], refs)
-                value = 0.5 * alpha * torch.stack(torch._foreach_norm(d)).pow(2).sum()
+                if fresh:
+                    torch._foreach_mul_(d, alpha)
+                    return value, d
                 torch._foreach_add_([p.grad for p in params], d, alpha=alpha)
                 return value
     elif provider == "tlkernels":
         def fn():
-            return tlkernels.ops.l2sp_value_and_grad(params, refs, alpha, accumulate=True)[0]
-    else:  # bandwidth yardstick, as above
+            return tlkernels.ops.l2sp_value_and_grad(params, refs, alpha, accumulate=not fresh)
+    elif provider == "tlkernels_autograd":
+        def fn():
+            clear()
+            loss = tlkernels.ops.l2sp_penalty(params, refs, alpha)
+            loss.backward()
+            return loss
+    else:  # memory-bandwidth yardstick: c = a + s*b over the same sizes into preallocated outputs
         outs = [torch.empty_like(p) for p in params]
 
         def fn():
             with torch.no_grad():
                 for p, r, o in zip(params, refs, outs):
                     torch.add(p, r, alpha=alpha, out=o)
-    result = run(benchmark, fn, rounds=7)
+    return fn
+
+
+@pytest.mark.parametrize("mode,provider", L2SP_CASES)
+def test_l2sp_value_and_grad(benchmark, r50, mode, provider):
+    params, refs = r50
+    n = sum(p.numel() for p in params)
+    what = "" if mode == "fresh" else " added into .grad,"
+    benchmark.group = f"l2sp value+grad{what} resnet50 ({n / 1e6:.1f}M in {len(params)} tensors)"
+    benchmark.extra_info["provider"] = provider
+    for p in params:
+        p.grad = None if mode == "fresh" else torch.randn_like(p)  # as left by the task loss's backward
+    result = run(benchmark, _l2sp_provider(provider, mode, params, refs, 0.1), rounds=5 if mode == "fresh" else 7)
     for p in params:
         p.grad = None
-    # minimum traffic of each: the triad reads two tensors and writes one; the task reads p, p0 and g and
-    # writes g (16 bytes per float32 element)
-    streams = 3 if provider == "triad" else 4
-    benchmark.extra_info["GB/s (minimum traffic)"] = round(streams * 4 * n / benchmark.stats.stats.median / 1e9, 2)
+    if mode == "fresh":  # one read of p, one of p0 and one write: the same for the fused pass and the triad
+        benchmark.extra_info["GB/s (3 streams)"] = round(3 * 4 * n / benchmark.stats.stats.median / 1e9, 2)
+    else:  # minimum traffic: the triad reads two tensors and writes one; the task reads p, p0, g, writes g
+        streams = 3 if provider == "triad" else 4
+        benchmark.extra_info["GB/s (minimum traffic)"] = round(streams * 4 * n / benchmark.stats.stats.median / 1e9, 2)
     return result
 
 
