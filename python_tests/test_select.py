@@ -42,6 +42,31 @@ def test_histogram_empty_batch_and_opcheck():
                           (torch.rand(2, 3, 8, 8), filt, _edges(4, 5), [1, 1], [1, 1]))
 
 
+@pytest.mark.parametrize("narrow", [False, True])
+def test_histogram_separable_path_for_low_rank_banks(narrow):
+    """A Gabor bank is exactly rank 1-3 per filter: the CPU kernel runs it as 1-D passes (and bins eight
+    values at a time). Same histograms as conv2d + bucketize up to float rounding at bin edges: a handful of
+    pixels, each moved by one bin. narrow=True: bins narrower than a lookup cell (the looping binner)."""
+    torch.manual_seed(0)
+    x = torch.rand(6, 3, 45, 37)  # widths not multiples of 8 or 16: vector bodies and scalar tails
+    w = gabor_bank().stages[0]["weight"]
+    e = torch.linspace(-0.6, 0.6, 41).repeat(48, 1)
+    if narrow:
+        e[:, 20:23] = torch.tensor([0.0, 1e-6, 2e-6])  # three edges inside one cell of the table
+    out = filterbank_histogram(x, w, e, 1, 5)
+    ref = filterbank_histogram_reference(x, w, e, 1, 5)
+    px = 45 * 37
+    moved = ((out - ref).abs() * px).round().sum() / 2
+    assert moved <= 1e-4 * out.numel() / 40 * px, moved  # at most 1 pixel in 10,000 changes bin
+    torch.testing.assert_close(out, ref, rtol=0, atol=2.01 / px)
+    torch.testing.assert_close(out.sum(-1), torch.ones(6, 48), rtol=0, atol=1e-5)
+    # the separable path reproduces the direct one when the bank is given as full-rank-looking copies
+    wp = w.clone()
+    wp[:, :, 0, 0] += torch.randn(48, 3) * 1e-3  # no longer low rank: the oneDNN path
+    direct = filterbank_histogram(x, wp, e, 1, 5)
+    torch.testing.assert_close(direct, filterbank_histogram_reference(x, wp, e, 1, 5), rtol=0, atol=1e-6)
+
+
 def test_histogram_deterministic():
     x = torch.rand(8, 3, 32, 32)
     bank = gabor_bank()
