@@ -67,6 +67,19 @@ def test_histogram_separable_path_for_low_rank_banks(narrow):
     torch.testing.assert_close(direct, filterbank_histogram_reference(x, wp, e, 1, 5), rtol=0, atol=1e-6)
 
 
+def test_histogram_non_finite_bank_takes_the_direct_path():
+    """A NaN in a low-rank bank would make its SVD fail: the kernel keeps the direct path, which bins NaN
+    responses like the reference does (rows still sum to one)."""
+    w = gabor_bank().stages[0]["weight"].clone()
+    w[3, :, 5, 5] = float("nan")
+    x = torch.rand(2, 3, 20, 20)
+    e = torch.linspace(-0.6, 0.6, 11).repeat(48, 1)
+    out = filterbank_histogram(x, w, e, 1, 5)
+    torch.testing.assert_close(out.sum(-1), torch.ones(2, 48), rtol=0, atol=1e-5)
+    keep = [f for f in range(48) if f != 3]
+    torch.testing.assert_close(out[:, keep], filterbank_histogram_reference(x, w, e, 1, 5)[:, keep], rtol=0, atol=1e-6)
+
+
 def test_histogram_deterministic():
     x = torch.rand(8, 3, 32, 32)
     bank = gabor_bank()

@@ -35,6 +35,7 @@ struct SepComponent {
 std::vector<SepComponent> separable_components(const at::Tensor& w, at::IntArrayRef stride) {
   std::vector<SepComponent> comps;
   if (w.size(1) != 1 || stride[0] != 1 || stride[1] != 1 || w.size(2) < 3 || w.size(3) < 3) return comps;
+  if (!at::isfinite(w).all().item<bool>()) return comps;  // (an SVD of NaN fails; the direct path propagates it)
   const int64_t F = w.size(0), kh = w.size(2), kw = w.size(3);
   auto svd = at::linalg_svd(w.squeeze(1).to(at::kDouble), /*full_matrices=*/false);
   const at::Tensor U = std::get<0>(svd).contiguous(), S = std::get<1>(svd).contiguous(),
