@@ -28,6 +28,13 @@ assert torch.allclose(tlkernels.ops.cross_entropy(logits, labels), F.cross_entro
 p = [torch.randn(3, requires_grad=True)]; r = [torch.zeros(3)]
 v = tlkernels.ops.l2sp_penalty(p, r, 0.2); v.backward()
 assert torch.allclose(p[0].grad, 0.2 * p[0].detach())
+xt, xs = torch.randn(5, 7, requires_grad=True), torch.randn(4, 9, requires_grad=True)
+yt, ys = torch.tensor([0, 1, -100, 3, 6]), torch.tensor([8, 0, 1, 2])
+j = tlkernels.ops.joint_cross_entropy(xt, yt, xs, ys, source_weight=0.3, target_weight=0.7)
+jr = 0.7 * F.cross_entropy(xt, yt) + 0.3 * F.cross_entropy(xs, ys)
+assert torch.allclose(j, jr)
+assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(torch.autograd.grad(3 * j, [xt, xs]),
+                                                          torch.autograd.grad(3 * jr, [xt, xs])))
 h = tlkernels.ops.filterbank_histogram(torch.rand(2, 3, 9, 9), torch.randn(4, 3, 3, 3), torch.linspace(-1, 1, 6).repeat(4, 1))
 assert torch.allclose(h.sum(-1), torch.ones(2, 4))
 q = torch.rand(3, 5, dtype=torch.float64); db = torch.rand(20, 5, dtype=torch.float64)

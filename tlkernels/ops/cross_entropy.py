@@ -117,10 +117,9 @@ def _joint_backward(ctx, grad_loss, _g1, _g2):
     if (gt.numel() == 0 and ctx.needs_input_grad[0]) or (gs.numel() == 0 and ctx.needs_input_grad[3]):
         raise RuntimeError("joint_cross_entropy: the forward ran without compute_grad; call it with the logits "
                            "requiring grad and grad mode enabled")
-    nones = (None,) * 7
-    if _is_eager_cpu(grad_loss) and grad_loss.item() == 1.0:  # see _backward: the usual loss.backward()
-        return (gt, None, None, gs, None, None) + nones[:5]
-    return (gt * grad_loss.to(gt.dtype), None, None, gs * grad_loss.to(gs.dtype), None, None) + nones[:5]
+    if not (_is_eager_cpu(grad_loss) and grad_loss.item() == 1.0):  # see _backward: the usual loss.backward()
+        gt, gs = gt * grad_loss.to(gt.dtype), gs * grad_loss.to(gs.dtype)
+    return (gt, None, None, gs) + (None,) * 7
 
 
 def _is_eager_cpu(t):

@@ -279,24 +279,23 @@ at::Tensor filterbank_histogram_cpu(const at::Tensor& images, const at::Tensor& 
         b = v >= e1 ? b : 0;
         ++sub[(i & 3) * nbins + b];
       }
-      for (int64_t b = 0; b < nbins; ++b) cf[b] += sub[b] + sub[nbins + b] + sub[2 * nbins + b] + sub[3 * nbins + b];
-      return;
-    }
-    for (int64_t i = 0; i < P; ++i) {
-      const float v = rf[i];
-      int b;
-      if (!(v >= ef[1])) {
-        b = 0;
-      } else if (v >= ef[nb - 1]) {
-        b = static_cast<int>(nb) - 1;
-      } else {  // the cell's first bin, then step over the edges inside the cell (usually none)
-        const int64_t c = std::min<int64_t>(kLutCells - 1, static_cast<int64_t>((v - L.lo) * L.inv));
-        b = L.bin[c];
-        while (v >= ef[b + 1]) ++b;
+    } else {
+      for (int64_t i = 0; i < np; ++i) {
+        const float v = rf[i];
+        int b;
+        if (!(v >= ef[1])) {
+          b = 0;
+        } else if (v >= ef[nb - 1]) {
+          b = static_cast<int>(nb) - 1;
+        } else {  // the cell's first bin, then step over the edges inside the cell (usually none)
+          const int64_t c = std::min<int64_t>(kLutCells - 1, static_cast<int64_t>((v - L.lo) * L.inv));
+          b = L.bin[c];
+          while (v >= ef[b + 1]) ++b;
+        }
+        ++sub[(i & 3) * nbins + b];
       }
-      ++sub[(i & 3) * nb + b];
     }
-    for (int64_t b = 0; b < nb; ++b) cf[b] += sub[b] + sub[nb + b] + sub[2 * nb + b] + sub[3 * nb + b];
+    for (int64_t b = 0; b < nbins; ++b) cf[b] += sub[b] + sub[nbins + b] + sub[2 * nbins + b] + sub[3 * nbins + b];
   };
   const std::vector<SepComponent> comps = separable_components(w, stride);
   if (!comps.empty()) {
