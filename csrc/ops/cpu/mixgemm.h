@@ -1,0 +1,288 @@
+#pragma once
+// Per-image gated GEMM on AVX2 + FMA (float32), the small-map engine of the gated convolution.
+//
+// For every image n:  C_n[p][m] = sum_k A_n[k][p] * B_n[k][m],
+//                     B_n = (1 - g_n) * Bp + g_n * Bf,
+// the gate g_n taken per output column m (forward: one gate per output filter) or per contraction row k
+// (input gradient: the gate of output channel k). The blend is linear, so this is exactly the gated
+// convolution with one convolution's FLOPs, hard or soft gates alike; for binary gates the blend
+// (1-g)*bp + g*bf is exact.
+//
+// Why our own GEMM: with a gate per image and per filter, each image needs its own weight matrix. Library
+// GEMMs would need that matrix materialised per image (C_out*K floats read twice and written once per
+// image: more memory traffic than the convolution at 7x7), or one call per image (49 columns: call and
+// packing overhead). Here the blended 16-column weight panel is built in L1 inside the GEMM's own loop
+// (kc x 16 floats), once per image and reused by all of that image's pixel tiles, and one block of
+// images shares each weight panel while it is in cache, so Bp and Bf are read from memory once per image
+// block, not once per image.
+//
+// Layout: micro-kernel 6 pixels x 16 columns (12 accumulators, the classic AVX2 shape: 12 FMAs per
+// 8 loads); A comes row-major [K][P] per image (im2col rows for the forward, written with contiguous row
+// copies; dy itself for the input gradient) and is re-tiled to [pixel tile][k][6] per kc block; B panels
+// of 16 columns, kc = 256 rows (16 KB, stays in L1).
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "ops/cpu/avx2.h"
+
+#ifdef TLK_HAVE_AVX2_PATH
+namespace tlkernels {
+namespace mixgemm {
+
+constexpr int64_t kMR = 6, kNR = 16, kKC = 256;
+
+inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// C[r][0..16) (+)= sum_k A[k][r] * B[k][0..16) for r < R. A is [kc][6], B is [kc][16] (32-byte aligned).
+template <int R>
+__attribute__((target("avx2,fma"))) inline void micro(int64_t kc, const float* A, const float* B, float* C,
+                                                      int64_t ldc, bool acc) {
+  __m256 c0[R], c1[R];
+#pragma GCC unroll 6
+  for (int r = 0; r < R; ++r) {
+    c0[r] = acc ? _mm256_loadu_ps(C + r * ldc) : _mm256_setzero_ps();
+    c1[r] = acc ? _mm256_loadu_ps(C + r * ldc + 8) : _mm256_setzero_ps();
+  }
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m256 b0 = _mm256_load_ps(B + 16 * k), b1 = _mm256_load_ps(B + 16 * k + 8);
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r) {
+      const __m256 a = _mm256_broadcast_ss(A + 6 * k + r);
+      c0[r] = _mm256_fmadd_ps(a, b0, c0[r]);
+      c1[r] = _mm256_fmadd_ps(a, b1, c1[r]);
+    }
+  }
+#pragma GCC unroll 6
+  for (int r = 0; r < R; ++r) {
+    _mm256_storeu_ps(C + r * ldc, c0[r]);
+    _mm256_storeu_ps(C + r * ldc + 8, c1[r]);
+  }
+}
+
+__attribute__((target("avx2,fma"))) inline void micro_rows(int rows, int64_t kc, const float* A, const float* B,
+                                                           float* C, int64_t ldc, bool acc) {
+  switch (rows) {
+    case 6: micro<6>(kc, A, B, C, ldc, acc); break;
+    case 5: micro<5>(kc, A, B, C, ldc, acc); break;
+    case 4: micro<4>(kc, A, B, C, ldc, acc); break;
+    case 3: micro<3>(kc, A, B, C, ldc, acc); break;
+    case 2: micro<2>(kc, A, B, C, ldc, acc); break;
+    default: micro<1>(kc, A, B, C, ldc, acc); break;
+  }
+}
+
+// Pixel tiles: ceil(P/6) tiles whose sizes differ by at most one (49 = 4x6 + 5x5 rather than 8x6 + 1):
+// the micro-kernel needs >= 5 rows (10 accumulators) to cover FMA latency; a 1-row tile runs at a fifth
+// of the speed and cost 10% at 7x7.
+struct Tiles {
+  int64_t count, base, extra;  // tile t has base + (t < extra) rows
+  explicit Tiles(int64_t P) : count((P + kMR - 1) / kMR), base(P / count), extra(P % count) {}
+  int64_t rows(int64_t t) const { return base + (t < extra); }
+  int64_t start(int64_t t) const { return t * base + std::min(t, extra); }
+};
+
+// Rows [0, kb) of a row-major [kb][P] matrix (row stride lda) as [tile][kb][6], zero padded: each
+// micro-kernel call then streams one contiguous 6 KB tile (a strided A measured 20% slower).
+inline void retile(const float* src, int64_t lda, const Tiles& tl, int64_t kb, float* dst) {
+  for (int64_t t = 0; t < tl.count; ++t) {
+    const int64_t r = tl.rows(t);
+    const float* s = src + tl.start(t);
+    if (r == kMR) {
+      for (int64_t k = 0; k < kb; ++k, s += lda, dst += kMR)
+        for (int64_t i = 0; i < kMR; ++i) dst[i] = s[i];
+    } else {
+      for (int64_t k = 0; k < kb; ++k, s += lda, dst += kMR)
+        for (int64_t i = 0; i < kMR; ++i) dst[i] = i < r ? s[i] : 0.f;
+    }
+  }
+}
+
+// Where the 16 floats of B panel j, row k live: src + j * panel_stride + k * row_stride; `valid` (<= 16)
+// of them exist (the rest read as zero: masked load, never past the caller's buffer).
+struct BSource {
+  const float* pre;
+  const float* ft;
+  int64_t panel_stride, row_stride;
+};
+
+__attribute__((target("avx2,fma"))) inline __m256 load16(const float* p, int valid, int half) {
+  const int v = valid - 8 * half;
+  if (v >= 8) return _mm256_loadu_ps(p + 8 * half);
+  if (v <= 0) return _mm256_setzero_ps();
+  const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(v), idx);
+  return _mm256_maskload_ps(p + 8 * half, mask);
+}
+
+// Bmix[k][0..16) for rows [k0, k0 + kb) of panel j; gate per column (gcol: 16 floats) or per row (grow + k0).
+__attribute__((target("avx2,fma"))) inline void blend_panel(const BSource& s, int64_t j, int valid, int64_t k0,
+                                                            int64_t kb, const float* gcol, const float* grow,
+                                                            float* bmix) {
+  const float* pp = s.pre + j * s.panel_stride + k0 * s.row_stride;
+  const float* pf = s.ft + j * s.panel_stride + k0 * s.row_stride;
+  const __m256 one = _mm256_set1_ps(1.f);
+  __m256 g0 = _mm256_setzero_ps(), g1 = g0, h0 = g0, h1 = g0;
+  if (gcol) {
+    g0 = _mm256_loadu_ps(gcol);
+    g1 = _mm256_loadu_ps(gcol + 8);
+    h0 = _mm256_sub_ps(one, g0);
+    h1 = _mm256_sub_ps(one, g1);
+  }
+  for (int64_t k = 0; k < kb; ++k, pp += s.row_stride, pf += s.row_stride) {
+    if (grow) {
+      g0 = g1 = _mm256_set1_ps(grow[k0 + k]);
+      h0 = h1 = _mm256_sub_ps(one, g0);
+    }
+    const __m256 p0 = load16(pp, valid, 0), p1 = load16(pp, valid, 1);
+    const __m256 f0 = load16(pf, valid, 0), f1 = load16(pf, valid, 1);
+    _mm256_store_ps(bmix + 16 * k, _mm256_fmadd_ps(g0, f0, _mm256_mul_ps(h0, p0)));
+    _mm256_store_ps(bmix + 16 * k + 8, _mm256_fmadd_ps(g1, f1, _mm256_mul_ps(h1, p1)));
+  }
+}
+
+// Runs the per-image gated GEMM over images [0, N).
+//   P: rows (pixels) per image, Kd: contraction length, M: output columns.
+//   gates: [N][gate_ld] float32 (gate_ld >= round_up(M, 16) when per column, zero padded; >= Kd per row).
+//   pack_a(n, k0, kb, buf, lda) -> const float*: rows [k0, k0+kb) of A_n ([K][P] with row stride lda):
+//   either a pointer into the caller's tensor (dy, a 1x1 conv's input: no copy) or im2col rows written
+//   to buf (room for kb * P floats); run() re-tiles them.
+//   consume(n, C): C is [P][round_up(M, 16)], the finished result of image n.
+// Images are processed in blocks: each block's weight panels are blended from Bp/Bf while they are in
+// cache, and the block's packed A (kb rows) stays in L2. Blocks are spread over ATen's thread pool.
+template <class PackA, class Consume>
+void run(int64_t N, int64_t P, int64_t Kd, int64_t M, const BSource& b, const float* gates, int64_t gate_ld,
+         bool gate_per_column, const PackA& pack_a, const Consume& consume) {
+  const Tiles tl(P);
+  const int64_t tiles = tl.count, Mp = round_up(M, kNR), panels = Mp / kNR;
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  // About 256 pixels per block (A block of kc rows: <= 256 KB), a multiple of the thread count of blocks.
+  int64_t nblk = threads * std::max<int64_t>(1, (N * P + 256 * threads - 1) / (256 * threads));
+  nblk = std::min(nblk, N);
+  const int64_t nb = (N + nblk - 1) / nblk, blocks = (N + nb - 1) / nb;
+  at::parallel_for(0, blocks, 1, [&](int64_t blo, int64_t bhi) {
+    std::vector<float> rows(kKC * P + 8), apack(nb * tiles * kKC * kMR + 8), cbuf(nb * P * Mp + 8);
+    std::vector<float> bstore(kKC * kNR + 8);
+    float* bmix = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(bstore.data()) + 31) & ~uintptr_t(31));
+    for (int64_t blk = blo; blk < bhi; ++blk) {
+      const int64_t n0 = blk * nb, n1 = std::min(N, n0 + nb);
+      for (int64_t k0 = 0; k0 < Kd; k0 += kKC) {
+        const int64_t kb = std::min(kKC, Kd - k0);
+        for (int64_t n = n0; n < n1; ++n) {
+          int64_t lda = P;
+          const float* a = pack_a(n, k0, kb, rows.data(), lda);
+          retile(a, lda, tl, kb, apack.data() + (n - n0) * tiles * kb * kMR);
+        }
+        for (int64_t j = 0; j < panels; ++j) {
+          const int valid = static_cast<int>(std::min<int64_t>(kNR, M - j * kNR));
+          for (int64_t n = n0; n < n1; ++n) {
+            const float* gn = gates + n * gate_ld;
+            blend_panel(b, j, valid, k0, kb, gate_per_column ? gn + j * kNR : nullptr,
+                        gate_per_column ? nullptr : gn, bmix);
+            const float* an = apack.data() + (n - n0) * tiles * kb * kMR;
+            float* cn = cbuf.data() + (n - n0) * P * Mp + j * kNR;
+            for (int64_t t = 0; t < tiles; ++t)
+              micro_rows(static_cast<int>(tl.rows(t)), kb, an + t * kb * kMR, bmix, cn + tl.start(t) * Mp, Mp,
+                         k0 > 0);
+          }
+        }
+      }
+      for (int64_t n = n0; n < n1; ++n) consume(n, cbuf.data() + (n - n0) * P * Mp);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Hard-gate engine for maps of one 16-pixel tile (4x4; the caller decides where it pays).
+// With binary gates the weight row of filter c for image n is simply Wp[c] or Wf[c]: choosing a row
+// pointer costs nothing, so this engine vectorises over pixels (16 per tile, two AVX2 vectors) and
+// broadcasts weights from six selected rows of the raw [C][K] weights: no weight packing, no blend, no
+// re-tiling. At 4x4 (ResNet-18's last stage at 112x112 input) the blend and packing of the engine above
+// were a third of the time. Rows are padded to a multiple of 16 pixels (the padding's results are
+// discarded).
+
+// C[r][0..16) (+)= sum_k W_r[k] * A[k*lda + 0..16) for r < R.
+template <int R>
+__attribute__((target("avx2,fma"))) inline void micro_rows_pv(int64_t kc, const float* A, int64_t lda,
+                                                              const float* const* w, float* C, int64_t ldc,
+                                                              bool acc) {
+  __m256 c0[R], c1[R];
+  const float* wr[R];
+#pragma GCC unroll 6
+  for (int r = 0; r < R; ++r) {
+    wr[r] = w[r];
+    c0[r] = acc ? _mm256_loadu_ps(C + r * ldc) : _mm256_setzero_ps();
+    c1[r] = acc ? _mm256_loadu_ps(C + r * ldc + 8) : _mm256_setzero_ps();
+  }
+  for (int64_t k = 0; k < kc; ++k, A += lda) {
+    const __m256 a0 = _mm256_loadu_ps(A), a1 = _mm256_loadu_ps(A + 8);
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r) {
+      const __m256 b = _mm256_broadcast_ss(wr[r] + k);
+      c0[r] = _mm256_fmadd_ps(b, a0, c0[r]);
+      c1[r] = _mm256_fmadd_ps(b, a1, c1[r]);
+    }
+  }
+#pragma GCC unroll 6
+  for (int r = 0; r < R; ++r) {
+    _mm256_storeu_ps(C + r * ldc, c0[r]);
+    _mm256_storeu_ps(C + r * ldc + 8, c1[r]);
+  }
+}
+
+__attribute__((target("avx2,fma"))) inline void micro_pv(int rows, int64_t kc, const float* A, int64_t lda,
+                                                         const float* const* w, float* C, int64_t ldc, bool acc) {
+  switch (rows) {
+    case 6: micro_rows_pv<6>(kc, A, lda, w, C, ldc, acc); break;
+    case 5: micro_rows_pv<5>(kc, A, lda, w, C, ldc, acc); break;
+    case 4: micro_rows_pv<4>(kc, A, lda, w, C, ldc, acc); break;
+    case 3: micro_rows_pv<3>(kc, A, lda, w, C, ldc, acc); break;
+    case 2: micro_rows_pv<2>(kc, A, lda, w, C, ldc, acc); break;
+    default: micro_rows_pv<1>(kc, A, lda, w, C, ldc, acc); break;
+  }
+}
+
+// For every image n: C_n[m][p] = sum_k W_{sel(n,m)}[m][k] * A_n[k][p], sel = gate[n][m] >= 0.5 (Wf) or not
+// (Wp); Wp, Wf row-major [M][Kd]. pack_a as for run(), but rows must be readable up to round_up(P, 16)
+// (the buffer offered has lda = round_up(P, 16), zero padded); consume(n, C, ldc) gets C as [M][ldc].
+template <class PackA, class Consume>
+void run_hard_rows(int64_t N, int64_t P, int64_t Kd, int64_t M, const float* wp, const float* wf,
+                   const float* gates, int64_t gate_ld, const PackA& pack_a, const Consume& consume) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  int64_t nblk = threads * std::max<int64_t>(1, (N * P + 256 * threads - 1) / (256 * threads));
+  nblk = std::min(nblk, N);
+  const int64_t nb = (N + nblk - 1) / nblk, blocks = (N + nb - 1) / nb, P16 = round_up(P, 16);
+  at::parallel_for(0, blocks, 1, [&](int64_t blo, int64_t bhi) {
+    std::vector<float> rows(nb * kKC * P16 + 8), cbuf(nb * M * P16 + 8);
+    std::vector<const float*> a(nb);
+    std::vector<int64_t> lda(nb);
+    const float* w[kMR];
+    for (int64_t blk = blo; blk < bhi; ++blk) {
+      const int64_t n0 = blk * nb, n1 = std::min(N, n0 + nb);
+      for (int64_t k0 = 0; k0 < Kd; k0 += kKC) {
+        const int64_t kb = std::min(kKC, Kd - k0);
+        for (int64_t n = n0; n < n1; ++n) {
+          lda[n - n0] = P16;
+          a[n - n0] = pack_a(n, k0, kb, rows.data() + (n - n0) * kb * P16, lda[n - n0]);
+        }
+        for (int64_t m0 = 0; m0 < M; m0 += kMR) {  // six filters' rows stay in L1 across the block's images
+          const int r = static_cast<int>(std::min(kMR, M - m0));
+          for (int64_t n = n0; n < n1; ++n) {
+            const float* gn = gates + n * gate_ld;
+            for (int i = 0; i < r; ++i) w[i] = (gn[m0 + i] >= 0.5f ? wf : wp) + (m0 + i) * Kd + k0;
+            float* cn = cbuf.data() + (n - n0) * M * P16 + m0 * P16;
+            for (int64_t p0 = 0; p0 < P; p0 += 16)
+              micro_pv(r, kb, a[n - n0] + p0, lda[n - n0], w, cn + p0, P16, k0 > 0);
+          }
+        }
+      }
+      for (int64_t n = n0; n < n1; ++n) consume(n, cbuf.data() + (n - n0) * M * P16, P16);
+    }
+  });
+}
+
+}  // namespace mixgemm
+}  // namespace tlkernels
+#endif  // TLK_HAVE_AVX2_PATH
