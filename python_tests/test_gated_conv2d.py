@@ -222,3 +222,80 @@ def test_cpp_kernel_checks_name_the_argument():
     x, wp = torch.randn(2, 3, 6, 6), torch.randn(4, 3, 3, 3)
     with pytest.raises(RuntimeError, match=r"gated_conv2d: gate must have shape \(N,\) or \(N, C_out\) = \(2, 4\), got \(8, 32\)"):
         OP(x, wp, wp, torch.rand(8, 32), None, None, [1, 1], [0, 0], [1, 1], 1, False, False)
+
+
+# ---------------------------------------------------------------- float32 small-map engine (csrc/ops/cpu/mixgemm.h)
+# Per-filter gates in float32 with groups == 1 on maps below 28x28 run our own AVX2 GEMM on the CPU; the
+# float64 tests above never reach it. Shapes chosen for its edges: 4x4 (row-selection engine for hard
+# gates), 7x7 (uneven pixel tiles), 14x14, stride 2, dilation, a 1x1 conv read in place, C_out not a
+# multiple of 6 or 16, K = C_in*kH*kW and C_out above one 256-row block, odd batch (uneven image blocks).
+MIX_SHAPES = [
+    (5, 6, 20, 4, 4, 3, 1, 1, 1),
+    (9, 30, 13, 7, 7, 3, 1, 1, 1),      # K = 270: two contraction blocks
+    (3, 8, 300, 7, 7, 1, 1, 0, 1),      # 1x1 read in place; C_out = 300: two blocks in the input gradient
+    (2, 5, 17, 14, 14, 3, 1, 1, 1),
+    (3, 7, 11, 15, 13, 3, 2, 1, 1),     # stride 2, odd non-square
+    (2, 4, 6, 11, 11, 3, 1, 2, 2),      # dilation
+    (4, 12, 16, 8, 8, 1, 2, 0, 1),      # 1x1 stride 2 -> 4x4
+    (1, 3, 5, 2, 3, 3, 1, 1, 1),        # 6 pixels, N = 1
+]
+
+
+@pytest.mark.parametrize("shape", MIX_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("gate_kind", ["filter_soft", "filter_hard", "hard_flag"])
+@pytest.mark.parametrize("gate_grad", [False, True])
+def test_float32_small_map_engine_matches_reference(shape, gate_kind, gate_grad):
+    n, ci, co, h, w, k, s, p, d = shape
+    torch.manual_seed(sum(shape))
+    (x, wp, wf, gate, bp, bf), kw = make_case((n, ci, co, h, w, k, s, p, d, 1), gate_kind)
+    exact_y, exact_g, dy = grads(gated_conv2d_reference, (x, wp, wf, gate, bp, bf), kw)
+    f32 = [t.float() for t in (x, wp, wf, gate, bp, bf)]
+    ref_y, ref_g, _ = grads(gated_conv2d_reference, f32, kw, dy.float())
+
+    leaves = [t.clone().requires_grad_(i != 1 and (i != 3 or gate_grad)) for i, t in enumerate(f32)]
+    y = gated_conv2d(*leaves, **kw)
+    y.backward(dy.float())
+    assert leaves[1].grad is None  # frozen weight_pre: no gradient
+    assert (leaves[3].grad is not None) == gate_grad
+
+    def close(ours, ref, exact):
+        err = (ours.double() - exact).abs().max().item()
+        ref_err = (ref.double() - exact).abs().max().item()
+        assert err <= 2 * ref_err + 1e-6 * exact.abs().max().item(), (err, ref_err)
+
+    close(y, ref_y, exact_y)
+    for i in (0, 2, 3, 4, 5):
+        if leaves[i].grad is not None:
+            close(leaves[i].grad, ref_g[i], exact_g[i])
+
+
+@pytest.mark.parametrize("hw", [4, 7])
+def test_float32_small_map_engine_channels_last_and_strided(hw):
+    (x, wp, wf, gate, bp, bf), kw = make_case((3, 5, 10, hw, hw, 3, 1, 1, 1, 1), "filter_hard", dtype=torch.float32)
+    ref = gated_conv2d_reference(x, wp, wf, gate, bp, bf, padding=1)
+    xcl = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    ycl = gated_conv2d(xcl, wp, wf, gate, bp, bf, padding=1)
+    assert ycl.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(ycl, ref, rtol=1e-5, atol=1e-5)
+    dy = torch.randn_like(ref)
+    ycl.backward(dy)
+    xr = x.clone().requires_grad_()
+    gated_conv2d_reference(xr, wp, wf, gate, bp, bf, padding=1).backward(dy)
+    torch.testing.assert_close(xcl.grad, xr.grad, rtol=1e-5, atol=1e-5)
+    xs = torch.randn(3, 5, hw, 2 * hw)[..., ::2]  # every other column: W stride 2
+    torch.testing.assert_close(gated_conv2d(xs, wp, wf, gate, bp, bf, padding=1),
+                               gated_conv2d_reference(xs.contiguous(), wp, wf, gate, bp, bf, padding=1),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_float32_small_map_engine_binary_gates_are_exact_selection():
+    # (1-g)*wp + g*wf with g in {0, 1} is exactly wp or wf: the engine must equal a plain conv with the
+    # selected filters up to GEMM summation order, also where wp and wf differ by many orders of magnitude.
+    x = torch.randn(4, 6, 7, 7)
+    wp, wf = torch.randn(8, 6, 3, 3) * 1e6, torch.randn(8, 6, 3, 3) * 1e-6
+    gate = torch.zeros(4, 8)
+    gate[:, ::2] = 1
+    y = gated_conv2d(x, wp, wf, gate, padding=1)
+    want = torch.where(gate[..., None, None] > 0.5, F.conv2d(x, wf, padding=1), F.conv2d(x, wp, padding=1))
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5 * want[:, 1::2].abs().max().item())
+    torch.testing.assert_close(y[:, ::2], want[:, ::2], rtol=1e-5, atol=1e-10)
