@@ -225,7 +225,7 @@ def test_cpp_kernel_checks_name_the_argument():
 
 
 # ---------------------------------------------------------------- float32 small-map engine (csrc/ops/cpu/mixgemm.h)
-# Per-filter gates in float32 with groups == 1 on maps below 28x28 run our own AVX2 GEMM on the CPU; the
+# Per-filter gates in float32 with groups == 1 on maps up to 28x28 run our own AVX2 GEMM on the CPU; the
 # float64 tests above never reach it. Shapes chosen for its edges: 4x4 (row-selection engine for hard
 # gates), 7x7 (uneven pixel tiles), 14x14, stride 2, dilation, a 1x1 conv read in place, C_out not a
 # multiple of 6 or 16, K = C_in*kH*kW and C_out above one 256-row block, odd batch (uneven image blocks).
@@ -238,6 +238,9 @@ MIX_SHAPES = [
     (2, 4, 6, 11, 11, 3, 1, 2, 2),      # dilation
     (4, 12, 16, 8, 8, 1, 2, 0, 1),      # 1x1 stride 2 -> 4x4
     (1, 3, 5, 2, 3, 3, 1, 1, 1),        # 6 pixels, N = 1
+    (2, 4, 9, 5, 3, 3, 1, 1, 1),        # 15 pixels: row-selection engine with a padded pixel
+    (3, 8, 10, 5, 3, 1, 1, 0, 1),       # the same with a 1x1 conv (copied, not read in place)
+    (2, 3, 5, 28, 28, 3, 1, 1, 1),      # 784 pixels: the largest map the engine takes
 ]
 
 

@@ -5,20 +5,26 @@
 //  forward
 //   * routed  - per-image binary gates: split the batch by gate, one weight set per part: exactly one
 //               convolution's work.
-//   * blended - >= kBlendMinPixels output pixels: per image blend the weights (C_out*K values, tiny
-//               next to the conv) and run one conv on that image. One conv's FLOPs; measured as fast as
-//               one batched conv from 14x14 up.
-//   * concat  - small maps: one conv over [Wp; Wf] (x read once, one large GEMM) and a fused lerp
-//               epilogue. Two convs' FLOPs at full GEMM efficiency (per-image calls are overhead-bound
-//               at 7x7). When the gate needs a gradient it returns diff = y_f - y_p, free here, so the
-//               backward needs no extra conv for dL/dg.
+//   * mix     - float32, groups == 1, < kMixMaxPixels output pixels (x86 with AVX2): our per-image gated
+//               GEMM (mixgemm.h) blends each image's 16-filter weight panel in L1 inside the GEMM loop
+//               (or, hard gates at 4x4, selects weight rows): one conv's FLOPs, no per-image library
+//               calls, hard or soft gates alike.
+//   * blended - >= kBlendMinPixels output pixels otherwise: per image blend the weights (C_out*K values,
+//               tiny next to the conv) and run one oneDNN conv on that image. One conv's FLOPs; measured
+//               as fast as one batched conv from 14x14 up.
+//   * concat  - small maps otherwise, and whenever the gate needs a gradient on a small map: one conv
+//               over [Wp; Wf] (x read once, one large GEMM) and a fused lerp epilogue. Two convs' FLOPs
+//               at full GEMM efficiency. It returns diff = y_f - y_p for free, so the backward needs no
+//               extra conv for dL/dg (the mix forward would need that conv in the backward: same total).
 //  backward
 //   * grouped - >= kGroupedMinPixels: the batch folded into groups with per-image blended weights. One
 //               grouped conv backward yields dx and the per-image weight gradients dW_b, from which
 //               dWf = sum_b g_b dW_b, dWp = sum_b (1-g_b) dW_b and dg_b = <dW_b, Wf - Wp> follow by
 //               small contractions: a training step with gate gradient costs 3 conv-equivalents.
-//   * mixed   - mid sizes: per-image dx with blended weights, one batched weight gradient on g*dy.
-//   * concat  - small maps: dx from one conv-transpose over [Wp; Wf] with ((1-g)dy, g dy).
+//   * mixed   - mid sizes: per-image dx with blended weights (the mix GEMM where it applies, else one
+//               oneDNN call per image), one batched weight gradient on g*dy.
+//   * concat  - small maps without the mix GEMM: dx from one conv-transpose over [Wp; Wf] with
+//               ((1-g)dy, g dy).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -35,7 +41,9 @@ constexpr int64_t kBlendMinPixels = 100;
 constexpr int64_t kGroupedMinPixels = 784;
 // Below this many output pixels per image, per-filter gates in float32 (groups == 1) use our per-image
 // gated GEMM (mixgemm.h): one convolution's FLOPs where the library paths need two or per-image calls.
-constexpr int64_t kMixMaxPixels = 784;
+// Measured (N=32, 2 cores): 1.3-1.5x faster than the per-image oneDNN calls at 7x7-14x14, equal at
+// 28x28 (faster at 32 channels), 20% slower at 56x56.
+constexpr int64_t kMixMaxPixels = 1024;
 
 struct ConvArgs {
   at::IntArrayRef stride, padding, dilation;
