@@ -302,3 +302,18 @@ def test_float32_small_map_engine_binary_gates_are_exact_selection():
     want = torch.where(gate[..., None, None] > 0.5, F.conv2d(x, wf, padding=1), F.conv2d(x, wp, padding=1))
     torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5 * want[:, 1::2].abs().max().item())
     torch.testing.assert_close(y[:, ::2], want[:, ::2], rtol=1e-5, atol=1e-10)
+
+
+@pytest.mark.parametrize("shape", [MIX_SHAPES[1], MIX_SHAPES[2], MIX_SHAPES[4]], ids=lambda s: "x".join(map(str, s)))
+def test_float32_small_map_engine_all_gradients(shape):
+    # every input requires grad, weight_pre too: the engine's weight pass then writes dWp, dWf and dL/dg
+    n, ci, co, h, w, k, s, p, d = shape
+    torch.manual_seed(7)
+    (x, wp, wf, gate, bp, bf), kw = make_case((n, ci, co, h, w, k, s, p, d, 1), "filter_soft")
+    exact_y, exact_g, dy = grads(gated_conv2d_reference, (x, wp, wf, gate, bp, bf), kw)
+    f32 = [t.float() for t in (x, wp, wf, gate, bp, bf)]
+    _, ref_g, _ = grads(gated_conv2d_reference, f32, kw, dy.float())
+    _, ours, _ = grads(gated_conv2d, f32, kw, dy.float())
+    for a, r, e in zip(ours, ref_g, exact_g):
+        err, ref_err = (a.double() - e).abs().max().item(), (r.double() - e).abs().max().item()
+        assert err <= 2 * ref_err + 1e-6 * e.abs().max().item(), (err, ref_err)

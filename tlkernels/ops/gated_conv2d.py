@@ -210,10 +210,13 @@ def gated_conv2d(input, weight_pre, weight_ft, gate, bias_pre=None, bias_ft=None
     out_px = 1
     for s in output_size(input, weight_pre, stride, padding, dilation)[2:]:
         out_px *= s
-    # The CPU kernel's small-map path computes both branches anyway; keeping their difference lets the
-    # backward skip a convolution for dL/dg. Only worth it there (csrc: kBlendMinPixels).
+    # The CPU kernel's small-map concat path computes both branches anyway; keeping their difference lets the
+    # backward skip a convolution for dL/dg (csrc: kBlendMinPixels). Not for float32 with groups == 1: there
+    # the CPU kernel's own GEMM computes one branch-blend in the forward and dL/dg together with the weight
+    # gradient in the backward, cheaper than both branches.
     save_diff = (gate.requires_grad and torch.is_grad_enabled() and gate.dim() == 2
-                 and input.device.type == "cpu" and out_px < SAVE_DIFF_MAX_PIXELS)
+                 and input.device.type == "cpu" and out_px < SAVE_DIFF_MAX_PIXELS
+                 and not (input.dtype == torch.float32 and groups == 1))
     y, _ = op("gated_conv2d")(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, list(stride), list(padding),
                               list(dilation), groups, bool(hard), save_diff)
     return y

@@ -342,8 +342,41 @@ at::Tensor input_grad_mix(const at::Tensor& dy, const at::Tensor& x, const at::T
   mixgemm::run(N, P, C, K, src, G.data_ptr<float>(), G.size(1), false, pack, consume);
   return dx;
 }
+
+// dWp, dWf (as asked) and the weight part of dL/dg in one pass: mixgemm::run_wgrad.
+void weight_grads_mix(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf,
+                      const at::Tensor& g, const ConvArgs& a, bool need_wp, bool need_wf, at::Tensor& dwp,
+                      at::Tensor& dwf, at::Tensor& dg) {
+  const int64_t N = x.size(0), C = wp.size(0), K = wp.numel() / C;
+  const Geometry q(x, wp, dy, a);
+  const int64_t P = q.OH * q.OW;
+  const at::Tensor G = padded_gates(g), dW = (wf - wp).contiguous();
+  const at::Tensor dyc = dy.contiguous();  // [n][c][p] rows (dy arrives channels_last for such inputs)
+  if (need_wp) dwp = at::zeros_like(wp, at::MemoryFormat::Contiguous);
+  if (need_wf) dwf = at::zeros_like(wf, at::MemoryFormat::Contiguous);
+  dg = at::zeros({N, C}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  const float* D = dyc.data_ptr<float>();
+  const float* X = x.data_ptr<float>();
+  const int64_t xN = x.stride(0), xC = x.stride(1), xH = x.stride(2), xW = x.stride(3);
+  const bool direct = q.KH == 1 && q.KW == 1 && q.sh == 1 && q.sw == 1 && q.ph == 0 && q.pw == 0 &&
+                      xW == 1 && xH == q.W && xC >= P;
+  mixgemm::run_wgrad(
+      N, P, C, K, G.data_ptr<float>(), G.size(1), dW.data_ptr<float>(), need_wf ? dwf.data_ptr<float>() : nullptr,
+      need_wp ? dwp.data_ptr<float>() : nullptr, dg.data_ptr<float>(),
+      [&](int64_t n, int64_t c) { return D + (n * C + c) * P; },
+      [&](int64_t n, int64_t k, float* buf) -> const float* {
+        const float* xn = X + n * xN;
+        if (direct) return xn + k * xC;
+        im2col_row(q, xn, xC, xH, xW, k, buf);
+        return buf;
+      });
+}
 #else
 bool mix_ok(const at::Tensor&, const ConvArgs&, int64_t) { return false; }
+void weight_grads_mix(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                      const at::Tensor&, const ConvArgs&, bool, bool, at::Tensor&, at::Tensor&, at::Tensor&) {
+  TORCH_CHECK(false, "gated_conv2d: internal error: AVX2 path unavailable");
+}
 void forward_mix(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                  const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, const ConvArgs&, at::Tensor&,
                  bool) {
@@ -459,9 +492,10 @@ Grads backward_grouped(const at::Tensor& dy, const at::Tensor& x, const at::Tens
 Grads backward_general(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf,
                        const at::Tensor& g, const c10::optional<at::Tensor>& bp,
                        const c10::optional<at::Tensor>& bf, const at::Tensor& diff, const ConvArgs& a,
-                       const std::array<bool, 6>& m, bool blended, bool mix) {
+                       const std::array<bool, 6>& m, bool blended, bool mix, bool wmix) {
   const int64_t N = x.size(0), C = wp.size(0), G = a.groups;
   at::Tensor dx, dwp, dwf, dg;
+  if (wmix) weight_grads_mix(dy, x, wp, wf, g, a, m[1], m[2], dwp, dwf, dg);  // dg without its bias part
   if (m[0] && mix) {
     dx = input_grad_mix(dy, x, wp, wf, g, a);
   } else if (m[0] && blended) {
@@ -475,7 +509,7 @@ Grads backward_general(const at::Tensor& dy, const at::Tensor& x, const at::Tens
       dx[b].copy_(std::get<0>(r)[0]);
     }
   }
-  const bool both_w = m[1] && m[2], dx_concat = m[0] && !blended && !mix;
+  const bool both_w = !wmix && m[1] && m[2], dx_concat = m[0] && !blended && !mix;
   if (dx_concat || both_w) {
     // ((1-g) dy, g dy) interleaved per group: the output gradient of the concatenated conv.
     auto dyv = dy.reshape({N, G, 1, C / G, dy.size(2), dy.size(3)});
@@ -490,13 +524,13 @@ Grads backward_general(const at::Tensor& dy, const at::Tensor& x, const at::Tens
       dwf = dwc.select(1, 1).reshape(wf.sizes());
     }
   }
-  if (!both_w && (m[1] || m[2])) {
+  if (!wmix && !both_w && (m[1] || m[2])) {
     const at::Tensor g4 = g.view({N, C, 1, 1});
     auto r = at::convolution_backward(m[2] ? dy * g4 : dy * (1 - g4), x, m[2] ? wf : wp, c10::nullopt, a.stride,
                                       a.padding, a.dilation, false, {0, 0}, G, {false, true, false});
     (m[2] ? dwf : dwp) = std::get<1>(r);
   }
-  if (m[3]) {
+  if (m[3] && !wmix) {
     if (diff.numel() == dy.numel()) {
       dg = pixel_dot(dy, diff);  // diff saved by the forward already holds the bias difference
     } else {
@@ -534,13 +568,16 @@ Grads gated_conv2d_backward_cpu(const at::Tensor& grad_output, const at::Tensor&
   } else {
     g = effective_gate(gate, C, binary);
     const int64_t P = dy.size(2) * dy.size(3);
+    // With a gate gradient and no saved y_f - y_p, the mix engine's weight pass gives dWf, dWp and dL/dg
+    // together (one weight-gradient's FLOPs instead of a weight gradient plus a conv with Wf - Wp).
+    const bool wmix = m[3] && P < kGroupedMinPixels && mix_ok(x, a, P) && diff.numel() != dy.numel();
     if (P >= kGroupedMinPixels) {
       r = backward_grouped(dy, x, weight_pre, weight_ft, g, a, m);
     } else {
       r = backward_general(dy, x, weight_pre, weight_ft, g, bias_pre, bias_ft, diff, a, m, P >= kBlendMinPixels,
-                           mix_ok(x, a, P));
+                           mix_ok(x, a, P), wmix);
     }
-    const bool bias_in_dg = m[3] && (has(bias_pre) || has(bias_ft)) && P >= kGroupedMinPixels;
+    const bool bias_in_dg = m[3] && (has(bias_pre) || has(bias_ft)) && (P >= kGroupedMinPixels || wmix);
     if (m[4] || m[5] || bias_in_dg) {
       const at::Tensor s = dy.sum({2, 3});
       if (m[4]) std::get<4>(r) = (s * (1 - g)).sum(0);

@@ -297,6 +297,131 @@ void run_hard_rows(int64_t N, int64_t P, int64_t Kd, int64_t M, const float* wp,
   });
 }
 
+// ---------------------------------------------------------------------------------------------------
+// Weight side of the backward with a gate gradient. Per image n the weight gradient of its blended filters
+// is T_n[c][k] = sum_p dy_n[c][p] * X_n[k][p] (X: im2col). Everything the backward needs follows from it:
+//   dWf[c][k] = sum_n g[n][c] T_n[c][k],  dWp[c][k] = sum_n (1 - g[n][c]) T_n[c][k],
+//   dg[n][c]  = sum_k T_n[c][k] (Wf - Wp)[c][k]
+// so dWf, dWp and dL/dg together cost one weight-gradient's FLOPs (the library way needs a second full
+// convolution, conv(x, Wf - Wp), for dL/dg). T_n is never stored: each 6 x 16 tile is reduced into dW and
+// dg straight from the registers.
+
+// T tile: acc[r] = sum_p A[p][r] * B[p][0..16) for r < R (A packed [P][6], B packed [P][16]).
+template <int R>
+__attribute__((target("avx2,fma"))) inline void wgrad_tile(int64_t P, const float* A, const float* B, int valid,
+                                                           const float* g, float* dwf, float* dwp, int64_t ldw,
+                                                           const float* dW, float* dg) {
+  __m256 c0[R], c1[R];
+#pragma GCC unroll 6
+  for (int r = 0; r < R; ++r) c0[r] = c1[r] = _mm256_setzero_ps();
+  for (int64_t p = 0; p < P; ++p) {
+    const __m256 b0 = _mm256_load_ps(B + 16 * p), b1 = _mm256_load_ps(B + 16 * p + 8);
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r) {
+      const __m256 a = _mm256_broadcast_ss(A + 6 * p + r);
+      c0[r] = _mm256_fmadd_ps(a, b0, c0[r]);
+      c1[r] = _mm256_fmadd_ps(a, b1, c1[r]);
+    }
+  }
+  const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i m0 = _mm256_cmpgt_epi32(_mm256_set1_epi32(valid), idx);
+  const __m256i m1 = _mm256_cmpgt_epi32(_mm256_set1_epi32(valid - 8), idx);
+#pragma GCC unroll 6
+  for (int r = 0; r < R; ++r) {
+    const __m256 gr = _mm256_set1_ps(g[r]);
+    if (dwf) {
+      float* w = dwf + r * ldw;
+      _mm256_maskstore_ps(w, m0, _mm256_fmadd_ps(gr, c0[r], _mm256_maskload_ps(w, m0)));
+      _mm256_maskstore_ps(w + 8, m1, _mm256_fmadd_ps(gr, c1[r], _mm256_maskload_ps(w + 8, m1)));
+    }
+    if (dwp) {
+      const __m256 hr = _mm256_sub_ps(_mm256_set1_ps(1.f), gr);
+      float* w = dwp + r * ldw;
+      _mm256_maskstore_ps(w, m0, _mm256_fmadd_ps(hr, c0[r], _mm256_maskload_ps(w, m0)));
+      _mm256_maskstore_ps(w + 8, m1, _mm256_fmadd_ps(hr, c1[r], _mm256_maskload_ps(w + 8, m1)));
+    }
+    if (dg) {
+      const float* d = dW + r * ldw;
+      const __m256 v = _mm256_fmadd_ps(c1[r], _mm256_maskload_ps(d + 8, m1),
+                                       _mm256_mul_ps(c0[r], _mm256_maskload_ps(d, m0)));
+      dg[r] += avx2::hsum(v);
+    }
+  }
+}
+
+__attribute__((target("avx2,fma"))) inline void wgrad_tile_rows(int rows, int64_t P, const float* A, const float* B,
+                                                                int valid, const float* g, float* dwf, float* dwp,
+                                                                int64_t ldw, const float* dW, float* dg) {
+  switch (rows) {
+    case 6: wgrad_tile<6>(P, A, B, valid, g, dwf, dwp, ldw, dW, dg); break;
+    case 5: wgrad_tile<5>(P, A, B, valid, g, dwf, dwp, ldw, dW, dg); break;
+    case 4: wgrad_tile<4>(P, A, B, valid, g, dwf, dwp, ldw, dW, dg); break;
+    case 3: wgrad_tile<3>(P, A, B, valid, g, dwf, dwp, ldw, dW, dg); break;
+    case 2: wgrad_tile<2>(P, A, B, valid, g, dwf, dwp, ldw, dW, dg); break;
+    default: wgrad_tile<1>(P, A, B, valid, g, dwf, dwp, ldw, dW, dg); break;
+  }
+}
+
+// dwf / dwp ([C][K], zeroed by the caller; either may be null), dg ([N][C], zeroed; null when not wanted).
+// gates [N][gate_ld]; dW = Wf - Wp as [C][K] (read only when dg is wanted).
+//   dy_row(n, c) -> const float*: P values of dy for image n, channel c.
+//   x_row(n, k, buf) -> const float*: row k of image n's im2col matrix, P values (written to buf if needed).
+// Threads split the output channels (each owns its rows of dW and its columns of dg: no reduction between
+// threads, deterministic). Per thread: dy of its channels packed [n][tile][P][6] once; per 256-row block of
+// K and image, that image's im2col rows packed [panel][P][16] (in L2 while every tile of T_n is formed).
+template <class DyRow, class XRow>
+void run_wgrad(int64_t N, int64_t P, int64_t C, int64_t K, const float* gates, int64_t gate_ld, const float* dW,
+               float* dwf, float* dwp, float* dg, const DyRow& dy_row, const XRow& x_row) {
+  const int64_t ctiles = (C + kMR - 1) / kMR;
+  at::parallel_for(0, ctiles, 1, [&](int64_t t0, int64_t t1) {
+    const int64_t c_lo = t0 * kMR, c_hi = std::min(C, t1 * kMR), nt = t1 - t0;
+    float* apack = scratch(0, N * nt * P * kMR + 8);
+    float* bstore = scratch(1, (kKC / kNR) * P * kNR + 16);
+    float* row = scratch(2, P + 8);
+    float* bpack = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(bstore) + 31) & ~uintptr_t(31));
+    for (int64_t n = 0; n < N; ++n) {  // dy of this thread's channels, every image, as [n][tile][P][6]
+      float* an = apack + n * nt * P * kMR;
+      for (int64_t c = c_lo; c < c_lo + nt * kMR; ++c) {
+        float* d = an + ((c - c_lo) / kMR) * P * kMR + (c - c_lo) % kMR;
+        if (c < c_hi) {
+          const float* src = dy_row(n, c);
+          for (int64_t p = 0; p < P; ++p) d[p * kMR] = src[p];
+        } else {  // rows past C in the last tile
+          for (int64_t p = 0; p < P; ++p) d[p * kMR] = 0.f;
+        }
+      }
+    }
+    // K blocks outside, images inside: the block's rows of dW (and of Wf - Wp) stay in L2 for all images.
+    for (int64_t k0 = 0; k0 < K; k0 += kKC) {
+      const int64_t kb = std::min(kKC, K - k0), panels = (kb + kNR - 1) / kNR;
+      for (int64_t n = 0; n < N; ++n) {
+        for (int64_t kk = 0; kk < panels * kNR; ++kk) {  // im2col rows k0.. as [panel][P][16]
+          float* d = bpack + (kk / kNR) * P * kNR + kk % kNR;
+          if (kk < kb) {
+            const float* src = x_row(n, k0 + kk, row);
+            for (int64_t p = 0; p < P; ++p) d[p * kNR] = src[p];
+          } else {
+            for (int64_t p = 0; p < P; ++p) d[p * kNR] = 0.f;
+          }
+        }
+        const float* gn = gates + n * gate_ld;
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t c = t * kMR;
+          const int rows = static_cast<int>(std::min(kMR, C - c));
+          const float* a = apack + (n * nt + (t - t0)) * P * kMR;
+          for (int64_t j = 0; j < panels; ++j) {
+            const int64_t k = k0 + j * kNR;
+            const int valid = static_cast<int>(std::min(kNR, K - k));
+            wgrad_tile_rows(rows, P, a, bpack + j * P * kNR, valid, gn + c, dwf ? dwf + c * K + k : nullptr,
+                            dwp ? dwp + c * K + k : nullptr, K, dg ? dW + c * K + k : nullptr,
+                            dg ? dg + n * C + c : nullptr);
+          }
+        }
+      }
+    }
+  });
+}
+
 }  // namespace mixgemm
 }  // namespace tlkernels
 #endif  // TLK_HAVE_AVX2_PATH
