@@ -199,7 +199,7 @@ inline void im2col_row(const Geometry& q, const float* xn, int64_t xC, int64_t x
     std::fill(dst, dst + lo, 0.f);
     const float* src = xc + ih * xH + (lo * q.sw + off) * xW;
     if (step == 1) {
-      std::copy(src, src + (hi - lo), dst + lo);
+      for (int64_t i = 0, e = hi - lo; i < e; ++i) dst[lo + i] = src[i];  // rows of 4-28: a call to memmove cost more
     } else {
       for (int64_t ow = lo; ow < hi; ++ow, src += step) dst[ow] = *src;
     }
