@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "ops/cpu/avx2.h"
@@ -36,16 +37,45 @@ constexpr int64_t kMR = 6, kNR = 16, kKC = 256;
 
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
-// C[r][0..16) (+)= sum_k A[k][r] * B[k][0..16) for r < R. A is [kc][6], B is [kc][16] (32-byte aligned).
+// Calls f(std::integral_constant<int, R>{}) with R = rows (1..6): the micro-kernels below are unrolled per
+// row count (accumulators must live in registers).
+template <class F>
+inline void with_rows(int64_t rows, const F& f) {
+  switch (rows) {
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    default: f(std::integral_constant<int, 1>{}); break;
+  }
+}
+
+// An R x 16 output tile in registers (two 8-wide halves per row): loaded (accumulating) or zeroed, stored.
 template <int R>
-__attribute__((target("avx2,fma"))) inline void micro(int64_t kc, const float* A, const float* B, float* C,
-                                                      int64_t ldc, bool acc) {
-  __m256 c0[R], c1[R];
+__attribute__((target("avx2,fma"))) inline void load_tile(const float* C, int64_t ldc, bool acc, __m256* c0,
+                                                          __m256* c1) {
 #pragma GCC unroll 6
   for (int r = 0; r < R; ++r) {
     c0[r] = acc ? _mm256_loadu_ps(C + r * ldc) : _mm256_setzero_ps();
     c1[r] = acc ? _mm256_loadu_ps(C + r * ldc + 8) : _mm256_setzero_ps();
   }
+}
+
+template <int R>
+__attribute__((target("avx2,fma"))) inline void store_tile(float* C, int64_t ldc, const __m256* c0,
+                                                           const __m256* c1) {
+#pragma GCC unroll 6
+  for (int r = 0; r < R; ++r) {
+    _mm256_storeu_ps(C + r * ldc, c0[r]);
+    _mm256_storeu_ps(C + r * ldc + 8, c1[r]);
+  }
+}
+
+// c[r] += sum_k A[k][r] * B[k][0..16) for r < R: A packed [kc][6] (broadcast), B [kc][16] (32-byte aligned).
+template <int R>
+__attribute__((target("avx2,fma"))) inline void accumulate(int64_t kc, const float* A, const float* B, __m256* c0,
+                                                           __m256* c1) {
   for (int64_t k = 0; k < kc; ++k) {
     const __m256 b0 = _mm256_load_ps(B + 16 * k), b1 = _mm256_load_ps(B + 16 * k + 8);
 #pragma GCC unroll 6
@@ -55,24 +85,18 @@ __attribute__((target("avx2,fma"))) inline void micro(int64_t kc, const float* A
       c1[r] = _mm256_fmadd_ps(a, b1, c1[r]);
     }
   }
-#pragma GCC unroll 6
-  for (int r = 0; r < R; ++r) {
-    _mm256_storeu_ps(C + r * ldc, c0[r]);
-    _mm256_storeu_ps(C + r * ldc + 8, c1[r]);
-  }
 }
 
-__attribute__((target("avx2,fma"))) inline void micro_rows(int rows, int64_t kc, const float* A, const float* B,
-                                                           float* C, int64_t ldc, bool acc) {
-  switch (rows) {
-    case 6: micro<6>(kc, A, B, C, ldc, acc); break;
-    case 5: micro<5>(kc, A, B, C, ldc, acc); break;
-    case 4: micro<4>(kc, A, B, C, ldc, acc); break;
-    case 3: micro<3>(kc, A, B, C, ldc, acc); break;
-    case 2: micro<2>(kc, A, B, C, ldc, acc); break;
-    default: micro<1>(kc, A, B, C, ldc, acc); break;
-  }
+// C[r][0..16) (+)= sum_k A[k][r] * B[k][0..16) for r < R. A is [kc][6], B is [kc][16] (32-byte aligned).
+template <int R>
+__attribute__((target("avx2,fma"))) inline void micro(int64_t kc, const float* A, const float* B, float* C,
+                                                      int64_t ldc, bool acc) {
+  __m256 c0[R], c1[R];
+  load_tile<R>(C, ldc, acc, c0, c1);
+  accumulate<R>(kc, A, B, c0, c1);
+  store_tile<R>(C, ldc, c0, c1);
 }
+
 
 // Pixel tiles: ceil(P/6) tiles whose sizes differ by at most one (49 = 4x6 + 5x5 rather than 8x6 + 1):
 // the micro-kernel needs >= 5 rows (10 accumulators) to cover FMA latency; a 1-row tile runs at a fifth
@@ -195,8 +219,9 @@ void run(int64_t N, int64_t P, int64_t Kd, int64_t M, const BSource& b, const fl
             const float* an = apack + (n - n0) * tiles * kb * kMR;
             float* cn = cbuf + (n - n0) * P * Mp + j * kNR;
             for (int64_t t = 0; t < tiles; ++t)
-              micro_rows(static_cast<int>(tl.rows(t)), kb, an + t * kb * kMR, bmix, cn + tl.start(t) * Mp, Mp,
-                         k0 > 0);
+              with_rows(tl.rows(t), [&](auto R) {
+                micro<R>(kb, an + t * kb * kMR, bmix, cn + tl.start(t) * Mp, Mp, k0 > 0);
+              });
           }
         }
       }
@@ -221,12 +246,8 @@ __attribute__((target("avx2,fma"))) inline void micro_rows_pv(int64_t kc, const 
                                                               bool acc) {
   __m256 c0[R], c1[R];
   const float* wr[R];
-#pragma GCC unroll 6
-  for (int r = 0; r < R; ++r) {
-    wr[r] = w[r];
-    c0[r] = acc ? _mm256_loadu_ps(C + r * ldc) : _mm256_setzero_ps();
-    c1[r] = acc ? _mm256_loadu_ps(C + r * ldc + 8) : _mm256_setzero_ps();
-  }
+  for (int r = 0; r < R; ++r) wr[r] = w[r];
+  load_tile<R>(C, ldc, acc, c0, c1);
   for (int64_t k = 0; k < kc; ++k, A += lda) {
     const __m256 a0 = _mm256_loadu_ps(A), a1 = _mm256_loadu_ps(A + 8);
 #pragma GCC unroll 6
@@ -236,24 +257,9 @@ __attribute__((target("avx2,fma"))) inline void micro_rows_pv(int64_t kc, const 
       c1[r] = _mm256_fmadd_ps(b, a1, c1[r]);
     }
   }
-#pragma GCC unroll 6
-  for (int r = 0; r < R; ++r) {
-    _mm256_storeu_ps(C + r * ldc, c0[r]);
-    _mm256_storeu_ps(C + r * ldc + 8, c1[r]);
-  }
+  store_tile<R>(C, ldc, c0, c1);
 }
 
-__attribute__((target("avx2,fma"))) inline void micro_pv(int rows, int64_t kc, const float* A, int64_t lda,
-                                                         const float* const* w, float* C, int64_t ldc, bool acc) {
-  switch (rows) {
-    case 6: micro_rows_pv<6>(kc, A, lda, w, C, ldc, acc); break;
-    case 5: micro_rows_pv<5>(kc, A, lda, w, C, ldc, acc); break;
-    case 4: micro_rows_pv<4>(kc, A, lda, w, C, ldc, acc); break;
-    case 3: micro_rows_pv<3>(kc, A, lda, w, C, ldc, acc); break;
-    case 2: micro_rows_pv<2>(kc, A, lda, w, C, ldc, acc); break;
-    default: micro_rows_pv<1>(kc, A, lda, w, C, ldc, acc); break;
-  }
-}
 
 // For every image n: C_n[m][p] = sum_k W_{sel(n,m)}[m][k] * A_n[k][p], sel = gate[n][m] >= 0.5 (Wf) or not
 // (Wp); Wp, Wf row-major [M][Kd]. pack_a as for run(), but rows must be readable up to round_up(P, 16)
@@ -282,13 +288,13 @@ void run_hard_rows(int64_t N, int64_t P, int64_t Kd, int64_t M, const float* wp,
           a[n - n0] = pack_a(n, k0, kb, buf, lda[n - n0]);
         }
         for (int64_t m0 = 0; m0 < M; m0 += kMR) {  // six filters' rows stay in L1 across the block's images
-          const int r = static_cast<int>(std::min(kMR, M - m0));
+          const int64_t r = std::min(kMR, M - m0);
           for (int64_t n = n0; n < n1; ++n) {
             const float* gn = gates + n * gate_ld;
             for (int i = 0; i < r; ++i) w[i] = (gn[m0 + i] >= 0.5f ? wf : wp) + (m0 + i) * Kd + k0;
             float* cn = cbuf + (n - n0) * M * P16 + m0 * P16;
             for (int64_t p0 = 0; p0 < P; p0 += 16)
-              micro_pv(r, kb, a[n - n0] + p0, lda[n - n0], w, cn + p0, P16, k0 > 0);
+              with_rows(r, [&](auto R) { micro_rows_pv<R>(kb, a[n - n0] + p0, lda[n - n0], w, cn + p0, P16, k0 > 0); });
           }
         }
       }
@@ -314,15 +320,7 @@ __attribute__((target("avx2,fma"))) inline void wgrad_tile(int64_t P, const floa
   __m256 c0[R], c1[R];
 #pragma GCC unroll 6
   for (int r = 0; r < R; ++r) c0[r] = c1[r] = _mm256_setzero_ps();
-  for (int64_t p = 0; p < P; ++p) {
-    const __m256 b0 = _mm256_load_ps(B + 16 * p), b1 = _mm256_load_ps(B + 16 * p + 8);
-#pragma GCC unroll 6
-    for (int r = 0; r < R; ++r) {
-      const __m256 a = _mm256_broadcast_ss(A + 6 * p + r);
-      c0[r] = _mm256_fmadd_ps(a, b0, c0[r]);
-      c1[r] = _mm256_fmadd_ps(a, b1, c1[r]);
-    }
-  }
+  accumulate<R>(P, A, B, c0, c1);
   const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   const __m256i m0 = _mm256_cmpgt_epi32(_mm256_set1_epi32(valid), idx);
   const __m256i m1 = _mm256_cmpgt_epi32(_mm256_set1_epi32(valid - 8), idx);
@@ -349,18 +347,6 @@ __attribute__((target("avx2,fma"))) inline void wgrad_tile(int64_t P, const floa
   }
 }
 
-__attribute__((target("avx2,fma"))) inline void wgrad_tile_rows(int rows, int64_t P, const float* A, const float* B,
-                                                                int valid, const float* g, float* dwf, float* dwp,
-                                                                int64_t ldw, const float* dW, float* dg) {
-  switch (rows) {
-    case 6: wgrad_tile<6>(P, A, B, valid, g, dwf, dwp, ldw, dW, dg); break;
-    case 5: wgrad_tile<5>(P, A, B, valid, g, dwf, dwp, ldw, dW, dg); break;
-    case 4: wgrad_tile<4>(P, A, B, valid, g, dwf, dwp, ldw, dW, dg); break;
-    case 3: wgrad_tile<3>(P, A, B, valid, g, dwf, dwp, ldw, dW, dg); break;
-    case 2: wgrad_tile<2>(P, A, B, valid, g, dwf, dwp, ldw, dW, dg); break;
-    default: wgrad_tile<1>(P, A, B, valid, g, dwf, dwp, ldw, dW, dg); break;
-  }
-}
 
 // dwf / dwp ([C][K], zeroed by the caller; either may be null), dg ([N][C], zeroed; null when not wanted).
 // gates [N][gate_ld]; dW = Wf - Wp as [C][K] (read only when dg is wanted).
@@ -412,9 +398,11 @@ void run_wgrad(int64_t N, int64_t P, int64_t C, int64_t K, const float* gates, i
           for (int64_t j = 0; j < panels; ++j) {
             const int64_t k = k0 + j * kNR;
             const int valid = static_cast<int>(std::min(kNR, K - k));
-            wgrad_tile_rows(rows, P, a, bpack + j * P * kNR, valid, gn + c, dwf ? dwf + c * K + k : nullptr,
+            with_rows(rows, [&](auto R) {
+              wgrad_tile<R>(P, a, bpack + j * P * kNR, valid, gn + c, dwf ? dwf + c * K + k : nullptr,
                             dwp ? dwp + c * K + k : nullptr, K, dg ? dW + c * K + k : nullptr,
                             dg ? dg + n * C + c : nullptr);
+            });
           }
         }
       }
