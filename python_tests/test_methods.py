@@ -193,6 +193,48 @@ def test_adafilter_matches_two_branch_reference_train_and_eval():
         torch.testing.assert_close(m(x), _adafilter_reference(m, x))  # folded BN + gated conv == two branches
 
 
+def test_adafilter_float32_eval_matches_reference_and_refolds_after_changes():
+    # float32 eval runs the gated convolution's small-map engine at every layer (64x64 input: 16x16 down to
+    # 2x2 maps, the 4x4 ones on its row-selection path); the folded weights are cached across calls and
+    # must follow in-place weight changes, BN statistics and load_state_dict.
+    m = AdaFilter(_resnet().float(), hidden_size=16).eval()
+    _perturb_finetuned(m)
+    _mixed_gates(m)
+    x = torch.randn(3, 3, 64, 64)
+
+    def check():
+        with torch.no_grad():
+            out = m(x)
+            # The reference gets the fused pass's gates: in float32 a gate whose logit is within rounding of
+            # 0 can flip between two computations of the same layer input (hard gates are discontinuous).
+            gates = {layer.index: layer.last_gate for _, layer in m.layers}
+            m.controller.gate = lambda index, inp: gates[index]
+            try:
+                ref = _adafilter_reference(m, x)
+            finally:
+                del m.controller.gate
+            torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+            for _, layer in m.layers:  # a fresh fold computes the same: the cache is not stale
+                layer._fold_cache = None
+            assert torch.equal(m(x), out)
+
+    check()
+    check()  # second call: cached folded weights
+    layer = m.layers[5][1]
+    with torch.no_grad():
+        layer.conv.weight.mul_(1.5)  # an optimizer step does the same: in place
+    check()
+    with torch.no_grad():
+        layer.bn_pre.running_var.mul_(2.0)
+        layer.bn_ft.bias.add_(0.3)
+    check()
+    state = copy.deepcopy(m.state_dict())
+    _perturb_finetuned(m)
+    check()
+    m.load_state_dict(state)
+    check()
+
+
 def test_adafilter_lstm_gets_gradients_and_frozen_filters_do_not_move():
     m = AdaFilter(_resnet(), hidden_size=16).double()
     _mixed_gates(m)
