@@ -414,6 +414,33 @@ def test_fused_optimizer_follows_torch_optim_plus_penalty(opt_name, kw, scope):
     torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("opt_cls,kw", [(SGD, dict(lr=0.1, momentum=0.9)), (AdamW, dict(lr=1e-2))])
+def test_fused_steps_bump_version_counters_like_torch_inplace_ops(opt_cls, kw):
+    """Our kernels write through data pointers; the ops still bump `_version` of every tensor they write, as
+    ATen's in-place ops do. Without it, autograd misses a tensor modified between forward and backward, and
+    version-keyed caches (AdaFilter's folded eval weights) go stale."""
+    m = nn.Linear(6, 4)
+    opt = opt_cls(m.parameters(), l2sp=L2SP(m, alpha=0.1, beta=0.01, head=None), **kw)
+    m(torch.randn(3, 6)).sum().backward()
+    before = [p._version for p in m.parameters()]
+    opt.step()
+    assert all(p._version > v for p, v in zip(m.parameters(), before))
+    state_before = [t._version for st in opt.state.values() for t in st.values() if torch.is_tensor(t) and t.dim()]
+    opt.step()
+    state_after = [t._version for st in opt.state.values() for t in st.values() if torch.is_tensor(t) and t.dim()]
+    assert state_after and all(a > b for a, b in zip(state_after, state_before))  # momentum / moment buffers
+    # a step between forward and backward is caught by autograd, as with torch.optim
+    y = (m.weight ** 2).sum()  # pow saves the weight itself for its backward
+    opt.step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+    # and the L2-SP gradient added into .grad in place bumps .grad's version
+    g = [p.grad for p in m.parameters()]
+    before = [t._version for t in g]
+    l2sp_value_and_grad(list(m.parameters()), [p.detach().clone() for p in m.parameters()], 0.1, accumulate=True)
+    assert all(t._version > v for t, v in zip(g, before))
+
+
 def test_optimizer_step_bad_inputs():
     p = [torch.randn(3)]
     with pytest.raises(RuntimeError, match=r"sgd_l2sp_step_: grads must have one tensor per param \(1\), got 0"):

@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
+import tlkernels
 from tlkernels.methods import AdaFilter, SpotTune
 
 
@@ -232,6 +233,20 @@ def test_adafilter_float32_eval_matches_reference_and_refolds_after_changes():
     _perturb_finetuned(m)
     check()
     m.load_state_dict(state)
+    check()
+    # Training between evals, as a trainer does: our fused optimizer writes the weights through data
+    # pointers, and a train-mode forward moves BN running statistics without bumping their version
+    # counters; both must refold (both were missed once: eval kept the first eval's weights).
+    opt = tlkernels.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
+    m.train()
+    F.cross_entropy(m(x), torch.tensor([0, 1, 2])).backward()
+    opt.step()
+    m.eval()
+    check()
+    m.train()
+    with torch.no_grad():
+        m(2 * x + 1)  # BN running statistics only
+    m.eval()
     check()
 
 

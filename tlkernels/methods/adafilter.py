@@ -75,8 +75,10 @@ class AdaFilterConv(nn.Module):
     def _folded(self):
         """Eval-mode BN folded into each branch's filters and bias, cached across eval calls: folding every
         conv of a ResNet-18 costs ~10 ms per forward on 2 CPU cores, 3% of the whole fused eval. The key holds
-        each source tensor's storage and version counter (bumped by every in-place change: optimizer steps,
-        load_state_dict, .to()), so any change to weights or BN statistics refolds."""
+        each source tensor's storage and version counter (bumped by in-place changes: optimizer steps, ours
+        included, load_state_dict, .to()), so a change to weights or BN parameters refolds. BN's running
+        statistics are the exception: a train-mode forward updates them without bumping their version, so
+        forward() drops the cache in train mode."""
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return self._fold()
         key = tuple(None if t is None else (t.data_ptr(), t._version, t.dtype, t.device)
@@ -110,6 +112,8 @@ class AdaFilterConv(nn.Module):
     def forward(self, x):
         gate = self._controller[0].gate(self.index, x)
         self.last_gate = gate.detach()
+        if self.training:
+            self._fold_cache = None  # this forward updates BN running statistics in place, unversioned
         if not self.fused or self.training:
             # Training needs each branch's batch statistics, so both branch outputs exist anyway; measured
             # on the CPU, two convs (no weight gradient for the frozen one) beat one GEMM over [W_pre; W_ft].

@@ -41,7 +41,35 @@ def op(name: str):
     return getattr(torch.ops.tlkernels, name).default
 
 
-__all__ = ["HAS_C", "ensure_op", "register_gpu", "op", "has_op"]
+__all__ = ["HAS_C", "ensure_op", "register_gpu", "op", "has_op", "bump_versions_of_mutated_args"]
+
+
+_VERSION_LIB = None
+
+
+def bump_versions_of_mutated_args(name: str):
+    """Make `tlkernels::name` bump the autograd version counter of every tensor its schema marks as written
+    (`Tensor(a!)`, `Tensor(a!)[]`), as ATen's own in-place ops do.
+
+    Why: kernels that write through data pointers (our C++/CUDA kernels, and the reference run below the
+    autograd keys) leave `tensor._version` unchanged, so anything keyed on it goes stale silently: autograd's
+    "modified by an inplace operation" check, and caches such as AdaFilter's folded eval weights (an
+    optimizer step with `tlkernels.optim.SGD` used to leave them stale). The dispatcher's ADInplaceOrView
+    slot is where ATen bumps versions; this registers the same thing for our op there, then redispatches
+    to the backend kernel (the pattern of torch.library.custom_op for mutable ops)."""
+    global _VERSION_LIB
+    if _VERSION_LIB is None:
+        _VERSION_LIB = torch.library.Library("tlkernels", "IMPL")
+    opover = op(name)
+    written = [i for i, a in enumerate(opover._schema.arguments) if a.alias_info is not None and a.alias_info.is_write]
+    below = torch._C._after_ADInplaceOrView_keyset
+
+    def kernel(keyset, *args):
+        for i in written:
+            torch.autograd.graph.increment_version(args[i])  # a tensor or a list of tensors
+        return opover.redispatch(keyset & below, *args)
+
+    _VERSION_LIB.impl(name, kernel, "ADInplaceOrView", with_keyset=True)
 
 
 def register_gpu_fallback(name: str, reference_impl):

@@ -9,7 +9,7 @@ allocates nothing and is one pass over p, p0 and the gradient.
 import torch
 
 from tlkernels._extension import use_reference
-from tlkernels.ops._registry import ensure_op, op, register_gpu_fallback
+from tlkernels.ops._registry import bump_versions_of_mutated_args, ensure_op, op, register_gpu_fallback
 from tlkernels.ops._utils import fail
 
 SCHEMAS = {
@@ -67,6 +67,7 @@ for _name, _impl in (("l2sp_penalty", _ref_penalty), ("l2sp_penalty_backward", _
                      ("l2sp_value_and_grad_", _ref_value_and_grad_inplace)):
     ensure_op(_name, SCHEMAS[_name], _impl)
     register_gpu_fallback(_name, _impl)
+bump_versions_of_mutated_args("l2sp_value_and_grad_")
 
 
 @torch.library.register_fake("tlkernels::l2sp_penalty")

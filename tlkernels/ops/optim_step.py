@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from tlkernels.ops._registry import ensure_op, register_gpu_fallback
+from tlkernels.ops._registry import bump_versions_of_mutated_args, ensure_op, register_gpu_fallback
 
 SCHEMAS = {
     "sgd_l2sp_step_": ("sgd_l2sp_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
@@ -57,4 +57,5 @@ def adamw_l2sp_step_reference(params, grads, exp_avgs, exp_avg_sqs, refs, coeffs
 for _name, _impl in (("sgd_l2sp_step_", sgd_l2sp_step_reference), ("adamw_l2sp_step_", adamw_l2sp_step_reference)):
     ensure_op(_name, SCHEMAS[_name], _impl)
     register_gpu_fallback(_name, _impl)
+    bump_versions_of_mutated_args(_name)
     torch.library.register_fake(f"tlkernels::{_name}")(lambda *args, **kwargs: None)
