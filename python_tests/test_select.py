@@ -15,6 +15,8 @@ from torch.utils.data import TensorDataset
 from tlkernels.filters import from_model, gabor_bank
 from tlkernels.ops import (KnnIndex, filterbank_histogram, filterbank_histogram_reference, fit_bin_edges,
                            knn_search, knn_search_reference)
+from tlkernels.ops._registry import has_op, op
+from tlkernels.ops.knn import EPS, _db_side, _query_side
 from tlkernels.select import JointDataset, SourceSelector
 
 
@@ -192,6 +194,38 @@ def test_knn_index_answers_as_knn_search(metric, dtype):
         assert torch.equal(i, ri) and torch.equal(d, rd)
     if dtype == torch.float64:
         assert torch.equal(index.search(q, 9)[1], knn_search_reference(q, db, 9, metric, channel_weights=w)[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_knn_select_chunk_reads_both_layouts_alike(dtype):
+    # knn_search hands the kernel (chunk @ queries^T)^T, read in place column-wise by blocks of 32 queries
+    # with a vectorised skip test; a row-major cross must give the same lists. 70 queries: two full blocks
+    # and a partial one; two chunks, so the second merges into running best lists; a tie across them.
+    if not has_op("knn_select_chunk"):
+        pytest.skip("tlkernels._C not built: the C++ selection kernel is what this tests")
+    g = torch.Generator().manual_seed(3)
+    q = torch.softmax(torch.randn(70, 24, generator=g, dtype=dtype), 1)
+    db = torch.softmax(torch.randn(90, 24, generator=g, dtype=dtype), 1)
+    db[60] = db[5]
+    w = torch.ones(24, dtype=dtype)
+    A, row_c, scale = _query_side("skl", q, w, EPS)
+    B, col_c = _db_side("skl", db, w, EPS)
+    cross = (B @ A.t()).t()  # (70, 90), column layout
+    bits = 40 if dtype == torch.float64 else 18
+    lists = []
+    for layout in (cross, cross.contiguous()):
+        assert (layout.stride(0) == 1) == (layout is cross)
+        bd, bi = torch.empty(70, 0, dtype=dtype), torch.empty(70, 0, dtype=torch.long)
+        for s0 in (0, 45):
+            bd, bi = op("knn_select_chunk")(layout[:, s0:s0 + 45], row_c, col_c[s0:s0 + 45], scale, bd, bi, s0, 11,
+                                            bits)
+        lists.append((bd, bi))
+    assert torch.equal(lists[0][0], lists[1][0]) and torch.equal(lists[0][1], lists[1][1])
+    ri = knn_search_reference(q, db, 11)[1]
+    if dtype == torch.float64:
+        assert torch.equal(lists[0][1], ri)
+    else:  # float32 rounding may swap near-equal neighbours, never change the set by more than that
+        assert (lists[0][1] == ri).float().mean() > 0.95
 
 
 @pytest.mark.parametrize("call,msg", [

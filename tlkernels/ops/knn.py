@@ -126,7 +126,9 @@ def _search_chunks(q, w, metric, eps, k, chunks):
     best_i = torch.empty(q.shape[0], 0, dtype=torch.long, device=q.device)
     for base, B, col_c in chunks:
         if _fused_select(q):  # C++: distances, tie grid and a k-heap per row in one pass over the GEMM
-            best_d, best_i = op("knn_select_chunk")(A @ B.t(), row_c, col_c, scale, best_d, best_i,
+            # chunk @ queries^T, read transposed in place by the kernel: MKL runs this orientation 4-10%
+            # faster than queries @ chunk^T on our AMD hosts, and the GEMM is nearly all of the search.
+            best_d, best_i = op("knn_select_chunk")((B @ A.t()).t(), row_c, col_c, scale, best_d, best_i,
                                                     base, k, 40 if q.dtype == torch.float64 else 18)
         else:
             d = _distances(A, row_c, scale, B, col_c)
