@@ -228,6 +228,33 @@ def test_knn_select_chunk_reads_both_layouts_alike(dtype):
         assert (lists[0][1] == ri).float().mean() > 0.95
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_knn_expand_skl_matches_torch(dtype):
+    # The database side of the skl expansion in one pass (our AVX2 log in float32) against the torch expression
+    # it replaced: log within one float32 ulp, p copied exactly, r(p) as the weighted sum. 37 columns: the
+    # vector body and the scalar tail; zeros, tiny, huge, negative, inf and NaN take the std::log lanes.
+    if not has_op("knn_expand_skl_"):
+        pytest.skip("tlkernels._C not built: the C++ expansion kernel is what this tests")
+    g = torch.Generator().manual_seed(5)
+    p = torch.rand(50, 37, generator=g, dtype=dtype) * torch.exp(torch.randn(50, 37, generator=g, dtype=dtype) * 8)
+    p[0, :10] = torch.tensor([0.0, 1e-45, 1e-39, -1.0, float("inf"), float("nan"), 1.0, 0.5, 2.0, 3e38], dtype=dtype)
+    w = torch.rand(37, generator=g, dtype=dtype)
+    for eps in (0.0, EPS):
+        out = torch.full((50, 74), 7.0, dtype=dtype)
+        v0 = out._version
+        r = op("knn_expand_skl_")(p, w, eps, out)
+        assert out._version > v0  # written through a data pointer: the version counter says so
+        ref = torch.log((p + eps).double())  # the sum rounded to dtype, as both the kernel and torch form it
+        tol = torch.finfo(dtype).eps
+        torch.testing.assert_close(out[:, :37].double(), ref, rtol=tol, atol=0.0, equal_nan=True)
+        assert torch.equal(out[1:, 37:], p[1:]) and torch.equal(out[0, 37:].isnan(), p[0].isnan())
+        rr = 0.5 * ((p.double() * ref) @ w.double())
+        torch.testing.assert_close(r[1:].double(), rr[1:], rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=0.0)
+        assert r[0].isnan()  # the NaN and the negative value of row 0
+    with pytest.raises(RuntimeError, match=r"knn_expand_skl_: out must be a contiguous \(50, 74\)"):
+        op("knn_expand_skl_")(p, w, EPS, torch.empty(50, 73, dtype=dtype))
+
+
 @pytest.mark.parametrize("call,msg", [
     (lambda q, db: KnnIndex(db[0]), "KnnIndex: database must be a 2-D floating-point tensor"),
     (lambda q, db: KnnIndex(db, metric="cos"), "KnnIndex: metric must be one of"),

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from tlkernels._extension import use_reference
-from tlkernels.ops._registry import has_op, op
+from tlkernels.ops._registry import bump_versions_of_mutated_args, has_op, op
 from tlkernels.ops._utils import fail
 
 METRICS = ("skl", "kl", "l2", "ip")
@@ -54,6 +54,8 @@ def _db_side(metric, p, w, eps, buf=None):
             B = buf
         else:
             B = torch.empty(m, 2 * d, dtype=p.dtype, device=p.device)
+        if _fused_expand(p):  # C++: one pass, AVX2 log in float32
+            return B, op("knn_expand_skl_")(p, w, eps, B)
         lp = B[:, :d]
         torch.add(p, eps, out=lp)
         lp.log_()
@@ -87,6 +89,15 @@ def _distances(A, row_c, scale, B, col_c):
 
 def _fused_select(q):
     return q.device.type == "cpu" and has_op("knn_select_chunk") and not use_reference()
+
+
+def _fused_expand(p):
+    return (p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64) and has_op("knn_expand_skl_")
+            and not use_reference())
+
+
+if has_op("knn_expand_skl_"):
+    bump_versions_of_mutated_args("knn_expand_skl_")  # it writes `out` through a data pointer
 
 
 def _chunk_topk(d, k, base):

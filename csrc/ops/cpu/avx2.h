@@ -4,6 +4,7 @@
 // exp: a Cody-Waite range reduction and a degree-6 polynomial (Cephes expf), about 1 ulp on the range
 // softmax uses (x - max <= 0); Sleef's u10 exp, which ATen uses, cost 3x more and bound the whole
 // cross-entropy kernel on this CPU.
+#include <cmath>
 #include <cstdint>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -87,6 +88,69 @@ __attribute__((target("avx2,fma"))) inline __m256 exp_ps(__m256 x) {
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   y = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
   return _mm256_andnot_ps(under, y);
+}
+
+// log(x) for positive normal finite x (Cephes logf: exponent split, mantissa in [sqrt(1/2), sqrt(2)), degree-8
+// polynomial; about 1 ulp). Callers send other values (0, subnormal, negative, inf, NaN) to std::log.
+__attribute__((target("avx2,fma"))) inline __m256 log_ps(__m256 x) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256i bits = _mm256_castps_si256(x);
+  __m256 e = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(126)));
+  // mantissa with exponent of 0.5: m in [0.5, 1)
+  __m256 m = _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(bits, _mm256_set1_epi32(0x007FFFFF)),
+                                                 _mm256_set1_epi32(0x3F000000)));
+  const __m256 small = _mm256_cmp_ps(m, _mm256_set1_ps(0.707106781186547524f), _CMP_LT_OQ);
+  e = _mm256_sub_ps(e, _mm256_and_ps(small, one));
+  m = _mm256_sub_ps(_mm256_add_ps(m, _mm256_and_ps(small, m)), one);  // 2m - 1 or m - 1
+  const __m256 z = _mm256_mul_ps(m, m);
+  __m256 y = _mm256_set1_ps(7.0376836292e-2f);
+  y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(-1.1514610310e-1f));
+  y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(1.1676998740e-1f));
+  y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(-1.2420140846e-1f));
+  y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(1.4249322787e-1f));
+  y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(-1.6668057665e-1f));
+  y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(2.0000714765e-1f));
+  y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(-2.4999993993e-1f));
+  y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(3.3333331174e-1f));
+  y = _mm256_mul_ps(_mm256_mul_ps(y, m), z);
+  y = _mm256_fmadd_ps(e, _mm256_set1_ps(-2.12194440e-4f), y);
+  y = _mm256_fnmadd_ps(_mm256_set1_ps(0.5f), z, y);
+  return _mm256_fmadd_ps(e, _mm256_set1_ps(0.693359375f), _mm256_add_ps(m, y));
+}
+
+// The symmetric-KL expansion of one database row p[0, n): lp[c] = log(p[c] + eps), cp[c] = p[c], and returns
+// sum_c w[c] p[c] lp[c] (one float32 vector accumulator: a fixed-order function of the row).
+__attribute__((target("avx2,fma"))) inline float skl_expand_row(const float* p, const float* w, float eps, float* lp,
+                                                               float* cp, int64_t n) {
+  const __m256 ve = _mm256_set1_ps(eps), lo = _mm256_set1_ps(1.17549435e-38f), hi = _mm256_set1_ps(3.40282347e+38f);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 pv = _mm256_loadu_ps(p + i);
+    const __m256 x = _mm256_add_ps(pv, ve);
+    // lanes outside the normal positive range (NaN fails both compares) go through std::log
+    const __m256 ok = _mm256_and_ps(_mm256_cmp_ps(x, lo, _CMP_GE_OQ), _mm256_cmp_ps(x, hi, _CMP_LE_OQ));
+    __m256 l;
+    if (_mm256_movemask_ps(ok) == 0xFF) {
+      l = log_ps(x);
+    } else {
+      alignas(32) float t[8];
+      _mm256_store_ps(t, x);
+      for (int k = 0; k < 8; ++k) t[k] = std::log(t[k]);
+      l = _mm256_load_ps(t);
+    }
+    _mm256_storeu_ps(lp + i, l);
+    _mm256_storeu_ps(cp + i, pv);
+    acc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(w + i), pv), l, acc);
+  }
+  float s = hsum(acc);
+  for (; i < n; ++i) {
+    const float l = std::log(p[i] + eps);
+    lp[i] = l;
+    cp[i] = p[i];
+    s += w[i] * p[i] * l;
+  }
+  return s;
 }
 
 // Row max of x[0, n).

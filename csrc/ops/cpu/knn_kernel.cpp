@@ -9,10 +9,12 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "ops/check.h"
+#include "ops/cpu/avx2.h"
 
 namespace tlkernels {
 namespace {
@@ -174,8 +176,60 @@ std::tuple<at::Tensor, at::Tensor> knn_select_chunk_cpu(const at::Tensor& cross_
   return {od, oi};
 }
 
+at::Tensor knn_expand_skl_cpu(const at::Tensor& p_in, const at::Tensor& w_in, double eps, at::Tensor& out) {
+  const char* op = "knn_expand_skl_";
+  TORCH_CHECK(p_in.dim() == 2 && at::isFloatingType(p_in.scalar_type()), op,
+              ": p must be a 2-D floating-point tensor, got ", p_in.dim(), "-D ", p_in.scalar_type());
+  const int64_t m = p_in.size(0), d = p_in.size(1);
+  TORCH_CHECK(w_in.dim() == 1 && w_in.size(0) == d, op, ": w must have shape (", d, ",), got ", w_in.sizes());
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == m && out.size(1) == 2 * d && out.is_contiguous() &&
+                  out.scalar_type() == p_in.scalar_type(),
+              op, ": out must be a contiguous (", m, ", ", 2 * d, ") ", p_in.scalar_type(), " tensor, got ",
+              out.sizes(), " ", out.scalar_type());
+  const at::Tensor p = p_in.contiguous(), w = w_in.to(p_in.scalar_type()).contiguous();
+  at::Tensor r = at::empty({m}, p.options());
+  AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "knn_expand_skl_", [&] {
+    const scalar_t* pp = p.const_data_ptr<scalar_t>();
+    const scalar_t* wp = w.const_data_ptr<scalar_t>();
+    scalar_t* op_ = out.mutable_data_ptr<scalar_t>();
+    scalar_t* rp = r.mutable_data_ptr<scalar_t>();
+    const scalar_t e = static_cast<scalar_t>(eps);
+    at::parallel_for(0, m, 16, [&](int64_t b, int64_t en) {
+      for (int64_t i = b; i < en; ++i) {
+        const scalar_t* row = pp + i * d;
+        scalar_t* lrow = op_ + i * 2 * d;
+        scalar_t s = 0;
+#ifdef TLK_HAVE_AVX2_PATH
+        // float32: our AVX2 log, ~6x faster than the ATen log pass this replaces (the expansion was ~6% of a
+        // streaming search, all of it in log)
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          if (avx2::available()) {
+            // (casts: this branch is compiled for double too, though only taken for float)
+            const auto f = [](auto* x) { return reinterpret_cast<const float*>(x); };
+            float* lf = reinterpret_cast<float*>(lrow);
+            rp[i] = static_cast<scalar_t>(0.5f * avx2::skl_expand_row(f(row), f(wp), static_cast<float>(e), lf, lf + d, d));
+            continue;
+          }
+        }
+#endif
+        for (int64_t c = 0; c < d; ++c) {
+          const scalar_t l = std::log(row[c] + e);
+          lrow[c] = l;
+          lrow[d + c] = row[c];
+          s += wp[c] * row[c] * l;
+        }
+        rp[i] = s / 2;
+      }
+    });
+  });
+  return r;
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tlkernels, CPU, m) { m.impl("knn_select_chunk", &knn_select_chunk_cpu); }
+TORCH_LIBRARY_IMPL(tlkernels, CPU, m) {
+  m.impl("knn_select_chunk", &knn_select_chunk_cpu);
+  m.impl("knn_expand_skl_", &knn_expand_skl_cpu);
+}
 
 }  // namespace tlkernels
