@@ -19,6 +19,21 @@ from tlkernels.triton._common import gemm_configs
 
 
 @triton.jit
+def _tile(pid, size, BLOCK: tl.constexpr):
+    """Split a grid index running over (outer, tiles of `size`): returns outer, the tile's offsets, their mask.
+    Every kernel here lays one grid axis out this way (image x pixel tiles, group x filter tiles)."""
+    n_tiles = tl.cdiv(size, BLOCK)
+    offs = (pid % n_tiles) * BLOCK + tl.arange(0, BLOCK)
+    return pid // n_tiles, offs, offs < size
+
+
+@triton.jit
+def _acc_zeros(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_F64: tl.constexpr):
+    """The accumulator tile: float64 for the gradcheck dtype, float32 for every other input dtype."""
+    return tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64 if IS_F64 else tl.float32)
+
+
+@triton.jit
 def _conv_tile(x_ptr, wp_ptr, wf_ptr, b, grp, offs_m, m_mask, co, n_mask, g, C_in_g, H, W, OW, K_TOTAL,
                sxn, sxc, sxh, sxw, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
                KH: tl.constexpr, KW: tl.constexpr, DIFF: tl.constexpr, IS_F64: tl.constexpr,
@@ -26,10 +41,7 @@ def _conv_tile(x_ptr, wp_ptr, wf_ptr, b, grp, offs_m, m_mask, co, n_mask, g, C_i
     """acc[m, n] = sum_k x_col[b, m, k] * W[n, k], W blended per image (DIFF=False) or Wf - Wp (DIFF=True)."""
     oh = offs_m // OW
     ow = offs_m % OW
-    if IS_F64:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = _acc_zeros(BLOCK_M, BLOCK_N, IS_F64)
     x_base = x_ptr + b * sxn + grp * C_in_g * sxc
     for k0 in range(0, K_TOTAL, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -74,16 +86,8 @@ def _gated_conv_fwd_kernel(x_ptr, wp_ptr, wf_ptr, g_ptr, bp_ptr, bf_ptr, y_ptr,
                            KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, HARD: tl.constexpr,
                            IS_F64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    num_mt = tl.cdiv(P, BLOCK_M)
-    b = pid_m // num_mt
-    offs_m = (pid_m % num_mt) * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < P
-    n_tiles = tl.cdiv(C_OUT_G, BLOCK_N)
-    grp = pid_n // n_tiles
-    offs_nl = (pid_n % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_nl < C_OUT_G
+    b, offs_m, m_mask = _tile(tl.program_id(0), P, BLOCK_M)
+    grp, offs_nl, n_mask = _tile(tl.program_id(1), C_OUT_G, BLOCK_N)
     co = grp * C_OUT_G + offs_nl
     g = _load_gate(g_ptr, b, co, n_mask, sgn, sgc, HARD, IS_F64)
     acc = _conv_tile(x_ptr, wp_ptr, wf_ptr, b, grp, offs_m, m_mask, co, n_mask, g, C_in_g, H, W, OW, K_TOTAL,
@@ -108,16 +112,9 @@ def _gated_conv_dgate_kernel(x_ptr, wp_ptr, wf_ptr, bp_ptr, bf_ptr, dy_ptr, dg_p
                              KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, IS_F64: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     b = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    n_tiles = tl.cdiv(C_OUT_G, BLOCK_N)
-    grp = pid_n // n_tiles
-    offs_nl = (pid_n % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_nl < C_OUT_G
+    grp, offs_nl, n_mask = _tile(tl.program_id(1), C_OUT_G, BLOCK_N)
     co = grp * C_OUT_G + offs_nl
-    if IS_F64:
-        total = tl.zeros((BLOCK_N,), dtype=tl.float64)
-    else:
-        total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    total = tl.zeros((BLOCK_N,), dtype=tl.float64 if IS_F64 else tl.float32)
     for m0 in range(0, P, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_mask = offs_m < P
@@ -145,22 +142,11 @@ def _gated_conv_dx_kernel(dy_ptr, wp_ptr, wf_ptr, g_ptr, dx_ptr,
                           KH: tl.constexpr, KW: tl.constexpr, HARD: tl.constexpr, IS_F64: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """dx[b, ci, ih, iw] = sum_{co, kh, kw} dy[b, co, oh, ow] * W_b[co, ci, kh, kw], ih = oh*s - p + kh*d."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    num_mt = tl.cdiv(P_IN, BLOCK_M)
-    b = pid_m // num_mt
-    offs_m = (pid_m % num_mt) * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < P_IN
+    b, offs_m, m_mask = _tile(tl.program_id(0), P_IN, BLOCK_M)
     ih = offs_m // W
     iw = offs_m % W
-    n_tiles = tl.cdiv(C_IN_G, BLOCK_N)
-    grp = pid_n // n_tiles
-    offs_n = (pid_n % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < C_IN_G
-    if IS_F64:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    grp, offs_n, n_mask = _tile(tl.program_id(1), C_IN_G, BLOCK_N)
+    acc = _acc_zeros(BLOCK_M, BLOCK_N, IS_F64)
     for r0 in range(0, R_TOTAL, BLOCK_K):
         offs_r = r0 + tl.arange(0, BLOCK_K)
         r_mask = offs_r < R_TOTAL
@@ -198,23 +184,14 @@ def _gated_conv_dw_kernel(x_ptr, dy_ptr, g_ptr, dwp_ptr, dwf_ptr,
                           NEED_F: tl.constexpr, IS_F64: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """dWf[co, k] = sum_r g*dy[r, co] * x_col[r, k]; dWp likewise with (1 - g), computed only if NEED_P."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    m_tiles = tl.cdiv(C_OUT_G, BLOCK_M)
-    grp = pid_m // m_tiles
-    offs_cl = (pid_m % m_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
-    c_mask = offs_cl < C_OUT_G
+    grp, offs_cl, c_mask = _tile(tl.program_id(0), C_OUT_G, BLOCK_M)
     co = grp * C_OUT_G + offs_cl
-    offs_k = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    k_mask = offs_k < K_TOTAL
+    _, offs_k, k_mask = _tile(tl.program_id(1), K_TOTAL, BLOCK_N)
     ci = offs_k // (KH * KW)
     rk = offs_k % (KH * KW)
     kh = rk // KW
     kw = rk % KW
-    if IS_F64:
-        acc_f = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
-    else:
-        acc_f = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_f = _acc_zeros(BLOCK_M, BLOCK_N, IS_F64)
     acc_p = tl.zeros_like(acc_f)
     for r0 in range(0, R_TOTAL, BLOCK_K):
         offs_r = r0 + tl.arange(0, BLOCK_K)
