@@ -65,3 +65,21 @@ def test_cpu_kernels_use_all_intra_op_threads():
         assert torch.ops.tlkernels._intra_op_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+# Internal CPU-only helpers of the CPU kernels' Python drivers; on CUDA the drivers use torch expressions.
+CPU_ONLY = {"tlkernels::knn_select_chunk", "tlkernels::knn_expand_skl_", "tlkernels::_intra_op_threads"}
+
+
+def test_every_op_has_a_cpu_and_a_cuda_kernel():
+    """A CUDA tensor must never hit "no kernel for CUDA": each public op has the compiled CUDA kernel, or a
+    Triton / reference kernel registered from Python. Fails when an op gains a C++ CPU kernel but no GPU path.
+    (Without the compiled library every op is CompositeExplicitAutograd, which covers CUDA by construction.)"""
+    import torch
+
+    import tlkernels  # noqa: F401  (registers the Python kernels)
+    names = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("tlkernels::"))
+    assert "tlkernels::gated_conv2d" in names and "tlkernels::filterbank_histogram" in names, names
+    missing = [f"{n} on {key}" for n in names if n not in CPU_ONLY for key in ("CPU", "CUDA")
+               if not torch._C._dispatch_has_computed_kernel_for_dispatch_key(n, key)]
+    assert not missing, "no kernel for " + ", ".join(missing)

@@ -41,7 +41,8 @@ def op(name: str):
     return getattr(torch.ops.tlkernels, name).default
 
 
-__all__ = ["HAS_C", "ensure_op", "register_gpu", "op", "has_op", "bump_versions_of_mutated_args"]
+__all__ = ["HAS_C", "ensure_op", "register_gpu", "register_gpu_fallback", "op", "has_op",
+           "bump_versions_of_mutated_args"]
 
 
 _VERSION_LIB = None
@@ -72,7 +73,11 @@ def bump_versions_of_mutated_args(name: str):
     _VERSION_LIB.impl(name, kernel, "ADInplaceOrView", with_keyset=True)
 
 
-def register_gpu_fallback(name: str, reference_impl):
-    """CUDA tensors use the reference unless the compiled library registered a CUDA kernel for `name`."""
+def register_gpu_fallback(name: str, reference_impl, triton_impl=None):
+    """For ops with a CUDA C++ kernel: CUDA tensors use it when the compiled library registered one for `name`,
+    else the Triton kernel (if given and Triton is importable), else the reference."""
     if not torch._C._dispatch_has_kernel_for_dispatch_key(f"tlkernels::{name}", "CUDA"):
-        torch.library.register_kernel(f"tlkernels::{name}", "cuda", reference_impl)
+        if triton_impl is not None:
+            register_gpu(name, triton_impl, reference_impl)
+        else:
+            torch.library.register_kernel(f"tlkernels::{name}", "cuda", reference_impl)

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from tlkernels._extension import use_reference
-from tlkernels.ops._registry import ensure_op, op
+from tlkernels.ops._registry import ensure_op, op, register_gpu_fallback
 from tlkernels.ops._utils import check_tensor, fail, pair
 
 SCHEMA = "filterbank_histogram(Tensor images, Tensor filters, Tensor edges, int[2] stride, int[2] padding) -> Tensor"
@@ -33,9 +33,7 @@ def _gpu_impl(images, filters, edges, stride, padding):
 
 
 ensure_op("filterbank_histogram", SCHEMA, _ref_impl)
-if not torch._C._dispatch_has_kernel_for_dispatch_key("tlkernels::filterbank_histogram", "CUDA"):
-    from tlkernels._extension import HAS_TRITON
-    torch.library.register_kernel("tlkernels::filterbank_histogram", "cuda", _gpu_impl if HAS_TRITON else _ref_impl)
+register_gpu_fallback("filterbank_histogram", _ref_impl, _gpu_impl)  # CUDA C++ kernel first when built
 
 
 @torch.library.register_fake("tlkernels::filterbank_histogram")
