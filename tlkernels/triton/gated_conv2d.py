@@ -68,10 +68,7 @@ def _conv_tile(x_ptr, wp_ptr, wf_ptr, b, grp, offs_m, m_mask, co, n_mask, g, C_i
 
 @triton.jit
 def _load_gate(g_ptr, b, co, n_mask, sgn, sgc, HARD: tl.constexpr, IS_F64: tl.constexpr):
-    if IS_F64:
-        g = tl.load(g_ptr + b * sgn + co * sgc, mask=n_mask, other=0.0).to(tl.float64)
-    else:
-        g = tl.load(g_ptr + b * sgn + co * sgc, mask=n_mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + b * sgn + co * sgc, mask=n_mask, other=0.0).to(tl.float64 if IS_F64 else tl.float32)
     if HARD:
         g = tl.where(g >= 0.5, 1.0, 0.0).to(g.dtype)
     return g
