@@ -130,3 +130,117 @@ print(hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in m.parameters
         assert r.returncode == 0, r.stderr[-3000:]
         digests.append(r.stdout.strip().splitlines()[-1])
     assert digests[0] == digests[1]
+
+
+# ----------------------------------------------------------------------------- files the trainer reads, bad options
+class _Payload:
+    """Unpickling this runs code: it would create the file named in `path`."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def test_resume_never_runs_code_from_a_crafted_checkpoint(tmp_path, cache):
+    out = tmp_path / "finetune"
+    out.mkdir(parents=True)
+    marker = tmp_path / "pwned"
+    torch.save({"model": _Payload(str(marker))}, out / "last.pt")
+    with pytest.raises(SystemExit, match=r"--resume checkpoint .*last.pt cannot be read: it holds Python objects"):
+        run(tmp_path, cache, "--method", "finetune", "--resume")
+    assert not marker.exists()
+
+
+def test_checkpoint_option_never_runs_code(tmp_path, cache):
+    marker = tmp_path / "pwned"
+    ck = tmp_path / "weights.pt"
+    torch.save(_Payload(str(marker)), ck)
+    with pytest.raises(SystemExit, match=r"--checkpoint .*weights.pt cannot be read"):
+        run(tmp_path, cache, "--checkpoint", str(ck))
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("content,msg", [
+    (b"", "cannot be read"),
+    (b"not a checkpoint at all" * 10, "cannot be read"),
+])
+def test_garbage_or_truncated_last_pt_names_the_file(tmp_path, cache, content, msg):
+    out = tmp_path / "finetune"
+    out.mkdir(parents=True)
+    (out / "last.pt").write_bytes(content)
+    with pytest.raises(SystemExit, match=f"last.pt {msg}"):
+        run(tmp_path, cache, "--method", "finetune", "--resume")
+
+
+def test_truncated_real_checkpoint_names_the_file(tmp_path, cache):
+    run(tmp_path, cache, "--method", "finetune", "--stop_after", "1")
+    p = tmp_path / "finetune" / "last.pt"
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    with pytest.raises(SystemExit, match=r"--resume checkpoint .*last.pt cannot be read"):
+        run(tmp_path, cache, "--method", "finetune", "--resume")
+
+
+def test_checkpoint_that_is_not_a_state_dict(tmp_path, cache):
+    ck = tmp_path / "list.pt"
+    torch.save([1, 2, 3], ck)
+    with pytest.raises(SystemExit, match=r"--checkpoint .*list.pt: expected a state_dict .* got list"):
+        run(tmp_path, cache, "--checkpoint", str(ck))
+    torch.save({"conv1.weight": torch.zeros(1)}, ck)
+    with pytest.raises(SystemExit, match=r"--checkpoint .*list.pt: .*size mismatch|Missing key"):
+        run(tmp_path, cache, "--checkpoint", str(ck))
+
+
+def test_resume_with_other_options_is_refused(tmp_path, cache):
+    run(tmp_path, cache, "--method", "finetune", "--stop_after", "1")
+    with pytest.raises(SystemExit, match=r"other options.*--batch_size: checkpoint 16, now 8"):
+        run(tmp_path, cache, "--method", "finetune", "--resume", "--batch_size", "8")
+    run(tmp_path, cache, "--method", "finetune", "--resume", "--quiet")  # options that change nothing are free
+
+
+def test_fresh_run_into_an_existing_out_dir_starts_a_new_metrics_file(tmp_path, cache):
+    run(tmp_path, cache, "--method", "finetune")
+    run(tmp_path, cache, "--method", "finetune")
+    lines = (tmp_path / "finetune" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(l)["step"] for l in lines] == [1, 2, 3, 4]
+
+
+def test_resumed_spottune_logs_what_an_uninterrupted_run_logs(tmp_path, cache):
+    args = ("--method", "spottune", "--epochs", "3", "--eval_every", "1")
+    run(tmp_path / "full", cache, *args)
+    run(tmp_path / "part", cache, *args, "--stop_after", "4")
+    run(tmp_path / "part", cache, *args, "--resume")
+    full = (tmp_path / "full" / "spottune" / "metrics.jsonl").read_text()
+    part = (tmp_path / "part" / "spottune" / "metrics.jsonl").read_text()
+    assert part == full and '"gates"' in full
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--source_limit", "-5"], "--source_limit must be >= 0"),
+    (["--stop_after", "-1"], "--stop_after must be >= 0"),
+    (["--threads", "-2"], "--threads must be >= 0"),
+    (["--method", "finetune+l2"], "unknown method 'finetune+l2'"),
+    (["--compare", "finetune,,bogus"], "unknown method 'bogus'"),
+    (["--batch_size", "0"], "--batch_size must be >= 1"),
+    (["--lr", "fast"], "invalid float value"),
+    (["--source", "/x"], "--source needs --target"),
+])
+def test_more_bad_options(argv, msg, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(argv)
+    assert msg in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content,msg", [
+    ("[1, 2]", "expected a JSON object of options"),
+    ('"epochs"', "expected a JSON object of options"),
+    ("{not json", "Expecting property name"),
+    ('{"quiet": "yes"}', "option 'quiet' must be bool"),
+])
+def test_config_file_that_is_not_an_object(tmp_path, capsys, content, msg):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(content)
+    with pytest.raises(SystemExit):
+        train.parse_args(["--config", str(cfg)])
+    assert msg in capsys.readouterr().err

@@ -10,12 +10,12 @@
 """
 import hashlib
 import os
-import tempfile
 import warnings
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from tlkernels._io import atomic_save, load
 from tlkernels.ops.bins import fit_bin_edges
 from tlkernels.ops.histogram import filterbank_histogram
 from tlkernels.ops.knn import knn_search
@@ -24,22 +24,32 @@ CACHE_FORMAT = "tlkernels-descriptors"
 CACHE_VERSION = 1
 
 
-def atomic_save(obj, path):
-    """torch.save to a temporary file in the same directory, fsync, then rename: readers see the old
-    file or the new one, never a torn one."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".pt")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def dataset_fingerprint(dataset):
+    """A digest of what `dataset` holds, so that a descriptor cache is never reused for other images:
+    in-memory tensors by their bytes, image folders by every file's path, size and modification time,
+    subsets by their indices and parent, and any other dataset by the bytes of every item."""
+    from torchvision.datasets import DatasetFolder
+    h = hashlib.sha256()
+    if isinstance(dataset, torch.utils.data.TensorDataset):
+        for t in dataset.tensors:
+            h.update(f"{tuple(t.shape)}|{t.dtype}|".encode())
+            h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(dataset, torch.utils.data.Subset):
+        h.update(torch.as_tensor(list(dataset.indices), dtype=torch.long).numpy().tobytes())
+        h.update(dataset_fingerprint(dataset.dataset).encode())
+    elif isinstance(dataset, DatasetFolder):
+        h.update(repr(getattr(dataset, "transform", None)).encode())
+        for path, label in dataset.samples:
+            st = os.stat(path)
+            h.update(f"{path}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    else:
+        for i in range(len(dataset)):
+            item = dataset[i]
+            for t in (item if isinstance(item, (tuple, list)) else (item,)):
+                t = torch.as_tensor(t)
+                h.update(f"{tuple(t.shape)}|{t.dtype}|".encode())
+                h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 class SourceSelector:
@@ -70,12 +80,13 @@ class SourceSelector:
         h = hashlib.sha256()
         for t in self.bank.fingerprint_tensors() + list(self.edges):
             h.update(t.detach().cpu().contiguous().numpy().tobytes())
-        h.update(f"{name}|{len(dataset)}|{self.bins}|{self.mode}".encode())
+        h.update(f"{name}|{len(dataset)}|{self.bins}|{self.mode}|".encode())
+        h.update(dataset_fingerprint(dataset).encode())
         return h.hexdigest()
 
     def _load_cache(self, path, fingerprint, n):
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = load(path, "SourceSelector descriptor cache")
             ok = (isinstance(obj, dict) and obj.get("format") == CACHE_FORMAT and obj.get("version") == CACHE_VERSION
                   and obj.get("fingerprint") == fingerprint and isinstance(obj.get("descriptors"), torch.Tensor)
                   and tuple(obj["descriptors"].shape) == (n, self.bank.num_channels * self.bins)
@@ -172,6 +183,15 @@ class JointDataset(Dataset):
         if len(neighbours) != len(target):
             raise ValueError(f"JointDataset: neighbours must have one entry per target image ({len(target)}), "
                              f"got {len(neighbours)}")
+        for i, nb in enumerate(neighbours):
+            n = len(nb)
+            if n == 0:
+                raise ValueError(f"JointDataset: target image {i} has an empty neighbour list; every target image "
+                                 f"needs at least one source neighbour")
+            t = torch.as_tensor(nb)
+            if int(t.min()) < 0 or int(t.max()) >= len(source):
+                raise ValueError(f"JointDataset: neighbours[{i}] holds source indices outside [0, {len(source)}): "
+                                 f"[{int(t.min())}, {int(t.max())}]")
         self.target, self.source, self.neighbours, self.seed, self.epoch = target, source, neighbours, seed, 0
 
     def set_epoch(self, epoch):

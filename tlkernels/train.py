@@ -20,6 +20,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tlkernels._io import CheckpointError, atomic_save, atomic_write_text, load
+
 METHODS = ("finetune", "l2sp", "soft", "selective", "adafilter", "spottune")
 
 
@@ -79,6 +81,9 @@ def parse_args(argv=None):
                 values = json.load(fh)
         except (OSError, json.JSONDecodeError) as e:
             ap.error(f"--config {ns.config}: {e}")
+        if not isinstance(values, dict):
+            ap.error(f"--config {ns.config}: expected a JSON object of options (e.g. {{\"epochs\": 10}}), "
+                     f"got a JSON {type(values).__name__}")
         names = {f.name: f for f in fields}
         for k, v in values.items():
             if k not in names:
@@ -98,6 +103,9 @@ def parse_args(argv=None):
     for name in ("epochs", "eval_every", "batch_size", "selective_k", "selective_bins", "target_per_class", "pretrain_epochs"):
         if getattr(cfg, name) < 1:
             ap.error(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("source_limit", "stop_after", "threads"):
+        if getattr(cfg, name) < 0:
+            ap.error(f"--{name} must be >= 0 (0: {'all' if name == 'source_limit' else 'off'}), got {getattr(cfg, name)}")
     if bool(cfg.target) != bool(cfg.source) and not cfg.target:
         ap.error("--source needs --target")
     return cfg
@@ -152,11 +160,6 @@ def demo_backbone():
     return m
 
 
-def atomic_save(obj, path):
-    from tlkernels.select import atomic_save as save
-    save(obj, path)
-
-
 def pretrained_backbone(cfg, source, log):
     """A backbone with its source classifier in .fc: the cached demo pre-training, --checkpoint, or torchvision's."""
     import torchvision
@@ -169,17 +172,21 @@ def pretrained_backbone(cfg, source, log):
     if cfg.checkpoint:
         model = demo_backbone() if not cfg.target else torchvision.models.get_model(cfg.arch)
         try:
-            state = torch.load(cfg.checkpoint, map_location="cpu", weights_only=True)
-            model.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
-        except (OSError, RuntimeError, KeyError) as e:
-            raise SystemExit(f"tlkernels-train: --checkpoint {cfg.checkpoint}: {e}")
+            state = load(cfg.checkpoint, "--checkpoint")
+            if not isinstance(state, dict):
+                raise CheckpointError(f"--checkpoint {cfg.checkpoint}: expected a state_dict (a dict of tensors), "
+                                      f"got {type(state).__name__}")
+            model.load_state_dict(state.get("model", state))
+        except (CheckpointError, RuntimeError, KeyError) as e:
+            raise SystemExit(f"tlkernels-train: {e}" if isinstance(e, CheckpointError)
+                             else f"tlkernels-train: --checkpoint {cfg.checkpoint}: {e}")
         return model
     path = os.path.join(cfg.cache_dir, f"pretrained-demo-e{cfg.pretrain_epochs}-n{len(source.train)}.pt")
     torch.manual_seed(1234)  # before construction: the initial weights must not depend on earlier RNG use
     model = demo_backbone()
     if os.path.exists(path):
         try:
-            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            model.load_state_dict(load(path, "cached pre-trained model"))
             return model
         except Exception as e:
             log(f"cached pre-trained model {path} unusable ({e}); pre-training again")
@@ -202,7 +209,7 @@ def pretrained_backbone(cfg, source, log):
         bar.close()
         atomic_save(model.state_dict(), path)
     barrier()
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    model.load_state_dict(load(path, "cached pre-trained model"))
     return model
 
 
@@ -307,6 +314,30 @@ def gate_usage(net):
     return None
 
 
+# Options that do not change what a run computes: a resumed run may differ from its checkpoint in these alone.
+RESUME_FREE = {"compare", "method", "resume", "stop_after", "quiet", "config", "threads", "out_dir", "cache_dir"}
+
+
+def load_resume_checkpoint(path, cfg):
+    """last.pt of an earlier run of the same configuration (loaded without unpickling code)."""
+    try:
+        ck = load(path, "--resume checkpoint")
+    except CheckpointError as e:
+        raise SystemExit(f"tlkernels-train: {e}; delete it to start over")
+    keys = {"model", "optimizer", "scheduler", "objective", "rng", "step", "best", "history", "config", "buffers"}
+    if not isinstance(ck, dict) or not keys <= set(ck):
+        got = sorted(ck) if isinstance(ck, dict) else type(ck).__name__
+        raise SystemExit(f"tlkernels-train: --resume checkpoint {path} is not a tlkernels training checkpoint "
+                         f"(expected the keys {sorted(keys)}, got {got})")
+    now = dataclasses.asdict(cfg)
+    changed = [f"--{k}: checkpoint {v!r}, now {now.get(k)!r}" for k, v in sorted(ck["config"].items())
+               if k not in RESUME_FREE and now.get(k) != v]
+    if changed:
+        raise SystemExit(f"tlkernels-train: --resume: {path} was written by a run with other options, so resuming "
+                         f"would not continue that run; " + "; ".join(changed))
+    return ck
+
+
 def train_method(cfg, method, target, source, backbone, rank, world, log):
     from tqdm.auto import tqdm
     out = os.path.join(cfg.out_dir, method.replace("+", "_"))
@@ -335,16 +366,26 @@ def train_method(cfg, method, target, source, backbone, rank, world, log):
     start, best, history = 0, -1.0, []
     last_path, best_path = os.path.join(out, "last.pt"), os.path.join(out, "best.pt")
     if cfg.resume and os.path.exists(last_path):
-        ck = torch.load(last_path, map_location="cpu", weights_only=False)
-        net.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        objective.load_state_dict(ck["objective"])
-        torch.set_rng_state(ck["rng"])
+        ck = load_resume_checkpoint(last_path, cfg)
+        try:
+            net.load_state_dict(ck["model"])
+            opt.load_state_dict(ck["optimizer"])
+            sched.load_state_dict(ck["scheduler"])
+            objective.load_state_dict(ck["objective"])
+            for name, buf in net.named_buffers():  # also the non-persistent ones (SpotTune's gate-usage counters)
+                if name in ck["buffers"]:
+                    buf.copy_(ck["buffers"][name])
+            torch.set_rng_state(ck["rng"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:
+            raise SystemExit(f"tlkernels-train: --resume checkpoint {last_path} does not fit this run "
+                             f"({type(e).__name__}: {e})")
         start, best, history = ck["step"], ck["best"], ck["history"]
         neighbours = ck.get("neighbours", neighbours)
         log(f"{method}: resumed at step {start}/{total}")
-    metrics = open(os.path.join(out, "metrics.jsonl"), "a") if is_main() else None
+    metrics = None
+    if is_main():  # a fresh run starts the file anew; a resumed one continues the history it resumed
+        atomic_write_text("".join(json.dumps(h) + "\n" for h in history), os.path.join(out, "metrics.jsonl"))
+        metrics = open(os.path.join(out, "metrics.jsonl"), "a")
     bar = tqdm(total=total, initial=start, desc=method, disable=cfg.quiet or not is_main())
     t0 = time.time()
     status = "done"
@@ -407,6 +448,7 @@ def train_method(cfg, method, target, source, backbone, rank, world, log):
             if is_main():
                 atomic_save({"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                              "objective": objective.state_dict(), "rng": torch.get_rng_state(), "step": step + 1,
+                             "buffers": {k: b.detach().clone() for k, b in net.named_buffers()},
                              "best": best, "history": history, "neighbours": neighbours,
                              "config": dataclasses.asdict(cfg)}, last_path)
         if stop:

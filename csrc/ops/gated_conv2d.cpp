@@ -36,6 +36,11 @@ void check_gated_conv2d_args(const at::Tensor& input, const at::Tensor& weight_p
               weight_pre.dim(), "-D");
   TORCH_CHECK(weight_ft.sizes() == weight_pre.sizes(), op, ": weight_ft must have the shape of weight_pre ",
               shape_str(weight_pre.sizes()), ", got ", shape_str(weight_ft.sizes()));
+  // F.conv2d rejects weights without output filters; without input channels or taps the convolution is only
+  // its bias, which no caller means: both are errors rather than empty kernels.
+  TORCH_CHECK(weight_pre.size(0) >= 1 && weight_pre.size(1) >= 1 && weight_pre.size(2) >= 1 && weight_pre.size(3) >= 1,
+              op, ": weight_pre must have at least one output filter, input channel and kernel tap, got shape ",
+              shape_str(weight_pre.sizes()));
   TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
               ": stride, padding and dilation must have 2 values each");
   for (int d = 0; d < 2; ++d) {

@@ -3,9 +3,43 @@
 #include <ATen/ATen.h>
 #include <ATen/core/List.h>
 
+#include <algorithm>
+#include <utility>
+#include <vector>
+
 #include "ops/check.h"
 
 namespace tlkernels {
+
+// The kernels walk a parameter and its companions (gradient, reference, optimizer state) with one flat
+// element index, so all of them need one memory layout; any dense layout works (contiguous, channels_last).
+inline at::Tensor dense(const at::Tensor& t) { return t.is_non_overlapping_and_dense() ? t : t.contiguous(); }
+// t's values in the layout of `like` (dense): t itself when it already has it, else a copy.
+inline at::Tensor layout_like(const at::Tensor& t, const at::Tensor& like) {
+  return t.strides() == like.strides() && t.is_non_overlapping_and_dense() ? t : at::empty_like(like).copy_(t);
+}
+
+// Tensors an op writes in place must not share memory: items of one tensor run in parallel with another's,
+// so a tensor listed twice would lose one of its updates to a data race.
+inline void check_disjoint_outputs(const char* op, const std::vector<std::pair<const char*, at::TensorList>>& lists) {
+  struct Span {
+    uintptr_t lo, hi;
+    const char* name;
+    size_t i;
+  };
+  std::vector<Span> spans;
+  for (const auto& [name, ts] : lists)
+    for (size_t i = 0; i < ts.size(); ++i)
+      if (ts[i].defined() && ts[i].numel() > 0) {
+        const auto lo = reinterpret_cast<uintptr_t>(ts[i].const_data_ptr());
+        spans.push_back({lo, lo + ts[i].nbytes(), name, i});
+      }
+  std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) { return a.lo < b.lo; });
+  for (size_t k = 1; k < spans.size(); ++k)
+    TORCH_CHECK(spans[k].lo >= spans[k - 1].hi, op, ": ", spans[k - 1].name, "[", spans[k - 1].i, "] and ",
+                spans[k].name, "[", spans[k].i, "] share memory (the same tensor listed twice?); each tensor "
+                "updated in place must appear once");
+}
 
 inline void check_pair(const char* op, const at::Tensor& p, const at::Tensor& r, size_t i, const char* pname,
                 const char* rname) {
@@ -27,15 +61,18 @@ inline void check_penalty_args(const char* op, at::TensorList params, at::Tensor
   for (size_t i = 0; i < new_params.size(); ++i) check_pair(op, new_params[i], at::Tensor(), i, "new_params", "");
 }
 
-// Gradients that the penalty's gradient is added into, in place: one per tensor, same shape, dtype and
-// device, contiguous (written through a flat pointer).
+// Gradients that the penalty's gradient is added into, in place: one per tensor, same shape, dtype, device
+// and memory layout (written through a flat pointer).
 inline void check_accumulate_args(const char* op, at::TensorList params, at::TensorList grads,
                                   const char* pname, const char* gname) {
   TORCH_CHECK(grads.size() == params.size(), op, ": ", gname, " must have one tensor per ", pname, " (",
               params.size(), "), got ", grads.size());
   for (size_t i = 0; i < params.size(); ++i) {
     check_pair(op, params[i], grads[i], i, pname, gname);
-    TORCH_CHECK(grads[i].is_contiguous(), op, ": ", gname, "[", i, "] must be contiguous (it is written in place)");
+    TORCH_CHECK(grads[i].is_non_overlapping_and_dense() && grads[i].strides() == dense(params[i]).strides(), op,
+                ": ", gname, "[", i, "] must have the memory layout of ", pname, "[", i, "] (strides ",
+                shape_str(dense(params[i]).strides()), ", it is written in place), got strides ",
+                shape_str(grads[i].strides()));
   }
 }
 
@@ -50,15 +87,22 @@ inline void check_step_args(const char* op, at::TensorList params, at::TensorLis
     TORCH_CHECK(states[s].size() == n, op, ": ", state_names[s], " must have one tensor per param (", n,
                 "), got ", states[s].size());
   for (size_t i = 0; i < n; ++i) {
-    TORCH_CHECK(params[i].is_contiguous(), op, ": params[", i, "] must be contiguous");
-    check_pair(op, params[i], grads[i].contiguous(), i, "params", "grads");
+    TORCH_CHECK(params[i].is_non_overlapping_and_dense(), op, ": params[", i, "] must be dense (contiguous, "
+                "channels_last or another layout without gaps), got sizes ", shape_str(params[i].sizes()),
+                " strides ", shape_str(params[i].strides()));
+    check_pair(op, params[i], grads[i], i, "params", "grads");
     for (size_t s = 0; s < states.size(); ++s) {
       check_pair(op, params[i], states[s][i], i, "params", state_names[s]);
-      TORCH_CHECK(states[s][i].is_contiguous(), op, ": ", state_names[s], "[", i, "] must be contiguous");
+      TORCH_CHECK(states[s][i].strides() == params[i].strides(), op, ": ", state_names[s], "[", i,
+                  "] must have the memory layout of params[", i, "] (strides ", shape_str(params[i].strides()),
+                  "), got strides ", shape_str(states[s][i].strides()));
     }
     const auto r = refs.get(i);
     if (r.has_value()) check_pair(op, params[i], *r, i, "params", "refs");
   }
+  std::vector<std::pair<const char*, at::TensorList>> written{{"params", params}};
+  for (size_t s = 0; s < states.size(); ++s) written.push_back({state_names[s], states[s]});
+  check_disjoint_outputs(op, written);
 }
 
 }  // namespace tlkernels

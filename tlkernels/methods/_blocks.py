@@ -25,20 +25,54 @@ def residual_blocks(model):
 
 
 def conv_bn_pairs(model):
-    """(parent, conv_name, bn_name or None) for every nn.Conv2d: its BatchNorm2d is the next BatchNorm2d among
-    the same parent's children with matching num_features (conv1->bn1, downsample.0->downsample.1)."""
-    pairs = []
-    for parent in model.modules():
-        children = list(parent.named_children())
-        for i, (name, child) in enumerate(children):
-            if type(child) is not nn.Conv2d:
+    """(conv name, BatchNorm2d name or None) for every nn.Conv2d of `model` (qualified names, model order).
+
+    A BN is paired with a conv only where the model provably feeds that conv's output, and nothing else, to
+    that BN, and uses neither elsewhere: then applying the BN right behind the conv (AdaFilter's gated BN)
+    computes exactly what the model computed. The data flow is read from a torch.fx trace of the model; a
+    model that cannot be traced is read by nn.Sequential order (a conv and the BN right after it, the only
+    order a container guarantees). Declaration order alone proves nothing (`conv1, conv2, bn1, bn2`, or
+    `Sequential(conv, ReLU, BN)`), so other convs get no BN: they are gated without branch BNs."""
+    import torch.fx
+    convs = [n for n, m in model.named_modules() if type(m) is nn.Conv2d]
+    modules = dict(model.named_modules())
+    pairs = {}
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception:
+        graph = None
+    if graph is not None:
+        calls = {}
+        for node in graph.nodes:
+            if node.op == "call_module":
+                calls.setdefault(node.target, []).append(node)
+        for name in convs:
+            nodes = calls.get(name, [])
+            if len(nodes) != 1 or len(nodes[0].users) != 1:
                 continue
-            bn = None
-            for later_name, later in children[i + 1:]:
-                if type(later) is nn.Conv2d:
-                    break
-                if isinstance(later, nn.BatchNorm2d) and later.num_features == child.out_channels:
-                    bn = later_name
-                    break
-            pairs.append((parent, name, bn))
-    return pairs
+            user = next(iter(nodes[0].users))
+            bn = modules.get(user.target) if user.op == "call_module" else None
+            if (isinstance(bn, nn.BatchNorm2d) and len(calls[user.target]) == 1 and user.args[:1] == (nodes[0],)
+                    and len(user.args) == 1 and not user.kwargs and bn.num_features == modules[name].out_channels):
+                pairs[name] = user.target
+    else:
+        for parent_name, parent in model.named_modules():
+            if not isinstance(parent, nn.Sequential):
+                continue
+            children = list(parent.named_children())
+            for (a, conv), (b, bn) in zip(children, children[1:]):
+                if (type(conv) is nn.Conv2d and isinstance(bn, nn.BatchNorm2d)
+                        and bn.num_features == conv.out_channels):
+                    pairs[f"{parent_name}.{a}".lstrip(".")] = f"{parent_name}.{b}".lstrip(".")
+        # a module reachable under two names (shared) is used twice: no pairing can be proven for it
+        counts = {}
+        for _, m in model.named_modules(remove_duplicate=False):
+            counts[id(m)] = counts.get(id(m), 0) + 1
+        pairs = {c: b for c, b in pairs.items() if counts[id(modules[c])] == 1 and counts[id(modules[b])] == 1}
+    return [(name, pairs.get(name)) for name in convs]
+
+
+def get_parent(model, name):
+    """(parent module, attribute name) of the submodule called `name` (a qualified name)."""
+    parent_name, _, attr = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), attr

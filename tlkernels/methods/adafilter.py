@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tlkernels.methods._blocks import conv_bn_pairs
+from tlkernels.methods._blocks import conv_bn_pairs, get_parent
 from tlkernels.nn.gated_conv import GatedConv2d
 from tlkernels.ops.gated_conv2d import gated_conv2d
 
@@ -94,33 +94,44 @@ class AdaFilterConv(nn.Module):
             return c.weight_pre, c.weight, c.bias_pre, c.bias
         out = []
         for w, b, bn in ((c.weight_pre, c.bias_pre, self.bn_pre), (c.weight, c.bias, self.bn_ft)):
-            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-            bias = bn.bias - bn.running_mean * scale + (0 if b is None else b * scale)
+            scale = torch.rsqrt(bn.running_var + bn.eps)  # BN(y) = (y - mean) * scale * weight + bias
+            if bn.weight is not None:  # affine=False: weight 1, bias 0
+                scale = scale * bn.weight
+            bias = (0 if bn.bias is None else bn.bias) - bn.running_mean * scale + (0 if b is None else b * scale)
             out.append((w * scale.view(-1, 1, 1, 1), bias))
         return out[0][0], out[1][0], out[0][1], out[1][1]
 
     def _two_branch(self, x, gate):
         """The papers'-code computation: two convolutions, two BNs, a blend (fused=False; benchmarks)."""
         c = self.conv
-        y_pre = F.conv2d(x, c.weight_pre, c.bias_pre, c.stride, c.padding, c.dilation, c.groups)
-        y_ft = F.conv2d(x, c.weight, c.bias, c.stride, c.padding, c.dilation, c.groups)
+        x, padding = c.pad_input(x)
+        y_pre = F.conv2d(x, c.weight_pre, c.bias_pre, c.stride, padding, c.dilation, c.groups)
+        y_ft = F.conv2d(x, c.weight, c.bias, c.stride, padding, c.dilation, c.groups)
         if self.bn_ft is not None:
             y_pre, y_ft = self.bn_pre(y_pre), self.bn_ft(y_ft)
         g = gate[:, :, None, None].to(y_ft.dtype)
         return (1 - g) * y_pre + g * y_ft
 
+    def _foldable(self):
+        """Eval BN is affine only with running statistics (track_running_stats=False uses batch statistics)."""
+        return self.bn_ft is None or (self.bn_ft.running_var is not None and self.bn_pre.running_var is not None)
+
     def forward(self, x):
+        c = self.conv
+        if x.dim() != 4 or x.shape[1] != c.in_channels:
+            raise ValueError(f"AdaFilter: layer {self.index} ({c.in_channels} -> {c.out_channels} channels) expects "
+                             f"input (N, {c.in_channels}, H, W), got shape {tuple(x.shape)}")
         gate = self._controller[0].gate(self.index, x)
         self.last_gate = gate.detach()
         if self.training:
             self._fold_cache = None  # this forward updates BN running statistics in place, unversioned
-        if not self.fused or self.training:
+        if not self.fused or self.training or not self._foldable():
             # Training needs each branch's batch statistics, so both branch outputs exist anyway; measured
             # on the CPU, two convs (no weight gradient for the frozen one) beat one GEMM over [W_pre; W_ft].
             return self._two_branch(x, gate)
         w_pre, w_ft, b_pre, b_ft = self._folded()
-        c = self.conv
-        return gated_conv2d(x, w_pre, w_ft, gate.to(x.dtype), b_pre, b_ft, c.stride, c.padding, c.dilation, c.groups)
+        x, padding = c.pad_input(x)
+        return gated_conv2d(x, w_pre, w_ft, gate.to(x.dtype), b_pre, b_ft, c.stride, padding, c.dilation, c.groups)
 
 
 class AdaFilter(nn.Module):
@@ -132,19 +143,19 @@ class AdaFilter(nn.Module):
         if hidden_size <= 0:
             raise ValueError(f"AdaFilter: hidden_size must be > 0, got {hidden_size}")
         self.controller = _Controller(hidden_size)
-        names = {id(m): n for n, m in backbone.named_modules()}
         self.layers = []
-        for parent, conv_name, bn_name in conv_bn_pairs(backbone):
-            conv = getattr(parent, conv_name)
-            full = f"{names[id(parent)]}.{conv_name}".lstrip(".")
+        for full, bn_name in conv_bn_pairs(backbone):
             if full in skip:
                 continue
-            bn = getattr(parent, bn_name) if bn_name else None
+            parent, conv_name = get_parent(backbone, full)
+            conv = getattr(parent, conv_name)
+            bn = backbone.get_submodule(bn_name) if bn_name else None
             idx = self.controller.add_layer(conv.in_channels, conv.out_channels)
             layer = AdaFilterConv(conv, bn, self.controller, idx)
             setattr(parent, conv_name, layer)
-            if bn_name:
-                setattr(parent, bn_name, nn.Identity())
+            if bn_name:  # now applied inside the layer, right behind the conv (where the model applied it)
+                bn_parent, bn_attr = get_parent(backbone, bn_name)
+                setattr(bn_parent, bn_attr, nn.Identity())
             self.layers.append((full, layer))
         if not self.layers:
             raise ValueError(f"AdaFilter: found no nn.Conv2d to gate in {type(backbone).__name__} (skip={skip})")

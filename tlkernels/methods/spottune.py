@@ -73,7 +73,9 @@ class SpotTuneBlock(nn.Module):
         g = self.gate
         if g is None:
             raise RuntimeError("SpotTuneBlock: no gate set; call the SpotTune wrapper, not the backbone")
-        if self.route:  # hard gates, no gradient: each image runs one copy only
+        # Hard gates, no gradient: each image runs one copy only. Under torch.compile the blend below is used
+        # instead (both copies, same values for 0/1 gates): routing has data-dependent shapes.
+        if self.route and not torch.compiler.is_compiling():
             sel = g > 0.5
             idx1, idx0 = sel.nonzero().squeeze(1), (~sel).nonzero().squeeze(1)
             if idx1.numel() == x.shape[0]:

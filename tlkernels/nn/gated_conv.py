@@ -58,6 +58,13 @@ class GatedConv2d(nn.Module):
         self.gate_provider = provider
         return self
 
+    def pad_input(self, x):
+        """(input, padding) for the convolution: padding modes other than zeros pad the input first, as
+        nn.Conv2d does."""
+        if self.padding_mode != "zeros":
+            return F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode), 0
+        return x, self.padding
+
     def forward(self, x, gate=None, hard=None):
         if gate is None:
             if self.gate_provider is None:
@@ -65,10 +72,7 @@ class GatedConv2d(nn.Module):
                                    "with gate of shape (N,) or (N, C_out), or set conv.gate_provider")
             gate = self.gate_provider(x)
         hard = self.hard if hard is None else hard
-        padding = self.padding
-        if self.padding_mode != "zeros":
-            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            padding = 0
+        x, padding = self.pad_input(x)
         return gated_conv2d(x, self.weight_pre, self.weight, gate, self.bias_pre, self.bias, self.stride,
                             padding, self.dilation, self.groups, hard=hard)
 

@@ -101,11 +101,12 @@ class SoftJointLoss(nn.Module):
     schedule   constant (selective joint fine-tuning: lambda0 = target_weight = 0.5), linear, cosine,
                exponential (lambda0 * exp(-rate t), rate = ln(1/final_fraction)/T, then 0 at T),
                step (lambda0 * gamma^k after the k-th milestone, 0 at T)
+    class_weight, label_smoothing: options of the target loss (F.cross_entropy's weight and label_smoothing).
     `.step()` advances t; t is in the state_dict, so a resumed run continues the schedule.
     """
 
     def __init__(self, schedule="cosine", lambda0=1.0, total_steps=None, target_weight=1.0, final_fraction=0.01,
-                 milestones=None, gamma=0.1, ignore_index=-100):
+                 milestones=None, gamma=0.1, ignore_index=-100, class_weight=None, label_smoothing=0.0):
         super().__init__()
         if schedule not in SCHEDULES:
             raise ValueError(f"SoftJointLoss: schedule must be one of {SCHEDULES}, got {schedule!r}")
@@ -120,6 +121,7 @@ class SoftJointLoss(nn.Module):
         self.milestones = sorted(milestones) if milestones is not None else (
             [total_steps // 3, 2 * total_steps // 3] if total_steps else [])
         self.ignore_index = ignore_index
+        self.class_weight, self.label_smoothing = class_weight, float(label_smoothing)  # of the target loss
         self.t = 0
 
     def lam(self, t=None):
@@ -142,7 +144,8 @@ class SoftJointLoss(nn.Module):
 
     def parts(self, target_logits, target_labels, source_logits=None, source_labels=None):
         """(total, target term, source term) with the weights applied; the source term is 0 without a source batch."""
-        lt = cross_entropy(target_logits, target_labels, ignore_index=self.ignore_index, scale=self.target_weight)
+        lt = cross_entropy(target_logits, target_labels, self.class_weight, ignore_index=self.ignore_index,
+                           label_smoothing=self.label_smoothing, scale=self.target_weight)
         lam = self.lam()
         if source_logits is None or lam == 0:
             ls = (0.0 * source_logits.sum()) if source_logits is not None else target_logits.new_zeros(())

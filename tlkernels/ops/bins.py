@@ -30,6 +30,11 @@ def fit_bin_edges(loader, bank, bins=100, fine_bins=2000, mode="equal_mass"):
             hi[i] = mx if hi[i] is None else torch.maximum(hi[i], mx)
     if not seen:
         raise ValueError("fit_bin_edges: the loader yielded no batch")
+    for i in range(len(bank.stages)):
+        if not (torch.isfinite(lo[i]).all() and torch.isfinite(hi[i]).all()):
+            c = int((~(torch.isfinite(lo[i]) & torch.isfinite(hi[i]))).nonzero()[0])
+            raise ValueError(f"fit_bin_edges: the responses of filter {c} of stage {i} range over "
+                             f"[{lo[i][c].item()}, {hi[i][c].item()}]: the images hold NaN or infinite values")
     out = []
     for i in range(len(bank.stages)):
         l, h = lo[i].double(), hi[i].double()

@@ -175,16 +175,56 @@ def _check(opname, logits, target, sample_weight, reduction, name="logits", tnam
         fail(opname, f"reduction must be one of {list(REDUCTIONS)}, got {reduction!r}")
 
 
-def cross_entropy(logits, target, sample_weight=None, ignore_index=-100, reduction="mean", scale=1.0):
-    """scale * CE(logits, target) with F.cross_entropy semantics; see the module docstring."""
-    _check("cross_entropy", logits, target, sample_weight, reduction)
+def _to_rows(opname, logits, target, sample_weight, name="logits", tname="target"):
+    """Logits of shape (C,), (N, C) or (N, C, d1, ..., dk) and their targets as the (rows, C) matrix the kernels
+    take (class dimension last), plus the shape of the per-element loss (for reduction="none")."""
+    check_tensor(opname, name, logits, floating=True)
+    if not isinstance(target, torch.Tensor):
+        fail(opname, f"{tname} must be a torch.Tensor, got {type(target).__name__}", TypeError)
+    if logits.dim() == 0:
+        fail(opname, f"{name} must have a class dimension: shape (C,), (N, C) or (N, C, d1, ...), got a scalar")
+    soft = target.is_floating_point()
+    if logits.dim() == 1:  # one unbatched example, as F.cross_entropy
+        want = tuple(logits.shape) if soft else ()
+        if tuple(target.shape) != want:
+            fail(opname, f"{tname} must have shape {want} for unbatched {name} of shape {tuple(logits.shape)}, "
+                         f"got {tuple(target.shape)}")
+        if sample_weight is not None and sample_weight.numel() != 1:
+            fail(opname, f"sample_weight must have one value for unbatched {name}, got shape {tuple(sample_weight.shape)}")
+        return (logits.unsqueeze(0), target.unsqueeze(0),
+                None if sample_weight is None else sample_weight.reshape(1), ())
+    shape = (logits.shape[0],) + tuple(logits.shape[2:])
+    if logits.dim() == 2:
+        return logits, target, sample_weight, shape
+    want = tuple(logits.shape) if soft else shape
+    if tuple(target.shape) != want:
+        fail(opname, f"{tname} must have shape {want} for {name} of shape {tuple(logits.shape)}"
+                     f"{' (soft labels)' if soft else ''}, got {tuple(target.shape)}")
+    if sample_weight is not None and tuple(sample_weight.shape) != shape:
+        fail(opname, f"sample_weight must have shape {shape} (one value per loss element), got "
+                     f"{tuple(sample_weight.shape)}")
+    C = logits.shape[1]
+    rows = logits.movedim(1, -1).reshape(-1, C)
+    target = target.movedim(1, -1).reshape(-1, C) if soft else target.reshape(-1)
+    return rows, target, None if sample_weight is None else sample_weight.reshape(-1), shape
+
+
+def _check_labels(opname, target, n_classes, ignore_index):
+    """Hard labels in [0, C) or ignore_index (on GPUs checked on the device, without a host sync)."""
+    bad = ((target < 0) | (target >= n_classes)) & (target != ignore_index)
+    if target.device.type != "cpu":
+        torch._assert_async(~bad.any(), f"{opname}: target has a label out of range [0, {n_classes})")
+    elif bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        fail(opname, f"target[{i}] = {int(target[i])} is out of range [0, {n_classes}) "
+                     f"(and is not ignore_index = {ignore_index})", RuntimeError)
+
+
+def _ce_rows(logits, target, sample_weight, ignore_index, reduction, scale):
+    """The fused op on (N, C) rows: hard labels or a (possibly unnormalised) target matrix, per-row weights."""
     if use_reference():
         if not target.is_floating_point() and not torch.compiler.is_compiling():  # compiled kernels check it
-            bad = ((target < 0) | (target >= logits.shape[1])) & (target != ignore_index)
-            if bool(bad.any()):
-                i = int(bad.nonzero()[0, 0])
-                fail("cross_entropy", f"target[{i}] = {int(target[i])} is out of range [0, {logits.shape[1]}) "
-                                      f"(and is not ignore_index = {ignore_index})")
+            _check_labels("cross_entropy", target, logits.shape[1], ignore_index)
         return cross_entropy_reference(logits, target, sample_weight, ignore_index, reduction, scale)
     compute_grad = logits.requires_grad and torch.is_grad_enabled()
     loss, _ = op("cross_entropy")(logits, target.detach(), None if sample_weight is None else sample_weight.detach(),
@@ -192,38 +232,132 @@ def cross_entropy(logits, target, sample_weight=None, ignore_index=-100, reducti
     return loss
 
 
+def _check_options(opname, logits, weight, label_smoothing, name="weight"):
+    if weight is not None:
+        check_tensor(opname, name, weight, dim=1, device=logits.device, floating=True)
+        if weight.shape[0] != logits.shape[1]:
+            fail(opname, f"{name} (class weights) must have shape ({logits.shape[1]},), got {tuple(weight.shape)}")
+    if (not isinstance(label_smoothing, (int, float)) or isinstance(label_smoothing, bool)
+            or not 0.0 <= label_smoothing <= 1.0):
+        fail(opname, f"label_smoothing must be a float in [0, 1], got {label_smoothing!r}")
+
+
+def _smoothed_rows(logits, target, weight, sample_weight, ignore_index, eps):
+    """Class weights and label smoothing as one target matrix q per row, so that the fused soft-label pass
+    computes F.cross_entropy's rows: loss_i = -sum_c q_ic log p_ic. Returns (q, mean's denominator):
+    hard labels  q_i = (1 - eps) w_{y_i} onehot(y_i) + eps / C * w   (0 for ignored rows); denominator
+                 sum_i w_{y_i} over the rows that count (PyTorch's weighted mean, smoothing term included)
+    soft labels  q_i = w * ((1 - eps) t_i + eps / C); denominator the number of rows."""
+    n, C = logits.shape
+    dt = torch.promote_types(logits.dtype, torch.float32)
+    w = weight.to(dt) if weight is not None else torch.ones(C, dtype=dt, device=logits.device)
+    sw = None if sample_weight is None else sample_weight.to(dt)
+    if target.is_floating_point():
+        q = (target.to(dt) * (1 - eps) + eps / C) * w
+        denom = sw.sum() if sw is not None else torch.tensor(float(n), dtype=dt, device=logits.device)
+        return q, denom
+    counted = target != ignore_index
+    tc = torch.where(counted, target, 0)
+    wy = w[tc] * counted
+    q = ((1 - eps) * wy)[:, None] * F.one_hot(tc, C).to(dt) + (eps / C) * w[None, :] * counted[:, None].to(dt)
+    return q, (wy if sw is None else wy * sw).sum()
+
+
+def cross_entropy(logits, target, weight=None, size_average=None, ignore_index=-100, reduce=None, reduction="mean",
+                  label_smoothing=0.0, *, sample_weight=None, scale=1.0):
+    """scale * F.cross_entropy(logits, target, weight, ignore_index=..., reduction=..., label_smoothing=...).
+
+    Accepts what F.cross_entropy accepts, with the same values and gradients: logits (C,), (N, C) or
+    (N, C, d1, ..., dk) in any floating dtype on any device; target int64 class indices of shape (), (N) or
+    (N, d1, ..., dk), or class probabilities of the logits' shape (no gradient flows to them); weight (C,) class
+    weights (hard labels: PyTorch's weighted mean divides by the summed weight of the rows that count);
+    label_smoothing in [0, 1] for both target kinds; the deprecated size_average/reduce. Extensions:
+    sample_weight (one weight per loss element, multiplying its loss and, for hard labels, the mean's
+    denominator) and scale (a number, or a tensor that receives a gradient). (N, C) without weight and smoothing
+    is one fused row pass (loss and gradient together); the other forms build the equivalent per-row target
+    matrix first and run the same pass. Raises ValueError/TypeError for bad shapes, dtypes or options and
+    RuntimeError for a label outside [0, C) that is not ignore_index.
+    """
+    if size_average is not None or reduce is not None:
+        reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
+    return _cross_entropy("cross_entropy", logits, target, weight, ignore_index, reduction, label_smoothing,
+                          sample_weight, scale)
+
+
+def _cross_entropy(name, logits, target, weight, ignore_index, reduction, label_smoothing, sample_weight, scale,
+                   names=("logits", "target", "weight")):
+    """cross_entropy of one head; `name` and `names` (the logits, target and class-weight arguments' names) go
+    into error messages."""
+    if isinstance(scale, torch.Tensor):  # a tensor weight (maybe learned) multiplies the loss: autograd sees it
+        if scale.numel() != 1:
+            fail(name, f"scale must be a number or a one-element tensor, got shape {tuple(scale.shape)}")
+        return _cross_entropy(name, logits, target, weight, ignore_index, reduction, label_smoothing, sample_weight,
+                              1.0, names) * scale.reshape(())
+    x, t, sw, shape = _to_rows(name, logits, target, sample_weight, *names[:2])
+    _check(name, x, t, sw, reduction, *names[:2])
+    _check_options(name, x, weight, label_smoothing, names[2])
+    if label_smoothing == 0 and (weight is None or not t.is_floating_point()):
+        if weight is not None:  # class weights of hard labels are per-row weights: the same fused pass
+            wy = weight.detach().to(x.dtype)[torch.where((t >= 0) & (t < x.shape[1]), t, 0)]
+            sw = wy if sw is None else wy * sw
+        loss = _ce_rows(x, t, sw, ignore_index, reduction, scale)
+    else:
+        if not t.is_floating_point():
+            _check_labels(name, t, x.shape[1], ignore_index)
+        q, denom = _smoothed_rows(x, t.detach(), None if weight is None else weight.detach(),
+                                  None if sw is None else sw.detach(), ignore_index, float(label_smoothing))
+        rows = _ce_rows(x, q, sw, ignore_index, "none", scale)
+        loss = rows if reduction == "none" else rows.sum() if reduction == "sum" else rows.sum() / denom.to(rows.dtype)
+    return loss.reshape(shape) if reduction == "none" else loss
+
+
 def joint_cross_entropy(target_logits, target_labels, source_logits=None, source_labels=None, source_weight=1.0,
                         target_weight=1.0, target_sample_weight=None, source_sample_weight=None, ignore_index=-100,
-                        reduction="mean"):
+                        reduction="mean", *, target_class_weight=None, source_class_weight=None,
+                        target_label_smoothing=0.0, source_label_smoothing=0.0):
     """target_weight * CE(target_logits, target_labels) + source_weight * CE(source_logits, source_labels).
 
-    Each head is one fused row pass (its weight folded into the gradient, no extra pass); with both heads,
-    number weights and a mean/sum reduction the two passes are one op (one autograd node). With
-    reduction="none" returns the weighted per-row losses: a tensor for the target head alone, or the
-    tuple (target_rows, source_rows) when a source head is given (the heads have different batch sizes).
-    A source_weight of 0 skips the source head entirely (soft fine-tuning at the end of its schedule).
+    Each head takes the options of `cross_entropy` (shapes, class weights, label smoothing, sample weights).
+    Each head is one fused row pass (its weight folded into the gradient, no extra pass); with both heads in
+    (N, C) form, number weights, no class weights or smoothing and a mean/sum reduction the two passes are one
+    op (one autograd node). With reduction="none" returns the weighted per-element losses: a tensor for the
+    target head alone, or the tuple (target_rows, source_rows) when a source head is given (the heads have
+    different batch sizes). A source_weight of 0 skips the source head entirely (soft fine-tuning at the end
+    of its schedule). A tensor weight receives its gradient.
     """
     op_name = "joint_cross_entropy"
-    _check(op_name, target_logits, target_labels, target_sample_weight, reduction, "target_logits", "target_labels")
+
+    def head(logits, labels, sw, w, cw, ls, which="target"):
+        return _cross_entropy(op_name, logits, labels, cw, ignore_index, reduction, ls, sw, w,
+                              (f"{which}_logits", f"{which}_labels", f"{which}_class_weight"))
+
     if (source_logits is None) != (source_labels is None):
         fail(op_name, "source_logits and source_labels must be given together")
     if source_logits is None:
-        return cross_entropy(target_logits, target_labels, target_sample_weight, ignore_index, reduction,
-                             target_weight)
-    _check(op_name, source_logits, source_labels, source_sample_weight, reduction, "source_logits", "source_labels")
+        return head(target_logits, target_labels, target_sample_weight, target_weight, target_class_weight,
+                    target_label_smoothing)
     if isinstance(source_weight, (int, float)) and source_weight == 0 and reduction != "none":
-        lt = cross_entropy(target_logits, target_labels, target_sample_weight, ignore_index, reduction, target_weight)
+        lt = head(target_logits, target_labels, target_sample_weight, target_weight, target_class_weight,
+                  target_label_smoothing)
+        check_tensor(op_name, "source_logits", source_logits, floating=True)
         return lt + 0.0 * source_logits.sum()  # keeps the source head in the graph (DDP) at no real cost
-    if (reduction != "none" and not use_reference() and isinstance(source_weight, (int, float))
-            and isinstance(target_weight, (int, float))):
+    plain = (reduction != "none" and not use_reference() and isinstance(source_weight, (int, float))
+             and isinstance(target_weight, (int, float)) and target_logits.dim() == 2 and source_logits.dim() == 2
+             and target_class_weight is None and source_class_weight is None
+             and target_label_smoothing == 0 and source_label_smoothing == 0)
+    if plain:
+        _check(op_name, target_logits, target_labels, target_sample_weight, reduction, "target_logits", "target_labels")
+        _check(op_name, source_logits, source_labels, source_sample_weight, reduction, "source_logits", "source_labels")
         compute_grad = torch.is_grad_enabled() and (target_logits.requires_grad or source_logits.requires_grad)
         loss, _, _ = op("joint_cross_entropy")(
             target_logits, target_labels.detach(), _detach(target_sample_weight), source_logits,
             source_labels.detach(), _detach(source_sample_weight), int(ignore_index), REDUCTIONS[reduction],
             float(target_weight), float(source_weight), compute_grad)
         return loss
-    lt = cross_entropy(target_logits, target_labels, target_sample_weight, ignore_index, reduction, target_weight)
-    ls = cross_entropy(source_logits, source_labels, source_sample_weight, ignore_index, reduction, source_weight)
+    lt = head(target_logits, target_labels, target_sample_weight, target_weight, target_class_weight,
+              target_label_smoothing)
+    ls = head(source_logits, source_labels, source_sample_weight, source_weight, source_class_weight,
+              source_label_smoothing, "source")
     return (lt, ls) if reduction == "none" else lt + ls
 
 

@@ -35,6 +35,7 @@ def effective_gate(gate, hard):
 def gated_conv2d_reference(input, weight_pre, weight_ft, gate, bias_pre=None, bias_ft=None, stride=1,
                            padding=0, dilation=1, groups=1, hard=False):
     """Two convolutions and a blend, as the papers' code computes it. Differentiable with autograd."""
+    check_gated_conv2d_args(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, groups)
     g = effective_gate(gate, hard)
     y_pre = F.conv2d(input, weight_pre, bias_pre, stride, padding, dilation, groups)
     y_ft = F.conv2d(input, weight_ft, bias_ft, stride, padding, dilation, groups)
@@ -165,6 +166,9 @@ def check_gated_conv2d_args(input, weight_pre, weight_ft, gate, bias_pre, bias_f
     dt, dev = input.dtype, input.device
     check_tensor(OP, "weight_pre", weight_pre, dim=4, dtype=dt, device=dev)
     check_tensor(OP, "weight_ft", weight_ft, dtype=dt, device=dev)
+    if min(weight_pre.shape) < 1:  # as F.conv2d, which rejects weights without output filters
+        fail(OP, f"weight_pre must have at least one output filter, input channel and kernel tap, got shape "
+                 f"{tuple(weight_pre.shape)}")
     if weight_ft.shape != weight_pre.shape:
         fail(OP, f"weight_ft must have the shape of weight_pre {tuple(weight_pre.shape)}, got {tuple(weight_ft.shape)}")
     if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:

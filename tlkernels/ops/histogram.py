@@ -13,8 +13,10 @@ SCHEMA = "filterbank_histogram(Tensor images, Tensor filters, Tensor edges, int[
 def filterbank_histogram_reference(images, filters, edges, stride=1, padding=0):
     """F.conv2d, then per channel torch.bucketize and a count (the oracle; materialises all responses)."""
     r = F.conv2d(images.float(), filters.float(), None, stride, padding)
-    n, f = r.shape[:2]
+    n, f = images.shape[0], filters.shape[0]  # (F.conv2d's shape is wrong for an empty batch)
     nb = edges.shape[1] - 1
+    if n == 0 or f == 0:
+        return torch.zeros(n, f, nb, dtype=torch.float32, device=images.device)
     r = r.reshape(n, f, -1)
     out = torch.zeros(n, f, nb, dtype=torch.float32, device=images.device)
     for c in range(f):
@@ -45,8 +47,15 @@ def check_edges(opname, edges, n_filters):
     check_tensor(opname, "edges", edges, dim=2, floating=True)
     if edges.shape[0] != n_filters or edges.shape[1] < 2:
         fail(opname, f"edges must have shape (F, bins + 1) = ({n_filters}, >= 2), got {tuple(edges.shape)}")
-    if edges.shape[1] > 2 and not bool((edges[:, 1:] > edges[:, :-1]).all()):
-        fail(opname, "edges must be strictly increasing along each row")
+    if edges.device.type == "meta":
+        fail(opname, "edges is a meta tensor: binning needs the edge values")
+    if edges.shape[1] > 2:
+        increasing = (edges[:, 1:] > edges[:, :-1]).all()
+        msg = f"{opname}: edges must be strictly increasing along each row"
+        if edges.device.type != "cpu":
+            torch._assert_async(increasing, msg)  # no host sync on GPUs
+        elif not bool(increasing):
+            fail(opname, "edges must be strictly increasing along each row")
 
 
 def filterbank_histogram(images, filters, edges, stride=1, padding=0):
@@ -56,6 +65,8 @@ def filterbank_histogram(images, filters, edges, stride=1, padding=0):
     check_tensor(name, "filters", filters, dim=4, floating=True, device=images.device)
     if filters.shape[1] != images.shape[1]:
         fail(name, f"filters must have C = {images.shape[1]} input channels (the images'), got {filters.shape[1]}")
+    if images.shape[1] < 1:
+        fail(name, f"images must have at least one channel, got shape {tuple(images.shape)}")
     check_edges(name, edges, filters.shape[0])
     stride, padding = pair(name, "stride", stride), pair(name, "padding", padding, allow_zero=True)
     for d in range(2):

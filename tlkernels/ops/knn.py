@@ -32,6 +32,36 @@ def _weights(opname, channel_weights, dim, dtype, device):
     return w.repeat_interleave(dim // w.shape[0])
 
 
+def _check_values(opname, name, t, metric, start=0):
+    """Descriptors must be finite, and non-negative for the KL metrics (their log would be NaN): a NaN or
+    infinite distance has no place in an ascending list, so such rows are refused rather than mis-ranked.
+    On CUDA the check is asynchronous (no host sync): a bad value aborts the stream with this message."""
+    bad = ~torch.isfinite(t)
+    if metric in ("skl", "kl"):
+        bad = bad | (t < 0)
+    what = "finite" + (" and >= 0 (histograms) for the KL metrics" if metric in ("skl", "kl") else "")
+    if t.device.type != "cpu":
+        torch._assert_async(~bad.any(), f"{opname}: {name} must be {what}")
+        return
+    if bool(bad.any()):
+        r, c = (int(v) for v in bad.nonzero()[0])
+        fail(opname, f"{name} must be {what} (metric {metric!r}); row {start + r}, column {c} is {t[r, c].item()}")
+
+
+def _check_common(opname, metric, eps, dtype, device, chunk_size=None):
+    if metric not in METRICS:
+        fail(opname, f"metric must be one of {METRICS}, got {metric!r}")
+    if dtype not in (torch.float32, torch.float64):
+        fail(opname, f"descriptors must be float32 or float64 (half-precision distances cannot rank histograms "
+                     f"reliably; convert with .float()), got {dtype}", TypeError)
+    if device.type == "meta":
+        fail(opname, "descriptors are meta tensors: a search needs their values")
+    if metric in ("skl", "kl") and (not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 < eps < 1):
+        fail(opname, f"eps must be a float in (0, 1) for metric {metric!r} (log(p + eps) of an empty bin), got {eps!r}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
+        fail(opname, f"chunk_size must be a positive int, got {chunk_size!r}")
+
+
 def _query_side(metric, a, w, eps):
     if metric == "skl":
         la = torch.log(a + eps)
@@ -138,7 +168,7 @@ def _search_chunks(q, w, metric, eps, k, chunks):
     for base, B, col_c in chunks:
         if _fused_select(q):  # C++: distances, tie grid and a k-heap per row in one pass over the GEMM
             # chunk @ queries^T, read transposed in place by the kernel: MKL runs this orientation 4-10%
-            # faster than queries @ chunk^T on our AMD hosts, and the GEMM is nearly all of the search.
+            # faster than queries @ chunk^T on the AMD EPYC CPUs measured, and the GEMM is nearly all of the search.
             best_d, best_i = op("knn_select_chunk")((B @ A.t()).t(), row_c, col_c, scale, best_d, best_i,
                                                     base, k, 40 if q.dtype == torch.float64 else 18)
         else:
@@ -160,10 +190,10 @@ def knn_search(queries, database, k, metric="skl", channel_weights=None, eps=EPS
         fail(name, "database must be 2-D (M, D): a tensor, numpy array or memory map")
     if database.shape[1] != queries.shape[1]:
         fail(name, f"database must have D = {queries.shape[1]} columns (the queries'), got {database.shape[1]}")
-    if metric not in METRICS:
-        fail(name, f"metric must be one of {METRICS}, got {metric!r}")
+    _check_common(name, metric, eps, queries.dtype, queries.device, chunk_size)
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         fail(name, f"k must be a positive int, got {k!r}")
+    _check_values(name, "queries", queries.detach(), metric)
     local_m = int(database.shape[0])
     offset, total = 0, local_m
     if sharded:
@@ -184,6 +214,7 @@ def knn_search(queries, database, k, metric="skl", channel_weights=None, eps=EPS
         buf = None  # consumed (GEMM done) before the next chunk is expanded into it
         for start in range(0, local_m, chunk_size):
             p = _rows(database, start, min(start + chunk_size, local_m), dtype, device)
+            _check_values(name, "database", p, metric, start)
             buf, col_c = _db_side(metric, p, w, eps, buf)
             yield offset + start, buf, col_c
 
@@ -218,10 +249,8 @@ class KnnIndex:
         if not isinstance(database, torch.Tensor) or database.dim() != 2 or not database.is_floating_point():
             fail(name, f"database must be a 2-D floating-point tensor (M, D), got "
                        f"{getattr(database, 'shape', type(database).__name__)}", TypeError)
-        if metric not in METRICS:
-            fail(name, f"metric must be one of {METRICS}, got {metric!r}")
-        if not isinstance(chunk_size, int) or chunk_size < 1:
-            fail(name, f"chunk_size must be a positive int, got {chunk_size!r}")
+        _check_common(name, metric, eps, database.dtype, database.device, chunk_size)
+        _check_values(name, "database", database.detach(), metric)
         self.metric, self.eps, self.dim, self.size = metric, eps, database.shape[1], database.shape[0]
         self.dtype, self.device = database.dtype, database.device
         self.w = _weights(name, channel_weights, self.dim, self.dtype, self.device)
@@ -240,6 +269,7 @@ class KnnIndex:
                        f"on {queries.device}", TypeError)
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= self.size:
             fail(name, f"k must be an int in [1, {self.size}], got {k!r}")
+        _check_values(name, "queries", queries.detach(), self.metric)
         with torch.no_grad():
             return _search_chunks(queries.detach(), self.w, self.metric, self.eps, k, self.chunks)
 
@@ -247,7 +277,7 @@ class KnnIndex:
 def knn_search_reference(queries, database, k, metric="skl", channel_weights=None, eps=EPS):
     """Full distance matrix from the direct formula, then a (distance, index) sort (the oracle)."""
     a = queries.double()
-    p = torch.as_tensor(np.asarray(database)).double() if not isinstance(database, torch.Tensor) else database.double()
+    p = (torch.as_tensor(np.asarray(database)) if not isinstance(database, torch.Tensor) else database).to(a.device).double()
     w = _weights("knn_search", channel_weights, a.shape[1], torch.float64, a.device)
     A, P = a[:, None, :], p[None, :, :]
     if metric == "skl":
@@ -262,5 +292,5 @@ def knn_search_reference(queries, database, k, metric="skl", channel_weights=Non
     Aq, rq, sc = _query_side(metric, a, w, eps)
     Bq, cq = _db_side(metric, p, w, eps)
     mag = rq.abs()[:, None] + cq.abs()[None, :] + (sc * (Aq @ Bq.t())).abs()
-    idx = torch.arange(p.shape[0]).expand_as(d)
+    idx = torch.arange(p.shape[0], device=d.device).expand_as(d)
     return _merge(quantize(d, mag), idx, k)

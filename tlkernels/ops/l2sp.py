@@ -144,18 +144,31 @@ def l2sp_penalty(params, refs, alpha=0.1, new_params=(), beta=0.0):
     return op("l2sp_penalty")(params, [r.detach() for r in refs], float(alpha), new_params, float(beta))
 
 
+def _is_dense(t):
+    """No gaps and no overlaps (contiguous, channels_last, any permutation of a contiguous layout), as C++'s
+    is_non_overlapping_and_dense: the in-place kernels walk such a tensor with one flat index."""
+    expect = 1
+    for st, sz in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1):
+        if st != expect:
+            return False
+        expect *= sz
+    return True
+
+
 def _grads_to_fill(opname, tensors, name):
     """The .grad of each tensor, created as zeros where it is None (checked: written in place)."""
     out = []
     for i, t in enumerate(tensors):
         if t.grad is None:
-            t.grad = torch.zeros_like(t, memory_format=torch.contiguous_format)
+            t.grad = torch.zeros_like(t)  # t's layout (contiguous, channels_last, ...), as autograd makes it
         g = t.grad
         if g.shape != t.shape or g.dtype != t.dtype or g.device != t.device:
             fail(opname, f"{name}[{i}].grad must match {name}[{i}] (shape {tuple(t.shape)}, {t.dtype}, {t.device}), "
                          f"got shape {tuple(g.shape)}, {g.dtype}, {g.device}")
-        if not g.is_contiguous():
-            fail(opname, f"{name}[{i}].grad must be contiguous (it is updated in place)")
+        want = t.stride() if _is_dense(t) else t.contiguous().stride()
+        if g.stride() != want or not _is_dense(g):
+            fail(opname, f"{name}[{i}].grad must have the memory layout of {name}[{i}] (strides {want}; it is "
+                         f"updated in place), got strides {g.stride()}")
         out.append(g)
     return out
 

@@ -1,3 +1,6 @@
+import contextlib
+
+import torch
 import triton
 
 from tlkernels._extension import interpret_mode
@@ -17,3 +20,9 @@ def gemm_configs():
     ]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
             for m, n, k, w, s in cfg]
+
+
+def device_of(t):
+    """Context for a Triton launch on tensor t: Triton launches on the current CUDA device and its current
+    stream, so a tensor on another GPU (cuda:1 while device 0 is current) needs its device made current."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()

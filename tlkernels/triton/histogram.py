@@ -6,6 +6,7 @@ import triton
 import triton.language as tl
 
 from tlkernels._extension import interpret_mode
+from tlkernels.triton._common import device_of
 
 
 @triton.jit
@@ -30,6 +31,7 @@ def _bin_rows_kernel(r_ptr, e_ptr, out_ptr, P, F, n0, NB: tl.constexpr, NB_POW2:
             hi = tl.where((v < em) & (hi - lo > 1), mid, hi)
         b = tl.where(v >= tl.load(e + 1), lo, 0)
         b = tl.where(v >= tl.load(e + NB - 1), NB - 1, b)
+        b = tl.where(v != v, NB - 1, b)  # NaN: the last bin, as torch.bucketize in the reference
         b = tl.where(mask, b, NB_POW2 - 1 if NB_POW2 > NB else 0)  # masked lanes go to a spare slot
         counts += tl.histogram(b, NB_POW2)
         if NB_POW2 == NB:  # no spare slot: take the masked lanes back out of bin 0
@@ -50,9 +52,12 @@ def filterbank_histogram_forward(images, filters, edges, stride, padding, tile_e
     tile = max(1, tile_elems // max(1, F * P))
     nb_pow2 = triton.next_power_of_2(nb + 1)
     steps = max(1, (nb).bit_length())
+    if F == 0:
+        return out
     for n0 in range(0, N, tile):
         r = torch.nn.functional.conv2d(images[n0:n0 + tile].to(torch.float32), w, None, stride, padding).contiguous()
         n = r.shape[0]
-        _bin_rows_kernel[(n * F,)](r, e, out, P, F, n0, NB=nb, NB_POW2=nb_pow2, STEPS=steps,
-                                   BLOCK=64 if interpret_mode() else 1024)
+        with device_of(r):
+            _bin_rows_kernel[(n * F,)](r, e, out, P, F, n0, NB=nb, NB_POW2=nb_pow2, STEPS=steps,
+                                       BLOCK=64 if interpret_mode() else 1024)
     return out

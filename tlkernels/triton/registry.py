@@ -20,12 +20,13 @@ def aot_cases():
                       dict(KH=1, KW=1, HAS_BIAS=True, IS_F64=f64, **blocks)))
 
     from tlkernels.triton import cross_entropy as ce
-    for dt in ("fp32", "bf16", "fp16"):
+    for dt in ("fp32", "bf16", "fp16", "fp64"):
         for soft in (False, True):
-            types = {"*": "*fp32", "x_ptr": f"*{dt}", "q_ptr": f"*{dt}", "g_ptr": f"*{dt}", "t_ptr": "*i64",
+            acc = "*fp64" if dt == "fp64" else "*fp32"
+            types = {"*": acc, "x_ptr": f"*{dt}", "q_ptr": f"*{dt}", "g_ptr": f"*{dt}", "t_ptr": "*i64",
                      "scale": "fp32"}
             cases.append((f"cross_entropy[{dt}, soft={soft}]", ce._ce_kernel, types,
-                          dict(SOFT=soft, HAS_W=True, MEAN=True, COMPUTE_GRAD=True, BLOCK=1024)))
+                          dict(SOFT=soft, HAS_W=True, MEAN=True, COMPUTE_GRAD=True, BLOCK=1024, IS_F64=dt == "fp64")))
 
     from tlkernels.triton import histogram as hist
     cases.append(("filterbank_histogram.bin_rows[100 bins]", hist._bin_rows_kernel, {"*": "*fp32"},

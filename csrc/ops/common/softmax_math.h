@@ -16,7 +16,8 @@ struct OnlineLse {
     if (x > m) {
       s = s * std::exp(m - x) + A(1);
       m = x;
-    } else {
+    } else if (x != -std::numeric_limits<A>::infinity()) {
+      // (a -inf term adds exp(-inf) = 0; computed, it would be exp(-inf - -inf) = NaN while m is still -inf)
       s += std::exp(x - m);
     }
   }

@@ -1,6 +1,7 @@
 // CPU kernel of the fused cross-entropy: one parallel pass over rows; each row computes its
 // log-sum-exp online, its loss, and (optionally) its gradient row while it is hot in cache.
 #include <ATen/ATen.h>
+#include <limits>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -58,6 +59,14 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_impl(const char* op, const at::
     denom += wp ? wp[i] : 1.0;
   }
   const double norm = reduction == 1 ? scale / denom : scale;  // 0/0 -> nan, as F.cross_entropy
+  if (C == 0) {
+    // No classes: every row's loss is an empty sum; F.cross_entropy's mean over them is nan (0/0) for both
+    // target kinds (hard labels reach here only when all are ignore_index).
+    at::Tensor grad = compute_grad ? at::empty_like(logits) : at::empty({0}, logits.options());
+    if (reduction == 0) return {at::zeros({N}, logits.options()), grad};
+    const double v = reduction == 1 ? std::numeric_limits<double>::quiet_NaN() : 0.0;
+    return {at::scalar_tensor(v, logits.options()), grad};
+  }
 
   at::Tensor rows = at::empty({N}, logits.options().dtype(at::kDouble));
   at::Tensor grad = compute_grad ? at::empty_like(logits) : at::empty({0}, logits.options());

@@ -61,15 +61,19 @@ at::Tensor bias_or_zeros(const c10::optional<at::Tensor>& b, const at::Tensor& w
   return has(b) ? *b : at::zeros({w.size(0)}, w.options());
 }
 
-// Effective forward gate, shape (N, C_out), dtype of the input.
-at::Tensor effective_gate(const at::Tensor& gate, int64_t C_out, bool binary) {
-  at::Tensor g = binary ? gate.ge(0.5).to(gate.scalar_type()) : gate;
+// Effective forward gate, shape (N, C_out), dtype of the input. Hard gates are rounded (g >= 0.5); a NaN
+// gate stays NaN, so its outputs are NaN as in the blend formula of the reference.
+at::Tensor effective_gate(const at::Tensor& gate, int64_t C_out, bool hard) {
+  at::Tensor g = hard ? at::where(at::isnan(gate), gate, gate.ge(0.5).to(gate.scalar_type())) : gate;
   if (g.dim() == 1) g = g.unsqueeze(1).expand({g.size(0), C_out});
   return g.contiguous();
 }
 
+// True when every forward gate value is 0 or 1 (the routed and row-selecting paths need that); a hard gate
+// holding a NaN is not binary: it takes a blending path, which propagates the NaN.
 bool gate_is_binary(const at::Tensor& gate, bool hard) {
-  if (hard || gate.numel() == 0) return true;
+  if (gate.numel() == 0) return true;
+  if (hard) return !at::isnan(gate).any().item<bool>();
   return at::logical_or(gate.eq(0), gate.eq(1)).all().item<bool>();
 }
 
@@ -403,7 +407,7 @@ std::tuple<at::Tensor, at::Tensor> gated_conv2d_cpu(
   if (gate.dim() == 1 && binary) {
     forward_routed(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, a, out);
   } else {
-    const at::Tensor g = effective_gate(gate, weight_pre.size(0), binary);
+    const at::Tensor g = effective_gate(gate, weight_pre.size(0), hard);
     // save_diff asks for y_f - y_p: the concat path has it for free (see the top of this file).
     if (!save_diff && mix_ok(input, a, sizes[2] * sizes[3]))
       forward_mix(input.contiguous(input.suggest_memory_format()), weight_pre, weight_ft, g, bias_pre, bias_ft, a, out,
@@ -566,7 +570,7 @@ Grads gated_conv2d_backward_cpu(const at::Tensor& grad_output, const at::Tensor&
   } else if (gate.dim() == 1 && binary) {
     r = backward_routed(dy, x, weight_pre, weight_ft, gate, bias_pre, bias_ft, a, m);
   } else {
-    g = effective_gate(gate, C, binary);
+    g = effective_gate(gate, C, hard);
     const int64_t P = dy.size(2) * dy.size(3);
     // With a gate gradient and no saved y_f - y_p, the mix engine's weight pass gives dWf, dWp and dL/dg
     // together (one weight-gradient's FLOPs instead of a weight gradient plus a conv with Wf - Wp).

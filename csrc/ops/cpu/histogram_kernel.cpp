@@ -144,6 +144,7 @@ __attribute__((target("avx2,fma"))) inline void bin_single_avx2(const float* rf,
     b = _mm256_sub_epi32(b, _mm256_castps_si256(_mm256_cmp_ps(v, th, _CMP_GE_OQ)));  // + (v >= thr)
     b = _mm256_blendv_epi8(b, vlast, _mm256_castps_si256(_mm256_cmp_ps(v, vtop, _CMP_GE_OQ)));
     b = _mm256_and_si256(b, _mm256_castps_si256(_mm256_cmp_ps(v, ve1, _CMP_GE_OQ)));
+    b = _mm256_blendv_epi8(b, vlast, _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));  // NaN: last bin
     _mm256_store_si256(reinterpret_cast<__m256i*>(b8), b);
     for (int k = 0; k < 8; ++k) ++sub[(k & 3) * nbins + b8[k]];
   }
@@ -184,6 +185,8 @@ at::Tensor filterbank_histogram_cpu(const at::Tensor& images, const at::Tensor& 
   TORCH_CHECK(filters.dim() == 4, op, ": filters must be 4-D (F, C, kh, kw), got ", filters.dim(), "-D");
   TORCH_CHECK(filters.size(1) == images.size(1), op, ": filters must have C = ", images.size(1),
               " input channels (the images'), got ", filters.size(1));
+  TORCH_CHECK(images.size(1) >= 1, op, ": images must have at least one channel, got shape ",
+              shape_str(images.sizes()));
   TORCH_CHECK(edges.dim() == 2 && edges.size(0) == filters.size(0) && edges.size(1) >= 2, op,
               ": edges must have shape (F, bins + 1) = (", filters.size(0), ", >= 2), got ", shape_str(edges.sizes()));
   TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && stride[0] >= 1 && stride[1] >= 1 && padding[0] >= 0 &&
@@ -198,7 +201,7 @@ at::Tensor filterbank_histogram_cpu(const at::Tensor& images, const at::Tensor& 
   TORCH_CHECK(OH > 0 && OW > 0, op, ": images ", shape_str(images.sizes().slice(2)),
               " are smaller than the filters ", shape_str(filters.sizes().slice(2)));
   at::Tensor out = at::zeros({N, F, nb}, images.options().dtype(at::kFloat));
-  if (N == 0) return out;
+  if (N == 0 || F == 0) return out;
   at::Tensor x = images.to(at::kFloat);
   at::Tensor w = filters.to(at::kFloat).contiguous();
   // Filters identical across input channels (a grey-level bank such as gabor_bank on RGB) act on the channel
@@ -277,13 +280,16 @@ at::Tensor filterbank_histogram_cpu(const at::Tensor& images, const at::Tensor& 
         int32_t b = bins[c] + (v >= thr[c]);
         b = v >= top ? last : b;
         b = v >= e1 ? b : 0;
+        b = v != v ? last : b;  // NaN: the last bin, as torch.bucketize in the reference
         ++sub[(i & 3) * nbins + b];
       }
     } else {
       for (int64_t i = 0; i < np; ++i) {
         const float v = rf[i];
         int b;
-        if (!(v >= ef[1])) {
+        if (v != v) {
+          b = static_cast<int>(nb) - 1;  // NaN: the last bin, as torch.bucketize in the reference
+        } else if (!(v >= ef[1])) {
           b = 0;
         } else if (v >= ef[nb - 1]) {
           b = static_cast<int>(nb) - 1;

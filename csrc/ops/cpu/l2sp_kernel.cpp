@@ -49,10 +49,10 @@ at::Tensor l2sp_core(const char* op, at::TensorList params, at::TensorList refs,
                      at::TensorList new_params, double beta, const at::Tensor* scale_t, bool value,
                      std::vector<at::Tensor>* gp, std::vector<at::Tensor>* gn, bool accumulate = false) {
   check_penalty_args(op, params, refs, new_params);
-  std::vector<at::Tensor> P, R, Q;  // contiguous views (copies only for non-contiguous inputs)
-  for (auto& t : params) P.push_back(t.contiguous());
-  for (auto& t : refs) R.push_back(t.contiguous());
-  for (auto& t : new_params) Q.push_back(t.contiguous());
+  std::vector<at::Tensor> P, R, Q;  // dense, refs in their param's layout (copies only where needed)
+  for (auto& t : params) P.push_back(dense(t));
+  for (size_t i = 0; i < refs.size(); ++i) R.push_back(layout_like(refs[i], P[i]));
+  for (auto& t : new_params) Q.push_back(dense(t));
   const std::vector<at::TensorList> lists{P, Q};
   const double scale = scale_t ? scale_t->item<double>() : 1.0;
   if (gp && !accumulate) {
@@ -133,6 +133,7 @@ at::Tensor l2sp_value_and_grad_inplace_cpu(at::TensorList params, at::TensorList
   const char* op = "l2sp_value_and_grad_";
   check_accumulate_args(op, params, grads, "params", "grads");
   check_accumulate_args(op, new_params, new_grads, "new_params", "new_grads");
+  check_disjoint_outputs(op, {{"grads", grads}, {"new_grads", new_grads}});
   std::vector<at::Tensor> gp(grads.begin(), grads.end()), gn(new_grads.begin(), new_grads.end());
   return l2sp_core(op, params, refs, alpha, new_params, beta, nullptr, true, &gp, &gn, true);
 }
@@ -147,9 +148,9 @@ void sgd_l2sp_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLi
                   {"momentum_buffers"}, refs, coeffs);
   std::vector<at::Tensor> G, R;
   for (size_t i = 0; i < params.size(); ++i) {
-    G.push_back(grads[i].contiguous());
+    G.push_back(layout_like(grads[i], params[i]));
     auto r = refs.get(i);
-    R.push_back(r.has_value() ? r->contiguous() : at::Tensor());
+    R.push_back(r.has_value() ? layout_like(*r, params[i]) : at::Tensor());
   }
   const auto items = make_items({params});
   at::parallel_for(0, (int64_t)items.size(), 1, [&](int64_t ib, int64_t ie) {
@@ -184,9 +185,9 @@ void adamw_l2sp_step_cpu(at::TensorList params, at::TensorList grads, at::Tensor
   check_step_args(op, params, grads, {exp_avgs, exp_avg_sqs}, {"exp_avgs", "exp_avg_sqs"}, refs, coeffs);
   std::vector<at::Tensor> G, R;
   for (size_t i = 0; i < params.size(); ++i) {
-    G.push_back(grads[i].contiguous());
+    G.push_back(layout_like(grads[i], params[i]));
     auto r = refs.get(i);
-    R.push_back(r.has_value() ? r->contiguous() : at::Tensor());
+    R.push_back(r.has_value() ? layout_like(*r, params[i]) : at::Tensor());
   }
   const double bc1 = 1.0 - std::pow(beta1, (double)step), bc2s = std::sqrt(1.0 - std::pow(beta2, (double)step));
   const auto items = make_items({params});

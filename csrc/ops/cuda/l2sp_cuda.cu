@@ -151,9 +151,16 @@ at::Tensor penalty_list(const std::vector<at::Tensor>& P, const std::vector<at::
   return total;
 }
 
-std::vector<at::Tensor> contig(at::TensorList ts) {
+std::vector<at::Tensor> dense_list(at::TensorList ts) {
   std::vector<at::Tensor> out;
-  for (auto& t : ts) out.push_back(t.contiguous());
+  for (auto& t : ts) out.push_back(dense(t));
+  return out;
+}
+
+// References in the memory layout of their (dense) parameters: the kernels index both with one flat index.
+std::vector<at::Tensor> refs_like(at::TensorList refs, const std::vector<at::Tensor>& P) {
+  std::vector<at::Tensor> out;
+  for (size_t i = 0; i < refs.size(); ++i) out.push_back(layout_like(refs[i], P[i]));
   return out;
 }
 
@@ -173,7 +180,8 @@ at::Tensor l2sp_penalty_cuda(at::TensorList params, at::TensorList refs, double 
                              double beta) {
   check_penalty_args("l2sp_penalty", params, refs, new_params);
   const c10::cuda::OptionalCUDAGuard guard(params.empty() ? new_params[0].device() : params[0].device());
-  return penalty_value(contig(params), contig(refs), alpha, contig(new_params), beta, nullptr, nullptr);
+  const auto P = dense_list(params);
+  return penalty_value(P, refs_like(refs, P), alpha, dense_list(new_params), beta, nullptr, nullptr);
 }
 
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> l2sp_penalty_backward_cuda(
@@ -181,11 +189,14 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> l2sp_penalty_backwa
     double beta) {
   check_penalty_args("l2sp_penalty_backward", params, refs, new_params);
   const c10::cuda::OptionalCUDAGuard guard(grad.device());
-  // The upstream gradient of a scalar loss is read once on the host; the op is a backward, off the hot path.
-  const double scale = grad.item<double>();
+  // The upstream gradient scales the result on the device: reading it on the host would synchronise.
   std::vector<at::Tensor> gp, gn;
-  penalty_list(contig(params), contig(refs), alpha, &gp, scale, false, grad.device());
-  penalty_list(contig(new_params), {}, beta, &gn, scale, false, grad.device());
+  const auto P = dense_list(params);
+  penalty_list(P, refs_like(refs, P), alpha, &gp, 1.0, false, grad.device());
+  penalty_list(dense_list(new_params), {}, beta, &gn, 1.0, false, grad.device());
+  const at::Tensor s = grad.reshape({});
+  for (auto& g : gp) g.mul_(s.to(g.scalar_type()));
+  for (auto& g : gn) g.mul_(s.to(g.scalar_type()));
   return {gp, gn};
 }
 
@@ -194,7 +205,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> l2sp_va
   check_penalty_args("l2sp_value_and_grad", params, refs, new_params);
   const c10::cuda::OptionalCUDAGuard guard(params.empty() ? new_params[0].device() : params[0].device());
   std::vector<at::Tensor> gp, gn;
-  auto v = penalty_value(contig(params), contig(refs), alpha, contig(new_params), beta, &gp, &gn);
+  const auto P = dense_list(params);
+  auto v = penalty_value(P, refs_like(refs, P), alpha, dense_list(new_params), beta, &gp, &gn);
   return {v, gp, gn};
 }
 
@@ -205,9 +217,11 @@ at::Tensor l2sp_value_and_grad_inplace_cuda(at::TensorList params, at::TensorLis
   check_penalty_args(op, params, refs, new_params);
   check_accumulate_args(op, params, grads, "params", "grads");
   check_accumulate_args(op, new_params, new_grads, "new_params", "new_grads");
+  check_disjoint_outputs(op, {{"grads", grads}, {"new_grads", new_grads}});
   const c10::cuda::OptionalCUDAGuard guard(params.empty() ? new_params[0].device() : params[0].device());
   std::vector<at::Tensor> gp(grads.begin(), grads.end()), gn(new_grads.begin(), new_grads.end());
-  return penalty_value(contig(params), contig(refs), alpha, contig(new_params), beta, &gp, &gn, true);
+  const auto P = dense_list(params);
+  return penalty_value(P, refs_like(refs, P), alpha, dense_list(new_params), beta, &gp, &gn, true);
 }
 
 // operands: 0 p, 1 g, 2 momentum buffer (optional), 3 ref (optional)
@@ -231,11 +245,12 @@ __global__ void sgd_kernel(Meta<4> meta, float lr, float momentum, float dampeni
   }
 }
 
-std::vector<at::Tensor> refs_or_undefined(const c10::List<std::optional<at::Tensor>>& refs) {
+// Each reference in the memory layout of its parameter (the kernels index both with one flat index).
+std::vector<at::Tensor> refs_or_undefined(const c10::List<std::optional<at::Tensor>>& refs, at::TensorList params) {
   std::vector<at::Tensor> out;
   for (size_t i = 0; i < refs.size(); ++i) {
     auto r = refs.get(i);
-    out.push_back(r.has_value() ? r->contiguous() : at::Tensor());
+    out.push_back(r.has_value() ? layout_like(*r, params[i]) : at::Tensor());
   }
   return out;
 }
@@ -250,14 +265,14 @@ void sgd_l2sp_step_cuda(at::TensorList params, at::TensorList grads, at::TensorL
                   refs, coeffs);
   if (params.empty()) return;
   const c10::cuda::OptionalCUDAGuard guard(params[0].device());
-  const auto R = refs_or_undefined(refs);
+  const auto R = refs_or_undefined(refs, params);
   for (auto dt : {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16}) {
     std::vector<std::vector<at::Tensor>> lists(4);
     std::vector<double> cs;
     for (size_t i = 0; i < params.size(); ++i) {
       if (params[i].scalar_type() != dt) continue;
       lists[0].push_back(params[i]);
-      lists[1].push_back(grads[i].contiguous());
+      lists[1].push_back(layout_like(grads[i], params[i]));
       lists[2].push_back(use_buf ? bufs[i] : at::Tensor());
       lists[3].push_back(R[i]);
       cs.push_back(coeffs[i]);
@@ -305,7 +320,7 @@ void adamw_l2sp_step_cuda(at::TensorList params, at::TensorList grads, at::Tenso
                   coeffs);
   if (params.empty()) return;
   const c10::cuda::OptionalCUDAGuard guard(params[0].device());
-  const auto R = refs_or_undefined(refs);
+  const auto R = refs_or_undefined(refs, params);
   const float bc1 = 1.0 - std::pow(beta1, (double)step), bc2s = std::sqrt(1.0 - std::pow(beta2, (double)step));
   for (auto dt : {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16}) {
     std::vector<std::vector<at::Tensor>> lists(5);
@@ -313,7 +328,7 @@ void adamw_l2sp_step_cuda(at::TensorList params, at::TensorList grads, at::Tenso
     for (size_t i = 0; i < params.size(); ++i) {
       if (params[i].scalar_type() != dt) continue;
       lists[0].push_back(params[i]);
-      lists[1].push_back(grads[i].contiguous());
+      lists[1].push_back(layout_like(grads[i], params[i]));
       lists[2].push_back(exp_avgs[i]);
       lists[3].push_back(exp_avg_sqs[i]);
       lists[4].push_back(R[i]);
