@@ -244,3 +244,20 @@ def test_config_file_that_is_not_an_object(tmp_path, capsys, content, msg):
     with pytest.raises(SystemExit):
         train.parse_args(["--config", str(cfg)])
     assert msg in capsys.readouterr().err
+
+
+def test_label_smoothing_and_balanced_class_weights(tmp_path, cache):
+    from tlkernels.data import Split, balanced_class_weights
+    cfg = train.parse_args(["--label_smoothing", "0.1", "--class_weights", "balanced"])
+    labels = torch.tensor([0, 0, 0, 1, 2, 2])
+    ds = torch.utils.data.TensorDataset(torch.zeros(6, 1, 4, 4), labels)
+    opts = train.target_loss_options(cfg, Split(ds, ds, ["a", "b", "c", "d"], 1))
+    torch.testing.assert_close(opts["class_weight"], torch.tensor([0.5, 1.5, 0.75, 0.0]))  # 6 / (4 * count)
+    assert opts["label_smoothing"] == 0.1
+    torch.testing.assert_close(balanced_class_weights(labels, 3), torch.tensor([2 / 3, 2.0, 1.0]))
+    res = run(tmp_path, cache, "--method", "finetune", "--label_smoothing", "0.1", "--class_weights", "balanced")
+    assert res["finetune"][0]["status"] == "done"
+    with pytest.raises(SystemExit):
+        train.parse_args(["--class_weights", "inverse"])
+    with pytest.raises(SystemExit):
+        train.parse_args(["--label_smoothing", "1.5"])

@@ -59,6 +59,7 @@ class _Folder(Dataset):
         self.ds = datasets.ImageFolder(root, transform=transforms.Compose([
             transforms.Resize(size), transforms.CenterCrop(size), transforms.ToTensor()]))
         self.classes = self.ds.classes
+        self.samples, self.transform = self.ds.samples, self.ds.transform  # (path, label) list: labels, fingerprints
 
     def __len__(self):
         return len(self.ds)
@@ -79,3 +80,22 @@ def image_folder(root, size, what):
     if tr.classes != va.classes:
         raise ValueError(f"--{what}: train and val class folders differ: {tr.classes} vs {va.classes}")
     return Split(tr, va, tr.classes, 3)
+
+
+def dataset_labels(ds):
+    """int64 tensor of the class labels of a dataset, without decoding images where the dataset lists them."""
+    if isinstance(ds, torch.utils.data.TensorDataset):
+        return ds.tensors[1].long()
+    if isinstance(ds, torch.utils.data.Subset):
+        return dataset_labels(ds.dataset)[torch.as_tensor(list(ds.indices), dtype=torch.long)]
+    if hasattr(ds, "samples"):
+        return torch.as_tensor([label for _, label in ds.samples], dtype=torch.long)
+    return torch.as_tensor([int(ds[i][1]) for i in range(len(ds))], dtype=torch.long)
+
+
+def balanced_class_weights(labels, n_classes):
+    """n / (n_classes * count_c) per class (scikit-learn's "balanced"): every class weighs the same in the loss.
+    A class absent from the training set gets weight 0 (it has no rows to weigh)."""
+    counts = torch.bincount(labels, minlength=n_classes).double()
+    w = labels.numel() / (n_classes * counts.clamp(min=1))
+    return torch.where(counts > 0, w, torch.zeros_like(w)).float()

@@ -37,7 +37,7 @@ def dataset_fingerprint(dataset):
     elif isinstance(dataset, torch.utils.data.Subset):
         h.update(torch.as_tensor(list(dataset.indices), dtype=torch.long).numpy().tobytes())
         h.update(dataset_fingerprint(dataset.dataset).encode())
-    elif isinstance(dataset, DatasetFolder):
+    elif isinstance(dataset, DatasetFolder) or hasattr(dataset, "samples"):  # an image folder: its file list
         h.update(repr(getattr(dataset, "transform", None)).encode())
         for path, label in dataset.samples:
             st = os.stat(path)

@@ -45,6 +45,8 @@ class Config:
     weight_decay: float = 1e-4     # plain L2 on the weights (0 for the tensors L2-SP penalises)
     l2sp_alpha: float = 0.1        # L2-SP: pull of pre-trained weights toward their start (paper: 0.1)
     l2sp_beta: float = 0.01        # L2-SP: plain L2 on the new head (paper: 0.01)
+    label_smoothing: float = 0.0   # target loss: label smoothing (F.cross_entropy's; timm's recipes use 0.1)
+    class_weights: str = "none"    # target loss: none | balanced (n / (classes * count) per class, imbalanced sets)
     soft_schedule: str = "cosine"  # soft fine-tuning lambda(t): linear | cosine | exponential | step
     soft_lambda0: float = 1.0      # soft fine-tuning: source-loss weight at the start
     selective_k: int = 50          # selective: source neighbours per target image
@@ -98,6 +100,10 @@ def parse_args(argv=None):
         base, _, extra = m.partition("+")
         if base not in METHODS or extra not in ("", "l2sp"):
             ap.error(f"unknown method {m!r}; choose from {', '.join(METHODS)} (optionally with +l2sp)")
+    if cfg.class_weights not in ("none", "balanced"):
+        ap.error(f"--class_weights must be none or balanced, got {cfg.class_weights!r}")
+    if not 0.0 <= cfg.label_smoothing <= 1.0:
+        ap.error(f"--label_smoothing must be in [0, 1], got {cfg.label_smoothing}")
     if cfg.soft_schedule not in ("linear", "cosine", "exponential", "step"):
         ap.error(f"--soft_schedule must be linear, cosine, exponential or step, got {cfg.soft_schedule!r}")
     for name in ("epochs", "eval_every", "batch_size", "selective_k", "selective_bins", "target_per_class", "pretrain_epochs"):
@@ -228,7 +234,16 @@ class Net(nn.Module):
         return self.head(f[:n_target]), self.source_head(f[n_target:])
 
 
-def build(cfg, method, backbone, n_target):
+def target_loss_options(cfg, target):
+    """class_weight and label_smoothing of the target loss (--class_weights, --label_smoothing)."""
+    from tlkernels.data import balanced_class_weights, dataset_labels
+    cw = None
+    if cfg.class_weights == "balanced":
+        cw = balanced_class_weights(dataset_labels(target.train), len(target.classes))
+    return dict(class_weight=cw, label_smoothing=cfg.label_smoothing)
+
+
+def build(cfg, method, backbone, n_target, loss_options):
     import copy
     from tlkernels.methods import AdaFilter, SpotTune
     from tlkernels.nn import L2SP, SoftJointLoss
@@ -249,11 +264,12 @@ def build(cfg, method, backbone, n_target):
     net = Net(trunk, feat, n_target, source_head)
     l2sp = L2SP(net, alpha=cfg.l2sp_alpha, beta=cfg.l2sp_beta, head=new) if "l2sp" in (base, extra) else None
     if base == "soft":
-        objective = SoftJointLoss(cfg.soft_schedule, lambda0=cfg.soft_lambda0, total_steps=1)  # steps set later
-    elif base == "selective":
-        objective = SoftJointLoss("constant", lambda0=0.5, target_weight=0.5)  # L = 1/2 CE_t + 1/2 CE_s
+        objective = SoftJointLoss(cfg.soft_schedule, lambda0=cfg.soft_lambda0, total_steps=1,  # steps set later
+                                  **loss_options)
+    elif base == "selective":  # L = 1/2 CE_t + 1/2 CE_s
+        objective = SoftJointLoss("constant", lambda0=0.5, target_weight=0.5, **loss_options)
     else:
-        objective = SoftJointLoss("constant", lambda0=0.0)
+        objective = SoftJointLoss("constant", lambda0=0.0, **loss_options)
     return net, l2sp, objective
 
 
@@ -344,7 +360,7 @@ def train_method(cfg, method, target, source, backbone, rank, world, log):
     if is_main():
         os.makedirs(out, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    net, l2sp, objective = build(cfg, method, backbone, len(target.classes))
+    net, l2sp, objective = build(cfg, method, backbone, len(target.classes), target_loss_options(cfg, target))
     base = method.partition("+")[0]
     uses_source = base in ("soft", "selective")
     if uses_source and source is None:

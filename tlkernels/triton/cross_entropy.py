@@ -10,45 +10,40 @@ from tlkernels.triton._common import device_of
 
 
 @triton.jit
-def _acc(IS_F64: tl.constexpr):
-    """Accumulator dtype: float64 for float64 logits (F.cross_entropy's precision), else float32."""
-    return tl.float64 if IS_F64 else tl.float32
-
-
-@triton.jit
 def _ce_kernel(x_ptr, x_stride, t_ptr, q_ptr, q_stride, w_ptr, denom_ptr, rows_ptr, g_ptr, g_stride, C,
                ignore_index, scale, SOFT: tl.constexpr, HAS_W: tl.constexpr, MEAN: tl.constexpr,
                COMPUTE_GRAD: tl.constexpr, BLOCK: tl.constexpr, IS_F64: tl.constexpr):
+    # accumulator: float64 for float64 logits (IS_F64: F.cross_entropy's precision), else float32
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * x_stride
-    m = -float("inf")
-    s = 0.0
-    dot = 0.0
-    qsum = 0.0
+    m = tl.full((), -float("inf"), tl.float64 if IS_F64 else tl.float32)  # (loop-carried: one dtype throughout)
+    s = tl.zeros((), tl.float64 if IS_F64 else tl.float32)
+    dot = tl.zeros((), tl.float64 if IS_F64 else tl.float32)
+    qsum = tl.zeros((), tl.float64 if IS_F64 else tl.float32)
     for c0 in range(0, C, BLOCK):
         offs = c0 + tl.arange(0, BLOCK)
         mask = offs < C
-        xv = tl.load(x_row + offs, mask=mask, other=-float("inf")).to(_acc(IS_F64))
+        xv = tl.load(x_row + offs, mask=mask, other=-float("inf")).to(tl.float64 if IS_F64 else tl.float32)
         new_m = tl.maximum(m, tl.max(xv, axis=0))
         # While every logit so far is -inf, shift by 0: exp(-inf - -inf) would be NaN, exp(-inf - 0) is 0.
         shift = tl.where(new_m == -float("inf"), 0.0, new_m)
         s = s * tl.exp(m - shift) + tl.sum(tl.where(mask, tl.exp(xv - shift), 0.0), axis=0)
         m = new_m
         if SOFT:
-            qv = tl.load(q_ptr + row * q_stride + offs, mask=mask, other=0.0).to(_acc(IS_F64))
+            qv = tl.load(q_ptr + row * q_stride + offs, mask=mask, other=0.0).to(tl.float64 if IS_F64 else tl.float32)
             dot += tl.sum(qv * tl.where(mask, xv, 0.0), axis=0)  # masked lanes: 0, not 0 * -inf
             qsum += tl.sum(qv, axis=0)
     lse = m + tl.log(s)
     w = 1.0
     if HAS_W:
-        w = tl.load(w_ptr + row).to(_acc(IS_F64))
+        w = tl.load(w_ptr + row).to(tl.float64 if IS_F64 else tl.float32)
     if SOFT:
         loss = lse * qsum - dot
         y = -1
     else:
         y = tl.load(t_ptr + row)
         ignored = y == ignore_index
-        x_true = tl.load(x_row + tl.where(ignored, 0, y)).to(_acc(IS_F64))  # true-class term in the accumulator dtype
+        x_true = tl.load(x_row + tl.where(ignored, 0, y)).to(tl.float64 if IS_F64 else tl.float32)  # true-class term in the accumulator dtype
         loss = tl.where(ignored, 0.0, lse - x_true)
         w = tl.where(ignored, 0.0, w)
         qsum = 1.0
@@ -61,10 +56,10 @@ def _ce_kernel(x_ptr, x_stride, t_ptr, q_ptr, q_stride, w_ptr, denom_ptr, rows_p
         for c0 in range(0, C, BLOCK):
             offs = c0 + tl.arange(0, BLOCK)
             mask = offs < C
-            xv = tl.load(x_row + offs, mask=mask, other=0.0).to(_acc(IS_F64))
+            xv = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float64 if IS_F64 else tl.float32)
             p = tl.exp(xv - lse)
             if SOFT:
-                qv = tl.load(q_ptr + row * q_stride + offs, mask=mask, other=0.0).to(_acc(IS_F64))
+                qv = tl.load(q_ptr + row * q_stride + offs, mask=mask, other=0.0).to(tl.float64 if IS_F64 else tl.float32)
             else:
                 qv = tl.where(offs == y, 1.0, 0.0)
             tl.store(g_ptr + row * g_stride + offs, (coef * (p * qsum - qv)).to(g_ptr.dtype.element_ty), mask=mask)
