@@ -3,15 +3,25 @@
 gate g: (N,) per image (SpotTune) or (N, C_out) per image and output filter (AdaFilter); g = 1
 selects the fine-tuned filter. `hard=True` uses (g >= 0.5) in the forward pass and passes the
 gradient to g as for the blend (straight-through); all-0/1 gates are detected and get the same
-fast path. Backends: C++ (CPU tensors, csrc/ops/cpu), Triton (CUDA tensors,
-tlkernels/triton/gated_conv2d.py), pure PyTorch (`gated_conv2d_reference`, the oracle).
+fast paths.
+
+Kernels: exact strategies written on ATen ops in C++ (csrc/ops/gated_conv2d_aten.cpp), registered for CPU
+tensors (oneDNN, plus the AVX2 small-map engine) and CUDA tensors (cuDNN): routed (per-image binary gates:
+one convolution's work), blended, grouped, concat and mix. The environment variable TLKERNELS_GATED_CONV
+chooses among them: `auto` (default: measured once per call signature on CPU tensors; routed or concat on
+CUDA tensors), `heuristic` (fixed size rules: the same choice in every process), a strategy name (`routed`,
+`mix`, `blended`, `grouped`, `concat`: forced wherever it applies), `triton` (the Triton implicit GEMM of
+tlkernels/triton/gated_conv2d.py on CUDA tensors, or CPU tensors under TRITON_INTERPRET=1; the default
+nowhere) or `reference` (`gated_conv2d_reference`: two convolutions and a blend, the oracle).
 """
+import os
+
 import torch
 import torch.nn.functional as F
 from torch._prims_common import suggest_memory_format
 
 from tlkernels._extension import use_reference
-from tlkernels.ops._registry import ensure_op, op, register_gpu
+from tlkernels.ops._registry import HAS_C, ensure_op, op, register_gpu
 from tlkernels.ops._utils import check_tensor, fail, pair
 
 OP = "gated_conv2d"
@@ -95,8 +105,26 @@ def _triton_backward(*args):
     return gated_conv2d_backward(*args)
 
 
-register_gpu("gated_conv2d", _triton_forward, _reference_forward)
-register_gpu("gated_conv2d_backward", _triton_backward, _reference_backward)
+# The Triton kernels as ops of their own, which the C++ kernels call under TLKERNELS_GATED_CONV=triton (CUDA
+# tensors; CPU tensors run them in Triton's interpreter). Without the compiled library there is no strategy
+# choice: CUDA tensors then take the Triton kernels when Triton is importable, else the reference.
+for _name, _schema, _impl in (("gated_conv2d_triton", SCHEMA, _triton_forward),
+                              ("gated_conv2d_backward_triton", BACKWARD_SCHEMA, _triton_backward)):
+    ensure_op(_name, _schema.replace(_schema.split("(", 1)[0], _name, 1), _impl)
+if not HAS_C:
+    register_gpu("gated_conv2d", _triton_forward, _reference_forward)
+    register_gpu("gated_conv2d_backward", _triton_backward, _reference_backward)
+
+
+STRATEGIES = ("auto", "heuristic", "routed", "mix", "blended", "grouped", "concat", "triton", "reference")
+
+
+def strategy():
+    """The TLKERNELS_GATED_CONV setting (checked: a typo is an error, not a silent default)."""
+    v = os.environ.get("TLKERNELS_GATED_CONV", "auto").strip().lower() or "auto"
+    if v not in STRATEGIES:
+        fail(OP, f"TLKERNELS_GATED_CONV must be one of {', '.join(STRATEGIES)}, got {v!r}")
+    return v
 
 
 def output_size(input, weight, stride, padding, dilation):
@@ -108,6 +136,7 @@ def output_size(input, weight, stride, padding, dilation):
 
 
 @torch.library.register_fake("tlkernels::gated_conv2d")
+@torch.library.register_fake("tlkernels::gated_conv2d_triton")
 def _fake_forward(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, stride, padding, dilation, groups,
                   hard, save_diff):
     sizes = output_size(input, weight_pre, stride, padding, dilation)
@@ -116,11 +145,13 @@ def _fake_forward(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, stride,
 
 
 @torch.library.register_fake("tlkernels::gated_conv2d_backward")
+@torch.library.register_fake("tlkernels::gated_conv2d_backward_triton")
 def _fake_backward(grad_output, input, weight_pre, weight_ft, gate, bias_pre, bias_ft, diff, stride, padding,
                    dilation, groups, hard, output_mask):
     likes = [input, weight_pre, weight_ft, gate, bias_pre, bias_ft]
-    return tuple(torch.empty_like(t) if m and t is not None else input.new_empty(0)
-                 for t, m in zip(likes, output_mask))
+    # each gradient dense in its tensor's suggested memory format, as every kernel returns it
+    return tuple(t.new_empty(t.shape).contiguous(memory_format=suggest_memory_format(t)) if m and t is not None
+                 else input.new_empty(0) for t, m in zip(likes, output_mask))
 
 
 def _setup_context(ctx, inputs, output):
@@ -144,7 +175,7 @@ torch.library.register_autograd("tlkernels::gated_conv2d", _backward, setup_cont
 
 
 # ----------------------------------------------------------------------------- public API
-SAVE_DIFF_MAX_PIXELS = 100  # = kBlendMinPixels in csrc/ops/cpu/gated_conv2d_kernel.cpp
+SAVE_DIFF_MAX_PIXELS = 100  # = kBlendMinPixels in csrc/ops/gated_conv2d_aten.cpp
 def _resolve_padding(padding, weight, stride, dilation):
     """Returns (symmetric padding, extra right/bottom padding) for int, pair, 'valid' or 'same'."""
     if isinstance(padding, str):
@@ -208,7 +239,7 @@ def gated_conv2d(input, weight_pre, weight_ft, gate, bias_pre=None, bias_ft=None
         if input.shape[d + 2] + 2 * padding[d] < k:
             fail(OP, f"input spatial size {tuple(input.shape[2:])} with padding {padding} is smaller than the "
                      f"dilated kernel size {k}")
-    if use_reference():
+    if use_reference() or strategy() == "reference":
         return gated_conv2d_reference(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, stride, padding,
                                       dilation, groups, hard)
     out_px = 1

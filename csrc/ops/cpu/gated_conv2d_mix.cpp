@@ -1,0 +1,262 @@
+// The CPU small-map engine of the gated convolution (see gated_conv2d_mix.h): im2col / weight packing around
+// the micro-kernels of mixgemm.h.
+#include "ops/cpu/gated_conv2d_mix.h"
+
+#include <ATen/Parallel.h>
+
+#include "ops/cpu/mixgemm.h"
+
+namespace tlkernels {
+namespace gconv {
+namespace mix {
+
+#ifdef TLK_HAVE_AVX2_PATH
+bool applicable(const at::Tensor& x, const ConvArgs& a, int64_t pixels) {
+  return a.groups == 1 && x.scalar_type() == at::kFloat && pixels < kMaxPixels && avx2::available();
+}
+
+namespace {
+
+// (N, C) gates as float32 [N][round_up(C, 16)], zero padded (the GEMM reads whole 16-column panels).
+at::Tensor padded_gates(const at::Tensor& g) {
+  const int64_t N = g.size(0), C = g.size(1);
+  auto out = at::zeros({N, mixgemm::round_up(C, mixgemm::kNR)}, g.options().dtype(at::kFloat));
+  out.narrow(1, 0, C).copy_(g);
+  return out;
+}
+
+struct Geometry {
+  int64_t H, W, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw;
+  Geometry(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, const ConvArgs& a)
+      : H(x.size(2)), W(x.size(3)), KH(w.size(2)), KW(w.size(3)), OH(y.size(2)), OW(y.size(3)),
+        sh(a.stride[0]), sw(a.stride[1]), ph(a.padding[0]), pw(a.padding[1]), dh(a.dilation[0]),
+        dw(a.dilation[1]) {}
+};
+
+// Visits the output pixels of kernel tap (kh, kw) in order: f(p, input offset or -1 when in the padding).
+template <class F>
+inline void for_each_tap_pixel(const Geometry& q, int64_t kh, int64_t kw, int64_t sH, int64_t sW, const F& f) {
+  int64_t p = 0;
+  for (int64_t oh = 0; oh < q.OH; ++oh) {
+    const int64_t ih = oh * q.sh - q.ph + kh * q.dh;
+    const bool hv = ih >= 0 && ih < q.H;
+    for (int64_t ow = 0; ow < q.OW; ++ow, ++p) {
+      const int64_t iw = ow * q.sw - q.pw + kw * q.dw;
+      f(p, hv && iw >= 0 && iw < q.W ? ih * sH + iw * sW : -1);
+    }
+  }
+}
+
+// Row k = (ci, kh, kw) of image n's im2col matrix ([K][P], P = OH*OW), written to dst: per output row a
+// strided copy of one input row between the zero borders (the valid ow range is computed once per row).
+inline void im2col_row(const Geometry& q, const float* xn, int64_t xC, int64_t xH, int64_t xW, int64_t k,
+                       float* dst) {
+  const int64_t taps = q.KH * q.KW, kh = (k % taps) / q.KW, kw = k % q.KW;
+  const float* xc = xn + (k / taps) * xC;
+  const int64_t off = kw * q.dw - q.pw;  // iw = ow * sw + off
+  const int64_t lo = std::min(q.OW, off >= 0 ? int64_t(0) : (-off + q.sw - 1) / q.sw);
+  const int64_t hi = std::max(lo, std::min(q.OW, q.W - 1 - off < 0 ? int64_t(0) : (q.W - 1 - off) / q.sw + 1));
+  const int64_t step = q.sw * xW;
+  for (int64_t oh = 0; oh < q.OH; ++oh, dst += q.OW) {
+    const int64_t ih = oh * q.sh - q.ph + kh * q.dh;
+    if (ih < 0 || ih >= q.H) {
+      std::fill(dst, dst + q.OW, 0.f);
+      continue;
+    }
+    std::fill(dst, dst + lo, 0.f);
+    const float* src = xc + ih * xH + (lo * q.sw + off) * xW;
+    if (step == 1) {
+      for (int64_t i = 0, e = hi - lo; i < e; ++i) dst[lo + i] = src[i];  // rows of 4-28: a call to memmove cost more
+    } else {
+      for (int64_t ow = lo; ow < hi; ++ow, src += step) dst[ow] = *src;
+    }
+    std::fill(dst + hi, dst + q.OW, 0.f);
+  }
+}
+
+// Weight (C, ...) as [ceil(C/16)][K][16]: the forward's B panels, zero padded past C. Each task reads
+// 16 rows in step (16 cache lines, each used for 16 consecutive k) and writes its panel contiguously;
+// torch's transpose + contiguous took 5 ms for a 512 x 4608 weight, this well under 1 ms.
+at::Tensor weight_panels(const at::Tensor& w) {
+  const int64_t C = w.size(0), K = w.numel() / C, Cp = mixgemm::round_up(C, mixgemm::kNR);
+  const at::Tensor wc = w.contiguous();
+  at::Tensor out = at::empty({Cp / 16, K, 16}, w.options());
+  const float* src = wc.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  at::parallel_for(0, Cp / 16, 1, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t rows = std::min<int64_t>(16, C - 16 * j);
+      float* d = dst + j * K * 16;
+      const float* s0 = src + 16 * j * K;
+      for (int64_t k = 0; k < K; ++k, d += 16) {
+        int64_t l = 0;
+        for (; l < rows; ++l) d[l] = s0[l * K + k];
+        for (; l < 16; ++l) d[l] = 0.f;
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+void forward(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf, const at::Tensor& g,
+             const c10::optional<at::Tensor>& bp, const c10::optional<at::Tensor>& bf, const ConvArgs& a,
+             at::Tensor& out, bool binary) {
+  const int64_t N = x.size(0), C = wp.size(0), K = wp.numel() / C;
+  const Geometry q(x, wp, out, a);
+  const int64_t P = q.OH * q.OW;
+  const at::Tensor G = padded_gates(g);
+  const bool any_bias = has(bp) || has(bf);
+  at::Tensor b0, b1;
+  if (any_bias) {
+    b0 = bias_or_zeros(bp, wp).contiguous();
+    b1 = bias_or_zeros(bf, wp).contiguous();
+  }
+  const float* X = x.data_ptr<float>();
+  const int64_t xN = x.stride(0), xC = x.stride(1), xH = x.stride(2), xW = x.stride(3);
+  float* Y = out.data_ptr<float>();
+  const int64_t yN = out.stride(0), yC = out.stride(1), yH = out.stride(2), yW = out.stride(3);
+  const float* Gd = G.data_ptr<float>();
+  const int64_t Gld = G.size(1);
+  // A 1x1 stride-1 unpadded conv on an NCHW image is its own im2col matrix: the GEMM reads x in place
+  // (unless an engine wants rows padded past P: lda > P).
+  const bool direct = q.KH == 1 && q.KW == 1 && q.sh == 1 && q.sw == 1 && q.ph == 0 && q.pw == 0 &&
+                      xW == 1 && xH == q.W && xC >= P;
+  auto pack = [&](int64_t n, int64_t k0, int64_t kb, float* buf, int64_t& lda) -> const float* {
+    const float* xn = X + n * xN;
+    if (direct && lda == P) {
+      lda = xC;
+      return xn + k0 * xC;
+    }
+    for (int64_t kk = 0; kk < kb; ++kk) im2col_row(q, xn, xC, xH, xW, k0 + kk, buf + kk * lda);
+    return buf;
+  };
+  auto bias_of = [&](const float* gn, int64_t c) {
+    return any_bias ? (1.f - gn[c]) * b0.data_ptr<float>()[c] + gn[c] * b1.data_ptr<float>()[c] : 0.f;
+  };
+  // Hard gates on 4x4 maps: row selection instead of a weight blend (see run_hard_rows). Only where one
+  // 16-pixel tile holds the whole map: then an image's kc x 16 block of A sits in L1. Measured at 14x14
+  // (13 tiles, A streamed from L2 per tile) the blend engine was 10-15% faster; 7x7 would waste 30%.
+  if (binary && (P == 15 || P == 16)) {
+    const at::Tensor wpc = wp.contiguous(), wfc = wf.contiguous();
+    mixgemm::run_hard_rows(N, P, K, C, wpc.data_ptr<float>(), wfc.data_ptr<float>(), Gd, Gld, pack,
+                           [&](int64_t n, const float* Cb, int64_t ldc) {
+                             const float* gn = Gd + n * Gld;
+                             for (int64_t c = 0; c < C; ++c) {
+                               const float bias = bias_of(gn, c);
+                               const float* src = Cb + c * ldc;
+                               float* yc = Y + n * yN + c * yC;
+                               for (int64_t oh = 0; oh < q.OH; ++oh, src += q.OW)
+                                 for (int64_t ow = 0; ow < q.OW; ++ow) yc[oh * yH + ow * yW] = src[ow] + bias;
+                             }
+                           });
+    return;
+  }
+  const at::Tensor Wp = weight_panels(wp), Wf = weight_panels(wf);
+  const mixgemm::BSource src{Wp.data_ptr<float>(), Wf.data_ptr<float>(), K * mixgemm::kNR, mixgemm::kNR};
+  auto consume = [&](int64_t n, const float* Cb) {
+    const int64_t Mp = G.size(1);
+    const float* gn = Gd + n * Gld;
+    for (int64_t c = 0; c < C; ++c) {
+      const float bias = bias_of(gn, c);
+      float* yc = Y + n * yN + c * yC;
+      int64_t p = 0;
+      for (int64_t oh = 0; oh < q.OH; ++oh)
+        for (int64_t ow = 0; ow < q.OW; ++ow, ++p) yc[oh * yH + ow * yW] = Cb[p * Mp + c] + bias;
+    }
+  };
+  mixgemm::run(N, P, K, C, src, Gd, Gld, true, pack, consume);
+}
+
+// dx of the gated convolution: dx_n = conv_transpose(dy_n, (1-g_n) Wp + g_n Wf), one GEMM per image
+// (rows: pixels, contraction: output channels, columns: the K = C_in*kH*kW taps), then col2im.
+at::Tensor input_grad(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf,
+                      const at::Tensor& g, const ConvArgs& a) {
+  const int64_t N = x.size(0), C = wp.size(0), K = wp.numel() / C;
+  const Geometry q(x, wp, dy, a);
+  const int64_t P = q.OH * q.OW, taps = q.KH * q.KW;
+  const at::Tensor G = padded_gates(g), wpc = wp.contiguous(), wfc = wf.contiguous();
+  const mixgemm::BSource src{wpc.data_ptr<float>(), wfc.data_ptr<float>(), mixgemm::kNR, K};
+  at::Tensor dx = at::zeros(x.sizes(), x.options().memory_format(x.suggest_memory_format()));
+  const float* D = dy.data_ptr<float>();
+  const int64_t dN = dy.stride(0), dC = dy.stride(1), dH = dy.stride(2), dW = dy.stride(3);
+  float* X = dx.data_ptr<float>();
+  const int64_t xN = dx.stride(0), xC = dx.stride(1), xH = dx.stride(2), xW = dx.stride(3);
+  const bool direct = dW == 1 && dH == q.OW && dC >= P;  // NCHW dy is A as it is
+  auto pack = [&](int64_t n, int64_t k0, int64_t kb, float* buf, int64_t& lda) -> const float* {
+    const float* dn = D + n * dN;
+    if (direct && lda == P) {
+      lda = dC;
+      return dn + k0 * dC;
+    }
+    for (int64_t kk = 0; kk < kb; ++kk) {
+      const float* dc = dn + (k0 + kk) * dC;
+      float* d = buf + kk * lda;
+      for (int64_t oh = 0; oh < q.OH; ++oh)
+        for (int64_t ow = 0; ow < q.OW; ++ow) *d++ = dc[oh * dH + ow * dW];
+    }
+    return buf;
+  };
+  auto consume = [&](int64_t n, const float* Cb) {
+    const int64_t Kp = mixgemm::round_up(K, mixgemm::kNR);
+    float* xn = X + n * xN;
+    for (int64_t k = 0; k < K; ++k) {
+      float* xc = xn + (k / taps) * xC;
+      for_each_tap_pixel(q, (k % taps) / q.KW, k % q.KW, xH, xW, [&](int64_t p, int64_t off) {
+        if (off >= 0) xc[off] += Cb[p * Kp + k];
+      });
+    }
+  };
+  mixgemm::run(N, P, C, K, src, G.data_ptr<float>(), G.size(1), false, pack, consume);
+  return dx;
+}
+
+// dWp, dWf (as asked) and the weight part of dL/dg in one pass: mixgemm::run_wgrad.
+void weight_grads(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf,
+                  const at::Tensor& g, const ConvArgs& a, bool need_wp, bool need_wf, at::Tensor& dwp,
+                  at::Tensor& dwf, at::Tensor& dg) {
+  const int64_t N = x.size(0), C = wp.size(0), K = wp.numel() / C;
+  const Geometry q(x, wp, dy, a);
+  const int64_t P = q.OH * q.OW;
+  const at::Tensor G = padded_gates(g), dW = (wf - wp).contiguous();
+  const at::Tensor dyc = dy.contiguous();  // [n][c][p] rows (dy arrives channels_last for such inputs)
+  if (need_wp) dwp = at::zeros_like(wp, at::MemoryFormat::Contiguous);
+  if (need_wf) dwf = at::zeros_like(wf, at::MemoryFormat::Contiguous);
+  dg = at::zeros({N, C}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  const float* D = dyc.data_ptr<float>();
+  const float* X = x.data_ptr<float>();
+  const int64_t xN = x.stride(0), xC = x.stride(1), xH = x.stride(2), xW = x.stride(3);
+  const bool direct = q.KH == 1 && q.KW == 1 && q.sh == 1 && q.sw == 1 && q.ph == 0 && q.pw == 0 &&
+                      xW == 1 && xH == q.W && xC >= P;
+  mixgemm::run_wgrad(
+      N, P, C, K, G.data_ptr<float>(), G.size(1), dW.data_ptr<float>(), need_wf ? dwf.data_ptr<float>() : nullptr,
+      need_wp ? dwp.data_ptr<float>() : nullptr, dg.data_ptr<float>(),
+      [&](int64_t n, int64_t c) { return D + (n * C + c) * P; },
+      [&](int64_t n, int64_t k, float* buf) -> const float* {
+        const float* xn = X + n * xN;
+        if (direct) return xn + k * xC;
+        im2col_row(q, xn, xC, xH, xW, k, buf);
+        return buf;
+      });
+}
+#else
+bool applicable(const at::Tensor&, const ConvArgs&, int64_t) { return false; }
+void weight_grads(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                  const at::Tensor&, const ConvArgs&, bool, bool, at::Tensor&, at::Tensor&, at::Tensor&) {
+  TORCH_CHECK(false, "gated_conv2d: internal error: AVX2 path unavailable");
+}
+void forward(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+             const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, const ConvArgs&, at::Tensor&,
+             bool) {
+  TORCH_CHECK(false, "gated_conv2d: internal error: AVX2 path unavailable");
+}
+at::Tensor input_grad(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                      const at::Tensor&, const ConvArgs&) {
+  TORCH_CHECK(false, "gated_conv2d: internal error: AVX2 path unavailable");
+}
+#endif
+
+}  // namespace mix
+}  // namespace gconv
+}  // namespace tlkernels

@@ -1,0 +1,32 @@
+#pragma once
+// The CPU small-map engine of the gated convolution: our per-image gated GEMM (mixgemm.h, AVX2 + FMA,
+// float32, groups == 1). Each image's 16-filter weight panel is blended in L1 inside the GEMM loop (or, hard
+// gates on 4x4 maps, weight rows are selected): one convolution's FLOPs, no per-image library calls.
+#include <ATen/ATen.h>
+
+#include "ops/gated_conv2d_common.h"
+
+namespace tlkernels {
+namespace gconv {
+namespace mix {
+
+// Maps of at most this many output pixels are candidates (the engine lost to oneDNN's batched paths above).
+constexpr int64_t kMaxPixels = 1024;
+
+// The engine can run this call (float32, groups == 1, small map, a CPU with AVX2 + FMA).
+bool applicable(const at::Tensor& x, const ConvArgs& a, int64_t pixels);
+// out = gated conv with effective (N, C_out) gates g; `binary`: every gate is 0 or 1.
+void forward(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf, const at::Tensor& g,
+             const c10::optional<at::Tensor>& bp, const c10::optional<at::Tensor>& bf, const ConvArgs& a,
+             at::Tensor& out, bool binary);
+// dx = conv_transpose(dy_n, (1 - g_n) Wp + g_n Wf) per image.
+at::Tensor input_grad(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf,
+                      const at::Tensor& g, const ConvArgs& a);
+// dWp, dWf (as asked) and the weight part of dL/dg in one pass.
+void weight_grads(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf,
+                  const at::Tensor& g, const ConvArgs& a, bool need_wp, bool need_wf, at::Tensor& dwp,
+                  at::Tensor& dwf, at::Tensor& dg);
+
+}  // namespace mix
+}  // namespace gconv
+}  // namespace tlkernels

@@ -1,0 +1,567 @@
+// The gated convolution's exact strategies, written on ATen ops so that one code runs oneDNN on CPU tensors and
+// cuDNN on CUDA tensors (registered for both dispatch keys below; this file needs no nvcc), and the choice
+// among them.
+//
+// y = (1-g)*conv(x,Wp) + g*conv(x,Wf) is linear in the weights, so several exact strategies exist:
+//  forward
+//   * routed  - per-image binary gates ((N,), or (N, C_out) rows all 0 or all 1): split the batch by gate,
+//               one weight set per part: exactly one convolution's work.
+//   * mix     - CPU, float32, groups == 1, small maps, AVX2 + FMA: our per-image gated GEMM
+//               (cpu/gated_conv2d_mix.h): one conv's FLOPs, no per-image library calls.
+//   * blended - per image blend the weights (C_out*K values, tiny next to the conv) and run one conv on that
+//               image. One conv's FLOPs, N library calls.
+//   * grouped - the batch folded into groups with per-image blended weights: one grouped conv call.
+//   * concat  - one conv over [Wp; Wf] (x read once, one large GEMM) and a fused lerp epilogue. Two convs'
+//               FLOPs at full GEMM efficiency; returns diff = y_f - y_p for free (dL/dg then needs no conv).
+//  backward
+//   * routed  - one convolution backward per part.
+//   * grouped - one grouped conv backward yields dx and the per-image weight gradients dW_b, from which
+//               dWf = sum_b g_b dW_b, dWp = sum_b (1-g_b) dW_b and dg_b = <dW_b, Wf - Wp> follow by small
+//               contractions: a training step with gate gradient costs 3 conv-equivalents.
+//   * blended - per-image dx with blended weights, one batched weight gradient on g*dy.
+//   * mix     - dx and (with a gate gradient) dWf, dWp, dL/dg from the small-map engine.
+//   * concat  - dx from one conv-transpose over [Wp; Wf] with ((1-g)dy, g dy).
+// Choice (TLKERNELS_GATED_CONV): `auto` measures the applicable strategies once per call signature (shape,
+// dtype, layout, gate kind, gradient mask, threads) on CPU tensors and keeps the fastest for the process,
+// as cuDNN's benchmark mode does; on CUDA tensors it takes routed for per-image binary gates and concat
+// otherwise (timing would synchronise the stream). `heuristic` takes the fixed size rules below (the same
+// strategy in every process). A strategy name forces that strategy wherever it applies (otherwise the
+// automatic choice runs); `triton` sends CUDA tensors (and CPU tensors under TRITON_INTERPRET=1) to the
+// Triton kernels; `reference` (two convolutions and a blend) is taken by the Python front end.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <array>
+#include <chrono>
+#include <cstdlib>
+#include <mutex>
+#include <sstream>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "ops/cpu/gated_conv2d_mix.h"
+#include "ops/gated_conv2d.h"
+#include "ops/gated_conv2d_common.h"
+
+namespace tlkernels {
+namespace gconv {
+namespace {
+
+// Heuristic rules (the `heuristic` setting; measured on 2 CPU cores with oneDNN, N=32):
+// below this many output pixels per image, per-image conv calls cost more than the FLOPs they save.
+constexpr int64_t kBlendMinPixels = 100;
+// From this many output pixels up, oneDNN's grouped conv (batch folded into groups) is efficient.
+constexpr int64_t kGroupedMinPixels = 784;
+
+// Effective forward gate, shape (N, C_out), dtype of the input. Hard gates are rounded (g >= 0.5); a NaN
+// gate stays NaN, so its outputs are NaN as in the blend formula of the reference.
+at::Tensor effective_gate(const at::Tensor& gate, int64_t C_out, bool hard) {
+  at::Tensor g = hard ? at::where(at::isnan(gate), gate, gate.ge(0.5).to(gate.scalar_type())) : gate;
+  if (g.dim() == 1) g = g.unsqueeze(1).expand({g.size(0), C_out});
+  return g.contiguous();
+}
+
+// True when every forward gate value is 0 or 1 (the routed and row-selecting paths need that); a hard gate
+// holding a NaN is not binary: it takes a blending path, which propagates the NaN.
+bool gate_is_binary(const at::Tensor& gate, bool hard) {
+  if (gate.numel() == 0) return true;
+  if (hard) return !at::isnan(gate).any().item<bool>();
+  return at::logical_or(gate.eq(0), gate.eq(1)).all().item<bool>();
+}
+
+// [Wp; Wf] arranged so that each group's output channels stay contiguous:
+// (G, C_out/G, ...) x 2 -> (G, 2, C_out/G, ...) -> (2*C_out, ...).
+at::Tensor concat_per_group(const at::Tensor& p, const at::Tensor& f, int64_t groups) {
+  auto sp = p.sizes().vec();
+  std::vector<int64_t> v{groups, 1, p.size(0) / groups};
+  v.insert(v.end(), sp.begin() + 1, sp.end());
+  auto out = at::cat({p.reshape(v), f.reshape(v)}, 1);
+  sp[0] *= 2;
+  return out.reshape(sp);
+}
+
+void routed_parts(const at::Tensor& g1d, at::Tensor& idx0, at::Tensor& idx1) {
+  auto sel = g1d.ge(0.5);
+  idx1 = at::nonzero(sel).squeeze(1);
+  idx0 = at::nonzero(sel.logical_not()).squeeze(1);
+}
+
+// Per-image blended weights (N*C_out, C_in/G, kH, kW) for the grouped formulation.
+at::Tensor blended_weights(const at::Tensor& wp, const at::Tensor& wf, const at::Tensor& g) {
+  const int64_t N = g.size(0), C = wp.size(0);
+  auto w = at::addcmul(wp.unsqueeze(0), g.view({N, C, 1, 1, 1}), (wf - wp).unsqueeze(0));
+  return w.view({N * C, wp.size(1), wp.size(2), wp.size(3)});
+}
+
+void forward_routed(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf, const at::Tensor& gate,
+                    const c10::optional<at::Tensor>& bp, const c10::optional<at::Tensor>& bf, const ConvArgs& a,
+                    at::Tensor& out) {
+  at::Tensor idx0, idx1;
+  routed_parts(gate, idx0, idx1);
+  if (idx1.numel() == x.size(0)) { out.copy_(conv(x, wf, bf, a)); return; }
+  if (idx0.numel() == x.size(0)) { out.copy_(conv(x, wp, bp, a)); return; }
+  out.index_copy_(0, idx0, conv(x.index_select(0, idx0), wp, bp, a));
+  out.index_copy_(0, idx1, conv(x.index_select(0, idx1), wf, bf, a));
+}
+
+void forward_blended(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf, const at::Tensor& g,
+                     const c10::optional<at::Tensor>& bp, const c10::optional<at::Tensor>& bf, const ConvArgs& a,
+                     at::Tensor& out) {
+  const bool any_bias = has(bp) || has(bf);
+  at::Tensor b0, db, bb;
+  if (any_bias) {
+    b0 = bias_or_zeros(bp, wp);
+    db = bias_or_zeros(bf, wp) - b0;
+    bb = at::empty_like(b0);
+  }
+  const at::Tensor dw = wf - wp;
+  at::Tensor wb = at::empty_like(wp);
+  for (int64_t b = 0; b < x.size(0); ++b) {
+    at::addcmul_out(wb, wp, g[b].view({wp.size(0), 1, 1, 1}), dw);
+    c10::optional<at::Tensor> bias;
+    if (any_bias) bias = at::addcmul_out(bb, b0, g[b], db);
+    out[b].copy_(conv(x.narrow(0, b, 1), wb, bias, a)[0]);
+  }
+}
+
+void forward_concat(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf, const at::Tensor& g,
+                    const c10::optional<at::Tensor>& bp, const c10::optional<at::Tensor>& bf, const ConvArgs& a,
+                    at::Tensor& out, at::Tensor* diff) {
+  const int64_t G = a.groups, C = wp.size(0), N = x.size(0);
+  c10::optional<at::Tensor> bias;
+  if (has(bp) || has(bf)) bias = concat_per_group(bias_or_zeros(bp, wp), bias_or_zeros(bf, wp), G);
+  auto y = conv(x, concat_per_group(wp, wf, G), bias, a);
+  y = y.view({N, G, 2, C / G, y.size(2), y.size(3)});
+  auto outv = out.view({N, G, C / G, out.size(2), out.size(3)});
+  at::lerp_out(outv, y.select(2, 0), y.select(2, 1), g.view({N, G, C / G, 1, 1}));
+  if (diff) {
+    *diff = at::empty_like(out);
+    auto dv = diff->view({N, G, C / G, out.size(2), out.size(3)});
+    at::sub_out(dv, y.select(2, 1), y.select(2, 0));
+  }
+}
+
+using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// Batched dot product over pixels: out[b, c] = sum_hw u[b, c] * v[b, c] (BLAS, no elementwise temporary).
+at::Tensor pixel_dot(const at::Tensor& u, const at::Tensor& v) {
+  const int64_t N = u.size(0), C = u.size(1), P = u.size(2) * u.size(3);
+  return at::bmm(u.contiguous().view({N * C, 1, P}), v.contiguous().view({N * C, P, 1})).view({N, C});
+}
+
+// The bias part of dL/dg: sum_hw dy * (bf - bp).
+at::Tensor gate_grad_bias(const at::Tensor& dy_sum, const c10::optional<at::Tensor>& bp,
+                          const c10::optional<at::Tensor>& bf, const at::Tensor& wp) {
+  return dy_sum * (bias_or_zeros(bf, wp) - bias_or_zeros(bp, wp)).unsqueeze(0);
+}
+
+// `gate` (N,) holds each image's binary gate; per_filter: the op's gate was (N, C_out) with equal rows, so
+// dL/dg stays per filter.
+Grads backward_routed(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf,
+                      const at::Tensor& gate, const c10::optional<at::Tensor>& bp,
+                      const c10::optional<at::Tensor>& bf, const ConvArgs& a, const std::array<bool, 6>& m,
+                      bool per_filter) {
+  at::Tensor idx0, idx1;
+  routed_parts(gate, idx0, idx1);
+  at::Tensor dx = m[0] ? at::zeros_like(x) : at::Tensor();
+  at::Tensor dW[2] = {at::zeros_like(wp), at::zeros_like(wf)};
+  at::Tensor dB[2] = {at::zeros({wp.size(0)}, wp.options()), at::zeros({wp.size(0)}, wp.options())};
+  const at::Tensor* W[2] = {&wp, &wf};
+  const at::Tensor* idx[2] = {&idx0, &idx1};
+  const bool need_w[2] = {m[1], m[2]}, need_b[2] = {m[4], m[5]};
+  for (int s = 0; s < 2; ++s) {
+    const int64_t n = idx[s]->numel();
+    if (n == 0 || !(m[0] || need_w[s] || need_b[s])) continue;
+    const bool all = n == x.size(0);
+    at::Tensor xs = all ? x : x.index_select(0, *idx[s]);
+    at::Tensor dys = all ? dy : dy.index_select(0, *idx[s]);
+    auto r = at::convolution_backward(dys, xs, *W[s], c10::nullopt, a.stride, a.padding, a.dilation, false,
+                                      {0, 0}, a.groups, {m[0], need_w[s], false});
+    if (m[0]) {
+      if (all) dx = std::get<0>(r);
+      else dx.index_copy_(0, *idx[s], std::get<0>(r));
+    }
+    if (need_w[s]) dW[s] = std::get<1>(r);
+    if (need_b[s]) dB[s] = dys.sum({0, 2, 3});
+  }
+  at::Tensor dg;
+  if (m[3]) {  // one conv with Wf - Wp; both branch outputs are never materialised
+    c10::optional<at::Tensor> db;
+    if (has(bp) || has(bf)) db = bias_or_zeros(bf, wp) - bias_or_zeros(bp, wp);
+    dg = pixel_dot(dy, conv(x, wf - wp, db, a));
+    if (!per_filter) dg = dg.sum(1);
+  }
+  return {dx, dW[0], dW[1], dg, dB[0], dB[1]};
+}
+
+Grads backward_grouped(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf,
+                       const at::Tensor& g, const ConvArgs& a, const std::array<bool, 6>& m) {
+  const int64_t N = x.size(0), C = wp.size(0), K = wp.numel() / C;
+  const bool need_dwb = m[1] || m[2] || m[3];
+  auto xg = x.contiguous().view({1, N * x.size(1), x.size(2), x.size(3)});
+  auto dyg = dy.contiguous().view({1, N * C, dy.size(2), dy.size(3)});
+  auto r = at::convolution_backward(dyg, xg, blended_weights(wp, wf, g), c10::nullopt, a.stride, a.padding,
+                                    a.dilation, false, {0, 0}, N * a.groups, {m[0], need_dwb, false});
+  at::Tensor dx, dwp, dwf, dg;
+  if (m[0]) dx = std::get<0>(r).view(x.sizes()).contiguous(x.suggest_memory_format());
+  if (need_dwb) {
+    const at::Tensor dwb = std::get<1>(r).view({N, C, K});  // per-image weight gradients
+    if (m[2]) dwf = at::einsum("nc,nck->ck", {g, dwb}).view(wf.sizes());
+    if (m[1]) dwp = at::einsum("nc,nck->ck", {1 - g, dwb}).view(wp.sizes());
+    if (m[3]) dg = at::einsum("nck,ck->nc", {dwb, (wf - wp).view({C, K})});
+  }
+  return {dx, dwp, dwf, dg, at::Tensor(), at::Tensor()};
+}
+
+Grads backward_general(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf,
+                       const at::Tensor& g, const c10::optional<at::Tensor>& bp,
+                       const c10::optional<at::Tensor>& bf, const at::Tensor& diff, const ConvArgs& a,
+                       const std::array<bool, 6>& m, bool blended, bool mix, bool wmix) {
+  const int64_t N = x.size(0), C = wp.size(0), G = a.groups;
+  at::Tensor dx, dwp, dwf, dg;
+  if (wmix) mix::weight_grads(dy, x, wp, wf, g, a, m[1], m[2], dwp, dwf, dg);  // dg without its bias part
+  if (m[0] && mix) {
+    dx = mix::input_grad(dy, x, wp, wf, g, a);
+  } else if (m[0] && blended) {
+    dx = at::empty_like(x);
+    const at::Tensor dw = wf - wp;
+    at::Tensor wb = at::empty_like(wp);
+    for (int64_t b = 0; b < N; ++b) {
+      at::addcmul_out(wb, wp, g[b].view({C, 1, 1, 1}), dw);
+      auto r = at::convolution_backward(dy.narrow(0, b, 1), x.narrow(0, b, 1), wb, c10::nullopt, a.stride,
+                                        a.padding, a.dilation, false, {0, 0}, G, {true, false, false});
+      dx[b].copy_(std::get<0>(r)[0]);
+    }
+  }
+  const bool both_w = !wmix && m[1] && m[2], dx_concat = m[0] && !blended && !mix;
+  if (dx_concat || both_w) {
+    // ((1-g) dy, g dy) interleaved per group: the output gradient of the concatenated conv.
+    auto dyv = dy.reshape({N, G, 1, C / G, dy.size(2), dy.size(3)});
+    auto gv = g.view({N, G, 1, C / G, 1, 1});
+    auto dyc = (dyv * at::cat({1 - gv, gv}, 2)).reshape({N, 2 * C, dy.size(2), dy.size(3)});
+    auto r = at::convolution_backward(dyc, x, concat_per_group(wp, wf, G), c10::nullopt, a.stride, a.padding,
+                                      a.dilation, false, {0, 0}, G, {dx_concat, both_w, false});
+    if (dx_concat) dx = std::get<0>(r);
+    if (both_w) {
+      auto dwc = std::get<1>(r).view({G, 2, C / G, wp.size(1), wp.size(2), wp.size(3)});
+      dwp = dwc.select(1, 0).reshape(wp.sizes());
+      dwf = dwc.select(1, 1).reshape(wf.sizes());
+    }
+  }
+  if (!wmix && !both_w && (m[1] || m[2])) {
+    const at::Tensor g4 = g.view({N, C, 1, 1});
+    auto r = at::convolution_backward(m[2] ? dy * g4 : dy * (1 - g4), x, m[2] ? wf : wp, c10::nullopt, a.stride,
+                                      a.padding, a.dilation, false, {0, 0}, G, {false, true, false});
+    (m[2] ? dwf : dwp) = std::get<1>(r);
+  }
+  if (m[3] && !wmix) {
+    if (diff.numel() == dy.numel()) {
+      dg = pixel_dot(dy, diff);  // diff saved by the forward already holds the bias difference
+    } else {
+      c10::optional<at::Tensor> db;
+      if (has(bp) || has(bf)) db = bias_or_zeros(bf, wp) - bias_or_zeros(bp, wp);
+      dg = pixel_dot(dy, conv(x, wf - wp, db, a));
+    }
+  }
+  return {dx, dwp, dwf, dg, at::Tensor(), at::Tensor()};
+}
+
+
+// Forward with the batch folded into groups: one grouped conv over per-image blended weights.
+void forward_grouped(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf, const at::Tensor& g,
+                     const c10::optional<at::Tensor>& bp, const c10::optional<at::Tensor>& bf, const ConvArgs& a,
+                     at::Tensor& out) {
+  const int64_t N = x.size(0), C = wp.size(0);
+  c10::optional<at::Tensor> bias;
+  if (has(bp) || has(bf)) {
+    const at::Tensor b0 = bias_or_zeros(bp, wp);
+    bias = at::addcmul(b0.unsqueeze(0), g, (bias_or_zeros(bf, wp) - b0).unsqueeze(0)).reshape({N * C});
+  }
+  auto y = conv(x.contiguous().view({1, N * x.size(1), x.size(2), x.size(3)}), blended_weights(wp, wf, g), bias, a,
+                N * a.groups);
+  out.copy_(y.view({N, C, y.size(2), y.size(3)}));
+}
+
+enum class Strategy { Routed, Mix, Blended, Grouped, Concat };
+constexpr const char* kNames[] = {"routed", "mix", "blended", "grouped", "concat"};
+
+struct Setting {
+  enum Mode { Auto, Heuristic, Forced, Triton } mode = Auto;
+  Strategy forced = Strategy::Concat;
+};
+
+Setting setting() {
+  const char* env = std::getenv("TLKERNELS_GATED_CONV");
+  const std::string v = env ? env : "";
+  Setting s;
+  if (v.empty() || v == "auto" || v == "reference") return s;  // (reference: taken by the Python front end)
+  if (v == "heuristic") {
+    s.mode = Setting::Heuristic;
+    return s;
+  }
+  if (v == "triton") {
+    s.mode = Setting::Triton;
+    return s;
+  }
+  for (int i = 0; i < 5; ++i)
+    if (v == kNames[i]) {
+      s.mode = Setting::Forced;
+      s.forced = static_cast<Strategy>(i);
+      return s;
+    }
+  TORCH_CHECK(false, "gated_conv2d: TLKERNELS_GATED_CONV must be one of auto, heuristic, routed, mix, blended, "
+              "grouped, concat, triton, reference; got '", v, "'");
+}
+
+// A strategy among `cands`: forced where it applies, else the heuristic's (`heuristic`, and CUDA tensors),
+// else the fastest of one timed pass per candidate after a warm-up pass (CPU, `auto`), cached per `key`.
+template <class Run>
+Strategy choose(const Setting& s, const std::vector<Strategy>& cands, Strategy heuristic, bool on_cpu,
+                const std::string& key, const Run& run) {
+  for (Strategy c : cands)
+    if (s.mode == Setting::Forced && c == s.forced) return c;
+  if (cands.size() == 1 || s.mode == Setting::Heuristic || !on_cpu) return heuristic;
+  static std::mutex mu;
+  static std::unordered_map<std::string, Strategy> cache;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = cache.find(key);
+    if (it != cache.end()) return it->second;
+  }
+  std::vector<double> best(cands.size(), 1e300);
+  for (int round = 0; round < 2; ++round)  // round 0 warms up (first oneDNN primitives, engine scratch)
+    for (size_t i = 0; i < cands.size(); ++i) {
+      const auto t0 = std::chrono::steady_clock::now();
+      run(cands[i]);
+      const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      if (round == 1) best[i] = dt;
+    }
+  size_t w = 0;
+  for (size_t i = 1; i < cands.size(); ++i)
+    if (best[i] < best[w]) w = i;
+  std::lock_guard<std::mutex> lock(mu);
+  return cache.emplace(key, cands[w]).first->second;
+}
+
+// The strategies the last forward and backward call on this thread took (diagnostics: tests check that a
+// forced strategy ran; `python -m tlkernels.selfcheck` prints them).
+thread_local std::string last_forward = "", last_backward = "";
+
+std::string call_key(const char* what, const at::Tensor& x, const at::Tensor& w, const at::Tensor& gate,
+                     const ConvArgs& a, bool binary, const std::string& extra) {
+  std::ostringstream os;
+  os << what << '|' << x.device().type() << '|' << x.scalar_type() << '|' << x.sizes() << '|'
+     << (x.is_contiguous() ? 'c' : x.is_contiguous(at::MemoryFormat::ChannelsLast) ? 'l' : 's') << '|' << w.sizes()
+     << '|' << a.stride << a.padding << a.dilation << a.groups << '|' << gate.dim() << binary << '|' << extra << '|'
+     << at::get_num_threads();
+  return os.str();
+}
+
+// Binary per-image gates as (N,): the (N,) gate itself, or the first column of (N, C_out) gates whose rows are
+// all 0 or all 1; undefined otherwise.
+at::Tensor per_image_binary(const at::Tensor& gate, bool binary) {
+  if (!binary) return at::Tensor();
+  if (gate.dim() == 1) return gate;
+  const at::Tensor first = gate.narrow(1, 0, 1);
+  return at::equal(gate, first.expand_as(gate)) ? first.squeeze(1).contiguous() : at::Tensor();
+}
+
+void check_triton_device(const at::Tensor& input) {
+  const char* interp = std::getenv("TRITON_INTERPRET");
+  TORCH_CHECK(input.is_cuda() || (interp && std::string(interp) == "1"), "gated_conv2d: TLKERNELS_GATED_CONV=triton "
+              "runs CUDA tensors (CPU tensors only under TRITON_INTERPRET=1), got a ", input.device(), " tensor");
+}
+
+std::tuple<at::Tensor, at::Tensor> gated_conv2d_forward(
+    const at::Tensor& input, const at::Tensor& weight_pre_in, const at::Tensor& weight_ft_in, const at::Tensor& gate,
+    const c10::optional<at::Tensor>& bias_pre, const c10::optional<at::Tensor>& bias_ft, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool hard, bool save_diff) {
+  check_gated_conv2d_args(input, weight_pre_in, weight_ft_in, gate, bias_pre, bias_ft, stride, padding, dilation,
+                          groups);
+  const Setting s = setting();
+  if (s.mode == Setting::Triton) {
+    check_triton_device(input);
+    static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("tlkernels::gated_conv2d_triton", "")
+                         .typed<std::tuple<at::Tensor, at::Tensor>(
+                             const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                             const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, at::IntArrayRef,
+                             at::IntArrayRef, at::IntArrayRef, int64_t, bool, bool)>();
+    return op.call(input, weight_pre_in, weight_ft_in, gate, bias_pre, bias_ft, stride, padding, dilation, groups, hard,
+                   save_diff);
+  }
+  const ConvArgs a{stride, padding, dilation, groups};
+  // The strategies reshape weights freely; weights are small next to activations, so a channels_last weight
+  // (model.to(memory_format=torch.channels_last)) is copied to the default layout once per call.
+  const at::Tensor weight_pre = weight_pre_in.contiguous(), weight_ft = weight_ft_in.contiguous();
+  const auto sizes = gated_conv2d_output_size(input, weight_pre, stride, padding, dilation);
+  const auto fmt = input.suggest_memory_format();
+  at::Tensor out = at::empty(sizes, input.options().memory_format(fmt));
+  at::Tensor diff = at::empty({0}, input.options());
+  if (input.size(0) == 0) return {out, diff};
+  const bool binary = gate_is_binary(gate, hard);
+  const int64_t P = sizes[2] * sizes[3];
+  const bool on_cpu = input.is_cpu();
+  const at::Tensor routed_gate = per_image_binary(gate, binary);
+  std::vector<Strategy> cands;
+  Strategy heuristic;
+  if (routed_gate.defined()) {
+    cands = {Strategy::Routed};
+    heuristic = Strategy::Routed;
+  } else if (save_diff && s.mode != Setting::Forced) {  // asked for where the concat path has y_f - y_p for free
+    cands = {Strategy::Concat};
+    heuristic = Strategy::Concat;
+  } else {
+    const bool mix_ok = on_cpu && mix::applicable(input, a, P);
+    if (mix_ok) cands.push_back(Strategy::Mix);
+    cands.insert(cands.end(), {Strategy::Blended, Strategy::Grouped, Strategy::Concat});
+    heuristic = !on_cpu ? Strategy::Concat : mix_ok ? Strategy::Mix : P >= kBlendMinPixels ? Strategy::Blended
+                                                                                          : Strategy::Concat;
+  }
+  const at::Tensor g = routed_gate.defined() ? at::Tensor() : effective_gate(gate, weight_pre.size(0), hard);
+  const at::Tensor xin = input.contiguous(fmt);
+  auto run = [&](Strategy st, at::Tensor& y, at::Tensor* d) {
+    switch (st) {
+      case Strategy::Routed: forward_routed(input, weight_pre, weight_ft, routed_gate, bias_pre, bias_ft, a, y); break;
+      case Strategy::Mix: mix::forward(xin, weight_pre, weight_ft, g, bias_pre, bias_ft, a, y, binary); break;
+      case Strategy::Blended: forward_blended(input, weight_pre, weight_ft, g, bias_pre, bias_ft, a, y); break;
+      case Strategy::Grouped: forward_grouped(input, weight_pre, weight_ft, g, bias_pre, bias_ft, a, y); break;
+      case Strategy::Concat: forward_concat(input, weight_pre, weight_ft, g, bias_pre, bias_ft, a, y, d); break;
+    }
+  };
+  const Strategy st = choose(s, cands, heuristic, on_cpu, call_key("fwd", input, weight_pre, gate, a, binary, ""),
+                             [&](Strategy c) {
+                               at::Tensor y = at::empty_like(out);
+                               run(c, y, nullptr);
+                             });
+  run(st, out, save_diff ? &diff : nullptr);
+  last_forward = kNames[static_cast<int>(st)];
+  if (save_diff && diff.numel() == 0) {  // the contract holds on every path
+    c10::optional<at::Tensor> db;
+    if (has(bias_pre) || has(bias_ft)) db = bias_or_zeros(bias_ft, weight_pre) - bias_or_zeros(bias_pre, weight_pre);
+    diff = conv(input, weight_ft - weight_pre, db, a).contiguous(fmt);
+  }
+  return {out, diff};
+}
+
+Grads gated_conv2d_backward(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight_pre_in,
+                            const at::Tensor& weight_ft_in, const at::Tensor& gate,
+                            const c10::optional<at::Tensor>& bias_pre, const c10::optional<at::Tensor>& bias_ft,
+                            const at::Tensor& diff, at::IntArrayRef stride, at::IntArrayRef padding,
+                            at::IntArrayRef dilation, int64_t groups, bool hard, c10::List<bool> output_mask) {
+  check_gated_conv2d_args(input, weight_pre_in, weight_ft_in, gate, bias_pre, bias_ft, stride, padding, dilation,
+                          groups);
+  TORCH_CHECK(output_mask.size() == 6, "gated_conv2d_backward: output_mask must have 6 values, got ",
+              output_mask.size());
+  const Setting s = setting();
+  if (s.mode == Setting::Triton) {
+    check_triton_device(input);
+    static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("tlkernels::gated_conv2d_backward_triton", "")
+                         .typed<Grads(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                      const at::Tensor&, const c10::optional<at::Tensor>&,
+                                      const c10::optional<at::Tensor>&, const at::Tensor&, at::IntArrayRef,
+                                      at::IntArrayRef, at::IntArrayRef, int64_t, bool, c10::List<bool>)>();
+    return op.call(grad_output, input, weight_pre_in, weight_ft_in, gate, bias_pre, bias_ft, diff, stride, padding,
+                   dilation, groups, hard, output_mask);
+  }
+  std::array<bool, 6> m;
+  for (int i = 0; i < 6; ++i) m[i] = output_mask.get(i);
+  const ConvArgs a{stride, padding, dilation, groups};
+  const at::Tensor weight_pre = weight_pre_in.contiguous(), weight_ft = weight_ft_in.contiguous();  // (see forward)
+  const at::Tensor& x = input;
+  const at::Tensor& dy = grad_output;
+  const int64_t N = x.size(0), C = weight_pre.size(0);
+  const bool on_cpu = x.is_cpu();
+  Grads r;
+  if (N == 0) {
+    r = {at::zeros_like(x), at::zeros_like(weight_pre), at::zeros_like(weight_ft), at::zeros_like(gate),
+         at::zeros({C}, x.options()), at::zeros({C}, x.options())};
+  } else {
+    const bool binary = gate_is_binary(gate, hard);
+    const at::Tensor routed_gate = per_image_binary(gate, binary);
+    const int64_t P = dy.size(2) * dy.size(3);
+    const bool has_diff = diff.numel() == dy.numel();
+    std::vector<Strategy> cands;
+    Strategy heuristic;
+    const bool mix_ok = on_cpu && mix::applicable(x, a, P);
+    if (routed_gate.defined()) {
+      cands = {Strategy::Routed};
+      heuristic = Strategy::Routed;
+    } else {
+      if (mix_ok) cands.push_back(Strategy::Mix);
+      cands.insert(cands.end(), {Strategy::Blended, Strategy::Grouped, Strategy::Concat});
+      heuristic = !on_cpu ? Strategy::Concat
+                  : P >= kGroupedMinPixels ? Strategy::Grouped
+                  : mix_ok ? Strategy::Mix
+                  : P >= kBlendMinPixels ? Strategy::Blended
+                                         : Strategy::Concat;
+    }
+    const at::Tensor g = routed_gate.defined() ? at::Tensor() : effective_gate(gate, C, hard);
+    auto run = [&](Strategy st) -> Grads {
+      if (st == Strategy::Routed)
+        return backward_routed(dy, x, weight_pre, weight_ft, routed_gate, bias_pre, bias_ft, a, m, gate.dim() == 2);
+      // With a gate gradient and no saved y_f - y_p, the mix engine's weight pass gives dWf, dWp and dL/dg
+      // together (one weight-gradient's FLOPs instead of a weight gradient plus a conv with Wf - Wp).
+      const bool wmix = st == Strategy::Mix && m[3] && !has_diff;
+      Grads q = st == Strategy::Grouped
+                    ? backward_grouped(dy, x, weight_pre, weight_ft, g, a, m)
+                    : backward_general(dy, x, weight_pre, weight_ft, g, bias_pre, bias_ft, diff, a, m,
+                                       st == Strategy::Blended, st == Strategy::Mix, wmix);
+      const bool bias_in_dg = m[3] && (has(bias_pre) || has(bias_ft)) && (st == Strategy::Grouped || wmix);
+      if (m[4] || m[5] || bias_in_dg) {
+        const at::Tensor sum = dy.sum({2, 3});
+        if (m[4]) std::get<4>(q) = (sum * (1 - g)).sum(0);
+        if (m[5]) std::get<5>(q) = (sum * g).sum(0);
+        if (bias_in_dg) std::get<3>(q) = std::get<3>(q) + gate_grad_bias(sum, bias_pre, bias_ft, weight_pre);
+      }
+      if (m[3] && gate.dim() == 1) std::get<3>(q) = std::get<3>(q).sum(1);
+      return q;
+    };
+    std::ostringstream mk;
+    for (bool b : m) mk << b;
+    mk << has_diff;
+    const Strategy st = choose(s, cands, heuristic, on_cpu, call_key("bwd", x, weight_pre, gate, a, binary, mk.str()),
+                               [&](Strategy c) { run(c); });
+    r = run(st);
+    last_backward = kNames[static_cast<int>(st)];
+  }
+  // Masked-out gradients come back as empty tensors (the schema has no optional outputs).
+  at::Tensor* t[6] = {&std::get<0>(r), &std::get<1>(r), &std::get<2>(r),
+                      &std::get<3>(r), &std::get<4>(r), &std::get<5>(r)};
+  // Each gradient dense in its tensor's suggested memory format, whatever the strategy (the fake says so too).
+  const at::Tensor* like[6] = {&x, &weight_pre_in, &weight_ft_in, &gate, nullptr, nullptr};
+  for (int i = 0; i < 6; ++i) {
+    if (!m[i] || !t[i]->defined()) {
+      *t[i] = at::empty({0}, x.options());
+      continue;
+    }
+    *t[i] = t[i]->contiguous(like[i] ? like[i]->suggest_memory_format() : at::MemoryFormat::Contiguous);
+    for (int j = 0; j < i; ++j)  // outputs are fresh tensors (the concat path slices dWp, dWf from one buffer)
+      if (t[j]->numel() && t[i]->is_alias_of(*t[j])) *t[i] = t[i]->clone();
+  }
+  return r;
+}
+
+std::vector<std::string> last_strategies() { return {last_forward, last_backward}; }
+
+}  // namespace
+}  // namespace gconv
+
+TORCH_LIBRARY_FRAGMENT(tlkernels, m) {
+  m.def("_gated_conv2d_last_strategies() -> str[]", &gconv::last_strategies);
+}
+
+// The same strategies serve CPU tensors (oneDNN, plus the small-map engine) and CUDA tensors (cuDNN).
+TORCH_LIBRARY_IMPL(tlkernels, CPU, m) {
+  m.impl("gated_conv2d", &gconv::gated_conv2d_forward);
+  m.impl("gated_conv2d_backward", &gconv::gated_conv2d_backward);
+}
+
+TORCH_LIBRARY_IMPL(tlkernels, CUDA, m) {
+  m.impl("gated_conv2d", &gconv::gated_conv2d_forward);
+  m.impl("gated_conv2d_backward", &gconv::gated_conv2d_backward);
+}
+
+}  // namespace tlkernels

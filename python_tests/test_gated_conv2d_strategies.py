@@ -1,0 +1,187 @@
+"""Every exact strategy of the gated convolution, forced with TLKERNELS_GATED_CONV and run on CPU tensors (the
+strategies CUDA tensors take are the same ATen code), against the two-convolution reference: float64 (forward,
+every gradient, the gate gradient), float32, bfloat16 within err <= 2 x the reference's own bfloat16 error;
+channels_last, groups, stride 2, dilation, per-image and per-filter gates, N = 0."""
+import pytest
+import torch
+
+from tlkernels.ops import gated_conv2d, gated_conv2d_reference
+
+STRATEGIES = ["routed", "mix", "blended", "grouped", "concat", "heuristic", "auto"]
+# (N, C_in, H, C_out, k, stride, padding, dilation, groups)
+SHAPES = [
+    (3, 4, 9, 6, 3, 1, 1, 1, 1),
+    (2, 4, 10, 6, 3, 2, 1, 1, 1),
+    (2, 4, 9, 4, 3, 1, 2, 2, 2),
+    (2, 3, 7, 5, 1, 1, 0, 1, 1),
+]
+
+
+def last():
+    return list(torch.ops.tlkernels._gated_conv2d_last_strategies())
+
+
+def make(shape, dtype, gate_kind, hard, bias, channels_last, seed=0):
+    n, cin, h, cout, k, s, p, d, g = shape
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, cin, h, h, generator=gen, dtype=torch.float64)
+    wp = torch.randn(cout, cin // g, k, k, generator=gen, dtype=torch.float64) * 0.3
+    wf = torch.randn(cout, cin // g, k, k, generator=gen, dtype=torch.float64) * 0.3
+    shape_g = (n,) if gate_kind == "image" else (n, cout)
+    gate = torch.rand(shape_g, generator=gen, dtype=torch.float64)
+    if gate_kind == "image_rows":  # per-filter gates whose rows are all 0 or all 1: routed too
+        gate = (torch.rand(n, 1, generator=gen, dtype=torch.float64) > 0.5).double().expand(n, cout).contiguous()
+    if hard and gate_kind == "image":
+        gate[0], gate[-1] = 0.9, 0.1  # both copies in use
+    bp = torch.randn(cout, generator=gen, dtype=torch.float64) if bias else None
+    bf = torch.randn(cout, generator=gen, dtype=torch.float64) if bias else None
+    ts = [x, wp, wf, gate, bp, bf]
+    ts = [None if t is None else t.to(dtype) for t in ts]
+    if channels_last:
+        ts[0] = ts[0].contiguous(memory_format=torch.channels_last)
+    return ts, dict(stride=s, padding=p, dilation=d, groups=g, hard=hard)
+
+
+def run(fn, ts, kw, grads=True):
+    leaves = [None if t is None else t.detach().clone().requires_grad_(grads) for t in ts]
+    y = fn(*leaves, **kw)
+    if not grads:
+        return y.detach(), []
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(y.dtype)
+    y.backward(gy)
+    return y.detach(), [None if t is None else t.grad for t in leaves]
+
+
+def applicable(strategy, gate_kind, hard, dtype, groups, backward):
+    if strategy == "routed":
+        return gate_kind == "image_rows" or (gate_kind == "image" and hard)
+    if gate_kind == "image_rows" or (gate_kind == "image" and hard):
+        return False  # binary per-image gates always route
+    if strategy == "mix":
+        return dtype == torch.float32 and groups == 1
+    return strategy in ("blended", "grouped", "concat")
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("gate_kind,hard", [("image", True), ("image", False), ("filter", True), ("filter", False),
+                                            ("image_rows", False)])
+def test_strategy_float64_forward_and_all_gradients(monkeypatch, strategy, shape, gate_kind, hard):
+    monkeypatch.setenv("TLKERNELS_GATED_CONV", strategy)
+    ts, kw = make(shape, torch.float64, gate_kind, hard, bias=True, channels_last=False)
+    y, gs = run(gated_conv2d, ts, kw)
+    used = last()
+    yr, grs = run(gated_conv2d_reference, ts, kw)
+    torch.testing.assert_close(y, yr, rtol=1e-10, atol=1e-10)
+    for g, gr, name in zip(gs, grs, ("input", "weight_pre", "weight_ft", "gate", "bias_pre", "bias_ft")):
+        torch.testing.assert_close(g, gr, rtol=1e-9, atol=1e-9, msg=lambda m: f"{name}: {m}")
+    if strategy not in ("auto", "heuristic") and applicable(strategy, gate_kind, hard, torch.float64, shape[-1], True):
+        assert used == [strategy, strategy]
+
+
+@pytest.mark.parametrize("strategy", ["mix", "blended", "grouped", "concat", "auto"])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("gate_kind,hard", [("filter", True), ("filter", False), ("image", False)])
+def test_strategy_float32(monkeypatch, strategy, channels_last, gate_kind, hard):
+    monkeypatch.setenv("TLKERNELS_GATED_CONV", strategy)
+    shape = (4, 8, 7, 16, 3, 1, 1, 1, 1)
+    ts, kw = make(shape, torch.float32, gate_kind, hard, bias=True, channels_last=channels_last)
+    y, gs = run(gated_conv2d, ts, kw)
+    if strategy != "auto":
+        assert last() == [strategy, strategy]
+    yr, grs = run(gated_conv2d_reference, [None if t is None else t.double() for t in ts], kw)
+    torch.testing.assert_close(y.double(), yr, rtol=1e-4, atol=1e-4)
+    for g, gr in zip(gs, grs):
+        torch.testing.assert_close(g.double(), gr, rtol=1e-4, atol=2e-4)
+    if channels_last:
+        assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("strategy", ["routed", "blended", "grouped", "concat", "auto"])
+@pytest.mark.parametrize("gate_kind,hard", [("image", True), ("filter", False)])
+def test_strategy_bfloat16_error_budget(monkeypatch, strategy, gate_kind, hard):
+    """err(ours in bf16) <= 2 x err(the reference computed in bf16), both against the float64 reference."""
+    monkeypatch.setenv("TLKERNELS_GATED_CONV", strategy)
+    shape = (4, 8, 8, 8, 3, 1, 1, 1, 1)
+    ts, kw = make(shape, torch.bfloat16, gate_kind, hard, bias=True, channels_last=False)
+    y, gs = run(gated_conv2d, ts, kw)
+    y16, gs16 = run(gated_conv2d_reference, ts, kw)
+    y64, gs64 = run(gated_conv2d_reference, [None if t is None else t.double() for t in ts], kw)
+
+    def err(a, b):
+        return (a.double() - b).abs().max().item()
+
+    assert err(y, y64) <= 2 * err(y16, y64) + 1e-6
+    for g, g16, g64 in zip(gs, gs16, gs64):
+        if g64 is not None:
+            assert err(g, g64) <= 2 * err(g16, g64) + 1e-3 * g64.abs().max().item()
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_empty_batch(monkeypatch, strategy):
+    monkeypatch.setenv("TLKERNELS_GATED_CONV", strategy)
+    ts, kw = make((1, 4, 6, 5, 3, 1, 1, 1, 1), torch.float32, "filter", False, bias=True, channels_last=False)
+    ts[0], ts[3] = ts[0][:0], ts[3][:0]
+    y, gs = run(gated_conv2d, ts, kw)
+    assert y.shape == (0, 5, 6, 6) and gs[1].abs().sum() == 0 and gs[0].shape == (0, 4, 6, 6)
+
+
+def test_auto_choice_is_cached_and_heuristic_is_fixed(monkeypatch):
+    ts, kw = make((4, 8, 7, 16, 3, 1, 1, 1, 1), torch.float32, "filter", False, bias=False, channels_last=False)
+    monkeypatch.setenv("TLKERNELS_GATED_CONV", "auto")
+    run(gated_conv2d, ts, kw)
+    first = last()
+    for _ in range(3):
+        run(gated_conv2d, ts, kw)
+        assert last() == first
+    monkeypatch.setenv("TLKERNELS_GATED_CONV", "heuristic")
+    run(gated_conv2d, ts, kw)
+    assert last() == ["mix", "mix"]  # float32, groups 1, 7x7: the small-map engine by the fixed rules
+
+
+def test_unknown_setting_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TLKERNELS_GATED_CONV", "fastest")
+    ts, kw = make((2, 4, 6, 5, 3, 1, 1, 1, 1), torch.float32, "filter", False, bias=False, channels_last=False)
+    with pytest.raises(ValueError, match="TLKERNELS_GATED_CONV must be one of auto, heuristic"):
+        gated_conv2d(*ts, **kw)
+    with pytest.raises(RuntimeError, match="TLKERNELS_GATED_CONV must be one of"):
+        torch.ops.tlkernels.gated_conv2d(ts[0], ts[1], ts[2], ts[3], None, None, [1, 1], [1, 1], [1, 1], 1, False,
+                                         False)
+
+
+def test_reference_setting_takes_the_oracle(monkeypatch):
+    monkeypatch.setenv("TLKERNELS_GATED_CONV", "reference")
+    ts, kw = make((2, 4, 6, 5, 3, 1, 1, 1, 1), torch.float64, "filter", True, bias=True, channels_last=False)
+    torch.testing.assert_close(run(gated_conv2d, ts, kw, grads=False)[0],
+                               run(gated_conv2d_reference, ts, kw, grads=False)[0], rtol=0, atol=0)
+
+
+def test_triton_setting_runs_the_triton_kernels_in_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TLKERNELS_GATED_CONV", "triton")
+    ts, kw = make((2, 3, 5, 4, 3, 1, 1, 1, 1), torch.float64, "filter", False, bias=True, channels_last=False)
+    y, gs = run(gated_conv2d, ts, kw)
+    yr, grs = run(gated_conv2d_reference, ts, kw)
+    torch.testing.assert_close(y, yr)
+    for g, gr in zip(gs, grs):
+        torch.testing.assert_close(g, gr)
+
+
+@pytest.mark.parametrize("strategy", ["auto", "mix", "blended", "grouped", "concat"])
+def test_fake_and_kernels_agree_on_strides_with_channels_last_weights(monkeypatch, strategy):
+    """After model.to(memory_format=torch.channels_last) weights are channels_last too: the fake kernels and
+    every strategy must return gradients with the same strides."""
+    monkeypatch.setenv("TLKERNELS_GATED_CONV", strategy)
+    cl = torch.channels_last
+    x = torch.randn(2, 4, 6, 6).contiguous(memory_format=cl)
+    wp, wf = (torch.randn(8, 4, 3, 3).contiguous(memory_format=cl) for _ in range(2))
+    g = torch.rand(2, 8)
+    conv = [[1, 1], [1, 1], [1, 1], 1]
+    torch.library.opcheck(torch.ops.tlkernels.gated_conv2d.default, (x, wp, wf, g, None, None, *conv, False, False),
+                          test_utils=("test_schema", "test_faketensor"))
+    dy = torch.randn(2, 8, 6, 6).contiguous(memory_format=cl)
+    torch.library.opcheck(torch.ops.tlkernels.gated_conv2d_backward.default,
+                          (dy, x, wp, wf, g, None, None, torch.empty(0), *conv, False, [True] * 4 + [False] * 2),
+                          test_utils=("test_schema", "test_faketensor"))
+    grads = torch.ops.tlkernels.gated_conv2d_backward(dy, x, wp, wf, g, None, None, torch.empty(0), *conv, False,
+                                                       [True] * 4 + [False] * 2)
+    assert grads[1].is_contiguous(memory_format=cl) and grads[2].is_contiguous(memory_format=cl)
