@@ -55,8 +55,6 @@ def run(fn, ts, kw, grads=True):
 def applicable(strategy, gate_kind, hard, dtype, groups, backward):
     if strategy == "routed":
         return gate_kind == "image_rows" or (gate_kind == "image" and hard)
-    if gate_kind == "image_rows" or (gate_kind == "image" and hard):
-        return False  # binary per-image gates always route
     if strategy == "mix":
         return dtype == torch.float32 and groups == 1
     return strategy in ("blended", "grouped", "concat")
