@@ -56,6 +56,8 @@ namespace {
 constexpr int64_t kBlendMinPixels = 100;
 // From this many output pixels up, oneDNN's grouped conv (batch folded into groups) is efficient.
 constexpr int64_t kGroupedMinPixels = 784;
+// `auto` replaces the heuristic's strategy by one measured at most this fraction of its time.
+constexpr double kClearlyFaster = 0.85;
 
 // Effective forward gate, shape (N, C_out), dtype of the input. Hard gates are rounded (g >= 0.5); a NaN
 // gate stays NaN, so its outputs are NaN as in the blend formula of the reference.
@@ -342,9 +344,14 @@ Strategy choose(const Setting& s, const std::vector<Strategy>& cands, Strategy h
       const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       if (round > 0) best[i] = std::min(best[i], dt);
     }
+  // The heuristic's strategy stays unless another is clearly faster: a candidate timed alone, right after
+  // another one has filled the caches, can look a few percent better or worse than it runs inside a model,
+  // and a choice that flips with that noise would cost more than it gains.
   size_t w = 0;
-  for (size_t i = 1; i < cands.size(); ++i)
-    if (best[i] < best[w]) w = i;
+  for (size_t i = 0; i < cands.size(); ++i)
+    if (cands[i] == heuristic) w = i;
+  for (size_t i = 0; i < cands.size(); ++i)
+    if (best[i] < kClearlyFaster * best[w]) w = i;
   std::lock_guard<std::mutex> lock(mu);
   return cache.emplace(key, cands[w]).first->second;
 }
