@@ -469,6 +469,8 @@ def _bn_with_stats(c, **kw):
 
 
 class _DeclaredOutOfOrder(nn.Module):
+    """Declares conv1, conv2, bn1, bn2; applies conv1 -> bn1 and conv2 -> bn2."""
+
     def __init__(self):
         super().__init__()
         self.stem = nn.Conv2d(3, 6, 3, padding=1)
@@ -480,12 +482,8 @@ class _DeclaredOutOfOrder(nn.Module):
         return self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
 
 
-class _Untraceable(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Conv2d(3, 6, 3, padding=1)
-        self.conv1, self.conv2 = nn.Conv2d(6, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1)
-        self.bn1, self.bn2 = _bn_with_stats(6), _bn_with_stats(6)
+class _Untraceable(_DeclaredOutOfOrder):
+    """The same modules applied conv1 -> bn2 and conv2 -> bn1, behind data-dependent control flow."""
 
     def forward(self, x):
         x = self.stem(x)

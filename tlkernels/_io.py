@@ -15,15 +15,15 @@ class CheckpointError(RuntimeError):
     """A file tlkernels was asked to read cannot be used; the message names it and says why."""
 
 
-def atomic_save(obj, path):
-    """torch.save to a temporary file in the same directory, fsync, then rename: readers see the old
-    file or the new one, never a torn one."""
+def _atomic_write(path, mode, suffix, write):
+    """write(fh) into a temporary file in the same directory, fsync, then rename over `path`: readers see the
+    old file or the new one, never a torn one; on failure the temporary file is removed."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".pt")
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=suffix)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
+        with os.fdopen(fd, mode) as fh:
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -31,23 +31,16 @@ def atomic_save(obj, path):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_save(obj, path):
+    """torch.save(obj) to `path` atomically."""
+    _atomic_write(path, "wb", ".pt", lambda fh: torch.save(obj, fh))
 
 
 def atomic_write_text(text, path):
-    """Write a text file atomically (same protocol as atomic_save)."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".txt")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write a text file atomically."""
+    _atomic_write(path, "w", ".txt", lambda fh: fh.write(text))
 
 
 def load(path, what):

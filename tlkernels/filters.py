@@ -19,15 +19,18 @@ class FilterBank:
         return sum(s["weight"].shape[0] for s in self.stages)
 
     def channel_weights(self):
+        """(num_channels,) float32: each channel's weight in the descriptor distance, 0.5 / F_i for stage i."""
         return torch.cat([torch.full((s["weight"].shape[0],), 0.5 / s["weight"].shape[0]) for s in self.stages])
 
     @torch.no_grad()
     def stage_inputs(self, images):
+        """Yields (stage dict, the stage's input) for (N, C, H, W) images (uint8 or float, any device)."""
         x = images.float()
         for s in self.stages:
             yield s, (s["pre"](x) if s["pre"] is not None else x)
 
     def fingerprint_tensors(self):
+        """The tensors that define the bank (its filters), hashed into descriptor-cache keys."""
         return [s["weight"] for s in self.stages]
 
 

@@ -53,6 +53,17 @@ def dataset_fingerprint(dataset):
 
 
 class SourceSelector:
+    """Source images nearest to each target image by their filter-bank histogram descriptors.
+
+    bank        a tlkernels.filters.FilterBank (gabor_bank() or from_model(...)); TypeError otherwise
+    bins        histogram bins per filter channel; fine_bins: the fine histogram equal-mass edges are cut from
+    mode        "equal_mass" (the paper's) or "uniform" bin edges, fitted on the target set by fit()
+    metric      knn_search metric ("skl": weighted symmetric KL, the paper's)
+    cache_dir   descriptors are cached there (atomic files keyed on the bank, edges and the data's content)
+    Datasets yield (image, label) pairs or images, (C, H, W) tensors; descriptors are computed on the images'
+    device and kept on the CPU. Methods raise RuntimeError when called out of order (describe before fit, ...).
+    """
+
     def __init__(self, bank, bins=100, fine_bins=2000, mode="equal_mass", metric="skl", batch_size=64,
                  cache_dir=None, progress=True, num_workers=0):
         from tlkernels.filters import FilterBank
@@ -71,6 +82,7 @@ class SourceSelector:
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
 
     def fit(self, target_dataset):
+        """Fit the bin edges on the target set (ValueError when it is empty); returns self."""
         if len(target_dataset) == 0:
             raise ValueError("SourceSelector.fit: the target dataset is empty")
         self.edges = fit_bin_edges(self._loader(target_dataset), self.bank, self.bins, self.fine_bins, self.mode)
@@ -195,6 +207,7 @@ class JointDataset(Dataset):
         self.target, self.source, self.neighbours, self.seed, self.epoch = target, source, neighbours, seed, 0
 
     def set_epoch(self, epoch):
+        """Draw other source partners in the next epoch (the draw depends on (seed, epoch, index))."""
         self.epoch = int(epoch)
 
     def __len__(self):

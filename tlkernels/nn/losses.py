@@ -78,10 +78,13 @@ class L2SP:
         return self._coeff.get(id(param), (None, 0.0))
 
     def state_dict(self):
+        """{"alpha", "beta", "scope", "head", "refs": the reference tensors by parameter name} (tensors,
+        numbers, strings: loads with weights_only=True)."""
         return {"alpha": self.alpha, "beta": self.beta, "scope": self.scope, "head": list(self.head),
                 "refs": {n: r for n, r in zip(self.names, self.refs)}}
 
     def load_state_dict(self, sd):
+        """Restore what state_dict saved; KeyError when a penalised parameter has no reference in it."""
         missing = [n for n in self.names if n not in sd["refs"]]
         if missing:
             raise KeyError(f"L2SP.load_state_dict: refs missing for {missing[:5]}")
@@ -125,6 +128,7 @@ class SoftJointLoss(nn.Module):
         self.t = 0
 
     def lam(self, t=None):
+        """lambda(t) of the schedule (t defaults to the current step count)."""
         t = self.t if t is None else t
         T = self.total_steps
         if self.schedule == "constant":
@@ -140,6 +144,7 @@ class SoftJointLoss(nn.Module):
         return self.lambda0 * self.gamma ** sum(t >= m for m in self.milestones)
 
     def step(self):
+        """Advance the schedule by one training step."""
         self.t += 1
 
     def parts(self, target_logits, target_labels, source_logits=None, source_labels=None):

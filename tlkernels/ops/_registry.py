@@ -55,7 +55,7 @@ def bump_versions_of_mutated_args(name: str):
     Why: kernels that write through data pointers (our C++/CUDA kernels, and the reference run below the
     autograd keys) leave `tensor._version` unchanged, so anything keyed on it goes stale silently: autograd's
     "modified by an inplace operation" check, and caches such as AdaFilter's folded eval weights (an
-    optimizer step with `tlkernels.optim.SGD` used to leave them stale). The dispatcher's ADInplaceOrView
+    in-place optimizer step would leave them stale). The dispatcher's ADInplaceOrView
     slot is where ATen bumps versions; this registers the same thing for our op there, then redispatches
     to the backend kernel (the pattern of torch.library.custom_op for mutable ops)."""
     global _VERSION_LIB
