@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 sys.path.insert(0, os.path.join(ROOT, "tools"))
-from find_cuda import find_cuda_home  # noqa: E402
+from find_cuda import default_arch_list, find_cuda_home  # noqa: E402
 
 
 def decide_cuda():
@@ -35,11 +35,13 @@ CUDA_HOME, REASON = decide_cuda()
 if CUDA_HOME:
     # Must be set before torch.utils.cpp_extension is imported: it reads CUDA_HOME at import time.
     os.environ["CUDA_HOME"] = CUDA_HOME
-    # Without a visible GPU torch would compile for every architecture it knows (slow);
-    # default to Ampere + Hopper, the targets of our Triton autotune configs.
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
 
 import torch  # noqa: E402
+
+
+if CUDA_HOME:
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", default_arch_list(torch))
+
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 if CUDA_HOME and torch.version.cuda is None:

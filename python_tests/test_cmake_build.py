@@ -32,3 +32,18 @@ def test_cmake_build_and_ctest(tmp_path):
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     r = subprocess.run(["ctest", "--test-dir", str(build), "--output-on-failure"], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+
+
+def test_cuda_arch_list_follows_the_visible_gpus():
+    import sys
+    import types
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    from find_cuda import default_arch_list
+
+    def fake(caps):
+        cuda = types.SimpleNamespace(is_available=lambda: bool(caps), device_count=lambda: len(caps),
+                                     get_device_capability=lambda i: caps[i])
+        return types.SimpleNamespace(cuda=cuda)
+    assert default_arch_list(fake([])) == "8.0;9.0+PTX"  # no GPU: PTX runs on GPUs newer than sm90 too
+    assert default_arch_list(fake([(7, 5)])) == "7.5"  # a T4
+    assert default_arch_list(fake([(9, 0), (8, 0), (9, 0)])) == "8.0;9.0"

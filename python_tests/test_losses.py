@@ -473,3 +473,28 @@ def test_cross_entropy_fast_exp_accuracy_and_masked_logits():
     torch.testing.assert_close(loss.double(), F.cross_entropy(x.double(), y, reduction="sum"), rtol=1e-6, atol=0)
     x[2, 7] = float("nan")
     assert torch.isnan(cross_entropy(x, y))
+
+
+def test_triton_cross_entropy_strided_labels_and_weights():
+    """The kernel reads label and weight `row` at base + row: the launcher must make them contiguous."""
+    from tlkernels.triton.cross_entropy import cross_entropy_forward
+    x = torch.randn(6, 9)
+    y = torch.tensor([[3, 0], [1, 0], [8, 0], [0, 0], [5, 0], [2, 0]])[:, 0]  # stride 2
+    w = torch.rand(6, 2)[:, 1]
+    assert y.stride(0) == 2 and w.stride(0) == 2
+    loss, grad = cross_entropy_forward(x, y, w, -100, 1, 1.0, True)
+    xr = x.clone().requires_grad_()
+    ref = cross_entropy_reference(xr, y.contiguous(), w.contiguous(), -100, "mean", 1.0)
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, torch.autograd.grad(ref, xr)[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_triton_cross_entropy_leading_neg_inf_logits(dtype):
+    """The online log-sum-exp starts at -inf: a leading -inf logit must not make exp(-inf - -inf) = NaN."""
+    from tlkernels.triton.cross_entropy import cross_entropy_forward
+    x = torch.tensor([[-float("inf")] * 20 + [1.0, 2.0, 0.5], [0.0] * 23], dtype=dtype)
+    y = torch.tensor([21, 4])
+    loss, grad = cross_entropy_forward(x, y, None, -100, 0, 1.0, True)
+    torch.testing.assert_close(loss, F.cross_entropy(x, y, reduction="none"))
+    assert torch.isfinite(grad).all() and (grad[0, :20] == 0).all()

@@ -35,3 +35,15 @@ def find_cuda_home():
         if _is_toolkit(c):
             return os.path.realpath(c)
     return None
+
+
+def default_arch_list(torch):
+    """TORCH_CUDA_ARCH_LIST when the user set none: the visible GPUs' architectures, else Ampere + Hopper with
+    PTX, which the driver compiles for any newer GPU (older GPUs, T4 or V100, need TORCH_CUDA_ARCH_LIST)."""
+    try:
+        if torch.cuda.is_available():
+            caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+            return ";".join(f"{a}.{b}" for a, b in caps)
+    except RuntimeError:  # a driver problem: build for the defaults
+        pass
+    return "8.0;9.0+PTX"
