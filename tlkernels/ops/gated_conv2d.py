@@ -224,9 +224,16 @@ def gated_conv2d(input, weight_pre, weight_ft, gate, bias_pre=None, bias_ft=None
                  dilation=1, groups=1, hard=False):
     """y = (1 - g) * conv2d(x, weight_pre, bias_pre) + g * conv2d(x, weight_ft, bias_ft).
 
-    Arguments follow `F.conv2d`; gate is (N,) or (N, C_out) with values in [0, 1] (not checked: that
-    would need a device sync). Gradients flow to every input that requires grad; a frozen
-    weight_pre costs no weight-gradient work.
+    input (N, C_in, H, W), any floating dtype, CPU or CUDA, contiguous or channels_last; weight_pre and
+    weight_ft (C_out, C_in / groups, kH, kW) and gate, (N,) per image or (N, C_out) per image and filter,
+    in input's dtype and device; bias_pre / bias_ft (C_out,) or None. stride, padding (an int, a pair,
+    'same' or 'valid'), dilation and groups as in F.conv2d. hard=True uses g >= 0.5 in the forward pass (a
+    NaN gate gives NaN outputs, as the formula) and passes the gradient to g as for the blend
+    (straight-through). Gate values are not range-checked (that would need a device sync). Returns
+    (N, C_out, H_out, W_out) in input's memory format. Gradients flow to every input that requires grad; a
+    frozen weight_pre costs no weight-gradient work. The strategy follows TLKERNELS_GATED_CONV (module
+    docstring). Raises TypeError for non-tensors or mismatched dtypes, ValueError for shapes, groups,
+    stride/padding/dilation or an input smaller than the dilated kernel.
     """
     check_gated_conv2d_args(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, groups)
     stride = pair(OP, "stride", stride)

@@ -59,7 +59,14 @@ def check_edges(opname, edges, n_filters):
 
 
 def filterbank_histogram(images, filters, edges, stride=1, padding=0):
-    """(N, F, bins) histograms of conv2d(images, filters) responses; uint8 or float images."""
+    """(N, F, bins) float32 histograms of conv2d(images, filters) responses, each summing to 1.
+
+    images (N, C, H, W) uint8 or floating, CPU or CUDA; filters (F, C, kh, kw) floating on the images' device;
+    edges (F, bins + 1) strictly increasing per row: response v of filter f falls in bin b where
+    edges[f, b] <= v < edges[f, b + 1], values outside the range in the end bins, NaN in the last bin (as
+    torch.bucketize). No autograd. Raises ValueError for shapes, non-increasing or meta edges, images with
+    no channels or smaller than the filters.
+    """
     name = "filterbank_histogram"
     check_tensor(name, "images", images, dim=4)
     check_tensor(name, "filters", filters, dim=4, floating=True, device=images.device)

@@ -180,7 +180,15 @@ def _search_chunks(q, w, metric, eps, k, chunks):
 
 def knn_search(queries, database, k, metric="skl", channel_weights=None, eps=EPS, chunk_size=8192, sharded=False,
                group=None):
-    """(distances (Q, k) ascending, indices (Q, k) int64) of the k nearest database rows of each query."""
+    """(distances (Q, k) ascending, indices (Q, k) int64) of the k nearest database rows of each query.
+
+    queries (Q, D) float32 or float64 on any device; database (M, D): a tensor, numpy array or memory map
+    (streamed in chunks of chunk_size rows, moved to the queries' device and dtype). metric: skl, kl, l2 or ip
+    (module docstring); channel_weights (D,) or (channels,) dividing D; eps > 0 for the KL metrics. Ties go to
+    the lower index. sharded=True: `database` is this rank's shard and every rank gets the global answer.
+    Raises ValueError for non-finite descriptors (or negative ones under kl/skl), k outside [1, M], bad
+    shapes, chunk_size or eps; TypeError for other dtypes (half precision included).
+    """
     name = "knn_search"
     if not isinstance(queries, torch.Tensor) or queries.dim() != 2:
         fail(name, f"queries must be a 2-D tensor (Q, D), got {getattr(queries, 'shape', type(queries).__name__)}")

@@ -176,6 +176,11 @@ def _grads_to_fill(opname, tensors, name):
 def l2sp_value_and_grad(params, refs, alpha=0.1, new_params=(), beta=0.0, accumulate=False):
     """(value, grads of params, grads of new_params) from one pass; no autograd graph.
 
+    params and refs: equal-length sequences of tensors of equal shapes, dtypes and devices; new_params:
+    tensors penalised toward 0 with beta. Raises TypeError for non-tensors and non-floating or mismatched
+    dtypes, ValueError for mismatched lengths, shapes or devices, and RuntimeError when a tensor written in
+    place is listed twice (its gradient would race).
+
     accumulate=True adds the gradients into each tensor's .grad (created as zeros if None) in place and
     returns those .grad tensors: what `(task_loss + penalty).backward()` would leave there, without a
     second backward and without allocating anything.
