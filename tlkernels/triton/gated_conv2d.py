@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch._prims_common import suggest_memory_format
 
-from tlkernels.triton._common import gemm_configs
+from tlkernels.triton._common import device_of, gemm_configs
 
 
 @triton.jit
@@ -24,7 +24,8 @@ def _tile(pid, size, BLOCK: tl.constexpr):
     Every kernel here lays one grid axis out this way (image x pixel tiles, group x filter tiles)."""
     n_tiles = tl.cdiv(size, BLOCK)
     offs = (pid % n_tiles) * BLOCK + tl.arange(0, BLOCK)
-    return pid // n_tiles, offs, offs < size
+    # outer (an image or group index) as int64: b * stride_n exceeds 2^31 in tensors above 2^31 elements
+    return (pid // n_tiles).to(tl.int64), offs, offs < size
 
 
 @triton.jit
@@ -108,7 +109,7 @@ def _gated_conv_dgate_kernel(x_ptr, wp_ptr, wf_ptr, bp_ptr, bf_ptr, dy_ptr, dg_p
                              stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
                              KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, IS_F64: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # (int64 offsets, as in _tile)
     grp, offs_nl, n_mask = _tile(tl.program_id(1), C_OUT_G, BLOCK_N)
     co = grp * C_OUT_G + offs_nl
     total = tl.zeros((BLOCK_N,), dtype=tl.float64 if IS_F64 else tl.float32)
@@ -193,7 +194,7 @@ def _gated_conv_dw_kernel(x_ptr, dy_ptr, g_ptr, dwp_ptr, dwf_ptr,
     for r0 in range(0, R_TOTAL, BLOCK_K):
         offs_r = r0 + tl.arange(0, BLOCK_K)
         r_mask = offs_r < R_TOTAL
-        b = offs_r // P
+        b = (offs_r // P).to(tl.int64)  # (int64 offsets, as in _tile)
         m = offs_r % P
         oh = m // OW
         ow = m % OW
@@ -239,13 +240,14 @@ def _biases(bias_pre, bias_ft, weight):
 
 def gated_conv2d_forward(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, stride, padding, dilation, groups,
                          hard, save_diff=False):
-    y = _forward(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, stride, padding, dilation, groups, hard)
-    if not save_diff:  # the Python front end asks for diff only on the CPU; honour the op contract anyway
-        return y, input.new_empty(0)
-    has_bias, bp, bf = _biases(bias_pre, bias_ft, weight_pre)
-    diff = torch.nn.functional.conv2d(input, weight_ft - weight_pre, bf - bp if has_bias else None, stride, padding,
-                                      dilation, groups)
-    return y, diff.contiguous(memory_format=suggest_memory_format(input))
+    with device_of(input):  # Triton launches on the current device: make it the tensors' device
+        y = _forward(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, stride, padding, dilation, groups, hard)
+        if not save_diff:  # the Python front end asks for diff only on the CPU; honour the op contract anyway
+            return y, input.new_empty(0)
+        has_bias, bp, bf = _biases(bias_pre, bias_ft, weight_pre)
+        diff = torch.nn.functional.conv2d(input, weight_ft - weight_pre, bf - bp if has_bias else None, stride,
+                                          padding, dilation, groups)
+        return y, diff.contiguous(memory_format=suggest_memory_format(input))
 
 
 def _forward(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, stride, padding, dilation, groups, hard):
@@ -271,56 +273,58 @@ def _forward(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, stride, padd
 
 def gated_conv2d_backward(grad_output, input, weight_pre, weight_ft, gate, bias_pre, bias_ft, diff, stride, padding,
                           dilation, groups, hard, output_mask):
-    N, C_in, H, W = input.shape
-    C_out, C_in_g, KH, KW = weight_pre.shape
-    OH, OW = grad_output.shape[2:]
-    P = OH * OW
-    c_out_g = C_out // groups
-    is_f64 = input.dtype == torch.float64
-    dy = grad_output
-    g = _gate2d(gate, C_out)
-    wp, wf = weight_pre.contiguous(), weight_ft.contiguous()
-    conv = (*stride, *padding, *dilation)
-    empty = input.new_empty(0)
-    dx = dwp = dwf = dg = dbp = dbf = empty
-    if output_mask[0]:
-        dx = torch.empty_like(input)
-        if N:
-            grid = lambda meta: (N * triton.cdiv(H * W, meta["BLOCK_M"]),  # noqa
-                                 groups * triton.cdiv(C_in_g, meta["BLOCK_N"]))
-            _gated_conv_dx_kernel[grid](dy, wp, wf, g, dx, C_in_g, H, W, OH, OW, c_out_g, c_out_g * KH * KW, H * W,
-                                        *dy.stride(), *g.stride(), *dx.stride(), *conv, KH=KH, KW=KW,
-                                        HARD=bool(hard), IS_F64=is_f64)
-    if output_mask[1] or output_mask[2]:
-        dwp_t = torch.zeros_like(wp) if output_mask[1] else wp
-        dwf_t = torch.zeros_like(wf) if output_mask[2] else wf
-        if N:
-            K = C_in_g * KH * KW
-            grid = lambda meta: (groups * triton.cdiv(c_out_g, meta["BLOCK_M"]), triton.cdiv(K, meta["BLOCK_N"]))  # noqa
-            _gated_conv_dw_kernel[grid](input, dy, g, dwp_t, dwf_t, C_in_g, H, W, OW, c_out_g, K, P, N * P,
-                                        *input.stride(), *dy.stride(), *g.stride(), *conv, KH=KH, KW=KW,
-                                        HARD=bool(hard), NEED_P=bool(output_mask[1]), NEED_F=bool(output_mask[2]),
-                                        IS_F64=is_f64)
-        dwp = dwp_t if output_mask[1] else empty
-        dwf = dwf_t if output_mask[2] else empty
-    if output_mask[3]:
-        acc_dtype = torch.float64 if is_f64 else torch.float32
-        dg2 = torch.zeros((N, C_out), device=input.device, dtype=acc_dtype)
-        if N:
-            has_bias, bp, bf = _biases(bias_pre, bias_ft, weight_pre)
-            grid = lambda meta: (N, groups * triton.cdiv(c_out_g, meta["BLOCK_N"]))  # noqa
-            _gated_conv_dgate_kernel[grid](input, wp, wf, bp, bf, dy, dg2, C_out, C_in_g, H, W, OW, c_out_g,
-                                           C_in_g * KH * KW, P, *input.stride(), *dy.stride(), *conv,
-                                           KH=KH, KW=KW, HAS_BIAS=has_bias, IS_F64=is_f64)
-        dg = (dg2.sum(1) if gate.dim() == 1 else dg2).to(gate.dtype)
-    if output_mask[4] or output_mask[5]:
-        s = dy.sum((2, 3), dtype=torch.float64 if is_f64 else torch.float32)
-        ge = (g >= 0.5).to(s.dtype) if hard else g.to(s.dtype)
-        if output_mask[4]:
-            dbp = ((1 - ge) * s).sum(0).to(input.dtype)
-        if output_mask[5]:
-            dbf = (ge * s).sum(0).to(input.dtype)
-    # each gradient dense in its tensor's suggested memory format (the op's fake says so)
-    likes = (input, weight_pre, weight_ft, gate, dbp, dbf)
-    return tuple(t if t.numel() == 0 else t.contiguous(memory_format=suggest_memory_format(l))
-                 for t, l in zip((dx, dwp, dwf, dg, dbp, dbf), likes))
+    with device_of(input):  # Triton launches on the current device: make it the tensors' device
+        N, C_in, H, W = input.shape
+        C_out, C_in_g, KH, KW = weight_pre.shape
+        OH, OW = grad_output.shape[2:]
+        P = OH * OW
+        c_out_g = C_out // groups
+        is_f64 = input.dtype == torch.float64
+        dy = grad_output
+        g = _gate2d(gate, C_out)
+        wp, wf = weight_pre.contiguous(), weight_ft.contiguous()
+        conv = (*stride, *padding, *dilation)
+        empty = input.new_empty(0)
+        dx = dwp = dwf = dg = dbp = dbf = empty
+        if output_mask[0]:
+            dx = torch.empty_like(input)
+            if N:
+                grid = lambda meta: (N * triton.cdiv(H * W, meta["BLOCK_M"]),  # noqa
+                                     groups * triton.cdiv(C_in_g, meta["BLOCK_N"]))
+                _gated_conv_dx_kernel[grid](dy, wp, wf, g, dx, C_in_g, H, W, OH, OW, c_out_g, c_out_g * KH * KW, H * W,
+                                            *dy.stride(), *g.stride(), *dx.stride(), *conv, KH=KH, KW=KW,
+                                            HARD=bool(hard), IS_F64=is_f64)
+        if output_mask[1] or output_mask[2]:
+            dwp_t = torch.zeros_like(wp) if output_mask[1] else wp
+            dwf_t = torch.zeros_like(wf) if output_mask[2] else wf
+            if N:
+                K = C_in_g * KH * KW
+                grid = lambda meta: (groups * triton.cdiv(c_out_g, meta["BLOCK_M"]),  # noqa
+                                     triton.cdiv(K, meta["BLOCK_N"]))
+                _gated_conv_dw_kernel[grid](input, dy, g, dwp_t, dwf_t, C_in_g, H, W, OW, c_out_g, K, P, N * P,
+                                            *input.stride(), *dy.stride(), *g.stride(), *conv, KH=KH, KW=KW,
+                                            HARD=bool(hard), NEED_P=bool(output_mask[1]), NEED_F=bool(output_mask[2]),
+                                            IS_F64=is_f64)
+            dwp = dwp_t if output_mask[1] else empty
+            dwf = dwf_t if output_mask[2] else empty
+        if output_mask[3]:
+            acc_dtype = torch.float64 if is_f64 else torch.float32
+            dg2 = torch.zeros((N, C_out), device=input.device, dtype=acc_dtype)
+            if N:
+                has_bias, bp, bf = _biases(bias_pre, bias_ft, weight_pre)
+                grid = lambda meta: (N, groups * triton.cdiv(c_out_g, meta["BLOCK_N"]))  # noqa
+                _gated_conv_dgate_kernel[grid](input, wp, wf, bp, bf, dy, dg2, C_out, C_in_g, H, W, OW, c_out_g,
+                                               C_in_g * KH * KW, P, *input.stride(), *dy.stride(), *conv,
+                                               KH=KH, KW=KW, HAS_BIAS=has_bias, IS_F64=is_f64)
+            dg = (dg2.sum(1) if gate.dim() == 1 else dg2).to(gate.dtype)
+        if output_mask[4] or output_mask[5]:
+            s = dy.sum((2, 3), dtype=torch.float64 if is_f64 else torch.float32)
+            ge = (g >= 0.5).to(s.dtype) if hard else g.to(s.dtype)
+            if output_mask[4]:
+                dbp = ((1 - ge) * s).sum(0).to(input.dtype)
+            if output_mask[5]:
+                dbf = (ge * s).sum(0).to(input.dtype)
+        # each gradient dense in its tensor's suggested memory format (the op's fake says so)
+        likes = (input, weight_pre, weight_ft, gate, dbp, dbf)
+        return tuple(t if t.numel() == 0 else t.contiguous(memory_format=suggest_memory_format(l))
+                     for t, l in zip((dx, dwp, dwf, dg, dbp, dbf), likes))
