@@ -38,7 +38,8 @@ def _acc_zeros(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_F64: tl.constexp
 def _conv_tile(x_ptr, wp_ptr, wf_ptr, b, grp, offs_m, m_mask, co, n_mask, g, C_in_g, H, W, OW, K_TOTAL,
                sxn, sxc, sxh, sxw, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
                KH: tl.constexpr, KW: tl.constexpr, DIFF: tl.constexpr, IS_F64: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               DOT_PREC: tl.constexpr):
     """acc[m, n] = sum_k x_col[b, m, k] * W[n, k], W blended per image (DIFF=False) or Wf - Wp (DIFF=True)."""
     oh = offs_m // OW
     ow = offs_m % OW
@@ -63,7 +64,7 @@ def _conv_tile(x_ptr, wp_ptr, wf_ptr, b, grp, offs_m, m_mask, co, n_mask, g, C_i
             wt = wft - wpt
         else:
             wt = wpt + g[None, :] * (wft - wpt)
-        acc += tl.dot(xt, wt.to(xt.dtype), out_dtype=acc.dtype)
+        acc += tl.dot(xt, wt.to(xt.dtype), out_dtype=acc.dtype, input_precision=DOT_PREC)
     return acc
 
 
@@ -83,14 +84,14 @@ def _gated_conv_fwd_kernel(x_ptr, wp_ptr, wf_ptr, g_ptr, bp_ptr, bf_ptr, y_ptr,
                            stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
                            KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, HARD: tl.constexpr,
                            IS_F64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                           BLOCK_K: tl.constexpr):
+                           BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr):
     b, offs_m, m_mask = _tile(tl.program_id(0), P, BLOCK_M)
     grp, offs_nl, n_mask = _tile(tl.program_id(1), C_OUT_G, BLOCK_N)
     co = grp * C_OUT_G + offs_nl
     g = _load_gate(g_ptr, b, co, n_mask, sgn, sgc, HARD, IS_F64)
     acc = _conv_tile(x_ptr, wp_ptr, wf_ptr, b, grp, offs_m, m_mask, co, n_mask, g, C_in_g, H, W, OW, K_TOTAL,
                      sxn, sxc, sxh, sxw, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-                     KH, KW, False, IS_F64, BLOCK_M, BLOCK_N, BLOCK_K)
+                     KH, KW, False, IS_F64, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PREC)
     if HAS_BIAS:
         bp = tl.load(bp_ptr + co, mask=n_mask, other=0.0).to(acc.dtype)
         bf = tl.load(bf_ptr + co, mask=n_mask, other=0.0).to(acc.dtype)
@@ -108,7 +109,8 @@ def _gated_conv_dgate_kernel(x_ptr, wp_ptr, wf_ptr, bp_ptr, bf_ptr, dy_ptr, dg_p
                              sxn, sxc, sxh, sxw, syn, syc, syh, syw,
                              stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
                              KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, IS_F64: tl.constexpr,
-                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                             DOT_PREC: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)  # (int64 offsets, as in _tile)
     grp, offs_nl, n_mask = _tile(tl.program_id(1), C_OUT_G, BLOCK_N)
     co = grp * C_OUT_G + offs_nl
@@ -118,7 +120,7 @@ def _gated_conv_dgate_kernel(x_ptr, wp_ptr, wf_ptr, bp_ptr, bf_ptr, dy_ptr, dg_p
         m_mask = offs_m < P
         acc = _conv_tile(x_ptr, wp_ptr, wf_ptr, b, grp, offs_m, m_mask, co, n_mask, total, C_in_g, H, W, OW,
                          K_TOTAL, sxn, sxc, sxh, sxw, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-                         KH, KW, True, IS_F64, BLOCK_M, BLOCK_N, BLOCK_K)
+                         KH, KW, True, IS_F64, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PREC)
         if HAS_BIAS:
             bp = tl.load(bp_ptr + co, mask=n_mask, other=0.0).to(acc.dtype)
             bf = tl.load(bf_ptr + co, mask=n_mask, other=0.0).to(acc.dtype)
@@ -138,7 +140,8 @@ def _gated_conv_dx_kernel(dy_ptr, wp_ptr, wf_ptr, g_ptr, dx_ptr,
                           syn, syc, syh, syw, sgn, sgc, sxn, sxc, sxh, sxw,
                           stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
                           KH: tl.constexpr, KW: tl.constexpr, HARD: tl.constexpr, IS_F64: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          DOT_PREC: tl.constexpr):
     """dx[b, ci, ih, iw] = sum_{co, kh, kw} dy[b, co, oh, ow] * W_b[co, ci, kh, kw], ih = oh*s - p + kh*d."""
     b, offs_m, m_mask = _tile(tl.program_id(0), P_IN, BLOCK_M)
     ih = offs_m // W
@@ -167,7 +170,7 @@ def _gated_conv_dx_kernel(dy_ptr, wp_ptr, wf_ptr, g_ptr, dx_ptr,
         wpt = tl.load(wp_ptr + woff, mask=wm, other=0.0).to(acc.dtype)
         wft = tl.load(wf_ptr + woff, mask=wm, other=0.0).to(acc.dtype)
         wt = wpt + gk[:, None] * (wft - wpt)
-        acc += tl.dot(dyt, wt.to(dyt.dtype), out_dtype=acc.dtype)
+        acc += tl.dot(dyt, wt.to(dyt.dtype), out_dtype=acc.dtype, input_precision=DOT_PREC)
     xoff = b * sxn + (grp * C_IN_G + offs_n)[None, :] * sxc + ih[:, None] * sxh + iw[:, None] * sxw
     tl.store(dx_ptr + xoff, acc.to(dx_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
@@ -180,7 +183,8 @@ def _gated_conv_dw_kernel(x_ptr, dy_ptr, g_ptr, dwp_ptr, dwf_ptr,
                           stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
                           KH: tl.constexpr, KW: tl.constexpr, HARD: tl.constexpr, NEED_P: tl.constexpr,
                           NEED_F: tl.constexpr, IS_F64: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          DOT_PREC: tl.constexpr):
     """dWf[co, k] = sum_r g*dy[r, co] * x_col[r, k]; dWp likewise with (1 - g), computed only if NEED_P."""
     grp, offs_cl, c_mask = _tile(tl.program_id(0), C_OUT_G, BLOCK_M)
     co = grp * C_OUT_G + offs_cl
@@ -210,9 +214,9 @@ def _gated_conv_dw_kernel(x_ptr, dy_ptr, g_ptr, dwp_ptr, dwf_ptr,
         xt = tl.load(x_ptr + b[:, None] * sxn + (grp * C_in_g + ci)[None, :] * sxc + ih * sxh + iw * sxw,
                      mask=xm, other=0.0)
         if NEED_F:
-            acc_f += tl.dot((gt * dyt).to(xt.dtype), xt, out_dtype=acc_f.dtype)
+            acc_f += tl.dot((gt * dyt).to(xt.dtype), xt, out_dtype=acc_f.dtype, input_precision=DOT_PREC)
         if NEED_P:
-            acc_p += tl.dot(((1 - gt) * dyt).to(xt.dtype), xt, out_dtype=acc_f.dtype)
+            acc_p += tl.dot(((1 - gt) * dyt).to(xt.dtype), xt, out_dtype=acc_f.dtype, input_precision=DOT_PREC)
     woff = co[:, None] * K_TOTAL + offs_k[None, :]
     wm = c_mask[:, None] & k_mask[None, :]
     if NEED_F:
@@ -236,6 +240,13 @@ def _biases(bias_pre, bias_ft, weight):
         return False, weight, weight  # dummies, never read (HAS_BIAS=False)
     z = weight.new_zeros(weight.shape[0])
     return True, (z if bias_pre is None else bias_pre.contiguous()), (z if bias_ft is None else bias_ft.contiguous())
+
+
+def dot_precision(dtype):
+    """tl.dot's input_precision: TF32 for float32 only where PyTorch allows it for convolutions
+    (torch.backends.cudnn.allow_tf32, on by default, as cuDNN's own convolutions), else IEEE float32;
+    other dtypes compute exactly in their own precision ("ieee")."""
+    return "tf32" if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 else "ieee"
 
 
 def gated_conv2d_forward(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, stride, padding, dilation, groups,
@@ -267,7 +278,8 @@ def _forward(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, stride, padd
         input, weight_pre.contiguous(), weight_ft.contiguous(), g, bp, bf, y,
         C_in_g, H, W, OW, c_out_g, C_in_g * KH * KW, P,
         *input.stride(), *g.stride(), *y.stride(), *stride, *padding, *dilation,
-        KH=KH, KW=KW, HAS_BIAS=has_bias, HARD=bool(hard), IS_F64=input.dtype == torch.float64)
+        KH=KH, KW=KW, HAS_BIAS=has_bias, HARD=bool(hard), IS_F64=input.dtype == torch.float64,
+        DOT_PREC=dot_precision(input.dtype))
     return y
 
 
@@ -293,7 +305,7 @@ def gated_conv2d_backward(grad_output, input, weight_pre, weight_ft, gate, bias_
                                      groups * triton.cdiv(C_in_g, meta["BLOCK_N"]))
                 _gated_conv_dx_kernel[grid](dy, wp, wf, g, dx, C_in_g, H, W, OH, OW, c_out_g, c_out_g * KH * KW, H * W,
                                             *dy.stride(), *g.stride(), *dx.stride(), *conv, KH=KH, KW=KW,
-                                            HARD=bool(hard), IS_F64=is_f64)
+                                            HARD=bool(hard), IS_F64=is_f64, DOT_PREC=dot_precision(input.dtype))
         if output_mask[1] or output_mask[2]:
             dwp_t = torch.zeros_like(wp) if output_mask[1] else wp
             dwf_t = torch.zeros_like(wf) if output_mask[2] else wf
@@ -304,7 +316,7 @@ def gated_conv2d_backward(grad_output, input, weight_pre, weight_ft, gate, bias_
                 _gated_conv_dw_kernel[grid](input, dy, g, dwp_t, dwf_t, C_in_g, H, W, OW, c_out_g, K, P, N * P,
                                             *input.stride(), *dy.stride(), *g.stride(), *conv, KH=KH, KW=KW,
                                             HARD=bool(hard), NEED_P=bool(output_mask[1]), NEED_F=bool(output_mask[2]),
-                                            IS_F64=is_f64)
+                                            IS_F64=is_f64, DOT_PREC=dot_precision(input.dtype))
             dwp = dwp_t if output_mask[1] else empty
             dwf = dwf_t if output_mask[2] else empty
         if output_mask[3]:
@@ -315,7 +327,8 @@ def gated_conv2d_backward(grad_output, input, weight_pre, weight_ft, gate, bias_
                 grid = lambda meta: (N, groups * triton.cdiv(c_out_g, meta["BLOCK_N"]))  # noqa
                 _gated_conv_dgate_kernel[grid](input, wp, wf, bp, bf, dy, dg2, C_out, C_in_g, H, W, OW, c_out_g,
                                                C_in_g * KH * KW, P, *input.stride(), *dy.stride(), *conv,
-                                               KH=KH, KW=KW, HAS_BIAS=has_bias, IS_F64=is_f64)
+                                               KH=KH, KW=KW, HAS_BIAS=has_bias, IS_F64=is_f64,
+                                               DOT_PREC=dot_precision(input.dtype))
             dg = (dg2.sum(1) if gate.dim() == 1 else dg2).to(gate.dtype)
         if output_mask[4] or output_mask[5]:
             s = dy.sum((2, 3), dtype=torch.float64 if is_f64 else torch.float32)

@@ -5,10 +5,10 @@ def aot_cases():
     from tlkernels.triton import gated_conv2d as gc
 
     cases = []
-    blocks = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)
     for dt in ("fp32", "bf16", "fp16", "fp64"):  # fp64: the gradcheck dtype (fp64 accumulators, fp64 dot)
         io = {"*": f"*{dt}"}
         f64 = dt == "fp64"
+        blocks = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, DOT_PREC="tf32" if dt == "fp32" else "ieee")
         cases.append((f"gated_conv2d.fwd[{dt}]", gc._gated_conv_fwd_kernel, io,
                       dict(KH=3, KW=3, HAS_BIAS=True, HARD=False, IS_F64=f64, **blocks)))
         cases.append((f"gated_conv2d.dx[{dt}]", gc._gated_conv_dx_kernel, io,
@@ -18,6 +18,11 @@ def aot_cases():
         cases.append((f"gated_conv2d.dgate[{dt}]", gc._gated_conv_dgate_kernel,
                       {**io, "dg_ptr": "*fp64" if f64 else "*fp32"},
                       dict(KH=1, KW=1, HAS_BIAS=True, IS_F64=f64, **blocks)))
+
+    # float32 with TF32 off (torch.backends.cudnn.allow_tf32 = False): IEEE float32 dots
+    cases.append(("gated_conv2d.fwd[fp32, ieee]", gc._gated_conv_fwd_kernel, {"*": "*fp32"},
+                  dict(KH=3, KW=3, HAS_BIAS=True, HARD=False, IS_F64=False, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32,
+                       DOT_PREC="ieee")))
 
     from tlkernels.triton import cross_entropy as ce
     for dt in ("fp32", "bf16", "fp16", "fp64"):
