@@ -131,18 +131,15 @@ if has_op("knn_expand_skl_"):
 
 
 def _chunk_topk(d, k, base):
-    """The k smallest of each row of d (ties: lowest column), as (dist, global index) in column order."""
+    """The k smallest of each row of d (ties: lowest column), as (dist, global index). A stable sort keeps
+    tied columns in order; unlike boolean-mask selection it has no data-dependent shape, so nothing waits for
+    the device (the path GPUs take)."""
     m = d.shape[1]
     if k >= m:
         idx = torch.arange(base, base + m, device=d.device).expand(d.shape[0], m)
         return d, idx
-    kth = d.topk(k, dim=1, largest=False, sorted=True).values[:, -1:]
-    below = d < kth
-    ties = d == kth
-    need = k - below.sum(1, keepdim=True)
-    keep = below | (ties & (ties.cumsum(1) <= need))
-    cols = torch.arange(m, device=d.device).expand_as(d)
-    return d[keep].view(-1, k), cols[keep].view(-1, k) + base
+    vals, cols = torch.sort(d, dim=1, stable=True)
+    return vals[:, :k], cols[:, :k] + base
 
 
 def _merge(dist, idx, k):
