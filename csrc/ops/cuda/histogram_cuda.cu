@@ -52,6 +52,9 @@ at::Tensor filterbank_histogram_cuda(const at::Tensor& images, const at::Tensor&
   const int64_t OW = (images.size(3) + 2 * padding[1] - filters.size(3)) / stride[1] + 1;
   TORCH_CHECK(OH > 0 && OW > 0, op, ": images are smaller than the filters");
   at::Tensor out = at::zeros({N, F, nb}, images.options().dtype(at::kFloat));
+  TORCH_CHECK(images.size(1) >= 1, op, ": images must have at least one channel, got shape ",
+              shape_str(images.sizes()));
+  if (N == 0 || F == 0) return out;  // (the tile size below divides by F)
   const int64_t P = OH * OW;
   const int64_t tile = std::max<int64_t>(1, kTileElems / (F * P));
   for (int64_t n0 = 0; n0 < N; n0 += tile) {

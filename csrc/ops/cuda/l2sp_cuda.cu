@@ -37,6 +37,11 @@ struct Meta {
   int chunk_of_block[kMaxBlocks];
   int64_t first_block;  // global index of this launch's first chunk (penalty partial sums)
 };
+// Kernel parameters above 4 KB need CUDA 12.1 or newer (and Volta or newer GPUs).
+#if defined(CUDART_VERSION) && CUDART_VERSION < 12010
+static_assert(sizeof(Meta<5>) <= 4096, "tlkernels: the multi-tensor kernels pass a parameter struct of more than "
+              "4 KB, which needs CUDA >= 12.1; build with a newer CUDA toolkit");
+#endif
 
 // Calls launch(meta, nblocks) for every full pack of (tensor, chunk) pairs. lists[d][t] is the d-th
 // operand of tensor t (undefined = absent operand, e.g. no reference for a head parameter).
