@@ -205,8 +205,9 @@ def knn_search(queries, database, k, metric="skl", channel_weights=None, eps=EPS
         import torch.distributed as dist
         if not (dist.is_available() and dist.is_initialized()):
             fail(name, "sharded=True needs torch.distributed to be initialised")
-        sizes = [torch.zeros(1, dtype=torch.long) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(sizes, torch.tensor([local_m]), group=group)
+        # collectives on the queries' device: NCCL takes CUDA tensors only, gloo CPU ones
+        sizes = [torch.zeros(1, dtype=torch.long, device=queries.device) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(sizes, torch.tensor([local_m], device=queries.device), group=group)
         sizes = [int(s) for s in sizes]
         offset, total = sum(sizes[:dist.get_rank(group)]), sum(sizes)
     if k > total:
