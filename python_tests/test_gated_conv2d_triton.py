@@ -64,11 +64,12 @@ def test_triton_kernels_compile_for_ampere_and_hopper():
     assert r.stdout.splitlines()[-1] == "0 failed", r.stdout
 
 
-def test_float32_dots_honour_the_tf32_setting(monkeypatch):
+def test_float32_dots_honour_the_tf32_setting():
     """tl.dot defaults to TF32 for float32; the kernels take PyTorch's convolution setting instead."""
+    from tlkernels.selfcheck import tf32_setting
     from tlkernels.triton.gated_conv2d import dot_precision
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
-    assert dot_precision(torch.float32) == "tf32"
-    assert dot_precision(torch.bfloat16) == "ieee" and dot_precision(torch.float64) == "ieee"
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    assert dot_precision(torch.float32) == "ieee"
+    with tf32_setting(True):
+        assert dot_precision(torch.float32) == "tf32"
+        assert dot_precision(torch.bfloat16) == "ieee" and dot_precision(torch.float64) == "ieee"
+    with tf32_setting(False):
+        assert dot_precision(torch.float32) == "ieee"

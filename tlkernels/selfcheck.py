@@ -336,6 +336,21 @@ def _env(name, value):
             os.environ[name] = old
 
 
+@contextlib.contextmanager
+def tf32_setting(allow):
+    """TF32 for float32 matmuls and convolutions on or off, restored afterwards (cuDNN's flags through its
+    context manager: assigning them is refused once torch.backends.disable_global_flags() was called)."""
+    cudnn = torch.backends.cudnn
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allow
+    try:
+        with cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic,
+                         allow_tf32=allow):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
 def resolve_device(name):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -355,16 +370,15 @@ def run(device, quick=False):
     dtypes = [torch.float64, torch.float32, torch.bfloat16] + ([torch.float16] if device.type == "cuda" else [])
     tf32 = [False, True] if device.type == "cuda" else [False]
     for allow in tf32:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allow
         sub = Report()
-        check_gated_conv2d(sub, device, [torch.float32] if allow else dtypes, quick)
+        with tf32_setting(allow):
+            check_gated_conv2d(sub, device, [torch.float32] if allow else dtypes, quick)
         for r in sub.rows:
             if allow:  # TF32 keeps 10 mantissa bits: budget of a 10-bit format
                 r["budget"] = max(r["budget"], 5e-3 * 10)
                 r["ok"] = r["error"] <= r["budget"]
                 r["case"] += " TF32"
         rep.rows += sub.rows
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     check_cross_entropy(rep, device, dtypes, quick)
     check_l2sp(rep, device, dtypes, quick)
     check_histogram_knn(rep, device, quick)
