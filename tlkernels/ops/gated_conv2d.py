@@ -121,7 +121,7 @@ STRATEGIES = ("auto", "heuristic", "routed", "mix", "blended", "grouped", "conca
 
 def strategy():
     """The TLKERNELS_GATED_CONV setting (checked: a typo is an error, not a silent default)."""
-    v = os.environ.get("TLKERNELS_GATED_CONV", "auto").strip().lower() or "auto"
+    v = os.environ.get("TLKERNELS_GATED_CONV", "") or "auto"  # (read as the C++ kernels read it: exact names)
     if v not in STRATEGIES:
         fail(OP, f"TLKERNELS_GATED_CONV must be one of {', '.join(STRATEGIES)}, got {v!r}")
     return v
