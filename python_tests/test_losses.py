@@ -385,8 +385,13 @@ def _trajectory(fused, opt_name, kw, steps=4, scope="kernels"):
     l2 = L2SP(m, reference=ref, alpha=0.1, beta=0.01, head="5", scope=scope)
     if fused:
         opt = {"sgd": SGD, "adamw": AdamW}[opt_name](m.parameters(), l2sp=l2, **kw)
+    elif opt_name == "adamw":  # no decoupled weight decay on the tensors L2-SP penalises (tlkernels.optim.AdamW)
+        penalised = {id(p) for p in l2.params + l2.new_params}
+        groups = [{"params": [p for p in m.parameters() if id(p) in penalised], "weight_decay": 0.0},
+                  {"params": [p for p in m.parameters() if id(p) not in penalised]}]
+        opt = torch.optim.AdamW(groups, **kw)
     else:
-        opt = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}[opt_name](m.parameters(), **kw)
+        opt = torch.optim.SGD(m.parameters(), **kw)
     g = torch.Generator().manual_seed(1)
     for _ in range(steps):
         x = torch.randn(6, 3, 8, 8, generator=g, dtype=torch.float64)
@@ -498,3 +503,26 @@ def test_triton_cross_entropy_leading_neg_inf_logits(dtype):
     loss, grad = cross_entropy_forward(x, y, None, -100, 0, 1.0, True)
     torch.testing.assert_close(loss, F.cross_entropy(x, y, reduction="none"))
     assert torch.isfinite(grad).all() and (grad[0, :20] == 0).all()
+
+
+def test_adamw_puts_no_decoupled_weight_decay_on_l2sp_tensors():
+    """With l2sp=, AdamW's weight decay applies only to the tensors L2-SP does not penalise."""
+    import copy
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 4 * 4, 2))
+    a, b = copy.deepcopy(base).double(), copy.deepcopy(base).double()
+    l2 = L2SP(a, alpha=0.1, beta=0.01, head="2")  # conv weight -> w0, head weight -> 0, biases free
+    w0 = a[0].weight.detach().clone()
+    oa = AdamW(a.parameters(), lr=0.01, weight_decay=0.1, l2sp=l2)
+    ob = torch.optim.AdamW([{"params": [b[0].weight, b[2].weight], "weight_decay": 0.0},
+                            {"params": [b[0].bias, b[2].bias], "weight_decay": 0.1}], lr=0.01)
+    x = torch.randn(5, 3, 6, 6, dtype=torch.float64)
+    for _ in range(3):
+        oa.zero_grad()
+        ob.zero_grad()
+        a(x).square().mean().backward()
+        (b(x).square().mean() + 0.05 * (b[0].weight - w0).square().sum() + 0.005 * b[2].weight.square().sum()).backward()
+        oa.step()
+        ob.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q)

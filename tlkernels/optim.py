@@ -90,7 +90,10 @@ class SGD(_FusedL2SP):
 
 
 class AdamW(_FusedL2SP):
-    """torch.optim.AdamW (no amsgrad) plus an optional fused L2-SP term added to the gradient before the moments."""
+    """torch.optim.AdamW (no amsgrad) plus an optional fused L2-SP term added to the gradient before the moments.
+
+    The tensors L2-SP penalises (toward their start, or with beta on the new head) get no decoupled weight
+    decay: the penalty is their regulariser, as in the L2-SP paper; the others get `weight_decay`."""
 
     reference_step = staticmethod(_steps.adamw_l2sp_step_reference)
     op_name = "adamw_l2sp_step_"
@@ -115,10 +118,13 @@ class AdamW(_FusedL2SP):
                 st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             st["step"] += 1
-            by_step.setdefault(st["step"], []).append(i)
+            # L2-SP's penalty is the regulariser of the tensors it penalises (pull toward w0, or beta on the
+            # head), as in the paper: they get no decoupled weight decay on top
+            penalised = refs[i] is not None or coeffs[i] != 0.0
+            by_step.setdefault((st["step"], penalised), []).append(i)
         b1, b2 = group["betas"]
-        for step, idx in by_step.items():
+        for (step, penalised), idx in by_step.items():
             impl([params[i] for i in idx], [grads[i] for i in idx], [self.state[params[i]]["exp_avg"] for i in idx],
                  [self.state[params[i]]["exp_avg_sq"] for i in idx], [refs[i] for i in idx],
-                 [coeffs[i] for i in idx], group["lr"], b1, b2, group["eps"], group["weight_decay"], int(step),
-                 group["maximize"])
+                 [coeffs[i] for i in idx], group["lr"], b1, b2, group["eps"],
+                 0.0 if penalised else group["weight_decay"], int(step), group["maximize"])
