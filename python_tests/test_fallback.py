@@ -83,3 +83,16 @@ def test_every_op_has_a_cpu_and_a_cuda_kernel():
     missing = [f"{n} on {key}" for n in names if n not in CPU_ONLY for key in ("CPU", "CUDA")
                if not torch._C._dispatch_has_computed_kernel_for_dispatch_key(n, key)]
     assert not missing, "no kernel for " + ", ".join(missing)
+
+
+def test_every_python_fallback_schema_equals_the_cpp_one():
+    """Schemas are written twice (C++ for the compiled library, Python for the fallback): they must agree."""
+    import torch
+
+    import tlkernels
+    from tlkernels.ops._registry import FALLBACK_SCHEMAS
+    assert tlkernels.HAS_C, tlkernels.extension_status()
+    cpp_defined = [n for n in FALLBACK_SCHEMAS if not n.endswith("_triton")]  # (the Triton ops exist in Python only)
+    assert len(cpp_defined) >= 10, sorted(FALLBACK_SCHEMAS)
+    for name, schema in FALLBACK_SCHEMAS.items():
+        assert getattr(torch.ops.tlkernels, name).default._schema == torch._C.parse_schema("tlkernels::" + schema), name

@@ -22,8 +22,13 @@ def has_op(name: str) -> bool:
     return hasattr(torch.ops.tlkernels, name)
 
 
+# Every schema written in Python (the fallback's), by op name: a test checks each against the C++ definition.
+FALLBACK_SCHEMAS = {}
+
+
 def ensure_op(name: str, schema: str, reference_impl):
     """Define `tlkernels::name` from `schema` if the compiled library did not, backed by the reference."""
+    FALLBACK_SCHEMAS[name] = schema
     if has_op(name):
         return False
     lib = _fallback_lib()
