@@ -4,8 +4,12 @@
 // exp: a Cody-Waite range reduction and a degree-6 polynomial (Cephes expf), about 1 ulp on the range
 // softmax uses (x - max <= 0); Sleef's u10 exp, which ATen uses, cost 3x more and bound the whole
 // cross-entropy kernel on an AVX2 AMD EPYC.
+#include <c10/util/Exception.h>
+
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define TLK_HAVE_AVX2_PATH 1
@@ -14,8 +18,21 @@
 namespace tlkernels {
 namespace avx2 {
 
+// TLKERNELS_CPU_ISA caps the instruction set the hand-written paths use, read once when first needed:
+// unset or "native" (the best the CPU has), "avx2", or "scalar" (no SIMD paths: the portable loops, which the
+// tests then compare with the references too).
+inline bool isa_allows_avx2() {
+  const char* v = std::getenv("TLKERNELS_CPU_ISA");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "native") == 0 || std::strcmp(v, "avx2") == 0 ||
+      std::strcmp(v, "avx512") == 0)
+    return true;
+  TORCH_CHECK(std::strcmp(v, "scalar") == 0, "tlkernels: TLKERNELS_CPU_ISA must be native, avx512, avx2 or scalar, "
+              "got '", v, "'");
+  return false;
+}
+
 inline bool available() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && isa_allows_avx2();
   return ok;
 }
 
