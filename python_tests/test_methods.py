@@ -323,3 +323,20 @@ def test_methods_under_ddp_two_gloo_processes(method):
         init, result = os.path.join(d, "init"), os.path.join(d, "result.pt")
         mp.spawn(_ddp_worker, args=(2, init, method, result), nprocs=2, join=True)
         assert torch.load(result).item() == 0.0  # replicas stay identical
+
+
+def test_spottune_policy_sees_a_resized_input():
+    import torchvision
+    from tlkernels.methods import SpotTune
+    seen = []
+    st = SpotTune(torchvision.models.resnet18(num_classes=3))
+    st.policy.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape[-2:])))
+    st.eval()
+    with torch.no_grad():
+        st(torch.randn(2, 3, 96, 128))
+        st(torch.randn(2, 3, 32, 32))
+        st.policy_size = None
+        st(torch.randn(2, 3, 96, 96))
+    assert seen == [(64, 64), (32, 32), (96, 96)]
+    with pytest.raises(ValueError, match="policy_size must be None or an int >= 8"):
+        SpotTune(torchvision.models.resnet18(num_classes=3), policy_size=4)

@@ -95,8 +95,15 @@ class SpotTuneBlock(nn.Module):
 class SpotTune(nn.Module):
     """Wraps a backbone (torchvision ResNet-18/34/50 or any model whose residual blocks it finds)."""
 
-    def __init__(self, backbone, policy=None, tau=5.0, train_frozen_bn=False, sample_at_eval=False, route=True):
+    def __init__(self, backbone, policy=None, tau=5.0, train_frozen_bn=False, sample_at_eval=False, route=True,
+                 policy_size=64):
         super().__init__()
+        if policy_size is not None and (not isinstance(policy_size, int) or isinstance(policy_size, bool)
+                                        or policy_size < 8):
+            raise ValueError(f"SpotTune: policy_size must be None or an int >= 8, got {policy_size!r}")
+        # The policy sees the input resized to policy_size x policy_size when it is larger (the official code
+        # runs it on small Decathlon images; at 224 px it would cost more than a ResNet-18). None: full size.
+        self.policy_size = policy_size
         self.route_eval = route  # False: eval computes both copies and blends (the official code's way)
         found = residual_blocks(backbone)
         if not found:
@@ -124,7 +131,11 @@ class SpotTune(nn.Module):
         Gumbel-softmax sample at temperature tau, else the argmax."""
         if x.dim() != 4:
             raise ValueError(f"SpotTune: input must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
-        logits = self.policy(x)
+        xp = x
+        if self.policy_size is not None and max(x.shape[-2:]) > self.policy_size:
+            xp = F.interpolate(x, size=(self.policy_size, self.policy_size), mode="bilinear", align_corners=False,
+                               antialias=True)
+        logits = self.policy(xp)
         if tuple(logits.shape) != (x.shape[0], len(self.blocks), 2):
             raise ValueError(f"SpotTune: policy must return (N, {len(self.blocks)}, 2) logits, got {tuple(logits.shape)}")
         if self.training or self.sample_at_eval:
