@@ -15,7 +15,7 @@ class CheckpointError(RuntimeError):
     """A file tlkernels was asked to read cannot be used; the message names it and says why."""
 
 
-def _atomic_write(path, mode, suffix, write):
+def atomic_write(path, mode, suffix, write):
     """write(fh) into a temporary file in the same directory, fsync, then rename over `path`: readers see the
     old file or the new one, never a torn one; on failure the temporary file is removed."""
     d = os.path.dirname(os.path.abspath(path))
@@ -35,12 +35,12 @@ def _atomic_write(path, mode, suffix, write):
 
 def atomic_save(obj, path):
     """torch.save(obj) to `path` atomically."""
-    _atomic_write(path, "wb", ".pt", lambda fh: torch.save(obj, fh))
+    atomic_write(path, "wb", ".pt", lambda fh: torch.save(obj, fh))
 
 
 def atomic_write_text(text, path):
     """Write a text file atomically."""
-    _atomic_write(path, "w", ".txt", lambda fh: fh.write(text))
+    atomic_write(path, "w", ".txt", lambda fh: fh.write(text))
 
 
 def load(path, what):

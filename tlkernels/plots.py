@@ -7,11 +7,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def _save(fig, path):
-    import os
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)  # atomic: a reader never sees half a PNG
+    from tlkernels._io import atomic_write
+    try:  # atomic: a reader never sees half a PNG
+        atomic_write(path, "wb", ".png", lambda fh: fig.savefig(fh, format="png", dpi=100, bbox_inches="tight"))
+    finally:
+        plt.close(fig)
 
 
 def curves(history, path, title):

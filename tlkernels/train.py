@@ -478,8 +478,7 @@ def train_method(cfg, method, target, source, backbone, rank, world, log):
                "final_val_acc": final[-1]["val_acc"] if final else None, "best_val_acc": best,
                "seconds": round(time.time() - t0, 1), "seed": cfg.seed}
     if is_main():
-        with open(os.path.join(out, "summary.json"), "w") as fh:
-            json.dump(summary, fh, indent=2)
+        atomic_write_text(json.dumps(summary, indent=2), os.path.join(out, "summary.json"))
         from tlkernels import plots
         plots.curves(history, os.path.join(out, "curves.png"), method)
         if final and "gates" in final[-1]:
@@ -517,9 +516,8 @@ def main(argv=None):
         for m, (s, _) in results.items():
             rows.append(f"| {m} | {s['final_val_acc']:.4f} | {s['best_val_acc']:.4f} | {s['seconds']} |")
         table = "\n".join(rows)
-        with open(os.path.join(cfg.out_dir, "comparison.md"), "w") as fh:
-            fh.write(f"Target: {'demo digits' if not cfg.target else cfg.target}, seed {cfg.seed}, "
-                     f"{cfg.epochs} epochs.\n\n{table}\n")
+        atomic_write_text(f"Target: {'demo digits' if not cfg.target else cfg.target}, seed {cfg.seed}, "
+                          f"{cfg.epochs} epochs.\n\n{table}\n", os.path.join(cfg.out_dir, "comparison.md"))
         plots.comparison({m: h for m, (_, h) in results.items()}, os.path.join(cfg.out_dir, "comparison.png"))
         print(table)
     if dist.is_initialized():
