@@ -51,7 +51,8 @@ if CUDA_HOME and torch.version.cuda is None:
 def get_extensions():
     csrc = os.path.join("csrc")
     sources = sorted(glob.glob(os.path.join(csrc, "*.cpp")) + glob.glob(os.path.join(csrc, "ops", "*.cpp"))
-                     + glob.glob(os.path.join(csrc, "ops", "cpu", "*.cpp")))
+                     + glob.glob(os.path.join(csrc, "ops", "cpu", "*.cpp"))
+                     + glob.glob(os.path.join(csrc, "ops", "autocast", "*.cpp")))
     # (py_limited_api=True makes torch define Py_LIMITED_API itself.) OpenMP: at::parallel_for is a header
     # template that runs serially unless the including library is itself compiled with OpenMP; libgomp
     # is the one torch already loads (same soname), so no second runtime appears.

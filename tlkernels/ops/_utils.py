@@ -30,3 +30,9 @@ def pair(op, name, v, allow_zero=False):
     if any(i < lo for i in v):
         fail(op, f"{name} must be >= {lo}, got {tuple(v)}")
     return tuple(v)
+
+
+def autocast_casts(t):
+    """True when torch.autocast is on for t's device and t is floating point: the op's autocast kernel
+    (csrc/ops/autocast/) will cast t, so arguments may still differ in floating dtype here."""
+    return isinstance(t, torch.Tensor) and t.is_floating_point() and torch.is_autocast_enabled(t.device.type)

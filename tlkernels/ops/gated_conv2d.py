@@ -22,7 +22,7 @@ from torch._prims_common import suggest_memory_format
 
 from tlkernels._extension import use_reference
 from tlkernels.ops._registry import HAS_C, ensure_op, op, register_gpu
-from tlkernels.ops._utils import check_tensor, fail, pair
+from tlkernels.ops._utils import autocast_casts, check_tensor, fail, pair
 
 OP = "gated_conv2d"
 SCHEMA = ("gated_conv2d(Tensor input, Tensor weight_pre, Tensor weight_ft, Tensor gate, Tensor? bias_pre, "
@@ -49,7 +49,7 @@ def gated_conv2d_reference(input, weight_pre, weight_ft, gate, bias_pre=None, bi
     g = effective_gate(gate, hard)
     y_pre = F.conv2d(input, weight_pre, bias_pre, stride, padding, dilation, groups)
     y_ft = F.conv2d(input, weight_ft, bias_ft, stride, padding, dilation, groups)
-    g = g.reshape(g.shape[0], 1 if g.dim() == 1 else g.shape[1], 1, 1)
+    g = g.reshape(g.shape[0], 1 if g.dim() == 1 else g.shape[1], 1, 1).to(y_ft.dtype)  # (autocast: conv's dtype)
     return (1 - g) * y_pre + g * y_ft
 
 
@@ -194,9 +194,10 @@ def _resolve_padding(padding, weight, stride, dilation):
 
 def check_gated_conv2d_args(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, groups):
     check_tensor(OP, "input", input, dim=4, floating=True)
-    dt, dev = input.dtype, input.device
-    check_tensor(OP, "weight_pre", weight_pre, dim=4, dtype=dt, device=dev)
-    check_tensor(OP, "weight_ft", weight_ft, dtype=dt, device=dev)
+    # under torch.autocast the op's autocast kernel casts every floating argument to one dtype
+    dt, dev = (None if autocast_casts(input) else input.dtype), input.device
+    check_tensor(OP, "weight_pre", weight_pre, dim=4, dtype=dt, device=dev, floating=True)
+    check_tensor(OP, "weight_ft", weight_ft, dtype=dt, device=dev, floating=True)
     if min(weight_pre.shape) < 1:  # as F.conv2d, which rejects weights without output filters
         fail(OP, f"weight_pre must have at least one output filter, input channel and kernel tap, got shape "
                  f"{tuple(weight_pre.shape)}")
@@ -210,12 +211,12 @@ def check_gated_conv2d_args(input, weight_pre, weight_ft, gate, bias_pre, bias_f
                  f"channels, got {input.shape[1]} (input shape {tuple(input.shape)})")
     if c_out % groups:
         fail(OP, f"weight_pre.size(0) = {c_out} must be divisible by groups = {groups}")
-    check_tensor(OP, "gate", gate, dtype=dt, device=dev)
+    check_tensor(OP, "gate", gate, dtype=dt, device=dev, floating=True)
     if tuple(gate.shape) not in ((n,), (n, c_out)):
         fail(OP, f"gate must have shape (N,) or (N, C_out) = ({n}, {c_out}), got {tuple(gate.shape)}")
     for name, b in (("bias_pre", bias_pre), ("bias_ft", bias_ft)):
         if b is not None:
-            check_tensor(OP, name, b, dtype=dt, device=dev)
+            check_tensor(OP, name, b, dtype=dt, device=dev, floating=True)
             if tuple(b.shape) != (c_out,):
                 fail(OP, f"{name} must have shape ({c_out},), got {tuple(b.shape)}")
 
