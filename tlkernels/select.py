@@ -60,18 +60,22 @@ class SourceSelector:
     mode        "equal_mass" (the paper's) or "uniform" bin edges, fitted on the target set by fit()
     metric      knn_search metric ("skl": weighted symmetric KL, the paper's)
     cache_dir   descriptors are cached there (atomic files keyed on the bank, edges and the data's content)
-    Datasets yield (image, label) pairs or images, (C, H, W) tensors; descriptors are computed on the images'
-    device and kept on the CPU. Methods raise RuntimeError when called out of order (describe before fit, ...).
+    device      where histograms and the search run (None: the images' device); descriptors are kept on the CPU
+    Datasets yield (image, label) pairs or images, (C, H, W) tensors. Under torch.distributed,
+    describe_shard() describes this rank's share of the source set and select()/grow() search the shards
+    (every rank gets the global answer). Methods raise RuntimeError when called out of order.
     """
 
     def __init__(self, bank, bins=100, fine_bins=2000, mode="equal_mass", metric="skl", batch_size=64,
-                 cache_dir=None, progress=True, num_workers=0):
+                 cache_dir=None, progress=True, num_workers=0, device=None):
         from tlkernels.filters import FilterBank
         if not isinstance(bank, FilterBank):
             raise TypeError(f"SourceSelector: bank must be a tlkernels.filters.FilterBank (gabor_bank() or "
                             f"from_model(...)), got {type(bank).__name__}")
         self.bank, self.bins, self.fine_bins, self.mode, self.metric = bank, bins, fine_bins, mode, metric
         self.batch_size, self.cache_dir, self.progress, self.num_workers = batch_size, cache_dir, progress, num_workers
+        self.device = None if device is None else torch.device(device)
+        self.sharded, self.source_count = False, None
         self.edges = None
         self.descriptors = {}
         self._nbrs = None
@@ -79,7 +83,8 @@ class SourceSelector:
         self.k = None
 
     def _loader(self, dataset):
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+        return _OnDevice(DataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers),
+                         self.device)
 
     def fit(self, target_dataset):
         """Fit the bin edges on the target set (ValueError when it is empty); returns self."""
@@ -140,6 +145,24 @@ class SourceSelector:
             atomic_save({"format": CACHE_FORMAT, "version": CACHE_VERSION, "fingerprint": fp, "descriptors": d,
                          "checksum": hashlib.sha256(d.numpy().tobytes()).hexdigest()}, path)
         self.descriptors[name] = d
+        if name == "source":
+            self.sharded, self.source_count = False, d.shape[0]
+        return d
+
+    def describe_shard(self, source_dataset):
+        """This rank's contiguous share of the source set as the "source" descriptors (torch.distributed
+        initialised); select() and grow() then search every rank's share and return global source indices."""
+        import torch.distributed as dist
+        if not dist.is_initialized():
+            raise RuntimeError("SourceSelector.describe_shard: torch.distributed is not initialised")
+        rank, world, n = dist.get_rank(), dist.get_world_size(), len(source_dataset)
+        shard = torch.utils.data.Subset(source_dataset, range(n * rank // world, n * (rank + 1) // world))
+        cache_dir, self.cache_dir = self.cache_dir, None  # a shard is not the data set a cache is keyed on
+        try:
+            d = self.describe(shard, "source")
+        finally:
+            self.cache_dir = cache_dir
+        self.sharded, self.source_count = True, n
         return d
 
     def channel_weights(self):
@@ -147,15 +170,16 @@ class SourceSelector:
 
     def _search(self, rows, k):
         t, s = self.descriptors["target"], self.descriptors["source"]
-        return knn_search(t[rows].double(), s.double(), k, metric=self.metric,
-                          channel_weights=self.channel_weights().double())[1]
+        dev = self.device or t.device
+        return knn_search(t[rows].to(dev, torch.float64), s.to(dev, torch.float64), k, metric=self.metric,
+                          channel_weights=self.channel_weights().to(dev, torch.float64), sharded=self.sharded)[1].cpu()
 
     def select(self, k):
         """(N_target, k) indices of each target image's k nearest source images, nearest first."""
         for name in ("target", "source"):
             if name not in self.descriptors:
                 raise RuntimeError(f"SourceSelector.select: describe(..., name={name!r}) first")
-        n_src = self.descriptors["source"].shape[0]
+        n_src = self.source_count
         if not 1 <= k <= n_src:
             raise ValueError(f"SourceSelector.select: k must be in [1, {n_src}] (source images), got {k}")
         self.k = k
@@ -173,7 +197,7 @@ class SourceSelector:
         if idx.min() < 0 or idx.max() >= self._nbrs.shape[0]:
             raise ValueError(f"SourceSelector.grow: hard_target_indices must be in [0, {self._nbrs.shape[0]}), got "
                              f"[{int(idx.min())}, {int(idx.max())}]")
-        kk = min(self.k * int(levels), self.descriptors["source"].shape[0])
+        kk = min(self.k * int(levels), self.source_count)
         new = self._search(idx, kk)
         if kk > self._nbrs.shape[1]:
             pad = self._nbrs.new_full((self._nbrs.shape[0], kk - self._nbrs.shape[1]), -1)
@@ -185,6 +209,25 @@ class SourceSelector:
     def neighbours(self):
         """List over target images of their neighbour index tensors (nearest first)."""
         return [self._nbrs[i, :c] for i, c in enumerate(self._counts.tolist())]
+
+
+class _OnDevice:
+    """Re-iterable view of a loader whose images are moved to `device` (None: left where they are)."""
+
+    def __init__(self, loader, device):
+        self.loader, self.device = loader, device
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            if self.device is None:
+                yield batch
+            elif isinstance(batch, (tuple, list)):
+                yield [batch[0].to(self.device)] + list(batch[1:])
+            else:
+                yield batch.to(self.device)
 
 
 class JointDataset(Dataset):

@@ -122,7 +122,8 @@ class AdaFilterConv(nn.Module):
             raise ValueError(f"AdaFilter: layer {self.index} ({c.in_channels} -> {c.out_channels} channels) expects "
                              f"input (N, {c.in_channels}, H, W), got shape {tuple(x.shape)}")
         gate = self._controller[0].gate(self.index, x)
-        self.last_gate = gate.detach()
+        if not torch.compiler.is_exporting():  # (a deployed program keeps no statistics)
+            self.last_gate = gate.detach()
         if self.training:
             self._fold_cache = None  # this forward updates BN running statistics in place, unversioned
         if not self.fused or self.training or not self._foldable():

@@ -74,13 +74,15 @@ class SpotTuneBlock(nn.Module):
         if g is None:
             raise RuntimeError("SpotTuneBlock: no gate set; call the SpotTune wrapper, not the backbone")
         # Hard gates, no gradient: each image runs one copy only. Under torch.compile the blend below is used
-        # instead (both copies, same values for 0/1 gates): routing has data-dependent shapes.
-        if self.route and not torch.compiler.is_compiling():
+        # instead (both copies, same values for 0/1 gates): routing has data-dependent shapes. torch.export
+        # takes them (unbacked sizes), so an exported program routes, without the all-one-copy shortcuts.
+        exporting = torch.compiler.is_exporting()
+        if self.route and (exporting or not torch.compiler.is_compiling()):
             sel = g > 0.5
             idx1, idx0 = sel.nonzero().squeeze(1), (~sel).nonzero().squeeze(1)
-            if idx1.numel() == x.shape[0]:
+            if not exporting and idx1.numel() == x.shape[0]:
                 return self.finetuned(x)
-            if idx0.numel() == x.shape[0]:
+            if not exporting and idx0.numel() == x.shape[0]:
                 return self.frozen(x)
             y1 = self.finetuned(x.index_select(0, idx1))
             y0 = self.frozen(x.index_select(0, idx0))
@@ -153,6 +155,8 @@ class SpotTune(nn.Module):
         finally:
             for b in self.blocks:
                 b.gate = None
+        if torch.compiler.is_exporting():  # a deployed program keeps no statistics
+            return out
         with torch.no_grad():
             self.last_gates = g.detach()
             self.usage_sum += g.detach().float().sum(0)

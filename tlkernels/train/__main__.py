@@ -1,0 +1,3 @@
+from tlkernels.train.loop import main
+
+main()

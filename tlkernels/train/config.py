@@ -1,0 +1,186 @@
+"""The trainer's options: one dataclass field each (flag `--name value`, or a key of a JSON `--config` file;
+flags win), with its help text and choices, and the checks that turn a bad value into a clear error."""
+import argparse
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+
+METHODS = {
+    "finetune": "standard fine-tuning: every layer trained from the pre-trained weights, a new head",
+    "l2sp": "fine-tuning + alpha/2 ||w - w0||^2 on pre-trained weights, beta/2 ||w||^2 on the new head (Li et al. 2018)",
+    "soft": "fine-tuning + lambda(t) x source-task loss on source images, lambda decaying to 0",
+    "selective": "joint training with the source images nearest to each target image by filter-bank histograms, "
+                 "hard target images mined for more neighbours (Ge & Yu 2017)",
+    "adafilter": "per image and filter, an LSTM gate picks the fine-tuned or the frozen filter (Guo et al. 2020)",
+    "spottune": "per image and residual block, a policy net picks the fine-tuned or the frozen block (Guo et al. 2019)",
+}
+
+
+def opt(default, help, choices=None):
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class Config:
+    method: str = opt("finetune", "the method (see the list below); '+l2sp' adds the L2-SP penalty, e.g. adafilter+l2sp")
+    compare: str = opt("", "comma-separated methods trained on the same split and seeds, then compared "
+                           "(comparison.md, comparison.png)")
+    seeds: str = opt("", "comma-separated seeds: every method on every seed, mean +- std in comparison.md "
+                         "(empty: --seed alone)")
+    seed: int = opt(0, "random seed: same seed, same numbers (and, for the demo, the same target split)")
+    target: str = opt("", "ImageFolder root with train/<class>/* and val/<class>/* (empty: the embedded demo)")
+    source: str = opt("", "ImageFolder root of the source set, train/ and val/ (soft, selective; empty: the demo's)")
+    arch: str = opt("resnet18", "torchvision architecture for --target data")
+    checkpoint: str = opt("", "pre-trained state_dict of --arch instead of torchvision's weights")
+    image_size: int = opt(224, "--target data: training RandomResizedCrop and validation CenterCrop size")
+    mean: str = opt("", "normalisation mean, comma-separated per channel (default: the pre-trained weights' "
+                        "metadata; ImageNet's with --checkpoint)")
+    std: str = opt("", "normalisation std, comma-separated per channel (default: as --mean)")
+    skip_bad_images: bool = opt(False, "count and skip unreadable images instead of stopping with an error naming them")
+    workers: int = opt(-1, "DataLoader worker processes (-1: 0 for the in-memory demo, else min(8, cores))")
+    device: str = opt("auto", "auto (CUDA when available; cuda:LOCAL_RANK under torchrun), cpu, cuda or cuda:N")
+    amp: str = opt("off", "mixed precision: autocast in bf16 or fp16 (fp16 with a gradient scaler)",
+                   ("off", "bf16", "fp16"))
+    channels_last: bool = opt(False, "model and batches in channels_last memory format")
+    compile: bool = opt(False, "torch.compile the model (the tlkernels ops have fake kernels)")
+    out_dir: str = opt("runs/demo", "metrics, checkpoints, plots and exports go to out_dir/<method>/")
+    cache_dir: str = opt("", "pre-trained demo model and descriptor caches (default: out_dir/cache)")
+    epochs: int = opt(30, "passes over the target training set")
+    eval_every: int = opt(5, "validate every N epochs (and after the last)")
+    batch_size: int = opt(32, "images per step and process (global batch: batch_size x processes, as timm)")
+    lr: float = opt(0.02, "SGD learning rate, cosine decay to 0")
+    momentum: float = opt(0.9, "SGD momentum")
+    weight_decay: float = opt(1e-4, "plain L2 on the weights (none on the tensors L2-SP penalises)")
+    l2sp_alpha: float = opt(0.1, "L2-SP: pull of the pre-trained weights toward their start (paper: 0.1)")
+    l2sp_beta: float = opt(0.01, "L2-SP: plain L2 on the new head (paper: 0.01)")
+    label_smoothing: float = opt(0.0, "target loss label smoothing, in [0, 1] (timm's recipes use 0.1)")
+    class_weights: str = opt("none", "target loss class weights: balanced = n / (classes x count) per class",
+                             ("none", "balanced"))
+    soft_schedule: str = opt("cosine", "soft: lambda(t) schedule", ("linear", "cosine", "exponential", "step"))
+    soft_lambda0: float = opt(1.0, "soft: source-loss weight at the start")
+    selective_k: int = opt(50, "selective: source neighbours per target image")
+    selective_levels: int = opt(2, "selective: hard (misclassified) target images get k x levels neighbours")
+    selective_bins: int = opt(32, "selective: histogram bins per filter channel")
+    adafilter_hidden: int = opt(32, "AdaFilter: LSTM width")
+    spottune_tau: float = opt(5.0, "SpotTune: Gumbel-softmax temperature")
+    policy_lr: float = opt(0.01, "SpotTune: policy network learning rate")
+    pretrain_epochs: int = opt(2, "demo: epochs of source pre-training (cached)")
+    target_per_class: int = opt(10, "demo: training images per class of the target set")
+    source_limit: int = opt(0, "use only the first N source images (0: all)")
+    resume: bool = opt(False, "continue out_dir/<method>/last.pt exactly where it stopped")
+    stop_after: int = opt(0, "stop after this many steps (checkpoint saved), as an interruption would (0: off)")
+    export: bool = opt(True, "write model.pt2 (torch.export) and, where the model is plain, plain.pt")
+    tensorboard: bool = opt(False, "also log to out_dir/<method>/tensorboard (needs the tensorboard package)")
+    quiet: bool = opt(False, "no progress bars")
+    threads: int = opt(0, "torch threads (0: torch's default)")
+    config: str = opt("", "JSON file with any of these options")
+
+    def methods(self):
+        """The methods to train, each parsed once: [(name as given, base method, with L2-SP)]."""
+        names = [m for m in self.compare.split(",") if m] or [self.method]
+        return [(m, m.partition("+")[0], m.partition("+")[2] == "l2sp" or m == "l2sp") for m in names]
+
+    def seed_list(self):
+        return [int(s) for s in self.seeds.split(",") if s.strip()] or [self.seed]
+
+    def floats(self, name):
+        return [float(v) for v in getattr(self, name).split(",") if v.strip()] or None
+
+
+def _type_name(f):
+    return f.type if isinstance(f.type, str) else f.type.__name__
+
+
+def _epilog():
+    lines = ["methods:"] + [f"  {m:<10} {text}" for m, text in METHODS.items()]
+    lines += ["", "examples:",
+              "  python -m tlkernels.train --compare finetune,l2sp,soft,selective,adafilter,spottune --seeds 0,1",
+              "  python -m tlkernels.train --method spottune --target data/birds --device cuda --amp bf16 --workers 8",
+              "  torchrun --nproc_per_node=4 -m tlkernels.train --method selective --target data/birds "
+              "--source data/imagenet_subset --amp bf16"]
+    return "\n".join(lines)
+
+
+def parser():
+    ap = argparse.ArgumentParser(prog="python -m tlkernels.train",
+                                 description="tlkernels reference trainer: the five adaptive fine-tuning methods "
+                                             "through the tlkernels kernels.",
+                                 epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(Config):
+        help_ = f.metadata["help"] + f" (default: {f.default!r})"
+        if _type_name(f) == "bool":
+            ap.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None, help=help_)
+        else:
+            typ = {"int": int, "float": float, "str": str}[_type_name(f)]
+            ap.add_argument(f"--{f.name}", type=typ, default=None, choices=f.metadata["choices"], help=help_,
+                            metavar=None if f.metadata["choices"] else _type_name(f).upper())
+    return ap
+
+
+def _read_config_file(ap, path):
+    try:
+        with open(path) as fh:
+            values = json.load(fh)
+    except (OSError, json.JSONDecodeError) as e:
+        ap.error(f"--config {path}: {e}")
+    if not isinstance(values, dict):
+        ap.error(f"--config {path}: expected a JSON object of options (e.g. {{\"epochs\": 10}}), "
+                 f"got a JSON {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    for k, v in values.items():
+        if k not in fields:
+            ap.error(f"--config {path}: unknown option {k!r}")
+        tname = _type_name(fields[k])
+        want = {"int": int, "float": (int, float), "str": str, "bool": bool}[tname]
+        if not isinstance(v, want) or (want is int and isinstance(v, bool)):
+            ap.error(f"--config {path}: option {k!r} must be {tname}, got {v!r}")
+        if fields[k].metadata["choices"] and v not in fields[k].metadata["choices"]:
+            ap.error(f"--config {path}: option {k!r} must be one of {', '.join(fields[k].metadata['choices'])}, "
+                     f"got {v!r}")
+    return values
+
+
+def check(ap, cfg):
+    for m, base, _ in cfg.methods():
+        if base not in METHODS or m.partition("+")[2] not in ("", "l2sp"):
+            ap.error(f"unknown method {m!r}; choose from {', '.join(METHODS)} (optionally with +l2sp)")
+    if not 0.0 <= cfg.label_smoothing <= 1.0:
+        ap.error(f"--label_smoothing must be in [0, 1], got {cfg.label_smoothing}")
+    for name in ("epochs", "eval_every", "batch_size", "selective_k", "selective_bins", "target_per_class",
+                 "pretrain_epochs", "image_size"):
+        if getattr(cfg, name) < 1:
+            ap.error(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("source_limit", "stop_after", "threads"):
+        if getattr(cfg, name) < 0:
+            ap.error(f"--{name} must be >= 0 (0: {'all' if name == 'source_limit' else 'off'}), got {getattr(cfg, name)}")
+    if cfg.workers < -1:
+        ap.error(f"--workers must be >= 0, or -1 for the default, got {cfg.workers}")
+    try:
+        cfg.seed_list()
+    except ValueError:
+        ap.error(f"--seeds must be comma-separated integers, e.g. 0,1,2, got {cfg.seeds!r}")
+    for name in ("mean", "std"):
+        try:
+            vals = cfg.floats(name)
+        except ValueError:
+            ap.error(f"--{name} must be comma-separated numbers, e.g. 0.485,0.456,0.406, got {getattr(cfg, name)!r}")
+        if vals is not None and name == "std" and min(vals) <= 0:
+            ap.error(f"--std must be > 0 per channel, got {getattr(cfg, name)!r}")
+    if cfg.source and not cfg.target:
+        ap.error("--source needs --target")
+    if (cfg.mean or cfg.std) and not cfg.target:
+        ap.error("--mean/--std apply to --target image folders (the demo's tensors are not normalised)")
+    if cfg.device not in ("auto", "cpu", "cuda") and not (cfg.device.startswith("cuda:") and cfg.device[5:].isdigit()):
+        ap.error(f"--device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+
+
+def parse_args(argv=None):
+    ap = parser()
+    ns = ap.parse_args(argv)
+    values = _read_config_file(ap, ns.config) if ns.config else {}
+    values.update({k: v for k, v in vars(ns).items() if v is not None})
+    cfg = Config(**values)
+    check(ap, cfg)
+    cfg.cache_dir = cfg.cache_dir or os.path.join(cfg.out_dir, "cache")
+    return cfg

@@ -1,0 +1,410 @@
+"""The training loop: devices and processes, the pre-trained backbone, one method's run (via its recipe),
+checkpoints that resume exactly, and the comparison over methods and seeds."""
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tlkernels._io import CheckpointError, atomic_save, atomic_write_text, load
+from tlkernels.train import data, export, plots
+from tlkernels.train.config import parse_args
+from tlkernels.train.recipes import recipe
+
+
+# ----------------------------------------------------------------------------- devices and processes
+def setup_processes(cfg):
+    """(rank, world, device). Under torchrun each process takes cuda:LOCAL_RANK (NCCL) or the CPU (gloo)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    want = cfg.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise SystemExit(f"tlkernels-train: --device {cfg.device}: CUDA is not available on this machine "
+                             f"(torch {torch.__version__}); use --device cpu")
+        index = int(want[5:]) if want.startswith("cuda:") else (local_rank if world > 1 else torch.cuda.current_device())
+        if index >= torch.cuda.device_count():
+            raise SystemExit(f"tlkernels-train: --device cuda:{index}: only {torch.cuda.device_count()} GPU(s)")
+        device = torch.device("cuda", index)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), device
+    return 0, 1, device
+
+
+def is_main():
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def log(msg):
+    if is_main():
+        print(msg, file=sys.stderr, flush=True)
+
+
+@dataclasses.dataclass
+class Run:
+    """What one method's training sees: options, data, device, ranks, and the model being trained."""
+    cfg: object
+    target: object
+    source: object
+    device: torch.device
+    rank: int
+    world: int
+    workers: int
+    net: nn.Module = None
+    amp: object = None
+
+    def batch(self, x):
+        fmt = torch.channels_last if self.cfg.channels_last else torch.contiguous_format
+        return x.to(self.device, non_blocking=True, memory_format=fmt)
+
+    @torch.no_grad()
+    def predict(self, ds, shard=False):
+        """(loss sum, correct count, predictions, labels) of the eval model on `ds` (this rank's share if shard)."""
+        self.net.eval()
+        loss, correct, preds, labels = 0.0, 0, [], []
+        loader = data.eval_loader(ds, 2 * self.cfg.batch_size, self.workers, self.device,
+                                  *((self.rank, self.world) if shard else (0, 1)))
+        for x, y, _ in loader:
+            if x is None:
+                continue
+            with self.amp():
+                out = self.net(self.batch(x)).float()
+            y = y.to(self.device)
+            loss += float(F.cross_entropy(out, y, reduction="sum"))
+            correct += int((out.argmax(1) == y).sum())
+            preds.append(out.argmax(1).cpu())
+            labels.append(y.cpu())
+        cat = (lambda ts: torch.cat(ts) if ts else torch.zeros(0, dtype=torch.long))
+        return loss, correct, cat(preds), cat(labels)
+
+    def evaluate(self, ds):
+        """(accuracy, mean loss) over `ds`, each rank evaluating its share."""
+        loss, correct, preds, _ = self.predict(ds, shard=True)
+        sums = torch.tensor([loss, correct, len(preds)], dtype=torch.float64, device=self.device)
+        if self.world > 1:
+            dist.all_reduce(sums)
+        n = max(float(sums[2]), 1.0)
+        return float(sums[1]) / n, float(sums[0]) / n
+
+
+# ----------------------------------------------------------------------------- the pre-trained backbone
+def demo_backbone():
+    import torchvision
+    m = torchvision.models.resnet18(num_classes=10)
+    m.conv1 = nn.Conv2d(1, 64, 7, 2, 3, bias=False)  # grey-level digits
+    return m
+
+
+def pretrained_backbone(cfg, source):
+    """(backbone with its source classifier in .fc, the classes that classifier predicts or None): the cached
+    demo pre-training, --checkpoint, or torchvision's weights."""
+    import torchvision
+    if cfg.target and not cfg.checkpoint:
+        try:
+            weights = torchvision.models.get_model_weights(cfg.arch).DEFAULT
+            return torchvision.models.get_model(cfg.arch, weights=weights), weights.meta.get("categories")
+        except Exception as e:  # no network: say what to do instead of hanging
+            raise SystemExit(f"tlkernels-train: pre-trained weights for {cfg.arch!r} are not available offline ({e}); "
+                             f"pass --checkpoint PATH with a state_dict of {cfg.arch}")
+    if cfg.checkpoint:
+        model = demo_backbone() if not cfg.target else torchvision.models.get_model(cfg.arch)
+        try:
+            state = load(cfg.checkpoint, "--checkpoint")
+            if not isinstance(state, dict):
+                raise CheckpointError(f"--checkpoint {cfg.checkpoint}: expected a state_dict (a dict of tensors), "
+                                      f"got {type(state).__name__}")
+            model.load_state_dict(state.get("model", state))
+        except (CheckpointError, RuntimeError, KeyError) as e:
+            raise SystemExit(f"tlkernels-train: {e}" if isinstance(e, CheckpointError)
+                             else f"tlkernels-train: --checkpoint {cfg.checkpoint}: {e}")
+        return model, None  # a state_dict records no class names: soft/selective get a fresh source head
+    path = os.path.join(cfg.cache_dir, f"pretrained-demo-e{cfg.pretrain_epochs}-n{len(source.train)}.pt")
+    torch.manual_seed(1234)  # before construction: the initial weights must not depend on earlier RNG use
+    model = demo_backbone()
+    if os.path.exists(path):
+        try:
+            model.load_state_dict(load(path, "cached pre-trained model"))
+            return model, source.classes
+        except Exception as e:
+            log(f"cached pre-trained model {path} unusable ({e}); pre-training again")
+    if is_main():  # one rank pre-trains; the others wait and load the cache
+        from tqdm.auto import tqdm
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+        n, bs = len(source.train), 64
+        bar = tqdm(total=cfg.pretrain_epochs * math.ceil(n / bs), desc="pre-train on source", disable=cfg.quiet)
+        for ep in range(cfg.pretrain_epochs):
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(ep))
+            for i in range(0, n, bs):
+                x, y = data.take(source.train, perm[i:i + bs])
+                loss = F.cross_entropy(model(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                bar.update()
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.close()
+        atomic_save(model.state_dict(), path)
+    barrier()
+    model.load_state_dict(load(path, "cached pre-trained model"))
+    return model, source.classes
+
+
+# ----------------------------------------------------------------------------- checkpoints
+# Options that do not change what a run computes: a resumed run may differ from its checkpoint in these alone.
+RESUME_FREE = {"compare", "method", "seeds", "resume", "stop_after", "quiet", "config", "threads", "out_dir",
+               "cache_dir", "workers", "device", "export", "tensorboard"}
+CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "scaler", "objective", "recipe", "rng", "step", "best",
+                   "history", "config", "buffers"}
+
+
+def load_resume_checkpoint(path, cfg):
+    """last.pt of an earlier run of the same configuration (loaded without unpickling code)."""
+    try:
+        ck = load(path, "--resume checkpoint")
+    except CheckpointError as e:
+        raise SystemExit(f"tlkernels-train: {e}; delete it to start over")
+    if not isinstance(ck, dict) or not CHECKPOINT_KEYS <= set(ck):
+        got = sorted(ck) if isinstance(ck, dict) else type(ck).__name__
+        raise SystemExit(f"tlkernels-train: --resume checkpoint {path} is not a tlkernels training checkpoint "
+                         f"(expected the keys {sorted(CHECKPOINT_KEYS)}, got {got})")
+    now = dataclasses.asdict(cfg)
+    changed = [f"--{k}: checkpoint {v!r}, now {now.get(k)!r}" for k, v in sorted(ck["config"].items())
+               if k not in RESUME_FREE and now.get(k) != v]
+    if changed:
+        raise SystemExit(f"tlkernels-train: --resume: {path} was written by a run with other options, so resuming "
+                         f"would not continue that run; " + "; ".join(changed))
+    return ck
+
+
+def target_loss_options(cfg, target, device):
+    """class_weight and label_smoothing of the target loss (--class_weights, --label_smoothing)."""
+    cw = None
+    if cfg.class_weights == "balanced":
+        cw = data.balanced_class_weights(data.dataset_labels(target.train), len(target.classes)).to(device)
+    return dict(class_weight=cw, label_smoothing=cfg.label_smoothing)
+
+
+def tensorboard_writer(cfg, out):
+    if not cfg.tensorboard or not is_main():
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise SystemExit(f"tlkernels-train: --tensorboard needs the tensorboard package (pip install tensorboard): {e}")
+    return SummaryWriter(os.path.join(out, "tensorboard"))
+
+
+# ----------------------------------------------------------------------------- one method
+def train_method(run, method, base, with_l2sp, backbone, pretrained_classes, out):
+    from tqdm.auto import tqdm
+    from tlkernels.optim import SGD
+    cfg, device = run.cfg, run.device
+    if is_main():
+        os.makedirs(out, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    rec_ = recipe(cfg, base, with_l2sp)
+    if rec_.uses_source and run.source is None:
+        raise SystemExit(f"tlkernels-train: method {base!r} needs a source set (--source DIR)")
+    net = rec_.build(backbone, len(run.target.classes), run.source.classes if run.source else None, pretrained_classes)
+    net.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+    l2sp = rec_.l2sp(net)
+    run.net = net
+    plan = data.StepPlan(len(run.target.train), cfg.batch_size, cfg.seed, run.rank, run.world, rec_.draw_sources)
+    spe = plan.steps_per_epoch()
+    total = cfg.epochs * spe
+    objective = rec_.objective(total, target_loss_options(cfg, run.target, device))
+    opt = SGD(rec_.param_groups(net, 0.0 if l2sp is not None else cfg.weight_decay), lr=cfg.lr,
+              momentum=cfg.momentum, l2sp=l2sp)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    rec_.setup(run)
+    model = net
+    if run.world > 1:
+        model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        model = torch.compile(model)
+    start, best, history = 0, -1.0, []
+    last_path, best_path = os.path.join(out, "last.pt"), os.path.join(out, "best.pt")
+    if cfg.resume and os.path.exists(last_path):
+        ck = load_resume_checkpoint(last_path, cfg)
+        try:
+            net.load_state_dict(ck["model"])
+            opt.load_state_dict(ck["optimizer"])
+            sched.load_state_dict(ck["scheduler"])
+            scaler.load_state_dict(ck["scaler"])
+            objective.load_state_dict(ck["objective"])
+            rec_.load_state(ck["recipe"])
+            for name, buf in net.named_buffers():  # also the non-persistent ones (SpotTune's gate-usage counters)
+                if name in ck["buffers"]:
+                    buf.copy_(ck["buffers"][name])
+            torch.set_rng_state(ck["rng"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:
+            raise SystemExit(f"tlkernels-train: --resume checkpoint {last_path} does not fit this run "
+                             f"({type(e).__name__}: {e})")
+        start, best, history = ck["step"], ck["best"], ck["history"]
+        log(f"{method}: resumed at step {start}/{total}")
+    metrics = tb = None
+    if is_main():  # a fresh run starts the file anew; a resumed one continues the history it resumed
+        atomic_write_text("".join(json.dumps(h) + "\n" for h in history), os.path.join(out, "metrics.jsonl"))
+        metrics = open(os.path.join(out, "metrics.jsonl"), "a")
+        tb = tensorboard_writer(cfg, out)
+    loader = data.train_loader(run.target, run.source, plan, run.workers, device)
+    bar = tqdm(total=total, initial=start, desc=method, disable=cfg.quiet or not is_main())
+    t0, status, step, skipped = time.time(), "done", start, 0
+    for epoch in range(start // spe, cfg.epochs):
+        plan.set_epoch(epoch, skip=step - epoch * spe)
+        for xt, yt, xs, ys, bad in loader:
+            skipped += bad
+            model.train()
+            if xt is not None:
+                xt, yt = run.batch(xt), yt.to(device, non_blocking=True)
+                with run.amp():
+                    if xs is not None:
+                        logits, s_logits = model(torch.cat([xt, run.batch(xs)]), len(xt))
+                        loss, lt, ls = objective.parts(logits, yt, s_logits, ys.to(device, non_blocking=True))
+                    else:
+                        logits = model(xt)
+                        loss, lt, ls = objective.parts(logits, yt)
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            sched.step()
+            objective.step()
+            step += 1
+            rec = {"step": step, "epoch": epoch, "lambda": objective.lam(), "lr": sched.get_last_lr()[0]}
+            if xt is not None:
+                rec.update(loss=float(loss.detach()), target_ce=float(lt.detach()), source_ce=float(ls.detach()) if torch.is_tensor(ls) else float(ls),
+                           train_acc=float((logits.argmax(1) == yt).float().mean()))
+            if l2sp is not None:
+                rec["l2sp"] = float(l2sp.value())
+            if step % spe == 0:
+                rec.update(rec_.epoch_end(run, epoch))
+            if (step % spe == 0 and (epoch + 1) % cfg.eval_every == 0) or step == total:
+                acc, vloss = run.evaluate(run.target.val)
+                rec.update(val_acc=acc, val_loss=vloss)
+                gates = rec_.gates(net)
+                if gates is not None:
+                    rec["gates"] = gates
+                if acc > best:
+                    best = acc
+                    if is_main():
+                        atomic_save({"model": net.state_dict(), "step": step, "val_acc": acc}, best_path)
+            if skipped:
+                rec["skipped_images"] = skipped
+            history.append(rec)
+            if metrics:
+                metrics.write(json.dumps(rec) + "\n")
+                metrics.flush()
+            if tb:
+                for k, v in rec.items():
+                    if isinstance(v, (int, float)) and k != "step":
+                        tb.add_scalar(k, v, step)
+            bar.update()
+            bar.set_postfix(loss=f"{rec.get('loss', float('nan')):.3f}",
+                            acc=f"{history[-1].get('val_acc', float('nan')):.3f}")
+            stop = cfg.stop_after and step - start >= cfg.stop_after
+            if (step % spe == 0 or step == total or stop) and is_main():
+                atomic_save({"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                             "scaler": scaler.state_dict(), "objective": objective.state_dict(),
+                             "recipe": rec_.state(), "rng": torch.get_rng_state(), "step": step,
+                             "buffers": {k: b.detach().cpu().clone() for k, b in net.named_buffers()},
+                             "best": best, "history": history, "config": dataclasses.asdict(cfg)}, last_path)
+            if stop:
+                status = "interrupted"
+                break
+        if status == "interrupted":
+            break
+    bar.close()
+    if metrics:
+        metrics.close()
+    if tb:
+        tb.close()
+    if skipped:
+        log(f"{method}: skipped {skipped} unreadable image(s) (--skip_bad_images)")
+    final = [h for h in history if "val_acc" in h]
+    summary = {"method": method, "status": status, "steps": step, "final_val_acc": final[-1]["val_acc"] if final else None,
+               "best_val_acc": best, "seconds": round(time.time() - t0, 1), "seed": cfg.seed,
+               "skipped_images": skipped}
+    if is_main():
+        if cfg.export and status == "done":
+            summary["export"] = export.write(net, rec_, run, out)
+        atomic_write_text(json.dumps(summary, indent=2), os.path.join(out, "summary.json"))
+        plots.curves(history, os.path.join(out, "curves.png"), method)
+        if final and "gates" in final[-1]:
+            plots.gates(final[-1]["gates"], os.path.join(out, "gates.png"), method)
+        rec_.plots(run, out)
+    return summary, history
+
+
+# ----------------------------------------------------------------------------- every method, every seed
+def amp_context(cfg, device):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+    return lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def comparison(cfg, results, seeds):
+    """comparison.md: per method, mean +- std over seeds of the final and best validation accuracy."""
+    rows = ["| method | final val acc | best val acc | per-seed final | train seconds |", "|---|---|---|---|---|"]
+    for m, runs in results.items():
+        fin = torch.tensor([s["final_val_acc"] for s, _ in runs.values()], dtype=torch.float64)
+        bst = torch.tensor([s["best_val_acc"] for s, _ in runs.values()], dtype=torch.float64)
+        pm = (lambda t: f"{t.mean():.4f} +- {t.std(unbiased=True):.4f}" if len(t) > 1 else f"{t.mean():.4f}")
+        secs = sum(s["seconds"] for s, _ in runs.values()) / len(runs)
+        rows.append(f"| {m} | {pm(fin)} | {pm(bst)} | {', '.join(f'{v:.4f}' for v in fin.tolist())} | {secs:.0f} |")
+    table = "\n".join(rows)
+    what = "demo digits" if not cfg.target else cfg.target
+    atomic_write_text(f"Target: {what}; seeds {', '.join(map(str, seeds))}; {cfg.epochs} epochs; std over seeds "
+                      f"(n - 1).\n\n{table}\n", os.path.join(cfg.out_dir, "comparison.md"))
+    plots.comparison({m: [h for _, h in runs.values()] for m, runs in results.items()},
+                     os.path.join(cfg.out_dir, "comparison.png"))
+    return table
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    rank, world, device = setup_processes(cfg)
+    if is_main():
+        os.makedirs(cfg.cache_dir, exist_ok=True)
+    seeds, methods = cfg.seed_list(), cfg.methods()
+    results = {m: {} for m, _, _ in methods}
+    backbone = classes = None
+    for seed in seeds:
+        scfg = dataclasses.replace(cfg, seed=seed)
+        target, source = data.load_data(scfg, seed)
+        if backbone is None:
+            backbone, classes = pretrained_backbone(scfg, source)
+        run = Run(scfg, target, source, device, rank, world, data.default_workers(scfg, target),
+                  amp=amp_context(scfg, device))
+        for m, base, with_l2sp in methods:
+            out = os.path.join(cfg.out_dir, m.replace("+", "_"), *([f"seed{seed}"] if len(seeds) > 1 else []))
+            summary, history = train_method(run, m, base, with_l2sp, backbone, classes, out)
+            results[m][seed] = (summary, history)
+            log(f"{m} (seed {seed}): final val acc {summary['final_val_acc']:.4f}, best {summary['best_val_acc']:.4f}, "
+                f"{summary['seconds']} s" if summary["final_val_acc"] is not None else f"{m}: {summary['status']}")
+    done = all(s["final_val_acc"] is not None for runs in results.values() for s, _ in runs.values())
+    if is_main() and (len(methods) > 1 or len(seeds) > 1) and done:
+        print(comparison(cfg, results, seeds))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return results

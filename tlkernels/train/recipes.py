@@ -1,0 +1,212 @@
+"""One recipe per method: the trunk it wraps the backbone in, its heads, its loss, where its source images come
+from, and its epoch hooks. The loop (loop.py) only calls these; it never tests a method's name."""
+import os
+
+import torch
+import torch.nn as nn
+
+from tlkernels.nn import L2SP, SoftJointLoss
+
+
+class Net(nn.Module):
+    """trunk (the backbone without its classifier, maybe wrapped by SpotTune/AdaFilter) + target head
+    (+ a source head when the method keeps a source loss)."""
+
+    def __init__(self, trunk, feat_dim, n_target, source_head=None):
+        super().__init__()
+        self.trunk, self.head, self.source_head = trunk, nn.Linear(feat_dim, n_target), source_head
+
+    def forward(self, x, n_target=None):
+        f = self.trunk(x)
+        if n_target is None:
+            return self.head(f)
+        return self.head(f[:n_target]), self.source_head(f[n_target:])
+
+
+def source_head(fc, source_classes, pretrained_classes):
+    """The pre-trained classifier when its classes provably are the source set's (same names, same order),
+    else a fresh one over the source classes (Gaussian init, std 0.01, as the selective joint fine-tuning code)."""
+    if pretrained_classes is not None and list(pretrained_classes) == list(source_classes):
+        return fc, False
+    head = nn.Linear(fc.in_features, len(source_classes))
+    nn.init.normal_(head.weight, std=0.01)
+    nn.init.zeros_(head.bias)
+    return head, True
+
+
+class Recipe:
+    """Plain fine-tuning; the other methods override what differs."""
+    uses_source = False
+    plain = True  # the trained model is the unmodified architecture (plain.pt export)
+
+    def __init__(self, cfg, l2sp):
+        self.cfg, self.with_l2sp = cfg, l2sp
+        self.new = ["head"]  # parameter-name prefixes of what pre-training did not provide
+
+    def wrap(self, backbone):
+        return backbone
+
+    def build(self, backbone, n_target, source_classes=None, pretrained_classes=None):
+        """The model: a copy of the pre-trained backbone (its classifier in .fc) in the method's trunk, heads."""
+        import copy
+        backbone = copy.deepcopy(backbone)
+        feat, head = backbone.fc.in_features, None
+        if self.uses_source:
+            head, fresh = source_head(backbone.fc, source_classes, pretrained_classes)
+            if fresh:
+                self.new.append("source_head")
+        backbone.fc = nn.Identity()
+        return Net(self.wrap(backbone), feat, n_target, head)
+
+    def l2sp(self, net):
+        """The L2-SP penalty anchored at net's current (pre-trained) weights, or None."""
+        if not self.with_l2sp:
+            return None
+        return L2SP(net, alpha=self.cfg.l2sp_alpha, beta=self.cfg.l2sp_beta, head=self.new)
+
+    def objective(self, total_steps, loss_options):
+        return SoftJointLoss("constant", lambda0=0.0, **loss_options)
+
+    def param_groups(self, net, weight_decay):
+        return [dict(params=[p for p in net.parameters() if p.requires_grad], weight_decay=weight_decay)]
+
+    def setup(self, run):
+        """Before the first step (run: loop.Run, the data, devices and ranks)."""
+
+    def draw_sources(self, target_idx, generator):
+        """Source partners of the planned target images (None: the method uses no source images)."""
+        return None
+
+    def epoch_end(self, run, epoch):
+        """After each epoch; returns entries for the metrics record."""
+        return {}
+
+    def gates(self, net):
+        """Gate usage per layer for the metrics record, or None."""
+        return None
+
+    def export_model(self, net):
+        """The module torch.export traces for model.pt2 (eval mode)."""
+        return net
+
+    def state(self):
+        return {}
+
+    def load_state(self, state):
+        pass
+
+    def plots(self, run, out):
+        pass
+
+
+class L2SPRecipe(Recipe):
+    def __init__(self, cfg, l2sp):
+        super().__init__(cfg, True)
+
+
+class Soft(Recipe):
+    """L = CE_target + lambda(t) CE_source on random source images, lambda decaying to 0."""
+    uses_source = True
+
+    def objective(self, total_steps, loss_options):
+        return SoftJointLoss(self.cfg.soft_schedule, lambda0=self.cfg.soft_lambda0, total_steps=total_steps,
+                             **loss_options)
+
+    def setup(self, run):
+        self.n_source = len(run.source.train)
+
+    def draw_sources(self, target_idx, generator):
+        return torch.randint(self.n_source, (len(target_idx),), generator=generator)
+
+
+class Selective(Recipe):
+    """L = 1/2 CE_target + 1/2 CE_source on the retrieved neighbours of each target image; at half-time the
+    misclassified target images get k x levels neighbours."""
+    uses_source = True
+
+    def objective(self, total_steps, loss_options):
+        return SoftJointLoss("constant", lambda0=0.5, target_weight=0.5, **loss_options)
+
+    def setup(self, run):
+        from tlkernels.filters import gabor_bank
+        from tlkernels.select import SourceSelector
+        cfg = self.cfg
+        bank = gabor_bank(scales=2, orientations=4, size=7, in_channels=run.target.channels)
+        self.selector = SourceSelector(bank, bins=cfg.selective_bins, fine_bins=16 * cfg.selective_bins,
+                                       cache_dir=os.path.join(cfg.cache_dir, f"selective-seed{cfg.seed}"),
+                                       progress=not cfg.quiet, device=run.device, num_workers=run.workers)
+        self.selector.fit(run.target.train_eval)
+        self.selector.describe(run.target.train_eval, "target")
+        if run.world > 1:  # each rank describes its share of the source set; the searches are sharded
+            self.selector.describe_shard(run.source.train_eval)
+        else:
+            self.selector.describe(run.source.train_eval, "source")
+        self.selector.select(min(cfg.selective_k, len(run.source.train)))
+        self.neighbours = self.selector.neighbours()
+
+    def draw_sources(self, target_idx, generator):
+        return torch.stack([nb[torch.randint(len(nb), (1,), generator=generator)][0]
+                            for nb in (self.neighbours[int(j)] for j in target_idx)])
+
+    def epoch_end(self, run, epoch):
+        if epoch + 1 != max(1, self.cfg.epochs // 2):
+            return {}
+        _, _, pred, labels = run.predict(run.target.train_eval)  # every rank: the whole target set
+        hard = (pred != labels).nonzero().squeeze(1)
+        self.neighbours = self.selector.grow(hard, self.cfg.selective_levels)
+        return {"grown": int(hard.numel())}
+
+    def state(self):
+        return {"neighbours": self.neighbours}
+
+    def load_state(self, state):
+        if "neighbours" in state:
+            self.neighbours = state["neighbours"]
+
+    def plots(self, run, out):
+        from tlkernels.train import plots
+        plots.retrieval_grid(run.target.train_eval, run.source.train_eval, self.neighbours,
+                             os.path.join(out, "retrieved.png"), run.target.mean, run.target.std)
+
+
+class AdaFilterRecipe(Recipe):
+    plain = False
+
+    def wrap(self, backbone):
+        from tlkernels.methods import AdaFilter
+        self.new.append("trunk.controller")
+        return AdaFilter(backbone, hidden_size=self.cfg.adafilter_hidden)
+
+    def gates(self, net):
+        return net.trunk.gate_usage()
+
+
+class SpotTuneRecipe(Recipe):
+    plain = False
+
+    def wrap(self, backbone):
+        from tlkernels.methods import SpotTune
+        self.new.append("trunk.policy")
+        return SpotTune(backbone, tau=self.cfg.spottune_tau)
+
+    def param_groups(self, net, weight_decay):
+        named = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+        policy = [p for n, p in named if n.startswith("trunk.policy.")]
+        rest = [p for n, p in named if not n.startswith("trunk.policy.")]
+        return [dict(params=rest, weight_decay=weight_decay),  # the official policy settings:
+                dict(params=policy, lr=self.cfg.policy_lr, weight_decay=1e-3)]
+
+    def gates(self, net):
+        return {f"block{i}": float(u) for i, u in enumerate(net.trunk.gate_usage(reset=True))}
+
+    def export_model(self, net):
+        from tlkernels.train.export import fold_batchnorm
+        return fold_batchnorm(net)  # routing exports with the BNs as affine maps (export.fold_batchnorm)
+
+
+RECIPES = {"finetune": Recipe, "l2sp": L2SPRecipe, "soft": Soft, "selective": Selective,
+           "adafilter": AdaFilterRecipe, "spottune": SpotTuneRecipe}
+
+
+def recipe(cfg, base, l2sp):
+    return RECIPES[base](cfg, l2sp)
