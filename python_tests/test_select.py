@@ -344,3 +344,51 @@ def test_selector_from_model_bank_and_errors():
         SourceSelector(torch.randn(4, 3, 3, 3))
     with pytest.raises(RuntimeError, match=r"SourceSelector.select: describe\(..., name='target'\) first"):
         sel.select(2)
+
+
+def test_set_levels_equals_direct_search_and_shrinks_to_the_nearest():
+    """Iterative mining: target image i at level l gets its k * l nearest source images, exactly those of a
+    direct search (the plain procedure); a lower level keeps the nearest part of the list."""
+    bank = gabor_bank(scales=1, orientations=2, size=5)
+    target, source = _dataset(6, 0), _dataset(40, 1)
+    sel = SourceSelector(bank, bins=8, fine_bins=64, batch_size=5, progress=False).fit(target)
+    sel.describe(target, "target")
+    sel.describe(source, "source")
+    sel.select(4)
+    t, s = sel.descriptors["target"].double(), sel.descriptors["source"].double()
+    w = bank.channel_weights().double()
+    direct = knn_search_reference(t, s, 40, "skl", channel_weights=w)[1]
+    for levels in ([1, 2, 3, 1, 20, 2], [1, 1, 2, 1, 3, 1], [2, 2, 2, 2, 2, 2]):
+        nbrs = sel.set_levels(torch.tensor(levels))
+        for i, lv in enumerate(levels):
+            kk = min(4 * lv, 40)
+            assert torch.equal(nbrs[i], direct[i, :kk]), (levels, i)
+    assert sel.levels.tolist() == [2] * 6
+    with pytest.raises(ValueError, match=r"SourceSelector.set_levels: levels must be \(6,\) ints >= 1"):
+        sel.set_levels(torch.tensor([0, 1, 1, 1, 1, 1]))
+    with pytest.raises(ValueError, match=r"set_levels: levels must be \(6,\)"):
+        sel.set_levels(torch.ones(5, dtype=torch.long))
+
+
+def test_step_plan_draws_images_in_proportion_to_their_level():
+    from tlkernels.train.data import StepPlan
+    w = torch.tensor([1.0, 1.0, 1.0, 10.0])
+    plan = StepPlan(4, 4, 0, 0, 1, sample_weights=lambda: w)
+    counts = torch.zeros(4)
+    for epoch in range(500):
+        plan.set_epoch(epoch)
+        for batch in plan:
+            for k in batch:
+                counts[k[0]] += 1
+    assert counts.sum() == 2000  # the epoch keeps its length
+    ratio = counts[3] / counts[:3].mean()
+    assert 8.5 < ratio < 11.5, counts  # level 10 against level 1
+    # two ranks: disjoint shares of the same draws, together the whole epoch
+    shares = []
+    for rank in (0, 1):
+        p = StepPlan(4, 4, 0, rank, 2, sample_weights=lambda: w)
+        p.set_epoch(3)
+        shares.append([k[0] for b in p for k in b])
+    one = StepPlan(4, 4, 0, 0, 1, sample_weights=lambda: w)
+    one.set_epoch(3)
+    assert sorted(shares[0] + shares[1]) == sorted(k[0] for b in one for k in b)

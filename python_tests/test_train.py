@@ -107,7 +107,7 @@ def test_torchrun_two_processes(tmp_path, cache):
         s = json.loads((tmp_path / m / "summary.json").read_text())
         assert s["status"] == "done" and s["steps"] == 2
     # hard-image mining runs under DDP too (every rank the same hard set, sharded searches)
-    assert any("grown" in json.loads(l) for l in (tmp_path / "selective" / "metrics.jsonl").read_text().splitlines())
+    assert any("hard" in json.loads(l) for l in (tmp_path / "selective" / "metrics.jsonl").read_text().splitlines())
 
 
 def test_pretraining_is_identical_across_processes(tmp_path):

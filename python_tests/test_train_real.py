@@ -86,8 +86,13 @@ def test_training_batches_are_normalised_and_augmented(folder, checkpoint):
     # the same images (the same permutation positions hold other images, so compare each image's crops)
     _, (again,) = _first_batches(cfg, [0], workers=2)
     torch.testing.assert_close(again, e0)  # seeded per image: the same crops whatever the workers
-    crops = [data.PairDataset(target.train).__getitems__([[0, -1, s, 0]])[0][0] for s in (1, 2)]
-    assert not torch.equal(crops[0], crops[1])  # another epoch's seed, another crop
+    plan = data.StepPlan(len(target.train), 64, cfg.seed, 0, 1)
+    crops = []
+    for epoch in (0, 1):  # image 0 as each epoch's plan has it: another seed, another crop
+        plan.set_epoch(epoch)
+        key = next(k for batch in plan for k in batch if k[0] == 0)
+        crops.append(data.PairDataset(target.train).__getitems__([key])[0][0])
+    assert not torch.equal(crops[0], crops[1])
     ev = target.val[0][0]
     torch.testing.assert_close(ev, target.val[0][0])  # validation: deterministic Resize + CenterCrop
 
@@ -255,3 +260,37 @@ def test_cuda_device_without_cuda_is_a_clear_error(tmp_path, folder, checkpoint)
         pytest.skip("this machine has CUDA")
     with pytest.raises(SystemExit, match="--device cuda: CUDA is not available"):
         run(tmp_path, folder, checkpoint, "--device", "cuda")
+
+
+def test_soft_distill_needs_no_source_set(tmp_path, folder, checkpoint):
+    res = run(tmp_path, folder, checkpoint, "--method", "soft", "--soft_source", "distill", "--epochs", "1")
+    summary, history = res["soft"][0]
+    assert summary["status"] == "done"
+    assert history[0]["source_ce"] > 0 and history[-1]["lambda"] == 0.0  # distillation term, decaying
+
+
+def test_source_heads_fresh_unless_the_classes_provably_match(tmp_path, folder, checkpoint):
+    """--checkpoint records no class names: soft/selective train a fresh head over the --source classes."""
+    from tlkernels.train.recipes import Soft, source_head
+    fc = torch.nn.Linear(8, 1000)
+    head, fresh = source_head(fc, ["a", "b"], None)
+    assert fresh and head.out_features == 2 and float(head.weight.detach().std()) < 0.02
+    assert source_head(fc, ["a", "b"], ["a", "b"]) == (fc, False)
+    assert source_head(fc, ["a", "b"], ["b", "a"])[1]  # same names, other order: not the same head
+    cfg = parse_args(["--target", folder, "--checkpoint", checkpoint, "--source", folder, "--method", "soft"])
+    net = Soft(cfg, False).build(torchvision.models.resnet18(), 3, ["x", "y", "z", "w"], None)
+    assert net.source_head.out_features == 4
+    res = run(tmp_path, folder, checkpoint, "--method", "soft", "--source", folder, "--epochs", "1")
+    assert res["soft"][0][0]["status"] == "done"
+
+
+def test_selective_rounds_model_bank_and_levels(tmp_path, folder, checkpoint):
+    res = run(tmp_path, folder, checkpoint, "--method", "selective", "--source", folder, "--selective_bank", "model",
+              "--selective_k", "2", "--selective_bins", "4", "--epochs", "3", "--selective_rounds", "3",
+              "--selective_hardness", "entropy", "--selective_entropy_quantile", "0.5")
+    hist = res["selective"][0][1]
+    mined = [h for h in hist if "hard" in h]
+    assert [h["epoch"] for h in mined] == [0, 1]  # after each round but the last
+    assert all(h["hard"] > 0 for h in mined) and mined[1]["mean_level"] > mined[0]["mean_level"] > 1.0
+    ck = torch.load(tmp_path / "selective" / "last.pt", weights_only=True)
+    assert int(ck["recipe"]["levels"].max()) <= 3

@@ -27,6 +27,8 @@ class FilterBank:
         """Yields (stage dict, the stage's input) for (N, C, H, W) images (uint8 or float, any device)."""
         x = images.float()
         for s in self.stages:
+            if s["pre"] is not None:
+                s["pre"].to(x.device)  # the frozen stem follows the images (a no-op once it is there)
             yield s, (s["pre"](x) if s["pre"] is not None else x)
 
     def fingerprint_tensors(self):

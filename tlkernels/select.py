@@ -185,25 +185,46 @@ class SourceSelector:
         self.k = k
         self._nbrs = self._search(torch.arange(self.descriptors["target"].shape[0]), k)
         self._counts = torch.full((self._nbrs.shape[0],), k, dtype=torch.long)
+        self._filled = self._counts.clone()  # neighbours searched per row (nearest first)
+        self._levels = torch.ones(self._nbrs.shape[0], dtype=torch.long)
         return self._nbrs
 
     def grow(self, hard_target_indices, levels=2):
-        """Give the listed (hard) target images k * levels neighbours (capped at the source size)."""
+        """Give the listed (hard) target images k * levels neighbours (capped at the source size); the others
+        keep theirs."""
         if self._nbrs is None:
             raise RuntimeError("SourceSelector.grow: call select(k) first")
         idx = torch.as_tensor(hard_target_indices, dtype=torch.long).unique()
-        if idx.numel() == 0:
-            return self.neighbours()
-        if idx.min() < 0 or idx.max() >= self._nbrs.shape[0]:
+        if idx.numel() and (idx.min() < 0 or idx.max() >= self._nbrs.shape[0]):
             raise ValueError(f"SourceSelector.grow: hard_target_indices must be in [0, {self._nbrs.shape[0]}), got "
                              f"[{int(idx.min())}, {int(idx.max())}]")
-        kk = min(self.k * int(levels), self.source_count)
-        new = self._search(idx, kk)
-        if kk > self._nbrs.shape[1]:
-            pad = self._nbrs.new_full((self._nbrs.shape[0], kk - self._nbrs.shape[1]), -1)
-            self._nbrs = torch.cat([self._nbrs, pad], 1)
-        self._nbrs[idx, :kk] = new
-        self._counts[idx] = torch.maximum(self._counts[idx], torch.tensor(kk))
+        lv = self.levels.clone()
+        lv[idx] = torch.clamp(lv[idx], min=int(levels))
+        return self.set_levels(lv)
+
+    @property
+    def levels(self):
+        """Per target image, its level: it has k * level neighbours (capped at the source size)."""
+        return self._levels
+
+    def set_levels(self, levels):
+        """Give target image i k * levels[i] nearest neighbours (levels >= 1; capped at the source size), the
+        iterative hard-sample mining step: lists only grow by search, a lower level keeps the nearest part."""
+        if self._nbrs is None:
+            raise RuntimeError("SourceSelector.set_levels: call select(k) first")
+        levels = torch.as_tensor(levels, dtype=torch.long)
+        if tuple(levels.shape) != (self._nbrs.shape[0],) or (levels.numel() and int(levels.min()) < 1):
+            raise ValueError(f"SourceSelector.set_levels: levels must be ({self._nbrs.shape[0]},) ints >= 1, got "
+                             f"shape {tuple(levels.shape)}" + (f", min {int(levels.min())}" if levels.numel() else ""))
+        want = torch.clamp(levels * self.k, max=self.source_count)
+        for kk in sorted(set(want[want > self._filled].tolist())):  # one search per new list length
+            rows = ((want == kk) & (want > self._filled)).nonzero().squeeze(1)
+            if kk > self._nbrs.shape[1]:
+                pad = self._nbrs.new_full((self._nbrs.shape[0], kk - self._nbrs.shape[1]), -1)
+                self._nbrs = torch.cat([self._nbrs, pad], 1)
+            self._nbrs[rows, :kk] = self._search(rows, kk)
+            self._filled[rows] = kk
+        self._levels, self._counts = levels.clone(), want
         return self.neighbours()
 
     def neighbours(self):

@@ -59,8 +59,18 @@ class Config:
                              ("none", "balanced"))
     soft_schedule: str = opt("cosine", "soft: lambda(t) schedule", ("linear", "cosine", "exponential", "step"))
     soft_lambda0: float = opt(1.0, "soft: source-loss weight at the start")
-    selective_k: int = opt(50, "selective: source neighbours per target image")
-    selective_levels: int = opt(2, "selective: hard (misclassified) target images get k x levels neighbours")
+    soft_source: str = opt("images", "soft: the source loss on source images and labels, or distillation: the "
+                                     "frozen pre-trained model's softmax on the target images", ("images", "distill"))
+    selective_k: int = opt(50, "selective: source neighbours per target image at level 1")
+    selective_rounds: int = opt(3, "selective: training rounds; after each but the last, hard target images "
+                                   "climb a level (k x level neighbours, sampled level times as often)")
+    selective_max_level: int = opt(10, "selective: highest sampling level")
+    selective_hardness: str = opt("misclassified", "selective: which target images are hard after a round "
+                                  "(misclassified, or prediction entropy above --selective_entropy_quantile)",
+                                  ("misclassified", "entropy"))
+    selective_entropy_quantile: float = opt(0.8, "selective: entropy quantile above which an image is hard")
+    selective_bank: str = opt("gabor", "selective: descriptor filters: a Gabor bank, or the pre-trained model's "
+                                       "first two conv layers (pre-activation, the paper's default)", ("gabor", "model"))
     selective_bins: int = opt(32, "selective: histogram bins per filter channel")
     adafilter_hidden: int = opt(32, "AdaFilter: LSTM width")
     spottune_tau: float = opt(5.0, "SpotTune: Gumbel-softmax temperature")
@@ -145,10 +155,12 @@ def check(ap, cfg):
     for m, base, _ in cfg.methods():
         if base not in METHODS or m.partition("+")[2] not in ("", "l2sp"):
             ap.error(f"unknown method {m!r}; choose from {', '.join(METHODS)} (optionally with +l2sp)")
+    if not 0.0 < cfg.selective_entropy_quantile < 1.0:
+        ap.error(f"--selective_entropy_quantile must be in (0, 1), got {cfg.selective_entropy_quantile}")
     if not 0.0 <= cfg.label_smoothing <= 1.0:
         ap.error(f"--label_smoothing must be in [0, 1], got {cfg.label_smoothing}")
     for name in ("epochs", "eval_every", "batch_size", "selective_k", "selective_bins", "target_per_class",
-                 "pretrain_epochs", "image_size"):
+                 "pretrain_epochs", "image_size", "selective_rounds", "selective_max_level"):
         if getattr(cfg, name) < 1:
             ap.error(f"--{name} must be >= 1, got {getattr(cfg, name)}")
     for name in ("source_limit", "stop_after", "threads"):

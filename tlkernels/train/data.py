@@ -257,9 +257,10 @@ class StepPlan:
     `draw_sources(target indices, generator)` or -1, augmentation seeds). Iterated by the DataLoader in the
     main process, so a new neighbour list (selective mining) takes effect at the next epoch."""
 
-    def __init__(self, n, batch_size, seed, rank, world, draw_sources=None):
+    def __init__(self, n, batch_size, seed, rank, world, draw_sources=None, sample_weights=None):
         self.sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=seed)
         self.batch_size, self.seed, self.draw_sources = batch_size, seed, draw_sources
+        self.sample_weights, self.rank, self.world = sample_weights, rank, world
         self.epoch, self.skip = 0, 0
 
     def steps_per_epoch(self):
@@ -273,8 +274,19 @@ class StepPlan:
     def __len__(self):
         return self.steps_per_epoch() - self.skip
 
+    def _order(self):
+        """This rank's target indices for the epoch: a permutation, or with sample weights n draws with
+        replacement in proportion to them (seed + epoch, the same on every rank), sharded as the sampler does."""
+        w = self.sample_weights() if self.sample_weights is not None else None
+        if w is None:
+            return torch.as_tensor(list(self.sampler), dtype=torch.long)
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        total = len(self.sampler) * self.world
+        draws = torch.multinomial(w.double(), total, replacement=True, generator=g)
+        return draws[self.rank:total:self.world]
+
     def __iter__(self):
-        order = torch.as_tensor(list(self.sampler), dtype=torch.long)
+        order = self._order()
         for b in range(self.skip, self.steps_per_epoch()):
             idx = order[b * self.batch_size:(b + 1) * self.batch_size]
             g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 10_007 + b)

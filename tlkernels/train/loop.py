@@ -68,6 +68,7 @@ class Run:
     rank: int
     world: int
     workers: int
+    backbone: nn.Module = None
     net: nn.Module = None
     amp: object = None
 
@@ -77,9 +78,9 @@ class Run:
 
     @torch.no_grad()
     def predict(self, ds, shard=False):
-        """(loss sum, correct count, predictions, labels) of the eval model on `ds` (this rank's share if shard)."""
+        """(loss sum, correct count, logits, labels) of the eval model on `ds` (this rank's share if shard)."""
         self.net.eval()
-        loss, correct, preds, labels = 0.0, 0, [], []
+        loss, correct, logits, labels = 0.0, 0, [], []
         loader = data.eval_loader(ds, 2 * self.cfg.batch_size, self.workers, self.device,
                                   *((self.rank, self.world) if shard else (0, 1)))
         for x, y, _ in loader:
@@ -90,15 +91,16 @@ class Run:
             y = y.to(self.device)
             loss += float(F.cross_entropy(out, y, reduction="sum"))
             correct += int((out.argmax(1) == y).sum())
-            preds.append(out.argmax(1).cpu())
+            logits.append(out.cpu())
             labels.append(y.cpu())
-        cat = (lambda ts: torch.cat(ts) if ts else torch.zeros(0, dtype=torch.long))
-        return loss, correct, cat(preds), cat(labels)
+        n_classes = len(self.target.classes)
+        return (loss, correct, torch.cat(logits) if logits else torch.zeros(0, n_classes),
+                torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long))
 
     def evaluate(self, ds):
         """(accuracy, mean loss) over `ds`, each rank evaluating its share."""
-        loss, correct, preds, _ = self.predict(ds, shard=True)
-        sums = torch.tensor([loss, correct, len(preds)], dtype=torch.float64, device=self.device)
+        loss, correct, logits, _ = self.predict(ds, shard=True)
+        sums = torch.tensor([loss, correct, len(logits)], dtype=torch.float64, device=self.device)
         if self.world > 1:
             dist.all_reduce(sums)
         n = max(float(sums[2]), 1.0)
@@ -227,7 +229,8 @@ def train_method(run, method, base, with_l2sp, backbone, pretrained_classes, out
     net.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
     l2sp = rec_.l2sp(net)
     run.net = net
-    plan = data.StepPlan(len(run.target.train), cfg.batch_size, cfg.seed, run.rank, run.world, rec_.draw_sources)
+    plan = data.StepPlan(len(run.target.train), cfg.batch_size, cfg.seed, run.rank, run.world, rec_.draw_sources,
+                         rec_.sample_weights)
     spe = plan.steps_per_epoch()
     total = cfg.epochs * spe
     objective = rec_.objective(total, target_loss_options(cfg, run.target, device))
@@ -276,9 +279,11 @@ def train_method(run, method, base, with_l2sp, backbone, pretrained_classes, out
             model.train()
             if xt is not None:
                 xt, yt = run.batch(xt), yt.to(device, non_blocking=True)
+                xs, ys = rec_.source_batch(run, xt, xs, ys)
                 with run.amp():
-                    if xs is not None:
-                        logits, s_logits = model(torch.cat([xt, run.batch(xs)]), len(xt))
+                    if ys is not None:  # with source images, or (distillation) source targets of the target images
+                        x_in = xt if xs is None else torch.cat([xt, run.batch(xs)])
+                        logits, s_logits = model(x_in, len(xt))
                         loss, lt, ls = objective.parts(logits, yt, s_logits, ys.to(device, non_blocking=True))
                     else:
                         logits = model(xt)
@@ -394,7 +399,7 @@ def main(argv=None):
         target, source = data.load_data(scfg, seed)
         if backbone is None:
             backbone, classes = pretrained_backbone(scfg, source)
-        run = Run(scfg, target, source, device, rank, world, data.default_workers(scfg, target),
+        run = Run(scfg, target, source, device, rank, world, data.default_workers(scfg, target), backbone,
                   amp=amp_context(scfg, device))
         for m, base, with_l2sp in methods:
             out = os.path.join(cfg.out_dir, m.replace("+", "_"), *([f"seed{seed}"] if len(seeds) > 1 else []))

@@ -17,10 +17,12 @@ class Net(nn.Module):
         self.trunk, self.head, self.source_head = trunk, nn.Linear(feat_dim, n_target), source_head
 
     def forward(self, x, n_target=None):
+        """x alone: target logits. n_target: the first n_target images are target images, the rest source
+        images, each through its head; n_target == len(x): both heads on the same (target) images."""
         f = self.trunk(x)
         if n_target is None:
             return self.head(f)
-        return self.head(f[:n_target]), self.source_head(f[n_target:])
+        return self.head(f[:n_target]), self.source_head(f[n_target:] if n_target < f.shape[0] else f)
 
 
 def source_head(fc, source_classes, pretrained_classes):
@@ -36,7 +38,8 @@ def source_head(fc, source_classes, pretrained_classes):
 
 class Recipe:
     """Plain fine-tuning; the other methods override what differs."""
-    uses_source = False
+    uses_source = False  # draws images of the --source set
+    keeps_source_head = False  # trains a source head beside the target head
     plain = True  # the trained model is the unmodified architecture (plain.pt export)
 
     def __init__(self, cfg, l2sp):
@@ -51,7 +54,9 @@ class Recipe:
         import copy
         backbone = copy.deepcopy(backbone)
         feat, head = backbone.fc.in_features, None
-        if self.uses_source:
+        if self.keeps_source_head and not self.uses_source:  # its targets are over the pre-trained classes
+            head = backbone.fc
+        elif self.keeps_source_head:
             head, fresh = source_head(backbone.fc, source_classes, pretrained_classes)
             if fresh:
                 self.new.append("source_head")
@@ -76,6 +81,15 @@ class Recipe:
     def draw_sources(self, target_idx, generator):
         """Source partners of the planned target images (None: the method uses no source images)."""
         return None
+
+    def sample_weights(self):
+        """Per target image, how often the next epoch draws it relative to the others (None: each once)."""
+        return None
+
+    def source_batch(self, run, xt, xs, ys):
+        """(source images or None, source targets or None) of a step, given its target images on the device
+        and the planned source images and labels (None when the method draws none)."""
+        return xs, ys
 
     def epoch_end(self, run, epoch):
         """After each epoch; returns entries for the metrics record."""
@@ -105,35 +119,66 @@ class L2SPRecipe(Recipe):
 
 
 class Soft(Recipe):
-    """L = CE_target + lambda(t) CE_source on random source images, lambda decaying to 0."""
-    uses_source = True
+    """L = CE_target + lambda(t) CE_source, lambda decaying to 0. --soft_source images: CE of the source head
+    on random source images and their labels; distill: CE of the (pre-trained) source head on the target
+    images against the frozen pre-trained model's softmax on them (no source set needed)."""
+    keeps_source_head = True
+
+    def __init__(self, cfg, l2sp):
+        super().__init__(cfg, l2sp)
+        self.uses_source = cfg.soft_source == "images"
+
+    def source_batch(self, run, xt, xs, ys):
+        if self.uses_source:
+            return xs, ys
+        with torch.no_grad(), run.amp():
+            return None, torch.softmax(self.teacher(xt).float(), 1)
 
     def objective(self, total_steps, loss_options):
         return SoftJointLoss(self.cfg.soft_schedule, lambda0=self.cfg.soft_lambda0, total_steps=total_steps,
                              **loss_options)
 
     def setup(self, run):
-        self.n_source = len(run.source.train)
+        import copy
+        if self.uses_source:
+            self.n_source = len(run.source.train)
+        else:
+            self.teacher = copy.deepcopy(run.backbone).to(run.device).eval().requires_grad_(False)
 
     def draw_sources(self, target_idx, generator):
+        if not self.uses_source:
+            return None
         return torch.randint(self.n_source, (len(target_idx),), generator=generator)
 
 
+def hard_images(logits, labels, criterion, quantile):
+    """Indices of the hard target images: misclassified, or prediction entropy above the `quantile`."""
+    if criterion == "misclassified":
+        return (logits.argmax(1) != labels).nonzero().squeeze(1)
+    logp = torch.log_softmax(logits.double(), 1)
+    entropy = -(logp.exp() * logp).sum(1)
+    return (entropy > torch.quantile(entropy, quantile)).nonzero().squeeze(1)
+
+
 class Selective(Recipe):
-    """L = 1/2 CE_target + 1/2 CE_source on the retrieved neighbours of each target image; at half-time the
-    misclassified target images get k x levels neighbours."""
-    uses_source = True
+    """L = 1/2 CE_target + 1/2 CE_source on the retrieved neighbours of each target image, in rounds: after each
+    round but the last, every hard target image climbs a level (up to --selective_max_level); an image at level
+    l has l x k neighbours and is drawn l times as often in the next round (the official iterative mining)."""
+    uses_source = keeps_source_head = True
 
     def objective(self, total_steps, loss_options):
         return SoftJointLoss("constant", lambda0=0.5, target_weight=0.5, **loss_options)
 
     def setup(self, run):
-        from tlkernels.filters import gabor_bank
+        from tlkernels.filters import from_model, gabor_bank
         from tlkernels.select import SourceSelector
         cfg = self.cfg
-        bank = gabor_bank(scales=2, orientations=4, size=7, in_channels=run.target.channels)
+        if cfg.selective_bank == "model":
+            bank = from_model(run.backbone, layers=2)
+        else:
+            bank = gabor_bank(scales=2, orientations=4, size=7, in_channels=run.target.channels)
         self.selector = SourceSelector(bank, bins=cfg.selective_bins, fine_bins=16 * cfg.selective_bins,
-                                       cache_dir=os.path.join(cfg.cache_dir, f"selective-seed{cfg.seed}"),
+                                       cache_dir=os.path.join(cfg.cache_dir, f"selective-{cfg.selective_bank}-seed{cfg.seed}"),
                                        progress=not cfg.quiet, device=run.device, num_workers=run.workers)
         self.selector.fit(run.target.train_eval)
         self.selector.describe(run.target.train_eval, "target")
@@ -143,25 +188,32 @@ class Selective(Recipe):
             self.selector.describe(run.source.train_eval, "source")
         self.selector.select(min(cfg.selective_k, len(run.source.train)))
         self.neighbours = self.selector.neighbours()
+        # last epoch of each round but the last
+        self.round_ends = {round(r * cfg.epochs / cfg.selective_rounds) - 1 for r in range(1, cfg.selective_rounds)}
+
+    def sample_weights(self):
+        return self.selector.levels.double()
 
     def draw_sources(self, target_idx, generator):
         return torch.stack([nb[torch.randint(len(nb), (1,), generator=generator)][0]
                             for nb in (self.neighbours[int(j)] for j in target_idx)])
 
     def epoch_end(self, run, epoch):
-        if epoch + 1 != max(1, self.cfg.epochs // 2):
+        if epoch not in self.round_ends:
             return {}
-        _, _, pred, labels = run.predict(run.target.train_eval)  # every rank: the whole target set
-        hard = (pred != labels).nonzero().squeeze(1)
-        self.neighbours = self.selector.grow(hard, self.cfg.selective_levels)
-        return {"grown": int(hard.numel())}
+        _, _, logits, labels = run.predict(run.target.train_eval)  # every rank: the whole target set
+        hard = hard_images(logits, labels, self.cfg.selective_hardness, self.cfg.selective_entropy_quantile)
+        levels = self.selector.levels.clone()
+        levels[hard] = torch.clamp(levels[hard] + 1, max=self.cfg.selective_max_level)
+        self.neighbours = self.selector.set_levels(levels)
+        return {"hard": int(hard.numel()), "mean_level": float(levels.double().mean())}
 
     def state(self):
-        return {"neighbours": self.neighbours}
+        return {"levels": self.selector.levels}
 
     def load_state(self, state):
-        if "neighbours" in state:
-            self.neighbours = state["neighbours"]
+        if "levels" in state:
+            self.neighbours = self.selector.set_levels(state["levels"])
 
     def plots(self, run, out):
         from tlkernels.train import plots
