@@ -340,3 +340,27 @@ def test_spottune_policy_sees_a_resized_input():
     assert seen == [(64, 64), (32, 32), (96, 96)]
     with pytest.raises(ValueError, match="policy_size must be None or an int >= 8"):
         SpotTune(torchvision.models.resnet18(num_classes=3), policy_size=4)
+
+
+def test_official_policy_network_structure():
+    """The official agent: 3->32 stem without ReLU, blocks 64/128/256 stride 2 with parameter-free
+    shortcuts (avg pool + zero channel padding), final BN + ReLU; the default of SpotTune."""
+    from tlkernels.methods import OfficialPolicyNet
+    from tlkernels.methods.spottune import _PolicyBlock, _ZeroPadShortcut
+    p = OfficialPolicyNet(8)
+    assert [type(m).__name__ for m in p.stem] == ["Conv2d", "BatchNorm2d"] and p.stem[0].out_channels == 32
+    blocks = [m for m in p.layers if isinstance(m, _PolicyBlock)]
+    assert [b.body[0].out_channels for b in blocks] == [64, 128, 256] and all(b.body[0].stride == (2, 2) for b in blocks)
+    assert all(sum(q.numel() for q in b.shortcut.parameters()) == 0 for b in blocks)
+    assert [type(m).__name__ for m in p.layers[3:]] == ["BatchNorm2d", "ReLU"]
+    # the shortcut: average pooling by 2, then zeros for the new channels
+    x = torch.randn(2, 32, 8, 8)
+    s = _ZeroPadShortcut(32, 64, 2)(x)
+    torch.testing.assert_close(s[:, :32], F.avg_pool2d(x, 2))
+    assert s.shape == (2, 64, 4, 4) and torch.all(s[:, 32:] == 0)
+    assert p(torch.randn(3, 3, 64, 64)).shape == (3, 8, 2)
+    st = SpotTune(torchvision.models.resnet18(num_classes=3))
+    assert isinstance(st.policy, OfficialPolicyNet)
+    assert type(SpotTune(torchvision.models.resnet18(num_classes=3), policy="resnet").policy).__name__ == "PolicyNet"
+    with pytest.raises(ValueError, match="SpotTune: policy must be 'official', 'resnet' or an nn.Module"):
+        SpotTune(torchvision.models.resnet18(num_classes=3), policy="big")

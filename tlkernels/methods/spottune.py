@@ -20,9 +20,53 @@ import torch.nn.functional as F
 from tlkernels.methods._blocks import residual_blocks
 
 
+class _ZeroPadShortcut(nn.Module):
+    """The official policy's parameter-free shortcut: average pooling by the stride, then the channels padded
+    with zeros to the block's width."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.pool, self.extra = nn.AvgPool2d(stride), cout - cin
+
+    def forward(self, x):
+        x = self.pool(x)
+        return F.pad(x, (0, 0, 0, 0, 0, self.extra))
+
+
+class _PolicyBlock(nn.Module):
+    """conv3x3-BN-ReLU-conv3x3-BN plus the zero-padding shortcut, then ReLU (the official agent's block)."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(True),
+                                  nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout))
+        self.shortcut = _ZeroPadShortcut(cin, cout, stride)
+
+    def forward(self, x):
+        return F.relu(self.body(x) + self.shortcut(x))
+
+
+class OfficialPolicyNet(nn.Module):
+    """The policy network of the official code (gyhui14/spottune, agent): a 3->32 conv3x3 + BN stem without
+    ReLU, three blocks of 64/128/256 channels with stride 2 and parameter-free shortcuts (average pool + zero
+    channel padding), a final BN + ReLU, global average pool, 2 logits per backbone block."""
+
+    def __init__(self, num_blocks, in_channels=3):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, 32, 3, 1, 1, bias=False), nn.BatchNorm2d(32))
+        self.layers = nn.Sequential(_PolicyBlock(32, 64, 2), _PolicyBlock(64, 128, 2), _PolicyBlock(128, 256, 2),
+                                    nn.BatchNorm2d(256), nn.ReLU(True))
+        self.fc = nn.Linear(256, 2 * num_blocks)
+        self.num_blocks = num_blocks
+
+    def forward(self, x):
+        h = self.layers(self.stem(x))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1)).view(x.shape[0], self.num_blocks, 2)
+
+
 class PolicyNet(nn.Module):
-    """The official policy's shape: a small ResNet of three basic blocks (64/128/256 channels) on the input
-    image, then 2 logits per backbone block."""
+    """A small torchvision-style ResNet policy (policy="resnet"): a 64-channel conv3x3-BN-ReLU stem, three
+    BasicBlocks (64/128/256 channels, stride 2, 1x1 conv + BN shortcuts), then 2 logits per backbone block."""
 
     def __init__(self, num_blocks, in_channels=3):
         super().__init__()
@@ -97,7 +141,7 @@ class SpotTuneBlock(nn.Module):
 class SpotTune(nn.Module):
     """Wraps a backbone (torchvision ResNet-18/34/50 or any model whose residual blocks it finds)."""
 
-    def __init__(self, backbone, policy=None, tau=5.0, train_frozen_bn=False, sample_at_eval=False, route=True,
+    def __init__(self, backbone, policy="official", tau=5.0, train_frozen_bn=False, sample_at_eval=False, route=True,
                  policy_size=64):
         super().__init__()
         if policy_size is not None and (not isinstance(policy_size, int) or isinstance(policy_size, bool)
@@ -121,7 +165,12 @@ class SpotTune(nn.Module):
         self.backbone = backbone
         first_conv = next((m for m in backbone.modules() if isinstance(m, nn.Conv2d)), None)
         in_ch = first_conv.in_channels if first_conv is not None else 3
-        self.policy = policy if policy is not None else PolicyNet(len(self.blocks), in_channels=in_ch)
+        if isinstance(policy, str) or policy is None:
+            kinds = {"official": OfficialPolicyNet, "resnet": PolicyNet, None: OfficialPolicyNet}
+            if policy not in kinds:
+                raise ValueError(f"SpotTune: policy must be 'official', 'resnet' or an nn.Module, got {policy!r}")
+            policy = kinds[policy](len(self.blocks), in_channels=in_ch)
+        self.policy = policy
         self.tau, self.sample_at_eval = float(tau), sample_at_eval
         self.register_buffer("usage_sum", torch.zeros(len(self.blocks)), persistent=False)
         self.register_buffer("usage_count", torch.zeros(()), persistent=False)

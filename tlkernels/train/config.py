@@ -75,6 +75,8 @@ class Config:
     adafilter_hidden: int = opt(32, "AdaFilter: LSTM width")
     spottune_tau: float = opt(5.0, "SpotTune: Gumbel-softmax temperature")
     policy_lr: float = opt(0.01, "SpotTune: policy network learning rate")
+    spottune_policy: str = opt("official", "SpotTune: the official code's policy network, or a torchvision-style "
+                                           "ResNet policy (conv shortcuts)", ("official", "resnet"))
     pretrain_epochs: int = opt(2, "demo: epochs of source pre-training (cached)")
     target_per_class: int = opt(10, "demo: training images per class of the target set")
     source_limit: int = opt(0, "use only the first N source images (0: all)")

@@ -239,7 +239,7 @@ class SpotTuneRecipe(Recipe):
     def wrap(self, backbone):
         from tlkernels.methods import SpotTune
         self.new.append("trunk.policy")
-        return SpotTune(backbone, tau=self.cfg.spottune_tau)
+        return SpotTune(backbone, policy=self.cfg.spottune_policy, tau=self.cfg.spottune_tau)
 
     def param_groups(self, net, weight_decay):
         named = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
