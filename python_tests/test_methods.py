@@ -364,3 +364,44 @@ def test_official_policy_network_structure():
     assert type(SpotTune(torchvision.models.resnet18(num_classes=3), policy="resnet").policy).__name__ == "PolicyNet"
     with pytest.raises(ValueError, match="SpotTune: policy must be 'official', 'resnet' or an nn.Module"):
         SpotTune(torchvision.models.resnet18(num_classes=3), policy="big")
+
+
+def test_spottune_global_one_choice_per_block_budget_and_plain_network():
+    from tlkernels.methods.spottune import SpotTuneGlobal
+    torch.manual_seed(0)
+    base = torchvision.models.resnet18(num_classes=5)
+    m = SpotTuneGlobal(copy.deepcopy(base), tau=5.0)
+    with torch.no_grad():
+        m.logits.copy_(torch.tensor([[0.0, 1.0], [1.0, 0.0]] * 4))  # blocks alternate fine-tuned / frozen
+        for b in m.blocks:  # tell the copies apart: move the fine-tuned copies' first conv
+            b.finetuned.conv1.weight.add_(0.05)
+    x = torch.randn(4, 3, 32, 32)
+    m.eval()
+    assert m.gates().tolist() == [1.0, 0.0] * 4
+    y = m(x)
+    # the same network written out by hand: block i = its chosen copy
+    ref = copy.deepcopy(base)
+    blocks = [ref.layer1, ref.layer2, ref.layer3, ref.layer4]
+    for i, b in enumerate(m.blocks):
+        seq, j = blocks[i // 2], i % 2
+        seq[j] = copy.deepcopy(b.finetuned if i % 2 == 0 else b.frozen)
+    ref.eval()
+    torch.testing.assert_close(y, ref(x))
+    plain = m.to_plain().eval()
+    assert not any(type(mod).__name__ == "SpotTuneBlock" for mod in plain.modules())
+    torch.testing.assert_close(plain(x), y)
+    fresh = torchvision.models.resnet18(num_classes=5)
+    fresh.load_state_dict(plain.state_dict())  # torchvision's own names: an ordinary network
+    # training: one sample per step shared by the batch, straight-through gradient to the logits
+    m.train()
+    out = m(x)
+    out.sum().backward()
+    assert m.logits.grad is not None and m.logits.grad.abs().sum() > 0
+    # a budget: exactly k fine-tuned blocks, in eval and in every training sample
+    k = SpotTuneGlobal(copy.deepcopy(base), budget=3)
+    for _ in range(5):
+        assert int(k.gates().detach().round().sum()) == 3
+    k.eval()
+    assert int(k.gates().sum()) == 3
+    with pytest.raises(ValueError, match=r"SpotTuneGlobal: budget must be None or an int in \[0, 8\]"):
+        SpotTuneGlobal(torchvision.models.resnet18(), budget=9)

@@ -294,3 +294,19 @@ def test_selective_rounds_model_bank_and_levels(tmp_path, folder, checkpoint):
     assert all(h["hard"] > 0 for h in mined) and mined[1]["mean_level"] > mined[0]["mean_level"] > 1.0
     ck = torch.load(tmp_path / "selective" / "last.pt", weights_only=True)
     assert int(ck["recipe"]["levels"].max()) <= 3
+
+
+def test_spottune_global_trains_and_exports_a_plain_network(tmp_path, folder, checkpoint):
+    res = run(tmp_path, folder, checkpoint, "--method", "spottune_global", "--spottune_budget", "4", "--export",
+              "--epochs", "1")
+    summary, history = res["spottune_global"][0]
+    assert summary["status"] == "done" and sum(history[-1]["gates"].values()) == 4
+    out = tmp_path / "spottune_global"
+    m = torchvision.models.resnet18(num_classes=3)
+    m.load_state_dict(torch.load(out / "plain.pt", weights_only=True))  # the unmodified architecture
+    m.eval()
+    target, _ = data.load_data(parse_args(["--target", folder, "--checkpoint", checkpoint, "--image_size", "32"]), 0)
+    x, _ = data.take(target.val, list(range(5)))
+    program = torch.export.load(str(out / "model.pt2")).module()
+    with torch.no_grad():
+        torch.testing.assert_close(program(x), m(x), rtol=1e-4, atol=1e-4)

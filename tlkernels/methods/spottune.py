@@ -219,3 +219,82 @@ class SpotTune(nn.Module):
             self.usage_sum.zero_()
             self.usage_count.zero_()
         return u.clone()
+
+
+class SpotTuneGlobal(nn.Module):
+    """SpotTune-Global (the paper's global variant): one learned choice per residual block for the whole data
+    set instead of a policy per image. Per block two logits; training draws one straight-through
+    Gumbel-softmax sample per step (tau) shared by every image of the batch; eval takes the argmax, or with
+    `budget=k` the k blocks that prefer their fine-tuned copy most (training then samples the top k of the
+    Gumbel-perturbed preferences). `to_plain()` returns the backbone with each block replaced by its chosen
+    copy: an ordinary network."""
+
+    def __init__(self, backbone, tau=5.0, budget=None, train_frozen_bn=False):
+        super().__init__()
+        found = residual_blocks(backbone)
+        if not found:
+            raise ValueError(f"SpotTuneGlobal: found no residual blocks in {type(backbone).__name__}")
+        if tau <= 0:
+            raise ValueError(f"SpotTuneGlobal: tau must be > 0, got {tau}")
+        if budget is not None and (not isinstance(budget, int) or isinstance(budget, bool)
+                                   or not 0 <= budget <= len(found)):
+            raise ValueError(f"SpotTuneGlobal: budget must be None or an int in [0, {len(found)}] (blocks), "
+                             f"got {budget!r}")
+        names = {id(m): n for n, m in backbone.named_modules()}
+        self.block_names = [names[id(block)] for _, _, block in found]
+        self.blocks = []
+        for parent, name, block in found:
+            wrapped = SpotTuneBlock(block, train_frozen_bn)
+            setattr(parent, name, wrapped)
+            self.blocks.append(wrapped)
+        self.backbone, self.tau, self.budget = backbone, float(tau), budget
+        self.logits = nn.Parameter(torch.zeros(len(self.blocks), 2))
+        self.train()
+
+    def gates(self):
+        """(num_blocks,) hard 0/1 choices (1 = fine-tuned); straight-through gradient in training."""
+        pref = self.logits[:, 1] - self.logits[:, 0]
+        if self.training:  # difference of two Gumbel draws: a logistic draw (2-class Gumbel-softmax)
+            u = torch.rand_like(pref).clamp(1e-6, 1 - 1e-6)
+            pref = pref + torch.log(u) - torch.log1p(-u)
+        if self.budget is None:
+            hard = (pref > 0).to(pref.dtype)
+        else:
+            hard = torch.zeros_like(pref)
+            hard[pref.topk(self.budget).indices] = 1
+        if not self.training:
+            return hard
+        soft = torch.sigmoid(pref / self.tau)
+        return hard + soft - soft.detach()
+
+    def forward(self, x):
+        g = self.gates()
+        route = not self.training  # one copy per block for every image: no blend
+        for i, b in enumerate(self.blocks):
+            b.gate, b.route = g[i].expand(x.shape[0]), route
+        try:
+            return self.backbone(x)
+        finally:
+            for b in self.blocks:
+                b.gate = None
+
+    def gate_usage(self):
+        with torch.no_grad():
+            was = self.training
+            self.eval()
+            g = self.gates()
+            self.train(was)
+        return g
+
+    def to_plain(self):
+        """A copy of the backbone in which every block is its chosen copy (eval choice): no SpotTune left."""
+        from tlkernels.methods._blocks import get_parent
+        choice = self.gate_usage()
+        plain = copy.deepcopy(self.backbone)
+        for name, c in zip(self.block_names, choice.tolist()):
+            parent, attr = get_parent(plain, name)
+            wrapped = getattr(parent, attr)
+            setattr(parent, attr, wrapped.finetuned if c > 0.5 else wrapped.frozen)
+        for p in plain.parameters():
+            p.requires_grad_(True)
+        return plain

@@ -14,6 +14,8 @@ METHODS = {
                  "hard target images mined for more neighbours (Ge & Yu 2017)",
     "adafilter": "per image and filter, an LSTM gate picks the fine-tuned or the frozen filter (Guo et al. 2020)",
     "spottune": "per image and residual block, a policy net picks the fine-tuned or the frozen block (Guo et al. 2019)",
+    "spottune_global": "SpotTune-Global: one learned fine-tuned/frozen choice per block for the data set "
+                       "(optionally --spottune_budget blocks); trained, a plain network",
 }
 
 
@@ -74,7 +76,8 @@ class Config:
     selective_bins: int = opt(32, "selective: histogram bins per filter channel")
     adafilter_hidden: int = opt(32, "AdaFilter: LSTM width")
     spottune_tau: float = opt(5.0, "SpotTune: Gumbel-softmax temperature")
-    policy_lr: float = opt(0.01, "SpotTune: policy network learning rate")
+    policy_lr: float = opt(0.01, "SpotTune: policy network (SpotTune-Global: block logits) learning rate")
+    spottune_budget: int = opt(0, "SpotTune-Global: exactly this many fine-tuned blocks (0: no budget)")
     spottune_policy: str = opt("official", "SpotTune: the official code's policy network, or a torchvision-style "
                                            "ResNet policy (conv shortcuts)", ("official", "resnet"))
     pretrain_epochs: int = opt(2, "demo: epochs of source pre-training (cached)")
@@ -165,7 +168,7 @@ def check(ap, cfg):
                  "pretrain_epochs", "image_size", "selective_rounds", "selective_max_level"):
         if getattr(cfg, name) < 1:
             ap.error(f"--{name} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("source_limit", "stop_after", "threads"):
+    for name in ("source_limit", "stop_after", "threads", "spottune_budget"):
         if getattr(cfg, name) < 0:
             ap.error(f"--{name} must be >= 0 (0: {'all' if name == 'source_limit' else 'off'}), got {getattr(cfg, name)}")
     if cfg.workers < -1:

@@ -4,7 +4,8 @@ model.pt2  torch.export of the eval model (float32, batch size dynamic): SpotTun
            the block copy its policy picks (data-dependent shapes, exported with unbacked sizes; its BNs as
            their eval-mode affine maps), AdaFilter runs its BN-folded gated convolutions (the tlkernels op:
            load with `import tlkernels` first).
-plain.pt   for methods whose trained model is the unmodified architecture (finetune, l2sp, soft, selective):
+plain.pt   for methods whose trained model is the unmodified architecture (finetune, l2sp, soft, selective,
+           spottune_global: each block its chosen copy):
            a state_dict that loads into the torchvision model (`fc` = the target head) with no tlkernels.
 """
 import copy
@@ -81,7 +82,7 @@ def write(net, recipe, run, out):
         atomic_write(path, "wb", ".pt2", lambda fh: torch.export.save(program, fh))
         info.update(model_pt2="model.pt2", max_abs_diff=float((got - want).abs().max()))
         if recipe.plain:
-            atomic_save(plain_state_dict(net), os.path.join(out, "plain.pt"))
+            atomic_save(plain_state_dict(recipe.plain_net(net)), os.path.join(out, "plain.pt"))
             info["plain_pt"] = "plain.pt"
     finally:
         net.train(was_training)

@@ -103,6 +103,10 @@ class Recipe:
         """The module torch.export traces for model.pt2 (eval mode)."""
         return net
 
+    def plain_net(self, net):
+        """The trained model as the unmodified architecture (trunk + head), for plain.pt (when `plain`)."""
+        return net
+
     def state(self):
         return {}
 
@@ -256,8 +260,35 @@ class SpotTuneRecipe(Recipe):
         return fold_batchnorm(net)  # routing exports with the BNs as affine maps (export.fold_batchnorm)
 
 
+class SpotTuneGlobalRecipe(SpotTuneRecipe):
+    """One block choice for the whole data set; trained, it is a plain network (plain.pt, model.pt2 of it)."""
+    plain = True
+
+    def wrap(self, backbone):
+        from tlkernels.methods.spottune import SpotTuneGlobal
+        self.new.append("trunk.logits")
+        return SpotTuneGlobal(backbone, tau=self.cfg.spottune_tau, budget=self.cfg.spottune_budget or None)
+
+    def param_groups(self, net, weight_decay):
+        named = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+        return [dict(params=[p for n, p in named if n != "trunk.logits"], weight_decay=weight_decay),
+                dict(params=[p for n, p in named if n == "trunk.logits"], lr=self.cfg.policy_lr, weight_decay=0.0)]
+
+    def gates(self, net):
+        return {f"block{i}": float(u) for i, u in enumerate(net.trunk.gate_usage())}
+
+    def plain_net(self, net):
+        import copy
+        plain = copy.deepcopy(net)
+        plain.trunk = net.trunk.to_plain()
+        return plain
+
+    def export_model(self, net):
+        return self.plain_net(net)
+
+
 RECIPES = {"finetune": Recipe, "l2sp": L2SPRecipe, "soft": Soft, "selective": Selective,
-           "adafilter": AdaFilterRecipe, "spottune": SpotTuneRecipe}
+           "adafilter": AdaFilterRecipe, "spottune": SpotTuneRecipe, "spottune_global": SpotTuneGlobalRecipe}
 
 
 def recipe(cfg, base, l2sp):
