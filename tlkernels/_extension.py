@@ -44,6 +44,7 @@ def backend() -> str:
 
 
 def use_reference() -> bool:
+    """True when TLKERNELS_BACKEND=reference: every op runs its pure-PyTorch reference."""
     return backend() == "reference"
 
 
@@ -53,6 +54,7 @@ def interpret_mode() -> bool:
 
 
 def extension_status() -> str:
+    """A few lines saying what is loaded: the compiled library (or why not), Triton, the backend, torch."""
     lines = [f"tlkernels._C: {'loaded' if HAS_C else 'MISSING (' + str(_C_ERROR) + '); ' + _FIX}",
              f"triton: {'available' if HAS_TRITON else 'missing (CUDA tensors use the reference)'}",
              f"backend: {backend()}", f"torch: {torch.__version__}, CUDA build: {torch.version.cuda}"]

@@ -16,6 +16,7 @@ class FilterBank:
 
     @property
     def num_channels(self):
+        """Histogram channels of a descriptor: the filters of every stage."""
         return sum(s["weight"].shape[0] for s in self.stages)
 
     def channel_weights(self):

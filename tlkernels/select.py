@@ -166,6 +166,7 @@ class SourceSelector:
         return d
 
     def channel_weights(self):
+        """(channels,) weight of each histogram channel in the distance (the bank's: 0.5 / filters of its stage)."""
         return self.bank.channel_weights()
 
     def _search(self, rows, k):

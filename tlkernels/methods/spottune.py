@@ -279,6 +279,7 @@ class SpotTuneGlobal(nn.Module):
                 b.gate = None
 
     def gate_usage(self):
+        """(num_blocks,) the eval choice per block: 1 = fine-tuned copy, 0 = frozen copy."""
         with torch.no_grad():
             was = self.training
             self.eval()

@@ -62,6 +62,10 @@ class L2SP:
             self.names.append(n)
             self.params.append(p)
             self.refs.append(r.detach().to(device=p.device, dtype=p.dtype, copy=True))
+        self._set_coefficients()
+
+    def _set_coefficients(self):
+        """(reference, coefficient) per penalised tensor, by identity: what the fused optimizer step reads."""
         self._coeff = {id(p): (r, self.alpha) for p, r in zip(self.params, self.refs)}
         self._coeff.update({id(q): (None, self.beta) for q in self.new_params})
 
@@ -91,8 +95,7 @@ class L2SP:
         for i, n in enumerate(self.names):
             self.refs[i].copy_(sd["refs"][n])
         self.alpha, self.beta = float(sd["alpha"]), float(sd["beta"])
-        self._coeff = {id(p): (r, self.alpha) for p, r in zip(self.params, self.refs)}
-        self._coeff.update({id(q): (None, self.beta) for q in self.new_params})
+        self._set_coefficients()
 
 
 SCHEDULES = ("constant", "linear", "cosine", "exponential", "step")

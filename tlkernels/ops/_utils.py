@@ -36,3 +36,9 @@ def autocast_casts(t):
     """True when torch.autocast is on for t's device and t is floating point: the op's autocast kernel
     (csrc/ops/autocast/) will cast t, so arguments may still differ in floating dtype here."""
     return isinstance(t, torch.Tensor) and t.is_floating_point() and torch.is_autocast_enabled(t.device.type)
+
+
+def conv_output_hw(input, weight, stride, padding, dilation=(1, 1)):
+    """[H_out, W_out] of a convolution of `input` (N, C, H, W) by `weight` (F, C, kH, kW): F.conv2d's formula."""
+    return [(input.shape[d + 2] + 2 * padding[d] - dilation[d] * (weight.shape[d + 2] - 1) - 1) // stride[d] + 1
+            for d in range(2)]

@@ -22,7 +22,7 @@ from torch._prims_common import suggest_memory_format
 
 from tlkernels._extension import use_reference
 from tlkernels.ops._registry import HAS_C, ensure_op, op, register_gpu
-from tlkernels.ops._utils import autocast_casts, check_tensor, fail, pair
+from tlkernels.ops._utils import autocast_casts, check_tensor, conv_output_hw, fail, pair
 
 OP = "gated_conv2d"
 SCHEMA = ("gated_conv2d(Tensor input, Tensor weight_pre, Tensor weight_ft, Tensor gate, Tensor? bias_pre, "
@@ -128,11 +128,8 @@ def strategy():
 
 
 def output_size(input, weight, stride, padding, dilation):
-    out = [input.shape[0], weight.shape[0]]
-    for d in range(2):
-        k = dilation[d] * (weight.shape[d + 2] - 1) + 1
-        out.append((input.shape[d + 2] + 2 * padding[d] - k) // stride[d] + 1)
-    return out
+    """[N, C_out, H_out, W_out] of the convolution (F.conv2d's formula)."""
+    return [input.shape[0], weight.shape[0]] + conv_output_hw(input, weight, stride, padding, dilation)
 
 
 @torch.library.register_fake("tlkernels::gated_conv2d")
@@ -193,6 +190,7 @@ def _resolve_padding(padding, weight, stride, dilation):
 
 
 def check_gated_conv2d_args(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, groups):
+    """TypeError/ValueError naming gated_conv2d, the argument, what was expected and what came."""
     check_tensor(OP, "input", input, dim=4, floating=True)
     # under torch.autocast the op's autocast kernel casts every floating argument to one dtype
     dt, dev = (None if autocast_casts(input) else input.dtype), input.device

@@ -44,6 +44,7 @@ def _fake(images, filters, edges, stride, padding):
 
 
 def check_edges(opname, edges, n_filters):
+    """ValueError naming `opname` unless edges is (F, bins + 1), floating, sorted along each row."""
     check_tensor(opname, "edges", edges, dim=2, floating=True)
     if edges.shape[0] != n_filters or edges.shape[1] < 2:
         fail(opname, f"edges must have shape (F, bins + 1) = ({n_filters}, >= 2), got {tuple(edges.shape)}")

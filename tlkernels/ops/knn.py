@@ -129,6 +129,18 @@ def _fused_expand(p):
 if has_op("knn_expand_skl_"):
     bump_versions_of_mutated_args("knn_expand_skl_")  # it writes `out` through a data pointer
 
+    @torch.library.register_fake("tlkernels::knn_expand_skl_")
+    def _fake_expand(p, w, eps, out):
+        return p.new_empty(p.shape[0])
+
+
+if has_op("knn_select_chunk"):
+    @torch.library.register_fake("tlkernels::knn_select_chunk")
+    def _fake_select(cross, row_c, col_c, scale, best_d, best_i, base, k, bits):
+        # the k best of the previous lists (kb columns) and this chunk's m candidates
+        kout = min(k, best_d.shape[1] + cross.shape[1])
+        return cross.new_empty((cross.shape[0], kout)), best_i.new_empty((cross.shape[0], kout))
+
 
 def _chunk_topk(d, k, base):
     """The k smallest of each row of d (ties: lowest column), as (dist, global index). A stable sort keeps

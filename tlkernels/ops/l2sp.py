@@ -111,6 +111,7 @@ torch.library.register_autograd("tlkernels::l2sp_penalty", _backward, setup_cont
 
 
 def check_l2sp_args(opname, params, refs, new_params):
+    """TypeError/ValueError naming `opname` unless params/refs pair up (shapes, devices) and all are tensors."""
     for name, lst in (("params", params), ("refs", refs), ("new_params", new_params)):
         if not isinstance(lst, (list, tuple)) or not all(isinstance(t, torch.Tensor) for t in lst):
             fail(opname, f"{name} must be a list or tuple of tensors, got {type(lst).__name__}", TypeError)

@@ -25,6 +25,8 @@ def _penalty_grad(p, ref, coeff):
 @torch.no_grad()
 def sgd_l2sp_step_reference(params, grads, momentum_buffers, refs, coeffs, lr, momentum, dampening, weight_decay,
                             nesterov, maximize, first_step):
+    """torch.optim.SGD's update of each params[i] in place, with the L2-SP gradient coeffs[i] * (p - refs[i])
+    (refs[i] None: coeffs[i] * p) added to grads[i] first: the oracle of tlkernels::sgd_l2sp_step_."""
     for i, p in enumerate(params):
         g = -grads[i] if maximize else grads[i]
         g = g + _penalty_grad(p, refs[i], coeffs[i])
@@ -43,6 +45,8 @@ def sgd_l2sp_step_reference(params, grads, momentum_buffers, refs, coeffs, lr, m
 @torch.no_grad()
 def adamw_l2sp_step_reference(params, grads, exp_avgs, exp_avg_sqs, refs, coeffs, lr, beta1, beta2, eps, weight_decay,
                               step, maximize):
+    """torch.optim.AdamW's update (decoupled weight decay, no amsgrad) of each params[i] in place, with the L2-SP
+    gradient added to grads[i] first: the oracle of tlkernels::adamw_l2sp_step_."""
     bc1 = 1 - beta1 ** step
     bc2s = math.sqrt(1 - beta2 ** step)
     for i, p in enumerate(params):

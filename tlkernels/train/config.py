@@ -20,11 +20,13 @@ METHODS = {
 
 
 def opt(default, help, choices=None):
+    """A Config field with its --help text and, for string options, its choices."""
     return field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclass
 class Config:
+    """Every option of the trainer (flag --name, or key of the --config JSON file)."""
     method: str = opt("finetune", "the method (see the list below); '+l2sp' adds the L2-SP penalty, e.g. adafilter+l2sp")
     compare: str = opt("", "comma-separated methods trained on the same split and seeds, then compared "
                            "(comparison.md, comparison.png)")
@@ -97,9 +99,11 @@ class Config:
         return [(m, m.partition("+")[0], m.partition("+")[2] == "l2sp" or m == "l2sp") for m in names]
 
     def seed_list(self):
+        """The seeds to run: --seeds, else [--seed]."""
         return [int(s) for s in self.seeds.split(",") if s.strip()] or [self.seed]
 
     def floats(self, name):
+        """A comma-separated option (--mean, --std) as floats, or None when it is empty."""
         return [float(v) for v in getattr(self, name).split(",") if v.strip()] or None
 
 
@@ -118,6 +122,7 @@ def _epilog():
 
 
 def parser():
+    """The argparse parser: one flag per Config field, help with default and choices, methods in the epilog."""
     ap = argparse.ArgumentParser(prog="python -m tlkernels.train",
                                  description="tlkernels reference trainer: the five adaptive fine-tuning methods "
                                              "through the tlkernels kernels.",
@@ -157,6 +162,7 @@ def _read_config_file(ap, path):
 
 
 def check(ap, cfg):
+    """Exits through ap.error with a message naming the option for any value the trainer cannot use."""
     for m, base, _ in cfg.methods():
         if base not in METHODS or m.partition("+")[2] not in ("", "l2sp"):
             ap.error(f"unknown method {m!r}; choose from {', '.join(METHODS)} (optionally with +l2sp)")
@@ -193,6 +199,7 @@ def check(ap, cfg):
 
 
 def parse_args(argv=None):
+    """Config from the command line (argv, default sys.argv) and --config; flags win over the file."""
     ap = parser()
     ns = ap.parse_args(argv)
     values = _read_config_file(ap, ns.config) if ns.config else {}

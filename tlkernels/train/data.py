@@ -67,15 +67,17 @@ def demo_target(seed, per_class=10):
 
 # ----------------------------------------------------------------------------- image folders
 class BadImageError(RuntimeError):
-    pass
+    """An image file that cannot be read (the message names it)."""
 
 
 def train_transform(size, mean, std):
+    """RandomResizedCrop(size) + horizontal flip + normalisation (the standard fine-tuning augmentation)."""
     from torchvision import transforms as T
     return T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
 
 
 def eval_transform(size, mean, std):
+    """Resize(size / 0.875) + CenterCrop(size) + normalisation."""
     from torchvision import transforms as T
     return T.Compose([T.Resize(int(round(size / 0.875))), T.CenterCrop(size), T.ToTensor(), T.Normalize(mean, std)])
 
@@ -112,6 +114,7 @@ class ImageFolderSet(Dataset):
         return self.load(i, None)
 
     def load(self, i, seed):
+        """Item i with the transform run under `seed` (None: the global RNG), None for a skipped bad file."""
         path, label = self.samples[i]
         try:
             img = read_rgb(path)
@@ -264,6 +267,7 @@ class StepPlan:
         self.epoch, self.skip = 0, 0
 
     def steps_per_epoch(self):
+        """Batches of this rank per epoch (the same on every rank: the sampler pads)."""
         return -(-len(self.sampler) // self.batch_size)
 
     def set_epoch(self, epoch, skip=0):
@@ -304,12 +308,14 @@ def _own_generator():
 
 
 def default_workers(cfg, target):
+    """--workers, or by default 0 for in-memory data and min(8, cores) for image folders."""
     if cfg.workers >= 0:
         return cfg.workers
     return 0 if in_memory(target.train) else min(8, os.cpu_count() or 1)
 
 
 def train_loader(target, source, plan, workers, device):
+    """The training DataLoader over `plan`'s batches (persistent workers, pinned memory on CUDA)."""
     return DataLoader(PairDataset(target.train, source.train if source is not None else None), batch_sampler=plan,
                       collate_fn=_collate, num_workers=workers, persistent_workers=workers > 0,
                       pin_memory=device.type == "cuda", generator=_own_generator())

@@ -53,6 +53,7 @@ def plain_state_dict(net):
 
 
 def example_input(run):
+    """A probe batch of 3 images of the run's input shape, on its device."""
     size = run.cfg.image_size if run.cfg.target else 32
     g = torch.Generator().manual_seed(0)
     return torch.randn(3, run.target.channels, size, size, generator=g).to(run.device)

@@ -45,15 +45,18 @@ def setup_processes(cfg):
 
 
 def is_main():
+    """True in the process that writes files and logs (rank 0, or the only process)."""
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def barrier():
+    """Wait for every process (no-op without torch.distributed)."""
     if dist.is_initialized():
         dist.barrier()
 
 
 def log(msg):
+    """Print to stderr from the main process."""
     if is_main():
         print(msg, file=sys.stderr, flush=True)
 
@@ -73,6 +76,7 @@ class Run:
     amp: object = None
 
     def batch(self, x):
+        """Images moved to the run's device, in channels_last with --channels_last."""
         fmt = torch.channels_last if self.cfg.channels_last else torch.contiguous_format
         return x.to(self.device, non_blocking=True, memory_format=fmt)
 
@@ -109,6 +113,7 @@ class Run:
 
 # ----------------------------------------------------------------------------- the pre-trained backbone
 def demo_backbone():
+    """torchvision ResNet-18 with a 1-channel stem and 10 classes (the demo's grey-level digits)."""
     import torchvision
     m = torchvision.models.resnet18(num_classes=10)
     m.conv1 = nn.Conv2d(1, 64, 7, 2, 3, bias=False)  # grey-level digits
@@ -205,6 +210,7 @@ def target_loss_options(cfg, target, device):
 
 
 def tensorboard_writer(cfg, out):
+    """A SummaryWriter in out/tensorboard with --tensorboard (main process), else None."""
     if not cfg.tensorboard or not is_main():
         return None
     try:
@@ -216,6 +222,8 @@ def tensorboard_writer(cfg, out):
 
 # ----------------------------------------------------------------------------- one method
 def train_method(run, method, base, with_l2sp, backbone, pretrained_classes, out):
+    """Train one method (its recipe) from the pre-trained backbone; writes its files into `out`.
+    Returns (summary dict, history: one record per step)."""
     from tqdm.auto import tqdm
     from tlkernels.optim import SGD
     cfg, device = run.cfg, run.device
@@ -362,6 +370,7 @@ def train_method(run, method, base, with_l2sp, backbone, pretrained_classes, out
 
 # ----------------------------------------------------------------------------- every method, every seed
 def amp_context(cfg, device):
+    """A factory of the --amp autocast context on `device` (disabled with --amp off)."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
     return lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
@@ -385,6 +394,8 @@ def comparison(cfg, results, seeds):
 
 
 def main(argv=None):
+    """The trainer: every method of --method/--compare on every seed. Returns {method: {seed: (summary,
+    history)}}."""
     cfg = parse_args(argv)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

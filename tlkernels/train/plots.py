@@ -15,6 +15,7 @@ def _save(fig, path):
 
 
 def curves(history, path, title):
+    """Training loss and validation accuracy over steps (PNG)."""
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
     a.plot([h["step"] for h in history], [h["loss"] for h in history], lw=1)
     a.set(xlabel="step", ylabel="training loss", title=title)
@@ -25,6 +26,7 @@ def curves(history, path, title):
 
 
 def gates(usage, path, title):
+    """Per layer/block, the fraction of gates on the fine-tuned filter or block (PNG)."""
     fig, ax = plt.subplots(figsize=(max(5, 0.35 * len(usage)), 3.5))
     ax.bar(range(len(usage)), list(usage.values()))
     ax.set_xticks(range(len(usage)), list(usage.keys()), rotation=90, fontsize=7)
@@ -44,6 +46,7 @@ def _show(ax, x, mean, std):
 
 
 def retrieval_grid(target, source, neighbours, path, mean=None, std=None, rows=6, cols=6):
+    """Some target images beside their nearest retrieved source images (PNG)."""
     fig, axes = plt.subplots(rows, cols + 1, figsize=(1.2 * (cols + 1), 1.2 * rows))
     picks = [int(i) for i in torch.linspace(0, len(target) - 1, rows)]  # spread over the (class-sorted) set
     for r, t in enumerate(picks):

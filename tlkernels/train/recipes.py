@@ -47,6 +47,7 @@ class Recipe:
         self.new = ["head"]  # parameter-name prefixes of what pre-training did not provide
 
     def wrap(self, backbone):
+        """The trunk: the backbone itself, or wrapped by the method (SpotTune, AdaFilter)."""
         return backbone
 
     def build(self, backbone, n_target, source_classes=None, pretrained_classes=None):
@@ -70,9 +71,11 @@ class Recipe:
         return L2SP(net, alpha=self.cfg.l2sp_alpha, beta=self.cfg.l2sp_beta, head=self.new)
 
     def objective(self, total_steps, loss_options):
+        """The loss (a SoftJointLoss) over `total_steps` steps; loss_options: the target loss's options."""
         return SoftJointLoss("constant", lambda0=0.0, **loss_options)
 
     def param_groups(self, net, weight_decay):
+        """The optimizer's parameter groups."""
         return [dict(params=[p for p in net.parameters() if p.requires_grad], weight_decay=weight_decay)]
 
     def setup(self, run):
@@ -108,16 +111,18 @@ class Recipe:
         return net
 
     def state(self):
+        """What a resumed run needs of the recipe (tensors, numbers: loads with weights_only=True)."""
         return {}
 
     def load_state(self, state):
-        pass
+        """Restore what state() returned."""
 
     def plots(self, run, out):
-        pass
+        """The method's own plots into `out`."""
 
 
 class L2SPRecipe(Recipe):
+    """Fine-tuning with the L2-SP penalty (applied by the fused optimizer step)."""
     def __init__(self, cfg, l2sp):
         super().__init__(cfg, True)
 
@@ -226,6 +231,7 @@ class Selective(Recipe):
 
 
 class AdaFilterRecipe(Recipe):
+    """AdaFilter around the backbone; its LSTM controller is new (beta under +l2sp)."""
     plain = False
 
     def wrap(self, backbone):
@@ -238,6 +244,7 @@ class AdaFilterRecipe(Recipe):
 
 
 class SpotTuneRecipe(Recipe):
+    """SpotTune around the backbone; the policy net trains with its own learning rate."""
     plain = False
 
     def wrap(self, backbone):
@@ -292,4 +299,5 @@ RECIPES = {"finetune": Recipe, "l2sp": L2SPRecipe, "soft": Soft, "selective": Se
 
 
 def recipe(cfg, base, l2sp):
+    """The recipe of method `base` (a key of RECIPES), with the L2-SP penalty when l2sp."""
     return RECIPES[base](cfg, l2sp)

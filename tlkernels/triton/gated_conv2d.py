@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 from torch._prims_common import suggest_memory_format
 
+from tlkernels.ops._utils import conv_output_hw
 from tlkernels.triton._common import device_of, gemm_configs
 
 
@@ -226,9 +227,6 @@ def _gated_conv_dw_kernel(x_ptr, dy_ptr, g_ptr, dwp_ptr, dwf_ptr,
 
 
 # ----------------------------------------------------------------------------- launchers
-def _out_hw(input, weight, stride, padding, dilation):
-    return [(input.shape[d + 2] + 2 * padding[d] - dilation[d] * (weight.shape[d + 2] - 1) - 1) // stride[d] + 1
-            for d in range(2)]
 
 
 def _gate2d(gate, c_out):
@@ -264,7 +262,7 @@ def gated_conv2d_forward(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, 
 def _forward(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, stride, padding, dilation, groups, hard):
     N, _, H, W = input.shape
     C_out, C_in_g, KH, KW = weight_pre.shape
-    OH, OW = _out_hw(input, weight_pre, stride, padding, dilation)
+    OH, OW = conv_output_hw(input, weight_pre, stride, padding, dilation)
     y = torch.empty((N, C_out, OH, OW), device=input.device, dtype=input.dtype).contiguous(
         memory_format=suggest_memory_format(input))
     if N == 0 or OH * OW == 0:

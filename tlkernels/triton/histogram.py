@@ -6,6 +6,7 @@ import triton
 import triton.language as tl
 
 from tlkernels._extension import interpret_mode
+from tlkernels.ops._utils import conv_output_hw
 from tlkernels.triton._common import device_of
 
 
@@ -45,8 +46,7 @@ def filterbank_histogram_forward(images, filters, edges, stride, padding, tile_e
     nb = edges.shape[1] - 1
     e = edges.to(torch.float32).contiguous()
     w = filters.to(torch.float32)
-    OH = (images.shape[2] + 2 * padding[0] - filters.shape[2]) // stride[0] + 1
-    OW = (images.shape[3] + 2 * padding[1] - filters.shape[3]) // stride[1] + 1
+    OH, OW = conv_output_hw(images, filters, stride, padding)
     P = OH * OW
     out = torch.zeros((N, F, nb), device=images.device, dtype=torch.float32)
     tile = max(1, tile_elems // max(1, F * P))
