@@ -46,30 +46,35 @@ class _PolicyBlock(nn.Module):
         return F.relu(self.body(x) + self.shortcut(x))
 
 
-class OfficialPolicyNet(nn.Module):
-    """The policy network of the official code (gyhui14/spottune, agent): a 3->32 conv3x3 + BN stem without
-    ReLU, three blocks of 64/128/256 channels with stride 2 and parameter-free shortcuts (average pool + zero
-    channel padding), a final BN + ReLU, global average pool, 2 logits per backbone block."""
+class _Policy(nn.Module):
+    """stem -> layers -> global average pool -> 2 logits per backbone block, (N, num_blocks, 2)."""
 
-    def __init__(self, num_blocks, in_channels=3):
+    def __init__(self, stem, layers, width, num_blocks):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, 32, 3, 1, 1, bias=False), nn.BatchNorm2d(32))
-        self.layers = nn.Sequential(_PolicyBlock(32, 64, 2), _PolicyBlock(64, 128, 2), _PolicyBlock(128, 256, 2),
-                                    nn.BatchNorm2d(256), nn.ReLU(True))
-        self.fc = nn.Linear(256, 2 * num_blocks)
-        self.num_blocks = num_blocks
+        self.stem, self.layers, self.num_blocks = stem, layers, num_blocks
+        self.fc = nn.Linear(width, 2 * num_blocks)
 
     def forward(self, x):
         h = self.layers(self.stem(x))
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1)).view(x.shape[0], self.num_blocks, 2)
 
 
-class PolicyNet(nn.Module):
+class OfficialPolicyNet(_Policy):
+    """The policy network of the official code (gyhui14/spottune, agent): a 3->32 conv3x3 + BN stem without
+    ReLU, three blocks of 64/128/256 channels with stride 2 and parameter-free shortcuts (average pool + zero
+    channel padding), a final BN + ReLU, global average pool, 2 logits per backbone block."""
+
+    def __init__(self, num_blocks, in_channels=3):
+        super().__init__(nn.Sequential(nn.Conv2d(in_channels, 32, 3, 1, 1, bias=False), nn.BatchNorm2d(32)),
+                         nn.Sequential(_PolicyBlock(32, 64, 2), _PolicyBlock(64, 128, 2), _PolicyBlock(128, 256, 2),
+                                       nn.BatchNorm2d(256), nn.ReLU(True)), 256, num_blocks)
+
+
+class PolicyNet(_Policy):
     """A small torchvision-style ResNet policy (policy="resnet"): a 64-channel conv3x3-BN-ReLU stem, three
     BasicBlocks (64/128/256 channels, stride 2, 1x1 conv + BN shortcuts), then 2 logits per backbone block."""
 
     def __init__(self, num_blocks, in_channels=3):
-        super().__init__()
         from torchvision.models.resnet import BasicBlock
 
         def block(cin, cout, stride):
@@ -77,14 +82,9 @@ class PolicyNet(nn.Module):
                 nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
             return BasicBlock(cin, cout, stride, ds)
 
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU(True))
-        self.layers = nn.Sequential(block(64, 64, 2), block(64, 128, 2), block(128, 256, 2))
-        self.fc = nn.Linear(256, 2 * num_blocks)
-        self.num_blocks = num_blocks
-
-    def forward(self, x):
-        h = self.layers(self.stem(x))
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1)).view(x.shape[0], self.num_blocks, 2)
+        super().__init__(nn.Sequential(nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64),
+                                       nn.ReLU(True)),
+                         nn.Sequential(block(64, 64, 2), block(64, 128, 2), block(128, 256, 2)), 256, num_blocks)
 
 
 class SpotTuneBlock(nn.Module):
