@@ -73,3 +73,44 @@ def test_float32_dots_honour_the_tf32_setting():
         assert dot_precision(torch.bfloat16) == "ieee" and dot_precision(torch.float64) == "ieee"
     with tf32_setting(False):
         assert dot_precision(torch.float32) == "ieee"
+
+
+def test_autotune_keeps_only_configs_that_fit():
+    """Autotuning launches, per kernel and dtype, only the configs that compiled for sm80 and sm90 within shared
+    memory and without register spills (tlkernels/triton/fitting_configs.json, measured by the AOT sweep)."""
+    import triton
+    from tlkernels.triton._common import GEMM_CONFIGS, TRITON_DTYPE, config_key, fitting_configs, prune_to_fitting
+    table = fitting_configs()
+    for kernel in ("fwd", "dx", "dw", "dgate"):
+        for dt in ("fp32", "bf16", "fp16", "fp64"):
+            assert table.get((kernel, dt)), (kernel, dt)
+            assert table[(kernel, dt)] <= set(GEMM_CONFIGS)
+    # the measured rows behind the table: a kept config fits on both targets, a dropped one does not
+    import json
+    from tlkernels.triton._common import FITTING_FILE
+    rows = json.load(open(FITTING_FILE))["measured"]
+    for r in rows:
+        if tuple(r["config"]) in table[(r["kernel"], r["dtype"])]:
+            assert r["fits"] and r["spills"] == 0 and r["shared"] <= {80: 166912, 90: 232448}[r["cc"]]
+    # the prune hook picks by the dtype of the launch's tensor argument
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+               for m, n, k, w, s in GEMM_CONFIGS]
+    prune = prune_to_fitting("fwd", "x_ptr")["early_config_prune"]
+    env = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        for dtype, name in TRITON_DTYPE.items():
+            kept = prune(configs, {"x_ptr": torch.empty(1, dtype=dtype)})
+            assert {config_key(c) for c in kept} == table[("fwd", name)]
+    finally:
+        if env is not None:
+            os.environ["TRITON_INTERPRET"] = env
+
+
+def test_every_fitting_config_compiles_within_limits():
+    """AOT: every config autotuning may launch for float32 and bfloat16 compiled for sm80 and sm90 (Triton's
+    compiler and ptxas, no GPU): shared memory within the target's limit, no register spills."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-m", "tlkernels.triton._aot", "--configs"], env=env, capture_output=True,
+                       text=True, timeout=1500)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert r.stdout.splitlines()[-1] == "0 failed", r.stdout[-2000:]

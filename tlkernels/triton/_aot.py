@@ -39,11 +39,12 @@ def uncovered_kernels(cases):
     return missing
 
 
-def compile_kernel(kernel, types, constexprs, ccs=(80, 90)):
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+# Shared memory one block may use (opt-in maximum): sm80 (A100) 163 KB, sm90 (H100) 227 KB.
+SHARED_LIMIT = {80: 166912, 90: 232448}
 
+
+def _source(kernel, types, constexprs):
+    from triton.compiler import ASTSource
     fn = _unwrap(kernel)
     sig = {}
     for name in fn.arg_names:
@@ -55,8 +56,105 @@ def compile_kernel(kernel, types, constexprs, ccs=(80, 90)):
             sig[name] = types.get("*", "*fp32")
         else:
             sig[name] = "i32"
-    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(n),): v for n, v in constexprs.items()})
+    return ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(n),): v for n, v in constexprs.items()})
+
+
+def compile_kernel(kernel, types, constexprs, ccs=(80, 90)):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    src = _source(kernel, types, constexprs)
     return [len(triton.compile(src, target=GPUTarget("cuda", cc, 32)).asm["cubin"]) for cc in ccs]
+
+
+def resource_usage(kernel, types, constexprs, num_warps, num_stages, cc):
+    """{shared, registers, spills} of one kernel specialisation compiled for sm_<cc>: shared memory from
+    Triton's metadata, registers and spill stores from ptxas -v (Triton's own ptxas) on the same PTX."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    import triton.backends.nvidia as nvidia
+    from triton.backends.compiler import GPUTarget
+    k = triton.compile(_source(kernel, types, constexprs), target=GPUTarget("cuda", cc, 32),
+                       options={"num_warps": num_warps, "num_stages": num_stages})
+    ptxas = os.path.join(os.path.dirname(nvidia.__file__), "bin", "ptxas")
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(k.asm["ptx"])
+        f.flush()
+        r = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{cc}a" if cc == 90 else f"--gpu-name=sm_{cc}", f.name,
+                            "-o", os.devnull], capture_output=True, text=True, check=True)
+    regs = re.search(r"Used (\d+) registers", r.stderr)
+    spills = re.search(r"(\d+) bytes spill stores", r.stderr)
+    return dict(shared=int(k.metadata.shared), registers=int(regs.group(1)) if regs else None,
+                spills=int(spills.group(1)) if spills else 0)
+
+
+def config_cases(dtypes=("fp32", "bf16", "fp16", "fp64")):
+    """(name, kernel, types, constexprs without the tile sizes, dtype) of each implicit-GEMM kernel, for the
+    autotune-config sweep."""
+    return [(n, k, t, {c: v for c, v in cs.items() if not c.startswith("BLOCK_")}, n.split("[")[1].split("]")[0])
+            for n, k, t, cs in all_kernels() if n.startswith("gated_conv2d.") and "," not in n
+            and n.split("[")[1].split("]")[0] in dtypes]
+
+
+def sweep(dtypes=("fp32", "bf16", "fp16", "fp64"), ccs=(80, 90)):
+    """Every autotune config of every implicit-GEMM kernel and dtype compiled for every target: yields a dict
+    each with its shared memory, registers and spills, and whether it fits (shared memory within the
+    target's limit, no spills)."""
+    from tlkernels.triton._common import GEMM_CONFIGS
+    for name, kernel, types, consts, dt in config_cases(dtypes):
+        for (m, n, kk, w, st) in GEMM_CONFIGS:
+            for cc in ccs:
+                use = resource_usage(kernel, types, dict(consts, BLOCK_M=m, BLOCK_N=n, BLOCK_K=kk), w, st, cc)
+                fits = use["shared"] <= SHARED_LIMIT[cc] and use["spills"] == 0
+                yield dict(kernel=name.split(".")[1].split("[")[0], dtype=dt, config=[m, n, kk, w, st], cc=cc,
+                           fits=fits, **use)
+
+
+def fitting_table(rows, ccs=(80, 90)):
+    """{"fits": {kernel: {dtype: [configs that fit on every target]}}, "measured": the rows} of a sweep."""
+    ok = {}
+    for r in rows:
+        ok.setdefault((r["kernel"], r["dtype"], tuple(r["config"])), []).append(r["fits"])
+    fits = {}
+    for (k, d, c), f in sorted(ok.items()):
+        if len(f) == len(ccs) and all(f):
+            fits.setdefault(k, {}).setdefault(d, []).append(list(c))
+    return {"fits": fits, "measured": rows}
+
+
+def _check_one(job):
+    """(line, failure or None) of one fitting config compiled for one target (run in a worker process)."""
+    i, config, cc = job
+    name, kernel, types, consts, _ = config_cases()[i]
+    m, n, kk, w, st = config
+    use = resource_usage(kernel, types, dict(consts, BLOCK_M=m, BLOCK_N=n, BLOCK_K=kk), w, st, cc)
+    ok = use["shared"] <= SHARED_LIMIT[cc] and use["spills"] == 0
+    line = f"{'ok  ' if ok else 'FAIL'} {name} config {config} sm{cc}: {use}"
+    return line, None if ok else line
+
+
+def check_fitting(dtypes=("fp32", "bf16"), ccs=(80, 90), jobs=2):
+    """Compile every config the fitting table keeps for `dtypes`, for every target (`jobs` processes); returns
+    the failures: a kept config that spills or exceeds shared memory, or a kernel and dtype without a config."""
+    import multiprocessing as mp
+
+    from tlkernels.triton._common import fitting_configs
+    table = fitting_configs()
+    failures, work = [], []
+    for i, (name, _, _, _, dt) in enumerate(config_cases()):
+        keep = sorted(table.get((name.split(".")[1].split("[")[0], dt), ()))
+        if not keep:
+            failures.append(f"{name}: no fitting config")
+        if dt in dtypes:
+            work += [(i, c, cc) for c in keep for cc in ccs]
+    with mp.get_context("spawn").Pool(jobs) as pool:
+        for line, failure in pool.imap(_check_one, work):
+            print(line, flush=True)
+            if failure:
+                failures.append(failure)
+    return failures
 
 
 def all_kernels():
@@ -68,6 +166,22 @@ def all_kernels():
 def main():
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         sys.exit("tlkernels.triton._aot: unset TRITON_INTERPRET; the interpreter replaces the compiler")
+    if "--sweep" in sys.argv:  # measure every candidate config; --write: keep those that fit
+        import json
+        rows = []
+        for r in sweep():
+            print(json.dumps(r), flush=True)
+            rows.append(r)
+        if "--write" in sys.argv:
+            from tlkernels._io import atomic_write_text
+            from tlkernels.triton._common import FITTING_FILE
+            atomic_write_text(json.dumps(fitting_table(rows), indent=1) + "\n", FITTING_FILE)
+        return
+    if "--configs" in sys.argv:  # every config autotuning may launch, compiled and checked (fp32, bf16)
+        dts = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--dtypes=")]
+        failures = check_fitting(tuple(dts[0].split(",")) if dts else ("fp32", "bf16"))
+        print(f"{len(failures)} failed")
+        sys.exit(1 if failures else 0)
     cases = all_kernels()
     missing = uncovered_kernels(cases)
     for name in missing:

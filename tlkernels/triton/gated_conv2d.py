@@ -16,7 +16,7 @@ import triton.language as tl
 from torch._prims_common import suggest_memory_format
 
 from tlkernels.ops._utils import conv_output_hw
-from tlkernels.triton._common import device_of, gemm_configs
+from tlkernels.triton._common import device_of, gemm_configs, prune_to_fitting
 
 
 @triton.jit
@@ -77,7 +77,8 @@ def _load_gate(g_ptr, b, co, n_mask, sgn, sgc, HARD: tl.constexpr, IS_F64: tl.co
     return g
 
 
-@triton.autotune(configs=gemm_configs(), key=["C_OUT_G", "K_TOTAL", "P"])
+@triton.autotune(configs=gemm_configs(), key=["C_OUT_G", "K_TOTAL", "P"],
+                 prune_configs_by=prune_to_fitting("fwd", "x_ptr"))
 @triton.jit
 def _gated_conv_fwd_kernel(x_ptr, wp_ptr, wf_ptr, g_ptr, bp_ptr, bf_ptr, y_ptr,
                            C_in_g, H, W, OW, C_OUT_G, K_TOTAL, P,
@@ -103,7 +104,8 @@ def _gated_conv_fwd_kernel(x_ptr, wp_ptr, wf_ptr, g_ptr, bp_ptr, bf_ptr, y_ptr,
     tl.store(y_ptr + yoff, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
-@triton.autotune(configs=gemm_configs(), key=["C_OUT_G", "K_TOTAL", "P"])
+@triton.autotune(configs=gemm_configs(), key=["C_OUT_G", "K_TOTAL", "P"],
+                 prune_configs_by=prune_to_fitting("dgate", "x_ptr"))
 @triton.jit
 def _gated_conv_dgate_kernel(x_ptr, wp_ptr, wf_ptr, bp_ptr, bf_ptr, dy_ptr, dg_ptr, C_OUT,
                              C_in_g, H, W, OW, C_OUT_G, K_TOTAL, P,
@@ -134,7 +136,8 @@ def _gated_conv_dgate_kernel(x_ptr, wp_ptr, wf_ptr, bp_ptr, bf_ptr, dy_ptr, dg_p
     tl.store(dg_ptr + b * C_OUT + co, total, mask=n_mask)
 
 
-@triton.autotune(configs=gemm_configs(), key=["C_IN_G", "R_TOTAL", "P_IN"])
+@triton.autotune(configs=gemm_configs(), key=["C_IN_G", "R_TOTAL", "P_IN"],
+                 prune_configs_by=prune_to_fitting("dx", "dy_ptr"))
 @triton.jit
 def _gated_conv_dx_kernel(dy_ptr, wp_ptr, wf_ptr, g_ptr, dx_ptr,
                           C_IN_G, H, W, OH, OW, C_OUT_G, R_TOTAL, P_IN,
@@ -176,7 +179,8 @@ def _gated_conv_dx_kernel(dy_ptr, wp_ptr, wf_ptr, g_ptr, dx_ptr,
     tl.store(dx_ptr + xoff, acc.to(dx_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
-@triton.autotune(configs=gemm_configs(), key=["C_OUT_G", "K_TOTAL", "R_TOTAL"])
+@triton.autotune(configs=gemm_configs(), key=["C_OUT_G", "K_TOTAL", "R_TOTAL"],
+                 prune_configs_by=prune_to_fitting("dw", "x_ptr"))
 @triton.jit
 def _gated_conv_dw_kernel(x_ptr, dy_ptr, g_ptr, dwp_ptr, dwf_ptr,
                           C_in_g, H, W, OW, C_OUT_G, K_TOTAL, P, R_TOTAL,
