@@ -27,10 +27,12 @@ FLOOR = {torch.float64: 1e-10, torch.float32: 2e-4, torch.bfloat16: 5e-2, torch.
 
 
 class Report:
+    """The checks' results: one row (op, case, max error, budget, ok) per comparison."""
     def __init__(self):
         self.rows = []
 
     def add(self, op, case, err, budget):
+        """Record one comparison; ok when err <= budget (NaN fails)."""
         ok = bool(err <= budget) and err == err  # (NaN fails)
         self.rows.append(dict(op=op, case=case, error=float(err), budget=float(budget), ok=ok))
 
@@ -66,6 +68,7 @@ def _grads(fn, tensors, seed=0):
 
 
 def check_gated_conv2d(rep, device, dtypes, quick):
+    """gated_conv2d forward and every gradient against the float64 reference, each strategy and dtype."""
     from tlkernels.ops import gated_conv2d, gated_conv2d_reference
     shapes = [  # (N, C_in, H, C_out, k, stride, padding, dilation, groups, channels_last)
         (3, 8, 9, 17, 3, 1, 1, 1, 1, False), (2, 8, 10, 16, 3, 2, 1, 1, 1, True), (2, 8, 9, 8, 3, 1, 2, 2, 2, False),
@@ -99,6 +102,7 @@ def check_gated_conv2d(rep, device, dtypes, quick):
 
 
 def check_cross_entropy(rep, device, dtypes, quick):
+    """cross_entropy / joint_cross_entropy (strided labels, weights, smoothing) against the reference."""
     from tlkernels.ops import cross_entropy, joint_cross_entropy
     gen = torch.Generator().manual_seed(1)
     cases = [((37, 1000), dict()), ((16, 33), dict(label_smoothing=0.1)), ((4, 7, 5), dict(reduction="sum")),
@@ -129,6 +133,7 @@ def check_cross_entropy(rep, device, dtypes, quick):
 
 
 def check_l2sp(rep, device, dtypes, quick):
+    """The L2-SP penalty and its gradient against the float64 reference."""
     from tlkernels.ops import l2sp_penalty, l2sp_penalty_reference, l2sp_value_and_grad
     gen = torch.Generator().manual_seed(2)
     shapes = [(64, 3, 7, 7), (1000,), (3,), (65537,)]
@@ -153,6 +158,7 @@ def check_l2sp(rep, device, dtypes, quick):
 
 
 def check_optimizer(rep, device, dt):
+    """The fused SGD/AdamW steps with L2-SP against torch.optim plus the penalty gradient."""
     from tlkernels.nn import L2SP
     from tlkernels.optim import SGD, AdamW
     for name, ours, theirs, kw in (("SGD", SGD, torch.optim.SGD, dict(lr=0.1, momentum=0.9)),
@@ -182,6 +188,7 @@ def check_optimizer(rep, device, dt):
 
 
 def check_histogram_knn(rep, device, quick):
+    """filterbank_histogram and knn_search against their references."""
     from tlkernels.filters import gabor_bank
     from tlkernels.ops import filterbank_histogram, filterbank_histogram_reference, knn_search, knn_search_reference
     gen = torch.Generator().manual_seed(4)
@@ -207,6 +214,7 @@ def check_histogram_knn(rep, device, quick):
 
 
 def check_methods(rep, device, quick):
+    """SpotTune routed eval and AdaFilter folded eval against their blended computations."""
     import torchvision
     from tlkernels.methods import AdaFilter, SpotTune
     torch.manual_seed(0)
@@ -279,6 +287,7 @@ def _timer(device):
 
 
 def bench(device, quick):
+    """Speed ratios against the plain PyTorch way on `device` (CUDA events on a GPU)."""
     from tlkernels.ops import cross_entropy, filterbank_histogram, gated_conv2d, knn_search
     from tlkernels.optim import SGD
     from tlkernels.nn import L2SP
@@ -352,6 +361,7 @@ def tf32_setting(allow):
 
 
 def resolve_device(name):
+    """torch.device for --device auto|cpu|cuda[:N]; SystemExit when CUDA is asked for and absent."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -366,6 +376,7 @@ def resolve_device(name):
 
 
 def run(device, quick=False):
+    """Every check on `device`; returns the Report."""
     rep = Report()
     dtypes = [torch.float64, torch.float32, torch.bfloat16] + ([torch.float16] if device.type == "cuda" else [])
     tf32 = [False, True] if device.type == "cuda" else [False]
@@ -388,6 +399,7 @@ def run(device, quick=False):
 
 
 def context(device):
+    """Device name and torch/CUDA/Triton versions and the commit, for --json."""
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=os.path.dirname(__file__),
                                 capture_output=True, text=True, timeout=10).stdout.strip()
@@ -405,6 +417,7 @@ def context(device):
 
 
 def main(argv=None):
+    """python -m tlkernels.selfcheck: prints the table and exits non-zero on any failure."""
     ap = argparse.ArgumentParser(prog="python -m tlkernels.selfcheck", description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     ap.add_argument("--quick", action="store_true", help="fewer shapes and strategies (under 2 minutes on a CPU)")

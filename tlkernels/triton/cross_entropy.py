@@ -66,6 +66,7 @@ def _ce_kernel(x_ptr, x_stride, t_ptr, q_ptr, q_stride, w_ptr, denom_ptr, rows_p
 
 
 def cross_entropy_forward(logits, target, sample_weight, ignore_index, reduction, scale, compute_grad):
+    """The cross_entropy op on CUDA tensors: (loss, dL/dlogits) from one row kernel launch."""
     N, C = logits.shape
     logits = logits.contiguous()
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32  # the kernel's accumulator (IS_F64)

@@ -42,6 +42,7 @@ def _bin_rows_kernel(r_ptr, e_ptr, out_ptr, P, F, n0, NB: tl.constexpr, NB_POW2:
 
 
 def filterbank_histogram_forward(images, filters, edges, stride, padding, tile_elems=1 << 24):
+    """The filterbank_histogram op on CUDA tensors: conv2d responses binned by the Triton kernel."""
     N, F = images.shape[0], filters.shape[0]
     nb = edges.shape[1] - 1
     e = edges.to(torch.float32).contiguous()

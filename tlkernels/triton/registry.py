@@ -2,6 +2,7 @@
 
 
 def aot_cases():
+    """(name, kernel, pointer types, constexprs) of every Triton kernel specialisation compiled ahead of time."""
     from tlkernels.triton import gated_conv2d as gc
 
     cases = []
