@@ -526,3 +526,100 @@ def test_adamw_puts_no_decoupled_weight_decay_on_l2sp_tensors():
         ob.step()
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q)
+
+
+# ----------------------------------------------------------------------------- L2-SP-Fisher
+def _fisher_setup(dtype=torch.float64):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 5)).to(dtype)
+    start = {n: p.detach().clone() for n, p in net.named_parameters()}
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    fisher = {"0.weight": torch.rand_like(net[0].weight) * 3}
+    return net, start, fisher
+
+
+def test_l2sp_fisher_penalty_and_gradient_equal_the_formula():
+    from tlkernels.nn import L2SP
+    net, start, fisher = _fisher_setup()
+    reg = L2SP(net, reference=start, alpha=0.1, beta=0.01, head="2", fisher=fisher)
+    w, w0 = net[0].weight, start["0.weight"]
+    want = 0.05 * (fisher["0.weight"] * (w - w0) ** 2).sum() + 0.005 * net[2].weight.square().sum()
+    got = reg()
+    torch.testing.assert_close(got, want)
+    g_got = torch.autograd.grad(got, [w, net[2].weight])
+    g_want = torch.autograd.grad(want, [w, net[2].weight])
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(reg.value(), want.detach())
+    # the state_dict carries the weights (resume) and loads back
+    other = L2SP(net, reference=start, alpha=0.1, beta=0.01, head="2")
+    other.load_state_dict(reg.state_dict())
+    torch.testing.assert_close(other(), want)
+
+
+@pytest.mark.parametrize("opt_name", ["SGD", "AdamW"])
+@pytest.mark.parametrize("maximize", [False, True])
+def test_l2sp_fisher_in_the_optimizer_step_equals_torch_optim_on_the_formula(opt_name, maximize):
+    """Our fused step with a Fisher-weighted L2-SP == torch.optim on loss (+/-) the plain formula."""
+    import copy
+    from tlkernels import optim
+    from tlkernels.nn import L2SP
+    net, start, fisher = _fisher_setup()
+    ref_net = copy.deepcopy(net)
+    reg = L2SP(net, reference=start, alpha=0.1, beta=0.01, head="2", fisher=fisher)
+    kw = dict(lr=0.05, momentum=0.9) if opt_name == "SGD" else dict(lr=0.01, weight_decay=0.05)
+    ours = getattr(optim, opt_name)(net.parameters(), maximize=maximize, l2sp=reg, **kw)
+    if opt_name == "AdamW":  # no decoupled weight decay on the penalised tensors, as ours
+        pen = [ref_net[0].weight, ref_net[2].weight]
+        rest = [p for p in ref_net.parameters() if all(p is not q for q in pen)]
+        theirs = torch.optim.AdamW([dict(params=pen, weight_decay=0.0), dict(params=rest)], maximize=maximize, **kw)
+    else:
+        theirs = torch.optim.SGD(ref_net.parameters(), maximize=maximize, **kw)
+    x, y = torch.randn(6, 3, 8, 8, dtype=torch.float64), torch.randint(0, 5, (6,))
+    for _ in range(3):
+        for model, opt in ((net, ours), (ref_net, theirs)):
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            if model is ref_net:
+                w = model[0].weight
+                penalty = 0.05 * (fisher["0.weight"] * (w - start["0.weight"]) ** 2).sum() \
+                    + 0.005 * model[2].weight.square().sum()
+                loss = loss - penalty if maximize else loss + penalty  # the penalty is always minimised
+            loss.backward()
+            opt.step()
+    for a, b in zip(net.parameters(), ref_net.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+def test_estimate_fisher_equals_per_sample_gradients_from_torch_func():
+    from tlkernels.nn import estimate_fisher
+    net, _, _ = _fisher_setup()
+    x, y = torch.randn(7, 3, 8, 8, dtype=torch.float64), torch.randint(0, 5, (7,))
+    got = estimate_fisher(net, [(x[:4], y[:4]), (x[4:], y[4:])])
+    params = {n: p.detach() for n, p in net.named_parameters()}
+
+    def loss(p, xi, yi):
+        out = torch.func.functional_call(net, p, (xi[None],))
+        return torch.nn.functional.cross_entropy(out, yi[None])
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, x, y)
+    for n in params:
+        torch.testing.assert_close(got[n], per_sample[n].square().mean(0))
+    assert net.training  # the mode is restored
+    two = estimate_fisher(net, [(x, y)], max_samples=2, names={"0.weight"})
+    assert set(two) == {"0.weight"}
+    torch.testing.assert_close(two["0.weight"], per_sample["0.weight"][:2].square().mean(0))
+
+
+def test_l2sp_fisher_bad_inputs():
+    from tlkernels.nn import L2SP
+    net, start, fisher = _fisher_setup()
+    with pytest.raises(ValueError, match=r"L2SP: fisher\['2.weight'\]: not a tensor this penalty pulls toward"):
+        L2SP(net, reference=start, head="2", fisher={"2.weight": torch.ones(5, 144, dtype=torch.float64)})
+    with pytest.raises(ValueError, match=r"L2SP: fisher\['0.weight'\] must be a tensor of the parameter's shape"):
+        L2SP(net, reference=start, head="2", fisher={"0.weight": torch.ones(3)})
+    with pytest.raises(ValueError, match=r"must hold finite values >= 0"):
+        L2SP(net, reference=start, head="2", fisher={"0.weight": -fisher["0.weight"]})
+    with pytest.raises(TypeError, match="L2SP: fisher must be a dict"):
+        L2SP(net, reference=start, head="2", fisher=[1, 2])

@@ -264,3 +264,15 @@ def test_label_smoothing_and_balanced_class_weights(tmp_path, cache):
         train.parse_args(["--class_weights", "inverse"])
     with pytest.raises(SystemExit):
         train.parse_args(["--label_smoothing", "1.5"])
+
+
+def test_l2sp_fisher_on_the_demo(tmp_path, cache):
+    res = run(tmp_path, cache, "--method", "l2sp", "--l2sp_fisher", "40")
+    summary, history = res["l2sp"][0]
+    assert summary["status"] == "done" and all(h["l2sp"] >= 0 for h in history)
+    ck = torch.load(tmp_path / "l2sp" / "last.pt", weights_only=True)
+    plain = run(tmp_path / "plain", cache, "--method", "l2sp")["l2sp"][0][1]
+    assert [h["l2sp"] for h in history] != [h["l2sp"] for h in plain]  # another penalty
+    with pytest.raises(SystemExit, match="--l2sp_fisher: no penalised tensor"):
+        run(tmp_path / "s", cache, "--method", "spottune+l2sp", "--l2sp_fisher", "10")
+    assert "model" in ck

@@ -23,7 +23,9 @@ def _plan(optimizer, group):
         if p.grad.is_sparse:
             raise RuntimeError(f"{type(optimizer).__name__}: sparse gradients are not supported")
         params.append(p)
-        grads.append(p.grad)
+        fg = l2sp.fisher_grad(p) if l2sp is not None else None
+        # L2-SP-Fisher: its per-element gradient joins the loss gradient (sign: the step negates under maximize)
+        grads.append(p.grad if fg is None else (p.grad - fg if group.get("maximize") else p.grad + fg))
         ref, coeff = l2sp.coefficient(p) if l2sp is not None else (None, 0.0)
         refs.append(ref)
         coeffs.append(float(coeff))
@@ -120,7 +122,7 @@ class AdamW(_FusedL2SP):
             st["step"] += 1
             # L2-SP's penalty is the regulariser of the tensors it penalises (pull toward w0, or beta on the
             # head), as in the paper: they get no decoupled weight decay on top
-            penalised = refs[i] is not None or coeffs[i] != 0.0
+            penalised = refs[i] is not None or coeffs[i] != 0.0 or (self.l2sp is not None and self.l2sp.penalises(p))
             by_step.setdefault((st["step"], penalised), []).append(i)
         b1, b2 = group["betas"]
         for (step, penalised), idx in by_step.items():

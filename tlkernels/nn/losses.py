@@ -28,10 +28,13 @@ class L2SP:
     head       name prefix(es) of the new layers (e.g. "fc"): penalised toward 0 with beta
     scope      "kernels": conv/linear weights only (the paper's code); "all": every trainable parameter
                (Transfer-Learning-Library's convention, BN and biases included)
+    fisher     L2-SP-Fisher (the paper's second penalty): {parameter name: per-element weights F >= 0 of its
+               shape} (e.g. from estimate_fisher on source data); those tensors get alpha/2 sum F (w - w0)^2.
+               Their terms run on torch ops (per tensor), the others in the fused multi-tensor pass.
     Calling it returns the penalty (differentiable, one fused multi-tensor pass).
     """
 
-    def __init__(self, model, reference=None, alpha=0.1, beta=0.01, head=None, scope="kernels"):
+    def __init__(self, model, reference=None, alpha=0.1, beta=0.01, head=None, scope="kernels", fisher=None):
         if scope not in ("kernels", "all"):
             raise ValueError(f"L2SP: scope must be 'kernels' or 'all', got {scope!r}")
         if not isinstance(model, nn.Module):
@@ -62,30 +65,77 @@ class L2SP:
             self.names.append(n)
             self.params.append(p)
             self.refs.append(r.detach().to(device=p.device, dtype=p.dtype, copy=True))
+        self.fisher = self._check_fisher(fisher or {})
         self._set_coefficients()
+
+    def _check_fisher(self, fisher):
+        """{index into self.params: weights} from {name: weights}; ValueError/TypeError naming the entry."""
+        if not isinstance(fisher, dict):
+            raise TypeError(f"L2SP: fisher must be a dict of parameter name -> tensor, got {type(fisher).__name__}")
+        index = {n: i for i, n in enumerate(self.names)}
+        out = {}
+        for n, f in fisher.items():
+            if n not in index:
+                raise ValueError(f"L2SP: fisher[{n!r}]: not a tensor this penalty pulls toward its start "
+                                 f"(penalised: {self.names[:3]}{'...' if len(self.names) > 3 else ''})")
+            p = self.params[index[n]]
+            if not isinstance(f, torch.Tensor) or tuple(f.shape) != tuple(p.shape):
+                got = tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__
+                raise ValueError(f"L2SP: fisher[{n!r}] must be a tensor of the parameter's shape {tuple(p.shape)}, "
+                                 f"got {got}")
+            if not bool(torch.isfinite(f).all()) or bool((f < 0).any()):
+                raise ValueError(f"L2SP: fisher[{n!r}] must hold finite values >= 0 (a Fisher diagonal)")
+            out[index[n]] = f.detach().to(device=p.device, dtype=p.dtype, copy=True)
+        return out
+
+    def _fisher_terms(self):
+        return sum((0.5 * self.alpha * (f * (self.params[i] - self.refs[i]).square()).sum()
+                    for i, f in self.fisher.items()), self.params[0].new_zeros(()) if self.params else 0.0)
+
+    def penalises(self, param):
+        """True for every tensor the penalty covers (pulled toward w0, Fisher-weighted or a new head tensor)."""
+        return id(param) in self._coeff or id(param) in self._fisher_index
+
+    def fisher_grad(self, param):
+        """alpha * F * (param - param0) for a Fisher-weighted tensor, else None (the optimizer adds it)."""
+        i = self._fisher_index.get(id(param))
+        if i is None:
+            return None
+        return self.alpha * self.fisher[i] * (param - self.refs[i])
 
     def _set_coefficients(self):
         """(reference, coefficient) per penalised tensor, by identity: what the fused optimizer step reads."""
-        self._coeff = {id(p): (r, self.alpha) for p, r in zip(self.params, self.refs)}
+        # Fisher-weighted tensors have no scalar coefficient: the optimizer adds fisher_grad() instead
+        self._coeff = {id(p): (r, self.alpha) for i, (p, r) in enumerate(zip(self.params, self.refs))
+                       if i not in self.fisher}
         self._coeff.update({id(q): (None, self.beta) for q in self.new_params})
+        self._fisher_index = {id(self.params[i]): i for i in self.fisher}
+
+    def _plain(self):
+        keep = [i for i in range(len(self.params)) if i not in self.fisher]
+        return [self.params[i] for i in keep], [self.refs[i] for i in keep]
 
     def __call__(self):
-        return l2sp_penalty(self.params, self.refs, self.alpha, self.new_params, self.beta)
+        params, refs = self._plain()
+        value = l2sp_penalty(params, refs, self.alpha, self.new_params, self.beta)
+        return value + self._fisher_terms() if self.fisher else value
 
     @torch.no_grad()
     def value(self):
         """The penalty without an autograd graph (for logging when the optimizer applies its gradient)."""
-        return l2sp_penalty(self.params, self.refs, self.alpha, self.new_params, self.beta)
+        return self()
 
     def coefficient(self, param):
-        """(reference tensor or None, coefficient) of the L2-SP gradient for `param`; (None, 0) if not penalised."""
+        """(reference tensor or None, coefficient) of the L2-SP gradient for `param`; (None, 0) if not penalised
+        or Fisher-weighted (see fisher_grad)."""
         return self._coeff.get(id(param), (None, 0.0))
 
     def state_dict(self):
         """{"alpha", "beta", "scope", "head", "refs": the reference tensors by parameter name} (tensors,
         numbers, strings: loads with weights_only=True)."""
         return {"alpha": self.alpha, "beta": self.beta, "scope": self.scope, "head": list(self.head),
-                "refs": {n: r for n, r in zip(self.names, self.refs)}}
+                "refs": {n: r for n, r in zip(self.names, self.refs)},
+                "fisher": {self.names[i]: f for i, f in self.fisher.items()}}
 
     def load_state_dict(self, sd):
         """Restore what state_dict saved; KeyError when a penalised parameter has no reference in it."""
@@ -95,7 +145,37 @@ class L2SP:
         for i, n in enumerate(self.names):
             self.refs[i].copy_(sd["refs"][n])
         self.alpha, self.beta = float(sd["alpha"]), float(sd["beta"])
+        self.fisher = self._check_fisher(sd.get("fisher", {}))
         self._set_coefficients()
+
+
+def estimate_fisher(model, batches, names=None, max_samples=None):
+    """Diagonal empirical Fisher information of `model` on labelled data (L2-SP-Fisher's weights): per parameter,
+    the mean over samples of the squared gradient of the per-sample cross-entropy (log-likelihood of the
+    label), the model in eval mode. batches: iterable of (images, labels); names: parameter names to keep
+    (default: every trainable one); max_samples: stop after that many samples. One backward per sample."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and (names is None or n in names)]
+    total = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in named}
+    count = 0
+    was = model.training
+    model.eval()
+    try:
+        for x, y in batches:
+            for i in range(len(x)):
+                if max_samples is not None and count >= max_samples:
+                    break
+                model.zero_grad(set_to_none=True)
+                torch.nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1]).backward()
+                for n, p in named:
+                    if p.grad is not None:
+                        total[n] += p.grad.double().square()
+                count += 1
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was)
+    if count == 0:
+        raise ValueError("estimate_fisher: the batches held no sample")
+    return {n: (t / count).to(p.dtype) for (n, p), t in zip(named, total.values())}
 
 
 SCHEDULES = ("constant", "linear", "cosine", "exponential", "step")

@@ -58,6 +58,8 @@ class Config:
     weight_decay: float = opt(1e-4, "plain L2 on the weights (none on the tensors L2-SP penalises)")
     l2sp_alpha: float = opt(0.1, "L2-SP: pull of the pre-trained weights toward their start (paper: 0.1)")
     l2sp_beta: float = opt(0.01, "L2-SP: plain L2 on the new head (paper: 0.01)")
+    l2sp_fisher: int = opt(0, "L2-SP-Fisher: weigh each element by the source task's Fisher diagonal, estimated "
+                              "on this many source images (0: plain L2-SP)")
     label_smoothing: float = opt(0.0, "target loss label smoothing, in [0, 1] (timm's recipes use 0.1)")
     class_weights: str = opt("none", "target loss class weights: balanced = n / (classes x count) per class",
                              ("none", "balanced"))
@@ -174,7 +176,7 @@ def check(ap, cfg):
                  "pretrain_epochs", "image_size", "selective_rounds", "selective_max_level"):
         if getattr(cfg, name) < 1:
             ap.error(f"--{name} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("source_limit", "stop_after", "threads", "spottune_budget"):
+    for name in ("source_limit", "stop_after", "threads", "spottune_budget", "l2sp_fisher"):
         if getattr(cfg, name) < 0:
             ap.error(f"--{name} must be >= 0 (0: {'all' if name == 'source_limit' else 'off'}), got {getattr(cfg, name)}")
     if cfg.workers < -1:

@@ -235,7 +235,7 @@ def train_method(run, method, base, with_l2sp, backbone, pretrained_classes, out
         raise SystemExit(f"tlkernels-train: method {base!r} needs a source set (--source DIR)")
     net = rec_.build(backbone, len(run.target.classes), run.source.classes if run.source else None, pretrained_classes)
     net.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
-    l2sp = rec_.l2sp(net)
+    l2sp = rec_.l2sp(net, run, pretrained_classes)
     run.net = net
     plan = data.StepPlan(len(run.target.train), cfg.batch_size, cfg.seed, run.rank, run.world, rec_.draw_sources,
                          rec_.sample_weights)

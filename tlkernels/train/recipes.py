@@ -64,11 +64,38 @@ class Recipe:
         backbone.fc = nn.Identity()
         return Net(self.wrap(backbone), feat, n_target, head)
 
-    def l2sp(self, net):
-        """The L2-SP penalty anchored at net's current (pre-trained) weights, or None."""
+    def l2sp(self, net, run=None, pretrained_classes=None):
+        """The L2-SP penalty anchored at net's current (pre-trained) weights, or None; with --l2sp_fisher N
+        L2-SP-Fisher, its weights the Fisher diagonal of the source task on N source images."""
         if not self.with_l2sp:
             return None
-        return L2SP(net, alpha=self.cfg.l2sp_alpha, beta=self.cfg.l2sp_beta, head=self.new)
+        fisher = None
+        if self.cfg.l2sp_fisher:
+            fisher = self.source_fisher(net, run, pretrained_classes)
+        return L2SP(net, alpha=self.cfg.l2sp_alpha, beta=self.cfg.l2sp_beta, head=self.new, fisher=fisher)
+
+    def source_fisher(self, net, run, pretrained_classes):
+        """{net parameter name: Fisher diagonal} of the pre-trained model (with its classifier) on the first
+        --l2sp_fisher source images and their labels: the source task's Fisher information."""
+        import copy
+
+        from tlkernels.nn import estimate_fisher
+        from tlkernels.train import data
+        if run.source is None or pretrained_classes is None or list(pretrained_classes) != list(run.source.classes):
+            raise SystemExit("tlkernels-train: --l2sp_fisher needs --source images labelled with the pre-trained "
+                             "classifier's classes (the Fisher information of the source task); the demo has them")
+        n = min(self.cfg.l2sp_fisher, len(run.source.train_eval))
+        model = copy.deepcopy(run.backbone).to(run.device)
+        batches = ([t.to(run.device) for t in data.take(run.source.train_eval, list(range(i, min(i + 64, n))))]
+                   for i in range(0, n, 64))
+        names = {n for n, _ in net.named_parameters()}
+        fisher = {f"trunk.{k}": v for k, v in estimate_fisher(model, batches).items() if f"trunk.{k}" in names}
+        penalised = set(L2SP(net, head=self.new).names)
+        fisher = {k: v for k, v in fisher.items() if k in penalised}
+        if not fisher:
+            raise SystemExit("tlkernels-train: --l2sp_fisher: no penalised tensor of this method's model is a tensor "
+                             "of the pre-trained network (use it with l2sp)")
+        return fisher
 
     def objective(self, total_steps, loss_options):
         """The loss (a SoftJointLoss) over `total_steps` steps; loss_options: the target loss's options."""
