@@ -71,7 +71,8 @@ class Run:
     rank: int
     world: int
     workers: int
-    backbone: nn.Module = None
+    backbone: nn.Module = None  # pre-trained, its classifier in .fc
+    pretrained_classes: list = None  # what that classifier predicts (None: unknown)
     net: nn.Module = None
     amp: object = None
 
@@ -221,7 +222,7 @@ def tensorboard_writer(cfg, out):
 
 
 # ----------------------------------------------------------------------------- one method
-def train_method(run, method, base, with_l2sp, backbone, pretrained_classes, out):
+def train_method(run, method, base, with_l2sp, out):
     """Train one method (its recipe) from the pre-trained backbone; writes its files into `out`.
     Returns (summary dict, history: one record per step)."""
     from tqdm.auto import tqdm
@@ -233,9 +234,10 @@ def train_method(run, method, base, with_l2sp, backbone, pretrained_classes, out
     rec_ = recipe(cfg, base, with_l2sp)
     if rec_.uses_source and run.source is None:
         raise SystemExit(f"tlkernels-train: method {base!r} needs a source set (--source DIR)")
-    net = rec_.build(backbone, len(run.target.classes), run.source.classes if run.source else None, pretrained_classes)
+    net = rec_.build(run.backbone, len(run.target.classes), run.source.classes if run.source else None,
+                     run.pretrained_classes)
     net.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
-    l2sp = rec_.l2sp(net, run, pretrained_classes)
+    l2sp = rec_.l2sp(net, run)
     run.net = net
     plan = data.StepPlan(len(run.target.train), cfg.batch_size, cfg.seed, run.rank, run.world, rec_.draw_sources,
                          rec_.sample_weights)
@@ -410,11 +412,11 @@ def main(argv=None):
         target, source = data.load_data(scfg, seed)
         if backbone is None:
             backbone, classes = pretrained_backbone(scfg, source)
-        run = Run(scfg, target, source, device, rank, world, data.default_workers(scfg, target), backbone,
+        run = Run(scfg, target, source, device, rank, world, data.default_workers(scfg, target), backbone, classes,
                   amp=amp_context(scfg, device))
         for m, base, with_l2sp in methods:
             out = os.path.join(cfg.out_dir, m.replace("+", "_"), *([f"seed{seed}"] if len(seeds) > 1 else []))
-            summary, history = train_method(run, m, base, with_l2sp, backbone, classes, out)
+            summary, history = train_method(run, m, base, with_l2sp, out)
             results[m][seed] = (summary, history)
             log(f"{m} (seed {seed}): final val acc {summary['final_val_acc']:.4f}, best {summary['best_val_acc']:.4f}, "
                 f"{summary['seconds']} s" if summary["final_val_acc"] is not None else f"{m}: {summary['status']}")

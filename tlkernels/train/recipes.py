@@ -64,24 +64,25 @@ class Recipe:
         backbone.fc = nn.Identity()
         return Net(self.wrap(backbone), feat, n_target, head)
 
-    def l2sp(self, net, run=None, pretrained_classes=None):
+    def l2sp(self, net, run=None):
         """The L2-SP penalty anchored at net's current (pre-trained) weights, or None; with --l2sp_fisher N
         L2-SP-Fisher, its weights the Fisher diagonal of the source task on N source images."""
         if not self.with_l2sp:
             return None
         fisher = None
         if self.cfg.l2sp_fisher:
-            fisher = self.source_fisher(net, run, pretrained_classes)
+            fisher = self.source_fisher(net, run)
         return L2SP(net, alpha=self.cfg.l2sp_alpha, beta=self.cfg.l2sp_beta, head=self.new, fisher=fisher)
 
-    def source_fisher(self, net, run, pretrained_classes):
+    def source_fisher(self, net, run):
         """{net parameter name: Fisher diagonal} of the pre-trained model (with its classifier) on the first
         --l2sp_fisher source images and their labels: the source task's Fisher information."""
         import copy
 
         from tlkernels.nn import estimate_fisher
         from tlkernels.train import data
-        if run.source is None or pretrained_classes is None or list(pretrained_classes) != list(run.source.classes):
+        classes = run.pretrained_classes
+        if run.source is None or classes is None or list(classes) != list(run.source.classes):
             raise SystemExit("tlkernels-train: --l2sp_fisher needs --source images labelled with the pre-trained "
                              "classifier's classes (the Fisher information of the source task); the demo has them")
         n = min(self.cfg.l2sp_fisher, len(run.source.train_eval))
