@@ -14,20 +14,23 @@ from tlkernels.methods import AdaFilter, SpotTune
 
 
 def _mixed_policy(m, n):
-    """Half the images on the fine-tuned copy of each block (a trained policy's typical mix, and
-    the case where routing saves least over a one-copy shortcut)."""
+    """Half the images on the fine-tuned copy of each block (a trained policy's typical mix, and the case
+    where routing saves least over a one-copy shortcut). The policy network still runs (its cost is part of
+    SpotTune's eval); only its decisions are replaced."""
     g = (torch.arange(n)[:, None] + torch.arange(len(m.blocks))[None]) % 2
     logits = torch.stack([1 - g, g], -1).float() * 10
-    m.policy.forward = lambda x: logits[: x.shape[0]]
+    policy = m.policy.forward
+    m.policy.forward = lambda x: policy(x) * 0 + logits[: x.shape[0]]
 
 
+@pytest.mark.parametrize("size,n", [(64, 64), (224, 16)])
 @pytest.mark.parametrize("provider", ["naive", "tlkernels"])
-def test_spottune_eval(benchmark, provider):
+def test_spottune_eval(benchmark, provider, size, n):
     torch.manual_seed(0)
     m = SpotTune(torchvision.models.resnet18(num_classes=10), route=provider == "tlkernels").eval()
-    _mixed_policy(m, 64)
-    x = torch.randn(64, 3, 64, 64)
-    benchmark.group = "spottune resnet18 eval N=64 64x64"
+    _mixed_policy(m, n)
+    x = torch.randn(n, 3, size, size)
+    benchmark.group = f"spottune resnet18 eval N={n} {size}x{size} (policy included)"
     benchmark.extra_info["provider"] = provider
 
     def fn():
