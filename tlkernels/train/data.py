@@ -205,14 +205,16 @@ def in_memory(ds):
     return isinstance(ds, TensorDataset)
 
 
-def _items(ds, idx, seeds):
+def _items(ds, idx, seeds=None):
     """(images, labels, kept) of dataset items idx, in-memory datasets by one gather; kept: the positions
-    whose image could be read (all unless an ImageFolderSet skips bad files)."""
+    whose image could be read (all unless an ImageFolderSet skips bad files). seeds: one augmentation seed
+    per item, or None for deterministic transforms (evaluation: no RNG fork per image)."""
     if isinstance(ds, torch.utils.data.Subset):
         return _items(ds.dataset, torch.as_tensor(list(ds.indices), dtype=torch.long)[idx], seeds)
     if isinstance(ds, TensorDataset):
         return ds.tensors[0][idx], ds.tensors[1][idx], torch.arange(len(idx))
-    items = [ds.load(int(i), int(s)) if hasattr(ds, "load") else ds[int(i)] for i, s in zip(idx, seeds)]
+    seeds = [None] * len(idx) if seeds is None else [int(v) for v in seeds]
+    items = [ds.load(int(i), s) if hasattr(ds, "load") else ds[int(i)] for i, s in zip(idx, seeds)]
     kept = [k for k, it in enumerate(items) if it is not None]
     if not kept:
         return None, None, torch.zeros(0, dtype=torch.long)
@@ -222,7 +224,7 @@ def _items(ds, idx, seeds):
 
 def take(ds, idx):
     """(images, labels) of items idx of a dataset without unreadable files (the demo's: one gather)."""
-    x, y, _ = _items(ds, torch.as_tensor(idx, dtype=torch.long), torch.zeros(len(idx), dtype=torch.long))
+    x, y, _ = _items(ds, torch.as_tensor(idx, dtype=torch.long))
     return x, y
 
 
@@ -332,7 +334,7 @@ class _Indexed(Dataset):
 
     def __getitems__(self, idx):
         idx = torch.as_tensor(idx, dtype=torch.long)
-        x, y, kept = _items(self.ds, idx, torch.zeros_like(idx))
+        x, y, kept = _items(self.ds, idx)
         return x, y, len(idx) - len(kept)
 
 
