@@ -98,6 +98,43 @@ def test_l2sp_value_and_grad(benchmark, r50, mode, provider):
     return result
 
 
+# ----------------------------------------------------------------------------- L2-SP-Fisher value + gradient
+@pytest.mark.parametrize("provider", ["naive", "foreach", "tlkernels"])
+def test_l2sp_fisher_into_grad(benchmark, r50, provider):
+    """alpha/2 sum F (p - p0)^2 with a Fisher diagonal F on every tensor, its gradient added into .grad (the
+    training use): the autograd loop, torch._foreach_*, and the fused pass (reads p, p0, F, g; writes g)."""
+    params, refs = r50
+    fisher = [torch.rand_like(p) for p in params]
+    n = sum(p.numel() for p in params)
+    benchmark.group = f"l2sp-fisher value+grad added into .grad, resnet50 ({n / 1e6:.1f}M in {len(params)} tensors)"
+    benchmark.extra_info["provider"] = provider
+    for p in params:
+        p.grad = torch.randn_like(p)
+    alpha = 0.1
+    if provider == "naive":
+        def fn():
+            loss = 0.0
+            for p, r, f in zip(params, refs, fisher):
+                loss = loss + 0.5 * alpha * (f * (p - r).pow(2)).sum()
+            loss.backward()
+            return loss
+    elif provider == "foreach":
+        def fn():
+            with torch.no_grad():
+                d = torch._foreach_sub([p.detach() for p in params], refs)
+                fd = torch._foreach_mul(d, fisher)
+                value = 0.5 * alpha * torch.stack([t.sum() for t in torch._foreach_mul(fd, d)]).sum()
+                torch._foreach_add_([p.grad for p in params], fd, alpha=alpha)
+                return value
+    else:
+        def fn():
+            return tlkernels.ops.l2sp_value_and_grad(params, refs, alpha, accumulate=True, weights=fisher)
+    run(benchmark, fn, rounds=7)
+    for p in params:
+        p.grad = None
+    benchmark.extra_info["GB/s (minimum traffic)"] = round(5 * 4 * n / benchmark.stats.stats.median / 1e9, 2)
+
+
 # ----------------------------------------------------------------------------- optimizer step
 @pytest.mark.parametrize("provider", ["naive", "tlkernels"])
 def test_sgd_l2sp_step(benchmark, provider):

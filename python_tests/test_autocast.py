@@ -11,7 +11,7 @@ import torchvision
 
 from tlkernels.methods import AdaFilter, SpotTune
 from tlkernels.nn import L2SP, GatedConv2d
-from tlkernels.ops import cross_entropy, gated_conv2d, joint_cross_entropy
+from tlkernels.ops import cross_entropy, gated_conv2d, joint_cross_entropy, l2sp_penalty
 from tlkernels.ops.gated_conv2d import gated_conv2d_reference
 
 BF16 = dict(device_type="cpu", dtype=torch.bfloat16)
@@ -125,6 +125,25 @@ def test_l2sp_penalty_in_float32():
         got = reg()
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want)
+
+
+def test_l2sp_fisher_weights_follow_their_params_dtype():
+    """bf16 params and Fisher weights: autocast casts the params to float32 and the wrapper casts the weights
+    (a Tensor?[] ATen's wrapper leaves alone) with them; value and gradients match the float32 formula."""
+    p = [torch.randn(6, 5).bfloat16().requires_grad_(), torch.randn(40).bfloat16().requires_grad_()]
+    r = [t.detach() + 0.1 for t in p]
+    w = [torch.rand(6, 5).bfloat16(), None]
+    with torch.autocast(**BF16):
+        got = l2sp_penalty(p, r, 0.2, weights=w)
+    assert got.dtype == torch.float32
+    got.backward()
+    pf = [t.detach().float().requires_grad_() for t in p]
+    want = 0.1 * (w[0].float() * (pf[0] - r[0].float()) ** 2).sum() + 0.1 * ((pf[1] - r[1].float()) ** 2).sum()
+    want.backward()
+    torch.testing.assert_close(got, want)
+    for a, b in zip(p, pf):
+        assert a.grad.dtype == torch.bfloat16
+        torch.testing.assert_close(a.grad.float(), b.grad, rtol=1e-2, atol=1e-2)
 
 
 def test_autocast_kernel_registered_for_cuda_too():

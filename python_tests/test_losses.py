@@ -64,9 +64,9 @@ def test_l2sp_value_and_grad_accumulates_into_dot_grad():
     op = torch.ops.tlkernels.l2sp_value_and_grad_.default
     d = [t.detach() for t in params]
     with pytest.raises(RuntimeError, match=r"l2sp_value_and_grad_: grads must have one tensor per params \(4\), got 3"):
-        op(d, refs, 0.1, [], 0.0, [t.grad for t in params][:3], [])
+        op(d, refs, [], 0.1, [], 0.0, [t.grad for t in params][:3], [])
     with pytest.raises(RuntimeError, match=r"l2sp_value_and_grad_: grads\[0\] must have the memory layout of params\[0\]"):
-        op(d[:1], refs[:1], 0.1, [], 0.0, [torch.zeros(d[0].shape[::-1], dtype=d[0].dtype).permute(3, 2, 1, 0)], [])
+        op(d[:1], refs[:1], [], 0.1, [], 0.0, [torch.zeros(d[0].shape[::-1], dtype=d[0].dtype).permute(3, 2, 1, 0)], [])
     params[0].grad = torch.zeros(params[0].shape[::-1]).permute(3, 2, 1, 0)
     with pytest.raises(ValueError, match=r"l2sp_value_and_grad: params\[0\].grad must have the memory layout of params\[0\]"):
         l2sp_value_and_grad(params, refs, 0.1, accumulate=True)
@@ -77,7 +77,7 @@ def test_l2sp_value_and_grad_inplace_opcheck():
     r = [torch.randn(4, 3, dtype=torch.float64), torch.randn(70_000)]
     q = [torch.randn(2)]
     torch.library.opcheck(torch.ops.tlkernels.l2sp_value_and_grad_.default,
-                          (p, r, 0.3, q, 0.05, [torch.randn_like(t) for t in p], [torch.randn_like(q[0])]))
+                          (p, r, [], 0.3, q, 0.05, [torch.randn_like(t) for t in p], [torch.randn_like(q[0])]))
 
 
 def test_l2sp_deterministic_across_runs_and_thread_counts():
@@ -100,10 +100,10 @@ def test_l2sp_gradcheck_and_opcheck():
     r = [torch.randn(4, 3, dtype=torch.float64), torch.randn(5, dtype=torch.float64)]
     q = torch.randn(2, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, b, c: l2sp_penalty([a, b], r, 0.3, [c], 0.05), (*p, q))
-    torch.library.opcheck(torch.ops.tlkernels.l2sp_penalty.default, (p, r, 0.3, [q], 0.05))
+    torch.library.opcheck(torch.ops.tlkernels.l2sp_penalty.default, (p, r, [], 0.3, [q], 0.05))
     # not differentiable (an explicit value-and-gradient pass): checked on plain tensors
     torch.library.opcheck(torch.ops.tlkernels.l2sp_value_and_grad.default,
-                          ([t.detach() for t in p], r, 0.3, [q.detach()], 0.05))
+                          ([t.detach() for t in p], r, [], 0.3, [q.detach()], 0.05))
 
 
 @pytest.mark.parametrize("call,msg", [
@@ -124,7 +124,7 @@ def test_l2sp_bad_inputs(call, msg):
 
 def test_l2sp_cpp_checks_name_the_argument():
     with pytest.raises(RuntimeError, match=r"l2sp_penalty: refs\[0\] must have the shape of params\[0\]"):
-        torch.ops.tlkernels.l2sp_penalty([torch.randn(3)], [torch.randn(4)], 0.1, [], 0.0)
+        torch.ops.tlkernels.l2sp_penalty([torch.randn(3)], [torch.randn(4)], [], 0.1, [], 0.0)
 
 
 # ----------------------------------------------------------------------------- cross-entropy
@@ -450,10 +450,10 @@ def test_fused_steps_bump_version_counters_like_torch_inplace_ops(opt_cls, kw):
 def test_optimizer_step_bad_inputs():
     p = [torch.randn(3)]
     with pytest.raises(RuntimeError, match=r"sgd_l2sp_step_: grads must have one tensor per param \(1\), got 0"):
-        torch.ops.tlkernels.sgd_l2sp_step_(p, [], [], [None], [0.0], 0.1, 0.0, 0.0, 0.0, False, False, False)
+        torch.ops.tlkernels.sgd_l2sp_step_(p, [], [], [None], [], [0.0], 0.1, 0.0, 0.0, 0.0, False, False, False)
     with pytest.raises(RuntimeError, match=r"adamw_l2sp_step_: refs\[0\] must have the shape of params\[0\]"):
         torch.ops.tlkernels.adamw_l2sp_step_(p, [torch.randn(3)], [torch.zeros(3)], [torch.zeros(3)],
-                                             [torch.zeros(4)], [0.1], 0.1, 0.9, 0.99, 1e-8, 0.0, 1, False)
+                                             [torch.zeros(4)], [], [0.1], 0.1, 0.9, 0.99, 1e-8, 0.0, 1, False)
     with pytest.raises(ValueError, match="SGD: nesterov momentum requires momentum > 0"):
         SGD([torch.zeros(1, requires_grad=True)], lr=0.1, nesterov=True)
 
@@ -591,6 +591,139 @@ def test_l2sp_fisher_in_the_optimizer_step_equals_torch_optim_on_the_formula(opt
             opt.step()
     for a, b in zip(net.parameters(), ref_net.parameters()):
         torch.testing.assert_close(a, b)
+
+
+def _weighted_lists(dtype):
+    """Params (one channels_last, one long enough for several chunks, SIMD bodies and a scalar tail), refs, and
+    Fisher weights on all but one of them (None: weight 1), the channels_last param's weights contiguous."""
+    torch.manual_seed(1)
+    shapes = [(7, 3, 3, 3), (200_003,), (5, 4), (33,)]
+    params = [torch.randn(s, dtype=dtype) for s in shapes]
+    params[0] = params[0].contiguous(memory_format=torch.channels_last)
+    params = [p.requires_grad_() for p in params]
+    refs = [p.detach() + 0.1 * torch.randn_like(p) for p in params]
+    weights = [torch.rand(s, dtype=dtype) * 3 for s in shapes]
+    weights[2] = None
+    return params, refs, weights
+
+
+def _weighted_formula(params, refs, weights, alpha, new, beta):
+    """The L2-SP-Fisher penalty and its gradients, written out in float64 with autograd."""
+    ps = [p.detach().double().requires_grad_() for p in params + new]
+    total = sum(0.5 * alpha * ((1.0 if w is None else w.double()) * (p - r.double()) ** 2).sum()
+                for p, r, w in zip(ps, refs, weights))
+    total = total + sum(0.5 * beta * (q ** 2).sum() for q in ps[len(params):])
+    return total.detach(), torch.autograd.grad(total, ps)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_l2sp_fisher_weights_in_the_fused_ops_equal_the_formula(dtype):
+    """Per-element weights inside the fused multi-tensor pass: penalty, its backward, value_and_grad (fresh and
+    accumulated into .grad), each against the formula (float32 runs the SIMD path with weights)."""
+    params, refs, weights = _weighted_lists(dtype)
+    new = [torch.randn(3, 2, dtype=dtype, requires_grad=True)]
+    want, gwant = _weighted_formula(params, refs, weights, 0.3, new, 0.02)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype != torch.bfloat16 else dict(rtol=2e-2, atol=2e-2)
+    v = l2sp_penalty(params, refs, 0.3, new, 0.02, weights=weights)
+    torch.testing.assert_close(v.double(), want, **tol)
+    v.backward()
+    for t, g in zip(params + new, gwant):
+        torch.testing.assert_close(t.grad.double(), g, **tol)
+    v2, gp, gn = l2sp_value_and_grad(params, refs, 0.3, new, 0.02, weights=weights)
+    torch.testing.assert_close(v2, v)
+    for a, b in zip(gp + gn, [t.grad for t in params + new]):
+        torch.testing.assert_close(a, b)
+    assert gp[0].stride() == params[0].stride()  # gradients in their tensors' layout (channels_last here)
+    for t in params + new:
+        t.grad = torch.ones_like(t)
+    v3, acc, _ = l2sp_value_and_grad(params, refs, 0.3, new, 0.02, accumulate=True, weights=weights)
+    torch.testing.assert_close(v3, v)
+    for a, g in zip(acc, gwant):
+        torch.testing.assert_close(a.double(), g + 1, **tol)
+    # the weights change the result (a test that would pass with the weights ignored would not be one)
+    plain = l2sp_penalty(params, refs, 0.3, new, 0.02)
+    assert abs(plain.item() - v.item()) > 1e-2 * abs(v.item())
+
+
+def test_l2sp_fisher_weighted_ops_opcheck():
+    p = [torch.randn(4, 3, dtype=torch.float64, requires_grad=True), torch.randn(70, dtype=torch.float64,
+                                                                                requires_grad=True)]
+    r = [torch.randn_like(t).detach() for t in p]
+    w_all = [torch.rand(4, 3, dtype=torch.float64), torch.rand(70, dtype=torch.float64)]
+    q = [torch.randn(2, dtype=torch.float64, requires_grad=True)]
+    for w in (w_all, [w_all[0], None]):
+        torch.library.opcheck(torch.ops.tlkernels.l2sp_penalty.default, (p, r, w, 0.3, q, 0.05))
+        d = [t.detach() for t in p]
+        torch.library.opcheck(torch.ops.tlkernels.l2sp_value_and_grad.default, (d, r, w, 0.3, [q[0].detach()], 0.05))
+        torch.library.opcheck(torch.ops.tlkernels.l2sp_value_and_grad_.default,
+                              (d, r, w, 0.3, [q[0].detach()], 0.05, [torch.randn_like(t) for t in d],
+                               [torch.randn_like(q[0])]))
+    assert torch.autograd.gradcheck(lambda a, b: l2sp_penalty([a, b], r, 0.3, weights=[w_all[0], None]), tuple(p))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_steps_with_weights_equal_their_references(dtype):
+    """sgd_l2sp_step_ / adamw_l2sp_step_ with per-element weights (channels_last param, contiguous weights; a
+    param without weights; a head without reference) against the pure-PyTorch step oracles."""
+    from tlkernels.ops.optim_step import adamw_l2sp_step_reference, sgd_l2sp_step_reference
+    params, refs, weights = _weighted_lists(dtype)
+    params = [p.detach() for p in params[:3]] + [torch.randn(6, dtype=dtype)]
+    refs, weights = refs[:3] + [None], weights[:3] + [torch.rand(6, dtype=dtype)]
+    grads = [torch.randn_like(p) for p in params]
+    coeffs = [0.2, 0.2, 0.2, 0.05]
+    for name, ref_step, states, hyper in (
+            ("sgd_l2sp_step_", sgd_l2sp_step_reference, 1, (0.1, 0.9, 0.0, 0.01, True, False, False)),
+            ("adamw_l2sp_step_", adamw_l2sp_step_reference, 2, (0.01, 0.9, 0.99, 1e-8, 0.01, 3, True))):
+        a = [p.clone() for p in params]
+        b = [p.clone() for p in params]
+        sa = [[torch.rand_like(p) for p in params] for _ in range(states)]
+        sb = [[t.clone() for t in s] for s in sa]
+        getattr(torch.ops.tlkernels, name)(a, grads, *sa, refs, weights, coeffs, *hyper)
+        ref_step(b, grads, *sb, refs, weights, coeffs, *hyper)
+        for x, y in zip(a + sum(sa, []), b + sum(sb, [])):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+        unweighted = [p.clone() for p in params]
+        getattr(torch.ops.tlkernels, name)(unweighted, grads, *[[t.clone() for t in s] for s in sb], refs, [],
+                                           coeffs, *hyper)
+        assert not torch.equal(unweighted[0], a[0])  # the weights take part
+
+
+def test_l2sp_fisher_runs_in_one_fused_call():
+    """L2SP with Fisher weights calls the fused penalty op once and nothing per tensor."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.called = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.called.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    net, start, fisher = _fisher_setup(torch.float32)
+    reg = L2SP(net, reference=start, alpha=0.1, beta=0.01, head="2", fisher=fisher)
+    with torch.no_grad(), Ops() as mode:
+        reg()
+    computed = [f for f in mode.called if f != "aten.detach.default"]  # (detach: a view, no work)
+    assert computed == ["tlkernels.l2sp_penalty.default"], mode.called
+
+
+def test_l2sp_weights_bad_inputs():
+    p, r = [torch.randn(3), torch.randn(4)], [torch.randn(3), torch.randn(4)]
+    with pytest.raises(ValueError, match=r"l2sp_penalty: weights must have one entry per param \(2\), got 1"):
+        l2sp_penalty(p, r, weights=[torch.ones(3)])
+    with pytest.raises(ValueError, match=r"l2sp_penalty: weights\[1\] must have the shape of params\[1\] \(4,\), "
+                                         r"got \(3,\)"):
+        l2sp_penalty(p, r, weights=[None, torch.ones(3)])
+    with pytest.raises(TypeError, match=r"l2sp_value_and_grad: weights\[0\] must have the dtype of params\[0\]"):
+        l2sp_value_and_grad(p, r, weights=[torch.ones(3, dtype=torch.float64), None])
+    with pytest.raises(RuntimeError, match=r"l2sp_penalty: weights must be empty or have one entry per param \(2\), "
+                                           r"got 1"):
+        torch.ops.tlkernels.l2sp_penalty(p, r, [None], 0.1, [], 0.0)
+    with pytest.raises(RuntimeError, match=r"sgd_l2sp_step_: weights\[0\] must have the shape of params\[0\]"):
+        torch.ops.tlkernels.sgd_l2sp_step_(p, [torch.randn(3), torch.randn(4)], [], [None, None],
+                                           [torch.ones(4), None], [0.1, 0.1], 0.1, 0.0, 0.0, 0.0, False, False, False)
 
 
 def test_estimate_fisher_equals_per_sample_gradients_from_torch_func():

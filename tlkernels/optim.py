@@ -2,8 +2,8 @@
 
 `tlkernels.optim.SGD(model.parameters(), lr=..., momentum=0.9, l2sp=L2SP(model, ...))` follows the
 trajectory of torch.optim.SGD on `loss + l2sp()` (within float tolerance) while the penalty's gradient,
-alpha*(p - p0) (beta*p for the head), is added inside the one multi-tensor step kernel that reads p, g,
-p0 and the state once. Do not add the penalty to the loss as well: it would count twice. For logging,
+alpha*(p - p0) (alpha*F*(p - p0) with L2-SP-Fisher weights F, beta*p for the head), is added inside the one
+multi-tensor step kernel that reads p, g, p0, F and the state once. Do not add the penalty to the loss as well: it would count twice. For logging,
 `l2sp.value()` gives the penalty without a graph.
 """
 import torch
@@ -14,8 +14,9 @@ from tlkernels.ops._registry import op
 
 
 def _plan(optimizer, group):
-    """Params with gradients in `group`, with their L2-SP reference (or None) and coefficient."""
-    params, grads, refs, coeffs = [], [], [], []
+    """Params with gradients in `group`, with their L2-SP reference (or None), per-element weights (L2-SP-Fisher,
+    or None) and coefficient."""
+    params, grads, refs, weights, coeffs = [], [], [], [], []
     l2sp = optimizer.l2sp
     for p in group["params"]:
         if p.grad is None:
@@ -23,13 +24,12 @@ def _plan(optimizer, group):
         if p.grad.is_sparse:
             raise RuntimeError(f"{type(optimizer).__name__}: sparse gradients are not supported")
         params.append(p)
-        fg = l2sp.fisher_grad(p) if l2sp is not None else None
-        # L2-SP-Fisher: its per-element gradient joins the loss gradient (sign: the step negates under maximize)
-        grads.append(p.grad if fg is None else (p.grad - fg if group.get("maximize") else p.grad + fg))
-        ref, coeff = l2sp.coefficient(p) if l2sp is not None else (None, 0.0)
+        grads.append(p.grad)
+        ref, weight, coeff = l2sp.coefficient(p) if l2sp is not None else (None, None, 0.0)
         refs.append(ref)
+        weights.append(weight)
         coeffs.append(float(coeff))
-    return params, grads, refs, coeffs
+    return params, grads, refs, weights, coeffs
 
 
 class _FusedL2SP(torch.optim.Optimizer):
@@ -46,9 +46,9 @@ class _FusedL2SP(torch.optim.Optimizer):
                 loss = closure()
         impl = type(self).reference_step if use_reference() else op(self.op_name)
         for group in self.param_groups:
-            params, grads, refs, coeffs = _plan(self, group)
+            params, grads, refs, weights, coeffs = _plan(self, group)
             if params:
-                self._step_group(impl, group, params, grads, refs, coeffs)
+                self._step_group(impl, group, params, grads, refs, weights, coeffs)
         return loss
 
 
@@ -72,12 +72,12 @@ class SGD(_FusedL2SP):
                                       nesterov=nesterov, maximize=maximize))
         self.l2sp = l2sp
 
-    def _step_group(self, impl, group, params, grads, refs, coeffs):
+    def _step_group(self, impl, group, params, grads, refs, weights, coeffs):
         momentum = group["momentum"]
         hyper = (group["lr"], momentum, group["dampening"], group["weight_decay"], group["nesterov"],
                  group["maximize"])
         if momentum == 0:
-            impl(params, grads, [], refs, coeffs, *hyper, False)
+            impl(params, grads, [], refs, weights, coeffs, *hyper, False)
             return
         # First-step params (buffer := gradient) and the others go in separate calls.
         fresh = [i for i, p in enumerate(params) if "momentum_buffer" not in self.state[p]]
@@ -88,7 +88,7 @@ class SGD(_FusedL2SP):
             if idx:
                 impl([params[i] for i in idx], [grads[i] for i in idx],
                      [self.state[params[i]]["momentum_buffer"] for i in idx], [refs[i] for i in idx],
-                     [coeffs[i] for i in idx], *hyper, first)
+                     [weights[i] for i in idx], [coeffs[i] for i in idx], *hyper, first)
 
 
 class AdamW(_FusedL2SP):
@@ -111,7 +111,7 @@ class AdamW(_FusedL2SP):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize))
         self.l2sp = l2sp
 
-    def _step_group(self, impl, group, params, grads, refs, coeffs):
+    def _step_group(self, impl, group, params, grads, refs, weights, coeffs):
         by_step = {}
         for i, p in enumerate(params):
             st = self.state[p]
@@ -128,5 +128,5 @@ class AdamW(_FusedL2SP):
         for (step, penalised), idx in by_step.items():
             impl([params[i] for i in idx], [grads[i] for i in idx], [self.state[params[i]]["exp_avg"] for i in idx],
                  [self.state[params[i]]["exp_avg_sq"] for i in idx], [refs[i] for i in idx],
-                 [coeffs[i] for i in idx], group["lr"], b1, b2, group["eps"],
+                 [weights[i] for i in idx], [coeffs[i] for i in idx], group["lr"], b1, b2, group["eps"],
                  0.0 if penalised else group["weight_decay"], int(step), group["maximize"])

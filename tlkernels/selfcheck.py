@@ -154,37 +154,53 @@ def check_l2sp(rep, device, dtypes, quick):
                                         accumulate=True)
         rep.compare("l2sp_value_and_grad", f"accumulate into .grad {str(dt)[6:]}", [v] + gp + gn,
                     [want[0]] + [g + 1 for g in want[1:]], None, dt)
+        # L2-SP-Fisher: per-element weights on two of the four tensors, in the same fused pass
+        ws = [torch.rand(ps[0].shape, generator=gen, dtype=torch.float64), None, None,
+              torch.rand(ps[3].shape, generator=gen, dtype=torch.float64)]
+        want = _grads(lambda *a: l2sp_penalty_reference(list(a[:4]), rs, 0.1, [a[4]], 0.01, weights=ws), ps + q)
+        wdev = [None if w is None else w.to(device, dt) for w in ws]
+        wdev[0] = wdev[0].contiguous(memory_format=torch.channels_last) if dev[0].dim() == 4 else wdev[0]
+        got = _grads(lambda *a: l2sp_penalty(list(a[:4]), [r.to(device, dt) for r in rs], 0.1, [a[4]], 0.01,
+                                             weights=wdev), dev)
+        rep.compare("l2sp_penalty", f"Fisher-weighted {str(dt)[6:]}", got, want, None, dt)
         check_optimizer(rep, device, dt)
 
 
 def check_optimizer(rep, device, dt):
-    """The fused SGD/AdamW steps with L2-SP against torch.optim plus the penalty gradient."""
+    """The fused SGD/AdamW steps with L2-SP (plain and Fisher-weighted on the conv) against torch.optim plus the
+    penalty's gradient."""
+    import copy
+
     from tlkernels.nn import L2SP
     from tlkernels.optim import SGD, AdamW
     for name, ours, theirs, kw in (("SGD", SGD, torch.optim.SGD, dict(lr=0.1, momentum=0.9)),
                                    ("AdamW", AdamW, torch.optim.AdamW, dict(lr=0.01, weight_decay=0.0))):
-        torch.manual_seed(0)
-        base = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, bias=False), torch.nn.Flatten(), torch.nn.LazyLinear(4))
-        base(torch.randn(1, 3, 8, 8))
-        import copy
-        a, b = copy.deepcopy(base).to(device, dt), copy.deepcopy(base).to(device, torch.float64)
-        ra = L2SP(a, alpha=0.1, beta=0.0)
-        w0 = [p.detach().clone() for p in b.parameters()]
-        oa, ob = ours(a.parameters(), l2sp=ra, **kw), theirs(b.parameters(), **kw)
-        x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-        for _ in range(3):
-            oa.zero_grad()
-            ob.zero_grad()
-            a(x.to(device, dt)).square().mean().backward()
-            lb = b(x.to(device)).square().mean()
-            # alpha/2 ||w - w0||^2 on the conv and linear weights (L2SP's default scope, "kernels")
-            lb = lb + sum(0.05 * (p - p0).square().sum() for p, p0 in zip(b.parameters(), w0) if p.dim() > 1)
-            lb.backward()
-            oa.step()
-            ob.step()
-        rep.compare(f"optim.{name}(l2sp=)", f"3 steps vs torch.optim.{name} + penalty {str(dt)[6:]}",
-                    [p.detach() for p in a.parameters()], [p.detach() for p in b.parameters()], None,
-                    torch.float32 if dt == torch.float32 else dt)
+        for fisher in (False, True):
+            torch.manual_seed(0)
+            base = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, bias=False), torch.nn.Flatten(),
+                                       torch.nn.LazyLinear(4))
+            base(torch.randn(1, 3, 8, 8))
+            a, b = copy.deepcopy(base).to(device, dt), copy.deepcopy(base).to(device, torch.float64)
+            f = torch.rand(base[0].weight.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+            ra = L2SP(a, alpha=0.1, beta=0.0, fisher={"0.weight": f.to(device, dt)} if fisher else None)
+            w0 = [p.detach().clone() for p in b.parameters()]
+            weight = [f.to(device) if fisher else 1.0] + [1.0] * (len(w0) - 1)
+            oa, ob = ours(a.parameters(), l2sp=ra, **kw), theirs(b.parameters(), **kw)
+            x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+            for _ in range(3):
+                oa.zero_grad()
+                ob.zero_grad()
+                a(x.to(device, dt)).square().mean().backward()
+                lb = b(x.to(device)).square().mean()
+                # alpha/2 sum F (w - w0)^2 on the conv and linear weights (L2SP's default scope, "kernels")
+                lb = lb + sum(0.05 * (w * (p - p0).square()).sum()
+                              for p, p0, w in zip(b.parameters(), w0, weight) if p.dim() > 1)
+                lb.backward()
+                oa.step()
+                ob.step()
+            rep.compare(f"optim.{name}(l2sp=)", f"3 steps vs torch.optim.{name} + {'Fisher ' if fisher else ''}"
+                        f"penalty {str(dt)[6:]}", [p.detach() for p in a.parameters()],
+                        [p.detach() for p in b.parameters()], None, torch.float32 if dt == torch.float32 else dt)
 
 
 def check_histogram_knn(rep, device, quick):

@@ -1,31 +1,36 @@
 // Schemas of the L2-SP ops.
-//  l2sp_penalty: alpha/2 * sum ||p - p0||^2 + beta/2 * sum ||q||^2 over lists of tensors (any float dtypes),
-//                one multi-tensor pass, deterministic (fixed chunking, ordered final sum).
-//  l2sp_penalty_backward: grad * alpha * (p - p0) and grad * beta * q.
+//  l2sp_penalty: alpha/2 * sum w (p - p0)^2 + beta/2 * sum ||q||^2 over lists of tensors (any float dtypes),
+//                one multi-tensor pass, deterministic (fixed chunking, ordered final sum). weights: empty
+//                (w = 1 everywhere) or one entry per param, None (w = 1) or per-element weights of the param's
+//                shape and dtype (L2-SP-Fisher: the source task's Fisher diagonal).
+//  l2sp_penalty_backward: grad * alpha * w * (p - p0) and grad * beta * q.
 //  l2sp_value_and_grad: both in one pass (reads p and p0 once, writes the gradient).
 //  l2sp_value_and_grad_: the same, adding the gradient into existing tensors (p.grad after the task
 //                loss's backward) instead of returning new ones: no allocation, one pass over p, p0, g.
 //  sgd_l2sp_step_ / adamw_l2sp_step_: torch.optim.SGD / AdamW steps with the L2-SP gradient
-//                coeff * (p - ref) (ref absent: coeff * p) folded in, one pass over p, g, ref and state.
+//                coeff * w * (p - ref) (ref absent: coeff * w * p; weights as above) folded in, one pass over
+//                p, g, ref, w and state.
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(tlkernels, m) {
-  m.def("l2sp_penalty(Tensor[] params, Tensor[] refs, float alpha, Tensor[] new_params, float beta) -> Tensor");
   m.def(
-      "l2sp_penalty_backward(Tensor grad, Tensor[] params, Tensor[] refs, float alpha, Tensor[] new_params, "
-      "float beta) -> (Tensor[], Tensor[])");
+      "l2sp_penalty(Tensor[] params, Tensor[] refs, Tensor?[] weights, float alpha, Tensor[] new_params, "
+      "float beta) -> Tensor");
   m.def(
-      "l2sp_value_and_grad(Tensor[] params, Tensor[] refs, float alpha, Tensor[] new_params, float beta) "
-      "-> (Tensor, Tensor[], Tensor[])");
+      "l2sp_penalty_backward(Tensor grad, Tensor[] params, Tensor[] refs, Tensor?[] weights, float alpha, "
+      "Tensor[] new_params, float beta) -> (Tensor[], Tensor[])");
   m.def(
-      "l2sp_value_and_grad_(Tensor[] params, Tensor[] refs, float alpha, Tensor[] new_params, float beta, "
-      "Tensor(a!)[] grads, Tensor(b!)[] new_grads) -> Tensor");
+      "l2sp_value_and_grad(Tensor[] params, Tensor[] refs, Tensor?[] weights, float alpha, Tensor[] new_params, "
+      "float beta) -> (Tensor, Tensor[], Tensor[])");
+  m.def(
+      "l2sp_value_and_grad_(Tensor[] params, Tensor[] refs, Tensor?[] weights, float alpha, Tensor[] new_params, "
+      "float beta, Tensor(a!)[] grads, Tensor(b!)[] new_grads) -> Tensor");
   m.def(
       "sgd_l2sp_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor?[] refs, "
-      "float[] coeffs, float lr, float momentum, float dampening, float weight_decay, bool nesterov, "
-      "bool maximize, bool first_step) -> ()");
+      "Tensor?[] weights, float[] coeffs, float lr, float momentum, float dampening, float weight_decay, "
+      "bool nesterov, bool maximize, bool first_step) -> ()");
   m.def(
       "adamw_l2sp_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-      "Tensor?[] refs, float[] coeffs, float lr, float beta1, float beta2, float eps, float weight_decay, "
-      "int step, bool maximize) -> ()");
+      "Tensor?[] refs, Tensor?[] weights, float[] coeffs, float lr, float beta1, float beta2, float eps, "
+      "float weight_decay, int step, bool maximize) -> ()");
 }

@@ -54,10 +54,35 @@ inline void check_pair(const char* op, const at::Tensor& p, const at::Tensor& r,
               "] (", p.device(), "), got ", r.device());
 }
 
-inline void check_penalty_args(const char* op, at::TensorList params, at::TensorList refs, at::TensorList new_params) {
+using OptionalTensors = c10::List<std::optional<at::Tensor>>;
+
+// Per-element weights of the pull toward the reference (L2-SP-Fisher): an empty list (no weights) or one entry
+// per param, None or a tensor of that param's shape, dtype and device.
+inline void check_weights(const char* op, at::TensorList params, const OptionalTensors& weights) {
+  TORCH_CHECK(weights.empty() || weights.size() == params.size(), op, ": weights must be empty or have one entry "
+              "per param (", params.size(), "), got ", weights.size());
+  for (size_t i = 0; i < weights.size(); ++i) {
+    const auto w = weights.get(i);
+    if (w.has_value()) check_pair(op, params[i], *w, i, "params", "weights");
+  }
+}
+
+// The weights in the memory layout of their (dense) params, undefined where a param has none.
+inline std::vector<at::Tensor> weights_like(const OptionalTensors& weights, const std::vector<at::Tensor>& P) {
+  std::vector<at::Tensor> out(P.size());
+  for (size_t i = 0; i < weights.size(); ++i) {
+    const auto w = weights.get(i);
+    if (w.has_value()) out[i] = layout_like(*w, P[i]);
+  }
+  return out;
+}
+
+inline void check_penalty_args(const char* op, at::TensorList params, at::TensorList refs,
+                               const OptionalTensors& weights, at::TensorList new_params) {
   TORCH_CHECK(params.size() == refs.size(), op, ": refs must have one tensor per param (", params.size(),
               "), got ", refs.size());
   for (size_t i = 0; i < params.size(); ++i) check_pair(op, params[i], refs[i], i, "params", "refs");
+  check_weights(op, params, weights);
   for (size_t i = 0; i < new_params.size(); ++i) check_pair(op, new_params[i], at::Tensor(), i, "new_params", "");
 }
 
@@ -78,7 +103,7 @@ inline void check_accumulate_args(const char* op, at::TensorList params, at::Ten
 
 inline void check_step_args(const char* op, at::TensorList params, at::TensorList grads,
                      const std::vector<at::TensorList>& states, const std::vector<const char*>& state_names,
-                     const c10::List<std::optional<at::Tensor>>& refs, at::ArrayRef<double> coeffs) {
+                     const OptionalTensors& refs, const OptionalTensors& weights, at::ArrayRef<double> coeffs) {
   const size_t n = params.size();
   TORCH_CHECK(grads.size() == n, op, ": grads must have one tensor per param (", n, "), got ", grads.size());
   TORCH_CHECK(refs.size() == n, op, ": refs must have one entry per param (", n, "), got ", refs.size());
@@ -100,6 +125,7 @@ inline void check_step_args(const char* op, at::TensorList params, at::TensorLis
     const auto r = refs.get(i);
     if (r.has_value()) check_pair(op, params[i], *r, i, "params", "refs");
   }
+  check_weights(op, params, weights);
   std::vector<std::pair<const char*, at::TensorList>> written{{"params", params}};
   for (size_t s = 0; s < states.size(); ++s) written.push_back({state_names[s], states[s]});
   check_disjoint_outputs(op, written);

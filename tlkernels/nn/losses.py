@@ -29,8 +29,8 @@ class L2SP:
     scope      "kernels": conv/linear weights only (the paper's code); "all": every trainable parameter
                (Transfer-Learning-Library's convention, BN and biases included)
     fisher     L2-SP-Fisher (the paper's second penalty): {parameter name: per-element weights F >= 0 of its
-               shape} (e.g. from estimate_fisher on source data); those tensors get alpha/2 sum F (w - w0)^2.
-               Their terms run on torch ops (per tensor), the others in the fused multi-tensor pass.
+               shape} (e.g. from estimate_fisher on source data); those tensors get alpha/2 sum F (w - w0)^2,
+               in the same fused multi-tensor pass (penalty and optimizer step) as the others.
     Calling it returns the penalty (differentiable, one fused multi-tensor pass).
     """
 
@@ -88,37 +88,21 @@ class L2SP:
             out[index[n]] = f.detach().to(device=p.device, dtype=p.dtype, copy=True)
         return out
 
-    def _fisher_terms(self):
-        return sum((0.5 * self.alpha * (f * (self.params[i] - self.refs[i]).square()).sum()
-                    for i, f in self.fisher.items()), self.params[0].new_zeros(()) if self.params else 0.0)
-
     def penalises(self, param):
-        """True for every tensor the penalty covers (pulled toward w0, Fisher-weighted or a new head tensor)."""
-        return id(param) in self._coeff or id(param) in self._fisher_index
-
-    def fisher_grad(self, param):
-        """alpha * F * (param - param0) for a Fisher-weighted tensor, else None (the optimizer adds it)."""
-        i = self._fisher_index.get(id(param))
-        if i is None:
-            return None
-        return self.alpha * self.fisher[i] * (param - self.refs[i])
+        """True for every tensor the penalty covers (pulled toward w0, Fisher-weighted or not, or a new head
+        tensor)."""
+        return id(param) in self._coeff
 
     def _set_coefficients(self):
-        """(reference, coefficient) per penalised tensor, by identity: what the fused optimizer step reads."""
-        # Fisher-weighted tensors have no scalar coefficient: the optimizer adds fisher_grad() instead
-        self._coeff = {id(p): (r, self.alpha) for i, (p, r) in enumerate(zip(self.params, self.refs))
-                       if i not in self.fisher}
-        self._coeff.update({id(q): (None, self.beta) for q in self.new_params})
-        self._fisher_index = {id(self.params[i]): i for i in self.fisher}
-
-    def _plain(self):
-        keep = [i for i in range(len(self.params)) if i not in self.fisher]
-        return [self.params[i] for i in keep], [self.refs[i] for i in keep]
+        """(reference, weights, coefficient) per penalised tensor, by identity: what the fused optimizer step
+        reads; the per-param weights list of the fused penalty (None where a tensor has no Fisher weights)."""
+        self.weights = [self.fisher.get(i) for i in range(len(self.params))]
+        self._coeff = {id(p): (r, w, self.alpha) for p, r, w in zip(self.params, self.refs, self.weights)}
+        self._coeff.update({id(q): (None, None, self.beta) for q in self.new_params})
 
     def __call__(self):
-        params, refs = self._plain()
-        value = l2sp_penalty(params, refs, self.alpha, self.new_params, self.beta)
-        return value + self._fisher_terms() if self.fisher else value
+        weights = self.weights if self.fisher else None
+        return l2sp_penalty(self.params, self.refs, self.alpha, self.new_params, self.beta, weights=weights)
 
     @torch.no_grad()
     def value(self):
@@ -126,9 +110,9 @@ class L2SP:
         return self()
 
     def coefficient(self, param):
-        """(reference tensor or None, coefficient) of the L2-SP gradient for `param`; (None, 0) if not penalised
-        or Fisher-weighted (see fisher_grad)."""
-        return self._coeff.get(id(param), (None, 0.0))
+        """(reference tensor or None, Fisher weights or None, coefficient) of the L2-SP gradient
+        coefficient * weights * (param - reference) for `param`; (None, None, 0) if not penalised."""
+        return self._coeff.get(id(param), (None, None, 0.0))
 
     def state_dict(self):
         """{"alpha", "beta", "scope", "head", "refs": the reference tensors by parameter name} (tensors,

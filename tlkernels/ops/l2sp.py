@@ -13,13 +13,14 @@ from tlkernels.ops._registry import bump_versions_of_mutated_args, ensure_op, op
 from tlkernels.ops._utils import fail
 
 SCHEMAS = {
-    "l2sp_penalty": "l2sp_penalty(Tensor[] params, Tensor[] refs, float alpha, Tensor[] new_params, float beta) -> Tensor",
-    "l2sp_penalty_backward": ("l2sp_penalty_backward(Tensor grad, Tensor[] params, Tensor[] refs, float alpha, "
-                              "Tensor[] new_params, float beta) -> (Tensor[], Tensor[])"),
-    "l2sp_value_and_grad": ("l2sp_value_and_grad(Tensor[] params, Tensor[] refs, float alpha, Tensor[] new_params, "
-                            "float beta) -> (Tensor, Tensor[], Tensor[])"),
-    "l2sp_value_and_grad_": ("l2sp_value_and_grad_(Tensor[] params, Tensor[] refs, float alpha, Tensor[] new_params, "
-                             "float beta, Tensor(a!)[] grads, Tensor(b!)[] new_grads) -> Tensor"),
+    "l2sp_penalty": ("l2sp_penalty(Tensor[] params, Tensor[] refs, Tensor?[] weights, float alpha, Tensor[] new_params, "
+                     "float beta) -> Tensor"),
+    "l2sp_penalty_backward": ("l2sp_penalty_backward(Tensor grad, Tensor[] params, Tensor[] refs, Tensor?[] weights, "
+                              "float alpha, Tensor[] new_params, float beta) -> (Tensor[], Tensor[])"),
+    "l2sp_value_and_grad": ("l2sp_value_and_grad(Tensor[] params, Tensor[] refs, Tensor?[] weights, float alpha, "
+                            "Tensor[] new_params, float beta) -> (Tensor, Tensor[], Tensor[])"),
+    "l2sp_value_and_grad_": ("l2sp_value_and_grad_(Tensor[] params, Tensor[] refs, Tensor?[] weights, float alpha, "
+                             "Tensor[] new_params, float beta, Tensor(a!)[] grads, Tensor(b!)[] new_grads) -> Tensor"),
 }
 
 
@@ -27,36 +28,48 @@ def _out_dtype(params, new_params):
     return torch.float64 if any(t.dtype == torch.float64 for t in (*params, *new_params)) else torch.float32
 
 
-def l2sp_penalty_reference(params, refs, alpha, new_params=(), beta=0.0):
-    """Plain PyTorch, accumulated in float64 (the oracle; differentiable)."""
+def _weight(weights, i):
+    """The per-element weights of params[i] (float64), or None (weight 1)."""
+    return weights[i].double() if weights and weights[i] is not None else None
+
+
+def l2sp_penalty_reference(params, refs, alpha, new_params=(), beta=0.0, weights=None):
+    """Plain PyTorch, accumulated in float64 (the oracle; differentiable):
+    alpha/2 * sum w (p - p0)^2 + beta/2 * sum q^2, w = weights[i] (None or absent: 1)."""
     dev = (list(params) + list(new_params) + [torch.empty(0)])[0].device
     total = torch.zeros((), dtype=torch.float64, device=dev)
-    for p, r in zip(params, refs):
-        total = total + 0.5 * alpha * (p.double() - r.double()).pow(2).sum()
+    for i, (p, r) in enumerate(zip(params, refs)):
+        sq = (p.double() - r.double()).pow(2)
+        w = _weight(weights, i)
+        total = total + 0.5 * alpha * (sq if w is None else w * sq).sum()
     for q in new_params:
         total = total + 0.5 * beta * q.double().pow(2).sum()
     return total.to(_out_dtype(params, new_params))
 
 
-def _ref_penalty(params, refs, alpha, new_params, beta):
+def _ref_penalty(params, refs, weights, alpha, new_params, beta):
     with torch.no_grad():
-        return l2sp_penalty_reference(params, refs, alpha, new_params, beta)
+        return l2sp_penalty_reference(params, refs, alpha, new_params, beta, weights)
 
 
-def _ref_backward(grad, params, refs, alpha, new_params, beta):
-    gp = [(grad * alpha * (p.double() - r.double())).to(p.dtype) for p, r in zip(params, refs)]
+def _ref_backward(grad, params, refs, weights, alpha, new_params, beta):
+    gp = []
+    for i, (p, r) in enumerate(zip(params, refs)):
+        w = _weight(weights, i)
+        d = p.double() - r.double()
+        gp.append((grad * alpha * (d if w is None else w * d)).to(p.dtype))
     gn = [(grad * beta * q.double()).to(q.dtype) for q in new_params]
     return gp, gn
 
 
-def _ref_value_and_grad(params, refs, alpha, new_params, beta):
-    v = _ref_penalty(params, refs, alpha, new_params, beta)
-    gp, gn = _ref_backward(torch.ones((), dtype=torch.float64), params, refs, alpha, new_params, beta)
+def _ref_value_and_grad(params, refs, weights, alpha, new_params, beta):
+    v = _ref_penalty(params, refs, weights, alpha, new_params, beta)
+    gp, gn = _ref_backward(torch.ones((), dtype=torch.float64), params, refs, weights, alpha, new_params, beta)
     return v, gp, gn
 
 
-def _ref_value_and_grad_inplace(params, refs, alpha, new_params, beta, grads, new_grads):
-    v, gp, gn = _ref_value_and_grad(params, refs, alpha, new_params, beta)
+def _ref_value_and_grad_inplace(params, refs, weights, alpha, new_params, beta, grads, new_grads):
+    v, gp, gn = _ref_value_and_grad(params, refs, weights, alpha, new_params, beta)
     for g, d in zip(list(grads) + list(new_grads), gp + gn):
         g.add_(d)
     return v
@@ -71,78 +84,102 @@ bump_versions_of_mutated_args("l2sp_value_and_grad_")
 
 
 @torch.library.register_fake("tlkernels::l2sp_penalty")
-def _fake_penalty(params, refs, alpha, new_params, beta):
+def _fake_penalty(params, refs, weights, alpha, new_params, beta):
     dev = (list(params) + list(new_params))[0].device if (params or new_params) else torch.device("cpu")
     return torch.empty((), dtype=_out_dtype(params, new_params), device=dev)
 
 
-@torch.library.register_fake("tlkernels::l2sp_penalty_backward")
-def _fake_backward(grad, params, refs, alpha, new_params, beta):
+def _fake_grads(params, new_params):
+    # The kernels return gradients in the memory layout of their (dense) tensors, as empty_like does for those
     return [torch.empty_like(p) for p in params], [torch.empty_like(q) for q in new_params]
 
 
+@torch.library.register_fake("tlkernels::l2sp_penalty_backward")
+def _fake_backward(grad, params, refs, weights, alpha, new_params, beta):
+    return _fake_grads(params, new_params)
+
+
 @torch.library.register_fake("tlkernels::l2sp_value_and_grad")
-def _fake_value_and_grad(params, refs, alpha, new_params, beta):
-    return (_fake_penalty(params, refs, alpha, new_params, beta), [torch.empty_like(p) for p in params],
-            [torch.empty_like(q) for q in new_params])
+def _fake_value_and_grad(params, refs, weights, alpha, new_params, beta):
+    return (_fake_penalty(params, refs, weights, alpha, new_params, beta), *_fake_grads(params, new_params))
 
 
 @torch.library.register_fake("tlkernels::l2sp_value_and_grad_")
-def _fake_value_and_grad_inplace(params, refs, alpha, new_params, beta, grads, new_grads):
-    return _fake_penalty(params, refs, alpha, new_params, beta)
+def _fake_value_and_grad_inplace(params, refs, weights, alpha, new_params, beta, grads, new_grads):
+    return _fake_penalty(params, refs, weights, alpha, new_params, beta)
 
 
 def _setup_context(ctx, inputs, output):
-    params, refs, alpha, new_params, beta = inputs
+    params, refs, weights, alpha, new_params, beta = inputs
     ctx.n = (len(params), len(new_params))
     ctx.coeff = (alpha, beta)
-    ctx.save_for_backward(*params, *refs, *new_params)
+    ctx.weighted = [w is not None for w in weights]
+    ctx.save_for_backward(*params, *refs, *new_params, *[w for w in weights if w is not None])
 
 
 def _backward(ctx, grad):
     n, m = ctx.n
     saved = ctx.saved_tensors
-    params, refs, new_params = saved[:n], saved[n:2 * n], saved[2 * n:]
-    gp, gn = op("l2sp_penalty_backward")(grad, list(params), list(refs), ctx.coeff[0], list(new_params), ctx.coeff[1])
-    return list(gp), [None] * n, None, list(gn), None
+    params, refs, new_params, stored = saved[:n], saved[n:2 * n], saved[2 * n:2 * n + m], iter(saved[2 * n + m:])
+    weights = [next(stored) if has else None for has in ctx.weighted]
+    gp, gn = op("l2sp_penalty_backward")(grad, list(params), list(refs), weights, ctx.coeff[0], list(new_params),
+                                         ctx.coeff[1])
+    # (torch.library's structure check: a list holding None is one leaf, a list of tensors one entry per tensor)
+    no_grad_weights = [None] * len(weights) if all(ctx.weighted) else None
+    return list(gp), [None] * n, no_grad_weights, None, list(gn), None
 
 
 torch.library.register_autograd("tlkernels::l2sp_penalty", _backward, setup_context=_setup_context)
 
 
-def check_l2sp_args(opname, params, refs, new_params):
-    """TypeError/ValueError naming `opname` unless params/refs pair up (shapes, devices) and all are tensors."""
+def check_l2sp_args(opname, params, refs, new_params, weights=None):
+    """TypeError/ValueError naming `opname` unless params/refs (and weights, when given) pair up (shapes, dtypes,
+    devices) and all are tensors. Returns the weights as a list (one entry per param, None = weight 1), [] for
+    none: what the ops take."""
     for name, lst in (("params", params), ("refs", refs), ("new_params", new_params)):
         if not isinstance(lst, (list, tuple)) or not all(isinstance(t, torch.Tensor) for t in lst):
             fail(opname, f"{name} must be a list or tuple of tensors, got {type(lst).__name__}", TypeError)
     if len(refs) != len(params):
         fail(opname, f"refs must have one tensor per param ({len(params)}), got {len(refs)}")
-    for i, (p, r) in enumerate(zip(params, refs)):
-        if r.shape != p.shape:
-            fail(opname, f"refs[{i}] must have the shape of params[{i}] {tuple(p.shape)}, got {tuple(r.shape)}")
-        if r.dtype != p.dtype:
-            fail(opname, f"refs[{i}] must have the dtype of params[{i}] ({p.dtype}), got {r.dtype}", TypeError)
-        if r.device != p.device:
-            fail(opname, f"refs[{i}] must be on the device of params[{i}] ({p.device}), got {r.device}")
+    if weights is None:
+        weights = []
+    elif not isinstance(weights, (list, tuple)) or not all(w is None or isinstance(w, torch.Tensor) for w in weights):
+        fail(opname, f"weights must be None or a list of tensors or None, got {type(weights).__name__}", TypeError)
+    elif len(weights) != len(params):
+        fail(opname, f"weights must have one entry per param ({len(params)}), got {len(weights)}")
+    companions = [("refs", refs)] + ([("weights", weights)] if weights else [])
+    for cname, lst in companions:
+        for i, (p, r) in enumerate(zip(params, lst)):
+            if r is None:
+                continue
+            if r.shape != p.shape:
+                fail(opname, f"{cname}[{i}] must have the shape of params[{i}] {tuple(p.shape)}, got {tuple(r.shape)}")
+            if r.dtype != p.dtype:
+                fail(opname, f"{cname}[{i}] must have the dtype of params[{i}] ({p.dtype}), got {r.dtype}", TypeError)
+            if r.device != p.device:
+                fail(opname, f"{cname}[{i}] must be on the device of params[{i}] ({p.device}), got {r.device}")
     for name, lst in (("params", params), ("new_params", new_params)):
         for i, t in enumerate(lst):
             if not t.is_floating_point():
                 fail(opname, f"{name}[{i}] must be floating point, got {t.dtype}", TypeError)
     if not params and not new_params:
         fail(opname, "needs at least one tensor in params or new_params")
+    return [None if w is None else w.detach() for w in weights]
 
 
-def l2sp_penalty(params, refs, alpha=0.1, new_params=(), beta=0.0):
-    """alpha/2 * sum ||p - p0||^2 + beta/2 * sum ||q||^2 as a scalar tensor (float32, float64 if any input is).
+def l2sp_penalty(params, refs, alpha=0.1, new_params=(), beta=0.0, weights=None):
+    """alpha/2 * sum w (p - p0)^2 + beta/2 * sum ||q||^2 as a scalar tensor (float32, float64 if any input is).
 
-    Differentiable: backward adds alpha*(p - p0) to each p's gradient and beta*q to each q's. refs are
-    constants (no gradient).
+    weights: None (w = 1), or one entry per param: None (w = 1) or per-element weights of the param's shape and
+    dtype (L2-SP-Fisher: the source task's Fisher diagonal), in the same fused pass.
+    Differentiable: backward adds alpha*w*(p - p0) to each p's gradient and beta*q to each q's. refs and
+    weights are constants (no gradient).
     """
-    check_l2sp_args("l2sp_penalty", params, refs, new_params)
+    weights = check_l2sp_args("l2sp_penalty", params, refs, new_params, weights)
     params, refs, new_params = list(params), list(refs), list(new_params)
     if use_reference():
-        return l2sp_penalty_reference(params, [r.detach() for r in refs], alpha, new_params, beta)
-    return op("l2sp_penalty")(params, [r.detach() for r in refs], float(alpha), new_params, float(beta))
+        return l2sp_penalty_reference(params, [r.detach() for r in refs], alpha, new_params, beta, weights)
+    return op("l2sp_penalty")(params, [r.detach() for r in refs], weights, float(alpha), new_params, float(beta))
 
 
 def _is_dense(t):
@@ -174,32 +211,28 @@ def _grads_to_fill(opname, tensors, name):
     return out
 
 
-def l2sp_value_and_grad(params, refs, alpha=0.1, new_params=(), beta=0.0, accumulate=False):
+def l2sp_value_and_grad(params, refs, alpha=0.1, new_params=(), beta=0.0, accumulate=False, weights=None):
     """(value, grads of params, grads of new_params) from one pass; no autograd graph.
 
     params and refs: equal-length sequences of tensors of equal shapes, dtypes and devices; new_params:
-    tensors penalised toward 0 with beta. Raises TypeError for non-tensors and non-floating or mismatched
-    dtypes, ValueError for mismatched lengths, shapes or devices, and RuntimeError when a tensor written in
-    place is listed twice (its gradient would race).
+    tensors penalised toward 0 with beta; weights: as in l2sp_penalty. Raises TypeError for non-tensors and
+    non-floating or mismatched dtypes, ValueError for mismatched lengths, shapes or devices, and RuntimeError
+    when a tensor written in place is listed twice (its gradient would race).
 
     accumulate=True adds the gradients into each tensor's .grad (created as zeros if None) in place and
     returns those .grad tensors: what `(task_loss + penalty).backward()` would leave there, without a
     second backward and without allocating anything.
     """
-    check_l2sp_args("l2sp_value_and_grad", params, refs, new_params)
+    weights = check_l2sp_args("l2sp_value_and_grad", params, refs, new_params, weights)
     params, refs, new_params = list(params), list(refs), list(new_params)
-    detached = ([p.detach() for p in params], [r.detach() for r in refs], [q.detach() for q in new_params])
+    detached = ([p.detach() for p in params], [r.detach() for r in refs], weights, [q.detach() for q in new_params])
     if accumulate:
         grads = _grads_to_fill("l2sp_value_and_grad", params, "params")
         new_grads = _grads_to_fill("l2sp_value_and_grad", new_params, "new_params")
         with torch.no_grad():
-            if use_reference():
-                v = _ref_value_and_grad_inplace(detached[0], detached[1], alpha, detached[2], beta, grads, new_grads)
-            else:
-                v = op("l2sp_value_and_grad_")(detached[0], detached[1], float(alpha), detached[2], float(beta),
-                                               grads, new_grads)
+            impl = _ref_value_and_grad_inplace if use_reference() else op("l2sp_value_and_grad_")
+            v = impl(*detached[:3], float(alpha), detached[3], float(beta), grads, new_grads)
         return v, grads, new_grads
-    if use_reference():
-        return _ref_value_and_grad(detached[0], detached[1], alpha, detached[2], beta)
-    v, gp, gn = op("l2sp_value_and_grad")(detached[0], detached[1], float(alpha), detached[2], float(beta))
+    impl = _ref_value_and_grad if use_reference() else op("l2sp_value_and_grad")
+    v, gp, gn = impl(*detached[:3], float(alpha), detached[3], float(beta))
     return v, list(gp), list(gn)

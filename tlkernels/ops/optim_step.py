@@ -10,26 +10,32 @@ from tlkernels.ops._registry import bump_versions_of_mutated_args, ensure_op, re
 
 SCHEMAS = {
     "sgd_l2sp_step_": ("sgd_l2sp_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
-                       "Tensor?[] refs, float[] coeffs, float lr, float momentum, float dampening, float weight_decay, "
-                       "bool nesterov, bool maximize, bool first_step) -> ()"),
+                       "Tensor?[] refs, Tensor?[] weights, float[] coeffs, float lr, float momentum, float dampening, "
+                       "float weight_decay, bool nesterov, bool maximize, bool first_step) -> ()"),
     "adamw_l2sp_step_": ("adamw_l2sp_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
-                         "Tensor(c!)[] exp_avg_sqs, Tensor?[] refs, float[] coeffs, float lr, float beta1, float beta2, "
-                         "float eps, float weight_decay, int step, bool maximize) -> ()"),
+                         "Tensor(c!)[] exp_avg_sqs, Tensor?[] refs, Tensor?[] weights, float[] coeffs, float lr, float beta1, "
+                         "float beta2, float eps, float weight_decay, int step, bool maximize) -> ()"),
 }
 
 
-def _penalty_grad(p, ref, coeff):
-    return coeff * (p if ref is None else p - ref)
+def _penalty_grad(p, ref, weight, coeff):
+    d = p if ref is None else p - ref
+    return coeff * (d if weight is None else weight * d)
+
+
+def _weight(weights, i):
+    return weights[i] if weights else None
 
 
 @torch.no_grad()
-def sgd_l2sp_step_reference(params, grads, momentum_buffers, refs, coeffs, lr, momentum, dampening, weight_decay,
-                            nesterov, maximize, first_step):
-    """torch.optim.SGD's update of each params[i] in place, with the L2-SP gradient coeffs[i] * (p - refs[i])
-    (refs[i] None: coeffs[i] * p) added to grads[i] first: the oracle of tlkernels::sgd_l2sp_step_."""
+def sgd_l2sp_step_reference(params, grads, momentum_buffers, refs, weights, coeffs, lr, momentum, dampening,
+                            weight_decay, nesterov, maximize, first_step):
+    """torch.optim.SGD's update of each params[i] in place, with the L2-SP gradient coeffs[i] * w * (p - refs[i])
+    (refs[i] None: coeffs[i] * w * p; w = weights[i], or 1 when weights is empty or weights[i] None) added to
+    grads[i] first: the oracle of tlkernels::sgd_l2sp_step_."""
     for i, p in enumerate(params):
         g = -grads[i] if maximize else grads[i]
-        g = g + _penalty_grad(p, refs[i], coeffs[i])
+        g = g + _penalty_grad(p, refs[i], _weight(weights, i), coeffs[i])
         if weight_decay:
             g = g + weight_decay * p
         if momentum:
@@ -43,15 +49,15 @@ def sgd_l2sp_step_reference(params, grads, momentum_buffers, refs, coeffs, lr, m
 
 
 @torch.no_grad()
-def adamw_l2sp_step_reference(params, grads, exp_avgs, exp_avg_sqs, refs, coeffs, lr, beta1, beta2, eps, weight_decay,
-                              step, maximize):
+def adamw_l2sp_step_reference(params, grads, exp_avgs, exp_avg_sqs, refs, weights, coeffs, lr, beta1, beta2, eps,
+                              weight_decay, step, maximize):
     """torch.optim.AdamW's update (decoupled weight decay, no amsgrad) of each params[i] in place, with the L2-SP
     gradient added to grads[i] first: the oracle of tlkernels::adamw_l2sp_step_."""
     bc1 = 1 - beta1 ** step
     bc2s = math.sqrt(1 - beta2 ** step)
     for i, p in enumerate(params):
         g = -grads[i] if maximize else grads[i]
-        g = g + _penalty_grad(p, refs[i], coeffs[i])
+        g = g + _penalty_grad(p, refs[i], _weight(weights, i), coeffs[i])
         p.mul_(1 - lr * weight_decay)
         exp_avgs[i].mul_(beta1).add_(g, alpha=1 - beta1)
         exp_avg_sqs[i].mul_(beta2).addcmul_(g, g, value=1 - beta2)

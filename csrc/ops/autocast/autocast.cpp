@@ -62,19 +62,33 @@ Tensor filterbank_histogram(const Tensor& images, const Tensor& filters, const T
   return op.call(images, filters, edges, stride, padding);
 }
 
-using PenaltySig = Tensor(TensorList, TensorList, double, TensorList, double);
-Tensor l2sp_penalty(TensorList params, TensorList refs, double alpha, TensorList new_params, double beta) {
-  static auto op = handle<PenaltySig>("tlkernels::l2sp_penalty");
-  return op.call(params, refs, alpha, new_params, beta);
+// Per-element weights (Tensor?[]) are not among the lists ATen's wrapper casts: each follows its parameter's
+// (already cast) dtype here, as the kernels need.
+using Weights = c10::List<std::optional<Tensor>>;
+Weights weights_like_params(TensorList params, const Weights& weights) {
+  Weights out;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    const auto w = weights.get(i);
+    out.push_back(w.has_value() && i < params.size() ? std::optional<Tensor>(w->to(params[i].scalar_type())) : w);
+  }
+  return out;
 }
 
-using ValueGradSig = std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>>(TensorList, TensorList, double,
-                                                                                  TensorList, double);
+using PenaltySig = Tensor(TensorList, TensorList, const Weights&, double, TensorList, double);
+Tensor l2sp_penalty(TensorList params, TensorList refs, const Weights& weights, double alpha, TensorList new_params,
+                    double beta) {
+  static auto op = handle<PenaltySig>("tlkernels::l2sp_penalty");
+  return op.call(params, refs, weights_like_params(params, weights), alpha, new_params, beta);
+}
+
+using ValueGradSig = std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>>(TensorList, TensorList,
+                                                                                  const Weights&, double, TensorList,
+                                                                                  double);
 std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> l2sp_value_and_grad(TensorList params, TensorList refs,
-                                                                                 double alpha, TensorList new_params,
-                                                                                 double beta) {
+                                                                                 const Weights& weights, double alpha,
+                                                                                 TensorList new_params, double beta) {
   static auto op = handle<ValueGradSig>("tlkernels::l2sp_value_and_grad");
-  return op.call(params, refs, alpha, new_params, beta);
+  return op.call(params, refs, weights_like_params(params, weights), alpha, new_params, beta);
 }
 
 // ATen's own autocast wrapper: excludes the device's autocast key, casts every eligible (floating, on that

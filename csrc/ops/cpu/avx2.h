@@ -50,34 +50,36 @@ __attribute__((target("avx2,fma"))) inline float hmax(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// sum (p - r)^2 over [0, n) (r may be null: r = 0); writes g = c * (p - r) when g is not null
-// (g += c * (p - r) when acc).
+// sum w (p - r)^2 over [0, n) (r may be null: r = 0; w may be null: w = 1); writes g = c * w * (p - r) when g
+// is not null (g += c * w * (p - r) when acc).
 // Four independent accumulators; the sum is a fixed-order function of the data: deterministic.
-__attribute__((target("avx2,fma"))) inline double l2sp_chunk(const float* p, const float* r, float* g, float c,
-                                                             int64_t n, bool acc = false) {
+__attribute__((target("avx2,fma"))) inline double l2sp_chunk(const float* p, const float* r, const float* w, float* g,
+                                                             float c, int64_t n, bool acc = false) {
   __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
   const __m256 vc = _mm256_set1_ps(c);
   int64_t i = 0;
   for (; i + 32 <= n; i += 32) {
-    __m256 d[4];
+    __m256 d[4], wd[4];
     for (int k = 0; k < 4; ++k) {
       __m256 pv = _mm256_loadu_ps(p + i + 8 * k);
       d[k] = r ? _mm256_sub_ps(pv, _mm256_loadu_ps(r + i + 8 * k)) : pv;
+      wd[k] = w ? _mm256_mul_ps(d[k], _mm256_loadu_ps(w + i + 8 * k)) : d[k];
       if (g) {
         float* gk = g + i + 8 * k;
-        _mm256_storeu_ps(gk, acc ? _mm256_fmadd_ps(d[k], vc, _mm256_loadu_ps(gk)) : _mm256_mul_ps(d[k], vc));
+        _mm256_storeu_ps(gk, acc ? _mm256_fmadd_ps(wd[k], vc, _mm256_loadu_ps(gk)) : _mm256_mul_ps(wd[k], vc));
       }
     }
-    a0 = _mm256_fmadd_ps(d[0], d[0], a0);
-    a1 = _mm256_fmadd_ps(d[1], d[1], a1);
-    a2 = _mm256_fmadd_ps(d[2], d[2], a2);
-    a3 = _mm256_fmadd_ps(d[3], d[3], a3);
+    a0 = _mm256_fmadd_ps(wd[0], d[0], a0);
+    a1 = _mm256_fmadd_ps(wd[1], d[1], a1);
+    a2 = _mm256_fmadd_ps(wd[2], d[2], a2);
+    a3 = _mm256_fmadd_ps(wd[3], d[3], a3);
   }
   double s = (double)hsum(a0) + (double)hsum(a1) + (double)hsum(a2) + (double)hsum(a3);
   for (; i < n; ++i) {
     const float d = r ? p[i] - r[i] : p[i];
-    if (g) g[i] = acc ? g[i] + c * d : c * d;
-    s += (double)d * d;
+    const float wd = w ? w[i] * d : d;
+    if (g) g[i] = acc ? g[i] + c * wd : c * wd;
+    s += (double)wd * d;
   }
   return s;
 }

@@ -45,13 +45,14 @@ bool any_double(const std::vector<at::TensorList>& lists) {
 
 // Shared by the four penalty ops: value (if `value`) and gradients scaled by `scale` (if `gp`): new
 // tensors, or (accumulate) added into the tensors *gp / *gn already hold.
-at::Tensor l2sp_core(const char* op, at::TensorList params, at::TensorList refs, double alpha,
-                     at::TensorList new_params, double beta, const at::Tensor* scale_t, bool value,
+at::Tensor l2sp_core(const char* op, at::TensorList params, at::TensorList refs, const OptionalTensors& weights,
+                     double alpha, at::TensorList new_params, double beta, const at::Tensor* scale_t, bool value,
                      std::vector<at::Tensor>* gp, std::vector<at::Tensor>* gn, bool accumulate = false) {
-  check_penalty_args(op, params, refs, new_params);
-  std::vector<at::Tensor> P, R, Q;  // dense, refs in their param's layout (copies only where needed)
+  check_penalty_args(op, params, refs, weights, new_params);
+  std::vector<at::Tensor> P, R, Q;  // dense, refs and weights in their param's layout (copies only where needed)
   for (auto& t : params) P.push_back(dense(t));
   for (size_t i = 0; i < refs.size(); ++i) R.push_back(layout_like(refs[i], P[i]));
+  const std::vector<at::Tensor> W = weights_like(weights, P);
   for (auto& t : new_params) Q.push_back(dense(t));
   const std::vector<at::TensorList> lists{P, Q};
   const double scale = scale_t ? scale_t->item<double>() : 1.0;
@@ -70,6 +71,7 @@ at::Tensor l2sp_core(const char* op, at::TensorList params, at::TensorList refs,
         using A = at::opmath_type<scalar_t>;
         const scalar_t* pp = p.const_data_ptr<scalar_t>();
         const scalar_t* rp = w.list == 0 ? R[w.t].const_data_ptr<scalar_t>() : nullptr;
+        const scalar_t* wp = w.list == 0 && W[w.t].defined() ? W[w.t].const_data_ptr<scalar_t>() : nullptr;
         scalar_t* gptr = gp ? (w.list == 0 ? (*gp)[w.t] : (*gn)[w.t]).mutable_data_ptr<scalar_t>() : nullptr;
 #ifdef TLK_HAVE_AVX2_PATH
         if constexpr (std::is_same_v<scalar_t, float>) {
@@ -77,9 +79,11 @@ at::Tensor l2sp_core(const char* op, at::TensorList params, at::TensorList refs,
             // (casts only to compile for the other dtypes; this branch runs for float alone)
             const float* pf = reinterpret_cast<const float*>(pp);
             const float* rf = reinterpret_cast<const float*>(rp);
+            const float* wf = reinterpret_cast<const float*>(wp);
             float* gf = reinterpret_cast<float*>(gptr);
-            partial[it] = avx2::l2sp_chunk(pf + w.begin, rf ? rf + w.begin : nullptr, gf ? gf + w.begin : nullptr,
-                                           static_cast<float>(coeff), w.end - w.begin, accumulate);
+            partial[it] = avx2::l2sp_chunk(pf + w.begin, rf ? rf + w.begin : nullptr, wf ? wf + w.begin : nullptr,
+                                           gf ? gf + w.begin : nullptr, static_cast<float>(coeff), w.end - w.begin,
+                                           accumulate);
             return;
           }
         }
@@ -89,9 +93,10 @@ at::Tensor l2sp_core(const char* op, at::TensorList params, at::TensorList refs,
         for (int64_t i = w.begin; i < w.end; ++i) {
           const A pv = static_cast<A>(pp[i]);
           const A rv = rp ? static_cast<A>(rp[i]) : A(0);
-          if (value) acc[i & 3] += static_cast<double>(l2sp::penalty_sq(pv, rv));
+          const A wv = wp ? static_cast<A>(wp[i]) : A(1);
+          if (value) acc[i & 3] += static_cast<double>(wv * l2sp::penalty_sq(pv, rv));
           if (gptr) {
-            const A d = l2sp::penalty_grad(pv, rv, c);
+            const A d = l2sp::penalty_grad(pv, rv, c * wv);
             gptr[i] = static_cast<scalar_t>(accumulate ? static_cast<A>(gptr[i]) + d : d);
           }
         }
@@ -107,51 +112,64 @@ at::Tensor l2sp_core(const char* op, at::TensorList params, at::TensorList refs,
   return at::scalar_tensor(0.5 * alpha * s[0] + 0.5 * beta * s[1], at::TensorOptions().dtype(out_dtype).device(dev));
 }
 
-at::Tensor l2sp_penalty_cpu(at::TensorList params, at::TensorList refs, double alpha, at::TensorList new_params,
-                            double beta) {
-  return l2sp_core("l2sp_penalty", params, refs, alpha, new_params, beta, nullptr, true, nullptr, nullptr);
+at::Tensor l2sp_penalty_cpu(at::TensorList params, at::TensorList refs, const OptionalTensors& weights, double alpha,
+                            at::TensorList new_params, double beta) {
+  return l2sp_core("l2sp_penalty", params, refs, weights, alpha, new_params, beta, nullptr, true, nullptr, nullptr);
 }
 
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> l2sp_penalty_backward_cpu(
-    const at::Tensor& grad, at::TensorList params, at::TensorList refs, double alpha, at::TensorList new_params,
-    double beta) {
+    const at::Tensor& grad, at::TensorList params, at::TensorList refs, const OptionalTensors& weights, double alpha,
+    at::TensorList new_params, double beta) {
   std::vector<at::Tensor> gp, gn;
-  l2sp_core("l2sp_penalty_backward", params, refs, alpha, new_params, beta, &grad, false, &gp, &gn);
+  l2sp_core("l2sp_penalty_backward", params, refs, weights, alpha, new_params, beta, &grad, false, &gp, &gn);
   return {gp, gn};
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> l2sp_value_and_grad_cpu(
-    at::TensorList params, at::TensorList refs, double alpha, at::TensorList new_params, double beta) {
+    at::TensorList params, at::TensorList refs, const OptionalTensors& weights, double alpha,
+    at::TensorList new_params, double beta) {
   std::vector<at::Tensor> gp, gn;
-  auto v = l2sp_core("l2sp_value_and_grad", params, refs, alpha, new_params, beta, nullptr, true, &gp, &gn);
+  auto v = l2sp_core("l2sp_value_and_grad", params, refs, weights, alpha, new_params, beta, nullptr, true, &gp, &gn);
   return {v, gp, gn};
 }
 
-at::Tensor l2sp_value_and_grad_inplace_cpu(at::TensorList params, at::TensorList refs, double alpha,
-                                            at::TensorList new_params, double beta, at::TensorList grads,
-                                            at::TensorList new_grads) {
+at::Tensor l2sp_value_and_grad_inplace_cpu(at::TensorList params, at::TensorList refs,
+                                            const OptionalTensors& weights, double alpha, at::TensorList new_params,
+                                            double beta, at::TensorList grads, at::TensorList new_grads) {
   const char* op = "l2sp_value_and_grad_";
   check_accumulate_args(op, params, grads, "params", "grads");
   check_accumulate_args(op, new_params, new_grads, "new_params", "new_grads");
   check_disjoint_outputs(op, {{"grads", grads}, {"new_grads", new_grads}});
   std::vector<at::Tensor> gp(grads.begin(), grads.end()), gn(new_grads.begin(), new_grads.end());
-  return l2sp_core(op, params, refs, alpha, new_params, beta, nullptr, true, &gp, &gn, true);
+  return l2sp_core(op, params, refs, weights, alpha, new_params, beta, nullptr, true, &gp, &gn, true);
 }
 
-void sgd_l2sp_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList bufs,
-                       const c10::List<std::optional<at::Tensor>>& refs, at::ArrayRef<double> coeffs, double lr,
-                       double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
-                       bool first_step) {
+// Per param: its gradient, reference and weights in the param's memory layout (the kernels walk all of them
+// with one flat index; copies only where a layout differs), undefined where absent.
+struct StepOperands {
+  std::vector<at::Tensor> G, R, W;
+  StepOperands(at::TensorList params, at::TensorList grads, const OptionalTensors& refs,
+               const OptionalTensors& weights) {
+    const std::vector<at::Tensor> P(params.begin(), params.end());
+    for (size_t i = 0; i < params.size(); ++i) {
+      G.push_back(layout_like(grads[i], params[i]));
+      auto r = refs.get(i);
+      R.push_back(r.has_value() ? layout_like(*r, params[i]) : at::Tensor());
+    }
+    W = weights_like(weights, P);
+  }
+  template <typename scalar_t>
+  static const scalar_t* ptr(const at::Tensor& t) { return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr; }
+};
+
+void sgd_l2sp_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList bufs, const OptionalTensors& refs,
+                       const OptionalTensors& weights, at::ArrayRef<double> coeffs, double lr, double momentum,
+                       double dampening, double weight_decay, bool nesterov, bool maximize, bool first_step) {
   const char* op = "sgd_l2sp_step_";
   const bool use_buf = momentum != 0.0;
   check_step_args(op, params, grads, use_buf ? std::vector<at::TensorList>{bufs} : std::vector<at::TensorList>{},
-                  {"momentum_buffers"}, refs, coeffs);
-  std::vector<at::Tensor> G, R;
-  for (size_t i = 0; i < params.size(); ++i) {
-    G.push_back(layout_like(grads[i], params[i]));
-    auto r = refs.get(i);
-    R.push_back(r.has_value() ? layout_like(*r, params[i]) : at::Tensor());
-  }
+                  {"momentum_buffers"}, refs, weights, coeffs);
+  const StepOperands in(params, grads, refs, weights);
   const auto items = make_items({params});
   at::parallel_for(0, (int64_t)items.size(), 1, [&](int64_t ib, int64_t ie) {
     for (int64_t it = ib; it < ie; ++it) {
@@ -160,15 +178,16 @@ void sgd_l2sp_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLi
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "sgd_l2sp_cpu", [&] {
         using A = at::opmath_type<scalar_t>;
         scalar_t* pp = p.mutable_data_ptr<scalar_t>();
-        const scalar_t* gp = G[w.t].const_data_ptr<scalar_t>();
-        const scalar_t* rp = R[w.t].defined() ? R[w.t].const_data_ptr<scalar_t>() : nullptr;
+        const scalar_t* gp = in.G[w.t].const_data_ptr<scalar_t>();
+        const scalar_t* rp = StepOperands::ptr<scalar_t>(in.R[w.t]);
+        const scalar_t* wp = StepOperands::ptr<scalar_t>(in.W[w.t]);
         scalar_t* bp = use_buf ? bufs[w.t].mutable_data_ptr<scalar_t>() : nullptr;
         const A c = static_cast<A>(coeffs[w.t]);
         for (int64_t i = w.begin; i < w.end; ++i) {
           A b = bp ? static_cast<A>(bp[i]) : A(0);
           pp[i] = static_cast<scalar_t>(l2sp::sgd_update<A>(
-              pp[i], gp[i], rp ? static_cast<A>(rp[i]) : A(0), c, &b, first_step, lr, momentum, dampening,
-              weight_decay, nesterov, maximize));
+              pp[i], gp[i], rp ? static_cast<A>(rp[i]) : A(0), wp ? c * static_cast<A>(wp[i]) : c, &b, first_step,
+              lr, momentum, dampening, weight_decay, nesterov, maximize));
           if (bp) bp[i] = static_cast<scalar_t>(b);
         }
       });
@@ -177,18 +196,13 @@ void sgd_l2sp_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLi
 }
 
 void adamw_l2sp_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                         at::TensorList exp_avg_sqs, const c10::List<std::optional<at::Tensor>>& refs,
+                         at::TensorList exp_avg_sqs, const OptionalTensors& refs, const OptionalTensors& weights,
                          at::ArrayRef<double> coeffs, double lr, double beta1, double beta2, double eps,
                          double weight_decay, int64_t step, bool maximize) {
   const char* op = "adamw_l2sp_step_";
   TORCH_CHECK(step >= 1, op, ": step must be >= 1, got ", step);
-  check_step_args(op, params, grads, {exp_avgs, exp_avg_sqs}, {"exp_avgs", "exp_avg_sqs"}, refs, coeffs);
-  std::vector<at::Tensor> G, R;
-  for (size_t i = 0; i < params.size(); ++i) {
-    G.push_back(layout_like(grads[i], params[i]));
-    auto r = refs.get(i);
-    R.push_back(r.has_value() ? layout_like(*r, params[i]) : at::Tensor());
-  }
+  check_step_args(op, params, grads, {exp_avgs, exp_avg_sqs}, {"exp_avgs", "exp_avg_sqs"}, refs, weights, coeffs);
+  const StepOperands in(params, grads, refs, weights);
   const double bc1 = 1.0 - std::pow(beta1, (double)step), bc2s = std::sqrt(1.0 - std::pow(beta2, (double)step));
   const auto items = make_items({params});
   at::parallel_for(0, (int64_t)items.size(), 1, [&](int64_t ib, int64_t ie) {
@@ -198,16 +212,17 @@ void adamw_l2sp_step_cpu(at::TensorList params, at::TensorList grads, at::Tensor
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "adamw_l2sp_cpu", [&] {
         using A = at::opmath_type<scalar_t>;
         scalar_t* pp = p.mutable_data_ptr<scalar_t>();
-        const scalar_t* gp = G[w.t].const_data_ptr<scalar_t>();
-        const scalar_t* rp = R[w.t].defined() ? R[w.t].const_data_ptr<scalar_t>() : nullptr;
+        const scalar_t* gp = in.G[w.t].const_data_ptr<scalar_t>();
+        const scalar_t* rp = StepOperands::ptr<scalar_t>(in.R[w.t]);
+        const scalar_t* wp = StepOperands::ptr<scalar_t>(in.W[w.t]);
         scalar_t* mp = exp_avgs[w.t].mutable_data_ptr<scalar_t>();
         scalar_t* vp = exp_avg_sqs[w.t].mutable_data_ptr<scalar_t>();
         const A c = static_cast<A>(coeffs[w.t]);
         for (int64_t i = w.begin; i < w.end; ++i) {
           A m = mp[i], v = vp[i];
-          pp[i] = static_cast<scalar_t>(l2sp::adamw_update<A>(pp[i], gp[i], rp ? static_cast<A>(rp[i]) : A(0), c,
-                                                               &m, &v, lr, beta1, beta2, eps, weight_decay, bc1,
-                                                               bc2s, maximize));
+          pp[i] = static_cast<scalar_t>(l2sp::adamw_update<A>(pp[i], gp[i], rp ? static_cast<A>(rp[i]) : A(0),
+                                                               wp ? c * static_cast<A>(wp[i]) : c, &m, &v, lr, beta1,
+                                                               beta2, eps, weight_decay, bc1, bc2s, maximize));
           mp[i] = static_cast<scalar_t>(m);
           vp[i] = static_cast<scalar_t>(v);
         }

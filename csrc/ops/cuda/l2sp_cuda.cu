@@ -39,7 +39,7 @@ struct Meta {
 };
 // Kernel parameters above 4 KB need CUDA 12.1 or newer (and Volta or newer GPUs).
 #if defined(CUDART_VERSION) && CUDART_VERSION < 12010
-static_assert(sizeof(Meta<5>) <= 4096, "tlkernels: the multi-tensor kernels pass a parameter struct of more than "
+static_assert(sizeof(Meta<6>) <= 4096, "tlkernels: the multi-tensor kernels pass a parameter struct of more than "
               "4 KB, which needs CUDA >= 12.1; build with a newer CUDA toolkit");
 #endif
 
@@ -90,9 +90,9 @@ int64_t count_chunks(const std::vector<at::Tensor>& ts) {
   return c;
 }
 
-// operands: 0 p, 1 ref (optional), 2 grad out (optional)
+// operands: 0 p, 1 ref (optional), 2 grad out (optional), 3 per-element weights (optional)
 template <typename scalar_t>
-__global__ void penalty_kernel(Meta<3> meta, float scale, double* partial, bool accumulate) {
+__global__ void penalty_kernel(Meta<4> meta, float scale, double* partial, bool accumulate) {
   using A = at::opmath_type<scalar_t>;
   const int t = meta.tensor_of_block[blockIdx.x];
   const int64_t base = static_cast<int64_t>(meta.chunk_of_block[blockIdx.x]) * kChunk;
@@ -100,14 +100,16 @@ __global__ void penalty_kernel(Meta<3> meta, float scale, double* partial, bool 
   const auto* p = static_cast<const scalar_t*>(meta.addr[0][t]);
   const auto* r = static_cast<const scalar_t*>(meta.addr[1][t]);
   auto* g = static_cast<scalar_t*>(meta.addr[2][t]);
+  const auto* w = static_cast<const scalar_t*>(meta.addr[3][t]);
   const A c = static_cast<A>(meta.coeff[t] * scale);
   double acc = 0;
   for (int64_t i = base + threadIdx.x; i < end; i += blockDim.x) {
     const A pv = static_cast<A>(p[i]);
     const A rv = r ? static_cast<A>(r[i]) : A(0);
-    acc += static_cast<double>(l2sp::penalty_sq(pv, rv));
+    const A wv = w ? static_cast<A>(w[i]) : A(1);
+    acc += static_cast<double>(wv * l2sp::penalty_sq(pv, rv));
     if (g) {
-      const A d = l2sp::penalty_grad(pv, rv, c);
+      const A d = l2sp::penalty_grad(pv, rv, c * wv);
       g[i] = static_cast<scalar_t>(accumulate ? static_cast<A>(g[i]) + d : d);
     }
   }
@@ -117,12 +119,13 @@ __global__ void penalty_kernel(Meta<3> meta, float scale, double* partial, bool 
   if (threadIdx.x == 0 && partial) partial[meta.first_block + blockIdx.x] = s * meta.coeff[t] * 0.5;
 }
 
-// Penalty over one list (params with refs, or new params without). Returns sum coeff/2 * ||p - ref||^2 as
-// a device scalar (if want_value) and writes gradients coeff*scale*(p - ref) into *grads (if grads).
+// Penalty over one list (params with refs and optional weights W, or new params without). Returns
+// sum coeff/2 * w (p - ref)^2 as a device scalar (if want_value) and writes gradients coeff*scale*w*(p - ref)
+// into *grads (if grads).
 // One launch series per dtype; each series' per-chunk partials are summed in a fixed order.
 // accumulate: *grads already holds one tensor per p, and the gradient is added into it.
-at::Tensor penalty_list(const std::vector<at::Tensor>& P, const std::vector<at::Tensor>& R, double coeff,
-                        std::vector<at::Tensor>* grads, double scale, bool want_value, const at::Device& dev,
+at::Tensor penalty_list(const std::vector<at::Tensor>& P, const std::vector<at::Tensor>& R,
+                        const std::vector<at::Tensor>& W, double coeff, std::vector<at::Tensor>* grads, double scale, bool want_value, const at::Device& dev,
                         bool accumulate = false) {
   at::Tensor total = at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(dev));
   std::vector<at::Tensor> G;
@@ -132,19 +135,20 @@ at::Tensor penalty_list(const std::vector<at::Tensor>& P, const std::vector<at::
     for (auto& p : P) G.push_back(grads ? at::empty_like(p) : at::Tensor());
   }
   for (auto dt : {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16}) {
-    std::vector<std::vector<at::Tensor>> lists(3);
+    std::vector<std::vector<at::Tensor>> lists(4);
     std::vector<double> coeffs;
     for (size_t i = 0; i < P.size(); ++i) {
       if (P[i].scalar_type() != dt) continue;
       lists[0].push_back(P[i]);
       lists[1].push_back(R.empty() ? at::Tensor() : R[i]);
       lists[2].push_back(G[i]);
+      lists[3].push_back(W.empty() ? at::Tensor() : W[i]);
       coeffs.push_back(coeff);
     }
     if (lists[0].empty()) continue;
     at::Tensor partial = want_value ? at::zeros({count_chunks(lists[0])}, total.options()) : at::Tensor();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "l2sp_penalty_cuda", [&] {
-      multi_tensor_apply<3>(lists, coeffs, [&](const Meta<3>& meta, int nb) {
+      multi_tensor_apply<4>(lists, coeffs, [&](const Meta<4>& meta, int nb) {
         penalty_kernel<scalar_t><<<nb, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
             meta, static_cast<float>(scale), want_value ? partial.data_ptr<double>() : nullptr, accumulate);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -169,36 +173,37 @@ std::vector<at::Tensor> refs_like(at::TensorList refs, const std::vector<at::Ten
   return out;
 }
 
-at::Tensor penalty_value(const std::vector<at::Tensor>& P, const std::vector<at::Tensor>& R, double alpha,
-                         const std::vector<at::Tensor>& Q, double beta, std::vector<at::Tensor>* gp,
+at::Tensor penalty_value(const std::vector<at::Tensor>& P, const std::vector<at::Tensor>& R,
+                         const std::vector<at::Tensor>& W, double alpha, const std::vector<at::Tensor>& Q, double beta, std::vector<at::Tensor>* gp,
                          std::vector<at::Tensor>* gn, bool accumulate = false) {
   bool dbl = false;
   for (auto& t : P) dbl |= t.scalar_type() == at::kDouble;
   for (auto& t : Q) dbl |= t.scalar_type() == at::kDouble;
   const auto dev = !P.empty() ? P[0].device() : Q[0].device();
-  auto v = penalty_list(P, R, alpha, gp, 1.0, true, dev, accumulate) +
-           penalty_list(Q, {}, beta, gn, 1.0, true, dev, accumulate);
+  auto v = penalty_list(P, R, W, alpha, gp, 1.0, true, dev, accumulate) +
+           penalty_list(Q, {}, {}, beta, gn, 1.0, true, dev, accumulate);
   return v.to(dbl ? at::kDouble : at::kFloat);
 }
 
-at::Tensor l2sp_penalty_cuda(at::TensorList params, at::TensorList refs, double alpha, at::TensorList new_params,
-                             double beta) {
-  check_penalty_args("l2sp_penalty", params, refs, new_params);
+at::Tensor l2sp_penalty_cuda(at::TensorList params, at::TensorList refs, const OptionalTensors& weights, double alpha,
+                             at::TensorList new_params, double beta) {
+  check_penalty_args("l2sp_penalty", params, refs, weights, new_params);
   const c10::cuda::OptionalCUDAGuard guard(params.empty() ? new_params[0].device() : params[0].device());
   const auto P = dense_list(params);
-  return penalty_value(P, refs_like(refs, P), alpha, dense_list(new_params), beta, nullptr, nullptr);
+  return penalty_value(P, refs_like(refs, P), weights_like(weights, P), alpha, dense_list(new_params), beta, nullptr,
+                       nullptr);
 }
 
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> l2sp_penalty_backward_cuda(
-    const at::Tensor& grad, at::TensorList params, at::TensorList refs, double alpha, at::TensorList new_params,
-    double beta) {
-  check_penalty_args("l2sp_penalty_backward", params, refs, new_params);
+    const at::Tensor& grad, at::TensorList params, at::TensorList refs, const OptionalTensors& weights, double alpha,
+    at::TensorList new_params, double beta) {
+  check_penalty_args("l2sp_penalty_backward", params, refs, weights, new_params);
   const c10::cuda::OptionalCUDAGuard guard(grad.device());
   // The upstream gradient scales the result on the device: reading it on the host would synchronise.
   std::vector<at::Tensor> gp, gn;
   const auto P = dense_list(params);
-  penalty_list(P, refs_like(refs, P), alpha, &gp, 1.0, false, grad.device());
-  penalty_list(dense_list(new_params), {}, beta, &gn, 1.0, false, grad.device());
+  penalty_list(P, refs_like(refs, P), weights_like(weights, P), alpha, &gp, 1.0, false, grad.device());
+  penalty_list(dense_list(new_params), {}, {}, beta, &gn, 1.0, false, grad.device());
   const at::Tensor s = grad.reshape({});
   for (auto& g : gp) g.mul_(s.to(g.scalar_type()));
   for (auto& g : gn) g.mul_(s.to(g.scalar_type()));
@@ -206,32 +211,35 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> l2sp_penalty_backwa
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> l2sp_value_and_grad_cuda(
-    at::TensorList params, at::TensorList refs, double alpha, at::TensorList new_params, double beta) {
-  check_penalty_args("l2sp_value_and_grad", params, refs, new_params);
+    at::TensorList params, at::TensorList refs, const OptionalTensors& weights, double alpha,
+    at::TensorList new_params, double beta) {
+  check_penalty_args("l2sp_value_and_grad", params, refs, weights, new_params);
   const c10::cuda::OptionalCUDAGuard guard(params.empty() ? new_params[0].device() : params[0].device());
   std::vector<at::Tensor> gp, gn;
   const auto P = dense_list(params);
-  auto v = penalty_value(P, refs_like(refs, P), alpha, dense_list(new_params), beta, &gp, &gn);
+  auto v = penalty_value(P, refs_like(refs, P), weights_like(weights, P), alpha, dense_list(new_params), beta, &gp,
+                         &gn);
   return {v, gp, gn};
 }
 
-at::Tensor l2sp_value_and_grad_inplace_cuda(at::TensorList params, at::TensorList refs, double alpha,
-                                             at::TensorList new_params, double beta, at::TensorList grads,
-                                             at::TensorList new_grads) {
+at::Tensor l2sp_value_and_grad_inplace_cuda(at::TensorList params, at::TensorList refs,
+                                             const OptionalTensors& weights, double alpha, at::TensorList new_params,
+                                             double beta, at::TensorList grads, at::TensorList new_grads) {
   const char* op = "l2sp_value_and_grad_";
-  check_penalty_args(op, params, refs, new_params);
+  check_penalty_args(op, params, refs, weights, new_params);
   check_accumulate_args(op, params, grads, "params", "grads");
   check_accumulate_args(op, new_params, new_grads, "new_params", "new_grads");
   check_disjoint_outputs(op, {{"grads", grads}, {"new_grads", new_grads}});
   const c10::cuda::OptionalCUDAGuard guard(params.empty() ? new_params[0].device() : params[0].device());
   std::vector<at::Tensor> gp(grads.begin(), grads.end()), gn(new_grads.begin(), new_grads.end());
   const auto P = dense_list(params);
-  return penalty_value(P, refs_like(refs, P), alpha, dense_list(new_params), beta, &gp, &gn, true);
+  return penalty_value(P, refs_like(refs, P), weights_like(weights, P), alpha, dense_list(new_params), beta, &gp, &gn,
+                       true);
 }
 
-// operands: 0 p, 1 g, 2 momentum buffer (optional), 3 ref (optional)
+// operands: 0 p, 1 g, 2 momentum buffer (optional), 3 ref (optional), 4 per-element weights (optional)
 template <typename scalar_t>
-__global__ void sgd_kernel(Meta<4> meta, float lr, float momentum, float dampening, float weight_decay, bool nesterov,
+__global__ void sgd_kernel(Meta<5> meta, float lr, float momentum, float dampening, float weight_decay, bool nesterov,
                            bool maximize, bool first) {
   using A = at::opmath_type<scalar_t>;
   const int t = meta.tensor_of_block[blockIdx.x];
@@ -241,10 +249,12 @@ __global__ void sgd_kernel(Meta<4> meta, float lr, float momentum, float dampeni
   const auto* g = static_cast<const scalar_t*>(meta.addr[1][t]);
   auto* b = static_cast<scalar_t*>(meta.addr[2][t]);
   const auto* r = static_cast<const scalar_t*>(meta.addr[3][t]);
+  const auto* w = static_cast<const scalar_t*>(meta.addr[4][t]);
+  const A c = meta.coeff[t];
   for (int64_t i = base + threadIdx.x; i < end; i += blockDim.x) {
     A buf = b ? static_cast<A>(b[i]) : A(0);
-    p[i] = static_cast<scalar_t>(l2sp::sgd_update<A>(p[i], g[i], r ? static_cast<A>(r[i]) : A(0), meta.coeff[t],
-                                                     &buf, first, lr, momentum, dampening, weight_decay, nesterov,
+    p[i] = static_cast<scalar_t>(l2sp::sgd_update<A>(p[i], g[i], r ? static_cast<A>(r[i]) : A(0),
+                                                     w ? c * static_cast<A>(w[i]) : c, &buf, first, lr, momentum, dampening, weight_decay, nesterov,
                                                      maximize));
     if (b) b[i] = static_cast<scalar_t>(buf);
   }
@@ -260,19 +270,20 @@ std::vector<at::Tensor> refs_or_undefined(const c10::List<std::optional<at::Tens
   return out;
 }
 
-void sgd_l2sp_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList bufs,
-                        const c10::List<std::optional<at::Tensor>>& refs, at::ArrayRef<double> coeffs, double lr,
+void sgd_l2sp_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList bufs, const OptionalTensors& refs,
+                        const OptionalTensors& weights, at::ArrayRef<double> coeffs, double lr,
                         double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
                         bool first_step) {
   const bool use_buf = momentum != 0.0;
   check_step_args("sgd_l2sp_step_", params, grads,
                   use_buf ? std::vector<at::TensorList>{bufs} : std::vector<at::TensorList>{}, {"momentum_buffers"},
-                  refs, coeffs);
+                  refs, weights, coeffs);
   if (params.empty()) return;
   const c10::cuda::OptionalCUDAGuard guard(params[0].device());
   const auto R = refs_or_undefined(refs, params);
+  const auto W = weights_like(weights, std::vector<at::Tensor>(params.begin(), params.end()));
   for (auto dt : {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16}) {
-    std::vector<std::vector<at::Tensor>> lists(4);
+    std::vector<std::vector<at::Tensor>> lists(5);
     std::vector<double> cs;
     for (size_t i = 0; i < params.size(); ++i) {
       if (params[i].scalar_type() != dt) continue;
@@ -280,11 +291,12 @@ void sgd_l2sp_step_cuda(at::TensorList params, at::TensorList grads, at::TensorL
       lists[1].push_back(layout_like(grads[i], params[i]));
       lists[2].push_back(use_buf ? bufs[i] : at::Tensor());
       lists[3].push_back(R[i]);
+      lists[4].push_back(W[i]);
       cs.push_back(coeffs[i]);
     }
     if (lists[0].empty()) continue;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "sgd_l2sp_cuda", [&] {
-      multi_tensor_apply<4>(lists, cs, [&](const Meta<4>& meta, int nb) {
+      multi_tensor_apply<5>(lists, cs, [&](const Meta<5>& meta, int nb) {
         sgd_kernel<scalar_t><<<nb, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
             meta, lr, momentum, dampening, weight_decay, nesterov, maximize, first_step);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -293,9 +305,9 @@ void sgd_l2sp_step_cuda(at::TensorList params, at::TensorList grads, at::TensorL
   }
 }
 
-// operands: 0 p, 1 g, 2 exp_avg, 3 exp_avg_sq, 4 ref (optional)
+// operands: 0 p, 1 g, 2 exp_avg, 3 exp_avg_sq, 4 ref (optional), 5 per-element weights (optional)
 template <typename scalar_t>
-__global__ void adamw_kernel(Meta<5> meta, float lr, float beta1, float beta2, float eps, float weight_decay,
+__global__ void adamw_kernel(Meta<6> meta, float lr, float beta1, float beta2, float eps, float weight_decay,
                              float bias_c1, float bias_c2_sqrt, bool maximize) {
   using A = at::opmath_type<scalar_t>;
   const int t = meta.tensor_of_block[blockIdx.x];
@@ -306,10 +318,12 @@ __global__ void adamw_kernel(Meta<5> meta, float lr, float beta1, float beta2, f
   auto* m = static_cast<scalar_t*>(meta.addr[2][t]);
   auto* v = static_cast<scalar_t*>(meta.addr[3][t]);
   const auto* r = static_cast<const scalar_t*>(meta.addr[4][t]);
+  const auto* w = static_cast<const scalar_t*>(meta.addr[5][t]);
+  const A c = meta.coeff[t];
   for (int64_t i = base + threadIdx.x; i < end; i += blockDim.x) {
     A mm = m[i], vv = v[i];
-    p[i] = static_cast<scalar_t>(l2sp::adamw_update<A>(p[i], g[i], r ? static_cast<A>(r[i]) : A(0), meta.coeff[t],
-                                                       &mm, &vv, lr, beta1, beta2, eps, weight_decay, bias_c1,
+    p[i] = static_cast<scalar_t>(l2sp::adamw_update<A>(p[i], g[i], r ? static_cast<A>(r[i]) : A(0),
+                                                       w ? c * static_cast<A>(w[i]) : c, &mm, &vv, lr, beta1, beta2, eps, weight_decay, bias_c1,
                                                        bias_c2_sqrt, maximize));
     m[i] = static_cast<scalar_t>(mm);
     v[i] = static_cast<scalar_t>(vv);
@@ -317,18 +331,19 @@ __global__ void adamw_kernel(Meta<5> meta, float lr, float beta1, float beta2, f
 }
 
 void adamw_l2sp_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                          at::TensorList exp_avg_sqs, const c10::List<std::optional<at::Tensor>>& refs,
+                          at::TensorList exp_avg_sqs, const OptionalTensors& refs, const OptionalTensors& weights,
                           at::ArrayRef<double> coeffs, double lr, double beta1, double beta2, double eps,
                           double weight_decay, int64_t step, bool maximize) {
   TORCH_CHECK(step >= 1, "adamw_l2sp_step_: step must be >= 1, got ", step);
   check_step_args("adamw_l2sp_step_", params, grads, {exp_avgs, exp_avg_sqs}, {"exp_avgs", "exp_avg_sqs"}, refs,
-                  coeffs);
+                  weights, coeffs);
   if (params.empty()) return;
   const c10::cuda::OptionalCUDAGuard guard(params[0].device());
   const auto R = refs_or_undefined(refs, params);
+  const auto W = weights_like(weights, std::vector<at::Tensor>(params.begin(), params.end()));
   const float bc1 = 1.0 - std::pow(beta1, (double)step), bc2s = std::sqrt(1.0 - std::pow(beta2, (double)step));
   for (auto dt : {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16}) {
-    std::vector<std::vector<at::Tensor>> lists(5);
+    std::vector<std::vector<at::Tensor>> lists(6);
     std::vector<double> cs;
     for (size_t i = 0; i < params.size(); ++i) {
       if (params[i].scalar_type() != dt) continue;
@@ -337,11 +352,12 @@ void adamw_l2sp_step_cuda(at::TensorList params, at::TensorList grads, at::Tenso
       lists[2].push_back(exp_avgs[i]);
       lists[3].push_back(exp_avg_sqs[i]);
       lists[4].push_back(R[i]);
+      lists[5].push_back(W[i]);
       cs.push_back(coeffs[i]);
     }
     if (lists[0].empty()) continue;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "adamw_l2sp_cuda", [&] {
-      multi_tensor_apply<5>(lists, cs, [&](const Meta<5>& meta, int nb) {
+      multi_tensor_apply<6>(lists, cs, [&](const Meta<6>& meta, int nb) {
         adamw_kernel<scalar_t><<<nb, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
             meta, lr, beta1, beta2, eps, weight_decay, bc1, bc2s, maximize);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
