@@ -65,7 +65,12 @@ class L2SP:
             self.names.append(n)
             self.params.append(p)
             self.refs.append(r.detach().to(device=p.device, dtype=p.dtype, copy=True))
-        self.fisher = self._check_fisher(fisher or {})
+        self.set_fisher(fisher or {})
+
+    def set_fisher(self, fisher):
+        """Make this L2-SP-Fisher with `fisher` ({parameter name: per-element weights}; {} for plain L2-SP):
+        checked as the constructor's argument, used by the next penalty and optimizer step."""
+        self.fisher = self._check_fisher(fisher)
         self._set_coefficients()
 
     def _check_fisher(self, fisher):
@@ -129,8 +134,7 @@ class L2SP:
         for i, n in enumerate(self.names):
             self.refs[i].copy_(sd["refs"][n])
         self.alpha, self.beta = float(sd["alpha"]), float(sd["beta"])
-        self.fisher = self._check_fisher(sd.get("fisher", {}))
-        self._set_coefficients()
+        self.set_fisher(sd.get("fisher", {}))
 
 
 def estimate_fisher(model, batches, names=None, max_samples=None):

@@ -69,14 +69,15 @@ class Recipe:
         L2-SP-Fisher, its weights the Fisher diagonal of the source task on N source images."""
         if not self.with_l2sp:
             return None
-        fisher = None
+        reg = L2SP(net, alpha=self.cfg.l2sp_alpha, beta=self.cfg.l2sp_beta, head=self.new)
         if self.cfg.l2sp_fisher:
-            fisher = self.source_fisher(net, run)
-        return L2SP(net, alpha=self.cfg.l2sp_alpha, beta=self.cfg.l2sp_beta, head=self.new, fisher=fisher)
+            reg.set_fisher(self.source_fisher(net, run, set(reg.names)))
+        return reg
 
-    def source_fisher(self, net, run):
-        """{net parameter name: Fisher diagonal} of the pre-trained model (with its classifier) on the first
-        --l2sp_fisher source images and their labels: the source task's Fisher information."""
+    def source_fisher(self, net, run, penalised):
+        """{net parameter name: Fisher diagonal} for the `penalised` names, from the pre-trained model (with its
+        classifier) on the first --l2sp_fisher source images and their labels: the source task's Fisher
+        information."""
         import copy
 
         from tlkernels.nn import estimate_fisher
@@ -89,10 +90,7 @@ class Recipe:
         model = copy.deepcopy(run.backbone).to(run.device)
         batches = ([t.to(run.device) for t in data.take(run.source.train_eval, list(range(i, min(i + 64, n))))]
                    for i in range(0, n, 64))
-        names = {n for n, _ in net.named_parameters()}
-        fisher = {f"trunk.{k}": v for k, v in estimate_fisher(model, batches).items() if f"trunk.{k}" in names}
-        penalised = set(L2SP(net, head=self.new).names)
-        fisher = {k: v for k, v in fisher.items() if k in penalised}
+        fisher = {f"trunk.{k}": v for k, v in estimate_fisher(model, batches).items() if f"trunk.{k}" in penalised}
         if not fisher:
             raise SystemExit("tlkernels-train: --l2sp_fisher: no penalised tensor of this method's model is a tensor "
                              "of the pre-trained network (use it with l2sp)")
