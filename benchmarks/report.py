@@ -24,6 +24,7 @@ TARGETS = [
     ("test_bench_losses", r"^joint cross-entropy", "tlkernels", "naive", 1.5),
     ("test_bench_losses", r"^l2sp value\+grad resnet50", "tlkernels_autograd", "naive", 2.0),
     ("test_bench_losses", r"^l2sp value\+grad added into", "tlkernels", "naive", 5.0),
+    ("test_bench_losses", r"^l2sp-fisher value\+grad added into", "tlkernels", "naive", 5.0),
     ("test_bench_losses", r"^sgd momentum \+ l2sp", "tlkernels", "naive", 1.3),
     ("test_bench_methods", r"^spottune .* eval", "tlkernels", "naive", 1.7),
     ("test_bench_methods", r"^adafilter .* eval", "tlkernels", "naive", 1.6),
