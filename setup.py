@@ -43,6 +43,12 @@ if CUDA_HOME:
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", default_arch_list(torch))
 
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+from torch.utils import cpp_extension  # noqa: E402
+
+# The oldest CPython the extension supports: the Py_LIMITED_API value torch compiles it with
+# (py_limited_api=True), which python_requires and the wheel's abi3 tag then state.
+_hex = int(getattr(cpp_extension, "min_supported_cpython", "0x030A0000"), 16)
+MIN_PYTHON = (_hex >> 24, (_hex >> 16) & 0xFF)
 
 if CUDA_HOME and torch.version.cuda is None:
     CUDA_HOME, REASON = None, "installed torch is a CPU-only build"
@@ -84,10 +90,11 @@ setup(
     package_data={"tlkernels.triton": ["fitting_configs.json"]},  # the autotune configs that fit (data)
     ext_modules=get_extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=True)},
-    python_requires=">=3.10",
+    python_requires=f">={MIN_PYTHON[0]}.{MIN_PYTHON[1]}",
     install_requires=["torch==2.14.1", "torchvision==0.29.1", "numpy", "tqdm"],
     # the trainer's plots and demo data sets, and its --tensorboard log: pip install "tlkernels[train]"
     extras_require={"train": ["matplotlib", "scikit-learn", "mlxtend", "pillow", "tensorboard"]},
     entry_points={"console_scripts": ["tlkernels-train=tlkernels.train:main"]},
-    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+    # one stable-ABI wheel for every CPython from MIN_PYTHON on: the tag names the limited API it was built with
+    options={"bdist_wheel": {"py_limited_api": f"cp{MIN_PYTHON[0]}{MIN_PYTHON[1]}"}},
 )

@@ -7,24 +7,13 @@ against one plain F.conv2d with the same shape: the per-layer price of the gate.
     python benchmarks/adafilter_layers.py
 """
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 import torchvision
 
+from tlkernels._timing import call_times_ms
 from tlkernels.ops import gated_conv2d
-
-
-def median_ms(fn, reps=5):
-    fn()
-    fn()  # warm-up: scratch buffers and oneDNN primitives are created on first use
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def main():
@@ -34,7 +23,7 @@ def main():
     model = torchvision.models.resnet18(num_classes=10).eval()
     x = torch.randn(n, 3, 112, 112)
     with torch.no_grad():
-        print(f"plain resnet18 eval N={n} 112x112: {median_ms(lambda: model(x)):.1f} ms")
+        print(f"plain resnet18 eval N={n} 112x112: {statistics.median(call_times_ms(lambda: model(x), 5)):.1f} ms")
         # (C_in, C_out, input size, stride) of the 3x3 convs of layer1..layer4 at 112x112 input
         for cin, cout, hw, s in [(64, 64, 28, 1), (64, 128, 28, 2), (128, 128, 14, 1), (128, 256, 14, 2),
                                  (256, 256, 7, 1), (256, 512, 7, 2), (512, 512, 4, 1)]:
@@ -42,8 +31,8 @@ def main():
             wp, wf = torch.randn(cout, cin, 3, 3) * 0.05, torch.randn(cout, cin, 3, 3) * 0.05
             g = (torch.rand(n, cout) > 0.5).float()
             b = torch.randn(cout)
-            tg = median_ms(lambda: gated_conv2d(xx, wp, wf, g, b, b, stride=s, padding=1))
-            tc = median_ms(lambda: F.conv2d(xx, wf, b, stride=s, padding=1))
+            tg = statistics.median(call_times_ms(lambda: gated_conv2d(xx, wp, wf, g, b, b, stride=s, padding=1), 5))
+            tc = statistics.median(call_times_ms(lambda: F.conv2d(xx, wf, b, stride=s, padding=1), 5))
             print(f"{cin:>3}->{cout:<3} {hw:>2}x{hw:<2} stride {s}: gated {tg:6.2f} ms, conv2d {tc:6.2f} ms, "
                   f"gated / conv2d {tg / tc:.2f}")
 

@@ -7,23 +7,12 @@ well work splits over threads: the gap to one plain oneDNN convolution is the en
     python benchmarks/single_thread_512.py
 """
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
+from tlkernels._timing import call_times_ms
 from tlkernels.ops import gated_conv2d
-
-
-def timed(fn, reps=7):
-    fn()
-    fn()  # warm-up: per-thread scratch and oneDNN primitives are created on first use
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return min(times), statistics.median(times)
 
 
 def main():
@@ -43,7 +32,8 @@ def main():
     ]
     with torch.no_grad():
         for name, fn in providers:
-            lo, med = timed(fn)
+            times = call_times_ms(fn, 7)
+            lo, med = min(times), statistics.median(times)
             print(f"{name}: min {lo:.1f} ms, median {med:.1f} ms")
 
 

@@ -278,28 +278,9 @@ def check_devices(rep, device):
 
 # ----------------------------------------------------------------------------- speed
 def _timer(device):
-    if device.type == "cuda":
-        def t(fn, reps):
-            fn()
-            torch.cuda.synchronize(device)
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            for _ in range(reps):
-                fn()
-            e.record()
-            torch.cuda.synchronize(device)
-            return s.elapsed_time(e) / reps / 1e3
-        return t
-
-    def t(fn, reps):
-        fn()
-        best = float("inf")
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            best = min(best, time.perf_counter() - t0)
-        return best
-    return t
+    """Seconds of fn's fastest of `reps` calls on `device`."""
+    from tlkernels._timing import call_times_ms
+    return lambda fn, reps: min(call_times_ms(fn, reps, warmup=1, device=device)) / 1e3
 
 
 def bench(device, quick):
