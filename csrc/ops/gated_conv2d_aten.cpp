@@ -1,6 +1,6 @@
-// The gated convolution's exact strategies, written on ATen ops so that one code runs oneDNN on CPU tensors and
-// cuDNN on CUDA tensors (registered for both dispatch keys below; this file needs no nvcc), and the choice
-// among them.
+// The gated convolution's kernels for CPU and CUDA tensors and the choice among its exact strategies. The
+// strategies (gated_conv2d_forward.cpp, gated_conv2d_backward.cpp) are written on ATen ops so that one code
+// runs oneDNN on CPU tensors and cuDNN on CUDA tensors (registered for both dispatch keys below; no nvcc).
 //
 // y = (1-g)*conv(x,Wp) + g*conv(x,Wf) is linear in the weights, so several exact strategies exist:
 //  forward
@@ -34,7 +34,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <array>
 #include <chrono>
 #include <cstdlib>
 #include <mutex>
@@ -45,7 +44,7 @@
 
 #include "ops/cpu/gated_conv2d_mix.h"
 #include "ops/gated_conv2d.h"
-#include "ops/gated_conv2d_common.h"
+#include "ops/gated_conv2d_strategies.h"
 
 namespace tlkernels {
 namespace gconv {
@@ -59,236 +58,6 @@ constexpr int64_t kGroupedMinPixels = 784;
 // `auto` replaces the heuristic's strategy by one measured at most this fraction of its time.
 constexpr double kClearlyFaster = 0.85;
 
-// Effective forward gate, shape (N, C_out), dtype of the input. Hard gates are rounded (g >= 0.5); a NaN
-// gate stays NaN, so its outputs are NaN as in the blend formula of the reference.
-at::Tensor effective_gate(const at::Tensor& gate, int64_t C_out, bool hard) {
-  at::Tensor g = hard ? at::where(at::isnan(gate), gate, gate.ge(0.5).to(gate.scalar_type())) : gate;
-  if (g.dim() == 1) g = g.unsqueeze(1).expand({g.size(0), C_out});
-  return g.contiguous();
-}
-
-// True when every forward gate value is 0 or 1 (the routed and row-selecting paths need that); a hard gate
-// holding a NaN is not binary: it takes a blending path, which propagates the NaN.
-bool gate_is_binary(const at::Tensor& gate, bool hard) {
-  if (gate.numel() == 0) return true;
-  if (hard) return !at::isnan(gate).any().item<bool>();
-  return at::logical_or(gate.eq(0), gate.eq(1)).all().item<bool>();
-}
-
-// [Wp; Wf] arranged so that each group's output channels stay contiguous:
-// (G, C_out/G, ...) x 2 -> (G, 2, C_out/G, ...) -> (2*C_out, ...).
-at::Tensor concat_per_group(const at::Tensor& p, const at::Tensor& f, int64_t groups) {
-  auto sp = p.sizes().vec();
-  std::vector<int64_t> v{groups, 1, p.size(0) / groups};
-  v.insert(v.end(), sp.begin() + 1, sp.end());
-  auto out = at::cat({p.reshape(v), f.reshape(v)}, 1);
-  sp[0] *= 2;
-  return out.reshape(sp);
-}
-
-void routed_parts(const at::Tensor& g1d, at::Tensor& idx0, at::Tensor& idx1) {
-  auto sel = g1d.ge(0.5);
-  idx1 = at::nonzero(sel).squeeze(1);
-  idx0 = at::nonzero(sel.logical_not()).squeeze(1);
-}
-
-// Per-image blended weights (N*C_out, C_in/G, kH, kW) for the grouped formulation.
-at::Tensor blended_weights(const at::Tensor& wp, const at::Tensor& wf, const at::Tensor& g) {
-  const int64_t N = g.size(0), C = wp.size(0);
-  auto w = at::addcmul(wp.unsqueeze(0), g.view({N, C, 1, 1, 1}), (wf - wp).unsqueeze(0));
-  return w.view({N * C, wp.size(1), wp.size(2), wp.size(3)});
-}
-
-void forward_routed(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf, const at::Tensor& gate,
-                    const c10::optional<at::Tensor>& bp, const c10::optional<at::Tensor>& bf, const ConvArgs& a,
-                    at::Tensor& out) {
-  at::Tensor idx0, idx1;
-  routed_parts(gate, idx0, idx1);
-  if (idx1.numel() == x.size(0)) { out.copy_(conv(x, wf, bf, a)); return; }
-  if (idx0.numel() == x.size(0)) { out.copy_(conv(x, wp, bp, a)); return; }
-  out.index_copy_(0, idx0, conv(x.index_select(0, idx0), wp, bp, a));
-  out.index_copy_(0, idx1, conv(x.index_select(0, idx1), wf, bf, a));
-}
-
-void forward_blended(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf, const at::Tensor& g,
-                     const c10::optional<at::Tensor>& bp, const c10::optional<at::Tensor>& bf, const ConvArgs& a,
-                     at::Tensor& out) {
-  const bool any_bias = has(bp) || has(bf);
-  at::Tensor b0, db, bb;
-  if (any_bias) {
-    b0 = bias_or_zeros(bp, wp);
-    db = bias_or_zeros(bf, wp) - b0;
-    bb = at::empty_like(b0);
-  }
-  const at::Tensor dw = wf - wp;
-  at::Tensor wb = at::empty_like(wp);
-  for (int64_t b = 0; b < x.size(0); ++b) {
-    at::addcmul_out(wb, wp, g[b].view({wp.size(0), 1, 1, 1}), dw);
-    c10::optional<at::Tensor> bias;
-    if (any_bias) bias = at::addcmul_out(bb, b0, g[b], db);
-    out[b].copy_(conv(x.narrow(0, b, 1), wb, bias, a)[0]);
-  }
-}
-
-void forward_concat(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf, const at::Tensor& g,
-                    const c10::optional<at::Tensor>& bp, const c10::optional<at::Tensor>& bf, const ConvArgs& a,
-                    at::Tensor& out, at::Tensor* diff) {
-  const int64_t G = a.groups, C = wp.size(0), N = x.size(0);
-  c10::optional<at::Tensor> bias;
-  if (has(bp) || has(bf)) bias = concat_per_group(bias_or_zeros(bp, wp), bias_or_zeros(bf, wp), G);
-  auto y = conv(x, concat_per_group(wp, wf, G), bias, a);
-  y = y.view({N, G, 2, C / G, y.size(2), y.size(3)});
-  auto outv = out.view({N, G, C / G, out.size(2), out.size(3)});
-  at::lerp_out(outv, y.select(2, 0), y.select(2, 1), g.view({N, G, C / G, 1, 1}));
-  if (diff) {
-    *diff = at::empty_like(out);
-    auto dv = diff->view({N, G, C / G, out.size(2), out.size(3)});
-    at::sub_out(dv, y.select(2, 1), y.select(2, 0));
-  }
-}
-
-using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
-// Batched dot product over pixels: out[b, c] = sum_hw u[b, c] * v[b, c] (BLAS, no elementwise temporary).
-at::Tensor pixel_dot(const at::Tensor& u, const at::Tensor& v) {
-  const int64_t N = u.size(0), C = u.size(1), P = u.size(2) * u.size(3);
-  return at::bmm(u.contiguous().view({N * C, 1, P}), v.contiguous().view({N * C, P, 1})).view({N, C});
-}
-
-// The bias part of dL/dg: sum_hw dy * (bf - bp).
-at::Tensor gate_grad_bias(const at::Tensor& dy_sum, const c10::optional<at::Tensor>& bp,
-                          const c10::optional<at::Tensor>& bf, const at::Tensor& wp) {
-  return dy_sum * (bias_or_zeros(bf, wp) - bias_or_zeros(bp, wp)).unsqueeze(0);
-}
-
-// `gate` (N,) holds each image's binary gate; per_filter: the op's gate was (N, C_out) with equal rows, so
-// dL/dg stays per filter.
-Grads backward_routed(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf,
-                      const at::Tensor& gate, const c10::optional<at::Tensor>& bp,
-                      const c10::optional<at::Tensor>& bf, const ConvArgs& a, const std::array<bool, 6>& m,
-                      bool per_filter) {
-  at::Tensor idx0, idx1;
-  routed_parts(gate, idx0, idx1);
-  at::Tensor dx = m[0] ? at::zeros_like(x) : at::Tensor();
-  at::Tensor dW[2] = {at::zeros_like(wp), at::zeros_like(wf)};
-  at::Tensor dB[2] = {at::zeros({wp.size(0)}, wp.options()), at::zeros({wp.size(0)}, wp.options())};
-  const at::Tensor* W[2] = {&wp, &wf};
-  const at::Tensor* idx[2] = {&idx0, &idx1};
-  const bool need_w[2] = {m[1], m[2]}, need_b[2] = {m[4], m[5]};
-  for (int s = 0; s < 2; ++s) {
-    const int64_t n = idx[s]->numel();
-    if (n == 0 || !(m[0] || need_w[s] || need_b[s])) continue;
-    const bool all = n == x.size(0);
-    at::Tensor xs = all ? x : x.index_select(0, *idx[s]);
-    at::Tensor dys = all ? dy : dy.index_select(0, *idx[s]);
-    auto r = at::convolution_backward(dys, xs, *W[s], c10::nullopt, a.stride, a.padding, a.dilation, false,
-                                      {0, 0}, a.groups, {m[0], need_w[s], false});
-    if (m[0]) {
-      if (all) dx = std::get<0>(r);
-      else dx.index_copy_(0, *idx[s], std::get<0>(r));
-    }
-    if (need_w[s]) dW[s] = std::get<1>(r);
-    if (need_b[s]) dB[s] = dys.sum({0, 2, 3});
-  }
-  at::Tensor dg;
-  if (m[3]) {  // one conv with Wf - Wp; both branch outputs are never materialised
-    c10::optional<at::Tensor> db;
-    if (has(bp) || has(bf)) db = bias_or_zeros(bf, wp) - bias_or_zeros(bp, wp);
-    dg = pixel_dot(dy, conv(x, wf - wp, db, a));
-    if (!per_filter) dg = dg.sum(1);
-  }
-  return {dx, dW[0], dW[1], dg, dB[0], dB[1]};
-}
-
-Grads backward_grouped(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf,
-                       const at::Tensor& g, const ConvArgs& a, const std::array<bool, 6>& m) {
-  const int64_t N = x.size(0), C = wp.size(0), K = wp.numel() / C;
-  const bool need_dwb = m[1] || m[2] || m[3];
-  auto xg = x.contiguous().view({1, N * x.size(1), x.size(2), x.size(3)});
-  auto dyg = dy.contiguous().view({1, N * C, dy.size(2), dy.size(3)});
-  auto r = at::convolution_backward(dyg, xg, blended_weights(wp, wf, g), c10::nullopt, a.stride, a.padding,
-                                    a.dilation, false, {0, 0}, N * a.groups, {m[0], need_dwb, false});
-  at::Tensor dx, dwp, dwf, dg;
-  if (m[0]) dx = std::get<0>(r).view(x.sizes()).contiguous(x.suggest_memory_format());
-  if (need_dwb) {
-    const at::Tensor dwb = std::get<1>(r).view({N, C, K});  // per-image weight gradients
-    if (m[2]) dwf = at::einsum("nc,nck->ck", {g, dwb}).view(wf.sizes());
-    if (m[1]) dwp = at::einsum("nc,nck->ck", {1 - g, dwb}).view(wp.sizes());
-    if (m[3]) dg = at::einsum("nck,ck->nc", {dwb, (wf - wp).view({C, K})});
-  }
-  return {dx, dwp, dwf, dg, at::Tensor(), at::Tensor()};
-}
-
-Grads backward_general(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf,
-                       const at::Tensor& g, const c10::optional<at::Tensor>& bp,
-                       const c10::optional<at::Tensor>& bf, const at::Tensor& diff, const ConvArgs& a,
-                       const std::array<bool, 6>& m, bool blended, bool mix, bool wmix) {
-  const int64_t N = x.size(0), C = wp.size(0), G = a.groups;
-  at::Tensor dx, dwp, dwf, dg;
-  if (wmix) mix::weight_grads(dy, x, wp, wf, g, a, m[1], m[2], dwp, dwf, dg);  // dg without its bias part
-  if (m[0] && mix) {
-    dx = mix::input_grad(dy, x, wp, wf, g, a);
-  } else if (m[0] && blended) {
-    dx = at::empty_like(x);
-    const at::Tensor dw = wf - wp;
-    at::Tensor wb = at::empty_like(wp);
-    for (int64_t b = 0; b < N; ++b) {
-      at::addcmul_out(wb, wp, g[b].view({C, 1, 1, 1}), dw);
-      auto r = at::convolution_backward(dy.narrow(0, b, 1), x.narrow(0, b, 1), wb, c10::nullopt, a.stride,
-                                        a.padding, a.dilation, false, {0, 0}, G, {true, false, false});
-      dx[b].copy_(std::get<0>(r)[0]);
-    }
-  }
-  const bool both_w = !wmix && m[1] && m[2], dx_concat = m[0] && !blended && !mix;
-  if (dx_concat || both_w) {
-    // ((1-g) dy, g dy) interleaved per group: the output gradient of the concatenated conv.
-    auto dyv = dy.reshape({N, G, 1, C / G, dy.size(2), dy.size(3)});
-    auto gv = g.view({N, G, 1, C / G, 1, 1});
-    auto dyc = (dyv * at::cat({1 - gv, gv}, 2)).reshape({N, 2 * C, dy.size(2), dy.size(3)});
-    auto r = at::convolution_backward(dyc, x, concat_per_group(wp, wf, G), c10::nullopt, a.stride, a.padding,
-                                      a.dilation, false, {0, 0}, G, {dx_concat, both_w, false});
-    if (dx_concat) dx = std::get<0>(r);
-    if (both_w) {
-      auto dwc = std::get<1>(r).view({G, 2, C / G, wp.size(1), wp.size(2), wp.size(3)});
-      dwp = dwc.select(1, 0).reshape(wp.sizes());
-      dwf = dwc.select(1, 1).reshape(wf.sizes());
-    }
-  }
-  if (!wmix && !both_w && (m[1] || m[2])) {
-    const at::Tensor g4 = g.view({N, C, 1, 1});
-    auto r = at::convolution_backward(m[2] ? dy * g4 : dy * (1 - g4), x, m[2] ? wf : wp, c10::nullopt, a.stride,
-                                      a.padding, a.dilation, false, {0, 0}, G, {false, true, false});
-    (m[2] ? dwf : dwp) = std::get<1>(r);
-  }
-  if (m[3] && !wmix) {
-    if (diff.numel() == dy.numel()) {
-      dg = pixel_dot(dy, diff);  // diff saved by the forward already holds the bias difference
-    } else {
-      c10::optional<at::Tensor> db;
-      if (has(bp) || has(bf)) db = bias_or_zeros(bf, wp) - bias_or_zeros(bp, wp);
-      dg = pixel_dot(dy, conv(x, wf - wp, db, a));
-    }
-  }
-  return {dx, dwp, dwf, dg, at::Tensor(), at::Tensor()};
-}
-
-
-// Forward with the batch folded into groups: one grouped conv over per-image blended weights.
-void forward_grouped(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf, const at::Tensor& g,
-                     const c10::optional<at::Tensor>& bp, const c10::optional<at::Tensor>& bf, const ConvArgs& a,
-                     at::Tensor& out) {
-  const int64_t N = x.size(0), C = wp.size(0);
-  c10::optional<at::Tensor> bias;
-  if (has(bp) || has(bf)) {
-    const at::Tensor b0 = bias_or_zeros(bp, wp);
-    bias = at::addcmul(b0.unsqueeze(0), g, (bias_or_zeros(bf, wp) - b0).unsqueeze(0)).reshape({N * C});
-  }
-  auto y = conv(x.contiguous().view({1, N * x.size(1), x.size(2), x.size(3)}), blended_weights(wp, wf, g), bias, a,
-                N * a.groups);
-  out.copy_(y.view({N, C, y.size(2), y.size(3)}));
-}
-
-enum class Strategy { Routed, Mix, Blended, Grouped, Concat };
 constexpr const char* kNames[] = {"routed", "mix", "blended", "grouped", "concat"};
 
 struct Setting {
@@ -476,8 +245,7 @@ Grads gated_conv2d_backward(const at::Tensor& grad_output, const at::Tensor& inp
     return op.call(grad_output, input, weight_pre_in, weight_ft_in, gate, bias_pre, bias_ft, diff, stride, padding,
                    dilation, groups, hard, output_mask);
   }
-  std::array<bool, 6> m;
-  for (int i = 0; i < 6; ++i) m[i] = output_mask.get(i);
+  const GradMask m = GradMask::of(output_mask);
   const ConvArgs a{stride, padding, dilation, groups};
   const at::Tensor weight_pre = weight_pre_in.contiguous(), weight_ft = weight_ft_in.contiguous();  // (see forward)
   const at::Tensor& x = input;
@@ -511,23 +279,22 @@ Grads gated_conv2d_backward(const at::Tensor& grad_output, const at::Tensor& inp
         return backward_routed(dy, x, weight_pre, weight_ft, routed_gate, bias_pre, bias_ft, a, m, gate.dim() == 2);
       // With a gate gradient and no saved y_f - y_p, the mix engine's weight pass gives dWf, dWp and dL/dg
       // together (one weight-gradient's FLOPs instead of a weight gradient plus a conv with Wf - Wp).
-      const bool wmix = st == Strategy::Mix && m[3] && !has_diff;
+      const bool wmix = st == Strategy::Mix && m.gate && !has_diff;
       Grads q = st == Strategy::Grouped
                     ? backward_grouped(dy, x, weight_pre, weight_ft, g, a, m)
-                    : backward_general(dy, x, weight_pre, weight_ft, g, bias_pre, bias_ft, diff, a, m,
-                                       st == Strategy::Blended, st == Strategy::Mix, wmix);
-      const bool bias_in_dg = m[3] && (has(bias_pre) || has(bias_ft)) && (st == Strategy::Grouped || wmix);
-      if (m[4] || m[5] || bias_in_dg) {
+                    : backward_general(dy, x, weight_pre, weight_ft, g, bias_pre, bias_ft, diff, a, m, st, wmix);
+      const bool bias_in_dg = m.gate && (has(bias_pre) || has(bias_ft)) && (st == Strategy::Grouped || wmix);
+      if (m.bias_pre || m.bias_ft || bias_in_dg) {
         const at::Tensor sum = dy.sum({2, 3});
-        if (m[4]) std::get<4>(q) = (sum * (1 - g)).sum(0);
-        if (m[5]) std::get<5>(q) = (sum * g).sum(0);
+        if (m.bias_pre) std::get<4>(q) = (sum * (1 - g)).sum(0);
+        if (m.bias_ft) std::get<5>(q) = (sum * g).sum(0);
         if (bias_in_dg) std::get<3>(q) = std::get<3>(q) + gate_grad_bias(sum, bias_pre, bias_ft, weight_pre);
       }
-      if (m[3] && gate.dim() == 1) std::get<3>(q) = std::get<3>(q).sum(1);
+      if (m.gate && gate.dim() == 1) std::get<3>(q) = std::get<3>(q).sum(1);
       return q;
     };
     std::ostringstream mk;
-    for (bool b : m) mk << b;
+    for (int i = 0; i < 6; ++i) mk << m[i];
     mk << has_diff;
     const Strategy st = choose(s, cands, heuristic, on_cpu, call_key("bwd", x, weight_pre, gate, a, binary, mk.str()),
                                [&](Strategy c) { run(c); });

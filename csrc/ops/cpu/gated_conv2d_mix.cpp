@@ -214,13 +214,14 @@ at::Tensor input_grad(const at::Tensor& dy, const at::Tensor& x, const at::Tenso
 
 // dWp, dWf (as asked) and the weight part of dL/dg in one pass: mixgemm::run_wgrad.
 void weight_grads(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf,
-                  const at::Tensor& g, const ConvArgs& a, bool need_wp, bool need_wf, at::Tensor& dwp,
+                  const at::Tensor& g, const ConvArgs& a, const GradMask& m, at::Tensor& dwp,
                   at::Tensor& dwf, at::Tensor& dg) {
   const int64_t N = x.size(0), C = wp.size(0), K = wp.numel() / C;
   const Geometry q(x, wp, dy, a);
   const int64_t P = q.OH * q.OW;
   const at::Tensor G = padded_gates(g), dW = (wf - wp).contiguous();
   const at::Tensor dyc = dy.contiguous();  // [n][c][p] rows (dy arrives channels_last for such inputs)
+  const bool need_wp = m.weight_pre, need_wf = m.weight_ft;
   if (need_wp) dwp = at::zeros_like(wp, at::MemoryFormat::Contiguous);
   if (need_wf) dwf = at::zeros_like(wf, at::MemoryFormat::Contiguous);
   dg = at::zeros({N, C}, x.options().memory_format(at::MemoryFormat::Contiguous));
@@ -243,7 +244,7 @@ void weight_grads(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w
 #else
 bool applicable(const at::Tensor&, const ConvArgs&, int64_t) { return false; }
 void weight_grads(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                  const at::Tensor&, const ConvArgs&, bool, bool, at::Tensor&, at::Tensor&, at::Tensor&) {
+                  const at::Tensor&, const ConvArgs&, const GradMask&, at::Tensor&, at::Tensor&, at::Tensor&) {
   TORCH_CHECK(false, "gated_conv2d: internal error: AVX2 path unavailable");
 }
 void forward(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,

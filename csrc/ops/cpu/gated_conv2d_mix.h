@@ -4,7 +4,7 @@
 // gates on 4x4 maps, weight rows are selected): one convolution's FLOPs, no per-image library calls.
 #include <ATen/ATen.h>
 
-#include "ops/gated_conv2d_common.h"
+#include "ops/gated_conv2d_strategies.h"
 
 namespace tlkernels {
 namespace gconv {
@@ -22,10 +22,10 @@ void forward(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf, co
 // dx = conv_transpose(dy_n, (1 - g_n) Wp + g_n Wf) per image.
 at::Tensor input_grad(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf,
                       const at::Tensor& g, const ConvArgs& a);
-// dWp, dWf (as asked) and the weight part of dL/dg in one pass.
+// dWp, dWf (as m asks) and the weight part of dL/dg in one pass.
 void weight_grads(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf,
-                  const at::Tensor& g, const ConvArgs& a, bool need_wp, bool need_wf, at::Tensor& dwp,
-                  at::Tensor& dwf, at::Tensor& dg);
+                  const at::Tensor& g, const ConvArgs& a, const GradMask& m, at::Tensor& dwp, at::Tensor& dwf,
+                  at::Tensor& dg);
 
 }  // namespace mix
 }  // namespace gconv
