@@ -18,10 +18,8 @@ std::vector<int64_t> gated_conv2d_output_size(const at::Tensor& input, const at:
                                               at::IntArrayRef stride, at::IntArrayRef padding,
                                               at::IntArrayRef dilation) {
   std::vector<int64_t> out{input.size(0), weight.size(0)};
-  for (int d = 0; d < 2; ++d) {
-    const int64_t k = dilation[d] * (weight.size(d + 2) - 1) + 1;
-    out.push_back((input.size(d + 2) + 2 * padding[d] - k) / stride[d] + 1);
-  }
+  for (int d = 0; d < 2; ++d)
+    out.push_back(conv_output_dim(input.size(d + 2), weight.size(d + 2), stride[d], padding[d], dilation[d]));
   return out;
 }
 

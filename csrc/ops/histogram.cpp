@@ -5,6 +5,35 @@
 // tile, never the batch's full responses; counting is in integers, so results are deterministic.
 #include <torch/library.h>
 
+#include "ops/check.h"
+#include "ops/histogram.h"
+
+namespace tlkernels {
+
+HistogramShape check_filterbank_histogram_args(const at::Tensor& images, const at::Tensor& filters,
+                                               const at::Tensor& edges, at::IntArrayRef stride,
+                                               at::IntArrayRef padding) {
+  const char* op = "filterbank_histogram";
+  TORCH_CHECK(images.dim() == 4, op, ": images must be 4-D (N, C, H, W), got ", images.dim(), "-D");
+  TORCH_CHECK(filters.dim() == 4, op, ": filters must be 4-D (F, C, kh, kw), got ", filters.dim(), "-D");
+  TORCH_CHECK(filters.size(1) == images.size(1), op, ": filters must have C = ", images.size(1),
+              " input channels (the images'), got ", filters.size(1));
+  TORCH_CHECK(images.size(1) >= 1, op, ": images must have at least one channel, got shape ",
+              shape_str(images.sizes()));
+  TORCH_CHECK(edges.dim() == 2 && edges.size(0) == filters.size(0) && edges.size(1) >= 2, op,
+              ": edges must have shape (F, bins + 1) = (", filters.size(0), ", >= 2), got ", shape_str(edges.sizes()));
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && stride[0] >= 1 && stride[1] >= 1 && padding[0] >= 0 &&
+                  padding[1] >= 0,
+              op, ": stride must be >= 1 and padding >= 0 (2 values each)");
+  const int64_t OH = conv_output_dim(images.size(2), filters.size(2), stride[0], padding[0]);
+  const int64_t OW = conv_output_dim(images.size(3), filters.size(3), stride[1], padding[1]);
+  TORCH_CHECK(OH > 0 && OW > 0, op, ": images ", shape_str(images.sizes().slice(2)),
+              " are smaller than the filters ", shape_str(filters.sizes().slice(2)));
+  return {images.size(0), filters.size(0), edges.size(1) - 1, OH, OW};
+}
+
+}  // namespace tlkernels
+
 TORCH_LIBRARY_FRAGMENT(tlkernels, m) {
   m.def("filterbank_histogram(Tensor images, Tensor filters, Tensor edges, int[2] stride, int[2] padding) -> Tensor");
 }

@@ -17,6 +17,7 @@
 #include "ops/check.h"
 #include "ops/common/histogram_math.h"
 #include "ops/cpu/avx2.h"
+#include "ops/histogram.h"
 
 namespace tlkernels {
 namespace {
@@ -178,87 +179,60 @@ void separable_plane(const float* img, int64_t Hp, int64_t Wp, const SepComponen
   (void)fast;
 }
 
-at::Tensor filterbank_histogram_cpu(const at::Tensor& images, const at::Tensor& filters, const at::Tensor& edges,
-                                    at::IntArrayRef stride, at::IntArrayRef padding) {
-  const char* op = "filterbank_histogram";
-  TORCH_CHECK(images.dim() == 4, op, ": images must be 4-D (N, C, H, W), got ", images.dim(), "-D");
-  TORCH_CHECK(filters.dim() == 4, op, ": filters must be 4-D (F, C, kh, kw), got ", filters.dim(), "-D");
-  TORCH_CHECK(filters.size(1) == images.size(1), op, ": filters must have C = ", images.size(1),
-              " input channels (the images'), got ", filters.size(1));
-  TORCH_CHECK(images.size(1) >= 1, op, ": images must have at least one channel, got shape ",
-              shape_str(images.sizes()));
-  TORCH_CHECK(edges.dim() == 2 && edges.size(0) == filters.size(0) && edges.size(1) >= 2, op,
-              ": edges must have shape (F, bins + 1) = (", filters.size(0), ", >= 2), got ", shape_str(edges.sizes()));
-  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && stride[0] >= 1 && stride[1] >= 1 && padding[0] >= 0 &&
-                  padding[1] >= 0,
-              op, ": stride must be >= 1 and padding >= 0 (2 values each)");
-  const at::Tensor e = edges.to(at::kFloat).contiguous();
-  TORCH_CHECK((e.narrow(1, 1, e.size(1) - 1) > e.narrow(1, 0, e.size(1) - 1)).all().item<bool>(), op,
-              ": edges must be strictly increasing along each row");
-  const int64_t N = images.size(0), F = filters.size(0), nb = e.size(1) - 1;
-  const int64_t OH = (images.size(2) + 2 * padding[0] - filters.size(2)) / stride[0] + 1;
-  const int64_t OW = (images.size(3) + 2 * padding[1] - filters.size(3)) / stride[1] + 1;
-  TORCH_CHECK(OH > 0 && OW > 0, op, ": images ", shape_str(images.sizes().slice(2)),
-              " are smaller than the filters ", shape_str(filters.sizes().slice(2)));
-  at::Tensor out = at::zeros({N, F, nb}, images.options().dtype(at::kFloat));
-  if (N == 0 || F == 0) return out;
-  at::Tensor x = images.to(at::kFloat);
-  at::Tensor w = filters.to(at::kFloat).contiguous();
-  // Filters identical across input channels (a grey-level bank such as gabor_bank on RGB) act on the channel
-  // sum: conv(x, [w0, w0, w0]) = conv(x0 + x1 + x2, w0), a third of the work.
-  if (w.size(1) > 1 && at::equal(w, w.narrow(1, 0, 1).expand_as(w))) {
-    x = x.sum(1, /*keepdim=*/true);
-    w = w.narrow(1, 0, 1).contiguous();
+// Per channel, a lookup table over a uniform grid of [e1, e_{nb-1}]: cell -> bin of its left end (by the
+// shared bin_index), so binning is a multiply, a load and (rarely) a compare or two, not a binary search.
+// thr[c]: the first edge above the cell's first bin. When no cell holds two edges (`single`), a value's
+// bin is bin[c] + (v >= thr[c]): no loop, no branch.
+struct Lut {
+  float lo, inv;
+  std::vector<int32_t> bin;
+  std::vector<float> thr;
+  bool single = true;
+};
+
+Lut build_lut(const float* ef, int64_t nb) {
+  Lut L;
+  const float hi = nb > 2 ? ef[nb - 1] : ef[1] + 1.0f;
+  L.lo = ef[1];
+  L.inv = static_cast<float>(kLutCells) / std::max(hi - L.lo, 1e-30f);
+  L.bin.resize(kLutCells);
+  for (int64_t c = 0; c < kLutCells; ++c) {
+    const float left = L.lo + static_cast<float>(c) / L.inv;
+    int b = bin_index<float>(left, ef, static_cast<int>(nb));
+    while (b > 0 && left < ef[b]) --b;  // float rounding of `left`: never start past the true bin
+    L.bin[c] = b;
   }
-  const int64_t P = OH * OW;
-  const int64_t fchunk = std::max<int64_t>(1, std::min<int64_t>(F, kTileElems / P));
-  const int64_t nchunks = (F + fchunk - 1) / fchunk;
-  const float inv = 1.0f / static_cast<float>(P);
-  const float* ep = e.const_data_ptr<float>();
-  float* op_ = out.mutable_data_ptr<float>();
-  // Per channel, a lookup table over a uniform grid of [e1, e_{nb-1}]: cell -> bin of its left end (by the
-  // shared bin_index), so binning is a multiply, a load and (rarely) a compare or two, not a binary search.
-  // thr[c]: the first edge above the cell's first bin. When no cell holds two edges (`single`), a value's
-  // bin is bin[c] + (v >= thr[c]): no loop, no branch.
-  struct Lut {
-    float lo, inv;
-    std::vector<int32_t> bin;
-    std::vector<float> thr;
-    bool single = true;
-  };
-  std::vector<Lut> luts(F);
-  for (int64_t ch = 0; ch < F; ++ch) {
-    const float* ef = ep + ch * (nb + 1);
-    Lut& L = luts[ch];
-    const float hi = nb > 2 ? ef[nb - 1] : ef[1] + 1.0f;
-    L.lo = ef[1];
-    L.inv = static_cast<float>(kLutCells) / std::max(hi - L.lo, 1e-30f);
-    L.bin.resize(kLutCells);
-    for (int64_t c = 0; c < kLutCells; ++c) {
-      const float left = L.lo + static_cast<float>(c) / L.inv;
-      int b = bin_index<float>(left, ef, static_cast<int>(nb));
-      while (b > 0 && left < ef[b]) --b;  // float rounding of `left`: never start past the true bin
-      L.bin[c] = b;
-    }
-    L.thr.resize(kLutCells);
-    const float cell = 1.0f / L.inv;
-    for (int64_t c = 0; c < kLutCells; ++c) {
-      const int b = L.bin[c];
-      L.thr[c] = b + 1 <= nb - 1 ? ef[b + 1] : INFINITY;
-      // a second edge inside the cell (with a margin for the rounding of (v - lo) * inv): keep the loop
-      const float right = L.lo + static_cast<float>(c + 1) * cell + 0.01f * cell;
-      if (b + 2 <= nb - 1 && ef[b + 2] <= right) L.single = false;
-    }
+  L.thr.resize(kLutCells);
+  const float cell = 1.0f / L.inv;
+  for (int64_t c = 0; c < kLutCells; ++c) {
+    const int b = L.bin[c];
+    L.thr[c] = b + 1 <= nb - 1 ? ef[b + 1] : INFINITY;
+    // a second edge inside the cell (with a margin for the rounding of (v - lo) * inv): keep the loop
+    const float right = L.lo + static_cast<float>(c + 1) * cell + 0.01f * cell;
+    if (b + 2 <= nb - 1 && ef[b + 2] <= right) L.single = false;
   }
-  // Counts of one response plane rf (P values) of channel ch into cf (nb counters). Four interleaved
-  // sub-histograms: neighbouring pixels often share a bin, and increments of one counter serialise.
-  auto bin_plane = [&](int64_t ch, const float* rf, int32_t* cf) {
-    const float* ef = ep + ch * (nb + 1);
+  return L;
+}
+
+// The binning of one filter bank call: edges (F, nb + 1) and their lookup tables.
+struct Binner {
+  const float* edges;
+  int64_t nb;
+  std::vector<Lut> luts;
+
+  Binner(const at::Tensor& e) : edges(e.const_data_ptr<float>()), nb(e.size(1) - 1) {
+    for (int64_t ch = 0; ch < e.size(0); ++ch) luts.push_back(build_lut(edges + ch * (nb + 1), nb));
+  }
+
+  // Adds the counts of one response plane rf (np values) of channel ch into cf (nb counters). Four
+  // interleaved sub-histograms: neighbouring pixels often share a bin, and increments of one counter serialise.
+  void bin_plane(int64_t ch, const float* rf, int64_t np, int32_t* cf) const {
+    const float* ef = edges + ch * (nb + 1);
     const Lut& L = luts[ch];
     thread_local std::vector<int32_t> sub_tls;
     sub_tls.assign(4 * nb, 0);
     int32_t* const sub = sub_tls.data();  // (a plain pointer: no TLS lookup inside the loop)
-    const int64_t np = P, nbins = nb;
+    const int64_t nbins = nb;
     if (L.single) {
       const float e1 = ef[1], top = ef[nb - 1], lo = L.lo, linv = L.inv, cmax = static_cast<float>(kLutCells - 1);
       const int32_t* bins = L.bin.data();
@@ -302,43 +276,56 @@ at::Tensor filterbank_histogram_cpu(const at::Tensor& images, const at::Tensor& 
       }
     }
     for (int64_t b = 0; b < nbins; ++b) cf[b] += sub[b] + sub[nbins + b] + sub[2 * nbins + b] + sub[3 * nbins + b];
-  };
-  const std::vector<SepComponent> comps = separable_components(w, stride);
-  if (!comps.empty()) {
-    // Work item = one image, copied into a zero-bordered buffer of this thread, then filter by filter
-    // (components are grouped by filter). Extra memory: three planes per thread.
-    const int64_t H = images.size(2), W = images.size(3);
-    const int64_t Hp = H + 2 * padding[0], Wp = W + 2 * padding[1];
-    const at::Tensor xc = x.contiguous();
-    const float* xcp = xc.const_data_ptr<float>();
-    at::parallel_for(0, N, 1, [&](int64_t nb0, int64_t ne) {
-      std::vector<float> pimg(Hp * Wp, 0.0f), hbuf(Hp * OW), plane(P);
-      std::vector<int32_t> counts(nb);
-      for (int64_t n = nb0; n < ne; ++n) {
-        for (int64_t y = 0; y < H; ++y)
-          std::memcpy(pimg.data() + (y + padding[0]) * Wp + padding[1], xcp + (n * H + y) * W, sizeof(float) * W);
-        const float* img = pimg.data();
-        size_t c0 = 0;
-        for (int64_t f = 0; f < F; ++f) {
-          size_t c1 = c0;
-          while (c1 < comps.size() && comps[c1].f == f) ++c1;
-          if (c1 > c0) {
-            separable_plane(img, Hp, Wp, comps.data() + c0, comps.data() + c1, hbuf.data(), plane.data(), OH, OW);
-          } else {
-            std::fill(plane.begin(), plane.end(), 0.0f);  // an all-zero filter
-          }
-          c0 = c1;
-          std::fill(counts.begin(), counts.end(), 0);
-          bin_plane(f, plane.data(), counts.data());
-          float* of = op_ + (n * F + f) * nb;
-          for (int64_t b = 0; b < nb; ++b) of[b] = static_cast<float>(counts[b]) * inv;
-        }
-      }
-    });
-    return out;
   }
-  // Items run in parallel; the conv inside each runs single-threaded (we are already in a parallel region).
-  at::parallel_for(0, N * nchunks, 1, [&](int64_t ib, int64_t ie) {
+
+  // out row = counts / P (each response pixel adds 1/P).
+  void write(const int32_t* counts, int64_t P, float* out_row) const {
+    const float inv = 1.0f / static_cast<float>(P);
+    for (int64_t b = 0; b < nb; ++b) out_row[b] = static_cast<float>(counts[b]) * inv;
+  }
+};
+
+// Separable path. Work item = one image, copied into a zero-bordered buffer of this thread, then filter by
+// filter (components are grouped by filter). Extra memory: three planes per thread.
+void histogram_separable(const at::Tensor& x, const std::vector<SepComponent>& comps, const Binner& bins,
+                         const HistogramShape& sh, at::IntArrayRef padding, float* out) {
+  const int64_t H = x.size(2), W = x.size(3), OH = sh.OH, OW = sh.OW, P = OH * OW, F = sh.F, nb = sh.bins;
+  const int64_t Hp = H + 2 * padding[0], Wp = W + 2 * padding[1];
+  const at::Tensor xc = x.contiguous();
+  const float* xcp = xc.const_data_ptr<float>();
+  at::parallel_for(0, sh.N, 1, [&](int64_t nb0, int64_t ne) {
+    std::vector<float> pimg(Hp * Wp, 0.0f), hbuf(Hp * OW), plane(P);
+    std::vector<int32_t> counts(nb);
+    for (int64_t n = nb0; n < ne; ++n) {
+      for (int64_t y = 0; y < H; ++y)
+        std::memcpy(pimg.data() + (y + padding[0]) * Wp + padding[1], xcp + (n * H + y) * W, sizeof(float) * W);
+      size_t c0 = 0;
+      for (int64_t f = 0; f < F; ++f) {
+        size_t c1 = c0;
+        while (c1 < comps.size() && comps[c1].f == f) ++c1;
+        if (c1 > c0) {
+          separable_plane(pimg.data(), Hp, Wp, comps.data() + c0, comps.data() + c1, hbuf.data(), plane.data(), OH,
+                          OW);
+        } else {
+          std::fill(plane.begin(), plane.end(), 0.0f);  // an all-zero filter
+        }
+        c0 = c1;
+        std::fill(counts.begin(), counts.end(), 0);
+        bins.bin_plane(f, plane.data(), P, counts.data());
+        bins.write(counts.data(), P, out + (n * F + f) * nb);
+      }
+    }
+  });
+}
+
+// Direct path. Work item = (image, chunk of filters): one small oneDNN conv, run single-threaded (the items
+// already run in parallel), gives that tile of responses, binned at once; tiles of at most kTileElems floats.
+void histogram_direct(const at::Tensor& x, const at::Tensor& w, const Binner& bins, const HistogramShape& sh,
+                      at::IntArrayRef stride, at::IntArrayRef padding, float* out) {
+  const int64_t P = sh.OH * sh.OW, F = sh.F, nb = sh.bins;
+  const int64_t fchunk = std::max<int64_t>(1, std::min<int64_t>(F, kTileElems / P));
+  const int64_t nchunks = (F + fchunk - 1) / fchunk;
+  at::parallel_for(0, sh.N * nchunks, 1, [&](int64_t ib, int64_t ie) {
     std::vector<int32_t> counts(fchunk * nb);
     for (int64_t it = ib; it < ie; ++it) {
       const int64_t n = it / nchunks, f0 = (it % nchunks) * fchunk, fc = std::min(fchunk, F - f0);
@@ -347,12 +334,35 @@ at::Tensor filterbank_histogram_cpu(const at::Tensor& images, const at::Tensor& 
       std::fill(counts.begin(), counts.end(), 0);
       for (int64_t f = 0; f < fc; ++f) {
         int32_t* cf = counts.data() + f * nb;
-        bin_plane(f0 + f, rp + f * P, cf);
-        float* of = op_ + (n * F + f0 + f) * nb;
-        for (int64_t b = 0; b < nb; ++b) of[b] = static_cast<float>(cf[b]) * inv;
+        bins.bin_plane(f0 + f, rp + f * P, P, cf);
+        bins.write(cf, P, out + (n * F + f0 + f) * nb);
       }
     }
   });
+}
+
+at::Tensor filterbank_histogram_cpu(const at::Tensor& images, const at::Tensor& filters, const at::Tensor& edges,
+                                    at::IntArrayRef stride, at::IntArrayRef padding) {
+  const HistogramShape sh = check_filterbank_histogram_args(images, filters, edges, stride, padding);
+  const at::Tensor e = edges.to(at::kFloat).contiguous();
+  TORCH_CHECK((e.narrow(1, 1, e.size(1) - 1) > e.narrow(1, 0, e.size(1) - 1)).all().item<bool>(),
+              "filterbank_histogram: edges must be strictly increasing along each row");
+  at::Tensor out = at::zeros({sh.N, sh.F, sh.bins}, images.options().dtype(at::kFloat));
+  if (sh.N == 0 || sh.F == 0) return out;
+  at::Tensor x = images.to(at::kFloat);
+  at::Tensor w = filters.to(at::kFloat).contiguous();
+  // Filters identical across input channels (a grey-level bank such as gabor_bank on RGB) act on the channel
+  // sum: conv(x, [w0, w0, w0]) = conv(x0 + x1 + x2, w0), a third of the work.
+  if (w.size(1) > 1 && at::equal(w, w.narrow(1, 0, 1).expand_as(w))) {
+    x = x.sum(1, /*keepdim=*/true);
+    w = w.narrow(1, 0, 1).contiguous();
+  }
+  const Binner bins(e);
+  const std::vector<SepComponent> comps = separable_components(w, stride);
+  if (!comps.empty())
+    histogram_separable(x, comps, bins, sh, padding, out.mutable_data_ptr<float>());
+  else
+    histogram_direct(x, w, bins, sh, stride, padding, out.mutable_data_ptr<float>());
   return out;
 }
 

@@ -10,6 +10,7 @@
 
 #include "ops/check.h"
 #include "ops/common/histogram_math.h"
+#include "ops/histogram.h"
 
 namespace tlkernels {
 namespace {
@@ -36,24 +37,13 @@ __global__ void bin_rows_kernel(const float* __restrict__ r, const float* __rest
 
 at::Tensor filterbank_histogram_cuda(const at::Tensor& images, const at::Tensor& filters, const at::Tensor& edges,
                                      at::IntArrayRef stride, at::IntArrayRef padding) {
-  const char* op = "filterbank_histogram";
-  TORCH_CHECK(images.dim() == 4 && filters.dim() == 4, op, ": images and filters must be 4-D");
-  TORCH_CHECK(filters.size(1) == images.size(1), op, ": filters must have C = ", images.size(1),
-              " input channels, got ", filters.size(1));
-  TORCH_CHECK(edges.dim() == 2 && edges.size(0) == filters.size(0) && edges.size(1) >= 2, op,
-              ": edges must have shape (F, bins + 1), got ", shape_str(edges.sizes()));
-  const int64_t nb = edges.size(1) - 1;
-  TORCH_CHECK(nb <= kMaxBins, op, ": at most ", kMaxBins, " bins on CUDA, got ", nb);
+  const HistogramShape sh = check_filterbank_histogram_args(images, filters, edges, stride, padding);
+  const int64_t N = sh.N, F = sh.F, nb = sh.bins, OH = sh.OH, OW = sh.OW;
+  TORCH_CHECK(nb <= kMaxBins, "filterbank_histogram: at most ", kMaxBins, " bins on CUDA, got ", nb);
   const c10::cuda::CUDAGuard guard(images.device());
   const at::Tensor e = edges.to(at::kFloat).contiguous();
   const at::Tensor w = filters.to(at::kFloat).contiguous();
-  const int64_t N = images.size(0), F = filters.size(0);
-  const int64_t OH = (images.size(2) + 2 * padding[0] - filters.size(2)) / stride[0] + 1;
-  const int64_t OW = (images.size(3) + 2 * padding[1] - filters.size(3)) / stride[1] + 1;
-  TORCH_CHECK(OH > 0 && OW > 0, op, ": images are smaller than the filters");
   at::Tensor out = at::zeros({N, F, nb}, images.options().dtype(at::kFloat));
-  TORCH_CHECK(images.size(1) >= 1, op, ": images must have at least one channel, got shape ",
-              shape_str(images.sizes()));
   if (N == 0 || F == 0) return out;  // (the tile size below divides by F)
   const int64_t P = OH * OW;
   const int64_t tile = std::max<int64_t>(1, kTileElems / (F * P));

@@ -1,0 +1,18 @@
+#pragma once
+// Argument checks of filterbank_histogram, shared by the CPU and CUDA kernels (csrc/ops/histogram.cpp).
+#include <ATen/ATen.h>
+
+namespace tlkernels {
+
+struct HistogramShape {
+  int64_t N, F, bins, OH, OW;  // images, filters, bins per histogram, response map size
+};
+
+// Shapes, stride and padding (errors name the op and the argument); returns the sizes the kernels use. The
+// kernels check what only they can afford (the CPU kernel: edges strictly increasing, a host read; the CUDA
+// kernel: the shared-memory bin limit).
+HistogramShape check_filterbank_histogram_args(const at::Tensor& images, const at::Tensor& filters,
+                                               const at::Tensor& edges, at::IntArrayRef stride,
+                                               at::IntArrayRef padding);
+
+}  // namespace tlkernels
