@@ -90,9 +90,33 @@ def test_every_python_fallback_schema_equals_the_cpp_one():
     import torch
 
     import tlkernels
-    from tlkernels.ops._registry import FALLBACK_SCHEMAS
+    from tlkernels.ops._registry import OPS
     assert tlkernels.HAS_C, tlkernels.extension_status()
-    cpp_defined = [n for n in FALLBACK_SCHEMAS if not n.endswith("_triton")]  # (the Triton ops exist in Python only)
-    assert len(cpp_defined) >= 10, sorted(FALLBACK_SCHEMAS)
-    for name, schema in FALLBACK_SCHEMAS.items():
+    # (the Triton ops exist in Python only; schema None: an op of the compiled library only)
+    cpp_defined = {n: i.schema for n, i in OPS.items() if not n.endswith("_triton") and i.schema is not None}
+    assert len(cpp_defined) >= 10, sorted(OPS)
+    for name, schema in cpp_defined.items():
         assert getattr(torch.ops.tlkernels, name).default._schema == torch._C.parse_schema("tlkernels::" + schema), name
+
+
+def test_every_op_is_registered_with_all_its_pieces():
+    """Every tlkernels op the dispatcher knows went through register_op (schema, CUDA path, fake, autograd,
+    mutation stated), and what it states holds in the dispatcher."""
+    import torch
+
+    import tlkernels  # noqa: F401
+    from tlkernels.ops._registry import OPS
+    diagnostics = {"_gated_conv2d_last_strategies", "_intra_op_threads"}  # (internal, no tensors)
+    defined = {n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("tlkernels::")}
+    assert defined - diagnostics - set(OPS) == set(), "registered without register_op"
+    for name, info in OPS.items():
+        q = f"tlkernels::{name}"
+        assert info.fake and torch._library.simple_registry.singleton.find(q).fake_impl.kernel is not None, name
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(q, "CUDA") or info.cuda == "fallback", name
+        if info.autograd != "none":
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(q, "Autograd"), name
+        writes = any(a.alias_info is not None and a.alias_info.is_write for a in
+                     getattr(torch.ops.tlkernels, name).default._schema.arguments)
+        assert writes == info.mutates, name
+        if writes:
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(q, "ADInplaceOrView"), name

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from tlkernels._extension import use_reference
-from tlkernels.ops._registry import ensure_op, op, register_gpu
+from tlkernels.ops._registry import TRITON, op, register_op
 from tlkernels.ops._utils import check_tensor, fail
 
 SCHEMA = ("cross_entropy(Tensor logits, Tensor target, Tensor? sample_weight, int ignore_index, int reduction, "
@@ -67,11 +67,6 @@ def _triton_impl(*args):
     return cross_entropy_forward(*args)
 
 
-ensure_op("cross_entropy", SCHEMA, _ref_impl)
-register_gpu("cross_entropy", _triton_impl, _ref_impl)
-
-
-@torch.library.register_fake("tlkernels::cross_entropy")
 def _fake(logits, target, sample_weight, ignore_index, reduction, scale, compute_grad):
     loss = logits.new_empty((logits.shape[0],) if reduction == 0 else ())
     return loss, (torch.empty_like(logits, memory_format=torch.contiguous_format) if compute_grad
@@ -96,11 +91,6 @@ def _joint_impl(single):
     return impl
 
 
-ensure_op("joint_cross_entropy", JOINT_SCHEMA, _joint_impl(_ref_impl))
-register_gpu("joint_cross_entropy", _joint_impl(_triton_impl), _joint_impl(_ref_impl))
-
-
-@torch.library.register_fake("tlkernels::joint_cross_entropy")
 def _joint_fake(tl, ty, tw, sl, sy, sw, ignore_index, reduction, target_weight, source_weight, compute_grad):
     def grad(x):
         return torch.empty_like(x, memory_format=torch.contiguous_format) if compute_grad else x.new_empty(0)
@@ -143,13 +133,13 @@ def _backward(ctx, grad_loss, _grad_grad):
     return g * scale.to(g.dtype), None, None, None, None, None, None
 
 
-# The compiled library registers both ops' autograd in C++ (csrc/ops/cross_entropy_autograd.cpp: a Python
-# autograd node cost as much as the kernels at typical sizes); these Python twins serve the fallback.
-if not torch._C._dispatch_has_kernel_for_dispatch_key("tlkernels::cross_entropy", "Autograd"):
-    torch.library.register_autograd("tlkernels::cross_entropy", _backward, setup_context=_setup_context)
-if not torch._C._dispatch_has_kernel_for_dispatch_key("tlkernels::joint_cross_entropy", "Autograd"):
-    torch.library.register_autograd("tlkernels::joint_cross_entropy", _joint_backward,
-                                    setup_context=_joint_setup_context)
+# CUDA tensors: the Triton kernels. Autograd: the compiled library registers both ops' in C++
+# (csrc/ops/cross_entropy_autograd.cpp: a Python autograd node cost as much as the kernels at typical sizes);
+# these Python twins serve the fallback.
+register_op("cross_entropy", SCHEMA, _ref_impl, cuda=TRITON, triton=_triton_impl, fake=_fake,
+            autograd=(_backward, _setup_context))
+register_op("joint_cross_entropy", JOINT_SCHEMA, _joint_impl(_ref_impl), cuda=TRITON,
+            triton=_joint_impl(_triton_impl), fake=_joint_fake, autograd=(_joint_backward, _joint_setup_context))
 
 
 def _check(opname, logits, target, sample_weight, reduction, name="logits", tname="target"):

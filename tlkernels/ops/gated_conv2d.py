@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch._prims_common import suggest_memory_format
 
 from tlkernels._extension import use_reference
-from tlkernels.ops._registry import HAS_C, ensure_op, op, register_gpu
+from tlkernels.ops._registry import COMPILED, EVERYWHERE, op, register_op
 from tlkernels.ops._utils import autocast_casts, check_tensor, conv_output_hw, fail, pair
 
 OP = "gated_conv2d"
@@ -91,10 +91,6 @@ def _reference_backward(grad_output, input, weight_pre, weight_ft, gate, bias_pr
 
 
 # ----------------------------------------------------------------------------- registration
-ensure_op("gated_conv2d", SCHEMA, _reference_forward)
-ensure_op("gated_conv2d_backward", BACKWARD_SCHEMA, _reference_backward)
-
-
 def _triton_forward(*args):
     from tlkernels.triton.gated_conv2d import gated_conv2d_forward
     return gated_conv2d_forward(*args)
@@ -103,17 +99,6 @@ def _triton_forward(*args):
 def _triton_backward(*args):
     from tlkernels.triton.gated_conv2d import gated_conv2d_backward
     return gated_conv2d_backward(*args)
-
-
-# The Triton kernels as ops of their own, which the C++ kernels call under TLKERNELS_GATED_CONV=triton (CUDA
-# tensors; CPU tensors run them in Triton's interpreter). Without the compiled library there is no strategy
-# choice: CUDA tensors then take the Triton kernels when Triton is importable, else the reference.
-for _name, _schema, _impl in (("gated_conv2d_triton", SCHEMA, _triton_forward),
-                              ("gated_conv2d_backward_triton", BACKWARD_SCHEMA, _triton_backward)):
-    ensure_op(_name, _schema.replace(_schema.split("(", 1)[0], _name, 1), _impl)
-if not HAS_C:
-    register_gpu("gated_conv2d", _triton_forward, _reference_forward)
-    register_gpu("gated_conv2d_backward", _triton_backward, _reference_backward)
 
 
 STRATEGIES = ("auto", "heuristic", "routed", "mix", "blended", "grouped", "concat", "triton", "reference")
@@ -132,8 +117,6 @@ def output_size(input, weight, stride, padding, dilation):
     return [input.shape[0], weight.shape[0]] + conv_output_hw(input, weight, stride, padding, dilation)
 
 
-@torch.library.register_fake("tlkernels::gated_conv2d")
-@torch.library.register_fake("tlkernels::gated_conv2d_triton")
 def _fake_forward(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, stride, padding, dilation, groups,
                   hard, save_diff):
     sizes = output_size(input, weight_pre, stride, padding, dilation)
@@ -141,8 +124,6 @@ def _fake_forward(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, stride,
     return y, (torch.empty_like(y) if save_diff else input.new_empty(0))
 
 
-@torch.library.register_fake("tlkernels::gated_conv2d_backward")
-@torch.library.register_fake("tlkernels::gated_conv2d_backward_triton")
 def _fake_backward(grad_output, input, weight_pre, weight_ft, gate, bias_pre, bias_ft, diff, stride, padding,
                    dilation, groups, hard, output_mask):
     likes = [input, weight_pre, weight_ft, gate, bias_pre, bias_ft]
@@ -168,7 +149,18 @@ def _backward(ctx, grad_output, _grad_diff):
     return tuple(g if m else None for g, m in zip(grads, mask)) + (None,) * 6
 
 
-torch.library.register_autograd("tlkernels::gated_conv2d", _backward, setup_context=_setup_context)
+# CUDA tensors: the compiled library's device-generic strategies (cuDNN), the Triton kernels only by choice
+# (TLKERNELS_GATED_CONV=triton); without the compiled library, the Triton kernels when importable.
+register_op("gated_conv2d", SCHEMA, _reference_forward, cuda=COMPILED, triton=_triton_forward, fake=_fake_forward,
+            autograd=(_backward, _setup_context))
+register_op("gated_conv2d_backward", BACKWARD_SCHEMA, _reference_backward, cuda=COMPILED, triton=_triton_backward,
+            fake=_fake_backward)
+# The Triton kernels as ops of their own, which the C++ kernels call under TLKERNELS_GATED_CONV=triton (CUDA
+# tensors; CPU tensors run them in Triton's interpreter).
+for _name, _schema, _impl, _fake in (("gated_conv2d_triton", SCHEMA, _triton_forward, _fake_forward),
+                                     ("gated_conv2d_backward_triton", BACKWARD_SCHEMA, _triton_backward,
+                                      _fake_backward)):
+    register_op(_name, _schema.replace(_schema.split("(", 1)[0], _name, 1), _impl, cuda=EVERYWHERE, fake=_fake)
 
 
 # ----------------------------------------------------------------------------- public API

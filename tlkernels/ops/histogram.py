@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from tlkernels._extension import use_reference
-from tlkernels.ops._registry import ensure_op, op, register_gpu_fallback
+from tlkernels.ops._registry import COMPILED, op, register_op
 from tlkernels.ops._utils import check_tensor, fail, pair
 
 SCHEMA = "filterbank_histogram(Tensor images, Tensor filters, Tensor edges, int[2] stride, int[2] padding) -> Tensor"
@@ -34,13 +34,13 @@ def _gpu_impl(images, filters, edges, stride, padding):
     return filterbank_histogram_forward(images, filters, edges, stride, padding)
 
 
-ensure_op("filterbank_histogram", SCHEMA, _ref_impl)
-register_gpu_fallback("filterbank_histogram", _ref_impl, _gpu_impl)  # CUDA C++ kernel first when built
-
-
-@torch.library.register_fake("tlkernels::filterbank_histogram")
 def _fake(images, filters, edges, stride, padding):
     return images.new_empty((images.shape[0], filters.shape[0], edges.shape[1] - 1), dtype=torch.float32)
+
+
+# CUDA tensors: the compiled CUDA kernel (csrc/ops/cuda/histogram_cuda.cu), else the Triton kernel. Counts, no
+# derivative.
+register_op("filterbank_histogram", SCHEMA, _ref_impl, cuda=COMPILED, triton=_gpu_impl, fake=_fake)
 
 
 def check_edges(opname, edges, n_filters):

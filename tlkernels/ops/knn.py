@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from tlkernels._extension import use_reference
-from tlkernels.ops._registry import bump_versions_of_mutated_args, has_op, op
+from tlkernels.ops._registry import EVERYWHERE, has_op, op, register_op
 from tlkernels.ops._utils import fail
 
 METRICS = ("skl", "kl", "l2", "ip")
@@ -126,20 +126,20 @@ def _fused_expand(p):
             and not use_reference())
 
 
-if has_op("knn_expand_skl_"):
-    bump_versions_of_mutated_args("knn_expand_skl_")  # it writes `out` through a data pointer
-
-    @torch.library.register_fake("tlkernels::knn_expand_skl_")
-    def _fake_expand(p, w, eps, out):
-        return p.new_empty(p.shape[0])
+def _fake_expand(p, w, eps, out):
+    return p.new_empty(p.shape[0])
 
 
-if has_op("knn_select_chunk"):
-    @torch.library.register_fake("tlkernels::knn_select_chunk")
-    def _fake_select(cross, row_c, col_c, scale, best_d, best_i, base, k, bits):
-        # the k best of the previous lists (kb columns) and this chunk's m candidates
-        kout = min(k, best_d.shape[1] + cross.shape[1])
-        return cross.new_empty((cross.shape[0], kout)), best_i.new_empty((cross.shape[0], kout))
+def _fake_select(cross, row_c, col_c, scale, best_d, best_i, base, k, bits):
+    # the k best of the previous lists (kb columns) and this chunk's m candidates
+    kout = min(k, best_d.shape[1] + cross.shape[1])
+    return cross.new_empty((cross.shape[0], kout)), best_i.new_empty((cross.shape[0], kout))
+
+
+# The CPU fast paths of knn_search (csrc/ops/cpu/knn_kernel.cpp): ops of the compiled library only (no schema
+# here; knn_search takes the pure-PyTorch path without them), no derivative. knn_expand_skl_ writes `out`.
+register_op("knn_expand_skl_", None, None, cuda=EVERYWHERE, fake=_fake_expand, mutates=True)
+register_op("knn_select_chunk", None, None, cuda=EVERYWHERE, fake=_fake_select)
 
 
 def _chunk_topk(d, k, base):

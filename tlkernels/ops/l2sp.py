@@ -9,7 +9,7 @@ allocates nothing and is one pass over p, p0 and the gradient.
 import torch
 
 from tlkernels._extension import use_reference
-from tlkernels.ops._registry import bump_versions_of_mutated_args, ensure_op, op, register_gpu_fallback
+from tlkernels.ops._registry import COMPILED, op, register_op
 from tlkernels.ops._utils import fail
 
 SCHEMAS = {
@@ -75,15 +75,6 @@ def _ref_value_and_grad_inplace(params, refs, weights, alpha, new_params, beta, 
     return v
 
 
-for _name, _impl in (("l2sp_penalty", _ref_penalty), ("l2sp_penalty_backward", _ref_backward),
-                     ("l2sp_value_and_grad", _ref_value_and_grad),
-                     ("l2sp_value_and_grad_", _ref_value_and_grad_inplace)):
-    ensure_op(_name, SCHEMAS[_name], _impl)
-    register_gpu_fallback(_name, _impl)
-bump_versions_of_mutated_args("l2sp_value_and_grad_")
-
-
-@torch.library.register_fake("tlkernels::l2sp_penalty")
 def _fake_penalty(params, refs, weights, alpha, new_params, beta):
     dev = (list(params) + list(new_params))[0].device if (params or new_params) else torch.device("cpu")
     return torch.empty((), dtype=_out_dtype(params, new_params), device=dev)
@@ -94,17 +85,14 @@ def _fake_grads(params, new_params):
     return [torch.empty_like(p) for p in params], [torch.empty_like(q) for q in new_params]
 
 
-@torch.library.register_fake("tlkernels::l2sp_penalty_backward")
 def _fake_backward(grad, params, refs, weights, alpha, new_params, beta):
     return _fake_grads(params, new_params)
 
 
-@torch.library.register_fake("tlkernels::l2sp_value_and_grad")
 def _fake_value_and_grad(params, refs, weights, alpha, new_params, beta):
     return (_fake_penalty(params, refs, weights, alpha, new_params, beta), *_fake_grads(params, new_params))
 
 
-@torch.library.register_fake("tlkernels::l2sp_value_and_grad_")
 def _fake_value_and_grad_inplace(params, refs, weights, alpha, new_params, beta, grads, new_grads):
     return _fake_penalty(params, refs, weights, alpha, new_params, beta)
 
@@ -129,7 +117,15 @@ def _backward(ctx, grad):
     return list(gp), [None] * n, no_grad_weights, None, list(gn), None
 
 
-torch.library.register_autograd("tlkernels::l2sp_penalty", _backward, setup_context=_setup_context)
+# CUDA tensors: the compiled multi-tensor kernels (csrc/ops/cuda/l2sp_cuda.cu), else the fallback.
+register_op("l2sp_penalty", SCHEMAS["l2sp_penalty"], _ref_penalty, cuda=COMPILED, fake=_fake_penalty,
+            autograd=(_backward, _setup_context))
+register_op("l2sp_penalty_backward", SCHEMAS["l2sp_penalty_backward"], _ref_backward, cuda=COMPILED,
+            fake=_fake_backward)
+register_op("l2sp_value_and_grad", SCHEMAS["l2sp_value_and_grad"], _ref_value_and_grad, cuda=COMPILED,
+            fake=_fake_value_and_grad)
+register_op("l2sp_value_and_grad_", SCHEMAS["l2sp_value_and_grad_"], _ref_value_and_grad_inplace, cuda=COMPILED,
+            fake=_fake_value_and_grad_inplace, mutates=True)
 
 
 def check_l2sp_args(opname, params, refs, new_params, weights=None):

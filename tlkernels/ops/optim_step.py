@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from tlkernels.ops._registry import bump_versions_of_mutated_args, ensure_op, register_gpu_fallback
+from tlkernels.ops._registry import COMPILED, register_op
 
 SCHEMAS = {
     "sgd_l2sp_step_": ("sgd_l2sp_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
@@ -64,8 +64,10 @@ def adamw_l2sp_step_reference(params, grads, exp_avgs, exp_avg_sqs, refs, weight
         p.addcdiv_(exp_avgs[i], exp_avg_sqs[i].sqrt() / bc2s + eps, value=-lr / bc1)
 
 
+def _fake_step(*args):
+    return None
+
+
+# CUDA tensors: the compiled multi-tensor kernels, else the fallback. They write params and optimizer state.
 for _name, _impl in (("sgd_l2sp_step_", sgd_l2sp_step_reference), ("adamw_l2sp_step_", adamw_l2sp_step_reference)):
-    ensure_op(_name, SCHEMAS[_name], _impl)
-    register_gpu_fallback(_name, _impl)
-    bump_versions_of_mutated_args(_name)
-    torch.library.register_fake(f"tlkernels::{_name}")(lambda *args, **kwargs: None)
+    register_op(_name, SCHEMAS[_name], _impl, cuda=COMPILED, fake=_fake_step, mutates=True)
