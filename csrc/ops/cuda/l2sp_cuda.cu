@@ -36,6 +36,19 @@ struct Meta {
   int tensor_of_block[kMaxBlocks];
   int chunk_of_block[kMaxBlocks];
   int64_t first_block;  // global index of this launch's first chunk (penalty partial sums)
+
+#ifdef __CUDACC__
+  // This block's chunk: its tensor slot t and element range [begin, end).
+  __device__ int chunk(int64_t& begin, int64_t& end) const {
+    const int t = tensor_of_block[blockIdx.x];
+    begin = static_cast<int64_t>(chunk_of_block[blockIdx.x]) * kChunk;
+    end = min(begin + kChunk, numel[t]);
+    return t;
+  }
+  // Operand d of tensor slot t (null when absent).
+  template <typename T>
+  __device__ T* operand(int d, int t) const { return static_cast<T*>(addr[d][t]); }
+#endif
 };
 // Kernel parameters above 4 KB need CUDA 12.1 or newer (and Volta or newer GPUs).
 #if defined(CUDART_VERSION) && CUDART_VERSION < 12010
@@ -94,13 +107,12 @@ int64_t count_chunks(const std::vector<at::Tensor>& ts) {
 template <typename scalar_t>
 __global__ void penalty_kernel(Meta<4> meta, float scale, double* partial, bool accumulate) {
   using A = at::opmath_type<scalar_t>;
-  const int t = meta.tensor_of_block[blockIdx.x];
-  const int64_t base = static_cast<int64_t>(meta.chunk_of_block[blockIdx.x]) * kChunk;
-  const int64_t end = min(base + kChunk, meta.numel[t]);
-  const auto* p = static_cast<const scalar_t*>(meta.addr[0][t]);
-  const auto* r = static_cast<const scalar_t*>(meta.addr[1][t]);
-  auto* g = static_cast<scalar_t*>(meta.addr[2][t]);
-  const auto* w = static_cast<const scalar_t*>(meta.addr[3][t]);
+  int64_t base, end;
+  const int t = meta.chunk(base, end);
+  const auto* p = meta.template operand<const scalar_t>(0, t);
+  const auto* r = meta.template operand<const scalar_t>(1, t);
+  auto* g = meta.template operand<scalar_t>(2, t);
+  const auto* w = meta.template operand<const scalar_t>(3, t);
   const A c = static_cast<A>(meta.coeff[t] * scale);
   double acc = 0;
   for (int64_t i = base + threadIdx.x; i < end; i += blockDim.x) {
@@ -242,14 +254,13 @@ template <typename scalar_t>
 __global__ void sgd_kernel(Meta<5> meta, float lr, float momentum, float dampening, float weight_decay, bool nesterov,
                            bool maximize, bool first) {
   using A = at::opmath_type<scalar_t>;
-  const int t = meta.tensor_of_block[blockIdx.x];
-  const int64_t base = static_cast<int64_t>(meta.chunk_of_block[blockIdx.x]) * kChunk;
-  const int64_t end = min(base + kChunk, meta.numel[t]);
-  auto* p = static_cast<scalar_t*>(meta.addr[0][t]);
-  const auto* g = static_cast<const scalar_t*>(meta.addr[1][t]);
-  auto* b = static_cast<scalar_t*>(meta.addr[2][t]);
-  const auto* r = static_cast<const scalar_t*>(meta.addr[3][t]);
-  const auto* w = static_cast<const scalar_t*>(meta.addr[4][t]);
+  int64_t base, end;
+  const int t = meta.chunk(base, end);
+  auto* p = meta.template operand<scalar_t>(0, t);
+  const auto* g = meta.template operand<const scalar_t>(1, t);
+  auto* b = meta.template operand<scalar_t>(2, t);
+  const auto* r = meta.template operand<const scalar_t>(3, t);
+  const auto* w = meta.template operand<const scalar_t>(4, t);
   const A c = meta.coeff[t];
   for (int64_t i = base + threadIdx.x; i < end; i += blockDim.x) {
     A buf = b ? static_cast<A>(b[i]) : A(0);
@@ -270,6 +281,27 @@ std::vector<at::Tensor> refs_or_undefined(const c10::List<std::optional<at::Tens
   return out;
 }
 
+// The step kernels' operands for the params of dtype dt: p, g (in p's layout), each optimizer state (an empty
+// list: that state is absent), ref, weights; coefficients in cs. False when no param has that dtype.
+bool step_operands(at::ScalarType dt, at::TensorList params, at::TensorList grads,
+                   const std::vector<at::TensorList>& states, const std::vector<at::Tensor>& R,
+                   const std::vector<at::Tensor>& W, at::ArrayRef<double> coeffs,
+                   std::vector<std::vector<at::Tensor>>& lists, std::vector<double>& cs) {
+  lists.assign(4 + states.size(), {});
+  cs.clear();
+  for (size_t i = 0; i < params.size(); ++i) {
+    if (params[i].scalar_type() != dt) continue;
+    size_t d = 0;
+    lists[d++].push_back(params[i]);
+    lists[d++].push_back(layout_like(grads[i], params[i]));
+    for (const auto& st : states) lists[d++].push_back(st.empty() ? at::Tensor() : st[i]);
+    lists[d++].push_back(R[i]);
+    lists[d++].push_back(W[i]);
+    cs.push_back(coeffs[i]);
+  }
+  return !cs.empty();
+}
+
 void sgd_l2sp_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList bufs, const OptionalTensors& refs,
                         const OptionalTensors& weights, at::ArrayRef<double> coeffs, double lr,
                         double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
@@ -282,19 +314,10 @@ void sgd_l2sp_step_cuda(at::TensorList params, at::TensorList grads, at::TensorL
   const c10::cuda::OptionalCUDAGuard guard(params[0].device());
   const auto R = refs_or_undefined(refs, params);
   const auto W = weights_like(weights, std::vector<at::Tensor>(params.begin(), params.end()));
+  std::vector<std::vector<at::Tensor>> lists;
+  std::vector<double> cs;
   for (auto dt : {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16}) {
-    std::vector<std::vector<at::Tensor>> lists(5);
-    std::vector<double> cs;
-    for (size_t i = 0; i < params.size(); ++i) {
-      if (params[i].scalar_type() != dt) continue;
-      lists[0].push_back(params[i]);
-      lists[1].push_back(layout_like(grads[i], params[i]));
-      lists[2].push_back(use_buf ? bufs[i] : at::Tensor());
-      lists[3].push_back(R[i]);
-      lists[4].push_back(W[i]);
-      cs.push_back(coeffs[i]);
-    }
-    if (lists[0].empty()) continue;
+    if (!step_operands(dt, params, grads, {use_buf ? bufs : at::TensorList()}, R, W, coeffs, lists, cs)) continue;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "sgd_l2sp_cuda", [&] {
       multi_tensor_apply<5>(lists, cs, [&](const Meta<5>& meta, int nb) {
         sgd_kernel<scalar_t><<<nb, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
@@ -310,21 +333,20 @@ template <typename scalar_t>
 __global__ void adamw_kernel(Meta<6> meta, float lr, float beta1, float beta2, float eps, float weight_decay,
                              float bias_c1, float bias_c2_sqrt, bool maximize) {
   using A = at::opmath_type<scalar_t>;
-  const int t = meta.tensor_of_block[blockIdx.x];
-  const int64_t base = static_cast<int64_t>(meta.chunk_of_block[blockIdx.x]) * kChunk;
-  const int64_t end = min(base + kChunk, meta.numel[t]);
-  auto* p = static_cast<scalar_t*>(meta.addr[0][t]);
-  const auto* g = static_cast<const scalar_t*>(meta.addr[1][t]);
-  auto* m = static_cast<scalar_t*>(meta.addr[2][t]);
-  auto* v = static_cast<scalar_t*>(meta.addr[3][t]);
-  const auto* r = static_cast<const scalar_t*>(meta.addr[4][t]);
-  const auto* w = static_cast<const scalar_t*>(meta.addr[5][t]);
+  int64_t base, end;
+  const int t = meta.chunk(base, end);
+  auto* p = meta.template operand<scalar_t>(0, t);
+  const auto* g = meta.template operand<const scalar_t>(1, t);
+  auto* m = meta.template operand<scalar_t>(2, t);
+  auto* v = meta.template operand<scalar_t>(3, t);
+  const auto* r = meta.template operand<const scalar_t>(4, t);
+  const auto* w = meta.template operand<const scalar_t>(5, t);
   const A c = meta.coeff[t];
   for (int64_t i = base + threadIdx.x; i < end; i += blockDim.x) {
     A mm = m[i], vv = v[i];
     p[i] = static_cast<scalar_t>(l2sp::adamw_update<A>(p[i], g[i], r ? static_cast<A>(r[i]) : A(0),
-                                                       w ? c * static_cast<A>(w[i]) : c, &mm, &vv, lr, beta1, beta2, eps, weight_decay, bias_c1,
-                                                       bias_c2_sqrt, maximize));
+                                                       w ? c * static_cast<A>(w[i]) : c, &mm, &vv, lr, beta1, beta2,
+                                                       eps, weight_decay, bias_c1, bias_c2_sqrt, maximize));
     m[i] = static_cast<scalar_t>(mm);
     v[i] = static_cast<scalar_t>(vv);
   }
@@ -342,20 +364,10 @@ void adamw_l2sp_step_cuda(at::TensorList params, at::TensorList grads, at::Tenso
   const auto R = refs_or_undefined(refs, params);
   const auto W = weights_like(weights, std::vector<at::Tensor>(params.begin(), params.end()));
   const float bc1 = 1.0 - std::pow(beta1, (double)step), bc2s = std::sqrt(1.0 - std::pow(beta2, (double)step));
+  std::vector<std::vector<at::Tensor>> lists;
+  std::vector<double> cs;
   for (auto dt : {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16}) {
-    std::vector<std::vector<at::Tensor>> lists(6);
-    std::vector<double> cs;
-    for (size_t i = 0; i < params.size(); ++i) {
-      if (params[i].scalar_type() != dt) continue;
-      lists[0].push_back(params[i]);
-      lists[1].push_back(layout_like(grads[i], params[i]));
-      lists[2].push_back(exp_avgs[i]);
-      lists[3].push_back(exp_avg_sqs[i]);
-      lists[4].push_back(R[i]);
-      lists[5].push_back(W[i]);
-      cs.push_back(coeffs[i]);
-    }
-    if (lists[0].empty()) continue;
+    if (!step_operands(dt, params, grads, {exp_avgs, exp_avg_sqs}, R, W, coeffs, lists, cs)) continue;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "adamw_l2sp_cuda", [&] {
       multi_tensor_apply<6>(lists, cs, [&](const Meta<6>& meta, int nb) {
         adamw_kernel<scalar_t><<<nb, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
