@@ -154,7 +154,7 @@ def _check_one(job):
     return line, None if ok else line
 
 
-def check_fitting(dtypes=("fp32", "bf16"), ccs=(80, 90), jobs=2):
+def check_fitting(dtypes=("fp32", "bf16", "fp16", "fp64"), ccs=(80, 90), jobs=2):
     """Compile every config the fitting table keeps for `dtypes`, for every target (`jobs` processes); returns
     the failures: a kept config that spills or exceeds shared memory, or a kernel and dtype without a config."""
     import multiprocessing as mp
@@ -197,9 +197,9 @@ def main():
             from tlkernels.triton._common import FITTING_FILE
             atomic_write_text(json.dumps(fitting_table(rows), indent=1) + "\n", FITTING_FILE)
         return
-    if "--configs" in sys.argv:  # every config autotuning may launch, compiled and checked (fp32, bf16)
+    if "--configs" in sys.argv:  # every config autotuning may launch, compiled and checked (every dtype)
         dts = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--dtypes=")]
-        failures = check_fitting(tuple(dts[0].split(",")) if dts else ("fp32", "bf16"))
+        failures = check_fitting(tuple(dts[0].split(",")) if dts else ("fp32", "bf16", "fp16", "fp64"))
         print(f"{len(failures)} failed")
         sys.exit(1 if failures else 0)
     cases = all_kernels()
