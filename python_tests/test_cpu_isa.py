@@ -24,6 +24,19 @@ out["ce"] = max(abs(loss.item() - ref.item()), (x.grad.double() - xr.grad).abs()
 p = [torch.randn(70000), torch.randn(33)]; r = [t + 0.1 for t in p]                 # L2-SP passes
 v, gp, _ = l2sp_value_and_grad(p, r, 0.1)
 out["l2sp"] = abs(v.item() - l2sp_penalty_reference(p, r, 0.1).item()) / v.item()
+from tlkernels.ops.optim_step import adamw_l2sp_step_reference, sgd_l2sp_step_reference   # optimizer steps
+steps = 0.0
+for op, ref, st, hyper in ((torch.ops.tlkernels.sgd_l2sp_step_, sgd_l2sp_step_reference, 1,
+                            (0.1, 0.9, 0.1, 0.01, False, True, False)),
+                           (torch.ops.tlkernels.adamw_l2sp_step_, adamw_l2sp_step_reference, 2,
+                            (0.01, 0.9, 0.99, 1e-8, 0.01, 2, False))):
+    ps = [torch.randn(70001), torch.randn(13)]; gs = [torch.randn_like(t) for t in ps]
+    rs = [ps[0] + 0.1, None]; ws = [torch.rand(70001), torch.rand(13)]
+    sa = [[torch.rand_like(t) for t in ps] for _ in range(st)]
+    a, b = [t.clone() for t in ps], [t.clone() for t in ps]; sb = [[t.clone() for t in x] for x in sa]
+    op(a, gs, *sa, rs, ws, [0.2, 0.05], *hyper); ref(b, gs, *sb, rs, ws, [0.2, 0.05], *hyper)
+    steps = max(steps, max((x - y).abs().max().item() for x, y in zip(a + sum(sa, []), b + sum(sb, []))))
+out["steps"] = steps
 bank = gabor_bank(scales=1, orientations=4, size=7, in_channels=1); s = bank.stages[0]   # separable + binning
 imgs = torch.rand(3, 1, 40, 40); e = torch.linspace(-1, 1, 33).repeat(s["weight"].shape[0], 1)
 h = filterbank_histogram(imgs, s["weight"], e, s["stride"], s["padding"])
@@ -57,6 +70,7 @@ def run(isa):
 def test_every_isa_path_matches_the_references(isa):
     res = run(isa)
     assert res["ce"] < 1e-4 and res["l2sp"] < 1e-4 and res["hist"] <= 1e-3 and res["knn"] == 0.0, res
+    assert res["steps"] < 1e-5, res
     assert res["gated"] < 1e-3, res
     has_avx2 = "avx2" in open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else False
     # the forced small-map engine runs only where the AVX2 paths are allowed; capped, another strategy serves

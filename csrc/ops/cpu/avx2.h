@@ -6,6 +6,8 @@
 // cross-entropy kernel on an AVX2 AMD EPYC.
 #include <c10/util/Exception.h>
 
+#include "ops/common/l2sp_math.h"
+
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -82,6 +84,81 @@ __attribute__((target("avx2,fma"))) inline double l2sp_chunk(const float* p, con
     s += (double)wd * d;
   }
   return s;
+}
+
+// The L2-SP-aware optimizer steps over [0, n) of one tensor (float32), the math of ops/common/l2sp_math.h
+// (sgd_update, adamw_update) eight elements at a time; r (reference) and w (per-element weights) may be null.
+// The options are loop-invariant branches. Per element: p, g, r, w and the state are read once and p and
+// the state written once (the memory-bound minimum).
+struct SgdOptions {
+  float coeff, lr, momentum, dampening, weight_decay;
+  bool nesterov, maximize, first;
+};
+
+__attribute__((target("avx2,fma"))) inline void sgd_chunk(float* p, const float* g, const float* r, const float* w,
+                                                          float* buf, int64_t n, const SgdOptions& o) {
+  const __m256 vc = _mm256_set1_ps(o.coeff), vlr = _mm256_set1_ps(o.lr), vm = _mm256_set1_ps(o.momentum);
+  const __m256 vdamp = _mm256_set1_ps(1.0f - o.dampening), vwd = _mm256_set1_ps(o.weight_decay);
+  const __m256 sign = _mm256_set1_ps(o.maximize ? -1.0f : 1.0f);
+  const bool wd = o.weight_decay != 0.0f, mom = o.momentum != 0.0f;
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 pv = _mm256_loadu_ps(p + i);
+    __m256 gv = _mm256_mul_ps(sign, _mm256_loadu_ps(g + i));
+    const __m256 d = r ? _mm256_sub_ps(pv, _mm256_loadu_ps(r + i)) : pv;
+    const __m256 c = w ? _mm256_mul_ps(vc, _mm256_loadu_ps(w + i)) : vc;
+    gv = _mm256_fmadd_ps(c, d, gv);
+    if (wd) gv = _mm256_fmadd_ps(vwd, pv, gv);
+    if (mom) {
+      const __m256 b = o.first ? gv : _mm256_fmadd_ps(vm, _mm256_loadu_ps(buf + i), _mm256_mul_ps(vdamp, gv));
+      _mm256_storeu_ps(buf + i, b);
+      gv = o.nesterov ? _mm256_fmadd_ps(vm, b, gv) : b;
+    }
+    _mm256_storeu_ps(p + i, _mm256_fnmadd_ps(vlr, gv, pv));
+  }
+  for (; i < n; ++i) {
+    float b = mom ? buf[i] : 0.0f;
+    p[i] = l2sp::sgd_update<float>(p[i], g[i], r ? r[i] : 0.0f, w ? o.coeff * w[i] : o.coeff, &b, o.first, o.lr,
+                                   o.momentum, o.dampening, o.weight_decay, o.nesterov, o.maximize);
+    if (mom) buf[i] = b;
+  }
+}
+
+struct AdamWOptions {
+  float coeff, lr, beta1, beta2, eps, weight_decay, bias_c1, bias_c2_sqrt;
+  bool maximize;
+};
+
+__attribute__((target("avx2,fma"))) inline void adamw_chunk(float* p, const float* g, const float* r,
+                                                            const float* w, float* m, float* v, int64_t n,
+                                                            const AdamWOptions& o) {
+  const __m256 vc = _mm256_set1_ps(o.coeff), sign = _mm256_set1_ps(o.maximize ? -1.0f : 1.0f);
+  const __m256 b1 = _mm256_set1_ps(o.beta1), nb1 = _mm256_set1_ps(1.0f - o.beta1);
+  const __m256 b2 = _mm256_set1_ps(o.beta2), nb2 = _mm256_set1_ps(1.0f - o.beta2);
+  const __m256 decay = _mm256_set1_ps(1.0f - o.lr * o.weight_decay), step = _mm256_set1_ps(o.lr / o.bias_c1);
+  const __m256 c2 = _mm256_set1_ps(o.bias_c2_sqrt), eps = _mm256_set1_ps(o.eps);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m256 pv = _mm256_loadu_ps(p + i);
+    __m256 gv = _mm256_mul_ps(sign, _mm256_loadu_ps(g + i));
+    const __m256 d = r ? _mm256_sub_ps(pv, _mm256_loadu_ps(r + i)) : pv;
+    const __m256 c = w ? _mm256_mul_ps(vc, _mm256_loadu_ps(w + i)) : vc;
+    gv = _mm256_fmadd_ps(c, d, gv);
+    pv = _mm256_mul_ps(pv, decay);
+    const __m256 mm = _mm256_fmadd_ps(b1, _mm256_loadu_ps(m + i), _mm256_mul_ps(nb1, gv));
+    const __m256 vv = _mm256_fmadd_ps(b2, _mm256_loadu_ps(v + i), _mm256_mul_ps(_mm256_mul_ps(nb2, gv), gv));
+    _mm256_storeu_ps(m + i, mm);
+    _mm256_storeu_ps(v + i, vv);
+    const __m256 denom = _mm256_add_ps(_mm256_div_ps(_mm256_sqrt_ps(vv), c2), eps);
+    _mm256_storeu_ps(p + i, _mm256_sub_ps(pv, _mm256_div_ps(_mm256_mul_ps(step, mm), denom)));
+  }
+  for (; i < n; ++i) {
+    float mm = m[i], vv = v[i];
+    p[i] = l2sp::adamw_update<float>(p[i], g[i], r ? r[i] : 0.0f, w ? o.coeff * w[i] : o.coeff, &mm, &vv, o.lr,
+                                     o.beta1, o.beta2, o.eps, o.weight_decay, o.bias_c1, o.bias_c2_sqrt, o.maximize);
+    m[i] = mm;
+    v[i] = vv;
+  }
 }
 
 // exp(x) for x <= 88 (larger x is clamped to 88; the softmax use: x - max <= 0). Below -87.3 the result is flushed to 0 (exp would

@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <type_traits>
 
 #include "ops/check.h"
 #include "ops/common/l2sp_math.h"
@@ -21,6 +22,14 @@ namespace tlkernels {
 namespace {
 
 constexpr int64_t kChunk = 65536;
+
+// p + offset as float* (null stays null): the AVX2 branches run for float tensors alone, and the casts only
+// let them compile inside the dispatch over every dtype.
+template <typename T>
+auto f32(T* p, int64_t offset) {
+  using F = std::conditional_t<std::is_const_v<T>, const float, float>;
+  return p ? reinterpret_cast<F*>(p) + offset : static_cast<F*>(nullptr);
+}
 
 struct Item {
   int list;  // 0: pre-trained params (with refs), 1: new params
@@ -183,6 +192,17 @@ void sgd_l2sp_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLi
         const scalar_t* wp = StepOperands::ptr<scalar_t>(in.W[w.t]);
         scalar_t* bp = use_buf ? bufs[w.t].mutable_data_ptr<scalar_t>() : nullptr;
         const A c = static_cast<A>(coeffs[w.t]);
+#ifdef TLK_HAVE_AVX2_PATH
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          if (avx2::available()) {
+            const int64_t o = w.begin;
+            avx2::sgd_chunk(f32(pp, o), f32(gp, o), f32(rp, o), f32(wp, o), f32(bp, o), w.end - w.begin, {c, static_cast<float>(lr), static_cast<float>(momentum),
+                                              static_cast<float>(dampening), static_cast<float>(weight_decay),
+                                              nesterov, maximize, first_step});
+            return;
+          }
+        }
+#endif
         for (int64_t i = w.begin; i < w.end; ++i) {
           A b = bp ? static_cast<A>(bp[i]) : A(0);
           pp[i] = static_cast<scalar_t>(l2sp::sgd_update<A>(
@@ -218,6 +238,19 @@ void adamw_l2sp_step_cpu(at::TensorList params, at::TensorList grads, at::Tensor
         scalar_t* mp = exp_avgs[w.t].mutable_data_ptr<scalar_t>();
         scalar_t* vp = exp_avg_sqs[w.t].mutable_data_ptr<scalar_t>();
         const A c = static_cast<A>(coeffs[w.t]);
+#ifdef TLK_HAVE_AVX2_PATH
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          if (avx2::available()) {
+            const int64_t o = w.begin;
+            avx2::adamw_chunk(f32(pp, o), f32(gp, o), f32(rp, o), f32(wp, o), f32(mp, o), f32(vp, o),
+                              w.end - w.begin, {c, static_cast<float>(lr), static_cast<float>(beta1),
+                                                static_cast<float>(beta2), static_cast<float>(eps),
+                                                static_cast<float>(weight_decay), static_cast<float>(bc1),
+                                                static_cast<float>(bc2s), maximize});
+            return;
+          }
+        }
+#endif
         for (int64_t i = w.begin; i < w.end; ++i) {
           A m = mp[i], v = vp[i];
           pp[i] = static_cast<scalar_t>(l2sp::adamw_update<A>(pp[i], gp[i], rp ? static_cast<A>(rp[i]) : A(0),
