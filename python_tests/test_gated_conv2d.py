@@ -244,10 +244,16 @@ MIX_SHAPES = [
 ]
 
 
+# The engine with each micro-kernel: ours (mix) and oneDNN's BRGeMM ukernel (brgemm), forced.
+ENGINES = ["mix", "brgemm"]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("shape", MIX_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("gate_kind", ["filter_soft", "filter_hard", "hard_flag"])
 @pytest.mark.parametrize("gate_grad", [False, True])
-def test_float32_small_map_engine_matches_reference(shape, gate_kind, gate_grad):
+def test_float32_small_map_engine_matches_reference(monkeypatch, engine, shape, gate_kind, gate_grad):
+    monkeypatch.setenv("TLKERNELS_GATED_CONV", engine)
     n, ci, co, h, w, k, s, p, d = shape
     torch.manual_seed(sum(shape))
     (x, wp, wf, gate, bp, bf), kw = make_case((n, ci, co, h, w, k, s, p, d, 1), gate_kind)
@@ -258,6 +264,7 @@ def test_float32_small_map_engine_matches_reference(shape, gate_kind, gate_grad)
     leaves = [t.clone().requires_grad_(i != 1 and (i != 3 or gate_grad)) for i, t in enumerate(f32)]
     y = gated_conv2d(*leaves, **kw)
     y.backward(dy.float())
+    assert list(torch.ops.tlkernels._gated_conv2d_last_strategies()) == [engine, engine]  # it ran both ways
     assert leaves[1].grad is None  # frozen weight_pre: no gradient
     assert (leaves[3].grad is not None) == gate_grad
 
@@ -272,8 +279,10 @@ def test_float32_small_map_engine_matches_reference(shape, gate_kind, gate_grad)
             close(leaves[i].grad, ref_g[i], exact_g[i])
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("hw", [4, 7])
-def test_float32_small_map_engine_channels_last_and_strided(hw):
+def test_float32_small_map_engine_channels_last_and_strided(monkeypatch, engine, hw):
+    monkeypatch.setenv("TLKERNELS_GATED_CONV", engine)
     (x, wp, wf, gate, bp, bf), kw = make_case((3, 5, 10, hw, hw, 3, 1, 1, 1, 1), "filter_hard", dtype=torch.float32)
     ref = gated_conv2d_reference(x, wp, wf, gate, bp, bf, padding=1)
     xcl = x.contiguous(memory_format=torch.channels_last).requires_grad_()
@@ -304,8 +313,10 @@ def test_float32_small_map_engine_binary_gates_are_exact_selection():
     torch.testing.assert_close(y[:, ::2], want[:, ::2], rtol=1e-5, atol=1e-10)
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("shape", [MIX_SHAPES[1], MIX_SHAPES[2], MIX_SHAPES[4]], ids=lambda s: "x".join(map(str, s)))
-def test_float32_small_map_engine_all_gradients(shape):
+def test_float32_small_map_engine_all_gradients(monkeypatch, engine, shape):
+    monkeypatch.setenv("TLKERNELS_GATED_CONV", engine)
     # every input requires grad, weight_pre too: the engine's weight pass then writes dWp, dWf and dL/dg
     n, ci, co, h, w, k, s, p, d = shape
     torch.manual_seed(7)

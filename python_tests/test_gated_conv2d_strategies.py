@@ -7,7 +7,7 @@ import torch
 
 from tlkernels.ops import gated_conv2d, gated_conv2d_reference
 
-STRATEGIES = ["routed", "mix", "blended", "grouped", "concat", "heuristic", "auto"]
+STRATEGIES = ["routed", "mix", "brgemm", "blended", "grouped", "concat", "heuristic", "auto"]
 # (N, C_in, H, C_out, k, stride, padding, dilation, groups)
 SHAPES = [
     (3, 4, 9, 6, 3, 1, 1, 1, 1),
@@ -55,7 +55,7 @@ def run(fn, ts, kw, grads=True):
 def applicable(strategy, gate_kind, hard, dtype, groups, backward):
     if strategy == "routed":
         return gate_kind == "image_rows" or (gate_kind == "image" and hard)
-    if strategy == "mix":
+    if strategy in ("mix", "brgemm"):
         return dtype == torch.float32 and groups == 1
     return strategy in ("blended", "grouped", "concat")
 
@@ -77,7 +77,7 @@ def test_strategy_float64_forward_and_all_gradients(monkeypatch, strategy, shape
         assert used == [strategy, strategy]
 
 
-@pytest.mark.parametrize("strategy", ["mix", "blended", "grouped", "concat", "auto"])
+@pytest.mark.parametrize("strategy", ["mix", "brgemm", "blended", "grouped", "concat", "auto"])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("gate_kind,hard", [("filter", True), ("filter", False), ("image", False)])
 def test_strategy_float32(monkeypatch, strategy, channels_last, gate_kind, hard):
@@ -164,7 +164,7 @@ def test_triton_setting_runs_the_triton_kernels_in_the_interpreter(monkeypatch):
         torch.testing.assert_close(g, gr)
 
 
-@pytest.mark.parametrize("strategy", ["auto", "mix", "blended", "grouped", "concat"])
+@pytest.mark.parametrize("strategy", ["auto", "mix", "brgemm", "blended", "grouped", "concat"])
 def test_fake_and_kernels_agree_on_strides_with_channels_last_weights(monkeypatch, strategy):
     """After model.to(memory_format=torch.channels_last) weights are channels_last too: the fake kernels and
     every strategy must return gradients with the same strides."""

@@ -8,6 +8,8 @@
 //               one weight set per part: exactly one convolution's work.
 //   * mix     - CPU, float32, groups == 1, small maps, AVX2 + FMA: our per-image gated GEMM
 //               (cpu/gated_conv2d_mix.h): one conv's FLOPs, no per-image library calls.
+//   * brgemm  - the same engine with oneDNN's BRGeMM ukernel (through ATen, JIT for the running ISA: AVX2,
+//               AVX-512, ...) as its micro-kernel in place of ours.
 //   * blended - per image blend the weights (C_out*K values, tiny next to the conv) and run one conv on that
 //               image. One conv's FLOPs, N library calls.
 //   * grouped - the batch folded into groups with per-image blended weights: one grouped conv call.
@@ -19,7 +21,8 @@
 //               dWf = sum_b g_b dW_b, dWp = sum_b (1-g_b) dW_b and dg_b = <dW_b, Wf - Wp> follow by small
 //               contractions: a training step with gate gradient costs 3 conv-equivalents.
 //   * blended - per-image dx with blended weights, one batched weight gradient on g*dy.
-//   * mix     - dx and (with a gate gradient) dWf, dWp, dL/dg from the small-map engine.
+//   * mix     - dx and (with a gate gradient) dWf, dWp, dL/dg from the small-map engine (brgemm: its dx GEMM
+//               on the BRGeMM ukernel).
 //   * concat  - dx from one conv-transpose over [Wp; Wf] with ((1-g)dy, g dy).
 // Choice (TLKERNELS_GATED_CONV): `auto` measures the applicable strategies once per call signature (shape,
 // dtype, layout, gate kind, gradient mask, threads) on CPU tensors and keeps the fastest for the process,
@@ -58,7 +61,7 @@ constexpr int64_t kGroupedMinPixels = 784;
 // `auto` replaces the heuristic's strategy by one measured at most this fraction of its time.
 constexpr double kClearlyFaster = 0.85;
 
-constexpr const char* kNames[] = {"routed", "mix", "blended", "grouped", "concat"};
+constexpr const char* kNames[] = {"routed", "mix", "blended", "grouped", "concat", "brgemm"};
 
 struct Setting {
   enum Mode { Auto, Heuristic, Forced, Triton } mode = Auto;
@@ -78,14 +81,14 @@ Setting setting() {
     s.mode = Setting::Triton;
     return s;
   }
-  for (int i = 0; i < 5; ++i)
+  for (int i = 0; i < 6; ++i)
     if (v == kNames[i]) {
       s.mode = Setting::Forced;
       s.forced = static_cast<Strategy>(i);
       return s;
     }
-  TORCH_CHECK(false, "gated_conv2d: TLKERNELS_GATED_CONV must be one of auto, heuristic, routed, mix, blended, "
-              "grouped, concat, triton, reference; got '", v, "'");
+  TORCH_CHECK(false, "gated_conv2d: TLKERNELS_GATED_CONV must be one of auto, heuristic, routed, mix, brgemm, "
+              "blended, grouped, concat, triton, reference; got '", v, "'");
 }
 
 // A strategy among `cands`: forced where it applies, else the heuristic's (`heuristic`, and CUDA tensors),
@@ -194,7 +197,7 @@ std::tuple<at::Tensor, at::Tensor> gated_conv2d_forward(
     // Routing is one convolution's FLOPs, but splitting the batch costs copies and smaller library calls:
     // where the gates allow it, it is measured against the others.
     if (routed_gate.defined()) cands.push_back(Strategy::Routed);
-    if (mix_ok) cands.push_back(Strategy::Mix);
+    if (mix_ok) cands.insert(cands.end(), {Strategy::Mix, Strategy::Brgemm});
     cands.insert(cands.end(), {Strategy::Blended, Strategy::Grouped, Strategy::Concat});
     heuristic = routed_gate.defined() ? Strategy::Routed : !on_cpu ? Strategy::Concat : mix_ok ? Strategy::Mix
                 : P >= kBlendMinPixels ? Strategy::Blended : Strategy::Concat;
@@ -205,6 +208,9 @@ std::tuple<at::Tensor, at::Tensor> gated_conv2d_forward(
     switch (st) {
       case Strategy::Routed: forward_routed(input, weight_pre, weight_ft, routed_gate, bias_pre, bias_ft, a, y); break;
       case Strategy::Mix: mix::forward(xin, weight_pre, weight_ft, g, bias_pre, bias_ft, a, y, binary); break;
+      case Strategy::Brgemm:
+        mix::forward(xin, weight_pre, weight_ft, g, bias_pre, bias_ft, a, y, binary, /*brgemm=*/true);
+        break;
       case Strategy::Blended: forward_blended(input, weight_pre, weight_ft, g, bias_pre, bias_ft, a, y); break;
       case Strategy::Grouped: forward_grouped(input, weight_pre, weight_ft, g, bias_pre, bias_ft, a, y); break;
       case Strategy::Concat: forward_concat(input, weight_pre, weight_ft, g, bias_pre, bias_ft, a, y, d); break;
@@ -265,7 +271,7 @@ Grads gated_conv2d_backward(const at::Tensor& grad_output, const at::Tensor& inp
     Strategy heuristic;
     const bool mix_ok = on_cpu && mix::applicable(x, a, P);
     if (routed_gate.defined()) cands.push_back(Strategy::Routed);  // (measured against the others, as forward)
-    if (mix_ok) cands.push_back(Strategy::Mix);
+    if (mix_ok) cands.insert(cands.end(), {Strategy::Mix, Strategy::Brgemm});
     cands.insert(cands.end(), {Strategy::Blended, Strategy::Grouped, Strategy::Concat});
     heuristic = routed_gate.defined() ? Strategy::Routed
                 : !on_cpu ? Strategy::Concat
@@ -279,7 +285,7 @@ Grads gated_conv2d_backward(const at::Tensor& grad_output, const at::Tensor& inp
         return backward_routed(dy, x, weight_pre, weight_ft, routed_gate, bias_pre, bias_ft, a, m, gate.dim() == 2);
       // With a gate gradient and no saved y_f - y_p, the mix engine's weight pass gives dWf, dWp and dL/dg
       // together (one weight-gradient's FLOPs instead of a weight gradient plus a conv with Wf - Wp).
-      const bool wmix = st == Strategy::Mix && m.gate && !has_diff;
+      const bool wmix = (st == Strategy::Mix || st == Strategy::Brgemm) && m.gate && !has_diff;
       Grads q = st == Strategy::Grouped
                     ? backward_grouped(dy, x, weight_pre, weight_ft, g, a, m)
                     : backward_general(dy, x, weight_pre, weight_ft, g, bias_pre, bias_ft, diff, a, m, st, wmix);

@@ -11,7 +11,7 @@
 namespace tlkernels {
 namespace gconv {
 
-enum class Strategy { Routed, Mix, Blended, Grouped, Concat };
+enum class Strategy { Routed, Mix, Blended, Grouped, Concat, Brgemm };
 
 // Which gradients the backward computes: the op's `bool[6] output_mask`, by name.
 struct GradMask {
@@ -56,7 +56,7 @@ Grads backward_routed(const at::Tensor& dy, const at::Tensor& x, const at::Tenso
                       const GradMask& m, bool per_filter);
 Grads backward_grouped(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf,
                        const at::Tensor& g, const ConvArgs& a, const GradMask& m);
-// Blended, Mix or Concat `st`; weights_by_mix: the engine's weight pass gives dWp, dWf and dL/dg together.
+// Blended, Mix, Brgemm or Concat `st`; weights_by_mix: the engine's weight pass gives dWp, dWf and dL/dg together.
 Grads backward_general(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf,
                        const at::Tensor& g, const OptTensor& bp, const OptTensor& bf, const at::Tensor& diff,
                        const ConvArgs& a, const GradMask& m, Strategy st, bool weights_by_mix);

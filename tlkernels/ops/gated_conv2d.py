@@ -101,7 +101,7 @@ def _triton_backward(*args):
     return gated_conv2d_backward(*args)
 
 
-STRATEGIES = ("auto", "heuristic", "routed", "mix", "blended", "grouped", "concat", "triton", "reference")
+STRATEGIES = ("auto", "heuristic", "routed", "mix", "brgemm", "blended", "grouped", "concat", "triton", "reference")
 
 
 def strategy():

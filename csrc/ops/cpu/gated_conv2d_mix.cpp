@@ -102,7 +102,7 @@ at::Tensor weight_panels(const at::Tensor& w) {
 
 void forward(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf, const at::Tensor& g,
              const c10::optional<at::Tensor>& bp, const c10::optional<at::Tensor>& bf, const ConvArgs& a,
-             at::Tensor& out, bool binary) {
+             at::Tensor& out, bool binary, bool brgemm) {
   const int64_t N = x.size(0), C = wp.size(0), K = wp.numel() / C;
   const Geometry q(x, wp, out, a);
   const int64_t P = q.OH * q.OW;
@@ -166,13 +166,14 @@ void forward(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf, co
         for (int64_t ow = 0; ow < q.OW; ++ow, ++p) yc[oh * yH + ow * yW] = Cb[p * Mp + c] + bias;
     }
   };
-  mixgemm::run(N, P, K, C, src, Gd, Gld, true, pack, consume);
+  mixgemm::run(N, P, K, C, src, Gd, Gld, true, pack, consume,
+               brgemm ? mixgemm::Micro::Brgemm : mixgemm::Micro::Avx2);
 }
 
 // dx of the gated convolution: dx_n = conv_transpose(dy_n, (1-g_n) Wp + g_n Wf), one GEMM per image
 // (rows: pixels, contraction: output channels, columns: the K = C_in*kH*kW taps), then col2im.
 at::Tensor input_grad(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf,
-                      const at::Tensor& g, const ConvArgs& a) {
+                      const at::Tensor& g, const ConvArgs& a, bool brgemm) {
   const int64_t N = x.size(0), C = wp.size(0), K = wp.numel() / C;
   const Geometry q(x, wp, dy, a);
   const int64_t P = q.OH * q.OW, taps = q.KH * q.KW;
@@ -208,7 +209,8 @@ at::Tensor input_grad(const at::Tensor& dy, const at::Tensor& x, const at::Tenso
       });
     }
   };
-  mixgemm::run(N, P, C, K, src, G.data_ptr<float>(), G.size(1), false, pack, consume);
+  mixgemm::run(N, P, C, K, src, G.data_ptr<float>(), G.size(1), false, pack, consume,
+               brgemm ? mixgemm::Micro::Brgemm : mixgemm::Micro::Avx2);
   return dx;
 }
 
@@ -249,11 +251,11 @@ void weight_grads(const at::Tensor&, const at::Tensor&, const at::Tensor&, const
 }
 void forward(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
              const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, const ConvArgs&, at::Tensor&,
-             bool) {
+             bool, bool) {
   TORCH_CHECK(false, "gated_conv2d: internal error: AVX2 path unavailable");
 }
 at::Tensor input_grad(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                      const at::Tensor&, const ConvArgs&) {
+                      const at::Tensor&, const ConvArgs&, bool) {
   TORCH_CHECK(false, "gated_conv2d: internal error: AVX2 path unavailable");
 }
 #endif

@@ -1,6 +1,6 @@
 #pragma once
 // The CPU small-map engine of the gated convolution: our per-image gated GEMM (mixgemm.h, AVX2 + FMA,
-// float32, groups == 1). Each image's 16-filter weight panel is blended in L1 inside the GEMM loop (or, hard
+// float32, groups == 1), with our micro-kernel or oneDNN's BRGeMM ukernel. Each image's 16-filter weight panel is blended in L1 inside the GEMM loop (or, hard
 // gates on 4x4 maps, weight rows are selected): one convolution's FLOPs, no per-image library calls.
 #include <ATen/ATen.h>
 
@@ -15,13 +15,14 @@ constexpr int64_t kMaxPixels = 1024;
 
 // The engine can run this call (float32, groups == 1, small map, a CPU with AVX2 + FMA).
 bool applicable(const at::Tensor& x, const ConvArgs& a, int64_t pixels);
-// out = gated conv with effective (N, C_out) gates g; `binary`: every gate is 0 or 1.
+// out = gated conv with effective (N, C_out) gates g; `binary`: every gate is 0 or 1. brgemm: the GEMM's
+// micro-kernel is oneDNN's BRGeMM ukernel (JIT for the running ISA) instead of ours (AVX2).
 void forward(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf, const at::Tensor& g,
              const c10::optional<at::Tensor>& bp, const c10::optional<at::Tensor>& bf, const ConvArgs& a,
-             at::Tensor& out, bool binary);
+             at::Tensor& out, bool binary, bool brgemm = false);
 // dx = conv_transpose(dy_n, (1 - g_n) Wp + g_n Wf) per image.
 at::Tensor input_grad(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf,
-                      const at::Tensor& g, const ConvArgs& a);
+                      const at::Tensor& g, const ConvArgs& a, bool brgemm = false);
 // dWp, dWf (as m asks) and the weight part of dL/dg in one pass.
 void weight_grads(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf,
                   const at::Tensor& g, const ConvArgs& a, const GradMask& m, at::Tensor& dwp, at::Tensor& dwf,

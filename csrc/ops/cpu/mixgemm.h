@@ -21,6 +21,7 @@
 // copies; dy itself for the input gradient) and is re-tiled to [pixel tile][k][6] per kc block; B panels
 // of 16 columns, kc = 256 rows (16 KB, stays in L1).
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -167,6 +168,23 @@ __attribute__((target("avx2,fma"))) inline void blend_panel(const BSource& s, in
   }
 }
 
+// The micro-kernel of run(): ours (6 x 16 AVX2 + FMA tiles), or oneDNN's BRGeMM ukernel through ATen
+// (at::native::cpublas::brgemm, JIT-generated for the running CPU: AVX2, AVX-512, ...; one call per image and
+// 16-column panel over all its pixels, A read row-major as [P][kc]).
+enum class Micro { Avx2, Brgemm };
+
+// Rows [0, kb) of a row-major [kb][P] matrix (row stride lda) as [P][kb]: brgemm's row-major A.
+inline void transpose_rows(const float* src, int64_t lda, int64_t P, int64_t kb, float* dst) {
+  constexpr int64_t kBlock = 16;  // 16 pixels x kb: the writes of one block stay in a few cache lines per k
+  for (int64_t p0 = 0; p0 < P; p0 += kBlock) {
+    const int64_t p1 = std::min(P, p0 + kBlock);
+    for (int64_t k = 0; k < kb; ++k) {
+      const float* s = src + k * lda;
+      for (int64_t p = p0; p < p1; ++p) dst[p * kb + k] = s[p];
+    }
+  }
+}
+
 // Per-thread scratch that lives across calls (grow-only): a fresh buffer per call came back from the OS as
 // new pages (page faults and zeroing measured at ~2% of a 7x7 layer).
 inline float* scratch(int slot, size_t n) {
@@ -187,7 +205,8 @@ inline float* scratch(int slot, size_t n) {
 // cache, and the block's packed A (kb rows) stays in L2. Blocks are spread over ATen's thread pool.
 template <class PackA, class Consume>
 void run(int64_t N, int64_t P, int64_t Kd, int64_t M, const BSource& b, const float* gates, int64_t gate_ld,
-         bool gate_per_column, const PackA& pack_a, const Consume& consume) {
+         bool gate_per_column, const PackA& pack_a, const Consume& consume, Micro kernel = Micro::Avx2) {
+  const bool brg = kernel == Micro::Brgemm;
   const Tiles tl(P);
   const int64_t tiles = tl.count, Mp = round_up(M, kNR), panels = Mp / kNR;
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
@@ -197,7 +216,7 @@ void run(int64_t N, int64_t P, int64_t Kd, int64_t M, const BSource& b, const fl
   const int64_t nb = (N + nblk - 1) / nblk, blocks = (N + nb - 1) / nb;
   at::parallel_for(0, blocks, 1, [&](int64_t blo, int64_t bhi) {
     float* rows = scratch(0, kKC * P + 8);
-    float* apack = scratch(1, nb * tiles * kKC * kMR + 8);
+    float* apack = scratch(1, nb * (brg ? P * kKC : tiles * kKC * kMR) + 8);
     float* cbuf = scratch(2, nb * P * Mp + 8);
     float* bstore = scratch(3, kKC * kNR + 8);
     float* bmix = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(bstore) + 31) & ~uintptr_t(31));
@@ -208,7 +227,10 @@ void run(int64_t N, int64_t P, int64_t Kd, int64_t M, const BSource& b, const fl
         for (int64_t n = n0; n < n1; ++n) {
           int64_t lda = P;
           const float* a = pack_a(n, k0, kb, rows, lda);
-          retile(a, lda, tl, kb, apack + (n - n0) * tiles * kb * kMR);
+          if (brg)
+            transpose_rows(a, lda, P, kb, apack + (n - n0) * P * kb);
+          else
+            retile(a, lda, tl, kb, apack + (n - n0) * tiles * kb * kMR);
         }
         for (int64_t j = 0; j < panels; ++j) {
           const int valid = static_cast<int>(std::min<int64_t>(kNR, M - j * kNR));
@@ -216,8 +238,13 @@ void run(int64_t N, int64_t P, int64_t Kd, int64_t M, const BSource& b, const fl
             const float* gn = gates + n * gate_ld;
             blend_panel(b, j, valid, k0, kb, gate_per_column ? gn + j * kNR : nullptr,
                         gate_per_column ? nullptr : gn, bmix);
-            const float* an = apack + (n - n0) * tiles * kb * kMR;
             float* cn = cbuf + (n - n0) * P * Mp + j * kNR;
+            if (brg) {  // C[P][16] (+)= A[P][kb] B[kb][16], C's rows Mp apart
+              at::native::cpublas::brgemm(P, kNR, kb, kb, kNR, Mp, k0 > 0, apack + (n - n0) * P * kb, bmix, cn,
+                                          false);
+              continue;
+            }
+            const float* an = apack + (n - n0) * tiles * kb * kMR;
             for (int64_t t = 0; t < tiles; ++t)
               with_rows(tl.rows(t), [&](auto R) {
                 micro<R>(kb, an + t * kb * kMR, bmix, cn + tl.start(t) * Mp, Mp, k0 > 0);
@@ -227,6 +254,7 @@ void run(int64_t N, int64_t P, int64_t Kd, int64_t M, const BSource& b, const fl
       }
       for (int64_t n = n0; n < n1; ++n) consume(n, cbuf + (n - n0) * P * Mp);
     }
+    if (brg) at::native::cpublas::brgemm_release(false);  // (the ukernel's per-thread hardware context)
   });
 }
 

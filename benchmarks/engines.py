@@ -1,0 +1,36 @@
+"""The CPU small-map engine with each micro-kernel against one plain convolution: hard per-filter gates,
+N = 32, 3x3, forward, ResNet stage shapes; TLKERNELS_GATED_CONV forces `mix` (our AVX2 micro-kernel) and
+`brgemm` (oneDNN's BRGeMM ukernel, JIT for the running ISA). Prints medians of 7 calls.
+
+    python benchmarks/engines.py [threads]
+"""
+import os
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from tlkernels._timing import call_times_ms
+from tlkernels.ops import gated_conv2d
+
+
+def main():
+    torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else 2)
+    torch.manual_seed(0)
+    for c, hw in [(128, 28), (256, 14), (256, 7), (512, 7), (512, 4)]:
+        x = torch.randn(32, c, hw, hw)
+        wp, wf = torch.randn(c, c, 3, 3) * 0.02, torch.randn(c, c, 3, 3) * 0.02
+        g = (torch.rand(32, c) > 0.5).float()
+        res = {}
+        with torch.no_grad():
+            for engine in ("mix", "brgemm"):
+                os.environ["TLKERNELS_GATED_CONV"] = engine
+                res[engine] = statistics.median(call_times_ms(
+                    lambda: gated_conv2d(x, wp, wf, g, padding=1, hard=True), 7))
+            res["plain conv"] = statistics.median(call_times_ms(lambda: F.conv2d(x, wf, padding=1), 7))
+        print(f"{c}ch {hw}x{hw}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in res.items()), flush=True)
+
+
+if __name__ == "__main__":
+    main()
