@@ -33,7 +33,8 @@ L2SP_CASES = [("fresh", p) for p in ("naive", "foreach", "tlkernels", "tlkernels
              [("into_grad", p) for p in ("naive", "foreach", "tlkernels", "triad")]
 
 
-def _l2sp_provider(provider, mode, params, refs, alpha):
+def _l2sp_provider(provider, mode, params, refs, alpha, weights=None):
+    """The provider's value + gradient pass; weights: L2-SP-Fisher's per-element weights (one per tensor)."""
     fresh = mode == "fresh"
 
     def clear():
@@ -45,15 +46,21 @@ def _l2sp_provider(provider, mode, params, refs, alpha):
         def fn():
             clear()
             loss = 0.0
-            for p, r in zip(params, refs):
-                loss = loss + 0.5 * alpha * (p - r).pow(2).sum()
+            for i, (p, r) in enumerate(zip(params, refs)):
+                sq = (p - r).pow(2)
+                loss = loss + 0.5 * alpha * (sq if weights is None else weights[i] * sq).sum()
             loss.backward()
             return loss
     elif provider == "foreach":
         def fn():
             with torch.no_grad():
                 d = torch._foreach_sub([p.detach() for p in params], refs)
-                value = 0.5 * alpha * torch.stack(torch._foreach_norm(d)).pow(2).sum()
+                if weights is None:
+                    value = 0.5 * alpha * torch.stack(torch._foreach_norm(d)).pow(2).sum()
+                else:  # sum w d^2 and the gradient's w d
+                    wd = torch._foreach_mul(d, weights)
+                    value = 0.5 * alpha * torch.stack([t.sum() for t in torch._foreach_mul(wd, d)]).sum()
+                    d = wd
                 if fresh:
                     torch._foreach_mul_(d, alpha)
                     return value, d
@@ -61,11 +68,11 @@ def _l2sp_provider(provider, mode, params, refs, alpha):
                 return value
     elif provider == "tlkernels":
         def fn():
-            return tlkernels.ops.l2sp_value_and_grad(params, refs, alpha, accumulate=not fresh)
+            return tlkernels.ops.l2sp_value_and_grad(params, refs, alpha, accumulate=not fresh, weights=weights)
     elif provider == "tlkernels_autograd":
         def fn():
             clear()
-            loss = tlkernels.ops.l2sp_penalty(params, refs, alpha)
+            loss = tlkernels.ops.l2sp_penalty(params, refs, alpha, weights=weights)
             loss.backward()
             return loss
     else:  # memory-bandwidth yardstick: c = a + s*b over the same sizes into preallocated outputs
@@ -110,25 +117,7 @@ def test_l2sp_fisher_into_grad(benchmark, r50, provider):
     benchmark.extra_info["provider"] = provider
     for p in params:
         p.grad = torch.randn_like(p)
-    alpha = 0.1
-    if provider == "naive":
-        def fn():
-            loss = 0.0
-            for p, r, f in zip(params, refs, fisher):
-                loss = loss + 0.5 * alpha * (f * (p - r).pow(2)).sum()
-            loss.backward()
-            return loss
-    elif provider == "foreach":
-        def fn():
-            with torch.no_grad():
-                d = torch._foreach_sub([p.detach() for p in params], refs)
-                fd = torch._foreach_mul(d, fisher)
-                value = 0.5 * alpha * torch.stack([t.sum() for t in torch._foreach_mul(fd, d)]).sum()
-                torch._foreach_add_([p.grad for p in params], fd, alpha=alpha)
-                return value
-    else:
-        def fn():
-            return tlkernels.ops.l2sp_value_and_grad(params, refs, alpha, accumulate=True, weights=fisher)
+    fn = _l2sp_provider(provider, "into_grad", params, refs, 0.1, weights=fisher)
     run(benchmark, fn, rounds=7)
     for p in params:
         p.grad = None
