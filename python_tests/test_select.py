@@ -69,6 +69,35 @@ def test_histogram_separable_path_for_low_rank_banks(narrow):
     torch.testing.assert_close(direct, filterbank_histogram_reference(x, wp, e, 1, 5), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("setting", ["separable", "direct", "heuristic", "auto"])
+def test_histogram_paths_forced_and_measured(monkeypatch, setting):
+    """TLKERNELS_HISTOGRAM forces the separable or the direct path (separable only where the bank separates),
+    takes the fixed rule, or (auto) the path measured on the first images; every path matches the reference."""
+    monkeypatch.setenv("TLKERNELS_HISTOGRAM", setting)
+    torch.manual_seed(1)
+    x = torch.rand(5, 3, 33, 29)
+    e = torch.linspace(-0.6, 0.6, 33).repeat(48, 1)
+    last = torch.ops.tlkernels._filterbank_histogram_last_path
+    low_rank = gabor_bank().stages[0]["weight"]
+    full_rank = torch.randn(6, 3, 5, 5) * 0.1
+    for w, separable in ((low_rank, True), (full_rank, False)):
+        ee = e[: w.shape[0]]
+        out = filterbank_histogram(x, w, ee, 1, w.shape[-1] // 2)
+        ref = filterbank_histogram_reference(x, w, ee, 1, w.shape[-1] // 2)
+        torch.testing.assert_close(out, ref, rtol=0, atol=2.01 / (33 * 29))
+        path = last()
+        if setting in ("separable", "heuristic"):  # the Gabor bank passes the fixed rule's 60% bound
+            assert path == ("separable" if separable else "direct"), (setting, path)
+        elif setting == "direct":
+            assert path == "direct"
+        else:
+            assert path in ("separable", "direct") and (separable or path == "direct")
+    monkeypatch.setenv("TLKERNELS_HISTOGRAM", "fastest")
+    with pytest.raises(RuntimeError, match="filterbank_histogram: TLKERNELS_HISTOGRAM must be one of auto, heuristic, "
+                                           "separable, direct; got 'fastest'"):
+        filterbank_histogram(x, low_rank, e, 1, 5)
+
+
 def test_histogram_non_finite_bank_takes_the_direct_path():
     """A NaN in a low-rank bank would make its SVD fail: the kernel keeps the direct path, which bins NaN
     responses like the reference does (rows still sum to one)."""

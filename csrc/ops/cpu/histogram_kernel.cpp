@@ -12,7 +12,14 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <chrono>
+#include <cstdlib>
 #include <cstring>
+#include <functional>
+#include <mutex>
+#include <sstream>
+#include <string>
+#include <unordered_map>
 
 #include "ops/check.h"
 #include "ops/common/histogram_math.h"
@@ -31,8 +38,8 @@ struct SepComponent {
   std::vector<float> u, v;
 };
 
-// The components of every filter, or empty when the bank is not worth separating (the 1-D passes must
-// cost at most 60% of the direct taps) or the geometry is not the plain stride-1 case.
+// The components of every filter, or empty when the bank cannot be separated with fewer taps than the direct
+// path or the geometry is not the plain stride-1 case.
 std::vector<SepComponent> separable_components(const at::Tensor& w, at::IntArrayRef stride) {
   std::vector<SepComponent> comps;
   if (w.size(1) != 1 || stride[0] != 1 || stride[1] != 1 || w.size(2) < 3 || w.size(3) < 3) return comps;
@@ -57,8 +64,14 @@ std::vector<SepComponent> separable_components(const at::Tensor& w, at::IntArray
       taps += kh + kw;
     }
   }
-  if (taps > 0.6 * static_cast<double>(F * kh * kw)) comps.clear();
+  if (taps >= F * kh * kw) comps.clear();
   return comps;
+}
+
+int64_t component_taps(const std::vector<SepComponent>& comps) {
+  int64_t taps = 0;
+  for (const auto& c : comps) taps += static_cast<int64_t>(c.u.size() + c.v.size());
+  return taps;
 }
 
 // out[x] = sum_j v[j] * in[x + j], x < n (in has n + kw - 1 values), and acc[x] += sum_i u[i] * rows[i*ld + x].
@@ -341,6 +354,48 @@ void histogram_direct(const at::Tensor& x, const at::Tensor& w, const Binner& bi
   });
 }
 
+// The choice between the separable and the direct path (TLKERNELS_HISTOGRAM): `auto` (default) times both
+// once per call signature on the first two images and keeps the fixed rule's path unless the other is
+// clearly faster (as the gated convolution's choice does); `heuristic` takes the fixed rule (separable when
+// its 1-D passes cost at most 60% of the direct taps); `separable` / `direct` force a path (separable only
+// where the bank separates).
+enum class HistPath { Separable, Direct };
+constexpr const char* kPathNames[] = {"separable", "direct"};
+thread_local std::string last_path = "";
+
+HistPath choose_path(const std::vector<SepComponent>& comps, const HistogramShape& sh, int64_t kh, int64_t kw,
+                     const std::string& key, const std::function<void(HistPath)>& run_sample) {
+  const char* env = std::getenv("TLKERNELS_HISTOGRAM");
+  const std::string v = env ? env : "";
+  TORCH_CHECK(v.empty() || v == "auto" || v == "heuristic" || v == "separable" || v == "direct",
+              "filterbank_histogram: TLKERNELS_HISTOGRAM must be one of auto, heuristic, separable, direct; got '",
+              v, "'");
+  if (comps.empty() || v == "direct") return HistPath::Direct;
+  if (v == "separable") return HistPath::Separable;
+  const HistPath rule = component_taps(comps) <= 0.6 * static_cast<double>(sh.F * kh * kw) ? HistPath::Separable
+                                                                                            : HistPath::Direct;
+  if (v == "heuristic") return rule;
+  static std::mutex mu;
+  static std::unordered_map<std::string, HistPath> cache;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = cache.find(key);
+    if (it != cache.end()) return it->second;
+  }
+  double best[2] = {1e300, 1e300};
+  for (int round = 0; round < 3; ++round)  // round 0 warms up (scratch, oneDNN primitives)
+    for (HistPath p : {HistPath::Separable, HistPath::Direct}) {
+      const auto t0 = std::chrono::steady_clock::now();
+      run_sample(p);
+      const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      if (round > 0) best[static_cast<int>(p)] = std::min(best[static_cast<int>(p)], dt);
+    }
+  const HistPath other = rule == HistPath::Separable ? HistPath::Direct : HistPath::Separable;
+  const HistPath pick = best[static_cast<int>(other)] < 0.85 * best[static_cast<int>(rule)] ? other : rule;
+  std::lock_guard<std::mutex> lock(mu);
+  return cache.emplace(key, pick).first->second;
+}
+
 at::Tensor filterbank_histogram_cpu(const at::Tensor& images, const at::Tensor& filters, const at::Tensor& edges,
                                     at::IntArrayRef stride, at::IntArrayRef padding) {
   const HistogramShape sh = check_filterbank_histogram_args(images, filters, edges, stride, padding);
@@ -359,14 +414,34 @@ at::Tensor filterbank_histogram_cpu(const at::Tensor& images, const at::Tensor& 
   }
   const Binner bins(e);
   const std::vector<SepComponent> comps = separable_components(w, stride);
-  if (!comps.empty())
-    histogram_separable(x, comps, bins, sh, padding, out.mutable_data_ptr<float>());
-  else
-    histogram_direct(x, w, bins, sh, stride, padding, out.mutable_data_ptr<float>());
+  auto run = [&](HistPath p, const at::Tensor& xs, const HistogramShape& s, float* o) {
+    if (p == HistPath::Separable)
+      histogram_separable(xs, comps, bins, s, padding, o);
+    else
+      histogram_direct(xs, w, bins, s, stride, padding, o);
+  };
+  std::ostringstream key;
+  key << x.sizes() << '|' << w.sizes() << '|' << stride << padding << '|' << sh.bins << '|' << component_taps(comps)
+      << '|' << at::get_num_threads();
+  const HistPath path = choose_path(comps, sh, w.size(2), w.size(3), key.str(), [&](HistPath p) {
+    HistogramShape sample = sh;
+    sample.N = std::min<int64_t>(sh.N, 2);
+    at::Tensor scratch = at::empty({sample.N, sh.F, sh.bins}, out.options());
+    run(p, x.narrow(0, 0, sample.N), sample, scratch.mutable_data_ptr<float>());
+  });
+  run(path, x, sh, out.mutable_data_ptr<float>());
+  last_path = kPathNames[static_cast<int>(path)];
   return out;
 }
 
+std::string histogram_last_path() { return last_path; }
+
 }  // namespace
+
+TORCH_LIBRARY_FRAGMENT(tlkernels, m) {
+  // The path the last CPU call on this thread took (diagnostics: tests check that a forced path ran).
+  m.def("_filterbank_histogram_last_path() -> str", &histogram_last_path);
+}
 
 TORCH_LIBRARY_IMPL(tlkernels, CPU, m) { m.impl("filterbank_histogram", &filterbank_histogram_cpu); }
 
