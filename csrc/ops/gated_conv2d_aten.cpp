@@ -37,17 +37,15 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cstdlib>
-#include <mutex>
 #include <sstream>
 #include <string>
-#include <unordered_map>
 #include <vector>
 
 #include "ops/cpu/gated_conv2d_mix.h"
 #include "ops/gated_conv2d.h"
 #include "ops/gated_conv2d_strategies.h"
+#include "ops/measured_choice.h"
 
 namespace tlkernels {
 namespace gconv {
@@ -58,8 +56,6 @@ namespace {
 constexpr int64_t kBlendMinPixels = 100;
 // From this many output pixels up, oneDNN's grouped conv (batch folded into groups) is efficient.
 constexpr int64_t kGroupedMinPixels = 784;
-// `auto` replaces the heuristic's strategy by one measured at most this fraction of its time.
-constexpr double kClearlyFaster = 0.85;
 
 constexpr const char* kNames[] = {"routed", "mix", "blended", "grouped", "concat", "brgemm"};
 
@@ -99,33 +95,7 @@ Strategy choose(const Setting& s, const std::vector<Strategy>& cands, Strategy h
   for (Strategy c : cands)
     if (s.mode == Setting::Forced && c == s.forced) return c;
   if (cands.size() == 1 || s.mode == Setting::Heuristic || !on_cpu) return heuristic;
-  static std::mutex mu;
-  static std::unordered_map<std::string, Strategy> cache;
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    auto it = cache.find(key);
-    if (it != cache.end()) return it->second;
-  }
-  // Round 0 warms up (first oneDNN primitives, engine scratch); then the best of three rounds, interleaved so
-  // that a burst of load on the machine hits every candidate alike.
-  std::vector<double> best(cands.size(), 1e300);
-  for (int round = 0; round < 4; ++round)
-    for (size_t i = 0; i < cands.size(); ++i) {
-      const auto t0 = std::chrono::steady_clock::now();
-      run(cands[i]);
-      const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      if (round > 0) best[i] = std::min(best[i], dt);
-    }
-  // The heuristic's strategy stays unless another is clearly faster: a candidate timed alone, right after
-  // another one has filled the caches, can look a few percent better or worse than it runs inside a model,
-  // and a choice that flips with that noise would cost more than it gains.
-  size_t w = 0;
-  for (size_t i = 0; i < cands.size(); ++i)
-    if (cands[i] == heuristic) w = i;
-  for (size_t i = 0; i < cands.size(); ++i)
-    if (best[i] < kClearlyFaster * best[w]) w = i;
-  std::lock_guard<std::mutex> lock(mu);
-  return cache.emplace(key, cands[w]).first->second;
+  return measured_choice(key, cands, heuristic, run);  // (the heuristic stays unless another is clearly faster)
 }
 
 // The strategies the last forward and backward call on this thread took (diagnostics: tests check that a

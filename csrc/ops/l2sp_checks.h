@@ -67,12 +67,13 @@ inline void check_weights(const char* op, at::TensorList params, const OptionalT
   }
 }
 
-// The weights in the memory layout of their (dense) params, undefined where a param has none.
-inline std::vector<at::Tensor> weights_like(const OptionalTensors& weights, const std::vector<at::Tensor>& P) {
+// Optional companions of the (dense) params (references of the steps, weights) in their params' memory
+// layout: one per param, undefined where a param has none (an empty list: none at all).
+inline std::vector<at::Tensor> optional_like(const OptionalTensors& ts, at::TensorList P) {
   std::vector<at::Tensor> out(P.size());
-  for (size_t i = 0; i < weights.size(); ++i) {
-    const auto w = weights.get(i);
-    if (w.has_value()) out[i] = layout_like(*w, P[i]);
+  for (size_t i = 0; i < ts.size(); ++i) {
+    const auto t = ts.get(i);
+    if (t.has_value()) out[i] = layout_like(*t, P[i]);
   }
   return out;
 }

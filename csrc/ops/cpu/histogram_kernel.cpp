@@ -12,19 +12,17 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
-#include <mutex>
 #include <sstream>
 #include <string>
-#include <unordered_map>
 
 #include "ops/check.h"
 #include "ops/common/histogram_math.h"
 #include "ops/cpu/avx2.h"
 #include "ops/histogram.h"
+#include "ops/measured_choice.h"
 
 namespace tlkernels {
 namespace {
@@ -356,9 +354,9 @@ void histogram_direct(const at::Tensor& x, const at::Tensor& w, const Binner& bi
 
 // The choice between the separable and the direct path (TLKERNELS_HISTOGRAM): `auto` (default) times both
 // once per call signature on the first two images and keeps the fixed rule's path unless the other is
-// clearly faster (as the gated convolution's choice does); `heuristic` takes the fixed rule (separable when
-// its 1-D passes cost at most 60% of the direct taps); `separable` / `direct` force a path (separable only
-// where the bank separates).
+// clearly faster (ops/measured_choice.h, as the gated convolution's choice); `heuristic` takes the fixed rule
+// (separable when its 1-D passes cost at most 60% of the direct taps); `separable` / `direct` force a path
+// (separable only where the bank separates).
 enum class HistPath { Separable, Direct };
 constexpr const char* kPathNames[] = {"separable", "direct"};
 thread_local std::string last_path = "";
@@ -375,25 +373,7 @@ HistPath choose_path(const std::vector<SepComponent>& comps, const HistogramShap
   const HistPath rule = component_taps(comps) <= 0.6 * static_cast<double>(sh.F * kh * kw) ? HistPath::Separable
                                                                                             : HistPath::Direct;
   if (v == "heuristic") return rule;
-  static std::mutex mu;
-  static std::unordered_map<std::string, HistPath> cache;
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    auto it = cache.find(key);
-    if (it != cache.end()) return it->second;
-  }
-  double best[2] = {1e300, 1e300};
-  for (int round = 0; round < 3; ++round)  // round 0 warms up (scratch, oneDNN primitives)
-    for (HistPath p : {HistPath::Separable, HistPath::Direct}) {
-      const auto t0 = std::chrono::steady_clock::now();
-      run_sample(p);
-      const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      if (round > 0) best[static_cast<int>(p)] = std::min(best[static_cast<int>(p)], dt);
-    }
-  const HistPath other = rule == HistPath::Separable ? HistPath::Direct : HistPath::Separable;
-  const HistPath pick = best[static_cast<int>(other)] < 0.85 * best[static_cast<int>(rule)] ? other : rule;
-  std::lock_guard<std::mutex> lock(mu);
-  return cache.emplace(key, pick).first->second;
+  return measured_choice(key, {HistPath::Separable, HistPath::Direct}, rule, run_sample);
 }
 
 at::Tensor filterbank_histogram_cpu(const at::Tensor& images, const at::Tensor& filters, const at::Tensor& edges,

@@ -61,7 +61,7 @@ at::Tensor l2sp_core(const char* op, at::TensorList params, at::TensorList refs,
   std::vector<at::Tensor> P, R, Q;  // dense, refs and weights in their param's layout (copies only where needed)
   for (auto& t : params) P.push_back(dense(t));
   for (size_t i = 0; i < refs.size(); ++i) R.push_back(layout_like(refs[i], P[i]));
-  const std::vector<at::Tensor> W = weights_like(weights, P);
+  const std::vector<at::Tensor> W = optional_like(weights, P);
   for (auto& t : new_params) Q.push_back(dense(t));
   const std::vector<at::TensorList> lists{P, Q};
   const double scale = scale_t ? scale_t->item<double>() : 1.0;
@@ -85,14 +85,8 @@ at::Tensor l2sp_core(const char* op, at::TensorList params, at::TensorList refs,
 #ifdef TLK_HAVE_AVX2_PATH
         if constexpr (std::is_same_v<scalar_t, float>) {
           if (avx2::available()) {
-            // (casts only to compile for the other dtypes; this branch runs for float alone)
-            const float* pf = reinterpret_cast<const float*>(pp);
-            const float* rf = reinterpret_cast<const float*>(rp);
-            const float* wf = reinterpret_cast<const float*>(wp);
-            float* gf = reinterpret_cast<float*>(gptr);
-            partial[it] = avx2::l2sp_chunk(pf + w.begin, rf ? rf + w.begin : nullptr, wf ? wf + w.begin : nullptr,
-                                           gf ? gf + w.begin : nullptr, static_cast<float>(coeff), w.end - w.begin,
-                                           accumulate);
+            partial[it] = avx2::l2sp_chunk(f32(pp, w.begin), f32(rp, w.begin), f32(wp, w.begin), f32(gptr, w.begin),
+                                           static_cast<float>(coeff), w.end - w.begin, accumulate);
             return;
           }
         }
@@ -158,14 +152,9 @@ at::Tensor l2sp_value_and_grad_inplace_cpu(at::TensorList params, at::TensorList
 struct StepOperands {
   std::vector<at::Tensor> G, R, W;
   StepOperands(at::TensorList params, at::TensorList grads, const OptionalTensors& refs,
-               const OptionalTensors& weights) {
-    const std::vector<at::Tensor> P(params.begin(), params.end());
-    for (size_t i = 0; i < params.size(); ++i) {
-      G.push_back(layout_like(grads[i], params[i]));
-      auto r = refs.get(i);
-      R.push_back(r.has_value() ? layout_like(*r, params[i]) : at::Tensor());
-    }
-    W = weights_like(weights, P);
+               const OptionalTensors& weights)
+      : R(optional_like(refs, params)), W(optional_like(weights, params)) {
+    for (size_t i = 0; i < params.size(); ++i) G.push_back(layout_like(grads[i], params[i]));
   }
   template <typename scalar_t>
   static const scalar_t* ptr(const at::Tensor& t) { return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr; }

@@ -202,7 +202,7 @@ at::Tensor l2sp_penalty_cuda(at::TensorList params, at::TensorList refs, const O
   check_penalty_args("l2sp_penalty", params, refs, weights, new_params);
   const c10::cuda::OptionalCUDAGuard guard(params.empty() ? new_params[0].device() : params[0].device());
   const auto P = dense_list(params);
-  return penalty_value(P, refs_like(refs, P), weights_like(weights, P), alpha, dense_list(new_params), beta, nullptr,
+  return penalty_value(P, refs_like(refs, P), optional_like(weights, P), alpha, dense_list(new_params), beta, nullptr,
                        nullptr);
 }
 
@@ -214,7 +214,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> l2sp_penalty_backwa
   // The upstream gradient scales the result on the device: reading it on the host would synchronise.
   std::vector<at::Tensor> gp, gn;
   const auto P = dense_list(params);
-  penalty_list(P, refs_like(refs, P), weights_like(weights, P), alpha, &gp, 1.0, false, grad.device());
+  penalty_list(P, refs_like(refs, P), optional_like(weights, P), alpha, &gp, 1.0, false, grad.device());
   penalty_list(dense_list(new_params), {}, {}, beta, &gn, 1.0, false, grad.device());
   const at::Tensor s = grad.reshape({});
   for (auto& g : gp) g.mul_(s.to(g.scalar_type()));
@@ -229,7 +229,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> l2sp_va
   const c10::cuda::OptionalCUDAGuard guard(params.empty() ? new_params[0].device() : params[0].device());
   std::vector<at::Tensor> gp, gn;
   const auto P = dense_list(params);
-  auto v = penalty_value(P, refs_like(refs, P), weights_like(weights, P), alpha, dense_list(new_params), beta, &gp,
+  auto v = penalty_value(P, refs_like(refs, P), optional_like(weights, P), alpha, dense_list(new_params), beta, &gp,
                          &gn);
   return {v, gp, gn};
 }
@@ -245,7 +245,7 @@ at::Tensor l2sp_value_and_grad_inplace_cuda(at::TensorList params, at::TensorLis
   const c10::cuda::OptionalCUDAGuard guard(params.empty() ? new_params[0].device() : params[0].device());
   std::vector<at::Tensor> gp(grads.begin(), grads.end()), gn(new_grads.begin(), new_grads.end());
   const auto P = dense_list(params);
-  return penalty_value(P, refs_like(refs, P), weights_like(weights, P), alpha, dense_list(new_params), beta, &gp, &gn,
+  return penalty_value(P, refs_like(refs, P), optional_like(weights, P), alpha, dense_list(new_params), beta, &gp, &gn,
                        true);
 }
 
@@ -265,20 +265,10 @@ __global__ void sgd_kernel(Meta<5> meta, float lr, float momentum, float dampeni
   for (int64_t i = base + threadIdx.x; i < end; i += blockDim.x) {
     A buf = b ? static_cast<A>(b[i]) : A(0);
     p[i] = static_cast<scalar_t>(l2sp::sgd_update<A>(p[i], g[i], r ? static_cast<A>(r[i]) : A(0),
-                                                     w ? c * static_cast<A>(w[i]) : c, &buf, first, lr, momentum, dampening, weight_decay, nesterov,
-                                                     maximize));
+                                                     w ? c * static_cast<A>(w[i]) : c, &buf, first, lr, momentum,
+                                                     dampening, weight_decay, nesterov, maximize));
     if (b) b[i] = static_cast<scalar_t>(buf);
   }
-}
-
-// Each reference in the memory layout of its parameter (the kernels index both with one flat index).
-std::vector<at::Tensor> refs_or_undefined(const c10::List<std::optional<at::Tensor>>& refs, at::TensorList params) {
-  std::vector<at::Tensor> out;
-  for (size_t i = 0; i < refs.size(); ++i) {
-    auto r = refs.get(i);
-    out.push_back(r.has_value() ? layout_like(*r, params[i]) : at::Tensor());
-  }
-  return out;
 }
 
 // The step kernels' operands for the params of dtype dt: p, g (in p's layout), each optimizer state (an empty
@@ -312,8 +302,7 @@ void sgd_l2sp_step_cuda(at::TensorList params, at::TensorList grads, at::TensorL
                   refs, weights, coeffs);
   if (params.empty()) return;
   const c10::cuda::OptionalCUDAGuard guard(params[0].device());
-  const auto R = refs_or_undefined(refs, params);
-  const auto W = weights_like(weights, std::vector<at::Tensor>(params.begin(), params.end()));
+  const auto R = optional_like(refs, params), W = optional_like(weights, params);
   std::vector<std::vector<at::Tensor>> lists;
   std::vector<double> cs;
   for (auto dt : {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16}) {
@@ -361,8 +350,7 @@ void adamw_l2sp_step_cuda(at::TensorList params, at::TensorList grads, at::Tenso
                   weights, coeffs);
   if (params.empty()) return;
   const c10::cuda::OptionalCUDAGuard guard(params[0].device());
-  const auto R = refs_or_undefined(refs, params);
-  const auto W = weights_like(weights, std::vector<at::Tensor>(params.begin(), params.end()));
+  const auto R = optional_like(refs, params), W = optional_like(weights, params);
   const float bc1 = 1.0 - std::pow(beta1, (double)step), bc2s = std::sqrt(1.0 - std::pow(beta2, (double)step));
   std::vector<std::vector<at::Tensor>> lists;
   std::vector<double> cs;
