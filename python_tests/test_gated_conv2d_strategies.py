@@ -7,13 +7,14 @@ import torch
 
 from tlkernels.ops import gated_conv2d, gated_conv2d_reference
 
-STRATEGIES = ["routed", "mix", "brgemm", "blended", "grouped", "concat", "heuristic", "auto"]
+STRATEGIES = ["routed", "mix", "brgemm", "blended", "grouped", "concat", "bmm", "heuristic", "auto"]
 # (N, C_in, H, C_out, k, stride, padding, dilation, groups)
 SHAPES = [
     (3, 4, 9, 6, 3, 1, 1, 1, 1),
     (2, 4, 10, 6, 3, 2, 1, 1, 1),
     (2, 4, 9, 4, 3, 1, 2, 2, 2),
     (2, 3, 7, 5, 1, 1, 0, 1, 1),
+    (2, 4, 9, 6, 1, 2, 0, 1, 2),  # 1x1, stride 2 (odd map), groups: bmm's strided input and per-group GEMMs
 ]
 
 
@@ -52,11 +53,14 @@ def run(fn, ts, kw, grads=True):
     return y.detach(), [None if t is None else t.grad for t in leaves]
 
 
-def applicable(strategy, gate_kind, hard, dtype, groups, backward):
+def applicable(strategy, gate_kind, hard, dtype, shape, channels_last=False):
+    k, padding, groups = shape[4], shape[6], shape[8]
     if strategy == "routed":
         return gate_kind == "image_rows" or (gate_kind == "image" and hard)
     if strategy in ("mix", "brgemm"):
         return dtype == torch.float32 and groups == 1
+    if strategy == "bmm":
+        return k == 1 and padding == 0 and (groups == 1 or not channels_last)
     return strategy in ("blended", "grouped", "concat")
 
 
@@ -73,7 +77,7 @@ def test_strategy_float64_forward_and_all_gradients(monkeypatch, strategy, shape
     torch.testing.assert_close(y, yr, rtol=1e-10, atol=1e-10)
     for g, gr, name in zip(gs, grs, ("input", "weight_pre", "weight_ft", "gate", "bias_pre", "bias_ft")):
         torch.testing.assert_close(g, gr, rtol=1e-9, atol=1e-9, msg=lambda m: f"{name}: {m}")
-    if strategy not in ("auto", "heuristic") and applicable(strategy, gate_kind, hard, torch.float64, shape[-1], True):
+    if strategy not in ("auto", "heuristic") and applicable(strategy, gate_kind, hard, torch.float64, shape):
         assert used == [strategy, strategy]
 
 
@@ -95,12 +99,34 @@ def test_strategy_float32(monkeypatch, strategy, channels_last, gate_kind, hard)
         assert y.is_contiguous(memory_format=torch.channels_last)
 
 
-@pytest.mark.parametrize("strategy", ["routed", "blended", "grouped", "concat", "auto"])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape", [(4, 16, 7, 8, 1, 1, 0, 1, 1), (3, 8, 10, 16, 1, 2, 0, 1, 1), (2, 8, 6, 8, 1, 1, 0, 1, 2)],
+                         ids=["1x1", "1x1s2", "1x1g2"])
+@pytest.mark.parametrize("gate_kind,hard", [("filter", True), ("filter", False), ("image", False)])
+def test_bmm_float32_layouts(monkeypatch, shape, channels_last, gate_kind, hard):
+    """The 1x1 batched-GEMM strategy in both layouts (channels_last output in place; groups only in NCHW, where
+    channels_last with groups takes another strategy), stride 2 on an even map."""
+    monkeypatch.setenv("TLKERNELS_GATED_CONV", "bmm")
+    ts, kw = make(shape, torch.float32, gate_kind, hard, bias=True, channels_last=channels_last)
+    y, gs = run(gated_conv2d, ts, kw)
+    takes_bmm = applicable("bmm", gate_kind, hard, torch.float32, shape, channels_last)
+    assert (last() == ["bmm", "bmm"]) == takes_bmm
+    yr, grs = run(gated_conv2d_reference, [None if t is None else t.double() for t in ts], kw)
+    torch.testing.assert_close(y.double(), yr, rtol=1e-4, atol=1e-4)
+    for g, gr in zip(gs, grs):
+        torch.testing.assert_close(g.double(), gr, rtol=1e-4, atol=2e-4)
+    if channels_last:
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        assert gs[0].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("strategy,k", [("routed", 3), ("blended", 3), ("grouped", 3), ("concat", 3), ("auto", 3),
+                                        ("bmm", 1), ("auto", 1)])
 @pytest.mark.parametrize("gate_kind,hard", [("image", True), ("filter", False)])
-def test_strategy_bfloat16_error_budget(monkeypatch, strategy, gate_kind, hard):
+def test_strategy_bfloat16_error_budget(monkeypatch, strategy, k, gate_kind, hard):
     """err(ours in bf16) <= 2 x err(the reference computed in bf16), both against the float64 reference."""
     monkeypatch.setenv("TLKERNELS_GATED_CONV", strategy)
-    shape = (4, 8, 8, 8, 3, 1, 1, 1, 1)
+    shape = (4, 8, 8, 8, k, 1, k // 2, 1, 1)
     ts, kw = make(shape, torch.bfloat16, gate_kind, hard, bias=True, channels_last=False)
     y, gs = run(gated_conv2d, ts, kw)
     y16, gs16 = run(gated_conv2d_reference, ts, kw)
@@ -164,16 +190,17 @@ def test_triton_setting_runs_the_triton_kernels_in_the_interpreter(monkeypatch):
         torch.testing.assert_close(g, gr)
 
 
-@pytest.mark.parametrize("strategy", ["auto", "mix", "brgemm", "blended", "grouped", "concat"])
+@pytest.mark.parametrize("strategy", ["auto", "mix", "brgemm", "blended", "grouped", "concat", "bmm"])
 def test_fake_and_kernels_agree_on_strides_with_channels_last_weights(monkeypatch, strategy):
     """After model.to(memory_format=torch.channels_last) weights are channels_last too: the fake kernels and
     every strategy must return gradients with the same strides."""
     monkeypatch.setenv("TLKERNELS_GATED_CONV", strategy)
     cl = torch.channels_last
     x = torch.randn(2, 4, 6, 6).contiguous(memory_format=cl)
-    wp, wf = (torch.randn(8, 4, 3, 3).contiguous(memory_format=cl) for _ in range(2))
+    k = 1 if strategy == "bmm" else 3  # (bmm runs 1x1 convolutions)
+    wp, wf = (torch.randn(8, 4, k, k).contiguous(memory_format=cl) for _ in range(2))
     g = torch.rand(2, 8)
-    conv = [[1, 1], [1, 1], [1, 1], 1]
+    conv = [[1, 1], [k // 2, k // 2], [1, 1], 1]
     torch.library.opcheck(torch.ops.tlkernels.gated_conv2d.default, (x, wp, wf, g, None, None, *conv, False, False),
                           test_utils=("test_schema", "test_faketensor"))
     dy = torch.randn(2, 8, 6, 6).contiguous(memory_format=cl)
@@ -183,3 +210,5 @@ def test_fake_and_kernels_agree_on_strides_with_channels_last_weights(monkeypatc
     grads = torch.ops.tlkernels.gated_conv2d_backward(dy, x, wp, wf, g, None, None, torch.empty(0), *conv, False,
                                                        [True] * 4 + [False] * 2)
     assert grads[1].is_contiguous(memory_format=cl) and grads[2].is_contiguous(memory_format=cl)
+    if strategy not in ("auto", "heuristic"):
+        assert list(torch.ops.tlkernels._gated_conv2d_last_strategies())[1] == strategy

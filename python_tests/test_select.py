@@ -225,6 +225,82 @@ def test_knn_index_answers_as_knn_search(metric, dtype):
         assert torch.equal(index.search(q, 9)[1], knn_search_reference(q, db, 9, metric, channel_weights=w)[1])
 
 
+@pytest.mark.skipif(not has_op("knn_select_chunk"), reason="the BLAS choice serves the compiled selection kernel")
+@pytest.mark.parametrize("gemm", ["torch", "torch_t", "numpy", "numpy_t"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_knn_every_chunk_gemm_gives_the_reference_answer(monkeypatch, gemm, dtype):
+    monkeypatch.setenv("TLKERNELS_KNN_GEMM", gemm)
+    g = torch.Generator().manual_seed(3)
+    q = torch.softmax(torch.randn(21, 40, generator=g, dtype=torch.float64), 1)
+    db = torch.softmax(torch.randn(300, 40, generator=g, dtype=torch.float64), 1)
+    db[250] = db[3]  # a tie across chunks
+    ri = knn_search_reference(q, db, 12)[1]
+    i = knn_search(q.to(dtype), db.to(dtype), 12, chunk_size=128)[1]  # chunks of 128, 128 and a 44-row tail
+    if dtype == torch.float64:
+        assert torch.equal(i, ri)
+    else:  # float32 rounding may swap near ties: the same neighbour sets
+        assert (torch.sort(i, 1)[0] == torch.sort(ri, 1)[0]).float().mean() > 0.97
+    assert torch.equal(KnnIndex(db.to(dtype), chunk_size=128).search(q.to(dtype), 12)[1], i)
+
+
+@pytest.mark.skipif(not has_op("knn_select_chunk"), reason="the BLAS choice serves the compiled selection kernel")
+def test_knn_auto_gemm_is_measured_once_and_numpy_blas_follows_torch_threads(monkeypatch):
+    from threadpoolctl import threadpool_info
+    from tlkernels.ops import knn
+    seen = []
+
+    def numpy_gemm(A, B, out):  # records the BLAS thread limits numpy's GEMM runs under
+        seen.append({i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"})
+        return knn._gemm_numpy(A, B, out)
+
+    monkeypatch.setitem(knn.GEMMS, "numpy", numpy_gemm)
+    monkeypatch.setenv("TLKERNELS_KNN_GEMM", "auto")
+    threads = torch.get_num_threads()
+    g = torch.Generator().manual_seed(4)
+    q = torch.rand(17, 37, generator=g, dtype=torch.float64)  # a shape no other test uses: a fresh choice
+    db = torch.rand(200, 37, generator=g, dtype=torch.float64)
+    B = knn._db_side("skl", db[:64], torch.ones(37, dtype=torch.float64), EPS)[0]
+    assert knn.chosen_gemm(q, B) is None
+    try:
+        torch.set_num_threads(1)
+        first = knn_search(q, db, 5, chunk_size=64)
+        pick = knn.chosen_gemm(q, B)
+        assert pick in knn.GEMMS
+        # warm-up + 3 rounds on the sample (then 4 chunks if numpy won), under a one-thread BLAS limit
+        assert len(seen) == 4 + (4 if pick == "numpy" else 0) and all(s == {1} for s in seen)
+        again = knn_search(q, db, 5, chunk_size=64)
+        assert len(seen) == 4 + (8 if pick == "numpy" else 0)  # measured once: the next search takes the pick
+        assert torch.equal(first[1], again[1]) and torch.equal(first[1], knn_search_reference(q, db, 5)[1])
+    finally:
+        torch.set_num_threads(threads)
+    if threads != 1:  # the thread count is part of the signature
+        assert knn.chosen_gemm(q, B) is None
+
+
+def test_knn_gemm_setting_is_checked(monkeypatch):
+    monkeypatch.setenv("TLKERNELS_KNN_GEMM", "mkl")
+    q = torch.rand(3, 8)
+    with pytest.raises(ValueError, match="knn_search: TLKERNELS_KNN_GEMM must be one of auto, torch, torch_t, numpy"):
+        knn_search(q, q, 1)
+
+
+def test_measured_choice_keeps_the_rule_unless_another_is_clearly_faster():
+    import time
+    from tlkernels._timing import chosen, measured_choice
+    cost = {"a": 0.004, "b": 0.0038, "c": 0.0005}
+    calls = []
+
+    def run(c):
+        calls.append(c)
+        time.sleep(cost[c])
+
+    assert measured_choice(("test", 1), ("a", "b"), "a", run) == "a"  # b is 5% faster: within the noise margin
+    assert measured_choice(("test", 2), ("a", "b", "c"), "a", run) == "c"
+    assert calls.count("c") == 4 and chosen(("test", 2)) == "c"  # warm-up + 3 rounds
+    n = len(calls)
+    assert measured_choice(("test", 2), ("a", "b", "c"), "a", run) == "c" and len(calls) == n  # cached
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_knn_select_chunk_reads_both_layouts_alike(dtype):
     # knn_search hands the kernel (chunk @ queries^T)^T, read in place column-wise by blocks of 32 queries

@@ -1,5 +1,7 @@
 """Wall-clock times of repeated calls, the one timing helper of selfcheck --bench and the benchmark scripts
-(pytest-benchmark times the benchmark files themselves)."""
+(pytest-benchmark times the benchmark files themselves), and the measured choice among a Python op's exact
+paths."""
+import threading
 import time
 
 import torch
@@ -27,3 +29,38 @@ def call_times_ms(fn, reps, warmup=2, device=None):
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return times
+
+
+
+_CHOICES = {}
+_CHOICES_LOCK = threading.Lock()
+
+
+def measured_choice(key, candidates, keep, run, clearly_faster=0.85):
+    """The fastest of several exact ways to do one thing on the running host, for call signature `key`: each
+    candidate c is timed with run(c), once per key in the process (cuDNN benchmark mode's idea); the pick is
+    cached. Round 0 warms up, then the best of three rounds, interleaved so that a burst of load hits every
+    candidate alike. `keep` (the fixed rule's pick) stays unless another is faster by the factor clearly_faster:
+    a choice that flips with timing noise costs more than it gains. The compiled ops' twin:
+    csrc/ops/measured_choice.h."""
+    with _CHOICES_LOCK:
+        if key in _CHOICES:
+            return _CHOICES[key]
+    best = {c: float("inf") for c in candidates}
+    for rnd in range(4):
+        for c in candidates:
+            t0 = time.perf_counter()
+            run(c)
+            if rnd:
+                best[c] = min(best[c], time.perf_counter() - t0)
+    pick = keep if keep in best else candidates[0]
+    for c, b in best.items():
+        if b < clearly_faster * best[pick]:
+            pick = c
+    with _CHOICES_LOCK:
+        return _CHOICES.setdefault(key, pick)
+
+
+def chosen(key):
+    """What measured_choice picked for `key`, or None before it ran (diagnostics)."""
+    return _CHOICES.get(key)

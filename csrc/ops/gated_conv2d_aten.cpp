@@ -13,6 +13,8 @@
 //   * blended - per image blend the weights (C_out*K values, tiny next to the conv) and run one conv on that
 //               image. One conv's FLOPs, N library calls.
 //   * grouped - the batch folded into groups with per-image blended weights: one grouped conv call.
+//   * bmm     - 1x1 unpadded convs: per image the blended weights times the input's pixel matrix, one batched
+//               GEMM (BLAS) with one conv's FLOPs and no per-image library calls.
 //   * concat  - one conv over [Wp; Wf] (x read once, one large GEMM) and a fused lerp epilogue. Two convs'
 //               FLOPs at full GEMM efficiency; returns diff = y_f - y_p for free (dL/dg then needs no conv).
 //  backward
@@ -21,6 +23,7 @@
 //               dWf = sum_b g_b dW_b, dWp = sum_b (1-g_b) dW_b and dg_b = <dW_b, Wf - Wp> follow by small
 //               contractions: a training step with gate gradient costs 3 conv-equivalents.
 //   * blended - per-image dx with blended weights, one batched weight gradient on g*dy.
+//   * bmm     - (1x1) dx as one batched GEMM with the blended weights; weight gradients as blended's.
 //   * mix     - dx and (with a gate gradient) dWf, dWp, dL/dg from the small-map engine (brgemm: its dx GEMM
 //               on the BRGeMM ukernel).
 //   * concat  - dx from one conv-transpose over [Wp; Wf] with ((1-g)dy, g dy).
@@ -54,10 +57,14 @@ namespace {
 // Heuristic rules (the `heuristic` setting; measured on 2 CPU cores with oneDNN, N=32):
 // below this many output pixels per image, per-image conv calls cost more than the FLOPs they save.
 constexpr int64_t kBlendMinPixels = 100;
+// From this many output pixels up, a 1x1 conv's per-image GEMMs run at the BLAS's full speed (bmm; below it the
+// small-map engine, which reuses each blended weight panel across pixels in L1, is as fast or faster).
+constexpr int64_t kBmmMinPixels = 196;
 // From this many output pixels up, oneDNN's grouped conv (batch folded into groups) is efficient.
 constexpr int64_t kGroupedMinPixels = 784;
 
-constexpr const char* kNames[] = {"routed", "mix", "blended", "grouped", "concat", "brgemm"};
+constexpr const char* kNames[] = {"routed", "mix", "blended", "grouped", "concat", "brgemm", "bmm"};
+constexpr int kStrategies = 7;
 
 struct Setting {
   enum Mode { Auto, Heuristic, Forced, Triton } mode = Auto;
@@ -77,14 +84,14 @@ Setting setting() {
     s.mode = Setting::Triton;
     return s;
   }
-  for (int i = 0; i < 6; ++i)
+  for (int i = 0; i < kStrategies; ++i)
     if (v == kNames[i]) {
       s.mode = Setting::Forced;
       s.forced = static_cast<Strategy>(i);
       return s;
     }
   TORCH_CHECK(false, "gated_conv2d: TLKERNELS_GATED_CONV must be one of auto, heuristic, routed, mix, brgemm, "
-              "blended, grouped, concat, triton, reference; got '", v, "'");
+              "blended, grouped, concat, bmm, triton, reference; got '", v, "'");
 }
 
 // A strategy among `cands`: forced where it applies, else the heuristic's (`heuristic`, and CUDA tensors),
@@ -160,6 +167,7 @@ std::tuple<at::Tensor, at::Tensor> gated_conv2d_forward(
   std::vector<Strategy> cands;
   Strategy heuristic;
   const bool mix_ok = on_cpu && mix::applicable(input, a, P);
+  const bool bmm_ok = bmm_applicable(input, weight_pre, a);
   if (save_diff && s.mode != Setting::Forced) {  // asked for where the concat path has y_f - y_p for free
     cands = {Strategy::Concat};
     heuristic = Strategy::Concat;
@@ -168,8 +176,10 @@ std::tuple<at::Tensor, at::Tensor> gated_conv2d_forward(
     // where the gates allow it, it is measured against the others.
     if (routed_gate.defined()) cands.push_back(Strategy::Routed);
     if (mix_ok) cands.insert(cands.end(), {Strategy::Mix, Strategy::Brgemm});
+    if (bmm_ok) cands.push_back(Strategy::Bmm);
     cands.insert(cands.end(), {Strategy::Blended, Strategy::Grouped, Strategy::Concat});
-    heuristic = routed_gate.defined() ? Strategy::Routed : !on_cpu ? Strategy::Concat : mix_ok ? Strategy::Mix
+    heuristic = routed_gate.defined() ? Strategy::Routed : !on_cpu ? Strategy::Concat
+                : bmm_ok && P >= kBmmMinPixels ? Strategy::Bmm : mix_ok ? Strategy::Mix
                 : P >= kBlendMinPixels ? Strategy::Blended : Strategy::Concat;
   }
   const at::Tensor g = effective_gate(gate, weight_pre.size(0), hard);
@@ -183,6 +193,7 @@ std::tuple<at::Tensor, at::Tensor> gated_conv2d_forward(
         break;
       case Strategy::Blended: forward_blended(input, weight_pre, weight_ft, g, bias_pre, bias_ft, a, y); break;
       case Strategy::Grouped: forward_grouped(input, weight_pre, weight_ft, g, bias_pre, bias_ft, a, y); break;
+      case Strategy::Bmm: forward_bmm(xin, weight_pre, weight_ft, g, bias_pre, bias_ft, a, y); break;
       case Strategy::Concat: forward_concat(input, weight_pre, weight_ft, g, bias_pre, bias_ft, a, y, d); break;
     }
   };
@@ -240,11 +251,14 @@ Grads gated_conv2d_backward(const at::Tensor& grad_output, const at::Tensor& inp
     std::vector<Strategy> cands;
     Strategy heuristic;
     const bool mix_ok = on_cpu && mix::applicable(x, a, P);
+    const bool bmm_ok = bmm_applicable(x, weight_pre, a);
     if (routed_gate.defined()) cands.push_back(Strategy::Routed);  // (measured against the others, as forward)
     if (mix_ok) cands.insert(cands.end(), {Strategy::Mix, Strategy::Brgemm});
+    if (bmm_ok) cands.push_back(Strategy::Bmm);
     cands.insert(cands.end(), {Strategy::Blended, Strategy::Grouped, Strategy::Concat});
     heuristic = routed_gate.defined() ? Strategy::Routed
                 : !on_cpu ? Strategy::Concat
+                : bmm_ok && !m.gate && P >= kBmmMinPixels ? Strategy::Bmm  // (with dL/dg: one GEMM more than mix)
                 : P >= kGroupedMinPixels ? Strategy::Grouped
                 : mix_ok ? Strategy::Mix
                 : P >= kBlendMinPixels ? Strategy::Blended

@@ -92,6 +92,8 @@ Grads backward_general(const at::Tensor& dy, const at::Tensor& x, const at::Tens
   if (wmix) mix::weight_grads(dy, x, wp, wf, g, a, m, dwp, dwf, dg);  // dg without its bias part
   if (m.input && mix) {
     dx = mix::input_grad(dy, x, wp, wf, g, a, st == Strategy::Brgemm);
+  } else if (m.input && st == Strategy::Bmm) {
+    dx = input_grad_bmm(dy, x, wp, wf, g, a);
   } else if (m.input && blended) {
     dx = at::empty_like(x);
     const at::Tensor dw = wf - wp;
@@ -103,7 +105,7 @@ Grads backward_general(const at::Tensor& dy, const at::Tensor& x, const at::Tens
       dx[b].copy_(std::get<0>(r)[0]);
     }
   }
-  const bool both_w = !wmix && m.weight_pre && m.weight_ft, dx_concat = m.input && !blended && !mix;
+  const bool both_w = !wmix && m.weight_pre && m.weight_ft, dx_concat = m.input && !blended && !mix && st != Strategy::Bmm;
   if (dx_concat || both_w) {
     // ((1-g) dy, g dy) interleaved per group: the output gradient of the concatenated conv.
     auto dyv = dy.reshape({N, G, 1, C / G, dy.size(2), dy.size(3)});

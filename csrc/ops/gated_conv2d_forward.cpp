@@ -98,6 +98,71 @@ void forward_concat(const at::Tensor& x, const at::Tensor& wp, const at::Tensor&
   }
 }
 
+// The bmm strategy: a 1x1 unpadded convolution is, per image, the GEMM W (C_out x C_in) @ x (C_in x pixels) on
+// the input at the output pixels, so per-image blended weights make the gated convolution one batched GEMM
+// with exactly one convolution's FLOPs (N*C_out*C_in blended values, small next to the GEMM).
+bool bmm_applicable(const at::Tensor& x, const at::Tensor& w, const ConvArgs& a) {
+  const bool channels_last = x.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+  return w.size(2) == 1 && w.size(3) == 1 && a.padding[0] == 0 && a.padding[1] == 0 &&
+         (!channels_last || a.groups == 1);
+}
+
+namespace {
+
+// The input at the output pixels of a 1x1 unpadded convolution (a strided view for stride > 1).
+at::Tensor at_output_pixels(const at::Tensor& x, const ConvArgs& a) {
+  if (a.stride[0] == 1 && a.stride[1] == 1) return x;
+  return x.slice(2, 0, c10::nullopt, a.stride[0]).slice(3, 0, c10::nullopt, a.stride[1]);
+}
+
+// Per-image blended weights (N, C_out, C_in/G): row c of image n is Wp[c] + g[n,c] (Wf[c] - Wp[c]) (exactly
+// Wp[c] or Wf[c] for a 0/1 gate: lerp's two-sided formula).
+at::Tensor blended_rows(const at::Tensor& wp, const at::Tensor& wf, const at::Tensor& g) {
+  const int64_t N = g.size(0), C = wp.size(0), K = wp.size(1);
+  return at::lerp(wp.view({1, C, K}), wf.view({1, C, K}), g.view({N, C, 1}));
+}
+
+}  // namespace
+
+void forward_bmm(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf, const at::Tensor& g,
+                 const c10::optional<at::Tensor>& bp, const c10::optional<at::Tensor>& bf, const ConvArgs& a,
+                 at::Tensor& out) {
+  const int64_t N = x.size(0), C = wp.size(0), G = a.groups, K = wp.size(1);
+  const int64_t P = out.size(2) * out.size(3);
+  const at::Tensor xs = at_output_pixels(x, a), wb = blended_rows(wp, wf, g);
+  if (out.is_contiguous(at::MemoryFormat::ChannelsLast) && !out.is_contiguous()) {  // (groups == 1)
+    // (N, P, C_in) @ (N, C_in, C_out) -> (N, P, C_out): the channels_last output in place.
+    at::Tensor y = out.permute({0, 2, 3, 1}).view({N, P, C});
+    at::bmm_out(y, xs.permute({0, 2, 3, 1}).contiguous().view({N, P, K}), wb.transpose(1, 2));
+  } else {
+    at::Tensor y = out.view({N * G, C / G, P});
+    at::bmm_out(y, wb.view({N * G, C / G, K}), xs.contiguous().view({N * G, K, P}));
+  }
+  if (has(bp) || has(bf)) {
+    const at::Tensor b0 = bias_or_zeros(bp, wp);
+    out.add_(at::lerp(b0.unsqueeze(0), bias_or_zeros(bf, wp).unsqueeze(0), g).view({N, C, 1, 1}));
+  }
+}
+
+at::Tensor input_grad_bmm(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf,
+                          const at::Tensor& g, const ConvArgs& a) {
+  const int64_t N = x.size(0), C = wp.size(0), G = a.groups, K = wp.size(1);
+  const int64_t OH = dy.size(2), OW = dy.size(3), P = OH * OW;
+  const at::Tensor wb = blended_rows(wp, wf, g);
+  const bool strided = a.stride[0] != 1 || a.stride[1] != 1;
+  at::Tensor dx = strided ? at::zeros_like(x) : at::empty_like(x);
+  at::Tensor dxs = at_output_pixels(dx, a);
+  if (x.suggest_memory_format() == at::MemoryFormat::ChannelsLast && !x.is_contiguous()) {  // (groups == 1)
+    // (N, P, C_out) @ (N, C_out, C_in) -> (N, P, C_in)
+    const at::Tensor r = at::bmm(dy.permute({0, 2, 3, 1}).contiguous().view({N, P, C}), wb);
+    dxs.permute({0, 2, 3, 1}).copy_(r.view({N, OH, OW, K}));
+  } else {
+    const at::Tensor r = at::bmm(wb.view({N * G, C / G, K}).transpose(1, 2), dy.contiguous().view({N * G, C / G, P}));
+    dxs.copy_(r.view({N, G * K, OH, OW}));
+  }
+  return dx;
+}
+
 // Forward with the batch folded into groups: one grouped conv over per-image blended weights.
 void forward_grouped(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf, const at::Tensor& g,
                      const c10::optional<at::Tensor>& bp, const c10::optional<at::Tensor>& bf, const ConvArgs& a,

@@ -11,7 +11,7 @@
 namespace tlkernels {
 namespace gconv {
 
-enum class Strategy { Routed, Mix, Blended, Grouped, Concat, Brgemm };
+enum class Strategy { Routed, Mix, Blended, Grouped, Concat, Brgemm, Bmm };
 
 // Which gradients the backward computes: the op's `bool[6] output_mask`, by name.
 struct GradMask {
@@ -36,6 +36,8 @@ bool gate_is_binary(const at::Tensor& gate, bool hard);
 at::Tensor concat_per_group(const at::Tensor& p, const at::Tensor& f, int64_t groups);
 void routed_parts(const at::Tensor& g1d, at::Tensor& idx0, at::Tensor& idx1);
 at::Tensor blended_weights(const at::Tensor& wp, const at::Tensor& wf, const at::Tensor& g);
+// True for the 1x1 unpadded convolutions the bmm strategy runs (NCHW with any groups, channels_last with one).
+bool bmm_applicable(const at::Tensor& x, const at::Tensor& w, const ConvArgs& a);
 
 // Forward strategies: write the gated convolution into `out` (gated_conv2d_forward.cpp). `gate` of
 // forward_routed is the (N,) binary per-image gate, `g` of the others the effective (N, C_out) gate.
@@ -46,6 +48,11 @@ void forward_blended(const at::Tensor& x, const at::Tensor& wp, const at::Tensor
 // (diff: when not null, also y_f - y_p, free on this path)
 void forward_concat(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf, const at::Tensor& g,
                     const OptTensor& bp, const OptTensor& bf, const ConvArgs& a, at::Tensor& out, at::Tensor* diff);
+void forward_bmm(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf, const at::Tensor& g,
+                 const OptTensor& bp, const OptTensor& bf, const ConvArgs& a, at::Tensor& out);
+// dx of the bmm strategy: per image the blended weights' transpose times dy.
+at::Tensor input_grad_bmm(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf,
+                          const at::Tensor& g, const ConvArgs& a);
 void forward_grouped(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf, const at::Tensor& g,
                      const OptTensor& bp, const OptTensor& bf, const ConvArgs& a, at::Tensor& out);
 
@@ -56,7 +63,7 @@ Grads backward_routed(const at::Tensor& dy, const at::Tensor& x, const at::Tenso
                       const GradMask& m, bool per_filter);
 Grads backward_grouped(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf,
                        const at::Tensor& g, const ConvArgs& a, const GradMask& m);
-// Blended, Mix, Brgemm or Concat `st`; weights_by_mix: the engine's weight pass gives dWp, dWf and dL/dg together.
+// Blended, Mix, Brgemm, Bmm or Concat `st`; weights_by_mix: the engine's weight pass gives dWp, dWf and dL/dg together.
 Grads backward_general(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf,
                        const at::Tensor& g, const OptTensor& bp, const OptTensor& bf, const at::Tensor& diff,
                        const ConvArgs& a, const GradMask& m, Strategy st, bool weights_by_mix);

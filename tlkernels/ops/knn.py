@@ -12,8 +12,13 @@ The database may be a tensor or a numpy array / memory map larger than RAM: only
 With sharded=True and torch.distributed initialised, `database` is this rank's shard (rows in rank order)
 and every rank gets the global answer.
 """
+import contextlib
+import os
+
 import numpy as np
 import torch
+
+from tlkernels._timing import chosen, measured_choice
 
 from tlkernels._extension import use_reference
 from tlkernels.ops._registry import EVERYWHERE, has_op, op, register_op
@@ -169,21 +174,105 @@ def _rows(database, start, stop, dtype, device):
     return part.to(device=device, dtype=dtype)
 
 
+# The chunk GEMM, cross = A @ B^T (queries x chunk rows), nearly all of a search's time. Four exact ways: torch's
+# BLAS (MKL in the x86 wheels) or numpy's (its bundled OpenBLAS, runtime-dispatched for the CPU), each computing
+# B @ A^T (the selection kernel reads it transposed in place) or A @ B^T. Which is fastest depends on the CPU and
+# the shapes, so TLKERNELS_KNN_GEMM=auto (default) times them once per (dtype, queries, dims, threads) in the
+# process, on the first chunk's first SAMPLE_ROWS rows, and every chunk of every later search takes the pick (the
+# answer does not depend on which searches came first); a name forces one. BLAS calls of 20+ ms time steadily,
+# so a candidate 5% faster than torch's B @ A^T is taken.
+def _gemm_torch(A, B, out):
+    return torch.matmul(B, A.t(), out=out).t()
+
+
+def _gemm_torch_t(A, B, out):
+    return torch.matmul(A, B.t(), out=out)
+
+
+def _gemm_numpy(A, B, out):
+    np.matmul(B.numpy(), A.numpy().T, out=out.numpy())
+    return out.t()
+
+
+def _gemm_numpy_t(A, B, out):
+    np.matmul(A.numpy(), B.numpy().T, out=out.numpy())
+    return out
+
+
+GEMMS = {"torch": _gemm_torch, "torch_t": _gemm_torch_t, "numpy": _gemm_numpy, "numpy_t": _gemm_numpy_t}
+SAMPLE_ROWS = 1024
+
+
+def _out_shape(name, Q, m):
+    return (m, Q) if name in ("torch", "numpy") else (Q, m)
+
+
+def gemm_setting():
+    """The TLKERNELS_KNN_GEMM setting: auto or one of GEMMS (checked: a typo is an error, not a silent default)."""
+    v = os.environ.get("TLKERNELS_KNN_GEMM", "") or "auto"
+    if v != "auto" and v not in GEMMS:
+        fail("knn_search", f"TLKERNELS_KNN_GEMM must be one of auto, {', '.join(GEMMS)}, got {v!r}")
+    return v
+
+
+def _gemm_key(q, B):
+    return ("knn_gemm", q.dtype, q.shape[0], B.shape[1], torch.get_num_threads())
+
+
+def chosen_gemm(q, B):
+    """The chunk GEMM `auto` picked for these queries and chunks like B (None before the first such search)."""
+    return chosen(_gemm_key(q, B))
+
+
+def _blas_threads():
+    """numpy's BLAS limited to torch's intra-op thread count (what torch.set_num_threads asks for; several
+    processes on one host each set it), by threadpoolctl, which restores the previous limit afterwards."""
+    from threadpoolctl import threadpool_limits
+    return threadpool_limits(limits=torch.get_num_threads(), user_api="blas")
+
+
+def _pick_gemm(A, B):
+    setting = gemm_setting()
+    if setting != "auto":
+        return setting
+    sample = B[:SAMPLE_ROWS]
+    bufs = {}
+
+    def run(name):
+        shape = _out_shape(name, A.shape[0], sample.shape[0])
+        if shape not in bufs:
+            bufs[shape] = torch.empty(shape, dtype=A.dtype)
+        GEMMS[name](A, sample, bufs[shape])
+
+    return measured_choice(_gemm_key(A, B), tuple(GEMMS), "torch", run, clearly_faster=0.95)
+
+
 def _search_chunks(q, w, metric, eps, k, chunks):
     """Merge (base, B, col_c) database chunks, expanded already, into the k best of each query row."""
     A, row_c, scale = _query_side(metric, q, w, eps)
     best_d = torch.empty(q.shape[0], 0, dtype=q.dtype, device=q.device)
     best_i = torch.empty(q.shape[0], 0, dtype=torch.long, device=q.device)
-    for base, B, col_c in chunks:
-        if _fused_select(q):  # C++: distances, tie grid and a k-heap per row in one pass over the GEMM
-            # chunk @ queries^T, read transposed in place by the kernel: MKL runs this orientation 4-10%
-            # faster than queries @ chunk^T on the AMD EPYC CPUs measured, and the GEMM is nearly all of the search.
-            best_d, best_i = op("knn_select_chunk")((B @ A.t()).t(), row_c, col_c, scale, best_d, best_i,
-                                                    base, k, 40 if q.dtype == torch.float64 else 18)
-        else:
+    if not _fused_select(q):
+        for base, B, col_c in chunks:
             d = _distances(A, row_c, scale, B, col_c)
             cd, ci = _chunk_topk(d, k, base)
             best_d, best_i = _merge(torch.cat([best_d, cd], 1), torch.cat([best_i, ci], 1), k)
+        return best_d, best_i
+    # C++: distances, tie grid and a k-heap per row in one pass over the GEMM
+    bits, Q, name = 40 if q.dtype == torch.float64 else 18, q.shape[0], None
+    bufs = {}  # one cross buffer per shape, reused across chunks (fresh large buffers cost page faults)
+    with contextlib.ExitStack() as stack:
+        for base, B, col_c in chunks:
+            B = B.contiguous()
+            if name is None:
+                if not gemm_setting().startswith("torch"):  # numpy's BLAS may run
+                    stack.enter_context(_blas_threads())
+                name = _pick_gemm(A, B)
+            shape = _out_shape(name, Q, B.shape[0])
+            if shape not in bufs:
+                bufs[shape] = torch.empty(shape, dtype=q.dtype)
+            best_d, best_i = op("knn_select_chunk")(GEMMS[name](A, B, bufs[shape]), row_c, col_c, scale, best_d,
+                                                    best_i, base, k, bits)
     return best_d, best_i
 
 
