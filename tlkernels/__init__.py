@@ -5,5 +5,8 @@ from tlkernels import nn  # noqa: F401
 from tlkernels import optim  # noqa: F401
 from tlkernels import methods  # noqa: F401
 from tlkernels import filters, select  # noqa: F401
+from tlkernels import _choices
+
+_choices.install()  # TLKERNELS_CHOICE_CACHE: measured strategy choices saved between processes
 
 __version__ = "0.1.0"

@@ -43,8 +43,9 @@ def measured_choice(key, candidates, keep, run, clearly_faster=0.85):
     candidate alike. `keep` (the fixed rule's pick) stays unless another is faster by the factor clearly_faster:
     a choice that flips with timing noise costs more than it gains. The compiled ops' twin:
     csrc/ops/measured_choice.h."""
+    key = str(key)  # (the picks are data: tlkernels/_choices.py saves them as JSON)
     with _CHOICES_LOCK:
-        if key in _CHOICES:
+        if key in _CHOICES and _CHOICES[key] in candidates:
             return _CHOICES[key]
     best = {c: float("inf") for c in candidates}
     for rnd in range(4):
@@ -58,9 +59,11 @@ def measured_choice(key, candidates, keep, run, clearly_faster=0.85):
         if b < clearly_faster * best[pick]:
             pick = c
     with _CHOICES_LOCK:
-        return _CHOICES.setdefault(key, pick)
+        if _CHOICES.get(key) not in candidates:
+            _CHOICES[key] = pick
+        return _CHOICES[key]
 
 
 def chosen(key):
     """What measured_choice picked for `key`, or None before it ran (diagnostics)."""
-    return _CHOICES.get(key)
+    return _CHOICES.get(str(key))

@@ -102,7 +102,7 @@ Strategy choose(const Setting& s, const std::vector<Strategy>& cands, Strategy h
   for (Strategy c : cands)
     if (s.mode == Setting::Forced && c == s.forced) return c;
   if (cands.size() == 1 || s.mode == Setting::Heuristic || !on_cpu) return heuristic;
-  return measured_choice(key, cands, heuristic, run);  // (the heuristic stays unless another is clearly faster)
+  return measured_choice(key, cands, heuristic, kNames, run);  // (the heuristic stays unless another is clearly faster)
 }
 
 // The strategies the last forward and backward call on this thread took (diagnostics: tests check that a

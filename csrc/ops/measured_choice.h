@@ -1,7 +1,8 @@
 #pragma once
 // The measured choice among exact paths of an op (cuDNN benchmark mode's idea), shared by the gated
 // convolution's strategies and the histogram's paths: each candidate is timed once per call signature `key`
-// and the pick is cached for the process.
+// and the pick is kept for the process, by name, in one table (choice_table) that tlkernels can save to disk
+// and load in a later process on the same host (tlkernels/_choices.py, TLKERNELS_CHOICE_CACHE).
 #include <algorithm>
 #include <chrono>
 #include <mutex>
@@ -16,16 +17,38 @@ namespace tlkernels {
 // inside a model, and a choice that flips with that noise would cost more than it gains.
 constexpr double kClearlyFaster = 0.85;
 
-// run(c) runs candidate c once. Round 0 warms up (first oneDNN primitives, scratch buffers); then the best of
-// three rounds, interleaved so that a burst of load on the machine hits every candidate alike.
+// Every measured pick of the process: call signature -> candidate name (ops/measured_choice.cpp reads and
+// fills it for the Python side).
+struct ChoiceTable {
+  std::mutex mu;
+  std::unordered_map<std::string, std::string> picks;
+};
+inline ChoiceTable& choice_table() {
+  static ChoiceTable t;
+  return t;
+}
+
+// run(c) runs candidate c once; names[int(c)] names it. Round 0 warms up (first oneDNN primitives, scratch
+// buffers); then the best of three rounds, interleaved so that a burst of load on the machine hits every
+// candidate alike. A recorded pick that is not among `cands` (it does not apply here) is measured again.
 template <class T, class Run>
-T measured_choice(const std::string& key, const std::vector<T>& cands, T keep, const Run& run) {
-  static std::mutex mu;
-  static std::unordered_map<std::string, T> cache;
+T measured_choice(const std::string& key, const std::vector<T>& cands, T keep, const char* const* names,
+                  const Run& run) {
+  auto& table = choice_table();
+  auto recorded = [&](T& out) {
+    auto it = table.picks.find(key);
+    if (it == table.picks.end()) return false;
+    for (T c : cands)
+      if (it->second == names[static_cast<int>(c)]) {
+        out = c;
+        return true;
+      }
+    return false;
+  };
   {
-    std::lock_guard<std::mutex> lock(mu);
-    auto it = cache.find(key);
-    if (it != cache.end()) return it->second;
+    std::lock_guard<std::mutex> lock(table.mu);
+    T c;
+    if (recorded(c)) return c;
   }
   std::vector<double> best(cands.size(), 1e300);
   for (int round = 0; round < 4; ++round)
@@ -40,8 +63,11 @@ T measured_choice(const std::string& key, const std::vector<T>& cands, T keep, c
     if (cands[i] == keep) w = i;
   for (size_t i = 0; i < cands.size(); ++i)
     if (best[i] < kClearlyFaster * best[w]) w = i;
-  std::lock_guard<std::mutex> lock(mu);
-  return cache.emplace(key, cands[w]).first->second;
+  std::lock_guard<std::mutex> lock(table.mu);
+  T c;
+  if (recorded(c)) return c;  // (another thread measured the same signature meanwhile: one pick per key)
+  table.picks[key] = names[static_cast<int>(cands[w])];
+  return cands[w];
 }
 
 }  // namespace tlkernels

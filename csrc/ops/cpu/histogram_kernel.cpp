@@ -373,7 +373,7 @@ HistPath choose_path(const std::vector<SepComponent>& comps, const HistogramShap
   const HistPath rule = component_taps(comps) <= 0.6 * static_cast<double>(sh.F * kh * kw) ? HistPath::Separable
                                                                                             : HistPath::Direct;
   if (v == "heuristic") return rule;
-  return measured_choice(key, {HistPath::Separable, HistPath::Direct}, rule, run_sample);
+  return measured_choice(key, {HistPath::Separable, HistPath::Direct}, rule, kPathNames, run_sample);
 }
 
 at::Tensor filterbank_histogram_cpu(const at::Tensor& images, const at::Tensor& filters, const at::Tensor& edges,
@@ -401,7 +401,7 @@ at::Tensor filterbank_histogram_cpu(const at::Tensor& images, const at::Tensor& 
       histogram_direct(xs, w, bins, s, stride, padding, o);
   };
   std::ostringstream key;
-  key << x.sizes() << '|' << w.sizes() << '|' << stride << padding << '|' << sh.bins << '|' << component_taps(comps)
+  key << "hist|" << x.sizes() << '|' << w.sizes() << '|' << stride << padding << '|' << sh.bins << '|' << component_taps(comps)
       << '|' << at::get_num_threads();
   const HistPath path = choose_path(comps, sh, w.size(2), w.size(3), key.str(), [&](HistPath p) {
     HistogramShape sample = sh;
