@@ -226,7 +226,7 @@ def test_knn_index_answers_as_knn_search(metric, dtype):
 
 
 @pytest.mark.skipif(not has_op("knn_select_chunk"), reason="the BLAS choice serves the compiled selection kernel")
-@pytest.mark.parametrize("gemm", ["torch", "torch_t", "numpy", "numpy_t"])
+@pytest.mark.parametrize("gemm", ["torch", "numpy"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_knn_every_chunk_gemm_gives_the_reference_answer(monkeypatch, gemm, dtype):
     monkeypatch.setenv("TLKERNELS_KNN_GEMM", gemm)
@@ -266,7 +266,7 @@ def test_knn_auto_gemm_is_measured_once_and_numpy_blas_follows_torch_threads(mon
         first = knn_search(q, db, 5, chunk_size=64)
         pick = knn.chosen_gemm(q, B)
         assert pick in knn.GEMMS
-        # warm-up + 3 rounds on the sample (then 4 chunks if numpy won), under a one-thread BLAS limit
+        # warm-up + 3 rounds on the sample (then the 4 chunks if numpy won), under a one-thread BLAS limit
         assert len(seen) == 4 + (4 if pick == "numpy" else 0) and all(s == {1} for s in seen)
         again = knn_search(q, db, 5, chunk_size=64)
         assert len(seen) == 4 + (8 if pick == "numpy" else 0)  # measured once: the next search takes the pick
@@ -280,7 +280,7 @@ def test_knn_auto_gemm_is_measured_once_and_numpy_blas_follows_torch_threads(mon
 def test_knn_gemm_setting_is_checked(monkeypatch):
     monkeypatch.setenv("TLKERNELS_KNN_GEMM", "mkl")
     q = torch.rand(3, 8)
-    with pytest.raises(ValueError, match="knn_search: TLKERNELS_KNN_GEMM must be one of auto, torch, torch_t, numpy"):
+    with pytest.raises(ValueError, match="knn_search: TLKERNELS_KNN_GEMM must be one of auto, torch, numpy"):
         knn_search(q, q, 1)
 
 

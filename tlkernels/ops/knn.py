@@ -174,19 +174,16 @@ def _rows(database, start, stop, dtype, device):
     return part.to(device=device, dtype=dtype)
 
 
-# The chunk GEMM, cross = A @ B^T (queries x chunk rows), nearly all of a search's time. Four exact ways: torch's
-# BLAS (MKL in the x86 wheels) or numpy's (its bundled OpenBLAS, runtime-dispatched for the CPU), each computing
-# B @ A^T (the selection kernel reads it transposed in place) or A @ B^T. Which is fastest depends on the CPU and
-# the shapes, so TLKERNELS_KNN_GEMM=auto (default) times them once per (dtype, queries, dims, threads) in the
-# process, on the first chunk's first SAMPLE_ROWS rows, and every chunk of every later search takes the pick (the
-# answer does not depend on which searches came first); a name forces one. BLAS calls of 20+ ms time steadily,
-# so a candidate 5% faster than torch's B @ A^T is taken.
+# The chunk GEMM, cross = A @ B^T (queries x chunk rows), nearly all of a search's time, computed as B @ A^T: the
+# selection kernel reads that transposed result in place by blocks of 32 queries, and handed A @ B^T instead
+# (its rows contiguous) a whole search ran 20% slower on a 2-core AVX2 EPYC. Two BLAS: torch's (MKL in the x86
+# wheels) and numpy's (its bundled OpenBLAS, runtime-dispatched for the CPU); which is faster depends on the CPU,
+# so TLKERNELS_KNN_GEMM=auto (default) times both, with the selection, once per (dtype, queries, dims, threads)
+# in the process on the first chunk's first SAMPLE_ROWS rows, and every chunk of every later search takes the
+# pick (the answer does not depend on which searches came first); `torch` or `numpy` forces one. BLAS calls of
+# 20+ ms time steadily, so numpy's is taken when 5% faster.
 def _gemm_torch(A, B, out):
     return torch.matmul(B, A.t(), out=out).t()
-
-
-def _gemm_torch_t(A, B, out):
-    return torch.matmul(A, B.t(), out=out)
 
 
 def _gemm_numpy(A, B, out):
@@ -194,17 +191,8 @@ def _gemm_numpy(A, B, out):
     return out.t()
 
 
-def _gemm_numpy_t(A, B, out):
-    np.matmul(A.numpy(), B.numpy().T, out=out.numpy())
-    return out
-
-
-GEMMS = {"torch": _gemm_torch, "torch_t": _gemm_torch_t, "numpy": _gemm_numpy, "numpy_t": _gemm_numpy_t}
+GEMMS = {"torch": _gemm_torch, "numpy": _gemm_numpy}
 SAMPLE_ROWS = 1024
-
-
-def _out_shape(name, Q, m):
-    return (m, Q) if name in ("torch", "numpy") else (Q, m)
 
 
 def gemm_setting():
@@ -231,7 +219,9 @@ def _blas_threads():
     return threadpool_limits(limits=torch.get_num_threads(), user_api="blas")
 
 
-def _pick_gemm(A, B):
+def _pick_gemm(A, B, select):
+    """The chunk GEMM for this search: forced, or measured on the first SAMPLE_ROWS rows of chunk B together
+    with the selection that reads its result (its speed depends on the layout it is handed)."""
     setting = gemm_setting()
     if setting != "auto":
         return setting
@@ -239,10 +229,9 @@ def _pick_gemm(A, B):
     bufs = {}
 
     def run(name):
-        shape = _out_shape(name, A.shape[0], sample.shape[0])
-        if shape not in bufs:
-            bufs[shape] = torch.empty(shape, dtype=A.dtype)
-        GEMMS[name](A, sample, bufs[shape])
+        if name not in bufs:
+            bufs[name] = torch.empty(sample.shape[0], A.shape[0], dtype=A.dtype)
+        select(GEMMS[name](A, sample, bufs[name]), sample.shape[0])
 
     return measured_choice(_gemm_key(A, B), tuple(GEMMS), "torch", run, clearly_faster=0.95)
 
@@ -260,19 +249,20 @@ def _search_chunks(q, w, metric, eps, k, chunks):
         return best_d, best_i
     # C++: distances, tie grid and a k-heap per row in one pass over the GEMM
     bits, Q, name = 40 if q.dtype == torch.float64 else 18, q.shape[0], None
-    bufs = {}  # one cross buffer per shape, reused across chunks (fresh large buffers cost page faults)
+    bufs = {}  # one cross buffer per chunk size, reused across chunks (fresh large buffers cost page faults)
     with contextlib.ExitStack() as stack:
         for base, B, col_c in chunks:
             B = B.contiguous()
             if name is None:
-                if not gemm_setting().startswith("torch"):  # numpy's BLAS may run
+                if gemm_setting() != "torch":  # numpy's BLAS may run
                     stack.enter_context(_blas_threads())
-                name = _pick_gemm(A, B)
-            shape = _out_shape(name, Q, B.shape[0])
-            if shape not in bufs:
-                bufs[shape] = torch.empty(shape, dtype=q.dtype)
-            best_d, best_i = op("knn_select_chunk")(GEMMS[name](A, B, bufs[shape]), row_c, col_c, scale, best_d,
-                                                    best_i, base, k, bits)
+                empty_d, empty_i = best_d[:, :0], best_i[:, :0]
+                name = _pick_gemm(A, B, lambda cross, m: op("knn_select_chunk")(
+                    cross, row_c, col_c[:m], scale, empty_d, empty_i, base, k, bits))
+            if B.shape[0] not in bufs:
+                bufs[B.shape[0]] = torch.empty(B.shape[0], Q, dtype=q.dtype)
+            best_d, best_i = op("knn_select_chunk")(GEMMS[name](A, B, bufs[B.shape[0]]), row_c, col_c, scale,
+                                                    best_d, best_i, base, k, bits)
     return best_d, best_i
 
 
