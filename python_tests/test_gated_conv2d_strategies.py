@@ -81,36 +81,20 @@ def test_strategy_float64_forward_and_all_gradients(monkeypatch, strategy, shape
         assert used == [strategy, strategy]
 
 
-@pytest.mark.parametrize("strategy", ["mix", "brgemm", "blended", "grouped", "concat", "auto"])
+@pytest.mark.parametrize("strategy", ["mix", "brgemm", "blended", "grouped", "concat", "bmm", "auto"])
 @pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape", [(4, 8, 7, 16, 3, 1, 1, 1, 1), (4, 16, 7, 8, 1, 1, 0, 1, 1), (3, 8, 10, 16, 1, 2, 0, 1, 1),
+                                   (2, 8, 6, 8, 1, 1, 0, 1, 2)], ids=["3x3", "1x1", "1x1s2", "1x1g2"])
 @pytest.mark.parametrize("gate_kind,hard", [("filter", True), ("filter", False), ("image", False)])
-def test_strategy_float32(monkeypatch, strategy, channels_last, gate_kind, hard):
+def test_strategy_float32(monkeypatch, strategy, channels_last, shape, gate_kind, hard):
+    """Each strategy in both layouts (bmm: the channels_last output in place; groups only in NCHW), 1x1 stride 2
+    on an even map; where a strategy does not apply, the automatic choice runs."""
     monkeypatch.setenv("TLKERNELS_GATED_CONV", strategy)
-    shape = (4, 8, 7, 16, 3, 1, 1, 1, 1)
     ts, kw = make(shape, torch.float32, gate_kind, hard, bias=True, channels_last=channels_last)
     y, gs = run(gated_conv2d, ts, kw)
     if strategy != "auto":
-        assert last() == [strategy, strategy]
-    yr, grs = run(gated_conv2d_reference, [None if t is None else t.double() for t in ts], kw)
-    torch.testing.assert_close(y.double(), yr, rtol=1e-4, atol=1e-4)
-    for g, gr in zip(gs, grs):
-        torch.testing.assert_close(g.double(), gr, rtol=1e-4, atol=2e-4)
-    if channels_last:
-        assert y.is_contiguous(memory_format=torch.channels_last)
-
-
-@pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("shape", [(4, 16, 7, 8, 1, 1, 0, 1, 1), (3, 8, 10, 16, 1, 2, 0, 1, 1), (2, 8, 6, 8, 1, 1, 0, 1, 2)],
-                         ids=["1x1", "1x1s2", "1x1g2"])
-@pytest.mark.parametrize("gate_kind,hard", [("filter", True), ("filter", False), ("image", False)])
-def test_bmm_float32_layouts(monkeypatch, shape, channels_last, gate_kind, hard):
-    """The 1x1 batched-GEMM strategy in both layouts (channels_last output in place; groups only in NCHW, where
-    channels_last with groups takes another strategy), stride 2 on an even map."""
-    monkeypatch.setenv("TLKERNELS_GATED_CONV", "bmm")
-    ts, kw = make(shape, torch.float32, gate_kind, hard, bias=True, channels_last=channels_last)
-    y, gs = run(gated_conv2d, ts, kw)
-    takes_bmm = applicable("bmm", gate_kind, hard, torch.float32, shape, channels_last)
-    assert (last() == ["bmm", "bmm"]) == takes_bmm
+        assert (last() == [strategy, strategy]) == applicable(strategy, gate_kind, hard, torch.float32, shape,
+                                                              channels_last)
     yr, grs = run(gated_conv2d_reference, [None if t is None else t.double() for t in ts], kw)
     torch.testing.assert_close(y.double(), yr, rtol=1e-4, atol=1e-4)
     for g, gr in zip(gs, grs):
