@@ -147,6 +147,21 @@ def test_auto_choice_is_cached_and_heuristic_is_fixed(monkeypatch):
     assert last() == ["mix", "mix"]  # float32, groups 1, 7x7: the small-map engine by the fixed rules
 
 
+def test_a_recorded_pick_that_does_not_apply_is_measured_again(monkeypatch):
+    """A pick in the choice table (e.g. loaded from TLKERNELS_CHOICE_CACHE) that is not a candidate for the call
+    (routed, for per-filter gates that differ along a row) is not run: the call measures again."""
+    monkeypatch.setenv("TLKERNELS_GATED_CONV", "auto")
+    ts, kw = make((3, 5, 7, 6, 3, 1, 1, 1, 1), torch.float64, "filter", True, bias=True, channels_last=False)
+    before = set(torch.ops.tlkernels._measured_choices()[0::2])
+    run(gated_conv2d, ts, kw, grads=False)
+    (key,) = [k for k in torch.ops.tlkernels._measured_choices()[0::2] if k not in before and k.startswith("fwd|")]
+    torch.ops.tlkernels._set_measured_choices([key, "routed"])
+    y, _ = run(gated_conv2d, ts, kw, grads=False)
+    assert last()[0] != "routed"
+    torch.testing.assert_close(y, run(gated_conv2d_reference, ts, kw, grads=False)[0], rtol=1e-10, atol=1e-10)
+    assert dict(zip(*[iter(torch.ops.tlkernels._measured_choices())] * 2))[key] == last()[0]
+
+
 def test_unknown_setting_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("TLKERNELS_GATED_CONV", "fastest")
     ts, kw = make((2, 4, 6, 5, 3, 1, 1, 1, 1), torch.float32, "filter", False, bias=False, channels_last=False)

@@ -197,7 +197,9 @@ std::tuple<at::Tensor, at::Tensor> gated_conv2d_forward(
       case Strategy::Concat: forward_concat(input, weight_pre, weight_ft, g, bias_pre, bias_ft, a, y, d); break;
     }
   };
-  const Strategy st = choose(s, cands, heuristic, on_cpu, call_key("fwd", input, weight_pre, gate, a, binary, ""),
+  // (routable gates have one candidate more: their own signature)
+  const Strategy st = choose(s, cands, heuristic, on_cpu,
+                             call_key("fwd", input, weight_pre, gate, a, binary, routed_gate.defined() ? "r" : ""),
                              [&](Strategy c) {
                                at::Tensor y = at::empty_like(out);
                                run(c, y, nullptr);
@@ -285,7 +287,7 @@ Grads gated_conv2d_backward(const at::Tensor& grad_output, const at::Tensor& inp
     };
     std::ostringstream mk;
     for (int i = 0; i < 6; ++i) mk << m[i];
-    mk << has_diff;
+    mk << has_diff << (routed_gate.defined() ? "r" : "");
     const Strategy st = choose(s, cands, heuristic, on_cpu, call_key("bwd", x, weight_pre, gate, a, binary, mk.str()),
                                [&](Strategy c) { run(c); });
     r = run(st);
