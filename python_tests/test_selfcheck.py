@@ -35,7 +35,8 @@ def test_a_wrong_kernel_fails_the_selfcheck(monkeypatch, capsys):
 
 def test_bench_reports_ratios(capsys):
     rows = selfcheck.bench(torch.device("cpu"), quick=True)
-    assert len(rows) == 5 and all(r["naive_ms"] > 0 and r["tlkernels_ms"] > 0 for r in rows)
+    assert len(rows) == 9 and all(r["naive_ms"] > 0 and r["tlkernels_ms"] > 0 for r in rows)
+    assert [r["case"].rsplit(", ", 1)[1] for r in rows if "1x1" in r["case"]] == ["auto", "concat", "bmm", "blended"]
 
 
 def test_command_line_and_bad_device():

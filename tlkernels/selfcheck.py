@@ -297,6 +297,16 @@ def bench(device, quick):
         return (1 - g[:, :, None, None]) * F.conv2d(x, wp, padding=1) + g[:, :, None, None] * F.conv2d(x, wf, padding=1)
     rows.append(("gated_conv2d 128ch 28x28 hard per-filter", timer(naive_gc, reps),
                  timer(lambda: gated_conv2d(x, wp, wf, g, padding=1, hard=True), reps)))
+    # A 1x1 layer with the default choice and each exact strategy forced: on a GPU (where `auto` takes concat
+    # for per-filter gates without timing) these rows say whether TLKERNELS_GATED_CONV=bmm pays on that device.
+    x1 = torch.randn(32, 256, 14, 14, device=device)
+    w1p, w1f = torch.randn(256, 256, 1, 1, device=device), torch.randn(256, 256, 1, 1, device=device)
+    g1 = (torch.rand(32, 256, device=device) > 0.5).float()[:, :, None, None]
+    naive_1x1 = timer(lambda: (1 - g1) * F.conv2d(x1, w1p) + g1 * F.conv2d(x1, w1f), reps)
+    for st in ("auto", "concat", "bmm", "blended"):
+        with _env("TLKERNELS_GATED_CONV", st):
+            rows.append((f"gated_conv2d 256ch 14x14 1x1 hard per-filter, {st}", naive_1x1,
+                         timer(lambda: gated_conv2d(x1, w1p, w1f, g1[:, :, 0, 0], hard=True), reps)))
     lx, ly = torch.randn(256, 1000, device=device, requires_grad=True), torch.randint(0, 1000, (256,), device=device)
     rows.append(("cross_entropy fwd+bwd 256 x 1000", timer(lambda: F.cross_entropy(lx, ly).backward(), reps),
                  timer(lambda: cross_entropy(lx, ly).backward(), reps)))
