@@ -37,6 +37,10 @@ def test_every_method_trains_on_the_demo(tmp_path, cache, method):
     assert len(lines) == 4 and "val_acc" in json.loads(lines[-1])
     if method in ("adafilter", "spottune"):
         assert (out / "gates.png").exists() and "gates" in json.loads(lines[-1])
+        # the gated layers' measured strategy choices, saved with the checkpoints for resumed and repeated runs
+        with open(os.path.join(cache, "choices.json")) as fh:
+            picks = json.load(fh)["cpp"]
+        assert any(k.startswith("fwd|") for k in picks)
     if method == "selective":
         assert (out / "retrieved.png").exists()
     if method in ("l2sp", "adafilter+l2sp"):

@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tlkernels import _choices
 from tlkernels._io import CheckpointError, atomic_save, atomic_write_text, load
 from tlkernels.train import data, export, plots
 from tlkernels.train.config import parse_args
@@ -19,6 +20,14 @@ from tlkernels.train.recipes import recipe
 
 
 # ----------------------------------------------------------------------------- devices and processes
+def choice_cache(cfg):
+    """The job's measured strategy choices (tlkernels/_choices.py): TLKERNELS_CHOICE_CACHE, else
+    cache_dir/choices.json. Loaded at start and saved with every checkpoint, so that a resumed or repeated run
+    on this host takes the strategies the first one measured: their rounding differs, and with them a resumed
+    run in a new process matches the uninterrupted one."""
+    return os.environ.get(_choices.ENV) or os.path.join(cfg.cache_dir, "choices.json")
+
+
 def setup_processes(cfg):
     """(rank, world, device). Under torchrun each process takes cuda:LOCAL_RANK (NCCL) or the CPU (gloo)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -338,6 +347,7 @@ def train_method(run, method, base, with_l2sp, out):
                             acc=f"{history[-1].get('val_acc', float('nan')):.3f}")
             stop = cfg.stop_after and step - start >= cfg.stop_after
             if (step % spe == 0 or step == total or stop) and is_main():
+                _choices.save(choice_cache(cfg))
                 atomic_save({"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                              "scaler": scaler.state_dict(), "objective": objective.state_dict(),
                              "recipe": rec_.state(), "rng": torch.get_rng_state(), "step": step,
@@ -404,6 +414,7 @@ def main(argv=None):
     rank, world, device = setup_processes(cfg)
     if is_main():
         os.makedirs(cfg.cache_dir, exist_ok=True)
+    _choices.load(choice_cache(cfg))
     seeds, methods = cfg.seed_list(), cfg.methods()
     results = {m: {} for m, _, _ in methods}
     backbone = classes = None
