@@ -66,8 +66,8 @@ def _read(path):
         if not ok:
             raise ValueError(f"not a format-{FORMAT} choice cache")
     except (OSError, ValueError) as e:
-        warnings.warn(f"tlkernels: {ENV}={path} cannot be read ({e}); measuring anew, and the file is rewritten at "
-                      f"exit", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"tlkernels: the choice cache {path} cannot be read ({e}); measuring anew, and the next save "
+                      f"rewrites it", RuntimeWarning, stacklevel=3)
         return None
     return data if data["host"] == host_key() else None
 

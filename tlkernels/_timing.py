@@ -31,7 +31,6 @@ def call_times_ms(fn, reps, warmup=2, device=None):
     return times
 
 
-
 _CHOICES = {}
 _CHOICES_LOCK = threading.Lock()
 

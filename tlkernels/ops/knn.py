@@ -18,9 +18,8 @@ import os
 import numpy as np
 import torch
 
-from tlkernels._timing import chosen, measured_choice
-
 from tlkernels._extension import use_reference
+from tlkernels._timing import chosen, measured_choice
 from tlkernels.ops._registry import EVERYWHERE, has_op, op, register_op
 from tlkernels.ops._utils import fail
 
