@@ -101,10 +101,18 @@ void forward_concat(const at::Tensor& x, const at::Tensor& wp, const at::Tensor&
 // The bmm strategy: a 1x1 unpadded convolution is, per image, the GEMM W (C_out x C_in) @ x (C_in x pixels) on
 // the input at the output pixels, so per-image blended weights make the gated convolution one batched GEMM
 // with exactly one convolution's FLOPs (N*C_out*C_in blended values, small next to the GEMM).
+namespace {
+
+// Laid out channels_last and not also contiguous (a tensor with one channel or one pixel is both: the NCHW
+// views below serve it, with any groups).
+bool nhwc(const at::Tensor& t) {
+  return t.suggest_memory_format() == at::MemoryFormat::ChannelsLast && !t.is_contiguous();
+}
+
+}  // namespace
+
 bool bmm_applicable(const at::Tensor& x, const at::Tensor& w, const ConvArgs& a) {
-  const bool channels_last = x.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
-  return w.size(2) == 1 && w.size(3) == 1 && a.padding[0] == 0 && a.padding[1] == 0 &&
-         (!channels_last || a.groups == 1);
+  return w.size(2) == 1 && w.size(3) == 1 && a.padding[0] == 0 && a.padding[1] == 0 && (!nhwc(x) || a.groups == 1);
 }
 
 namespace {
@@ -130,7 +138,7 @@ void forward_bmm(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf
   const int64_t N = x.size(0), C = wp.size(0), G = a.groups, K = wp.size(1);
   const int64_t P = out.size(2) * out.size(3);
   const at::Tensor xs = at_output_pixels(x, a), wb = blended_rows(wp, wf, g);
-  if (out.is_contiguous(at::MemoryFormat::ChannelsLast) && !out.is_contiguous()) {  // (groups == 1)
+  if (nhwc(out)) {  // (groups == 1)
     // (N, P, C_in) @ (N, C_in, C_out) -> (N, P, C_out): the channels_last output in place.
     at::Tensor y = out.permute({0, 2, 3, 1}).view({N, P, C});
     at::bmm_out(y, xs.permute({0, 2, 3, 1}).contiguous().view({N, P, K}), wb.transpose(1, 2));
@@ -152,7 +160,7 @@ at::Tensor input_grad_bmm(const at::Tensor& dy, const at::Tensor& x, const at::T
   const bool strided = a.stride[0] != 1 || a.stride[1] != 1;
   at::Tensor dx = strided ? at::zeros_like(x) : at::empty_like(x);
   at::Tensor dxs = at_output_pixels(dx, a);
-  if (x.suggest_memory_format() == at::MemoryFormat::ChannelsLast && !x.is_contiguous()) {  // (groups == 1)
+  if (nhwc(x)) {  // (groups == 1)
     // (N, P, C_out) @ (N, C_out, C_in) -> (N, P, C_in)
     const at::Tensor r = at::bmm(dy.permute({0, 2, 3, 1}).contiguous().view({N, P, C}), wb);
     dxs.permute({0, 2, 3, 1}).copy_(r.view({N, OH, OW, K}));
