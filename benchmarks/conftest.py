@@ -1,14 +1,46 @@
 import os
+import statistics
+import time
 
 import torch
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+# Each provider's timed callable, by (benchmark file, case), for the later providers of that case to pair with.
+_TIMED = {}
 
-def run(benchmark, fn, rounds=5, iterations=1):
+
+def run(benchmark, fn, rounds=5, iterations=1, pair=()):
     """Time fn with a warm-up round; rounds kept small because each call is a whole conv/step. Sub-millisecond
-    calls pass iterations > 1 so that one round is long enough for the timer and the noise to average out."""
-    return benchmark.pedantic(fn, rounds=rounds, warmup_rounds=1, iterations=iterations)
+    calls pass iterations > 1 so that one round is long enough for the timer and the noise to average out.
+
+    pair: providers of the same case, timed earlier in this session, whose call runs (timed) right before
+    each round of fn. Their medians over those rounds go to extra_info["paired_ms"], and ratios against them
+    (results.py, report.py) compare calls made within the same seconds: on a shared machine a slow minute
+    then slows both sides of a ratio instead of one. The ratio of two separately timed medians moves by up to
+    about 20% between runs there."""
+    file = benchmark.fullname.split("::")[0]
+    for key in [k for k in _TIMED if k[0] != file]:  # one file's callables (and the tensors they hold) at a time
+        del _TIMED[key]
+    refs = {p: _TIMED[(file, benchmark.group, p)] for p in pair if (file, benchmark.group, p) in _TIMED}
+    times = {p: [] for p in refs}
+
+    def setup():
+        for p, ref in refs.items():
+            t0 = time.perf_counter()
+            ref()
+            times[p].append(time.perf_counter() - t0)
+
+    if refs and iterations > 1:
+        raise ValueError("benchmarks.conftest.run: pair needs iterations == 1 (pytest-benchmark runs a setup "
+                         f"function only between rounds), got iterations={iterations}")
+    result = benchmark.pedantic(fn, rounds=rounds, warmup_rounds=1, iterations=iterations,
+                                setup=setup if refs else None)
+    paired = {p: statistics.median(t[1:]) * 1e3 for p, t in times.items() if len(t) > 1}  # (t[0]: warm-up round)
+    if paired:
+        benchmark.extra_info["paired_ms"] = {p: round(v, 4) for p, v in paired.items()}
+    _TIMED[(file, benchmark.group, benchmark.extra_info.get("provider", benchmark.name))] = fn
+    return result
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -4,7 +4,9 @@ benchmark/data/all_benchmark_data.csv). `python benchmarks/report.py` renders th
 
 Columns: run (id of one pytest session), date, commit, benchmark (file), case (the benchmark group), provider,
 median_ms, iqr_ms, rounds, baseline (the provider ratios are taken against: extra_info "baseline", default
-naive), ratio (baseline median / this median, same run), extra (other extra_info as JSON), and the context:
+naive), ratio (baseline median / this median, same run; the baseline's median over this provider's rounds where
+it was paired with them, see conftest.run), extra (other extra_info as JSON, incl. paired_ms: {provider: median
+ms over this provider's rounds}), and the context:
 cpu, isa, cores, threads, isa_cap (TLKERNELS_CPU_ISA), torch, mkl, onednn, gpu.
 """
 import csv
@@ -90,7 +92,9 @@ def rows_of(benchmarks):
     for (bench, case), entries in by_case.items():
         medians = {p: s.median for p, _, s, _ in entries}
         for provider, baseline, s, info in entries:
-            ratio = medians[baseline] / s.median if baseline in medians and s.median > 0 else ""
+            # the baseline's median over this provider's own rounds where it was paired (conftest.run)
+            base = info.get("paired_ms", {}).get(baseline, medians.get(baseline, 0) * 1e3) / 1e3
+            ratio = base / s.median if base > 0 and s.median > 0 else ""
             rows.append(dict(ctx, run=run, benchmark=bench, case=case, provider=provider,
                              median_ms=f"{s.median * 1e3:.4f}", iqr_ms=f"{s.iqr * 1e3:.4f}", rounds=s.rounds,
                              baseline=baseline, ratio=f"{ratio:.4f}" if ratio != "" else "",

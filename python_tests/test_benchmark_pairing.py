@@ -1,0 +1,89 @@
+"""The benchmark harness (benchmarks/conftest.py, results.py, report.py): paired rounds and the ratios taken
+from them, in a real pytest-benchmark session (pytester)."""
+import json
+import os
+import shutil
+import sys
+
+import pytest
+
+pytest_plugins = ["pytester"]
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+# Two providers sleeping 30 ms and 10 ms: the paired ratio is about 3x whatever else the machine does.
+SLEEPS = """
+import time
+import pytest
+from conftest import run
+
+@pytest.mark.parametrize("provider", ["naive", "fast"])
+def test_sleep(benchmark, provider):
+    benchmark.group = "sleep"
+    benchmark.extra_info["provider"] = provider
+    d = 0.03 if provider == "naive" else 0.01
+    run(benchmark, lambda: time.sleep(d), rounds=3, iterations=ITERATIONS,
+        pair=() if provider == "naive" else ("naive", "absent"))
+"""
+
+
+def _session(pytester, iterations=1):
+    for f in ("conftest.py", "results.py", "report.py"):
+        shutil.copy(os.path.join(BENCH, f), pytester.path / f)
+    pytester.makepyfile(test_sleeps=SLEEPS.replace("ITERATIONS", str(iterations)))
+    csv = pytester.path / "results.csv"
+    pytester.syspathinsert()
+    old = os.environ.get("TLKERNELS_RESULTS")
+    os.environ["TLKERNELS_RESULTS"] = str(csv)
+    try:
+        res = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider")
+    finally:
+        if old is None:
+            os.environ.pop("TLKERNELS_RESULTS")
+        else:
+            os.environ["TLKERNELS_RESULTS"] = old
+    return res, csv
+
+
+def test_paired_rounds_give_the_ratio(pytester):
+    res, csv = _session(pytester)
+    res.assert_outcomes(passed=2)
+    sys.path.insert(0, str(pytester.path))
+    try:
+        import report
+        import results
+        rows = results.load(str(csv))
+        fast = next(r for r in rows if r["provider"] == "fast")
+        naive = next(r for r in rows if r["provider"] == "naive")
+        paired = json.loads(fast["extra"])["paired_ms"]
+        assert set(paired) == {"naive"}  # a provider not timed in the session is left out
+        assert 25 < paired["naive"] < 60 and 8 < float(fast["median_ms"]) < 30
+        assert 1.8 < float(fast["ratio"]) < 4.0
+        assert float(fast["ratio"]) == pytest.approx(paired["naive"] / float(fast["median_ms"]), rel=1e-3)
+        assert "paired_ms" not in (naive["extra"] or "")
+        text = report.table(rows)
+        cell = text.splitlines()[-1].split("|")[4].strip()  # the "fast vs naive" column
+        assert cell.endswith("x") and "(u)" not in cell and 1.8 < float(cell[:-1]) < 4.0
+    finally:
+        sys.path.remove(str(pytester.path))
+        for m in ("report", "results"):
+            sys.modules.pop(m, None)
+
+
+def test_unpaired_ratio_is_marked():
+    sys.path.insert(0, BENCH)
+    try:
+        import report
+        rows = [dict(benchmark="b", case="c", provider=p, median_ms=ms, baseline="naive", extra="")
+                for p, ms in (("naive", "30"), ("fast", "10"))]
+        assert report.table(rows).splitlines()[-1].split("|")[4].strip() == "3.00x (u)"
+    finally:
+        sys.path.remove(BENCH)
+        for m in ("report", "results"):
+            sys.modules.pop(m, None)
+
+
+def test_pairing_needs_one_call_per_round(pytester):
+    res, _ = _session(pytester, iterations=2)
+    res.assert_outcomes(passed=1, failed=1)
+    res.stdout.fnmatch_lines(["*pair needs iterations == 1*got iterations=2*"])
