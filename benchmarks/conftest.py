@@ -1,10 +1,36 @@
+import ctypes
+import ctypes.util
 import os
 import statistics
+import sys
 import time
 
 import torch
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def steady_allocator():
+    """glibc malloc: serve blocks up to 32 MB from the heap and never give the heap back, so that after the
+    warm-up round no provider's call pays page faults for fresh memory. With glibc's defaults a large block may
+    come from mmap or from a heap top that was trimmed, depending on the process's history of frees: one plain
+    512ch 7x7 1x1 conv took 5.4 ms in one process (no page faults) and 10.5-12 ms in others (2320 faults per
+    call), the naive gated conv at 64ch 56x56 3x3 104-124 ms against 218-224 ms (0 against 42557-43808
+    faults per call). Ratios then measure the kernels, not the allocator's state. TLKERNELS_BENCH_MALLOC=default
+    keeps glibc's defaults (results record which: the `malloc` column). Returns whether the setting took."""
+    if os.environ.get("TLKERNELS_BENCH_MALLOC", "steady") == "default" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # (malloc.h)
+    # 32 MB: glibc's largest mmap threshold on 64-bit; blocks above it (none per call here) still use mmap
+    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, (1 << 31) - 1))
+
+
+STEADY_ALLOCATOR = steady_allocator()
 
 # Each provider's timed callable, by (benchmark file, case), for the later providers of that case to pair with.
 _TIMED = {}
@@ -50,4 +76,4 @@ def pytest_sessionfinish(session, exitstatus):
     if bs is None or getattr(bs, "disabled", False) or dest == "0":
         return
     import results
-    results.append(results.rows_of(bs.benchmarks), dest or results.RESULTS)
+    results.append(results.rows_of(bs.benchmarks, STEADY_ALLOCATOR), dest or results.RESULTS)

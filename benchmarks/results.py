@@ -7,7 +7,8 @@ median_ms, iqr_ms, rounds, baseline (the provider ratios are taken against: extr
 naive), ratio (baseline median / this median, same run; the baseline's median over this provider's rounds where
 it was paired with them, see conftest.run), extra (other extra_info as JSON, incl. paired_ms: {provider: median
 ms over this provider's rounds}), and the context:
-cpu, isa, cores, threads, isa_cap (TLKERNELS_CPU_ISA), torch, mkl, onednn, gpu.
+cpu, isa, cores, threads, isa_cap (TLKERNELS_CPU_ISA), torch, mkl, onednn, gpu, malloc (`steady`: glibc set to
+keep freed memory, conftest.steady_allocator; `default`: glibc's defaults or another allocator).
 """
 import csv
 import datetime
@@ -22,7 +23,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results.csv")
 COLUMNS = ["run", "date", "commit", "benchmark", "case", "provider", "median_ms", "iqr_ms", "rounds", "baseline",
-           "ratio", "extra", "cpu", "isa", "cores", "threads", "isa_cap", "torch", "mkl", "onednn", "gpu"]
+           "ratio", "extra", "cpu", "isa", "cores", "threads", "isa_cap", "torch", "mkl", "onednn", "gpu", "malloc"]
 # x86 ISA features that decide which kernels run (oneDNN's, MKL's and ours), in order of generation.
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
 
@@ -65,19 +66,19 @@ def _commit():
         return ""
 
 
-def context():
+def context(steady_malloc=False):
     cpu, isa = cpu_model_and_isa()
     mkl, onednn = _versions()
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
     return dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"), commit=_commit(),
                 cpu=cpu, isa=isa, cores=os.cpu_count(), threads=torch.get_num_threads(),
                 isa_cap=os.environ.get("TLKERNELS_CPU_ISA", ""), torch=torch.__version__, mkl=mkl, onednn=onednn,
-                gpu=gpu)
+                gpu=gpu, malloc="steady" if steady_malloc else "default")
 
 
-def rows_of(benchmarks):
+def rows_of(benchmarks, steady_malloc=False):
     """CSV rows from pytest-benchmark's Metadata objects of one session."""
-    ctx = context()
+    ctx = context(steady_malloc)
     run = uuid.uuid4().hex[:10]
     by_case = {}
     for b in benchmarks:
@@ -103,10 +104,24 @@ def rows_of(benchmarks):
 
 
 def append(rows, path=RESULTS):
-    """Append rows (header written for a new file); one write per run, so a run's rows stay together."""
+    """Append rows (header written for a new file); one write per run, so a run's rows stay together. A file
+    with an older header (fewer columns) is first rewritten atomically with today's (new cells empty)."""
     if not rows:
         return
     new = not os.path.exists(path) or os.path.getsize(path) == 0
+    if not new:
+        with open(path, newline="") as fh:
+            header = next(csv.reader(fh), [])
+        if header != COLUMNS:
+            old = load(path)
+            tmp = path + ".tmp"
+            with open(tmp, "w", newline="") as fh:
+                w = csv.DictWriter(fh, fieldnames=COLUMNS, restval="", extrasaction="ignore")
+                w.writeheader()
+                w.writerows(old)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
     with open(path, "a", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=COLUMNS)
         if new:

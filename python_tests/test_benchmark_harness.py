@@ -1,8 +1,11 @@
 """The benchmark harness (benchmarks/conftest.py, results.py, report.py): paired rounds and the ratios taken
-from them, in a real pytest-benchmark session (pytester)."""
+from them in a real pytest-benchmark session (pytester), the results file's columns, the allocator setting."""
+import csv
+import importlib.util
 import json
 import os
 import shutil
+import subprocess
 import sys
 
 import pytest
@@ -87,3 +90,43 @@ def test_pairing_needs_one_call_per_round(pytester):
     res, _ = _session(pytester, iterations=2)
     res.assert_outcomes(passed=1, failed=1)
     res.stdout.fnmatch_lines(["*pair needs iterations == 1*got iterations=2*"])
+
+
+def _bench_module(name):
+    """benchmarks/<name>.py as a fresh module (python_tests has a conftest module of its own)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(BENCH, f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_results_file_with_older_header_is_rewritten(tmp_path):
+    results = _bench_module("results")
+    path = tmp_path / "results.csv"
+    old_cols = [c for c in results.COLUMNS if c != "malloc"]
+    old_row = {c: f"{c}-0" for c in old_cols}
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=old_cols)
+        w.writeheader()
+        w.writerow(old_row)
+    new_row = {c: f"{c}-1" for c in results.COLUMNS}
+    results.append([new_row], str(path))
+    rows = results.load(str(path))
+    assert open(path).readline().strip().split(",") == results.COLUMNS
+    assert rows[0] == dict(old_row, malloc="") and rows[1] == new_row
+    assert not os.path.exists(str(path) + ".tmp")
+
+
+def test_steady_allocator_is_recorded(monkeypatch):
+    monkeypatch.setenv("TLKERNELS_BENCH_MALLOC", "default")  # (before the import: it applies the setting)
+    conftest = _bench_module("conftest")
+    results = _bench_module("results")
+    assert conftest.STEADY_ALLOCATOR is False
+    assert conftest.steady_allocator() is False
+    assert results.context(False)["malloc"] == "default" and results.context(True)["malloc"] == "steady"
+    monkeypatch.delenv("TLKERNELS_BENCH_MALLOC")
+    if sys.platform.startswith("linux") and os.path.exists("/lib/x86_64-linux-gnu/libc.so.6"):
+        # (in a child process: the setting is process-wide)
+        code = f"import sys; sys.path.insert(0, {BENCH!r}); import conftest; print(conftest.STEADY_ALLOCATOR)"
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert out.stdout.strip().splitlines()[-1] == "True", out.stderr  # glibc accepts both settings
