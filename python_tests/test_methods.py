@@ -88,6 +88,33 @@ def test_spottune_matches_reference_train_and_eval(arch):
             torch.testing.assert_close(a, b)
 
 
+def test_spottune_routed_eval_folds_batchnorm_and_follows_weight_changes():
+    m = SpotTune(_resnet()).double()
+    _perturb_finetuned(m)
+    keys = set(m.state_dict())
+    fixed = (torch.arange(4 * len(m.blocks)).view(4, -1) % 3 == 0).double()
+    m.policy.forward = lambda inp: torch.stack([1 - fixed, fixed], -1) * 10
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    m.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), _spottune_reference(m, x, fixed))
+    folded = m.blocks[0]._folded[1]
+    assert folded is not None and not any(isinstance(b, nn.BatchNorm2d) for b in folded[0].modules())
+    assert set(m.state_dict()) == keys  # the folded copies are not submodules
+    # a weight changed in place (an optimizer step, load_state_dict): the next eval folds anew
+    with torch.no_grad():
+        m.blocks[0].finetuned.conv1.weight.mul_(1.5)
+        m.blocks[0].finetuned.bn1.running_var.mul_(2.0)
+        torch.testing.assert_close(m(x), _spottune_reference(m, x, fixed))
+    assert m.blocks[0]._folded[1] is not folded
+    # with autograd on (eval-mode fine-tuning), routing runs the block's own modules: gradients reach them
+    m.blocks[0].finetuned.conv1.weight.grad = None
+    m(x).square().sum().backward()
+    assert m.blocks[0].finetuned.conv1.weight.grad is not None
+    m.train()
+    assert all(b._folded is None for b in m.blocks)
+
+
 def test_spottune_policy_gets_gradients_and_frozen_weights_do_not_move():
     m = SpotTune(_resnet()).double()
     frozen_before = {n: p.clone() for n, p in m.named_parameters() if ".frozen." in n and "downsample" not in n}

@@ -414,7 +414,8 @@ def main(argv=None):
     rank, world, device = setup_processes(cfg)
     if is_main():
         os.makedirs(cfg.cache_dir, exist_ok=True)
-    _choices.load(choice_cache(cfg))
+    if not os.environ.get(_choices.ENV):  # (set: tlkernels' import has loaded that file)
+        _choices.load(choice_cache(cfg))
     seeds, methods = cfg.seed_list(), cfg.methods()
     results = {m: {} for m, _, _ in methods}
     backbone = classes = None
