@@ -74,4 +74,4 @@ def test_gated_conv2d(benchmark, shape, mode, provider):
         def step():
             y = fn(x, wp, wf, g, p)
             return torch.autograd.grad(y, inputs, torch.ones_like(y), allow_unused=True)  # plain ignores g
-    run(benchmark, step, rounds=3, pair=PAIR[provider])
+    run(benchmark, step, rounds=5, pair=PAIR[provider])

@@ -36,7 +36,7 @@ def test_spottune_eval(benchmark, provider, size, n):
     def fn():
         with torch.no_grad():
             return m(x)
-    run(benchmark, fn, rounds=5, pair=() if provider == "naive" else ("naive",))
+    run(benchmark, fn, rounds=7, pair=() if provider == "naive" else ("naive",))
 
 
 def _adafilter(provider):
@@ -59,7 +59,7 @@ def test_adafilter_eval(benchmark, provider):
     def fn():
         with torch.no_grad():
             return m(x)
-    run(benchmark, fn, rounds=5, pair=() if provider == "naive" else ("naive",))
+    run(benchmark, fn, rounds=7, pair=() if provider == "naive" else ("naive",))
 
 
 @pytest.mark.parametrize("provider", ["naive", "tlkernels"])
