@@ -75,3 +75,6 @@ def test_gated_conv2d(benchmark, shape, mode, provider):
             y = fn(x, wp, wf, g, p)
             return torch.autograd.grad(y, inputs, torch.ones_like(y), allow_unused=True)  # plain ignores g
     run(benchmark, step, rounds=5, pair=PAIR[provider])
+    if provider == "tlkernels":  # the strategies the measured choice took in this process (forward, backward)
+        taken = torch.ops.tlkernels._gated_conv2d_last_strategies()  # (the backward's is stale in fwd_ modes)
+        benchmark.extra_info["strategies"] = taken[0] if mode.startswith("fwd_") else "/".join(taken)
