@@ -113,14 +113,17 @@ class SpotTuneBlock(nn.Module):
         convolutions before them (torch.fx's conv-BN fusion; equal up to rounding). That saves one pass over
         every activation: 5.6% of a ResNet-18's eval at 224 px (N = 16, 2 threads, AMD EPYC Zen 3). Rebuilt when
         a parameter or buffer changed (in-place version, storage, dtype or device), dropped by train(); a block
-        torch.fx cannot trace runs as it is. Kept as a plain attribute: not in state_dict, not moved by .to()."""
+        torch.fx cannot trace runs as it is. Kept as a plain attribute: not in state_dict, not moved by .to(); while
+        kept they hold one more copy of the block's weights."""
         key = tuple((t.data_ptr(), t._version, t.dtype, t.device)
                     for t in itertools.chain(self.parameters(), self.buffers()))
         if self._folded is None or self._folded[0] != key:
             try:
                 copies = (_fuse_conv_bn(self.finetuned), _fuse_conv_bn(self.frozen))
-            except (torch.fx.proxy.TraceError, TypeError, NotImplementedError, RuntimeError):
-                copies = None  # (data-dependent control flow and the like: not traceable)
+            except (torch.fx.proxy.TraceError, TypeError, NotImplementedError, RuntimeError, AssertionError):
+                # (not traceable: data-dependent control flow and the like; or a BatchNorm left in training
+                # mode, which torch's fusion refuses and which must then run as it is)
+                copies = None
             self._folded = (key, copies)
         return self._folded[1] or (self.finetuned, self.frozen)
 
