@@ -113,6 +113,12 @@ def test_spottune_routed_eval_folds_batchnorm_and_follows_weight_changes():
     assert m.blocks[0].finetuned.conv1.weight.grad is not None
     m.train()
     assert all(b._folded is None for b in m.blocks)
+    # a BatchNorm left in training mode under eval cannot be folded: that block runs as it is
+    m.eval()
+    m.blocks[0].finetuned.bn1.train()
+    with torch.no_grad():
+        assert torch.isfinite(m(x)).all()
+    assert m.blocks[0]._folded[1] is None and m.blocks[1]._folded[1] is not None
 
 
 def test_spottune_policy_gets_gradients_and_frozen_weights_do_not_move():
