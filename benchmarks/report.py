@@ -61,15 +61,13 @@ def newest_runs(rows):
 
 
 def _ratio(medians, paired, case, provider, baseline):
-    """baseline's time / provider's time: over the provider's own rounds where the baseline was paired with
-    them (conftest.run), else the two separately timed medians of the run. (ratio, paired?) or None."""
+    """(baseline's time / provider's time, whether paired) or None: results.reference_ms's time."""
     m = medians.get(case, {})
     if provider not in m:
         return None
-    base = paired.get(case, {}).get(provider, {}).get(baseline)
-    if base is not None:
-        return base / m[provider], True
-    return (m[baseline] / m[provider], False) if baseline in m else None
+    pm = paired.get(case, {}).get(provider, {})
+    base = results.reference_ms(pm, baseline, m)
+    return None if base is None else (base / m[provider], baseline in pm)
 
 
 def table(rows):

@@ -76,6 +76,12 @@ def context(steady_malloc=False):
                 gpu=gpu, malloc="steady" if steady_malloc else "default")
 
 
+def reference_ms(paired_ms, reference, medians_ms):
+    """A reference provider's time for one provider's ratio: its median over that provider's own rounds where
+    the two were paired (conftest.run, paired_ms), else its own median in the run; None when it has neither."""
+    return paired_ms.get(reference, medians_ms.get(reference))
+
+
 def rows_of(benchmarks, steady_malloc=False):
     """CSV rows from pytest-benchmark's Metadata objects of one session."""
     ctx = context(steady_malloc)
@@ -91,11 +97,10 @@ def rows_of(benchmarks, steady_malloc=False):
         by_case.setdefault((bench, b.group), []).append((provider, baseline, b.stats, info))
     rows = []
     for (bench, case), entries in by_case.items():
-        medians = {p: s.median for p, _, s, _ in entries}
+        medians_ms = {p: s.median * 1e3 for p, _, s, _ in entries}
         for provider, baseline, s, info in entries:
-            # the baseline's median over this provider's own rounds where it was paired (conftest.run)
-            base = info.get("paired_ms", {}).get(baseline, medians.get(baseline, 0) * 1e3) / 1e3
-            ratio = base / s.median if base > 0 and s.median > 0 else ""
+            base = reference_ms(info.get("paired_ms", {}), baseline, medians_ms)
+            ratio = base / (s.median * 1e3) if base and s.median > 0 else ""
             rows.append(dict(ctx, run=run, benchmark=bench, case=case, provider=provider,
                              median_ms=f"{s.median * 1e3:.4f}", iqr_ms=f"{s.iqr * 1e3:.4f}", rounds=s.rounds,
                              baseline=baseline, ratio=f"{ratio:.4f}" if ratio != "" else "",
