@@ -30,74 +30,59 @@ def test_sleep(benchmark, provider):
 """
 
 
-def _session(pytester, iterations=1):
+def _bench_module(name):
+    """benchmarks/<name>.py as a fresh module (python_tests has a conftest module of its own); sys.path as
+    it was (report.py puts its directory first to import results)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(BENCH, f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    saved = list(sys.path)
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path[:] = saved
+    return mod
+
+
+def _session(pytester, monkeypatch, iterations=1):
+    """A pytest-benchmark session over SLEEPS with the benchmarks' harness; (its result, its results file)."""
     for f in ("conftest.py", "results.py", "report.py"):
         shutil.copy(os.path.join(BENCH, f), pytester.path / f)
     pytester.makepyfile(test_sleeps=SLEEPS.replace("ITERATIONS", str(iterations)))
-    csv = pytester.path / "results.csv"
+    path = pytester.path / "results.csv"
     pytester.syspathinsert()
-    old = os.environ.get("TLKERNELS_RESULTS")
-    os.environ["TLKERNELS_RESULTS"] = str(csv)
-    try:
-        res = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider")
-    finally:
-        if old is None:
-            os.environ.pop("TLKERNELS_RESULTS")
-        else:
-            os.environ["TLKERNELS_RESULTS"] = old
-    return res, csv
+    monkeypatch.setenv("TLKERNELS_RESULTS", str(path))
+    return pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider"), path
 
 
-def test_paired_rounds_give_the_ratio(pytester):
-    res, csv = _session(pytester)
+def test_paired_rounds_give_the_ratio(pytester, monkeypatch):
+    res, path = _session(pytester, monkeypatch)
     res.assert_outcomes(passed=2)
-    sys.path.insert(0, str(pytester.path))
-    try:
-        import report
-        import results
-        rows = results.load(str(csv))
-        fast = next(r for r in rows if r["provider"] == "fast")
-        naive = next(r for r in rows if r["provider"] == "naive")
-        paired = json.loads(fast["extra"])["paired_ms"]
-        assert set(paired) == {"naive"}  # a provider not timed in the session is left out
-        assert 25 < paired["naive"] < 60 and 8 < float(fast["median_ms"]) < 30
-        assert 1.8 < float(fast["ratio"]) < 4.0
-        assert float(fast["ratio"]) == pytest.approx(paired["naive"] / float(fast["median_ms"]), rel=1e-3)
-        assert "paired_ms" not in (naive["extra"] or "")
-        text = report.table(rows)
-        cell = text.splitlines()[-1].split("|")[4].strip()  # the "fast vs naive" column
-        assert cell.endswith("x") and "(u)" not in cell and 1.8 < float(cell[:-1]) < 4.0
-    finally:
-        sys.path.remove(str(pytester.path))
-        for m in ("report", "results"):
-            sys.modules.pop(m, None)
+    report, results = _bench_module("report"), _bench_module("results")
+    rows = results.load(str(path))
+    fast = next(r for r in rows if r["provider"] == "fast")
+    naive = next(r for r in rows if r["provider"] == "naive")
+    paired = json.loads(fast["extra"])["paired_ms"]
+    assert set(paired) == {"naive"}  # a provider not timed in the session is left out
+    assert 25 < paired["naive"] < 60 and 8 < float(fast["median_ms"]) < 30
+    assert 1.8 < float(fast["ratio"]) < 4.0
+    assert float(fast["ratio"]) == pytest.approx(paired["naive"] / float(fast["median_ms"]), rel=1e-3)
+    assert "paired_ms" not in (naive["extra"] or "")
+    text = report.table(rows)
+    cell = text.splitlines()[-1].split("|")[4].strip()  # the "fast vs naive" column
+    assert cell.endswith("x") and "(u)" not in cell and 1.8 < float(cell[:-1]) < 4.0
 
 
 def test_unpaired_ratio_is_marked():
-    sys.path.insert(0, BENCH)
-    try:
-        import report
-        rows = [dict(benchmark="b", case="c", provider=p, median_ms=ms, baseline="naive", extra="")
-                for p, ms in (("naive", "30"), ("fast", "10"))]
-        assert report.table(rows).splitlines()[-1].split("|")[4].strip() == "3.00x (u)"
-    finally:
-        sys.path.remove(BENCH)
-        for m in ("report", "results"):
-            sys.modules.pop(m, None)
+    report = _bench_module("report")
+    rows = [dict(benchmark="b", case="c", provider=p, median_ms=ms, baseline="naive", extra="")
+            for p, ms in (("naive", "30"), ("fast", "10"))]
+    assert report.table(rows).splitlines()[-1].split("|")[4].strip() == "3.00x (u)"
 
 
-def test_pairing_needs_one_call_per_round(pytester):
-    res, _ = _session(pytester, iterations=2)
+def test_pairing_needs_one_call_per_round(pytester, monkeypatch):
+    res, _ = _session(pytester, monkeypatch, iterations=2)
     res.assert_outcomes(passed=1, failed=1)
     res.stdout.fnmatch_lines(["*pair needs iterations == 1*got iterations=2*"])
-
-
-def _bench_module(name):
-    """benchmarks/<name>.py as a fresh module (python_tests has a conftest module of its own)."""
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(BENCH, f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_results_file_with_older_header_is_rewritten(tmp_path):
