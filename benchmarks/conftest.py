@@ -36,7 +36,7 @@ STEADY_ALLOCATOR = steady_allocator()
 _TIMED = {}
 
 
-def run(benchmark, fn, rounds=5, iterations=1, pair=()):
+def run(benchmark, fn, rounds=5, iterations=1, pair=None):
     """Time fn with a warm-up round; rounds kept small because each call is a whole conv/step. Sub-millisecond
     calls pass iterations > 1 so that one round is long enough for the timer and the noise to average out.
 
@@ -44,8 +44,13 @@ def run(benchmark, fn, rounds=5, iterations=1, pair=()):
     each round of fn. Their medians over those rounds go to extra_info["paired_ms"], and ratios against them
     (results.py, report.py) compare calls made within the same seconds: on a shared machine a slow minute
     then slows both sides of a ratio instead of one. The ratio of two separately timed medians moves by up to
-    about 20% between runs there."""
+    about 20% between runs there. Default: the case's baseline (extra_info "baseline", default naive) for every
+    other provider timed one call per round; none where iterations > 1."""
     file = benchmark.fullname.split("::")[0]
+    provider = benchmark.extra_info.get("provider", benchmark.name)
+    if pair is None:
+        baseline = benchmark.extra_info.get("baseline", "naive")
+        pair = (baseline,) if provider != baseline and iterations == 1 else ()
     for key in [k for k in _TIMED if k[0] != file]:  # one file's callables (and the tensors they hold) at a time
         del _TIMED[key]
     refs = {p: _TIMED[(file, benchmark.group, p)] for p in pair if (file, benchmark.group, p) in _TIMED}
@@ -65,7 +70,7 @@ def run(benchmark, fn, rounds=5, iterations=1, pair=()):
     paired = {p: statistics.median(t[1:]) * 1e3 for p, t in times.items() if len(t) > 1}  # (t[0]: warm-up round)
     if paired:
         benchmark.extra_info["paired_ms"] = {p: round(v, 4) for p, v in paired.items()}
-    _TIMED[(file, benchmark.group, benchmark.extra_info.get("provider", benchmark.name))] = fn
+    _TIMED[(file, benchmark.group, provider)] = fn
     return result
 
 

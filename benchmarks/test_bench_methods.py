@@ -36,7 +36,7 @@ def test_spottune_eval(benchmark, provider, size, n):
     def fn():
         with torch.no_grad():
             return m(x)
-    run(benchmark, fn, rounds=7, pair=() if provider == "naive" else ("naive",))
+    run(benchmark, fn, rounds=7)
 
 
 def _adafilter(provider):
@@ -59,7 +59,7 @@ def test_adafilter_eval(benchmark, provider):
     def fn():
         with torch.no_grad():
             return m(x)
-    run(benchmark, fn, rounds=7, pair=() if provider == "naive" else ("naive",))
+    run(benchmark, fn, rounds=7)
 
 
 @pytest.mark.parametrize("provider", ["naive", "tlkernels"])
@@ -74,4 +74,4 @@ def test_adafilter_train_step(benchmark, provider):
         opt.zero_grad()
         F.cross_entropy(m(x), y).backward()
         opt.step()
-    run(benchmark, fn, rounds=3, pair=() if provider == "naive" else ("naive",))
+    run(benchmark, fn, rounds=3)

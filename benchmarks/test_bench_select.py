@@ -54,8 +54,7 @@ def test_filterbank_histogram(benchmark, provider):
     benchmark.group = f"filterbank histogram {N} RGB {SIZE}x{SIZE}, 48 Gabor 11x11, {BINS} bins"
     benchmark.extra_info["provider"] = provider
     fn = hist_providers()[provider]
-    run(benchmark, lambda: fn(x, w, e), rounds=1 if provider == "naive" else 3,
-        pair=() if provider == "naive" else ("naive",))
+    run(benchmark, lambda: fn(x, w, e), rounds=1 if provider == "naive" else 3)
     benchmark.extra_info["peak extra MB"] = round(peak_extra_mb(_HSETUP.replace("PROVIDER", provider), "fn(x, w, e)"), 1)
 
 
@@ -111,5 +110,4 @@ def test_knn_search(benchmark, descriptors, provider):
     else:  # streaming: each chunk expanded on the fly (what the naive provider also pays)
         def fn():
             return tlkernels.ops.knn_search(q, db, K, "skl", chunk_size=4096)
-    pair = {"naive": (), "tlkernels_index": ("naive", "faiss", "gemm_only")}.get(provider, ("naive",))
-    run(benchmark, fn, rounds=2, pair=pair)
+    run(benchmark, fn, rounds=2, pair=("naive", "faiss", "gemm_only") if provider == "tlkernels_index" else None)
