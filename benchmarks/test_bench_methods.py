@@ -13,14 +13,23 @@ from conftest import run
 from tlkernels.methods import AdaFilter, SpotTune
 
 
+class _MixedDecisions(torch.nn.Module):
+    """The policy network, run as it is (its cost is part of SpotTune's eval), with its decisions replaced:
+    half the images on the fine-tuned copy of each block (a trained policy's typical mix, and the case where
+    routing saves least over a one-copy shortcut)."""
+
+    def __init__(self, policy, n, num_blocks):
+        super().__init__()
+        self.policy = policy
+        g = (torch.arange(n)[:, None] + torch.arange(num_blocks)[None]) % 2
+        self.register_buffer("logits", torch.stack([1 - g, g], -1).float() * 10)
+
+    def forward(self, x):
+        return self.policy(x) * 0 + self.logits.narrow(0, 0, x.shape[0])
+
+
 def _mixed_policy(m, n):
-    """Half the images on the fine-tuned copy of each block (a trained policy's typical mix, and the case
-    where routing saves least over a one-copy shortcut). The policy network still runs (its cost is part of
-    SpotTune's eval); only its decisions are replaced."""
-    g = (torch.arange(n)[:, None] + torch.arange(len(m.blocks))[None]) % 2
-    logits = torch.stack([1 - g, g], -1).float() * 10
-    policy = m.policy.forward
-    m.policy.forward = lambda x: policy(x) * 0 + logits[: x.shape[0]]
+    m.policy = _MixedDecisions(m.policy, n, len(m.blocks))
 
 
 @pytest.mark.parametrize("size,n", [(64, 64), (224, 16)])

@@ -84,11 +84,13 @@ def test_strategy_float64_forward_and_all_gradients(monkeypatch, strategy, shape
 @pytest.mark.parametrize("strategy", ["mix", "brgemm", "blended", "grouped", "concat", "bmm", "auto"])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("shape", [(4, 8, 7, 16, 3, 1, 1, 1, 1), (4, 16, 7, 8, 1, 1, 0, 1, 1), (3, 8, 10, 16, 1, 2, 0, 1, 1),
-                                   (2, 8, 6, 8, 1, 1, 0, 1, 2)], ids=["3x3", "1x1", "1x1s2", "1x1g2"])
+                                   (2, 8, 6, 8, 1, 1, 0, 1, 2), (2, 12, 5, 20, 1, 1, 0, 1, 1)],
+                         ids=["3x3", "1x1", "1x1s2", "1x1g2", "1x1odd"])
 @pytest.mark.parametrize("gate_kind,hard", [("filter", True), ("filter", False), ("image", False)])
 def test_strategy_float32(monkeypatch, strategy, channels_last, shape, gate_kind, hard):
     """Each strategy in both layouts (bmm: the channels_last output in place; groups only in NCHW), 1x1 stride 2
-    on an even map; where a strategy does not apply, the automatic choice runs."""
+    on an even map, channel and pixel counts that are not multiples of 8 (the engine's transposed 8 x 8 blocks);
+    where a strategy does not apply, the automatic choice runs."""
     monkeypatch.setenv("TLKERNELS_GATED_CONV", strategy)
     ts, kw = make(shape, torch.float32, gate_kind, hard, bias=True, channels_last=channels_last)
     y, gs = run(gated_conv2d, ts, kw)

@@ -98,7 +98,7 @@ def test_spottune_routed_eval_folds_batchnorm_and_follows_weight_changes():
     m.eval()
     with torch.no_grad():
         torch.testing.assert_close(m(x), _spottune_reference(m, x, fixed))
-    folded = m.blocks[0]._folded[1]
+    folded = m.blocks[0]._folded.copies
     assert folded is not None and not any(isinstance(b, nn.BatchNorm2d) for b in folded[0].modules())
     assert set(m.state_dict()) == keys  # the folded copies are not submodules
     # a weight changed in place (an optimizer step, load_state_dict): the next eval folds anew
@@ -106,19 +106,51 @@ def test_spottune_routed_eval_folds_batchnorm_and_follows_weight_changes():
         m.blocks[0].finetuned.conv1.weight.mul_(1.5)
         m.blocks[0].finetuned.bn1.running_var.mul_(2.0)
         torch.testing.assert_close(m(x), _spottune_reference(m, x, fixed))
-    assert m.blocks[0]._folded[1] is not folded
+    assert m.blocks[0]._folded.copies is not folded
     # with autograd on (eval-mode fine-tuning), routing runs the block's own modules: gradients reach them
     m.blocks[0].finetuned.conv1.weight.grad = None
     m(x).square().sum().backward()
     assert m.blocks[0].finetuned.conv1.weight.grad is not None
     m.train()
-    assert all(b._folded is None for b in m.blocks)
+    assert all(b._folded.copies is None for b in m.blocks)
     # a BatchNorm left in training mode under eval cannot be folded: that block runs as it is
     m.eval()
     m.blocks[0].finetuned.bn1.train()
     with torch.no_grad():
         assert torch.isfinite(m(x)).all()
-    assert m.blocks[0]._folded[1] is None and m.blocks[1]._folded[1] is not None
+    assert m.blocks[0]._folded.copies is None and m.blocks[1]._folded.copies is not None
+    assert m._policy_folded.copies is None  # (its forward is replaced on the instance: it runs as it is)
+    # a forward hook on a copy (feature extraction): that block runs its own modules, so the hook is called
+    calls = []
+    m.blocks[1].finetuned.register_forward_hook(lambda mod, args, out: calls.append(out.shape[0]))
+    with torch.no_grad():
+        m(x)
+    assert calls == [int(fixed[:, 1].sum())] and m.blocks[1]._folded.copies is None
+
+
+def test_spottune_eval_folds_the_policy_batchnorms():
+    m = SpotTune(_resnet()).double()
+    with torch.no_grad():  # BatchNorm statistics away from the identity, so that folding them matters
+        for mod in m.policy.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.running_mean.uniform_(-0.5, 0.5)
+                mod.running_var.uniform_(0.5, 2.0)
+                mod.weight.uniform_(0.5, 1.5)
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    m.eval()
+    with torch.no_grad():
+        m(x)
+        folded = m._policy_folded.copies
+        assert folded is not None
+        convs = [c for c in folded[0].modules() if isinstance(c, nn.Conv2d)]
+        assert convs and all(c.bias is not None for c in convs)  # each BN after a conv went into it
+        torch.testing.assert_close(folded[0](x), m.policy(x), rtol=1e-10, atol=1e-10)
+        assert torch.equal(m.last_gates, m.policy(x).argmax(-1).double())
+        m.policy.fc.bias.add_(1.0)  # changed in place: folded anew
+        m(x)
+        assert m._policy_folded.copies is not folded
+    m.train()
+    assert m._policy_folded.copies is None
 
 
 def test_spottune_policy_gets_gradients_and_frozen_weights_do_not_move():

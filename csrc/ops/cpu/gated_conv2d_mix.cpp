@@ -155,16 +155,33 @@ void forward(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf, co
   }
   const at::Tensor Wp = weight_panels(wp), Wf = weight_panels(wf);
   const mixgemm::BSource src{Wp.data_ptr<float>(), Wf.data_ptr<float>(), K * mixgemm::kNR, mixgemm::kNR};
+  // C_n is [P][Mp]: an NCHW output takes its transpose (8 x 8 register blocks), a channels_last one its rows.
+  const bool pixels_dense = yW == 1 && yH == q.OW, channels_dense = yC == 1;
   auto consume = [&](int64_t n, const float* Cb) {
     const int64_t Mp = G.size(1);
     const float* gn = Gd + n * Gld;
-    for (int64_t c = 0; c < C; ++c) {
-      const float bias = bias_of(gn, c);
-      float* yc = Y + n * yN + c * yC;
-      int64_t p = 0;
-      for (int64_t oh = 0; oh < q.OH; ++oh)
-        for (int64_t ow = 0; ow < q.OW; ++ow, ++p) yc[oh * yH + ow * yW] = Cb[p * Mp + c] + bias;
+    const float* bias = nullptr;
+    if (any_bias) {
+      float* b = mixgemm::scratch(4, C);
+      for (int64_t c = 0; c < C; ++c) b[c] = bias_of(gn, c);
+      bias = b;
     }
+    float* yn = Y + n * yN;
+    if (pixels_dense) {
+      mixgemm::transpose_out(Cb, Mp, P, C, bias, yn, yC);
+      return;
+    }
+    int64_t p = 0;
+    for (int64_t oh = 0; oh < q.OH; ++oh)
+      for (int64_t ow = 0; ow < q.OW; ++ow, ++p) {
+        const float* src = Cb + p * Mp;
+        float* yp = yn + oh * yH + ow * yW;
+        if (channels_dense) {
+          for (int64_t c = 0; c < C; ++c) yp[c] = src[c] + (bias ? bias[c] : 0.f);
+        } else {
+          for (int64_t c = 0; c < C; ++c) yp[c * yC] = src[c] + (bias ? bias[c] : 0.f);
+        }
+      }
   };
   mixgemm::run(N, P, K, C, src, Gd, Gld, true, pack, consume,
                brgemm ? mixgemm::Micro::Brgemm : mixgemm::Micro::Avx2);
@@ -199,13 +216,24 @@ at::Tensor input_grad(const at::Tensor& dy, const at::Tensor& x, const at::Tenso
     }
     return buf;
   };
+  // C_n is [P][Kp]. A 1x1 stride-1 unpadded conv into NCHW dx writes its transpose (each element once: dx is
+  // zero); otherwise the transpose goes to [K][P] scratch and col2im adds its rows (read contiguously).
+  const bool dx_is_transpose = taps == 1 && q.sh == 1 && q.sw == 1 && q.ph == 0 && q.pw == 0 && xW == 1 &&
+                               xH == q.W && q.OH == q.H && q.OW == q.W;
   auto consume = [&](int64_t n, const float* Cb) {
     const int64_t Kp = mixgemm::round_up(K, mixgemm::kNR);
     float* xn = X + n * xN;
+    if (dx_is_transpose) {
+      mixgemm::transpose_out(Cb, Kp, P, K, nullptr, xn, xC);
+      return;
+    }
+    float* T = mixgemm::scratch(4, K * P);
+    mixgemm::transpose_out(Cb, Kp, P, K, nullptr, T, P);
     for (int64_t k = 0; k < K; ++k) {
       float* xc = xn + (k / taps) * xC;
+      const float* row = T + k * P;
       for_each_tap_pixel(q, (k % taps) / q.KW, k % q.KW, xH, xW, [&](int64_t p, int64_t off) {
-        if (off >= 0) xc[off] += Cb[p * Kp + k];
+        if (off >= 0) xc[off] += row[p];
       });
     }
   };

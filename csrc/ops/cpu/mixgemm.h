@@ -125,6 +125,51 @@ inline void retile(const float* src, int64_t lda, const Tiles& tl, int64_t kb, f
   }
 }
 
+// dst[m * ldd + p] = src[p * lds + m] (+ bias[m] when bias is not null) for p < P, m < M, in 8 x 8 blocks
+// transposed in registers. Reading src a column at a time walks it with a stride of lds floats: with lds a
+// multiple of 512 every such line falls into the same two L1 sets, and each read missed L1.
+__attribute__((target("avx2,fma"))) inline void transpose_out(const float* src, int64_t lds, int64_t P, int64_t M,
+                                                              const float* bias, float* dst, int64_t ldd) {
+  int64_t p0 = 0;
+  for (; p0 + 8 <= P; p0 += 8) {  // 8 source rows stream forward together; M columns in steps of 8
+    int64_t m0 = 0;
+    for (; m0 + 8 <= M; m0 += 8) {
+      __m256 r[8];
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + (p0 + i) * lds + m0);
+      // 8 x 8 transpose: pairs, quads, then 128-bit halves
+      __m256 t[8];
+#pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i) {
+        t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+      }
+      __m256 u[8];
+#pragma GCC unroll 2
+      for (int i = 0; i < 2; ++i) {
+        u[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+        u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+        u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+        u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+      }
+#pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i) {  // row i of the block's transpose from u[i] (rows 0-3) and u[i + 4] (rows 4-7)
+        __m256 lo = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20), hi = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+        if (bias) {
+          lo = _mm256_add_ps(lo, _mm256_set1_ps(bias[m0 + i]));
+          hi = _mm256_add_ps(hi, _mm256_set1_ps(bias[m0 + i + 4]));
+        }
+        _mm256_storeu_ps(dst + (m0 + i) * ldd + p0, lo);
+        _mm256_storeu_ps(dst + (m0 + i + 4) * ldd + p0, hi);
+      }
+    }
+    for (; m0 < M; ++m0)
+      for (int64_t p = p0; p < p0 + 8; ++p) dst[m0 * ldd + p] = src[p * lds + m0] + (bias ? bias[m0] : 0.f);
+  }
+  for (; p0 < P; ++p0)
+    for (int64_t m = 0; m < M; ++m) dst[m * ldd + p0] = src[p0 * lds + m] + (bias ? bias[m] : 0.f);
+}
+
 // Where the 16 floats of B panel j, row k live: src + j * panel_stride + k * row_stride; `valid` (<= 16)
 // of them exist (the rest read as zero: masked load, never past the caller's buffer).
 struct BSource {
@@ -188,7 +233,7 @@ inline void transpose_rows(const float* src, int64_t lda, int64_t P, int64_t kb,
 // Per-thread scratch that lives across calls (grow-only): a fresh buffer per call came back from the OS as
 // new pages (page faults and zeroing measured at ~2% of a 7x7 layer).
 inline float* scratch(int slot, size_t n) {
-  thread_local std::vector<float> bufs[4];
+  thread_local std::vector<float> bufs[5];  // slots 0-3: the GEMM loops; 4: their consumers
   std::vector<float>& v = bufs[slot];
   if (v.size() < n) v.resize(n);
   return v.data();
