@@ -32,6 +32,8 @@ TARGETS = [
     ("test_bench_losses", r"^sgd momentum \+ l2sp", "tlkernels", "naive", 2.0),
     ("test_bench_losses", r"^sgd momentum \+ l2sp", "tlkernels", "torch_fused", 1.3),
     ("test_bench_methods", r"^spottune .* eval", "tlkernels", "naive", 1.7),
+    # (the naive way in the layout routed eval runs on CPU: what routing and folding give beyond the layout)
+    ("test_bench_methods", r"^spottune .* eval", "tlkernels", "naive_channels_last", 1.0),
     ("test_bench_methods", r"^adafilter .* eval", "tlkernels", "naive", 1.6),
     ("test_bench_select", r"histogram", "tlkernels", "naive", 10.0),
     ("test_bench_select", r"knn", "tlkernels_index", "faiss", 1.0),

@@ -33,19 +33,24 @@ def _mixed_policy(m, n):
 
 
 @pytest.mark.parametrize("size,n", [(64, 64), (224, 16)])
-@pytest.mark.parametrize("provider", ["naive", "tlkernels"])
+@pytest.mark.parametrize("provider", ["naive", "naive_channels_last", "tlkernels"])
 def test_spottune_eval(benchmark, provider, size, n):
+    """naive_channels_last: the naive way with the model and input in channels_last, the layout tlkernels' routed
+    eval runs on CPU tensors: the ratio against it is what routing and folding give beyond the layout."""
     torch.manual_seed(0)
     m = SpotTune(torchvision.models.resnet18(num_classes=10), route=provider == "tlkernels").eval()
     _mixed_policy(m, n)
     x = torch.randn(n, 3, size, size)
+    if provider == "naive_channels_last":
+        m = m.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
     benchmark.group = f"spottune resnet18 eval N={n} {size}x{size} (policy included)"
     benchmark.extra_info["provider"] = provider
 
     def fn():
         with torch.no_grad():
             return m(x)
-    run(benchmark, fn, rounds=7)
+    run(benchmark, fn, rounds=7, pair=("naive", "naive_channels_last") if provider == "tlkernels" else None)
 
 
 def _adafilter(provider):

@@ -100,6 +100,9 @@ def test_spottune_routed_eval_folds_batchnorm_and_follows_weight_changes():
         torch.testing.assert_close(m(x), _spottune_reference(m, x, fixed))
     folded = m.blocks[0]._folded.copies
     assert folded is not None and not any(isinstance(b, nn.BatchNorm2d) for b in folded[0].modules())
+    # CPU eval runs channels_last: the copies' weights are stored so (the result above matched the reference)
+    convs = [c for c in folded[0].modules() if isinstance(c, nn.Conv2d) and c.kernel_size == (3, 3)]
+    assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
     assert set(m.state_dict()) == keys  # the folded copies are not submodules
     # a weight changed in place (an optimizer step, load_state_dict): the next eval folds anew
     with torch.no_grad():
@@ -126,6 +129,19 @@ def test_spottune_routed_eval_folds_batchnorm_and_follows_weight_changes():
     with torch.no_grad():
         m(x)
     assert calls == [int(fixed[:, 1].sum())] and m.blocks[1]._folded.copies is None
+
+
+def test_spottune_fast_eval_keeps_the_output_layout():
+    """Eval on CPU runs channels_last inside; a backbone returning feature maps gives them in the default layout,
+    equal to the training-mode modules' blend in eval mode."""
+    m = SpotTune(nn.Sequential(*list(_resnet().children())[:-2])).double()  # (no pooling, no head)
+    _perturb_finetuned(m)
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    m.eval()
+    with torch.no_grad():
+        out = m(x)
+        assert out.dim() == 4 and out.is_contiguous()
+        torch.testing.assert_close(out, _spottune_reference(m, x, m.last_gates))
 
 
 def test_spottune_eval_folds_the_policy_batchnorms():
