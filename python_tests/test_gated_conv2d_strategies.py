@@ -149,6 +149,17 @@ def test_auto_choice_is_cached_and_heuristic_is_fixed(monkeypatch):
     assert last() == ["mix", "mix"]  # float32, groups 1, 7x7: the small-map engine by the fixed rules
 
 
+@pytest.mark.parametrize("hw,forward", [(14, "mix"), (28, "bmm")])
+def test_heuristic_1x1_forward_takes_the_engine_below_28x28(monkeypatch, hw, forward):
+    """The fixed rules for a float32 1x1 conv: the small-map engine at 14x14, MKL's batched GEMM from 28x28."""
+    ts, kw = make((2, 8, hw, 8, 1, 1, 0, 1, 1), torch.float32, "filter", False, bias=False, channels_last=False)
+    monkeypatch.setenv("TLKERNELS_GATED_CONV", "heuristic")
+    y, _ = run(gated_conv2d, ts, kw, grads=False)
+    assert last()[0] == forward
+    torch.testing.assert_close(y.double(), run(gated_conv2d_reference, [None if t is None else t.double() for t in ts],
+                                               kw, grads=False)[0], rtol=1e-4, atol=1e-4)
+
+
 def test_a_recorded_pick_that_does_not_apply_is_measured_again(monkeypatch):
     """A pick in the choice table (e.g. loaded from TLKERNELS_CHOICE_CACHE) that is not a candidate for the call
     (routed, for per-filter gates that differ along a row) is not run: the call measures again."""

@@ -57,10 +57,14 @@ namespace {
 // Heuristic rules (the `heuristic` setting; measured on 2 CPU cores with oneDNN, N=32):
 // below this many output pixels per image, per-image conv calls cost more than the FLOPs they save.
 constexpr int64_t kBlendMinPixels = 100;
-// From this many output pixels up, a 1x1 conv takes bmm: even with the small-map engine at 14x14, faster from
-// 28x28 (about one plain conv's time there); at 7x7 the engine, which reuses each blended weight panel in L1,
-// is 2-4x faster than MKL's batched GEMM of 49 columns.
-constexpr int64_t kBmmMinPixels = 196;
+// From this many output pixels up, a 1x1 conv's forward takes bmm (256ch, N = 32, 2-core Zen 3: at 28x28 bmm
+// 0.98-1.01x one plain conv's time against the small-map engine's 1.09-1.11x; at 14x14 the engine 1.15-1.17x
+// against bmm's 1.24-1.26x; at 7x7 the engine, which reuses each blended weight panel in L1, is 2-4x faster
+// than MKL's batched GEMM of 49 columns).
+constexpr int64_t kBmmMinPixels = 784;
+// The backward without a gate gradient takes bmm's dx from 14x14 up (with dL/dg the engine's weight pass
+// gives dWf, dWp and dL/dg together: one GEMM less than bmm + weight gradients).
+constexpr int64_t kBmmMinPixelsBackward = 196;
 // From this many output pixels up, oneDNN's grouped conv (batch folded into groups) is efficient.
 constexpr int64_t kGroupedMinPixels = 784;
 
@@ -261,7 +265,7 @@ Grads gated_conv2d_backward(const at::Tensor& grad_output, const at::Tensor& inp
     cands.insert(cands.end(), {Strategy::Blended, Strategy::Grouped, Strategy::Concat});
     heuristic = routed_gate.defined() ? Strategy::Routed
                 : !on_cpu ? Strategy::Concat
-                : bmm_ok && !m.gate && P >= kBmmMinPixels ? Strategy::Bmm  // (with dL/dg: one GEMM more than mix)
+                : bmm_ok && !m.gate && P >= kBmmMinPixelsBackward ? Strategy::Bmm
                 : P >= kGroupedMinPixels ? Strategy::Grouped
                 : mix_ok ? Strategy::Mix
                 : P >= kBlendMinPixels ? Strategy::Blended
