@@ -127,8 +127,7 @@ class SourceSelector:
             if os.path.exists(path):
                 d = self._load_cache(path, fp, len(dataset))
                 if d is not None:
-                    self.descriptors[name] = d
-                    return d
+                    return self._keep(name, d)
         parts = []
         loader = self._loader(dataset)
         if self.progress:
@@ -144,6 +143,10 @@ class SourceSelector:
         if path is not None:
             atomic_save({"format": CACHE_FORMAT, "version": CACHE_VERSION, "fingerprint": fp, "descriptors": d,
                          "checksum": hashlib.sha256(d.numpy().tobytes()).hexdigest()}, path)
+        return self._keep(name, d)
+
+    def _keep(self, name, d):
+        """Hold descriptors `d` as `name` (computed or read from the cache alike)."""
         self.descriptors[name] = d
         if name == "source":
             self.sharded, self.source_count = False, d.shape[0]

@@ -287,18 +287,45 @@ def _cross_entropy(name, logits, target, weight, ignore_index, reduction, label_
     _check(name, x, t, sw, reduction, *names[:2])
     _check_options(name, x, weight, label_smoothing, names[2])
     if label_smoothing == 0 and (weight is None or not t.is_floating_point()):
-        if weight is not None:  # class weights of hard labels are per-row weights: the same fused pass
+        if weight is None:
+            loss = _ce_rows(x, t, sw, ignore_index, reduction, scale)
+        else:  # class weights of hard labels are per-row weights: the same fused pass
             wy = weight.detach().to(x.dtype)[torch.where((t >= 0) & (t < x.shape[1]), t, 0)]
             sw = wy if sw is None else wy * sw
-        loss = _ce_rows(x, t, sw, ignore_index, reduction, scale)
+            if reduction != "mean":
+                loss = _ce_rows(x, t, sw, ignore_index, reduction, scale)
+            else:  # F's weighted mean, its degenerate cases included (_WeightedMean)
+                counted = t != ignore_index
+                rows = _ce_rows(x, t, sw, ignore_index, "none", scale)
+                loss = _WeightedMean.apply(rows, (sw * counted).sum().to(rows.dtype), counted)
     else:
         if not t.is_floating_point():
             _check_labels(name, t, x.shape[1], ignore_index)
         q, denom = _smoothed_rows(x, t.detach(), None if weight is None else weight.detach(),
                                   None if sw is None else sw.detach(), ignore_index, float(label_smoothing))
         rows = _ce_rows(x, q, sw, ignore_index, "none", scale)
-        loss = rows if reduction == "none" else rows.sum() if reduction == "sum" else rows.sum() / denom.to(rows.dtype)
+        counted = torch.ones_like(rows, dtype=torch.bool) if t.is_floating_point() else t != ignore_index
+        loss = (rows if reduction == "none" else rows.sum() if reduction == "sum"
+                else _WeightedMean.apply(rows, denom.to(rows.dtype), counted))
     return loss.reshape(shape) if reduction == "none" else loss
+
+
+class _WeightedMean(torch.autograd.Function):
+    """rows.sum() / denom with F.cross_entropy's gradients in its degenerate cases: an uncounted (ignored) row
+    gets a zero gradient whatever the denominator; with denom == 0 (every counted row weighs 0) the loss is
+    NaN and every counted row's gradient NaN, as F's 0/0. Tensor ops only: no host sync."""
+
+    @staticmethod
+    def forward(ctx, rows, denom, counted):
+        ctx.save_for_backward(denom, counted)
+        nan = torch.full_like(denom, float("nan"))
+        return torch.where(denom == 0, nan, rows.sum() / denom)
+
+    @staticmethod
+    def backward(ctx, grad):
+        denom, counted = ctx.saved_tensors
+        per = torch.where(denom == 0, torch.full_like(denom, float("nan")), grad / denom)
+        return torch.where(counted, per, torch.zeros_like(per)).expand(counted.shape).to(grad.dtype), None, None
 
 
 def joint_cross_entropy(target_logits, target_labels, source_logits=None, source_labels=None, source_weight=1.0,

@@ -3,7 +3,9 @@ flags win), with its help text and choices, and the checks that turn a bad value
 import argparse
 import dataclasses
 import json
+import math
 import os
+import warnings
 from dataclasses import dataclass, field
 
 METHODS = {
@@ -19,29 +21,66 @@ METHODS = {
 }
 
 
-def opt(default, help, choices=None):
-    """A Config field with its --help text and, for string options, its choices."""
-    return field(default=default, metadata={"help": help, "choices": choices})
+def opt(default, help, choices=None, acts=None):
+    """A Config field with its --help text, for string options its choices, and `acts`: the key in ACTS of
+    the runs it acts in (None: every run). An option set away from its default in a run it does not act in
+    draws a warning naming it."""
+    return field(default=default, metadata={"help": help, "choices": choices, "acts": acts})
+
+
+# When an option acts: (test on the Config, what the option needs, said in the warning).
+ACTS = {
+    "target": (lambda c: bool(c.target), "--target image folders (the demo has its own data and backbone)"),
+    "demo": (lambda c: not c.target, "the embedded demo (without --target)"),
+    "pretrain": (lambda c: not c.target and not c.checkpoint, "the demo's own pre-training (without --target "
+                                                               "or --checkpoint)"),
+    "source_set": (lambda c: not c.target or uses_source_images(c), "the demo's pre-training or a run that reads "
+                                                                     "source images"),
+    "l2sp": (lambda c: any(l2 for _, _, l2 in c.methods()), "a method with the L2-SP penalty (l2sp or METHOD+l2sp)"),
+    "soft": (lambda c: any(b == "soft" for _, b, _ in c.methods()), "--method soft"),
+    "selective": (lambda c: any(b == "selective" for _, b, _ in c.methods()), "--method selective"),
+    "entropy": (lambda c: any(b == "selective" for _, b, _ in c.methods()) and c.selective_hardness == "entropy",
+                "--method selective with --selective_hardness entropy"),
+    "adafilter": (lambda c: any(b == "adafilter" for _, b, _ in c.methods()), "--method adafilter"),
+    "spottune": (lambda c: any(b.startswith("spottune") for _, b, _ in c.methods()),
+                 "--method spottune or spottune_global"),
+    "spottune_policy": (lambda c: any(b == "spottune" for _, b, _ in c.methods()), "--method spottune"),
+    "spottune_global": (lambda c: any(b == "spottune_global" for _, b, _ in c.methods()), "--method spottune_global"),
+    "source": (lambda c: uses_source_images(c), "a run that reads source images (soft with --soft_source images, "
+                                                 "selective, or --l2sp_fisher with an L2-SP method)"),
+    "single": (lambda c: not c.compare, "a run without --compare"),
+    "one_seed": (lambda c: not c.seeds, "a run without --seeds"),
+}
+
+
+def uses_source_images(cfg):
+    """True when some method of the run reads images of the source set."""
+    return any(b == "selective" or (b == "soft" and cfg.soft_source == "images") or (l2 and cfg.l2sp_fisher > 0)
+               for _, b, l2 in cfg.methods())
 
 
 @dataclass
 class Config:
     """Every option of the trainer (flag --name, or key of the --config JSON file)."""
-    method: str = opt("finetune", "the method (see the list below); '+l2sp' adds the L2-SP penalty, e.g. adafilter+l2sp")
+    method: str = opt("finetune", "the method (see the list below); '+l2sp' adds the L2-SP penalty, e.g. adafilter+l2sp",
+                       acts="single")
     compare: str = opt("", "comma-separated methods trained on the same split and seeds, then compared "
                            "(comparison.md, comparison.png)")
     seeds: str = opt("", "comma-separated seeds: every method on every seed, mean +- std in comparison.md "
                          "(empty: --seed alone)")
-    seed: int = opt(0, "random seed: same seed, same numbers (and, for the demo, the same target split)")
+    seed: int = opt(0, "random seed: same seed, same numbers (and, for the demo, the same target split)", acts="one_seed")
     target: str = opt("", "ImageFolder root with train/<class>/* and val/<class>/* (empty: the embedded demo)")
-    source: str = opt("", "ImageFolder root of the source set, train/ and val/ (soft, selective; empty: the demo's)")
-    arch: str = opt("resnet18", "torchvision architecture for --target data")
-    checkpoint: str = opt("", "pre-trained state_dict of --arch instead of torchvision's weights")
-    image_size: int = opt(224, "--target data: training RandomResizedCrop and validation CenterCrop size")
+    source: str = opt("", "ImageFolder root of the source set, train/ and val/ (soft, selective; empty: the demo's)",
+                       acts="source")
+    arch: str = opt("resnet18", "torchvision architecture for --target data", acts="target")
+    checkpoint: str = opt("", "pre-trained state_dict of --arch instead of torchvision's weights (with the demo: of its "
+                               "ResNet-18 instead of the cached pre-training)")
+    image_size: int = opt(224, "--target data: training RandomResizedCrop and validation CenterCrop size", acts="target")
     mean: str = opt("", "normalisation mean, comma-separated per channel (default: the pre-trained weights' "
                         "metadata; ImageNet's with --checkpoint)")
     std: str = opt("", "normalisation std, comma-separated per channel (default: as --mean)")
-    skip_bad_images: bool = opt(False, "count and skip unreadable images instead of stopping with an error naming them")
+    skip_bad_images: bool = opt(False, "count and skip unreadable images instead of stopping with an error naming them",
+                                acts="target")
     workers: int = opt(-1, "DataLoader worker processes (-1: 0 for the in-memory demo, else min(8, cores))")
     device: str = opt("auto", "auto (CUDA when available; cuda:LOCAL_RANK under torchrun), cpu, cuda or cuda:N")
     amp: str = opt("off", "mixed precision: autocast in bf16 or fp16 (fp16 with a gradient scaler)",
@@ -56,37 +95,43 @@ class Config:
     lr: float = opt(0.02, "SGD learning rate, cosine decay to 0")
     momentum: float = opt(0.9, "SGD momentum")
     weight_decay: float = opt(1e-4, "plain L2 on the weights (none on the tensors L2-SP penalises)")
-    l2sp_alpha: float = opt(0.1, "L2-SP: pull of the pre-trained weights toward their start (paper: 0.1)")
-    l2sp_beta: float = opt(0.01, "L2-SP: plain L2 on the new head (paper: 0.01)")
+    l2sp_alpha: float = opt(0.1, "L2-SP: pull of the pre-trained weights toward their start (paper: 0.1)", acts="l2sp")
+    l2sp_beta: float = opt(0.01, "L2-SP: plain L2 on the new head (paper: 0.01)", acts="l2sp")
     l2sp_fisher: int = opt(0, "L2-SP-Fisher: weigh each element by the source task's Fisher diagonal, estimated "
-                              "on this many source images (0: plain L2-SP)")
+                              "on this many source images (0: plain L2-SP)", acts="l2sp")
     label_smoothing: float = opt(0.0, "target loss label smoothing, in [0, 1] (timm's recipes use 0.1)")
     class_weights: str = opt("none", "target loss class weights: balanced = n / (classes x count) per class",
                              ("none", "balanced"))
-    soft_schedule: str = opt("cosine", "soft: lambda(t) schedule", ("linear", "cosine", "exponential", "step"))
-    soft_lambda0: float = opt(1.0, "soft: source-loss weight at the start")
+    soft_schedule: str = opt("cosine", "soft: lambda(t) schedule", ("linear", "cosine", "exponential", "step"), "soft")
+    soft_lambda0: float = opt(1.0, "soft: source-loss weight at the start", acts="soft")
     soft_source: str = opt("images", "soft: the source loss on source images and labels, or distillation: the "
-                                     "frozen pre-trained model's softmax on the target images", ("images", "distill"))
-    selective_k: int = opt(50, "selective: source neighbours per target image at level 1")
+                                     "frozen pre-trained model's softmax on the target images", ("images", "distill"),
+                             "soft")
+    selective_k: int = opt(50, "selective: source neighbours per target image at level 1", acts="selective")
     selective_rounds: int = opt(3, "selective: training rounds; after each but the last, hard target images "
-                                   "climb a level (k x level neighbours, sampled level times as often)")
-    selective_max_level: int = opt(10, "selective: highest sampling level")
+                                   "climb a level (k x level neighbours, sampled level times as often)", acts="selective")
+    selective_max_level: int = opt(10, "selective: highest sampling level", acts="selective")
     selective_hardness: str = opt("misclassified", "selective: which target images are hard after a round "
                                   "(misclassified, or prediction entropy above --selective_entropy_quantile)",
-                                  ("misclassified", "entropy"))
-    selective_entropy_quantile: float = opt(0.8, "selective: entropy quantile above which an image is hard")
+                                  ("misclassified", "entropy"), "selective")
+    selective_entropy_quantile: float = opt(0.8, "selective: entropy quantile above which an image is hard",
+                                             acts="entropy")
     selective_bank: str = opt("gabor", "selective: descriptor filters: a Gabor bank, or the pre-trained model's "
-                                       "first two conv layers (pre-activation, the paper's default)", ("gabor", "model"))
-    selective_bins: int = opt(32, "selective: histogram bins per filter channel")
-    adafilter_hidden: int = opt(32, "AdaFilter: LSTM width")
-    spottune_tau: float = opt(5.0, "SpotTune: Gumbel-softmax temperature")
-    policy_lr: float = opt(0.01, "SpotTune: policy network (SpotTune-Global: block logits) learning rate")
-    spottune_budget: int = opt(0, "SpotTune-Global: exactly this many fine-tuned blocks (0: no budget)")
+                                       "first two conv layers (pre-activation, the paper's default)", ("gabor", "model"),
+                               "selective")
+    selective_bins: int = opt(32, "selective: histogram bins per filter channel", acts="selective")
+    adafilter_hidden: int = opt(32, "AdaFilter: LSTM width", acts="adafilter")
+    spottune_tau: float = opt(5.0, "SpotTune: Gumbel-softmax temperature", acts="spottune")
+    policy_lr: float = opt(0.01, "SpotTune: policy network (SpotTune-Global: block logits) learning rate",
+                            acts="spottune")
+    spottune_budget: int = opt(0, "SpotTune-Global: exactly this many fine-tuned blocks (0: no budget)",
+                                acts="spottune_global")
     spottune_policy: str = opt("official", "SpotTune: the official code's policy network, or a torchvision-style "
-                                           "ResNet policy (conv shortcuts)", ("official", "resnet"))
-    pretrain_epochs: int = opt(2, "demo: epochs of source pre-training (cached)")
-    target_per_class: int = opt(10, "demo: training images per class of the target set")
-    source_limit: int = opt(0, "use only the first N source images (0: all)")
+                                           "ResNet policy (conv shortcuts)", ("official", "resnet"),
+                                 "spottune_policy")
+    pretrain_epochs: int = opt(2, "demo: epochs of source pre-training (cached)", acts="pretrain")
+    target_per_class: int = opt(10, "demo: training images per class of the target set", acts="demo")
+    source_limit: int = opt(0, "use only the first N source images (0: all)", acts="source_set")
     resume: bool = opt(False, "continue out_dir/<method>/last.pt exactly where it stopped")
     stop_after: int = opt(0, "stop after this many steps (checkpoint saved), as an interruption would (0: off)")
     export: bool = opt(True, "write model.pt2 (torch.export) and, where the model is plain, plain.pt")
@@ -163,34 +208,79 @@ def _read_config_file(ap, path):
     return values
 
 
-def check(ap, cfg):
-    """Exits through ap.error with a message naming the option for any value the trainer cannot use."""
+# Numeric options: (names, lowest allowed, whether the bound is excluded, what 0 means where it is allowed).
+RANGES = [
+    (("epochs", "eval_every", "batch_size", "selective_k", "selective_bins", "target_per_class", "pretrain_epochs",
+      "image_size", "selective_rounds", "selective_max_level", "adafilter_hidden"), 1, False, None),
+    (("source_limit",), 0, False, "all"),
+    (("stop_after", "threads", "spottune_budget", "l2sp_fisher"), 0, False, "off"),
+    (("lr", "spottune_tau"), 0.0, True, None),
+    (("weight_decay", "l2sp_alpha", "l2sp_beta", "soft_lambda0", "policy_lr"), 0.0, False, None),
+]
+
+
+def _comma_list(ap, cfg, name, example, convert):
+    """A comma-separated option as a list; ap.error on a bad or repeated entry."""
+    raw = getattr(cfg, name)
+    try:
+        vals = [convert(v) for v in raw.split(",") if v.strip()]
+    except ValueError:
+        ap.error(f"--{name} must be {example}, got {raw!r}")
+    twice = sorted({v for v in vals if vals.count(v) > 1})
+    if twice and name in ("seeds", "compare"):
+        ap.error(f"--{name} lists {', '.join(map(str, twice))} more than once, got {raw!r}")
+    return vals
+
+
+def _check_dir(ap, name, path):
+    """--out_dir / --cache_dir: a directory, or a path one can be made at, and writable."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        ap.error(f"--{name} {path!r}: {probe!r} is a file, expected a directory (or a path where one can be made)")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        ap.error(f"--{name} {path!r}: directory {probe!r} is not writable")
+
+
+def classification_archs():
+    """Every torchvision classification architecture --arch accepts."""
+    import torchvision
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def check(ap, cfg, given=()):
+    """Exits through ap.error with a message naming the option for any value the trainer cannot use; warns
+    (UserWarning) about options in `given` (the ones the user set) set away from their default in a run where
+    they do nothing."""
     for m, base, _ in cfg.methods():
         if base not in METHODS or m.partition("+")[2] not in ("", "l2sp"):
             ap.error(f"unknown method {m!r}; choose from {', '.join(METHODS)} (optionally with +l2sp)")
+    _comma_list(ap, cfg, "compare", "comma-separated methods", str)
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    for name, f in fields.items():
+        if _type_name(f) == "float" and not math.isfinite(getattr(cfg, name)):
+            ap.error(f"--{name} must be a finite number, got {getattr(cfg, name)}")
     if not 0.0 < cfg.selective_entropy_quantile < 1.0:
         ap.error(f"--selective_entropy_quantile must be in (0, 1), got {cfg.selective_entropy_quantile}")
     if not 0.0 <= cfg.label_smoothing <= 1.0:
         ap.error(f"--label_smoothing must be in [0, 1], got {cfg.label_smoothing}")
-    for name in ("epochs", "eval_every", "batch_size", "selective_k", "selective_bins", "target_per_class",
-                 "pretrain_epochs", "image_size", "selective_rounds", "selective_max_level"):
-        if getattr(cfg, name) < 1:
-            ap.error(f"--{name} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("source_limit", "stop_after", "threads", "spottune_budget", "l2sp_fisher"):
-        if getattr(cfg, name) < 0:
-            ap.error(f"--{name} must be >= 0 (0: {'all' if name == 'source_limit' else 'off'}), got {getattr(cfg, name)}")
+    if not 0.0 <= cfg.momentum < 1.0:
+        ap.error(f"--momentum must be in [0, 1), got {cfg.momentum}")
+    for names, low, strict, zero in RANGES:
+        for name in names:
+            v = getattr(cfg, name)
+            if v < low or (strict and v == low):
+                bound = f"> {low}" if strict else f">= {low}" + (f" (0: {zero})" if zero else "")
+                ap.error(f"--{name} must be {bound}, got {v}")
     if cfg.workers < -1:
         ap.error(f"--workers must be >= 0, or -1 for the default, got {cfg.workers}")
-    try:
-        cfg.seed_list()
-    except ValueError:
-        ap.error(f"--seeds must be comma-separated integers, e.g. 0,1,2, got {cfg.seeds!r}")
+    _comma_list(ap, cfg, "seeds", "comma-separated integers, e.g. 0,1,2", int)
     for name in ("mean", "std"):
-        try:
-            vals = cfg.floats(name)
-        except ValueError:
-            ap.error(f"--{name} must be comma-separated numbers, e.g. 0.485,0.456,0.406, got {getattr(cfg, name)!r}")
-        if vals is not None and name == "std" and min(vals) <= 0:
+        vals = _comma_list(ap, cfg, name, "comma-separated numbers, e.g. 0.485,0.456,0.406", float)
+        if not all(math.isfinite(v) for v in vals):
+            ap.error(f"--{name} must be finite numbers, got {getattr(cfg, name)!r}")
+        if vals and name == "std" and min(vals) <= 0:
             ap.error(f"--std must be > 0 per channel, got {getattr(cfg, name)!r}")
     if cfg.source and not cfg.target:
         ap.error("--source needs --target")
@@ -198,6 +288,23 @@ def check(ap, cfg):
         ap.error("--mean/--std apply to --target image folders (the demo's tensors are not normalised)")
     if cfg.device not in ("auto", "cpu", "cuda") and not (cfg.device.startswith("cuda:") and cfg.device[5:].isdigit()):
         ap.error(f"--device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+    if cfg.target and cfg.arch not in classification_archs():
+        import difflib
+        archs = classification_archs()
+        near = difflib.get_close_matches(cfg.arch, archs, n=3)
+        ap.error(f"--arch {cfg.arch!r} is not a torchvision classification model"
+                 + (f" (did you mean {', '.join(near)}?)" if near else "") + f"; accepted: {', '.join(archs)}")
+    for name in ("out_dir", "cache_dir"):
+        if getattr(cfg, name):
+            _check_dir(ap, name, getattr(cfg, name))
+    unused = []
+    for name in given:
+        acts = fields[name].metadata["acts"]
+        if acts and getattr(cfg, name) != fields[name].default and not ACTS[acts][0](cfg):
+            unused.append(f"--{name} acts only with {ACTS[acts][1]}")
+    if unused:
+        warnings.warn("tlkernels-train: options that do nothing in this run: " + "; ".join(unused), UserWarning,
+                      stacklevel=3)
 
 
 def parse_args(argv=None):
@@ -207,6 +314,6 @@ def parse_args(argv=None):
     values = _read_config_file(ap, ns.config) if ns.config else {}
     values.update({k: v for k, v in vars(ns).items() if v is not None})
     cfg = Config(**values)
-    check(ap, cfg)
+    check(ap, cfg, given=values)
     cfg.cache_dir = cfg.cache_dir or os.path.join(cfg.out_dir, "cache")
     return cfg

@@ -8,6 +8,8 @@ workers for image folders), each transform run under its own seed, so a seed fix
 whatever the number of workers, and a resumed run continues with the crops the uninterrupted run would see.
 """
 import os
+import warnings
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -70,26 +72,48 @@ class BadImageError(RuntimeError):
     """An image file that cannot be read (the message names it)."""
 
 
+class ToFloat:
+    """An image as a float (C, H, W) tensor in [0, 1]: a PIL image through torchvision's ToTensor, a tensor
+    (a high-bit-depth file, read_rgb) as it is."""
+
+    def __call__(self, img):
+        from torchvision.transforms import functional as TF
+        return img if isinstance(img, torch.Tensor) else TF.to_tensor(img)
+
+    def __repr__(self):
+        return "ToFloat()"
+
+
 def train_transform(size, mean, std):
     """RandomResizedCrop(size) + horizontal flip + normalisation (the standard fine-tuning augmentation)."""
     from torchvision import transforms as T
-    return T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
+    return T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), ToFloat(), T.Normalize(mean, std)])
 
 
 def eval_transform(size, mean, std):
     """Resize(size / 0.875) + CenterCrop(size) + normalisation."""
     from torchvision import transforms as T
-    return T.Compose([T.Resize(int(round(size / 0.875))), T.CenterCrop(size), T.ToTensor(), T.Normalize(mean, std)])
+    return T.Compose([T.Resize(int(round(size / 0.875))), T.CenterCrop(size), ToFloat(), T.Normalize(mean, std)])
+
+
+# PIL modes of more than 8 bits per pixel (one channel each) and the value that is white in them: 16-bit PNG and
+# TIFF files open as I;16* or I, float TIFFs as F (taken as [0, 1] already).
+HIGH_DEPTH_WHITE = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I;16N": 65535.0, "I": 65535.0, "F": 1.0}
 
 
 def read_rgb(path):
     """An image file as an RGB PIL image (grayscale, palette, RGBA and CMYK files converted as torchvision's
-    ImageFolder does); BadImageError naming the file when it cannot be read."""
+    ImageFolder does), or for a high-bit-depth file (16-bit or float grayscale) a (3, H, W) float tensor in
+    [0, 1] at its full precision; BadImageError naming the file when it cannot be read."""
+    import numpy as np
     from PIL import Image
     try:
         with open(path, "rb") as fh:
             img = Image.open(fh)
             img.load()  # decode now, inside the try: truncated files fail here
+        if img.mode in HIGH_DEPTH_WHITE:
+            a = torch.from_numpy(np.asarray(img, dtype=np.float32) / HIGH_DEPTH_WHITE[img.mode])
+            return a.nan_to_num(0.0).clamp_(0.0, 1.0)[None].expand(3, -1, -1).contiguous()
         if img.mode == "P":
             img = img.convert("RGBA")  # palette with transparency: via RGBA, as PIL recommends
         return img.convert("RGB")
@@ -97,15 +121,63 @@ def read_rgb(path):
         raise BadImageError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
 
 
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
+
+
+def list_image_folder(root, what):
+    """(classes, [(path, label)]) of `root/<class>/**/*` in torchvision ImageFolder's order (classes and files
+    sorted; symlinks followed), with what ImageFolder gets wrong for real folders: hidden entries (".git",
+    ".ipynb_checkpoints", "._x.jpg") are no class and no image; a directory reached again through a symlink is
+    not entered again (a loop would repeat its files) and a file reached twice counts once (warned); a file
+    reached from two classes, an empty class folder, or no image at all is an error naming the folder."""
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise SystemExit(f"tlkernels-train: {what}: {root!r} has no class folders (expected {root}/<class>/*.jpg)")
+    samples, owner, repeats = [], {}, 0
+    for label, c in enumerate(classes):
+        n, walked, seen_dirs = 0, [], set()
+        for d, dirs, files in os.walk(os.path.join(root, c), followlinks=True):
+            dirs[:] = sorted(x for x in dirs if not x.startswith("."))
+            key = os.path.realpath(d)
+            if key in seen_dirs:  # a loop or a second link to a directory: its files are listed already
+                dirs[:] = []
+                repeats += 1
+                continue
+            seen_dirs.add(key)
+            walked.append((d, files))
+        for d, files in sorted(walked):  # ImageFolder's order: directories, then files, sorted by name
+            for f in sorted(files):
+                path = os.path.join(d, f)
+                if f.startswith(".") or not f.lower().endswith(IMAGE_EXTENSIONS) or not os.path.isfile(path):
+                    continue
+                real = os.path.realpath(path)
+                if real in owner:
+                    if owner[real][1] != label:
+                        raise SystemExit(f"tlkernels-train: {what}: {path!r} (class {c!r}) is the file "
+                                         f"{owner[real][0]!r} of class {classes[owner[real][1]]!r}; an image "
+                                         f"belongs to one class")
+                    repeats += 1
+                    continue
+                owner[real] = (path, label)
+                samples.append((path, label))
+                n += 1
+        if n == 0:
+            raise SystemExit(f"tlkernels-train: {what}: class folder {os.path.join(root, c)!r} holds no image "
+                             f"file (extensions {', '.join(IMAGE_EXTENSIONS)}); remove the folder or add its images")
+    if repeats:
+        warnings.warn(f"tlkernels-train: {what}: {repeats} file(s) or director(ies) under {root!r} were reached "
+                      f"more than once through symbolic links; each image counts once", UserWarning, stacklevel=2)
+    return classes, samples
+
+
 class ImageFolderSet(Dataset):
-    """`root/<class>/*` images (torchvision's ImageFolder file list and class order) through `transform`.
-    Items: (image, label), or None for an unreadable file when skip_bad is set (the batch drops it)."""
+    """`root/<class>/*` images (list_image_folder: ImageFolder's file list and class order) through
+    `transform`. Items: (image, label), or None for an unreadable file when skip_bad is set (the batch drops
+    it)."""
 
     def __init__(self, root, transform, skip_bad=False, what="--target"):
-        from torchvision import datasets
-        folder = datasets.ImageFolder(root)  # lists files and classes; images are read by read_rgb
-        self.root, self.classes, self.samples = root, folder.classes, folder.samples
-        self.transform, self.skip_bad, self.what = transform, skip_bad, what
+        self.root, self.transform, self.skip_bad, self.what = root, transform, skip_bad, what
+        self.classes, self.samples = list_image_folder(root, what)
 
     def __len__(self):
         return len(self.samples)
@@ -189,6 +261,15 @@ def dataset_labels(ds):
     return torch.as_tensor([int(ds[i][1]) for i in range(len(ds))], dtype=torch.long)
 
 
+def classes_without_images(ds, unreadable):
+    """Names of the classes of image-folder dataset `ds` whose every image is among the `unreadable` indices."""
+    labels = dataset_labels(ds)
+    bad = torch.zeros(len(labels), dtype=torch.bool)
+    bad[torch.as_tensor(sorted(unreadable), dtype=torch.long)] = True
+    classes = getattr(ds, "classes", None) or [str(c) for c in range(int(labels.max()) + 1)]
+    return [classes[c] for c in labels.unique().tolist() if bool(bad[labels == c].all())]
+
+
 def balanced_class_weights(labels, n_classes):
     """n / (n_classes * count_c) per class (scikit-learn's "balanced"): every class weighs the same in the loss.
     A class absent from the training set gets weight 0 (it has no rows to weigh)."""
@@ -230,7 +311,7 @@ def take(ds, idx):
 
 class PairDataset(Dataset):
     """Decodes the batches planned by StepPlan: a key list [(target index, source index or -1, seed, seed)]
-    becomes (target images, labels, source images or None, labels or None, skipped images)."""
+    becomes (target images, labels, source images or None, labels or None, Skipped)."""
 
     def __init__(self, target, source=None):
         self.target, self.source = target, source
@@ -241,15 +322,23 @@ class PairDataset(Dataset):
     def __getitems__(self, keys):  # DataLoader hands a whole batch of keys to one call
         keys = torch.as_tensor(keys, dtype=torch.long).view(-1, 4)
         xt, yt, kept = _items(self.target, keys[:, 0], keys[:, 2])
-        skipped = len(keys) - len(kept)
+        unread = torch.ones(len(keys), dtype=torch.bool)
+        unread[kept] = False
+        skipped = Skipped(len(keys) - len(kept), keys[unread, 0].tolist())
         if self.source is None or keys[0, 1] < 0:
             return xt, yt, None, None, skipped
         keys = keys[kept]
         xs, ys, kept_s = _items(self.source, keys[:, 1], keys[:, 3])
-        skipped += len(keys) - len(kept_s)
+        skipped = Skipped(skipped.count + len(keys) - len(kept_s), skipped.target)
         if xt is not None and len(kept_s) < len(keys):  # a pair is used whole or not at all
             xt, yt = xt[kept_s], yt[kept_s]
         return xt, yt, xs, ys, skipped
+
+
+class Skipped(NamedTuple):
+    """What a training batch skipped (--skip_bad_images)."""
+    count: int  # target and source images
+    target: list  # the indices of the unreadable target images
 
 
 def _collate(batch):
@@ -269,8 +358,10 @@ class StepPlan:
         self.epoch, self.skip = 0, 0
 
     def steps_per_epoch(self):
-        """Batches of this rank per epoch (the same on every rank: the sampler pads)."""
-        return -(-len(self.sampler) // self.batch_size)
+        """Batches of this rank per epoch (the same on every rank: the sampler pads). A last batch of one image
+        is dropped (as drop_last would): BatchNorm in training mode cannot normalise one image at 1 x 1."""
+        n = len(self.sampler)
+        return n // self.batch_size + (n % self.batch_size > 1 or n < self.batch_size)
 
     def set_epoch(self, epoch, skip=0):
         """Plan `epoch`, starting at its batch `skip` (a resumed run)."""

@@ -1,11 +1,13 @@
 """The training loop: devices and processes, the pre-trained backbone, one method's run (via its recipe),
 checkpoints that resume exactly, and the comparison over methods and seeds."""
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import sys
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -94,10 +96,11 @@ class Run:
     def predict(self, ds, shard=False):
         """(loss sum, correct count, logits, labels) of the eval model on `ds` (this rank's share if shard)."""
         self.net.eval()
-        loss, correct, logits, labels = 0.0, 0, [], []
+        loss, correct, logits, labels, skipped = 0.0, 0, [], [], 0
         loader = data.eval_loader(ds, 2 * self.cfg.batch_size, self.workers, self.device,
                                   *((self.rank, self.world) if shard else (0, 1)))
-        for x, y, _ in loader:
+        for x, y, bad in loader:
+            skipped += bad
             if x is None:
                 continue
             with self.amp():
@@ -109,16 +112,18 @@ class Run:
             labels.append(y.cpu())
         n_classes = len(self.target.classes)
         return (loss, correct, torch.cat(logits) if logits else torch.zeros(0, n_classes),
-                torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long))
+                torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long), skipped)
 
     def evaluate(self, ds):
-        """(accuracy, mean loss) over `ds`, each rank evaluating its share."""
-        loss, correct, logits, _ = self.predict(ds, shard=True)
-        sums = torch.tensor([loss, correct, len(logits)], dtype=torch.float64, device=self.device)
+        """(accuracy, mean loss, unreadable images skipped) over `ds`, each rank evaluating its share."""
+        loss, correct, logits, _, skipped = self.predict(ds, shard=True)
+        sums = torch.tensor([loss, correct, len(logits), skipped], dtype=torch.float64, device=self.device)
         if self.world > 1:
             dist.all_reduce(sums)
-        n = max(float(sums[2]), 1.0)
-        return float(sums[1]) / n, float(sums[0]) / n
+        if sums[2] == 0:
+            raise SystemExit(f"tlkernels-train: no validation image could be read ({int(sums[3])} unreadable, "
+                             f"skipped by --skip_bad_images)")
+        return float(sums[1]) / float(sums[2]), float(sums[0]) / float(sums[2]), int(sums[3])
 
 
 # ----------------------------------------------------------------------------- the pre-trained backbone
@@ -184,16 +189,44 @@ def pretrained_backbone(cfg, source):
     return model, source.classes
 
 
+def memory_bytes(device):
+    """The memory of `device`: the GPU's, or the machine's RAM for the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_batch_memory(cfg, backbone, device):
+    """SystemExit naming --image_size and --batch_size when a training batch cannot fit in the device's memory:
+    a lower bound (the float32 images and the first convolution's output, which training keeps) against the
+    memory there is, checked before anything that size is allocated."""
+    if not cfg.target:
+        return
+    conv = next((m for m in backbone.modules() if isinstance(m, nn.Conv2d)), None)
+    s = cfg.image_size
+    px = 3 * s * s
+    if conv is not None:
+        ho, wo = (max((s + 2 * p - d * (k - 1) - 1) // st + 1, 0) for k, st, p, d in
+                  zip(conv.kernel_size, conv.stride, (0, 0) if isinstance(conv.padding, str) else conv.padding,
+                      conv.dilation))
+        px += conv.out_channels * ho * wo
+    need, have = cfg.batch_size * px * 4, memory_bytes(device)
+    if need > have:
+        raise SystemExit(f"tlkernels-train: --image_size {s} with --batch_size {cfg.batch_size}: one training batch "
+                         f"needs more than {need / 2**30:.1f} GiB (its images and first feature map alone), and "
+                         f"{device} has {have / 2**30:.1f} GiB; use a smaller --image_size (e.g. 224) or --batch_size")
+
+
 # ----------------------------------------------------------------------------- checkpoints
 # Options that do not change what a run computes: a resumed run may differ from its checkpoint in these alone.
 RESUME_FREE = {"compare", "method", "seeds", "resume", "stop_after", "quiet", "config", "threads", "out_dir",
                "cache_dir", "workers", "device", "export", "tensorboard"}
-CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "scaler", "objective", "recipe", "rng", "step", "best",
-                   "history", "config", "buffers"}
+CHECKPOINT_KEYS = {"method", "model", "optimizer", "scheduler", "scaler", "objective", "recipe", "rng", "step",
+                   "best", "history", "config", "buffers"}
 
 
-def load_resume_checkpoint(path, cfg):
-    """last.pt of an earlier run of the same configuration (loaded without unpickling code)."""
+def load_resume_checkpoint(path, cfg, method):
+    """last.pt of an earlier run of the same method and configuration (loaded without unpickling code)."""
     try:
         ck = load(path, "--resume checkpoint")
     except CheckpointError as e:
@@ -202,6 +235,9 @@ def load_resume_checkpoint(path, cfg):
         got = sorted(ck) if isinstance(ck, dict) else type(ck).__name__
         raise SystemExit(f"tlkernels-train: --resume checkpoint {path} is not a tlkernels training checkpoint "
                          f"(expected the keys {sorted(CHECKPOINT_KEYS)}, got {got})")
+    if ck["method"] != method:
+        raise SystemExit(f"tlkernels-train: --resume: {path} is a checkpoint of method {ck['method']!r}, and this run "
+                         f"trains {method!r}; resume it with --method {ck['method']}, or delete it to start over")
     now = dataclasses.asdict(cfg)
     changed = [f"--{k}: checkpoint {v!r}, now {now.get(k)!r}" for k, v in sorted(ck["config"].items())
                if k not in RESUME_FREE and now.get(k) != v]
@@ -228,6 +264,39 @@ def tensorboard_writer(cfg, out):
     except ImportError as e:
         raise SystemExit(f"tlkernels-train: --tensorboard needs the tensorboard package (pip install tensorboard): {e}")
     return SummaryWriter(os.path.join(out, "tensorboard"))
+
+
+def check_finite(rec, method, step, epoch):
+    """SystemExit naming the step, the method and what to try when a loss of the step's record is not finite
+    (a NaN or infinite loss would train on silently and end "done")."""
+    bad = {k: rec[k] for k in ("loss", "target_ce", "source_ce", "l2sp", "val_loss") if k in rec
+           and not math.isfinite(rec[k])}
+    if bad:
+        raise SystemExit(f"tlkernels-train: {method}: non-finite loss at step {step} (epoch {epoch}): "
+                         + ", ".join(f"{k} = {v}" for k, v in bad.items())
+                         + "; try a lower --lr, --amp off (or bf16 instead of fp16), --class_weights none, and check "
+                           "--mean/--std and the images; the last checkpoint (last.pt) is from before this step")
+
+
+@contextlib.contextmanager
+def one_image_batches_explained(method, step, n):
+    """BatchNorm's "Expected more than 1 value per channel" for a batch of one image, explained."""
+    try:
+        yield
+    except ValueError as e:
+        if n == 1 and "Expected more than 1 value per channel" in str(e):
+            raise SystemExit(f"tlkernels-train: {method}: step {step + 1} has a batch of one image, and BatchNorm in "
+                             f"training mode cannot normalise one image whose feature map is 1 x 1 ({e}); use a "
+                             f"larger --batch_size, more training images or a larger --image_size") from None
+        raise
+
+
+def warn_unreadable_classes(ds, unreadable, what):
+    """Warn when a class keeps no readable image (--skip_bad_images skipped them all)."""
+    gone = data.classes_without_images(ds, unreadable)
+    if gone:
+        warnings.warn(f"tlkernels-train: every {what} image of class(es) {', '.join(map(repr, gone))} is unreadable "
+                      f"(skipped by --skip_bad_images): the model learns nothing of them", UserWarning, stacklevel=2)
 
 
 # ----------------------------------------------------------------------------- one method
@@ -266,7 +335,7 @@ def train_method(run, method, base, with_l2sp, out):
     start, best, history = 0, -1.0, []
     last_path, best_path = os.path.join(out, "last.pt"), os.path.join(out, "best.pt")
     if cfg.resume and os.path.exists(last_path):
-        ck = load_resume_checkpoint(last_path, cfg)
+        ck = load_resume_checkpoint(last_path, cfg, method)
         try:
             net.load_state_dict(ck["model"])
             opt.load_state_dict(ck["optimizer"])
@@ -290,16 +359,17 @@ def train_method(run, method, base, with_l2sp, out):
         tb = tensorboard_writer(cfg, out)
     loader = data.train_loader(run.target, run.source, plan, run.workers, device)
     bar = tqdm(total=total, initial=start, desc=method, disable=cfg.quiet or not is_main())
-    t0, status, step, skipped = time.time(), "done", start, 0
+    t0, status, step, skipped, val_skipped, unread = time.time(), "done", start, 0, 0, set()
     for epoch in range(start // spe, cfg.epochs):
         plan.set_epoch(epoch, skip=step - epoch * spe)
         for xt, yt, xs, ys, bad in loader:
-            skipped += bad
+            skipped += bad.count
+            unread.update(bad.target)
             model.train()
             if xt is not None:
                 xt, yt = run.batch(xt), yt.to(device, non_blocking=True)
                 xs, ys = rec_.source_batch(run, xt, xs, ys)
-                with run.amp():
+                with run.amp(), one_image_batches_explained(method, step, len(xt)):
                     if ys is not None:  # with source images, or (distillation) source targets of the target images
                         x_in = xt if xs is None else torch.cat([xt, run.batch(xs)])
                         logits, s_logits = model(x_in, len(xt))
@@ -322,16 +392,22 @@ def train_method(run, method, base, with_l2sp, out):
                 rec["l2sp"] = float(l2sp.value())
             if step % spe == 0:
                 rec.update(rec_.epoch_end(run, epoch))
+                if unread and epoch == start // spe:
+                    warn_unreadable_classes(run.target.train, unread, "training")
             if (step % spe == 0 and (epoch + 1) % cfg.eval_every == 0) or step == total:
-                acc, vloss = run.evaluate(run.target.val)
+                acc, vloss, val_skipped = run.evaluate(run.target.val)
                 rec.update(val_acc=acc, val_loss=vloss)
+                if val_skipped:
+                    rec["val_skipped_images"] = val_skipped
                 gates = rec_.gates(net)
                 if gates is not None:
                     rec["gates"] = gates
+            check_finite(rec, method, step, epoch)
+            if "val_acc" in rec:
                 if acc > best:
                     best = acc
                     if is_main():
-                        atomic_save({"model": net.state_dict(), "step": step, "val_acc": acc}, best_path)
+                        atomic_save({"method": method, "model": net.state_dict(), "step": step, "val_acc": acc}, best_path)
             if skipped:
                 rec["skipped_images"] = skipped
             history.append(rec)
@@ -348,7 +424,7 @@ def train_method(run, method, base, with_l2sp, out):
             stop = cfg.stop_after and step - start >= cfg.stop_after
             if (step % spe == 0 or step == total or stop) and is_main():
                 _choices.save(choice_cache(cfg))
-                atomic_save({"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                atomic_save({"method": method, "model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                              "scaler": scaler.state_dict(), "objective": objective.state_dict(),
                              "recipe": rec_.state(), "rng": torch.get_rng_state(), "step": step,
                              "buffers": {k: b.detach().cpu().clone() for k, b in net.named_buffers()},
@@ -363,12 +439,13 @@ def train_method(run, method, base, with_l2sp, out):
         metrics.close()
     if tb:
         tb.close()
-    if skipped:
-        log(f"{method}: skipped {skipped} unreadable image(s) (--skip_bad_images)")
+    if skipped or val_skipped:
+        log(f"{method}: skipped {skipped} unreadable training and {val_skipped} validation image(s) per pass "
+            f"(--skip_bad_images)")
     final = [h for h in history if "val_acc" in h]
     summary = {"method": method, "status": status, "steps": step, "final_val_acc": final[-1]["val_acc"] if final else None,
                "best_val_acc": best, "seconds": round(time.time() - t0, 1), "seed": cfg.seed,
-               "skipped_images": skipped}
+               "skipped_images": skipped, "val_skipped_images": val_skipped}
     if is_main():
         if cfg.export and status == "done":
             summary["export"] = export.write(net, rec_, run, out)
@@ -424,6 +501,7 @@ def main(argv=None):
         target, source = data.load_data(scfg, seed)
         if backbone is None:
             backbone, classes = pretrained_backbone(scfg, source)
+            check_batch_memory(cfg, backbone, device)
         run = Run(scfg, target, source, device, rank, world, data.default_workers(scfg, target), backbone, classes,
                   amp=amp_context(scfg, device))
         for m, base, with_l2sp in methods:

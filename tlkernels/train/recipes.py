@@ -236,7 +236,7 @@ class Selective(Recipe):
     def epoch_end(self, run, epoch):
         if epoch not in self.round_ends:
             return {}
-        _, _, logits, labels = run.predict(run.target.train_eval)  # every rank: the whole target set
+        _, _, logits, labels, _ = run.predict(run.target.train_eval)  # every rank: the whole target set
         hard = hard_images(logits, labels, self.cfg.selective_hardness, self.cfg.selective_entropy_quantile)
         levels = self.selector.levels.clone()
         levels[hard] = torch.clamp(levels[hard] + 1, max=self.cfg.selective_max_level)
