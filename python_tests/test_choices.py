@@ -68,5 +68,5 @@ def test_another_hosts_or_an_unreadable_file_is_ignored_and_rewritten(tmp_path):
     assert json.loads(cache.read_text())["host"]["cpu"] != "some other CPU"
     cache.write_text('{"format": 1, "cpp": [')
     out, err = run(cache)
-    assert out["loaded"] == [] and f"the choice cache {cache} cannot be read" in err
+    assert out["loaded"] == [] and f"choice cache {cache}: cannot be read" in err
     assert json.loads(cache.read_text())["format"] == 1

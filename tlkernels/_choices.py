@@ -18,7 +18,7 @@ import torch
 
 from tlkernels import _timing
 from tlkernels._extension import HAS_C
-from tlkernels._io import atomic_write_text
+from tlkernels._io import atomic_write_text, unwritable
 
 FORMAT = 1
 ENV = "TLKERNELS_CHOICE_CACHE"
@@ -66,34 +66,81 @@ def _read(path):
         if not ok:
             raise ValueError(f"not a format-{FORMAT} choice cache")
     except (OSError, ValueError) as e:
-        warnings.warn(f"tlkernels: the choice cache {path} cannot be read ({e}); measuring anew, and the next save "
-                      f"rewrites it", RuntimeWarning, stacklevel=3)
+        _warn_once(path, f"cannot be read: {type(e).__name__}: {e}; measuring anew, and the next save rewrites it")
         return None
     return data if data["host"] == host_key() else None
 
 
+def known_names():
+    """{"cpp": names, "python": names}: what a pick may name (every op's candidates, registered where they are
+    defined: the compiled ops' in C++, the Python ops' through _timing.register_names)."""
+    import tlkernels.ops  # noqa: F401  (the Python ops register their candidates at import)
+    cpp = set(torch.ops.tlkernels._measured_choice_names()) if HAS_C else set()
+    return {"cpp": cpp, "python": set(_timing.NAMES)}
+
+
+_WARNED = set()
+
+
+def _warn_once(path, msg):
+    """One warning per file and kind of trouble (a cache is read and written many times in a job)."""
+    key = (os.path.abspath(path), msg.split(":")[0])
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(f"tlkernels: {ENV} / choice cache {path}: {msg}", RuntimeWarning, stacklevel=3)
+
+
+def _usable(path):
+    """False (with one warning) when `path` cannot hold the cache: a directory, or nowhere a file can be written."""
+    why = unwritable(path)
+    if why:
+        _warn_once(path, f"cannot be used: {why}; the measured choices are not kept (point {ENV} at a writable "
+                         f"file path)")
+    return why is None
+
+
 def load(path):
-    """Take the picks saved in `path` (when written for this host and build); returns how many were taken."""
+    """Take the picks saved in `path` (when written for this host and build); returns how many were taken.
+    Picks naming no candidate of any op (a hand-edited or foreign file) are left out, with one warning."""
+    if not _usable(path):
+        return 0
     data = _read(path)
     if data is None:
         return 0
+    names = known_names()
+    bad = sorted(f"{k}={v}" for s in ("cpp", "python") for k, v in data[s].items() if v not in names[s])
+    if bad:
+        _warn_once(path, f"unknown strategies: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} name no "
+                         f"candidate of any op (known: {', '.join(sorted(names['cpp'] | names['python']))}); "
+                         f"those entries are ignored and measured anew")
+    picks = {s: {k: v for k, v in data[s].items() if v in names[s]} for s in ("cpp", "python")}
     if HAS_C:
-        torch.ops.tlkernels._set_measured_choices([s for kv in data["cpp"].items() for s in kv])
+        torch.ops.tlkernels._set_measured_choices([s for kv in picks["cpp"].items() for s in kv])
     with _timing._CHOICES_LOCK:
-        _timing._CHOICES.update(data["python"])
-    return len(data["cpp"]) + len(data["python"])
+        _timing._CHOICES.update(picks["python"])
+    return len(picks["cpp"]) + len(picks["python"])
 
 
 def save(path):
-    """Write the process's picks, merged with those already in `path` for this host, atomically."""
+    """Write the process's picks, merged with those already in `path` for this host, atomically. Returns False
+    (with one warning, never an exception: it also runs at interpreter exit) when the file cannot be written."""
+    if not _usable(path):
+        return False
     picks = current()
     old = _read(path)
     if old is not None:
         for s in ("cpp", "python"):
             picks[s] = {**old[s], **picks[s]}
         if all(picks[s] == old[s] for s in ("cpp", "python")):
-            return
-    atomic_write_text(json.dumps({"format": FORMAT, "host": host_key(), **picks}, indent=1, sort_keys=True), path)
+            return True
+    try:
+        atomic_write_text(json.dumps({"format": FORMAT, "host": host_key(), **picks}, indent=1, sort_keys=True),
+                          path)
+    except OSError as e:
+        _warn_once(path, f"cannot be written: {type(e).__name__}: {e}; the measured choices are not kept "
+                         f"(point {ENV} at a writable file path)")
+        return False
+    return True
 
 
 def install():

@@ -33,6 +33,29 @@ def atomic_write(path, mode, suffix, write):
         raise
 
 
+def unwritable(path, directory=False):
+    """Why `path` cannot be written (a file, or with directory=True a directory to make or fill), or None when
+    it can: the nearest existing ancestor must be a directory where a file can be created (tried: permission
+    bits say nothing to root, and a read-only file system only answers a real attempt)."""
+    path = os.path.abspath(path)
+    if os.path.isdir(path) and not directory:
+        return f"{path!r} is a directory, expected a file path"
+    if os.path.exists(path) and not os.path.isdir(path) and directory:
+        return f"{path!r} is a file, expected a directory"
+    probe = path if directory and os.path.isdir(path) else os.path.dirname(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        return f"{probe!r} is a file, so nothing can be created below it"
+    try:
+        fd, tmp = tempfile.mkstemp(dir=probe, prefix=".tmp-probe-")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        return f"directory {probe!r} is not writable ({e.strerror or e})"
+    return None
+
+
 def atomic_save(obj, path):
     """torch.save(obj) to `path` atomically."""
     atomic_write(path, "wb", ".pt", lambda fh: torch.save(obj, fh))

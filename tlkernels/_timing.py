@@ -33,6 +33,13 @@ def call_times_ms(fn, reps, warmup=2, device=None):
 
 _CHOICES = {}
 _CHOICES_LOCK = threading.Lock()
+NAMES = set()  # every candidate name of the Python ops' measured choices (register_names)
+
+
+def register_names(names):
+    """Record the candidate names of an op's measured choice (a saved pick must be one of them); returns them."""
+    NAMES.update(names)
+    return names
 
 
 def measured_choice(key, candidates, keep, run, clearly_faster=0.85):

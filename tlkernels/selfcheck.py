@@ -431,6 +431,11 @@ def main(argv=None):
     ap.add_argument("--bench", action="store_true", help="also measure speed against the plain PyTorch way")
     ap.add_argument("--json", default="", help="write every result, with the device and versions, to this file")
     a = ap.parse_args(argv)
+    if a.json:  # before the checks run: a path that cannot be written would lose their results
+        from tlkernels._io import unwritable
+        why = unwritable(a.json)
+        if why:
+            ap.error(f"--json {a.json}: {why}")
     device = resolve_device(a.device)
     t0 = time.time()
     rep = run(device, a.quick)

@@ -70,6 +70,7 @@ constexpr int64_t kGroupedMinPixels = 784;
 
 constexpr const char* kNames[] = {"routed", "mix", "blended", "grouped", "concat", "brgemm", "bmm"};
 constexpr int kStrategies = 7;
+const ChoiceNames kRegisterNames(kNames);
 
 struct Setting {
   enum Mode { Auto, Heuristic, Forced, Triton } mode = Auto;

@@ -22,6 +22,12 @@ std::vector<std::string> measured_choices() {
   return out;
 }
 
+std::vector<std::string> measured_choice_names() {
+  auto& table = choice_table();
+  std::lock_guard<std::mutex> lock(table.mu);
+  return std::vector<std::string>(table.names.begin(), table.names.end());
+}
+
 void set_measured_choices(const std::vector<std::string>& entries) {
   TORCH_CHECK(entries.size() % 2 == 0, "_set_measured_choices: entries must be [key, name, ...] pairs, got ",
               entries.size(), " strings");
@@ -35,6 +41,7 @@ void set_measured_choices(const std::vector<std::string>& entries) {
 TORCH_LIBRARY_FRAGMENT(tlkernels, m) {
   m.def("_measured_choices() -> str[]", &measured_choices);
   m.def("_set_measured_choices(str[] entries) -> ()", &set_measured_choices);
+  m.def("_measured_choice_names() -> str[]", &measured_choice_names);
 }
 
 }  // namespace tlkernels

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <chrono>
 #include <mutex>
+#include <set>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -18,15 +19,27 @@ namespace tlkernels {
 constexpr double kClearlyFaster = 0.85;
 
 // Every measured pick of the process: call signature -> candidate name (ops/measured_choice.cpp reads and
-// fills it for the Python side).
+// fills it for the Python side), and the names a pick may have (each op's candidates, registered once by
+// ChoiceNames): a saved pick naming none of them is reported, not loaded.
 struct ChoiceTable {
   std::mutex mu;
   std::unordered_map<std::string, std::string> picks;
+  std::set<std::string> names;
 };
 inline ChoiceTable& choice_table() {
   static ChoiceTable t;
   return t;
 }
+
+// A static ChoiceNames beside an op's candidate names registers them: `static const ChoiceNames r(kNames);`.
+struct ChoiceNames {
+  template <size_t N>
+  explicit ChoiceNames(const char* const (&names)[N]) {
+    auto& table = choice_table();
+    std::lock_guard<std::mutex> lock(table.mu);
+    table.names.insert(names, names + N);
+  }
+};
 
 // run(c) runs candidate c once; names[int(c)] names it. Round 0 warms up (first oneDNN primitives, scratch
 // buffers); then the best of three rounds, interleaved so that a burst of load on the machine hits every

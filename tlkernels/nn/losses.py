@@ -142,13 +142,40 @@ def estimate_fisher(model, batches, names=None, max_samples=None):
     the mean over samples of the squared gradient of the per-sample cross-entropy (log-likelihood of the
     label), the model in eval mode. batches: iterable of (images, labels); names: parameter names to keep
     (default: every trainable one); max_samples: stop after that many samples. One backward per sample."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and (names is None or n in names)]
+    op = "estimate_fisher"
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{op}: model must be a torch.nn.Module, got {type(model).__name__}")
+    if max_samples is not None and (not isinstance(max_samples, int) or isinstance(max_samples, bool)
+                                    or max_samples < 1):
+        raise ValueError(f"{op}: max_samples must be an int >= 1 or None (every sample), got {max_samples!r}")
+    params = dict(model.named_parameters())
+    if names is not None:
+        if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+            raise TypeError(f"{op}: names must be a collection of parameter names (str), got {names!r}")
+        names = set(names)
+        unknown = sorted(names - set(params))
+        if unknown:
+            raise ValueError(f"{op}: names {unknown[:5]} are not parameters of the model (its parameters: "
+                             f"{', '.join(list(params)[:5])}{', ...' if len(params) > 5 else ''})")
+        frozen = sorted(n for n in names if not params[n].requires_grad)
+        if frozen:
+            raise ValueError(f"{op}: names {frozen[:5]} are frozen (requires_grad=False): they get no gradient, "
+                             f"so no Fisher information")
+    named = [(n, p) for n, p in params.items() if p.requires_grad and (names is None or n in names)]
+    if not named:
+        raise ValueError(f"{op}: the model has no trainable parameter")
     total = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in named}
     count = 0
     was = model.training
     model.eval()
     try:
-        for x, y in batches:
+        for batch in batches:
+            if max_samples is not None and count >= max_samples:
+                break
+            if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+                raise TypeError(f"{op}: batches must yield (images, labels) pairs, got "
+                                f"{type(batch).__name__}" + (f" of {len(batch)}" if isinstance(batch, (tuple, list)) else ""))
+            x, y = batch
             for i in range(len(x)):
                 if max_samples is not None and count >= max_samples:
                     break
@@ -162,7 +189,7 @@ def estimate_fisher(model, batches, names=None, max_samples=None):
         model.zero_grad(set_to_none=True)
         model.train(was)
     if count == 0:
-        raise ValueError("estimate_fisher: the batches held no sample")
+        raise ValueError(f"{op}: the batches held no sample (an empty iterable, or only empty batches)")
     return {n: (t / count).to(p.dtype) for (n, p), t in zip(named, total.values())}
 
 

@@ -35,7 +35,8 @@ def pair(op, name, v, allow_zero=False):
 def autocast_casts(t):
     """True when torch.autocast is on for t's device and t is floating point: the op's autocast kernel
     (csrc/ops/autocast/) will cast t, so arguments may still differ in floating dtype here."""
-    return isinstance(t, torch.Tensor) and t.is_floating_point() and torch.is_autocast_enabled(t.device.type)
+    return (isinstance(t, torch.Tensor) and t.is_floating_point() and torch.amp.is_autocast_available(t.device.type)
+            and torch.is_autocast_enabled(t.device.type))
 
 
 def conv_output_hw(input, weight, stride, padding, dilation=(1, 1)):

@@ -233,14 +233,11 @@ def _comma_list(ap, cfg, name, example, convert):
 
 
 def _check_dir(ap, name, path):
-    """--out_dir / --cache_dir: a directory, or a path one can be made at, and writable."""
-    probe = os.path.abspath(path)
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe):
-        ap.error(f"--{name} {path!r}: {probe!r} is a file, expected a directory (or a path where one can be made)")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        ap.error(f"--{name} {path!r}: directory {probe!r} is not writable")
+    """--out_dir / --cache_dir: a directory, or a path where one can be made, that can be written."""
+    from tlkernels._io import unwritable
+    why = unwritable(path, directory=True)
+    if why:
+        ap.error(f"--{name} {path}: {why}")
 
 
 def classification_archs():

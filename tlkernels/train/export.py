@@ -1,6 +1,8 @@
 """Exports of a trained model for deployment.
 
-model.pt2  torch.export of the eval model (float32, batch size dynamic): SpotTune routes each image through
+model.pt2  torch.export of the eval model (float32; batch size dynamic, and image height and width where the
+           model allows: the accepted sizes are in summary.json and inside the file, which load_program reads
+           to check each input with a clear error): SpotTune routes each image through
            the block copy its policy picks (data-dependent shapes, exported with unbacked sizes; its BNs as
            their eval-mode affine maps), AdaFilter runs its BN-folded gated convolutions (the tlkernels op:
            load with `import tlkernels` first).
@@ -9,6 +11,7 @@ plain.pt   for methods whose trained model is the unmodified architecture (finet
            a state_dict that loads into the torchvision model (`fc` = the target head) with no tlkernels.
 """
 import copy
+import json
 import os
 
 import torch
@@ -59,11 +62,96 @@ def example_input(run):
     return torch.randn(3, run.target.channels, size, size, generator=g).to(run.device)
 
 
+MAX_SIDE = 1 << 14  # the largest image side an exported program is asked to accept
+
+
+def _input_ranges(program):
+    """{"height": [lo, hi], "width": [lo, hi]} of the image sizes `program` accepts (hi None: unbounded)."""
+    x = [n for n in program.graph.nodes if n.op == "placeholder"][-1].meta["val"]
+    out = {}
+    for name, size in (("height", x.shape[2]), ("width", x.shape[3])):
+        if isinstance(size, int):
+            out[name] = [size, size]
+            continue
+        vr = program.range_constraints.get(size.node.expr)
+        hi = int(vr.upper) if vr is not None and vr.upper.is_finite else None
+        out[name] = [int(vr.lower) if vr is not None else 1, hi]
+    return out
+
+
 def export_program(net, x):
-    """torch.export of net.eval() with a dynamic batch dimension."""
+    """torch.export of net.eval() with a dynamic batch dimension and, where the model allows it, dynamic image
+    height and width: Dim.AUTO finds the sizes the model handles with the example's program (a CNN's global
+    pooling specialises on a final map of 1 x 1 or larger), and the export is redone with those ranges as
+    explicit dimensions (Dim.AUTO's own program can keep internal guards tied to the example). A model whose
+    size cannot vary exports at the example's size."""
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    net = net.eval()
     with torch.no_grad():  # an inference program: no grad-mode switches inside it
-        return torch.export.export(net.eval(), (x,), dynamic_shapes=({0: batch},))
+        auto = torch.export.export(net, (x,), dynamic_shapes=({0: batch, 2: torch.export.Dim.AUTO,
+                                                                  3: torch.export.Dim.AUTO},))
+        ranges = _input_ranges(auto)
+        if all(lo == hi for lo, hi in ranges.values()):
+            return auto
+        dims = {d: torch.export.Dim(name, min=max(lo, 2), max=min(hi or MAX_SIDE, MAX_SIDE))
+                for d, (name, (lo, hi)) in zip((2, 3), ranges.items()) if lo != hi}
+        try:
+            return torch.export.export(net, (x,), dynamic_shapes=({0: batch, **dims},))
+        except Exception:  # (a constraint only the explicit export finds): the size is fixed
+            return torch.export.export(net, (x,), dynamic_shapes=({0: batch},))
+
+
+SPEC = "tlkernels.json"  # the input contract, stored inside model.pt2 (torch.export's extra_files)
+
+
+class ExportedModel(nn.Module):
+    """A model.pt2 program with its input contract checked first: a clear ValueError naming the file, what the
+    program accepts and what came, instead of torch.export's guard failure."""
+
+    def __init__(self, program, spec, path):
+        super().__init__()
+        self.program, self.module, self.spec, self.path = program, program.module(), spec, path
+
+    def forward(self, x):
+        spec, what = self.spec, f"model.pt2 {self.path}"
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            got = f"{x.dim()}-D shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{what}: expects a batch of images (N, C, H, W), got {got}")
+        c, (hlo, hhi), (wlo, whi) = spec["input"][0], spec["sizes"]["height"], spec["sizes"]["width"]
+        h, w = x.shape[2], x.shape[3]
+        if x.shape[1] != c or not (hlo <= h <= (hhi or h)) or not (wlo <= w <= (whi or w)):
+            def rng(lo, hi):
+                return str(lo) if lo == hi else f"{lo}..{hi if hi else ''}"
+            raise ValueError(f"{what}: accepts images of {c} channels, height {rng(hlo, hhi)} and width "
+                             f"{rng(wlo, whi)} (normalised with mean {spec['mean']}, std {spec['std']}), got shape "
+                             f"{tuple(x.shape)}")
+        if x.dtype != torch.float32:
+            raise ValueError(f"{what}: expects float32 images, got {x.dtype}")
+        return self.module(x)
+
+
+def load_program(path):
+    """model.pt2 as an ExportedModel (eval, float32): the tlkernels ops registered first (an AdaFilter program
+    calls them), the input contract checked on every call; a file that cannot be read raises CheckpointError
+    naming it."""
+    import json
+
+    import tlkernels  # noqa: F401  (registers the ops the program may call)
+    from tlkernels._io import CheckpointError
+    extra = {SPEC: ""}
+    try:
+        program = torch.export.load(path, extra_files=extra)
+    except FileNotFoundError:
+        raise CheckpointError(f"model.pt2 {path}: no such file") from None
+    except Exception as e:
+        raise CheckpointError(f"model.pt2 {path} cannot be loaded as a torch.export program: {type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
+    try:
+        spec = json.loads(extra[SPEC])
+    except ValueError:
+        raise CheckpointError(f"model.pt2 {path} holds no tlkernels input contract ({SPEC}); it was not written "
+                              f"by the tlkernels trainer (use torch.export.load for other programs)") from None
+    return ExportedModel(program, spec, path)
 
 
 def write(net, recipe, run, out):
@@ -80,8 +168,12 @@ def write(net, recipe, run, out):
         with torch.no_grad():
             got = program.module()(x)
         path = os.path.join(out, "model.pt2")
-        atomic_write(path, "wb", ".pt2", lambda fh: torch.export.save(program, fh))
-        info.update(model_pt2="model.pt2", max_abs_diff=float((got - want).abs().max()))
+        info["sizes"] = _input_ranges(program)
+        atomic_write(path, "wb", ".pt2", lambda fh: torch.export.save(program, fh,
+                                                                      extra_files={SPEC: json.dumps(info)}))
+        info.update(model_pt2="model.pt2", max_abs_diff=float((got - want).abs().max()),
+                    load="tlkernels.train.export.load_program(path) (checks the input; or import tlkernels, then "
+                         "torch.export.load(path))")
         if recipe.plain:
             atomic_save(plain_state_dict(recipe.plain_net(net)), os.path.join(out, "plain.pt"))
             info["plain_pt"] = "plain.pt"

@@ -359,6 +359,7 @@ void histogram_direct(const at::Tensor& x, const at::Tensor& w, const Binner& bi
 // (separable only where the bank separates).
 enum class HistPath { Separable, Direct };
 constexpr const char* kPathNames[] = {"separable", "direct"};
+const ChoiceNames kRegisterPathNames(kPathNames);
 thread_local std::string last_path = "";
 
 HistPath choose_path(const std::vector<SepComponent>& comps, const HistogramShape& sh, int64_t kh, int64_t kw,
