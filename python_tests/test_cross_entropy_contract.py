@@ -99,6 +99,31 @@ def test_all_ignored_batch_with_smoothing_is_nan_like_pytorch():
     assert torch.isnan(cross_entropy(x, y, label_smoothing=0.1)) and torch.isnan(F.cross_entropy(x, y, label_smoothing=0.1))
 
 
+# Degenerate batches: every row ignored, class weights that are zero for every counted row (the weighted
+# mean's 0/0), some ignored and some zero-weight rows; F.cross_entropy's values and gradients (NaN or 0 by
+# its rules) are the contract.
+DEGENERATE_TARGETS = {"all_ignored": [-100, -100, -100, -100], "some_ignored": [0, -100, 2, -100],
+                      "counted_weigh_zero": [0, 2, 0, 2]}
+DEGENERATE_WEIGHTS = {"none": None, "positive": [1.0, 2.0, 0.5], "all_zero": [0.0, 0.0, 0.0],
+                      "zero_where_counted": [0.0, 1.0, 0.0]}
+
+
+@pytest.mark.parametrize("impl", ["kernel", "reference", "triton", "reference_kernel"])
+@pytest.mark.parametrize("target", list(DEGENERATE_TARGETS))
+@pytest.mark.parametrize("weight", list(DEGENERATE_WEIGHTS))
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_degenerate_batches_match_f_values_and_gradients(impl, target, weight, smoothing, monkeypatch):
+    x = torch.randn(4, 3, dtype=torch.float64)
+    t = torch.tensor(DEGENERATE_TARGETS[target])
+    w = None if DEGENERATE_WEIGHTS[weight] is None else torch.tensor(DEGENERATE_WEIGHTS[weight], dtype=torch.float64)
+    with path(impl, monkeypatch):
+        for reduction in ("mean", "sum", "none"):
+            kw = dict(weight=w, label_smoothing=smoothing, reduction=reduction)
+            _compare(cross_entropy, x, (t,), kw, rtol=1e-7, atol=1e-7)
+            # (N, C, d) logits: the same rows through the dense path
+            _compare(cross_entropy, x.T.reshape(1, 3, 4), (t.reshape(1, 4),), kw, rtol=1e-7, atol=1e-7)
+
+
 @pytest.mark.parametrize("kw,msg", [
     (dict(weight=torch.ones(3)), r"cross_entropy: weight \(class weights\) must have shape \(4,\)"),
     (dict(weight=torch.ones(4, dtype=torch.long)), "cross_entropy: weight must be a floating-point"),

@@ -170,8 +170,6 @@ def estimate_fisher(model, batches, names=None, max_samples=None):
     model.eval()
     try:
         for batch in batches:
-            if max_samples is not None and count >= max_samples:
-                break
             if not isinstance(batch, (tuple, list)) or len(batch) != 2:
                 raise TypeError(f"{op}: batches must yield (images, labels) pairs, got "
                                 f"{type(batch).__name__}" + (f" of {len(batch)}" if isinstance(batch, (tuple, list)) else ""))
@@ -185,6 +183,8 @@ def estimate_fisher(model, batches, names=None, max_samples=None):
                     if p.grad is not None:
                         total[n] += p.grad.double().square()
                 count += 1
+            if max_samples is not None and count >= max_samples:
+                break  # (before the next batch is read: it may be costly to produce)
     finally:
         model.zero_grad(set_to_none=True)
         model.train(was)

@@ -65,6 +65,14 @@ def example_input(run):
 MAX_SIDE = 1 << 14  # the largest image side an exported program is asked to accept
 
 
+def _bound(v, unbounded):
+    """A sympy range bound as an int (`unbounded` for an infinite one)."""
+    try:
+        return int(v)
+    except (TypeError, ValueError, OverflowError, AttributeError):
+        return unbounded
+
+
 def _input_ranges(program):
     """{"height": [lo, hi], "width": [lo, hi]} of the image sizes `program` accepts (hi None: unbounded)."""
     x = [n for n in program.graph.nodes if n.op == "placeholder"][-1].meta["val"]
@@ -74,31 +82,62 @@ def _input_ranges(program):
             out[name] = [size, size]
             continue
         vr = program.range_constraints.get(size.node.expr)
-        hi = int(vr.upper) if vr is not None and vr.upper.is_finite else None
-        out[name] = [int(vr.lower) if vr is not None else 1, hi]
+        out[name] = [_bound(vr.lower, 1) if vr is not None else 1, _bound(vr.upper, None) if vr is not None else None]
+    return out
+
+
+def _accepts(module, x, h, w):
+    """True when the exported `module` runs one image of x's channels at h x w (its guards pass)."""
+    try:
+        with torch.no_grad():
+            module(torch.zeros(1, x.shape[1], h, w, dtype=x.dtype, device=x.device))
+        return True
+    except Exception:
+        return False
+
+
+def accepted_sizes(program, x):
+    """{"height": [lo, hi], "width": [lo, hi]} (hi None: unbounded) of the image sizes `program`, exported at
+    x's size, runs. The range constraints alone do not say it: a CNN's global pooling guards that its final map
+    stays larger than 1 x 1 (or stays 1 x 1), a guard torch.export keeps beside the ranges. So each side is
+    probed with one-image calls, the other side at the example's size: the smallest size accepted (binary
+    search below the example's), and the largest (unbounded when twice the example's size passes and the
+    ranges set no bound)."""
+    module, ranges = program.module(), _input_ranges(program)
+    out = {}
+    for d, name in ((2, "height"), (3, "width")):
+        ex, (lo_r, hi_r) = x.shape[d], ranges[name]
+        if lo_r == hi_r:
+            out[name] = [lo_r, hi_r]
+            continue
+
+        def ok(s):
+            return _accepts(module, x, *((s, x.shape[3]) if d == 2 else (x.shape[2], s)))
+        lo, hi = max(lo_r, 1), ex
+        while lo < hi:  # the smallest accepted size (the example's is)
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if ok(mid) else (mid + 1, hi)
+        top = min(2 * ex, hi_r or MAX_SIDE, MAX_SIDE)
+        if ok(top):
+            high = hi_r if top == 2 * ex or top == hi_r else top
+        else:
+            a, b = ex, top - 1
+            while a < b:  # the largest accepted size
+                mid = (a + b + 1) // 2
+                a, b = (mid, b) if ok(mid) else (a, mid - 1)
+            high = a
+        out[name] = [lo, high]
     return out
 
 
 def export_program(net, x):
     """torch.export of net.eval() with a dynamic batch dimension and, where the model allows it, dynamic image
-    height and width: Dim.AUTO finds the sizes the model handles with the example's program (a CNN's global
-    pooling specialises on a final map of 1 x 1 or larger), and the export is redone with those ranges as
-    explicit dimensions (Dim.AUTO's own program can keep internal guards tied to the example). A model whose
-    size cannot vary exports at the example's size."""
+    height and width (Dim.AUTO: a model whose size cannot vary exports at the example's size; accepted_sizes
+    says which sizes the program runs)."""
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
-    net = net.eval()
     with torch.no_grad():  # an inference program: no grad-mode switches inside it
-        auto = torch.export.export(net, (x,), dynamic_shapes=({0: batch, 2: torch.export.Dim.AUTO,
-                                                                  3: torch.export.Dim.AUTO},))
-        ranges = _input_ranges(auto)
-        if all(lo == hi for lo, hi in ranges.values()):
-            return auto
-        dims = {d: torch.export.Dim(name, min=max(lo, 2), max=min(hi or MAX_SIDE, MAX_SIDE))
-                for d, (name, (lo, hi)) in zip((2, 3), ranges.items()) if lo != hi}
-        try:
-            return torch.export.export(net, (x,), dynamic_shapes=({0: batch, **dims},))
-        except Exception:  # (a constraint only the explicit export finds): the size is fixed
-            return torch.export.export(net, (x,), dynamic_shapes=({0: batch},))
+        return torch.export.export(net.eval(), (x,), dynamic_shapes=({0: batch, 2: torch.export.Dim.AUTO,
+                                                                         3: torch.export.Dim.AUTO},))
 
 
 SPEC = "tlkernels.json"  # the input contract, stored inside model.pt2 (torch.export's extra_files)
@@ -121,13 +160,17 @@ class ExportedModel(nn.Module):
         h, w = x.shape[2], x.shape[3]
         if x.shape[1] != c or not (hlo <= h <= (hhi or h)) or not (wlo <= w <= (whi or w)):
             def rng(lo, hi):
-                return str(lo) if lo == hi else f"{lo}..{hi if hi else ''}"
+                return str(lo) if lo == hi else f">= {lo}" if hi is None else f"{lo} to {hi}"
             raise ValueError(f"{what}: accepts images of {c} channels, height {rng(hlo, hhi)} and width "
                              f"{rng(wlo, whi)} (normalised with mean {spec['mean']}, std {spec['std']}), got shape "
                              f"{tuple(x.shape)}")
         if x.dtype != torch.float32:
             raise ValueError(f"{what}: expects float32 images, got {x.dtype}")
-        return self.module(x)
+        try:
+            return self.module(x)
+        except AssertionError as e:  # a guard of the program beyond the sizes probed at export
+            raise ValueError(f"{what}: the program does not run images of shape {tuple(x.shape)} ({e}); it was "
+                             f"exported at {spec['input'][1]} x {spec['input'][2]}") from None
 
 
 def load_program(path):
@@ -168,7 +211,7 @@ def write(net, recipe, run, out):
         with torch.no_grad():
             got = program.module()(x)
         path = os.path.join(out, "model.pt2")
-        info["sizes"] = _input_ranges(program)
+        info["sizes"] = accepted_sizes(program, x)
         atomic_write(path, "wb", ".pt2", lambda fh: torch.export.save(program, fh,
                                                                       extra_files={SPEC: json.dumps(info)}))
         info.update(model_pt2="model.pt2", max_abs_diff=float((got - want).abs().max()),

@@ -291,12 +291,14 @@ def one_image_batches_explained(method, step, n):
         raise
 
 
-def warn_unreadable_classes(ds, unreadable, what):
-    """Warn when a class keeps no readable image (--skip_bad_images skipped them all)."""
-    gone = data.classes_without_images(ds, unreadable)
+def warn_unreadable_classes(ds, unreadable, what, warned=()):
+    """Warn when a class keeps no readable image (--skip_bad_images skipped them all), once per class; returns
+    the classes warned of."""
+    gone = [c for c in data.classes_without_images(ds, unreadable) if c not in warned]
     if gone:
         warnings.warn(f"tlkernels-train: every {what} image of class(es) {', '.join(map(repr, gone))} is unreadable "
                       f"(skipped by --skip_bad_images): the model learns nothing of them", UserWarning, stacklevel=2)
+    return set(gone)
 
 
 # ----------------------------------------------------------------------------- one method
@@ -359,7 +361,7 @@ def train_method(run, method, base, with_l2sp, out):
         tb = tensorboard_writer(cfg, out)
     loader = data.train_loader(run.target, run.source, plan, run.workers, device)
     bar = tqdm(total=total, initial=start, desc=method, disable=cfg.quiet or not is_main())
-    t0, status, step, skipped, val_skipped, unread = time.time(), "done", start, 0, 0, set()
+    t0, status, step, skipped, val_skipped, unread, warned = time.time(), "done", start, 0, 0, set(), set()
     for epoch in range(start // spe, cfg.epochs):
         plan.set_epoch(epoch, skip=step - epoch * spe)
         for xt, yt, xs, ys, bad in loader:
@@ -392,8 +394,8 @@ def train_method(run, method, base, with_l2sp, out):
                 rec["l2sp"] = float(l2sp.value())
             if step % spe == 0:
                 rec.update(rec_.epoch_end(run, epoch))
-                if unread and epoch == start // spe:
-                    warn_unreadable_classes(run.target.train, unread, "training")
+                if unread:
+                    warned |= warn_unreadable_classes(run.target.train, unread, "training", warned)
             if (step % spe == 0 and (epoch + 1) % cfg.eval_every == 0) or step == total:
                 acc, vloss, val_skipped = run.evaluate(run.target.val)
                 rec.update(val_acc=acc, val_loss=vloss)
