@@ -115,7 +115,7 @@ RAISES = [
      (TypeError, ValueError), r"params\[0\]"),
     ("l2sp-duplicate-accumulate", lambda: _l2sp_duplicate(), RuntimeError, "share memory"),
     ("l2sp-grad-layout", lambda: _l2sp_bad_grad(), ValueError, r"params\[0\].grad must have the memory layout"),
-    ("l2sp-negative-alpha", lambda: L2SP(nn.Linear(2, 2), alpha=-1.0), ValueError, "L2SP: alpha and beta must be >= 0"),
+    ("l2sp-negative-alpha", lambda: L2SP(nn.Linear(2, 2), alpha=-1.0), ValueError, "L2SP: alpha and beta must be finite and >= 0"),
     ("l2sp-bad-head", lambda: L2SP(nn.Linear(2, 2), head="fc"), ValueError, "head 'fc' matches no trainable"),
     ("l2sp-bad-scope", lambda: L2SP(nn.Linear(2, 2), scope="some"), ValueError, "scope must be"),
     ("sgd-state-layout", lambda: _sgd_state_layout_changed(), RuntimeError, "must have the memory layout of params"),

@@ -549,3 +549,61 @@ def test_adafilter_equals_the_original_at_init_on_non_resnet_models(arch):
         net = AdaFilter(model).double().eval()
         got = net(x)
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("device,pattern", [
+    ("tpu", r"tlkernels.selfcheck: --device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+    ("cuda:x", r"tlkernels.selfcheck: --device must be auto, cpu, cuda or cuda:N, got 'cuda:x'"),
+    ("meta", r"tlkernels.selfcheck: --device must be auto, cpu, cuda or cuda:N, got 'meta'"),
+])
+def test_selfcheck_bad_device(device, pattern):
+    from tlkernels import selfcheck
+    with pytest.raises(SystemExit, match=pattern):
+        selfcheck.main(["--quick", "--device", device])
+
+
+# ----------------------------------------------------------------------------- L2-SP-Fisher
+def _l2sp():
+    from tlkernels.nn import L2SP
+    torch.manual_seed(0)
+    return L2SP(nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)), alpha=0.1, beta=0.01, head="1")
+
+
+L2SP_ERRORS = [
+    ("alpha-nan", lambda: _l2sp().__class__(nn.Linear(2, 2), alpha=float("nan")), ValueError,
+     r"L2SP: alpha and beta must be finite and >= 0, got alpha=nan"),
+    ("beta-inf", lambda: _l2sp().__class__(nn.Linear(2, 2), beta=float("inf")), ValueError,
+     r"L2SP: alpha and beta must be finite and >= 0, got alpha=0.1, beta=inf"),
+    ("alpha-string", lambda: _l2sp().__class__(nn.Linear(2, 2), alpha="0.1"), TypeError,
+     r"L2SP: alpha must be a number, got str"),
+    ("fisher-int", lambda: _l2sp().set_fisher({"0.weight": torch.ones(4, 3, dtype=torch.long)}), TypeError,
+     r"L2SP: fisher\['0.weight'\] must be a floating-point tensor \(a Fisher diagonal\), got torch.int64"),
+    ("fisher-bool", lambda: _l2sp().set_fisher({"0.weight": torch.ones(4, 3, dtype=torch.bool)}), TypeError,
+     r"must be a floating-point tensor"),
+    ("fisher-complex", lambda: _l2sp().set_fisher({"0.weight": torch.ones(4, 3, dtype=torch.complex64)}), TypeError,
+     r"must be a floating-point tensor .*got torch.complex64"),
+    ("fisher-meta", lambda: _l2sp().set_fisher({"0.weight": torch.ones(4, 3, device="meta")}), ValueError,
+     r"L2SP: fisher\['0.weight'\] is a meta tensor \(no values\); expected it on cpu"),
+    ("fisher-negative", lambda: _l2sp().set_fisher({"0.weight": -torch.ones(4, 3)}), ValueError,
+     r"must hold finite values >= 0"),
+    ("fisher-head", lambda: _l2sp().set_fisher({"1.weight": torch.ones(2, 4)}), ValueError,
+     r"L2SP: fisher\['1.weight'\]: not a tensor this penalty pulls toward its start"),
+]
+
+
+@pytest.mark.parametrize("fn,exc,pattern", [pytest.param(f, e, p, id=i) for i, f, e, p in L2SP_ERRORS])
+def test_l2sp_fisher_bad_input(fn, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        fn()
+
+
+def test_l2sp_fisher_weighs_the_pull_toward_the_start():
+    from tlkernels.nn import L2SP
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    reg = L2SP(model, alpha=0.1, beta=0.01, head="1")
+    with torch.no_grad():
+        model[0].weight.add_(0.5)
+    plain = float(reg.value())
+    reg.set_fisher({"0.weight": torch.full((4, 3), 3.0)})
+    assert float(reg.value()) - plain == pytest.approx(0.1 / 2 * 12 * 0.25 * (3.0 - 1.0), rel=1e-5)

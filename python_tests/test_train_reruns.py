@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import torch
-import torchvision
 from PIL import Image
 
 from tlkernels._io import CheckpointError
@@ -16,7 +15,7 @@ from tlkernels.train import loop
 from tlkernels.train.export import load_program
 
 from test_train import FAST  # noqa: E402  (the demo's few-step options)
-from test_train_real import write_folder  # noqa: E402
+from test_train_real import checkpoint, write_folder  # noqa: E402,F401  (checkpoint: the fixture)
 
 EVERY_METHOD = "finetune,l2sp,soft,selective,adafilter,spottune,spottune_global"
 REAL = ["--epochs", "2", "--eval_every", "1", "--batch_size", "8", "--image_size", "32", "--quiet", "--threads", "2",
@@ -26,14 +25,6 @@ REAL = ["--epochs", "2", "--eval_every", "1", "--batch_size", "8", "--image_size
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     return str(tmp_path_factory.mktemp("cache"))
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    path = str(tmp_path_factory.mktemp("ck") / "resnet18.pt")
-    torch.save(torchvision.models.resnet18().state_dict(), path)
-    return path
 
 
 def demo(out, cache, *args):

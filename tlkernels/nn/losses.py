@@ -39,8 +39,11 @@ class L2SP:
             raise ValueError(f"L2SP: scope must be 'kernels' or 'all', got {scope!r}")
         if not isinstance(model, nn.Module):
             raise TypeError(f"L2SP: model must be an nn.Module, got {type(model).__name__}")
-        if alpha < 0 or beta < 0:
-            raise ValueError(f"L2SP: alpha and beta must be >= 0, got alpha={alpha}, beta={beta}")
+        for name, v in (("alpha", alpha), ("beta", beta)):
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                raise TypeError(f"L2SP: {name} must be a number, got {type(v).__name__}")
+        if not (0 <= alpha < math.inf and 0 <= beta < math.inf):  # (NaN fails both comparisons)
+            raise ValueError(f"L2SP: alpha and beta must be finite and >= 0, got alpha={alpha}, beta={beta}")
         heads = () if head is None else ((head,) if isinstance(head, str) else tuple(head))
         self.alpha, self.beta, self.scope, self.head = float(alpha), float(beta), scope, heads
         kernels = _kernel_param_names(model)
@@ -88,6 +91,10 @@ class L2SP:
                 got = tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__
                 raise ValueError(f"L2SP: fisher[{n!r}] must be a tensor of the parameter's shape {tuple(p.shape)}, "
                                  f"got {got}")
+            if not f.is_floating_point():
+                raise TypeError(f"L2SP: fisher[{n!r}] must be a floating-point tensor (a Fisher diagonal), got {f.dtype}")
+            if f.device.type == "meta":
+                raise ValueError(f"L2SP: fisher[{n!r}] is a meta tensor (no values); expected it on {p.device}")
             if not bool(torch.isfinite(f).all()) or bool((f < 0).any()):
                 raise ValueError(f"L2SP: fisher[{n!r}] must hold finite values >= 0 (a Fisher diagonal)")
             out[index[n]] = f.detach().to(device=p.device, dtype=p.dtype, copy=True)
