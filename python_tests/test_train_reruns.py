@@ -43,10 +43,10 @@ def test_every_method_interrupted_resumed_and_run_again_on_warm_caches(tmp_path,
     """One cold-cache run interrupted after a step, resumed, then the same run again on the warm caches (the
     pre-trained model, descriptors, measured choices): every method finishes, and the rerun computes exactly
     what the resumed run did."""
-    first = demo(tmp_path, cache, "--compare", EVERY_METHOD, "--stop_after", "1")
+    first = demo(tmp_path, cache, "--compare", EVERY_METHOD, "--stop_after", "1", "--eval_every", "2")
     assert all(first[m][0][0]["status"] == "interrupted" for m in EVERY_METHOD.split(","))
-    resumed = demo(tmp_path, cache, "--compare", EVERY_METHOD, "--resume")
-    again = demo(tmp_path, cache, "--compare", EVERY_METHOD)
+    resumed = demo(tmp_path, cache, "--compare", EVERY_METHOD, "--resume", "--eval_every", "2")
+    again = demo(tmp_path, cache, "--compare", EVERY_METHOD, "--eval_every", "2")
     for m in EVERY_METHOD.split(","):
         assert resumed[m][0][0]["status"] == again[m][0][0]["status"] == "done", m
         assert losses(resumed, m) == losses(again, m), m
