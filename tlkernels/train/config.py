@@ -54,9 +54,10 @@ ACTS = {
 
 
 def uses_source_images(cfg):
-    """True when some method of the run reads images of the source set."""
-    return any(b == "selective" or (b == "soft" and cfg.soft_source == "images") or (l2 and cfg.l2sp_fisher > 0)
-               for _, b, l2 in cfg.methods())
+    """True when some method of the run reads images of the source set: its recipe draws them, or L2-SP-Fisher
+    estimates the source task's Fisher information on them."""
+    from tlkernels.train.recipes import recipe
+    return any(recipe(cfg, b, l2).uses_source or (l2 and cfg.l2sp_fisher > 0) for _, b, l2 in cfg.methods())
 
 
 @dataclass

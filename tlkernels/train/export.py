@@ -177,8 +177,6 @@ def load_program(path):
     """model.pt2 as an ExportedModel (eval, float32): the tlkernels ops registered first (an AdaFilter program
     calls them), the input contract checked on every call; a file that cannot be read raises CheckpointError
     naming it."""
-    import json
-
     import tlkernels  # noqa: F401  (registers the ops the program may call)
     from tlkernels._io import CheckpointError
     extra = {SPEC: ""}

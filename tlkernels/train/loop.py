@@ -94,7 +94,8 @@ class Run:
 
     @torch.no_grad()
     def predict(self, ds, shard=False):
-        """(loss sum, correct count, logits, labels) of the eval model on `ds` (this rank's share if shard)."""
+        """(loss sum, correct count, logits, labels, unreadable images skipped) of the eval model on `ds` (this
+        rank's share if shard)."""
         self.net.eval()
         loss, correct, logits, labels, skipped = 0.0, 0, [], [], 0
         loader = data.eval_loader(ds, 2 * self.cfg.batch_size, self.workers, self.device,
@@ -205,11 +206,9 @@ def check_batch_memory(cfg, backbone, device):
     conv = next((m for m in backbone.modules() if isinstance(m, nn.Conv2d)), None)
     s = cfg.image_size
     px = 3 * s * s
-    if conv is not None:
-        ho, wo = (max((s + 2 * p - d * (k - 1) - 1) // st + 1, 0) for k, st, p, d in
-                  zip(conv.kernel_size, conv.stride, (0, 0) if isinstance(conv.padding, str) else conv.padding,
-                      conv.dilation))
-        px += conv.out_channels * ho * wo
+    if conv is not None:  # its output shape on a meta tensor: no memory, conv2d's own formula
+        x = torch.empty(1, conv.in_channels, s, s, device="meta")
+        px += conv._conv_forward(x, conv.weight.to("meta"), None).numel()
     need, have = cfg.batch_size * px * 4, memory_bytes(device)
     if need > have:
         raise SystemExit(f"tlkernels-train: --image_size {s} with --batch_size {cfg.batch_size}: one training batch "
