@@ -50,6 +50,7 @@ def measured_choice(key, candidates, keep, run, clearly_faster=0.85):
     a choice that flips with timing noise costs more than it gains. The compiled ops' twin:
     csrc/ops/measured_choice.h."""
     key = str(key)  # (the picks are data: tlkernels/_choices.py saves them as JSON)
+    register_names(candidates)  # (a saved pick of these is then known when loaded in this process)
     with _CHOICES_LOCK:
         if key in _CHOICES and _CHOICES[key] in candidates:
             return _CHOICES[key]
