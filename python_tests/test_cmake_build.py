@@ -45,5 +45,6 @@ def test_cuda_arch_list_follows_the_visible_gpus():
                                      get_device_capability=lambda i: caps[i])
         return types.SimpleNamespace(cuda=cuda)
     assert default_arch_list(fake([])) == "8.0;9.0+PTX"  # no GPU: PTX runs on GPUs newer than sm90 too
-    assert default_arch_list(fake([(7, 5)])) == "7.5"  # a T4
-    assert default_arch_list(fake([(9, 0), (8, 0), (9, 0)])) == "8.0;9.0"
+    assert default_arch_list(fake([(7, 5)])) == "7.5+PTX"  # a T4 (PTX: the build runs on newer GPUs too)
+    assert default_arch_list(fake([(9, 0), (8, 0), (9, 0)])) == "8.0;9.0+PTX"
+    assert default_arch_list(fake([(8, 0)])) == "8.0+PTX"  # built on an A100, runs on an H100

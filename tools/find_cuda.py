@@ -38,12 +38,13 @@ def find_cuda_home():
 
 
 def default_arch_list(torch):
-    """TORCH_CUDA_ARCH_LIST when the user set none: the visible GPUs' architectures, else Ampere + Hopper with
-    PTX, which the driver compiles for any newer GPU (older GPUs, T4 or V100, need TORCH_CUDA_ARCH_LIST)."""
+    """TORCH_CUDA_ARCH_LIST when the user set none: the visible GPUs' architectures, the highest with PTX (a build
+    made on an A100 then runs on an H100: the driver compiles the PTX), else Ampere + Hopper with PTX, which the
+    driver compiles for any newer GPU (older GPUs, T4 or V100, need TORCH_CUDA_ARCH_LIST)."""
     try:
         if torch.cuda.is_available():
             caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
-            return ";".join(f"{a}.{b}" for a, b in caps)
+            return ";".join(f"{a}.{b}" for a, b in caps) + "+PTX"
     except RuntimeError:  # a driver problem: build for the defaults
         pass
     return "8.0;9.0+PTX"
