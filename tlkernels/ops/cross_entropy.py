@@ -325,7 +325,7 @@ class _WeightedMean(torch.autograd.Function):
     def backward(ctx, grad):
         denom, counted = ctx.saved_tensors
         per = torch.where(denom == 0, torch.full_like(denom, float("nan")), grad / denom)
-        return torch.where(counted, per, torch.zeros_like(per)).expand(counted.shape).to(grad.dtype), None, None
+        return torch.where(counted, per, torch.zeros_like(per)).to(grad.dtype), None, None
 
 
 def joint_cross_entropy(target_logits, target_labels, source_logits=None, source_labels=None, source_weight=1.0,

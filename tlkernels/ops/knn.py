@@ -19,8 +19,7 @@ import numpy as np
 import torch
 
 from tlkernels._extension import use_reference
-from tlkernels import _timing
-from tlkernels._timing import chosen, measured_choice
+from tlkernels._timing import chosen, measured_choice, register_names
 from tlkernels.ops._registry import EVERYWHERE, has_op, op, register_op
 from tlkernels.ops._utils import fail
 
@@ -191,7 +190,7 @@ def _gemm_numpy(A, B, out):
     return out.t()
 
 
-GEMMS = _timing.register_names({"torch": _gemm_torch, "numpy": _gemm_numpy})
+GEMMS = register_names({"torch": _gemm_torch, "numpy": _gemm_numpy})
 SAMPLE_ROWS = 1024
 
 

@@ -286,9 +286,9 @@ def check(ap, cfg, given=()):
         ap.error("--mean/--std apply to --target image folders (the demo's tensors are not normalised)")
     if cfg.device not in ("auto", "cpu", "cuda") and not (cfg.device.startswith("cuda:") and cfg.device[5:].isdigit()):
         ap.error(f"--device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
-    if cfg.target and cfg.arch not in classification_archs():
+    archs = classification_archs() if cfg.target else ()
+    if cfg.target and cfg.arch not in archs:
         import difflib
-        archs = classification_archs()
         near = difflib.get_close_matches(cfg.arch, archs, n=3)
         ap.error(f"--arch {cfg.arch!r} is not a torchvision classification model"
                  + (f" (did you mean {', '.join(near)}?)" if near else "") + f"; accepted: {', '.join(archs)}")

@@ -404,11 +404,10 @@ def train_method(run, method, base, with_l2sp, out):
                 if gates is not None:
                     rec["gates"] = gates
             check_finite(rec, method, step, epoch)
-            if "val_acc" in rec:
-                if acc > best:
-                    best = acc
-                    if is_main():
-                        atomic_save({"method": method, "model": net.state_dict(), "step": step, "val_acc": acc}, best_path)
+            if "val_acc" in rec and acc > best:
+                best = acc
+                if is_main():
+                    atomic_save({"method": method, "model": net.state_dict(), "step": step, "val_acc": acc}, best_path)
             if skipped:
                 rec["skipped_images"] = skipped
             history.append(rec)
