@@ -48,3 +48,23 @@ def test_cuda_arch_list_follows_the_visible_gpus():
     assert default_arch_list(fake([(7, 5)])) == "7.5+PTX"  # a T4 (PTX: the build runs on newer GPUs too)
     assert default_arch_list(fake([(9, 0), (8, 0), (9, 0)])) == "8.0;9.0+PTX"
     assert default_arch_list(fake([(8, 0)])) == "8.0+PTX"  # built on an A100, runs on an H100
+
+
+def test_cuda_kernels_take_floating_scalars_in_the_op_math_type():
+    """A kernel templated on its tensors' dtype takes lr, betas, eps and coefficients as at::opmath_type<scalar_t>
+    (double for float64 tensors): a `float` parameter rounds 1 - 0.999 by 1.3e-5 relative, beyond float64's
+    budget. No GPU runs here, so the signatures are read; selfcheck's float64 optimizer and L2-SP rows measure it
+    on a GPU (tools/gpu_check.sh)."""
+    import re
+    root = os.path.join(os.path.dirname(__file__), "..", "csrc", "ops", "cuda")
+    found = 0
+    for name in sorted(os.listdir(root)):
+        src = open(os.path.join(root, name)).read()
+        for m in re.finditer(r"template <typename scalar_t>\s*__global__ void (\w+)\(([^)]*)\)", src):
+            found += 1
+            floats = [p.strip() for p in m.group(2).split(",") if re.match(r"\s*(const\s+)?float\s+\w+\s*$", p)]
+            assert not floats, f"{name}: {m.group(1)} takes {floats} as float"
+            # (and the Meta coefficients the kernels read)
+        if "struct Meta" in src:
+            assert not re.search(r"\bfloat coeff\[", src), name
+    assert found >= 3

@@ -510,3 +510,43 @@ def test_knn_cpp_ops_have_fakes_opcheck():
     p = torch.softmax(torch.randn(4, 6, generator=g), 1)
     out = torch.empty(4, 12)
     torch.library.opcheck(op("knn_expand_skl_"), (p, torch.rand(6, generator=g), EPS, out))
+
+
+def _precision_seen(monkeypatch, module, fn_name):
+    """Wraps module.fn_name to record the float32 precision flags in force when it runs."""
+    seen = []
+    real = getattr(module, fn_name)
+
+    def spy(*args, **kwargs):
+        seen.append((torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, fn_name, spy)
+    return seen
+
+
+@pytest.mark.parametrize("precision", ["high", "medium"])
+def test_histogram_and_knn_run_in_full_fp32_whatever_the_process_set(monkeypatch, precision):
+    """Under torch.set_float32_matmul_precision("high") (TF32 on A100/H100) and cuDNN's TF32 default, binning
+    would move responses to other bins and TF32 GEMMs would lose the kNN tie grid: both run in full float32, and
+    the process's settings come back afterwards."""
+    hist = sys.modules["tlkernels.ops.histogram"]
+    knn = sys.modules["tlkernels.ops.knn"]
+    was = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        seen_h = _precision_seen(monkeypatch, hist, "op")
+        seen_k = _precision_seen(monkeypatch, knn, "_search_chunks_fp32")
+        gen = torch.Generator().manual_seed(0)
+        imgs = torch.rand(2, 3, 12, 12, generator=gen)
+        filt = torch.randn(4, 3, 3, 3, generator=gen)
+        edges = torch.linspace(-2, 2, 9).repeat(4, 1)
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=True):
+            filterbank_histogram(imgs, filt, edges)
+            db = torch.rand(50, 8, generator=gen)
+            knn_search(db[:3], db, 5)
+            assert torch.backends.cudnn.allow_tf32
+        assert torch.get_float32_matmul_precision() == precision
+    finally:
+        torch.set_float32_matmul_precision(was)
+    assert seen_h == [("highest", False)] and seen_k == [("highest", False)], (seen_h, seen_k)

@@ -46,3 +46,33 @@ def test_command_line_and_bad_device():
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="no CUDA device is visible"):
             selfcheck.resolve_device("cuda")
+
+
+def test_on_cuda_every_check_runs_with_tf32_off_and_the_conv_paths_again_with_it_on(monkeypatch):
+    """The plan of `run` for a CUDA device, with the checks replaced by recorders (no GPU here): float32 budgets
+    hold only with TF32 off, so every check runs so; the TF32 rows carry a 10-bit format's budget."""
+    seen = []
+
+    def recorder(name):
+        def check(rep, device, *args):
+            seen.append((name, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+            rep.add(name, "case", 1e-3, 2e-4 if name != "devices" else 1.0)
+        return check
+
+    for name in ("gated_conv2d", "cross_entropy", "l2sp", "histogram_knn", "methods", "devices"):
+        monkeypatch.setattr(selfcheck, f"check_{name}", recorder(name))
+    rep = selfcheck.run(torch.device("cuda"))
+    off = [n for n, cudnn, mm in seen if not cudnn and not mm]
+    on = [n for n, cudnn, mm in seen if cudnn and mm]
+    assert off == ["gated_conv2d", "cross_entropy", "l2sp", "histogram_knn", "methods", "devices"], seen
+    assert on == ["gated_conv2d", "methods", "histogram_knn"], seen
+    tf32_rows = [r for r in rep.rows if r["case"].endswith("TF32")]
+    assert len(tf32_rows) == 3 and all(r["ok"] and r["budget"] == selfcheck.TF32_BUDGET for r in tf32_rows)
+    assert not any(r["ok"] for r in rep.rows if not r["case"].endswith("TF32") and r["op"] != "devices")
+
+
+def test_the_cuda_only_checks_run_on_cpu_tensors_too():
+    """check_l2sp_many (several multi-tensor launches on a GPU) is device-generic code: it passes on the CPU."""
+    rep = selfcheck.Report()
+    selfcheck.check_l2sp_many(rep, torch.device("cpu"))
+    assert len(rep.rows) == 2 * 61 and all(r["ok"] for r in rep.rows), [r for r in rep.rows if not r["ok"]][:3]

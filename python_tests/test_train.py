@@ -273,10 +273,11 @@ def test_label_smoothing_and_balanced_class_weights(tmp_path, cache):
 def test_l2sp_fisher_on_the_demo(tmp_path, cache):
     res = run(tmp_path, cache, "--method", "l2sp", "--l2sp_fisher", "40")
     summary, history = res["l2sp"][0]
-    assert summary["status"] == "done" and all(h["l2sp"] >= 0 for h in history)
+    values = [h["l2sp"] for h in history if "l2sp" in h]  # (on the steps whose losses were read)
+    assert summary["status"] == "done" and values and all(v >= 0 for v in values)
     ck = torch.load(tmp_path / "l2sp" / "last.pt", weights_only=True)
     plain = run(tmp_path / "plain", cache, "--method", "l2sp")["l2sp"][0][1]
-    assert [h["l2sp"] for h in history] != [h["l2sp"] for h in plain]  # another penalty
+    assert values != [h["l2sp"] for h in plain if "l2sp" in h]  # another penalty
     with pytest.raises(SystemExit, match="--l2sp_fisher: no penalised tensor"):
         run(tmp_path / "s", cache, "--method", "spottune+l2sp", "--l2sp_fisher", "10")
     assert "model" in ck

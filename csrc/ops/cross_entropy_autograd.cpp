@@ -9,6 +9,8 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "ops/emulate_cuda.h"
+
 namespace tlkernels {
 namespace {
 
@@ -19,7 +21,7 @@ using torch::autograd::variable_list;
 // gradient is the answer and no N x C pass is needed. Never read under tracing (fake/functional
 // tensors have no data) or on GPUs (reading would synchronise).
 bool is_eager_cpu_one(const at::Tensor& g) {
-  if (!g.defined() || !g.is_cpu()) return false;
+  if (!g.defined() || !cpu_path(g)) return false;
   if (g.unsafeGetTensorImpl()->is_python_dispatch() || at::functionalization::impl::isFunctionalTensor(g)) {
     return false;
   }

@@ -29,8 +29,9 @@
 //   * concat  - dx from one conv-transpose over [Wp; Wf] with ((1-g)dy, g dy).
 // Choice (TLKERNELS_GATED_CONV): `auto` measures the applicable strategies once per call signature (shape,
 // dtype, layout, gate kind, gradient mask, threads) on CPU tensors and keeps the fastest for the process,
-// as cuDNN's benchmark mode does; on CUDA tensors it takes routed for per-image binary gates and concat
-// otherwise (timing would synchronise the stream). `heuristic` takes the fixed size rules below (the same
+// as cuDNN's benchmark mode does; on CUDA tensors it reads nothing from the device but the sizes of a routed
+// call: routed for (N,) hard gates, concat otherwise (timing or inspecting gates would stall the stream; see
+// inspect()). `heuristic` takes the fixed size rules below (the same
 // strategy in every process). A strategy name forces that strategy wherever it applies (otherwise the
 // automatic choice runs); `triton` sends CUDA tensors (and CPU tensors under TRITON_INTERPRET=1) to the
 // Triton kernels; `reference` (two convolutions and a blend) is taken by the Python front end.
@@ -48,6 +49,7 @@
 #include "ops/cpu/gated_conv2d_mix.h"
 #include "ops/gated_conv2d.h"
 #include "ops/gated_conv2d_strategies.h"
+#include "ops/emulate_cuda.h"
 #include "ops/measured_choice.h"
 
 namespace tlkernels {
@@ -134,6 +136,27 @@ at::Tensor per_image_binary(const at::Tensor& gate, bool binary) {
   return at::equal(gate, first.expand_as(gate)) ? first.squeeze(1).contiguous() : at::Tensor();
 }
 
+// What the kernels know of the gate before choosing a strategy. On CPU tensors reading values is free (no
+// stream to stall), so the gate is inspected: all-0/1 soft gates and (N, C_out) gates with equal rows are
+// detected. On CUDA tensors nothing is read but what routing needs: `hard` gates are binary by contract, and an
+// (N,) hard gate is routed (one read for the parts' sizes, route()); a forced `routed` inspects as on the CPU.
+struct GateView {
+  bool binary = false;
+  at::Tensor routed_gate;  // the (N,) binary per-image gate, or undefined
+};
+
+GateView inspect(const at::Tensor& gate, bool hard, bool on_cpu, const Setting& s) {
+  GateView v;
+  if (on_cpu || (s.mode == Setting::Forced && s.forced == Strategy::Routed)) {
+    v.binary = gate_is_binary(gate, hard);
+    v.routed_gate = per_image_binary(gate, v.binary);
+  } else {
+    v.binary = hard;
+    if (hard && gate.dim() == 1) v.routed_gate = gate;
+  }
+  return v;
+}
+
 void check_triton_device(const at::Tensor& input) {
   const char* interp = std::getenv("TRITON_INTERPRET");
   TORCH_CHECK(input.is_cuda() || (interp && std::string(interp) == "1"), "gated_conv2d: TLKERNELS_GATED_CONV=triton "
@@ -166,25 +189,28 @@ std::tuple<at::Tensor, at::Tensor> gated_conv2d_forward(
   at::Tensor out = at::empty(sizes, input.options().memory_format(fmt));
   at::Tensor diff = at::empty({0}, input.options());
   if (input.size(0) == 0) return {out, diff};
-  const bool binary = gate_is_binary(gate, hard);
   const int64_t P = sizes[2] * sizes[3];
-  const bool on_cpu = input.is_cpu();
-  const at::Tensor routed_gate = per_image_binary(gate, binary);
+  const bool on_cpu = cpu_path(input);
+  const GateView gv = inspect(gate, hard, on_cpu, s);
+  const bool binary = gv.binary;
+  const bool concat_only = save_diff && s.mode != Setting::Forced;  // (asked for y_f - y_p: concat has it free)
+  Route rt;
+  const bool routable = gv.routed_gate.defined() && !concat_only && route(gv.routed_gate, rt);
   std::vector<Strategy> cands;
   Strategy heuristic;
   const bool mix_ok = on_cpu && mix::applicable(input, a, P);
   const bool bmm_ok = bmm_applicable(input, weight_pre, a);
-  if (save_diff && s.mode != Setting::Forced) {  // asked for where the concat path has y_f - y_p for free
+  if (concat_only) {
     cands = {Strategy::Concat};
     heuristic = Strategy::Concat;
   } else {
     // Routing is one convolution's FLOPs, but splitting the batch costs copies and smaller library calls:
     // where the gates allow it, it is measured against the others.
-    if (routed_gate.defined()) cands.push_back(Strategy::Routed);
+    if (routable) cands.push_back(Strategy::Routed);
     if (mix_ok) cands.insert(cands.end(), {Strategy::Mix, Strategy::Brgemm});
     if (bmm_ok) cands.push_back(Strategy::Bmm);
     cands.insert(cands.end(), {Strategy::Blended, Strategy::Grouped, Strategy::Concat});
-    heuristic = routed_gate.defined() ? Strategy::Routed : !on_cpu ? Strategy::Concat
+    heuristic = routable ? Strategy::Routed : !on_cpu ? Strategy::Concat
                 : bmm_ok && P >= kBmmMinPixels ? Strategy::Bmm : mix_ok ? Strategy::Mix
                 : P >= kBlendMinPixels ? Strategy::Blended : Strategy::Concat;
   }
@@ -192,7 +218,7 @@ std::tuple<at::Tensor, at::Tensor> gated_conv2d_forward(
   const at::Tensor xin = input.contiguous(fmt);
   auto run = [&](Strategy st, at::Tensor& y, at::Tensor* d) {
     switch (st) {
-      case Strategy::Routed: forward_routed(input, weight_pre, weight_ft, routed_gate, bias_pre, bias_ft, a, y); break;
+      case Strategy::Routed: forward_routed(input, weight_pre, weight_ft, rt, bias_pre, bias_ft, a, y); break;
       case Strategy::Mix: mix::forward(xin, weight_pre, weight_ft, g, bias_pre, bias_ft, a, y, binary); break;
       case Strategy::Brgemm:
         mix::forward(xin, weight_pre, weight_ft, g, bias_pre, bias_ft, a, y, binary, /*brgemm=*/true);
@@ -205,7 +231,7 @@ std::tuple<at::Tensor, at::Tensor> gated_conv2d_forward(
   };
   // (routable gates have one candidate more: their own signature)
   const Strategy st = choose(s, cands, heuristic, on_cpu,
-                             call_key("fwd", input, weight_pre, gate, a, binary, routed_gate.defined() ? "r" : ""),
+                             call_key("fwd", input, weight_pre, gate, a, binary, routable ? "r" : ""),
                              [&](Strategy c) {
                                at::Tensor y = at::empty_like(out);
                                run(c, y, nullptr);
@@ -246,25 +272,27 @@ Grads gated_conv2d_backward(const at::Tensor& grad_output, const at::Tensor& inp
   const at::Tensor& x = input;
   const at::Tensor& dy = grad_output;
   const int64_t N = x.size(0), C = weight_pre.size(0);
-  const bool on_cpu = x.is_cpu();
+  const bool on_cpu = cpu_path(x);
   Grads r;
   if (N == 0) {
     r = {at::zeros_like(x), at::zeros_like(weight_pre), at::zeros_like(weight_ft), at::zeros_like(gate),
          at::zeros({C}, x.options()), at::zeros({C}, x.options())};
   } else {
-    const bool binary = gate_is_binary(gate, hard);
-    const at::Tensor routed_gate = per_image_binary(gate, binary);
+    const GateView gv = inspect(gate, hard, on_cpu, s);
+    const bool binary = gv.binary;
+    Route rt;
+    const bool routable = gv.routed_gate.defined() && route(gv.routed_gate, rt);
     const int64_t P = dy.size(2) * dy.size(3);
     const bool has_diff = diff.numel() == dy.numel();
     std::vector<Strategy> cands;
     Strategy heuristic;
     const bool mix_ok = on_cpu && mix::applicable(x, a, P);
     const bool bmm_ok = bmm_applicable(x, weight_pre, a);
-    if (routed_gate.defined()) cands.push_back(Strategy::Routed);  // (measured against the others, as forward)
+    if (routable) cands.push_back(Strategy::Routed);  // (measured against the others, as forward)
     if (mix_ok) cands.insert(cands.end(), {Strategy::Mix, Strategy::Brgemm});
     if (bmm_ok) cands.push_back(Strategy::Bmm);
     cands.insert(cands.end(), {Strategy::Blended, Strategy::Grouped, Strategy::Concat});
-    heuristic = routed_gate.defined() ? Strategy::Routed
+    heuristic = routable ? Strategy::Routed
                 : !on_cpu ? Strategy::Concat
                 : bmm_ok && !m.gate && P >= kBmmMinPixelsBackward ? Strategy::Bmm
                 : P >= kGroupedMinPixels ? Strategy::Grouped
@@ -274,7 +302,7 @@ Grads gated_conv2d_backward(const at::Tensor& grad_output, const at::Tensor& inp
     const at::Tensor g = effective_gate(gate, C, hard);
     auto run = [&](Strategy st) -> Grads {
       if (st == Strategy::Routed)
-        return backward_routed(dy, x, weight_pre, weight_ft, routed_gate, bias_pre, bias_ft, a, m, gate.dim() == 2);
+        return backward_routed(dy, x, weight_pre, weight_ft, rt, bias_pre, bias_ft, a, m, gate.dim() == 2);
       // With a gate gradient and no saved y_f - y_p, the mix engine's weight pass gives dWf, dWp and dL/dg
       // together (one weight-gradient's FLOPs instead of a weight gradient plus a conv with Wf - Wp).
       const bool wmix = (st == Strategy::Mix || st == Strategy::Brgemm) && m.gate && !has_diff;
@@ -293,7 +321,7 @@ Grads gated_conv2d_backward(const at::Tensor& grad_output, const at::Tensor& inp
     };
     std::ostringstream mk;
     for (int i = 0; i < 6; ++i) mk << m[i];
-    mk << has_diff << (routed_gate.defined() ? "r" : "");
+    mk << has_diff << (routable ? "r" : "");
     const Strategy st = choose(s, cands, heuristic, on_cpu, call_key("bwd", x, weight_pre, gate, a, binary, mk.str()),
                                [&](Strategy c) { run(c); });
     r = run(st);
@@ -323,6 +351,13 @@ std::vector<std::string> last_strategies() { return {last_forward, last_backward
 
 TORCH_LIBRARY_FRAGMENT(tlkernels, m) {
   m.def("_gated_conv2d_last_strategies() -> str[]", &gconv::last_strategies);
+  // Sets whether CPU tensors on this thread take CUDA tensors' path choices (ops/emulate_cuda.h); returns the
+  // previous setting.
+  m.def("_emulate_cuda(bool on) -> bool", [](bool on) {
+    const bool was = emulate_cuda();
+    emulate_cuda() = on;
+    return was;
+  });
 }
 
 // The same strategies serve CPU tensors (oneDNN, plus the small-map engine) and CUDA tensors (cuDNN).

@@ -23,14 +23,13 @@ at::Tensor gate_grad_bias(const at::Tensor& dy_sum, const c10::optional<at::Tens
   return dy_sum * (bias_or_zeros(bf, wp) - bias_or_zeros(bp, wp)).unsqueeze(0);
 }
 
-// `gate` (N,) holds each image's binary gate; per_filter: the op's gate was (N, C_out) with equal rows, so
+// `rt` splits the batch by each image's binary gate; per_filter: the op's gate was (N, C_out) with equal rows, so
 // dL/dg stays per filter.
 Grads backward_routed(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf,
-                      const at::Tensor& gate, const c10::optional<at::Tensor>& bp,
+                      const Route& rt, const c10::optional<at::Tensor>& bp,
                       const c10::optional<at::Tensor>& bf, const ConvArgs& a, const GradMask& m,
                       bool per_filter) {
-  at::Tensor idx0, idx1;
-  routed_parts(gate, idx0, idx1);
+  const at::Tensor &idx0 = rt.idx0, &idx1 = rt.idx1;
   at::Tensor dx = m.input ? at::zeros_like(x) : at::Tensor();
   at::Tensor dW[2] = {at::zeros_like(wp), at::zeros_like(wf)};
   at::Tensor dB[2] = {at::zeros({wp.size(0)}, wp.options()), at::zeros({wp.size(0)}, wp.options())};

@@ -37,10 +37,15 @@ at::Tensor concat_per_group(const at::Tensor& p, const at::Tensor& f, int64_t gr
   return out.reshape(sp);
 }
 
-void routed_parts(const at::Tensor& g1d, at::Tensor& idx0, at::Tensor& idx1) {
-  auto sel = g1d.ge(0.5);
-  idx1 = at::nonzero(sel).squeeze(1);
-  idx0 = at::nonzero(sel.logical_not()).squeeze(1);
+bool route(const at::Tensor& g1d, Route& r) {
+  const int64_t N = g1d.size(0);
+  const at::Tensor sel = g1d.ge(0.5);
+  // The one device-to-host read: the number of images routed to the fine-tuned weights, plus N + 1 per NaN gate.
+  const int64_t v = (sel.sum() + at::isnan(g1d).sum() * (N + 1)).item<int64_t>();
+  if (v > N) return false;
+  r.idx1 = at::nonzero_static(sel, v).squeeze(1);  // (sizes known: no further read)
+  r.idx0 = at::nonzero_static(sel.logical_not(), N - v).squeeze(1);
+  return true;
 }
 
 // Per-image blended weights (N*C_out, C_in/G, kH, kW) for the grouped formulation.
@@ -50,11 +55,10 @@ at::Tensor blended_weights(const at::Tensor& wp, const at::Tensor& wf, const at:
   return w.view({N * C, wp.size(1), wp.size(2), wp.size(3)});
 }
 
-void forward_routed(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf, const at::Tensor& gate,
+void forward_routed(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf, const Route& r,
                     const c10::optional<at::Tensor>& bp, const c10::optional<at::Tensor>& bf, const ConvArgs& a,
                     at::Tensor& out) {
-  at::Tensor idx0, idx1;
-  routed_parts(gate, idx0, idx1);
+  const at::Tensor &idx0 = r.idx0, &idx1 = r.idx1;
   if (idx1.numel() == x.size(0)) { out.copy_(conv(x, wf, bf, a)); return; }
   if (idx0.numel() == x.size(0)) { out.copy_(conv(x, wp, bp, a)); return; }
   out.index_copy_(0, idx0, conv(x.index_select(0, idx0), wp, bp, a));

@@ -34,14 +34,20 @@ using OptTensor = c10::optional<at::Tensor>;
 at::Tensor effective_gate(const at::Tensor& gate, int64_t C_out, bool hard);
 bool gate_is_binary(const at::Tensor& gate, bool hard);
 at::Tensor concat_per_group(const at::Tensor& p, const at::Tensor& f, int64_t groups);
-void routed_parts(const at::Tensor& g1d, at::Tensor& idx0, at::Tensor& idx1);
+// The routed strategy's batch split: the images whose binary per-image gate is 0 (idx0) and 1 (idx1).
+struct Route {
+  at::Tensor idx0, idx1;
+};
+// Splits the batch by the (N,) per-image gate (g >= 0.5) with one device-to-host read (the parts' sizes); false,
+// with `r` untouched, when a gate is NaN (a NaN gate gives NaN outputs, which routing cannot).
+bool route(const at::Tensor& g1d, Route& r);
 at::Tensor blended_weights(const at::Tensor& wp, const at::Tensor& wf, const at::Tensor& g);
 // True for the 1x1 unpadded convolutions the bmm strategy runs (NCHW with any groups, channels_last with one).
 bool bmm_applicable(const at::Tensor& x, const at::Tensor& w, const ConvArgs& a);
 
-// Forward strategies: write the gated convolution into `out` (gated_conv2d_forward.cpp). `gate` of
-// forward_routed is the (N,) binary per-image gate, `g` of the others the effective (N, C_out) gate.
-void forward_routed(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf, const at::Tensor& gate,
+// Forward strategies: write the gated convolution into `out` (gated_conv2d_forward.cpp). `r` of forward_routed
+// is the batch split of route(), `g` of the others the effective (N, C_out) gate.
+void forward_routed(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf, const Route& r,
                     const OptTensor& bp, const OptTensor& bf, const ConvArgs& a, at::Tensor& out);
 void forward_blended(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf, const at::Tensor& g,
                      const OptTensor& bp, const OptTensor& bf, const ConvArgs& a, at::Tensor& out);
@@ -59,7 +65,7 @@ void forward_grouped(const at::Tensor& x, const at::Tensor& wp, const at::Tensor
 // Backward strategies (gated_conv2d_backward.cpp); biases' and the per-image gate's reductions are the caller's.
 at::Tensor gate_grad_bias(const at::Tensor& dy_sum, const OptTensor& bp, const OptTensor& bf, const at::Tensor& wp);
 Grads backward_routed(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf,
-                      const at::Tensor& gate, const OptTensor& bp, const OptTensor& bf, const ConvArgs& a,
+                      const Route& r, const OptTensor& bp, const OptTensor& bf, const ConvArgs& a,
                       const GradMask& m, bool per_filter);
 Grads backward_grouped(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf,
                        const at::Tensor& g, const ConvArgs& a, const GradMask& m);

@@ -132,7 +132,9 @@ class AdaFilterConv(nn.Module):
             return self._two_branch(x, gate)
         w_pre, w_ft, b_pre, b_ft = self._folded()
         x, padding = c.pad_input(x)
-        return gated_conv2d(x, w_pre, w_ft, gate.to(x.dtype), b_pre, b_ft, c.stride, padding, c.dilation, c.groups)
+        # (eval gates are 0/1: hard=True tells the kernels so, and CUDA tensors then read nothing from the device)
+        return gated_conv2d(x, w_pre, w_ft, gate.to(x.dtype), b_pre, b_ft, c.stride, padding, c.dilation, c.groups,
+                            hard=True)
 
 
 class AdaFilter(nn.Module):

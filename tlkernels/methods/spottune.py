@@ -191,8 +191,7 @@ class SpotTuneBlock(nn.Module):
         # takes them (unbacked sizes), so an exported program routes, without the all-one-copy shortcuts.
         exporting = torch.compiler.is_exporting()
         if self.route and (exporting or not torch.compiler.is_compiling()):
-            sel = g > 0.5
-            idx1, idx0 = sel.nonzero().squeeze(1), (~sel).nonzero().squeeze(1)
+            idx1, idx0 = _split(g > 0.5, exporting)
             # (folded copies only without autograd: gradients must reach the block's own parameters)
             fold = not exporting and not torch.is_grad_enabled()
             finetuned, frozen = self._eval_copies(x) if fold else (self.finetuned, self.frozen)
@@ -209,6 +208,16 @@ class SpotTuneBlock(nn.Module):
             return out
         g4 = g.view(-1, 1, 1, 1).to(x.dtype)
         return (1 - g4) * self.frozen(x) + g4 * self.finetuned(x)
+
+
+def _split(sel, exporting):
+    """(idx1, idx0): the rows of a boolean batch mask that are set and not. One device read (the parts' sizes)
+    eagerly; nonzero's unbacked sizes under torch.export."""
+    if exporting:
+        return sel.nonzero().squeeze(1), (~sel).nonzero().squeeze(1)
+    n1 = int(sel.sum())
+    return (torch.nonzero_static(sel, size=n1).squeeze(1),
+            torch.nonzero_static(~sel, size=sel.shape[0] - n1).squeeze(1))
 
 
 class SpotTune(nn.Module):

@@ -1,4 +1,6 @@
 """Argument checks shared by the ops. Messages name the op, the argument, what was expected and what came."""
+import contextlib
+
 import torch
 
 
@@ -43,3 +45,21 @@ def conv_output_hw(input, weight, stride, padding, dilation=(1, 1)):
     """[H_out, W_out] of a convolution of `input` (N, C, H, W) by `weight` (F, C, kH, kW): F.conv2d's formula."""
     return [(input.shape[d + 2] + 2 * padding[d] - dilation[d] * (weight.shape[d + 2] - 1) - 1) // stride[d] + 1
             for d in range(2)]
+
+
+@contextlib.contextmanager
+def full_fp32():
+    """float32 matmuls and convolutions in full precision inside, whatever the process set (TF32 on CUDA under
+    torch.set_float32_matmul_precision("high") or cuDNN's default, bf16 in oneDNN under "medium"), restored
+    afterwards. For results that must not depend on the device: histogram binning turns rounding into another
+    bin, and nearest-neighbour ties sit on a grid finer than TF32's 2**-11. (The legacy setters: the flags they
+    write agree with the newer per-backend ones, so neither API then refuses the other's state.)"""
+    matmul = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    cudnn = torch.backends.cudnn
+    try:
+        with cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic,
+                         allow_tf32=False):
+            yield
+    finally:
+        torch.set_float32_matmul_precision(matmul)

@@ -2,8 +2,9 @@
 
 gate g: (N,) per image (SpotTune) or (N, C_out) per image and output filter (AdaFilter); g = 1
 selects the fine-tuned filter. `hard=True` uses (g >= 0.5) in the forward pass and passes the
-gradient to g as for the blend (straight-through); all-0/1 gates are detected and get the same
-fast paths.
+gradient to g as for the blend (straight-through). On CPU tensors all-0/1 soft gates are detected and get the
+same fast paths; on CUDA tensors the kernels read no gate values (that would stall the stream) but the sizes of a
+routed call, so callers whose gates are 0/1 pass hard=True.
 
 Kernels: exact strategies written on ATen ops in C++ (csrc/ops/gated_conv2d_aten.cpp), registered for CPU
 tensors (oneDNN, plus the AVX2 small-map engine) and CUDA tensors (cuDNN): routed (per-image binary gates:
@@ -16,7 +17,9 @@ applies), `triton` (the Triton implicit GEMM of
 tlkernels/triton/gated_conv2d.py on CUDA tensors, or CPU tensors under TRITON_INTERPRET=1; the default
 nowhere) or `reference` (`gated_conv2d_reference`: two convolutions and a blend, the oracle).
 """
+import contextlib
 import os
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -168,6 +171,39 @@ for _name, _schema, _impl, _fake in (("gated_conv2d_triton", SCHEMA, _triton_for
 
 # ----------------------------------------------------------------------------- public API
 SAVE_DIFF_MAX_PIXELS = 100  # = kBlendMinPixels in csrc/ops/gated_conv2d_aten.cpp
+_policy = threading.local()
+
+
+@contextlib.contextmanager
+def emulate_cuda():
+    """CPU tensors on this thread take the CUDA tensors' path choice (C++ and the save_diff rule below): no gate
+    inspection, no measured choice, no CPU engine. Tests and selfcheck count that path's device reads and
+    convolutions on the CPU."""
+    was_py = getattr(_policy, "cuda", False)
+    was = torch.ops.tlkernels._emulate_cuda(True)
+    _policy.cuda = True
+    try:
+        yield
+    finally:
+        torch.ops.tlkernels._emulate_cuda(was)
+        _policy.cuda = was_py
+
+
+def wants_diff(input, gate, hard, out_px, groups):
+    """Whether the forward keeps y_f - y_p for the backward's dL/dg (the `save_diff` argument of the op): where
+    the forward computes both branches anyway, keeping their difference saves the backward a convolution.
+
+    CUDA tensors: every gate but an (N,) hard one takes the concat strategy (both branches). CPU tensors: the
+    small-map concat path (csrc: kBlendMinPixels), but not for float32 with groups == 1, where the CPU engine
+    computes one branch-blend in the forward and dL/dg together with the weight gradient in the backward."""
+    if not (gate.requires_grad and torch.is_grad_enabled()):
+        return False
+    if input.device.type == "cuda" or getattr(_policy, "cuda", False):
+        return not (hard and gate.dim() == 1)
+    return (gate.dim() == 2 and input.device.type == "cpu" and out_px < SAVE_DIFF_MAX_PIXELS
+            and not (input.dtype == torch.float32 and groups == 1))
+
+
 def _resolve_padding(padding, weight, stride, dilation):
     """Returns (symmetric padding, extra right/bottom padding) for int, pair, 'valid' or 'same'."""
     if isinstance(padding, str):
@@ -246,13 +282,7 @@ def gated_conv2d(input, weight_pre, weight_ft, gate, bias_pre=None, bias_ft=None
     out_px = 1
     for s in output_size(input, weight_pre, stride, padding, dilation)[2:]:
         out_px *= s
-    # The CPU kernel's small-map concat path computes both branches anyway; keeping their difference lets the
-    # backward skip a convolution for dL/dg (csrc: kBlendMinPixels). Not for float32 with groups == 1: there
-    # the CPU kernel's own GEMM computes one branch-blend in the forward and dL/dg together with the weight
-    # gradient in the backward, cheaper than both branches.
-    save_diff = (gate.requires_grad and torch.is_grad_enabled() and gate.dim() == 2
-                 and input.device.type == "cpu" and out_px < SAVE_DIFF_MAX_PIXELS
-                 and not (input.dtype == torch.float32 and groups == 1))
+    save_diff = wants_diff(input, gate, hard, out_px, groups)
     y, _ = op("gated_conv2d")(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, list(stride), list(padding),
                               list(dilation), groups, bool(hard), save_diff)
     return y

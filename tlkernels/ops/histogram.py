@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from tlkernels._extension import use_reference
 from tlkernels.ops._registry import COMPILED, op, register_op
-from tlkernels.ops._utils import check_tensor, fail, pair
+from tlkernels.ops._utils import check_tensor, fail, full_fp32, pair
 
 SCHEMA = "filterbank_histogram(Tensor images, Tensor filters, Tensor edges, int[2] stride, int[2] padding) -> Tensor"
 
@@ -80,7 +80,7 @@ def filterbank_histogram(images, filters, edges, stride=1, padding=0):
     for d in range(2):
         if images.shape[2 + d] + 2 * padding[d] < filters.shape[2 + d]:
             fail(name, f"images {tuple(images.shape[2:])} are smaller than the filters {tuple(filters.shape[2:])}")
-    with torch.no_grad():
+    with torch.no_grad(), full_fp32():  # (binning turns TF32 rounding into other bins: GPU = CPU descriptors)
         if use_reference():
             return filterbank_histogram_reference(images, filters, edges.to(images.device), stride, padding)
         return op("filterbank_histogram")(images, filters, edges.to(images.device), list(stride), list(padding))

@@ -21,7 +21,7 @@ import torch
 from tlkernels._extension import use_reference
 from tlkernels._timing import chosen, measured_choice, register_names
 from tlkernels.ops._registry import EVERYWHERE, has_op, op, register_op
-from tlkernels.ops._utils import fail
+from tlkernels.ops._utils import fail, full_fp32
 
 METRICS = ("skl", "kl", "l2", "ip")
 EPS = 2.2204e-16
@@ -166,11 +166,36 @@ def _merge(dist, idx, k):
     return dist.gather(1, order), idx.gather(1, order)
 
 
-def _rows(database, start, stop, dtype, device):
-    part = database[start:stop]
-    if isinstance(part, np.ndarray):
-        part = torch.from_numpy(np.array(part))  # a copy: memory maps may be read-only
-    return part.to(device=device, dtype=dtype)
+class _Rows:
+    """Database rows [start, stop) as a tensor on the search's device. Host rows (a CPU tensor, a numpy array or a
+    memory map) bound for a GPU go through two pinned buffers in turn: the copy is asynchronous, so the host
+    reads the next chunk while the GPU copies and searches this one, and a buffer is refilled only after the
+    copy out of it has finished (its event)."""
+
+    def __init__(self, database, device):
+        self.database, self.device = database, device
+        self.staged = device.type == "cuda" and not (torch.is_tensor(database) and database.device.type != "cpu")
+        self.buffers, self.events, self.turn = [None, None], [None, None], 0
+
+    def __call__(self, start, stop, dtype):
+        part = self.database[start:stop]
+        if not self.staged:
+            if isinstance(part, np.ndarray):
+                part = torch.from_numpy(np.array(part))  # a copy: memory maps may be read-only
+            return part.to(device=self.device, dtype=dtype)
+        j, self.turn = self.turn, 1 - self.turn
+        if self.events[j] is not None:
+            self.events[j].synchronize()  # the previous copy out of buffer j is done
+        src = torch.from_numpy(part) if isinstance(part, np.ndarray) else part
+        buf = self.buffers[j]
+        if buf is None or buf.shape[0] < src.shape[0] or buf.shape[1:] != src.shape[1:] or buf.dtype != src.dtype:
+            buf = self.buffers[j] = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
+        staged = buf[:src.shape[0]]
+        staged.copy_(src)
+        out = staged.to(self.device, non_blocking=True)
+        self.events[j] = torch.cuda.Event()
+        self.events[j].record()
+        return out.to(dtype)
 
 
 # The chunk GEMM, cross = A @ B^T (queries x chunk rows), nearly all of a search's time, computed as B @ A^T: the
@@ -236,7 +261,13 @@ def _pick_gemm(A, B, select):
 
 
 def _search_chunks(q, w, metric, eps, k, chunks):
-    """Merge (base, B, col_c) database chunks, expanded already, into the k best of each query row."""
+    """Merge (base, B, col_c) database chunks, expanded already, into the k best of each query row (the GEMMs in
+    full float32: TF32's 2**-11 is coarser than the tie grid, so ties and neighbour order would be lost)."""
+    with full_fp32():
+        return _search_chunks_fp32(q, w, metric, eps, k, chunks)
+
+
+def _search_chunks_fp32(q, w, metric, eps, k, chunks):
     A, row_c, scale = _query_side(metric, q, w, eps)
     best_d = torch.empty(q.shape[0], 0, dtype=q.dtype, device=q.device)
     best_i = torch.empty(q.shape[0], 0, dtype=torch.long, device=q.device)
@@ -306,10 +337,12 @@ def knn_search(queries, database, k, metric="skl", channel_weights=None, eps=EPS
     dtype, device = q.dtype, q.device
     w = _weights(name, channel_weights, q.shape[1], dtype, device)
 
+    rows = _Rows(database, device)
+
     def chunks():
         buf = None  # consumed (GEMM done) before the next chunk is expanded into it
         for start in range(0, local_m, chunk_size):
-            p = _rows(database, start, min(start + chunk_size, local_m), dtype, device)
+            p = rows(start, min(start + chunk_size, local_m), dtype)
             _check_values(name, "database", p, metric, start)
             buf, col_c = _db_side(metric, p, w, eps, buf)
             yield offset + start, buf, col_c

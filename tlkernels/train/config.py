@@ -137,6 +137,8 @@ class Config:
     stop_after: int = opt(0, "stop after this many steps (checkpoint saved), as an interruption would (0: off)")
     export: bool = opt(True, "write model.pt2 (torch.export) and, where the model is plain, plain.pt")
     tensorboard: bool = opt(False, "also log to out_dir/<method>/tensorboard (needs the tensorboard package)")
+    log_every: int = opt(10, "read the steps' losses from the device every N steps (a read waits for the GPU); "
+                             "metrics.jsonl still has one record per step, L2-SP's value on the steps read")
     quiet: bool = opt(False, "no progress bars")
     threads: int = opt(0, "torch threads (0: torch's default)")
     config: str = opt("", "JSON file with any of these options")
@@ -212,7 +214,7 @@ def _read_config_file(ap, path):
 # Numeric options: (names, lowest allowed, whether the bound is excluded, what 0 means where it is allowed).
 RANGES = [
     (("epochs", "eval_every", "batch_size", "selective_k", "selective_bins", "target_per_class", "pretrain_epochs",
-      "image_size", "selective_rounds", "selective_max_level", "adafilter_hidden"), 1, False, None),
+      "image_size", "selective_rounds", "selective_max_level", "adafilter_hidden", "log_every"), 1, False, None),
     (("source_limit",), 0, False, "all"),
     (("stop_after", "threads", "spottune_budget", "l2sp_fisher"), 0, False, "off"),
     (("lr", "spottune_tau"), 0.0, True, None),

@@ -320,12 +320,12 @@ class PairDataset(Dataset):
         return len(self.target)
 
     def __getitems__(self, keys):  # DataLoader hands a whole batch of keys to one call
-        keys = torch.as_tensor(keys, dtype=torch.long).view(-1, 4)
+        rows = [tuple(int(v) for v in k) for k in keys]  # (host values: the plan's, never a device read)
+        keys = torch.as_tensor(rows, dtype=torch.long).view(-1, 4)
         xt, yt, kept = _items(self.target, keys[:, 0], keys[:, 2])
-        unread = torch.ones(len(keys), dtype=torch.bool)
-        unread[kept] = False
-        skipped = Skipped(len(keys) - len(kept), keys[unread, 0].tolist())
-        if self.source is None or keys[0, 1] < 0:
+        read = set(kept.tolist())
+        skipped = Skipped(len(keys) - len(kept), [r[0] for i, r in enumerate(rows) if i not in read])
+        if self.source is None or rows[0][1] < 0:
             return xt, yt, None, None, skipped
         keys = keys[kept]
         xs, ys, kept_s = _items(self.source, keys[:, 1], keys[:, 3])

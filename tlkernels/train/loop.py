@@ -219,7 +219,8 @@ def check_batch_memory(cfg, backbone, device):
 # ----------------------------------------------------------------------------- checkpoints
 # Options that do not change what a run computes: a resumed run may differ from its checkpoint in these alone.
 RESUME_FREE = {"compare", "method", "seeds", "resume", "stop_after", "quiet", "config", "threads", "out_dir",
-               "cache_dir", "workers", "device", "export", "tensorboard"}
+               "cache_dir", "workers", "device", "export", "tensorboard",
+               "log_every"}
 CHECKPOINT_KEYS = {"method", "model", "optimizer", "scheduler", "scaler", "objective", "recipe", "rng", "step",
                    "best", "history", "config", "buffers"}
 
@@ -300,6 +301,31 @@ def warn_unreadable_classes(ds, unreadable, what, warned=()):
     return set(gone)
 
 
+class StepValues:
+    """The steps' losses kept on the device and read in one transfer every --log_every steps (and wherever the
+    loop needs them: epoch ends, evaluations, checkpoints): each read of a device value waits for the GPU's
+    queued work, so a read per step would stall every step. Records come back complete, one per step."""
+
+    def __init__(self):
+        self.records, self.values = [], []
+
+    def add(self, rec, values):
+        """Holds `rec` until the next read; `values` ({key: 0-d tensor or number}) are filled in then."""
+        for k, v in values.items():
+            rec[k] = None  # (the key's place in the record)
+            self.values.append((rec, k, v))
+        self.records.append(rec)
+
+    def read(self):
+        """The records held since the last read, their values filled in (one device-to-host copy)."""
+        ts = [v.detach().reshape(()).to(torch.float64) for _, _, v in self.values if torch.is_tensor(v)]
+        got = iter(torch.stack(ts).cpu().tolist() if ts else [])
+        for rec, k, v in self.values:
+            rec[k] = next(got) if torch.is_tensor(v) else float(v)
+        out, self.records, self.values = self.records, [], []
+        return out
+
+
 # ----------------------------------------------------------------------------- one method
 def train_method(run, method, base, with_l2sp, out):
     """Train one method (its recipe) from the pre-trained backbone; writes its files into `out`.
@@ -361,6 +387,7 @@ def train_method(run, method, base, with_l2sp, out):
     loader = data.train_loader(run.target, run.source, plan, run.workers, device)
     bar = tqdm(total=total, initial=start, desc=method, disable=cfg.quiet or not is_main())
     t0, status, step, skipped, val_skipped, unread, warned = time.time(), "done", start, 0, 0, set(), set()
+    pending = StepValues()
     for epoch in range(start // spe, cfg.epochs):
         plan.set_epoch(epoch, skip=step - epoch * spe)
         for xt, yt, xs, ys, bad in loader:
@@ -385,12 +412,15 @@ def train_method(run, method, base, with_l2sp, out):
             sched.step()
             objective.step()
             step += 1
+            stop = cfg.stop_after and step - start >= cfg.stop_after
             rec = {"step": step, "epoch": epoch, "lambda": objective.lam(), "lr": sched.get_last_lr()[0]}
+            read = step % cfg.log_every == 0 or step % spe == 0 or step == total or stop
+            values = {}
             if xt is not None:
-                rec.update(loss=float(loss.detach()), target_ce=float(lt.detach()), source_ce=float(ls.detach()) if torch.is_tensor(ls) else float(ls),
-                           train_acc=float((logits.argmax(1) == yt).float().mean()))
-            if l2sp is not None:
-                rec["l2sp"] = float(l2sp.value())
+                values = dict(loss=loss, target_ce=lt, source_ce=ls, train_acc=(logits.argmax(1) == yt).float().mean())
+            if l2sp is not None and read:  # (a pass over every parameter: only where the losses are read)
+                values["l2sp"] = l2sp.value()
+            pending.add(rec, values)
             if step % spe == 0:
                 rec.update(rec_.epoch_end(run, epoch))
                 if unread:
@@ -403,25 +433,27 @@ def train_method(run, method, base, with_l2sp, out):
                 gates = rec_.gates(net)
                 if gates is not None:
                     rec["gates"] = gates
-            check_finite(rec, method, step, epoch)
+            if skipped:
+                rec["skipped_images"] = skipped
+            if read:
+                for r in pending.read():
+                    check_finite(r, method, r["step"], r["epoch"])
+                    history.append(r)
+                    if metrics:
+                        metrics.write(json.dumps(r) + "\n")
+                    if tb:
+                        for k, v in r.items():
+                            if isinstance(v, (int, float)) and k != "step":
+                                tb.add_scalar(k, v, r["step"])
+                if metrics:
+                    metrics.flush()
+                bar.set_postfix(loss=f"{history[-1].get('loss', float('nan')):.3f}",
+                                acc=f"{history[-1].get('val_acc', float('nan')):.3f}")
             if "val_acc" in rec and acc > best:
                 best = acc
                 if is_main():
                     atomic_save({"method": method, "model": net.state_dict(), "step": step, "val_acc": acc}, best_path)
-            if skipped:
-                rec["skipped_images"] = skipped
-            history.append(rec)
-            if metrics:
-                metrics.write(json.dumps(rec) + "\n")
-                metrics.flush()
-            if tb:
-                for k, v in rec.items():
-                    if isinstance(v, (int, float)) and k != "step":
-                        tb.add_scalar(k, v, step)
             bar.update()
-            bar.set_postfix(loss=f"{rec.get('loss', float('nan')):.3f}",
-                            acc=f"{history[-1].get('val_acc', float('nan')):.3f}")
-            stop = cfg.stop_after and step - start >= cfg.stop_after
             if (step % spe == 0 or step == total or stop) and is_main():
                 _choices.save(choice_cache(cfg))
                 atomic_save({"method": method, "model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),

@@ -32,7 +32,7 @@ template <int D>
 struct Meta {
   void* addr[D][kMaxTensors];
   int64_t numel[kMaxTensors];
-  float coeff[kMaxTensors];
+  double coeff[kMaxTensors];  // (read in the op-math type: double for float64 tensors)
   int tensor_of_block[kMaxBlocks];
   int chunk_of_block[kMaxBlocks];
   int64_t first_block;  // global index of this launch's first chunk (penalty partial sums)
@@ -70,7 +70,7 @@ void multi_tensor_apply(const std::vector<std::vector<at::Tensor>>& lists, const
     if (numel == 0) continue;
     for (int d = 0; d < D; ++d) meta.addr[d][nt] = lists[d][t].defined() ? lists[d][t].data_ptr() : nullptr;
     meta.numel[nt] = numel;
-    meta.coeff[nt] = static_cast<float>(coeffs[t]);
+    meta.coeff[nt] = coeffs[t];
     const int64_t chunks = (numel + kChunk - 1) / kChunk;
     for (int64_t c = 0; c < chunks; ++c) {
       meta.tensor_of_block[nb] = nt;
@@ -105,7 +105,7 @@ int64_t count_chunks(const std::vector<at::Tensor>& ts) {
 
 // operands: 0 p, 1 ref (optional), 2 grad out (optional), 3 per-element weights (optional)
 template <typename scalar_t>
-__global__ void penalty_kernel(Meta<4> meta, float scale, double* partial, bool accumulate) {
+__global__ void penalty_kernel(Meta<4> meta, at::opmath_type<scalar_t> scale, double* partial, bool accumulate) {
   using A = at::opmath_type<scalar_t>;
   int64_t base, end;
   const int t = meta.chunk(base, end);
@@ -113,7 +113,7 @@ __global__ void penalty_kernel(Meta<4> meta, float scale, double* partial, bool 
   const auto* r = meta.template operand<const scalar_t>(1, t);
   auto* g = meta.template operand<scalar_t>(2, t);
   const auto* w = meta.template operand<const scalar_t>(3, t);
-  const A c = static_cast<A>(meta.coeff[t] * scale);
+  const A c = static_cast<A>(meta.coeff[t]) * scale;
   double acc = 0;
   for (int64_t i = base + threadIdx.x; i < end; i += blockDim.x) {
     const A pv = static_cast<A>(p[i]);
@@ -162,7 +162,7 @@ at::Tensor penalty_list(const std::vector<at::Tensor>& P, const std::vector<at::
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "l2sp_penalty_cuda", [&] {
       multi_tensor_apply<4>(lists, coeffs, [&](const Meta<4>& meta, int nb) {
         penalty_kernel<scalar_t><<<nb, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-            meta, static_cast<float>(scale), want_value ? partial.data_ptr<double>() : nullptr, accumulate);
+            meta, static_cast<at::opmath_type<scalar_t>>(scale), want_value ? partial.data_ptr<double>() : nullptr, accumulate);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
@@ -251,7 +251,8 @@ at::Tensor l2sp_value_and_grad_inplace_cuda(at::TensorList params, at::TensorLis
 
 // operands: 0 p, 1 g, 2 momentum buffer (optional), 3 ref (optional), 4 per-element weights (optional)
 template <typename scalar_t>
-__global__ void sgd_kernel(Meta<5> meta, float lr, float momentum, float dampening, float weight_decay, bool nesterov,
+__global__ void sgd_kernel(Meta<5> meta, at::opmath_type<scalar_t> lr, at::opmath_type<scalar_t> momentum,
+                           at::opmath_type<scalar_t> dampening, at::opmath_type<scalar_t> weight_decay, bool nesterov,
                            bool maximize, bool first) {
   using A = at::opmath_type<scalar_t>;
   int64_t base, end;
@@ -261,7 +262,7 @@ __global__ void sgd_kernel(Meta<5> meta, float lr, float momentum, float dampeni
   auto* b = meta.template operand<scalar_t>(2, t);
   const auto* r = meta.template operand<const scalar_t>(3, t);
   const auto* w = meta.template operand<const scalar_t>(4, t);
-  const A c = meta.coeff[t];
+  const A c = static_cast<A>(meta.coeff[t]);
   for (int64_t i = base + threadIdx.x; i < end; i += blockDim.x) {
     A buf = b ? static_cast<A>(b[i]) : A(0);
     p[i] = static_cast<scalar_t>(l2sp::sgd_update<A>(p[i], g[i], r ? static_cast<A>(r[i]) : A(0),
@@ -309,8 +310,10 @@ void sgd_l2sp_step_cuda(at::TensorList params, at::TensorList grads, at::TensorL
     if (!step_operands(dt, params, grads, {use_buf ? bufs : at::TensorList()}, R, W, coeffs, lists, cs)) continue;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "sgd_l2sp_cuda", [&] {
       multi_tensor_apply<5>(lists, cs, [&](const Meta<5>& meta, int nb) {
+        using A = at::opmath_type<scalar_t>;  // (float64 tensors: every scalar in double)
         sgd_kernel<scalar_t><<<nb, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-            meta, lr, momentum, dampening, weight_decay, nesterov, maximize, first_step);
+            meta, static_cast<A>(lr), static_cast<A>(momentum), static_cast<A>(dampening), static_cast<A>(weight_decay),
+            nesterov, maximize, first_step);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
@@ -319,8 +322,10 @@ void sgd_l2sp_step_cuda(at::TensorList params, at::TensorList grads, at::TensorL
 
 // operands: 0 p, 1 g, 2 exp_avg, 3 exp_avg_sq, 4 ref (optional), 5 per-element weights (optional)
 template <typename scalar_t>
-__global__ void adamw_kernel(Meta<6> meta, float lr, float beta1, float beta2, float eps, float weight_decay,
-                             float bias_c1, float bias_c2_sqrt, bool maximize) {
+__global__ void adamw_kernel(Meta<6> meta, at::opmath_type<scalar_t> lr, at::opmath_type<scalar_t> beta1,
+                             at::opmath_type<scalar_t> beta2, at::opmath_type<scalar_t> eps,
+                             at::opmath_type<scalar_t> weight_decay, at::opmath_type<scalar_t> bias_c1,
+                             at::opmath_type<scalar_t> bias_c2_sqrt, bool maximize) {
   using A = at::opmath_type<scalar_t>;
   int64_t base, end;
   const int t = meta.chunk(base, end);
@@ -330,7 +335,7 @@ __global__ void adamw_kernel(Meta<6> meta, float lr, float beta1, float beta2, f
   auto* v = meta.template operand<scalar_t>(3, t);
   const auto* r = meta.template operand<const scalar_t>(4, t);
   const auto* w = meta.template operand<const scalar_t>(5, t);
-  const A c = meta.coeff[t];
+  const A c = static_cast<A>(meta.coeff[t]);
   for (int64_t i = base + threadIdx.x; i < end; i += blockDim.x) {
     A mm = m[i], vv = v[i];
     p[i] = static_cast<scalar_t>(l2sp::adamw_update<A>(p[i], g[i], r ? static_cast<A>(r[i]) : A(0),
@@ -351,15 +356,17 @@ void adamw_l2sp_step_cuda(at::TensorList params, at::TensorList grads, at::Tenso
   if (params.empty()) return;
   const c10::cuda::OptionalCUDAGuard guard(params[0].device());
   const auto R = optional_like(refs, params), W = optional_like(weights, params);
-  const float bc1 = 1.0 - std::pow(beta1, (double)step), bc2s = std::sqrt(1.0 - std::pow(beta2, (double)step));
+  const double bc1 = 1.0 - std::pow(beta1, (double)step), bc2s = std::sqrt(1.0 - std::pow(beta2, (double)step));
   std::vector<std::vector<at::Tensor>> lists;
   std::vector<double> cs;
   for (auto dt : {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16}) {
     if (!step_operands(dt, params, grads, {exp_avgs, exp_avg_sqs}, R, W, coeffs, lists, cs)) continue;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "adamw_l2sp_cuda", [&] {
       multi_tensor_apply<6>(lists, cs, [&](const Meta<6>& meta, int nb) {
+        using A = at::opmath_type<scalar_t>;  // (float64 tensors: every scalar in double)
         adamw_kernel<scalar_t><<<nb, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-            meta, lr, beta1, beta2, eps, weight_decay, bc1, bc2s, maximize);
+            meta, static_cast<A>(lr), static_cast<A>(beta1), static_cast<A>(beta2), static_cast<A>(eps),
+            static_cast<A>(weight_decay), static_cast<A>(bc1), static_cast<A>(bc2s), maximize);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
