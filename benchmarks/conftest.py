@@ -5,6 +5,7 @@ import statistics
 import sys
 import time
 
+import pytest
 import torch
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -32,6 +33,44 @@ def steady_allocator():
 
 STEADY_ALLOCATOR = steady_allocator()
 
+
+def bench_devices():
+    """The devices the benchmarks run on: TLKERNELS_BENCH_DEVICE (cpu or cuda), else the CPU and, when one is
+    visible, the GPU. Every case and provider is the same on each; results.csv's `device` column tells them apart."""
+    v = os.environ.get("TLKERNELS_BENCH_DEVICE", "")
+    if v in ("cpu", "cuda"):
+        if v == "cuda" and not torch.cuda.is_available():
+            raise pytest.UsageError("TLKERNELS_BENCH_DEVICE=cuda but no CUDA device is visible")
+        return [v]
+    if v:
+        raise pytest.UsageError(f"TLKERNELS_BENCH_DEVICE must be cpu or cuda, got {v!r}")
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def pytest_generate_tests(metafunc):
+    if "device" in metafunc.fixturenames:
+        metafunc.parametrize("device", bench_devices())
+
+
+@pytest.fixture(autouse=True)
+def _record_device(request):
+    """A benchmark's device goes to its extra_info (results.csv's `device` column; run() picks the clock by it)."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and "device" in callspec.params and "benchmark" in request.fixturenames:
+        request.getfixturevalue("benchmark").extra_info["device"] = callspec.params["device"]
+
+
+def clock(device):
+    """The timer for calls on `device`: on a GPU each reading first waits for the queued work
+    (torch.cuda.synchronize), so an interval spans the kernels the call launched, not only their launch."""
+    if device != "cuda":
+        return time.perf_counter
+
+    def synchronised():
+        torch.cuda.synchronize()
+        return time.perf_counter()
+    return synchronised
+
 # Each provider's timed callable, by (benchmark file, case), for the later providers of that case to pair with.
 _TIMED = {}
 
@@ -48,19 +87,22 @@ def run(benchmark, fn, rounds=5, iterations=1, pair=None):
     other provider timed one call per round; none where iterations > 1."""
     file = benchmark.fullname.split("::")[0]
     provider = benchmark.extra_info.get("provider", benchmark.name)
+    device = benchmark.extra_info.get("device", "cpu")
+    timer = clock(device)
+    benchmark._timer = timer  # (pytest-benchmark reads its timer at each run)
     if pair is None:
         baseline = benchmark.extra_info.get("baseline", "naive")
         pair = (baseline,) if provider != baseline and iterations == 1 else ()
     for key in [k for k in _TIMED if k[0] != file]:  # one file's callables (and the tensors they hold) at a time
         del _TIMED[key]
-    refs = {p: _TIMED[(file, benchmark.group, p)] for p in pair if (file, benchmark.group, p) in _TIMED}
+    refs = {p: _TIMED[(file, benchmark.group, device, p)] for p in pair if (file, benchmark.group, device, p) in _TIMED}
     times = {p: [] for p in refs}
 
     def setup():
         for p, ref in refs.items():
-            t0 = time.perf_counter()
+            t0 = timer()
             ref()
-            times[p].append(time.perf_counter() - t0)
+            times[p].append(timer() - t0)
 
     if refs and iterations > 1:
         raise ValueError("benchmarks.conftest.run: pair needs iterations == 1 (pytest-benchmark runs a setup "
@@ -70,7 +112,7 @@ def run(benchmark, fn, rounds=5, iterations=1, pair=None):
     paired = {p: statistics.median(t[1:]) * 1e3 for p, t in times.items() if len(t) > 1}  # (t[0]: warm-up round)
     if paired:
         benchmark.extra_info["paired_ms"] = {p: round(v, 4) for p, v in paired.items()}
-    _TIMED[(file, benchmark.group, provider)] = fn
+    _TIMED[(file, benchmark.group, device, provider)] = fn
     return result
 
 

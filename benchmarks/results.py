@@ -8,7 +8,8 @@ naive), ratio (baseline median / this median, same run; the baseline's median ov
 it was paired with them, see conftest.run), extra (other extra_info as JSON, incl. paired_ms: {provider: median
 ms over this provider's rounds}), and the context:
 cpu, isa, cores, threads, isa_cap (TLKERNELS_CPU_ISA), torch, mkl, onednn, gpu, malloc (`steady`: glibc set to
-keep freed memory, conftest.steady_allocator; `default`: glibc's defaults or another allocator).
+keep freed memory, conftest.steady_allocator; `default`: glibc's defaults or another allocator), device (cpu or
+cuda: the tensors' device; on cuda every time is read after torch.cuda.synchronize, conftest.clock).
 """
 import csv
 import datetime
@@ -23,7 +24,8 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results.csv")
 COLUMNS = ["run", "date", "commit", "benchmark", "case", "provider", "median_ms", "iqr_ms", "rounds", "baseline",
-           "ratio", "extra", "cpu", "isa", "cores", "threads", "isa_cap", "torch", "mkl", "onednn", "gpu", "malloc"]
+           "ratio", "extra", "cpu", "isa", "cores", "threads", "isa_cap", "torch", "mkl", "onednn", "gpu", "malloc",
+           "device"]
 # x86 ISA features that decide which kernels run (oneDNN's, MKL's and ours), in order of generation.
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
 
@@ -93,10 +95,11 @@ def rows_of(benchmarks, steady_malloc=False):
         info = dict(b.extra_info)
         provider = info.pop("provider", b.name)
         baseline = info.pop("baseline", "naive")
+        device = info.pop("device", "cpu")
         bench = os.path.splitext(os.path.basename(b.fullname.split("::")[0]))[0]
-        by_case.setdefault((bench, b.group), []).append((provider, baseline, b.stats, info))
+        by_case.setdefault((bench, b.group, device), []).append((provider, baseline, b.stats, info))
     rows = []
-    for (bench, case), entries in by_case.items():
+    for (bench, case, device), entries in by_case.items():
         medians_ms = {p: s.median * 1e3 for p, _, s, _ in entries}
         for provider, baseline, s, info in entries:
             base = reference_ms(info.get("paired_ms", {}), baseline, medians_ms)
@@ -104,7 +107,7 @@ def rows_of(benchmarks, steady_malloc=False):
             rows.append(dict(ctx, run=run, benchmark=bench, case=case, provider=provider,
                              median_ms=f"{s.median * 1e3:.4f}", iqr_ms=f"{s.iqr * 1e3:.4f}", rounds=s.rounds,
                              baseline=baseline, ratio=f"{ratio:.4f}" if ratio != "" else "",
-                             extra=json.dumps(info, sort_keys=True) if info else ""))
+                             extra=json.dumps(info, sort_keys=True) if info else "", device=device))
     return rows
 
 

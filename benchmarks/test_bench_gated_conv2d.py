@@ -1,4 +1,4 @@
-"""Gated convolution on the CPU, N=32, ResNet-50 stage shapes. Providers:
+"""Gated convolution, N=32, ResNet-50 stage shapes, on each device of conftest.bench_devices. Providers:
 naive     two F.conv2d and a blend (what the papers' code does)
 grouped   batch folded into groups with per-image blended weights (CondConv-style code)
 plain     one F.conv2d (the floor)
@@ -6,6 +6,8 @@ tlkernels tlkernels.ops.gated_conv2d
 Run: python -m pytest benchmarks/test_bench_gated_conv2d.py --benchmark-json=.benchmarks/gated.json
      python benchmarks/report.py .benchmarks/gated.json
 """
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -36,8 +38,8 @@ def plain(x, wp, wf, g, p):
     return F.conv2d(x, wf, padding=p)
 
 
-def ours(x, wp, wf, g, p):
-    return gated_conv2d(x, wp, wf, g, padding=p)
+def ours(x, wp, wf, g, p, hard=False):
+    return gated_conv2d(x, wp, wf, g, padding=p, hard=hard)  # (0/1 gates: hard=True, as the methods pass it)
 
 
 FN = {"naive": naive, "grouped": grouped, "plain": plain, "tlkernels": ours}
@@ -46,21 +48,23 @@ FN = {"naive": naive, "grouped": grouped, "plain": plain, "tlkernels": ours}
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}ch{s[1]}px{s[2]}x{s[2]}")
-def test_gated_conv2d(benchmark, shape, mode, provider):
+def test_gated_conv2d(benchmark, shape, mode, provider, device):
     c, hw, k = shape
     benchmark.group = f"gated_conv2d {c}ch {hw}x{hw} {k}x{k} {mode}"
     benchmark.extra_info["provider"] = provider
-    x = torch.randn(N, c, hw, hw)
-    wp = torch.randn(c, c, k, k) * 0.05
+    x = torch.randn(N, c, hw, hw, device=device)
+    wp = torch.randn(c, c, k, k, device=device) * 0.05
     wf = (wp + 0.01 * torch.randn_like(wp)).requires_grad_(mode.startswith("fwdbwd"))
     if mode == "fwd_hard_image":
-        g = (torch.rand(N) > 0.5).float()
+        g = (torch.rand(N, device=device) > 0.5).float()
     elif mode == "fwd_hard_filter":
-        g = (torch.rand(N, c) > 0.5).float()
+        g = (torch.rand(N, c, device=device) > 0.5).float()
     else:
-        g = torch.rand(N, c)
+        g = torch.rand(N, c, device=device)
     g.requires_grad_(mode == "fwdbwd_gate_grad")
     fn, p = FN[provider], k // 2
+    if provider == "tlkernels" and mode.startswith("fwd_hard"):
+        fn = functools.partial(ours, hard=True)
     if mode.startswith("fwd_"):
         def step():
             with torch.no_grad():

@@ -1,4 +1,4 @@
-"""L2-SP penalty, fused optimizer step and joint cross-entropy on the CPU.
+"""L2-SP penalty, fused optimizer step and joint cross-entropy, on each device of conftest.bench_devices.
 
 Run: python -m pytest benchmarks/test_bench_losses.py --benchmark-json=.benchmarks/losses.json
      python benchmarks/report.py .benchmarks/losses.json
@@ -13,17 +13,24 @@ from conftest import run
 from peakmem import peak_extra_mb
 
 
-def resnet50_params():
+def resnet50_params(device="cpu"):
     torch.manual_seed(0)
-    m = torchvision.models.resnet50()
+    m = torchvision.models.resnet50().to(device)
     params = [p.detach().clone().requires_grad_() for p in m.parameters()]
     refs = [p.detach() + 0.01 * torch.randn_like(p) for p in params]
     return params, refs
 
 
-@pytest.fixture(scope="module")
-def r50():
-    return resnet50_params()
+_R50 = {}
+
+
+@pytest.fixture
+def r50(device):
+    """ResNet-50's parameters and references on `device`, made once per device (the last device's only)."""
+    if device not in _R50:
+        _R50.clear()
+        _R50[device] = resnet50_params(device)
+    return _R50[device]
 
 
 # ----------------------------------------------------------------------------- L2-SP value + gradient
@@ -86,7 +93,7 @@ def _l2sp_provider(provider, mode, params, refs, alpha, weights=None):
 
 
 @pytest.mark.parametrize("mode,provider", L2SP_CASES)
-def test_l2sp_value_and_grad(benchmark, r50, mode, provider):
+def test_l2sp_value_and_grad(benchmark, r50, mode, provider, device):
     params, refs = r50
     n = sum(p.numel() for p in params)
     what = "" if mode == "fresh" else " added into .grad,"
@@ -107,7 +114,7 @@ def test_l2sp_value_and_grad(benchmark, r50, mode, provider):
 
 # ----------------------------------------------------------------------------- L2-SP-Fisher value + gradient
 @pytest.mark.parametrize("provider", ["naive", "foreach", "tlkernels"])
-def test_l2sp_fisher_into_grad(benchmark, r50, provider):
+def test_l2sp_fisher_into_grad(benchmark, r50, provider, device):
     """alpha/2 sum F (p - p0)^2 with a Fisher diagonal F on every tensor, its gradient added into .grad (the
     training use): the autograd loop, torch._foreach_*, and the fused pass (reads p, p0, F, g; writes g)."""
     params, refs = r50
@@ -126,12 +133,12 @@ def test_l2sp_fisher_into_grad(benchmark, r50, provider):
 
 # ----------------------------------------------------------------------------- optimizer step
 @pytest.mark.parametrize("provider", ["naive", "torch_fused", "tlkernels"])
-def test_sgd_l2sp_step(benchmark, provider):
+def test_sgd_l2sp_step(benchmark, provider, device):
     """SGD with momentum + the L2-SP gradient over ResNet-50: torch.optim.SGD (foreach=True: `naive`; fused=True:
     `torch_fused`) after adding alpha*(p - p0) to the gradients with torch._foreach_* (the fastest plain way),
     against the one fused step."""
     torch.manual_seed(0)
-    m = torchvision.models.resnet50()
+    m = torchvision.models.resnet50().to(device)
     for p in m.parameters():
         p.grad = torch.randn_like(p) * 1e-3
     l2 = tlkernels.nn.L2SP(m, head="fc", scope="kernels")
@@ -174,12 +181,12 @@ for s in (2, {N}):
 
 
 @pytest.mark.parametrize("provider", ["naive", "tlkernels"])
-def test_joint_cross_entropy(benchmark, provider):
+def test_joint_cross_entropy(benchmark, provider, device):
     torch.manual_seed(0)
-    xt = torch.randn(N, CT, requires_grad=True)
-    yt = torch.randint(0, CT, (N,))
-    xs = torch.randn(N, CS, requires_grad=True)
-    ys = torch.randint(0, CS, (N,))
+    xt = torch.randn(N, CT, requires_grad=True, device=device)
+    yt = torch.randint(0, CT, (N,), device=device)
+    xs = torch.randn(N, CS, requires_grad=True, device=device)
+    ys = torch.randint(0, CS, (N,), device=device)
     benchmark.group = f"joint cross-entropy fwd+bwd N={N} target {CT} source {CS} classes"
     benchmark.extra_info["provider"] = provider
     if provider == "naive":
@@ -191,6 +198,8 @@ def test_joint_cross_entropy(benchmark, provider):
             loss = tlkernels.ops.joint_cross_entropy(xt, yt, xs, ys, source_weight=0.5, target_weight=0.5)
             return torch.autograd.grad(loss, [xt, xs])
     run(benchmark, fn, rounds=20, iterations=50)  # (unpaired: pairing needs one call per round)
+    if device != "cpu":
+        return  # (peak memory: the CPU process's, measured in a subprocess)
     fname = "naive" if provider == "naive" else "ours"
     benchmark.extra_info["peak extra MB"] = round(peak_extra_mb(
         _SETUP.replace("PROVIDER", fname), f"torch.autograd.grad({fname}(xt, yt, xs, ys), [xt, xs])"), 2)

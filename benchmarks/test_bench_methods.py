@@ -1,4 +1,4 @@
-"""SpotTune and AdaFilter on ResNet-18, CPU. Providers: naive = both copies / branches computed and blended
+"""SpotTune and AdaFilter on ResNet-18, on each device of conftest.bench_devices. Providers: naive = both copies / branches computed and blended
 (the papers' code), tlkernels = routed SpotTune eval / fused AdaFilter.
 
 Run: python -m pytest benchmarks/test_bench_methods.py --benchmark-json=.benchmarks/methods.json
@@ -34,13 +34,14 @@ def _mixed_policy(m, n):
 
 @pytest.mark.parametrize("size,n", [(64, 64), (224, 16)])
 @pytest.mark.parametrize("provider", ["naive", "naive_channels_last", "tlkernels"])
-def test_spottune_eval(benchmark, provider, size, n):
+def test_spottune_eval(benchmark, provider, size, n, device):
     """naive_channels_last: the naive way with the model and input in channels_last, the layout tlkernels' routed
     eval runs on CPU tensors: the ratio against it is what routing and folding give beyond the layout."""
     torch.manual_seed(0)
     m = SpotTune(torchvision.models.resnet18(num_classes=10), route=provider == "tlkernels").eval()
     _mixed_policy(m, n)
-    x = torch.randn(n, 3, size, size)
+    m = m.to(device)
+    x = torch.randn(n, 3, size, size, device=device)
     if provider == "naive_channels_last":
         m = m.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
@@ -64,9 +65,9 @@ def _adafilter(provider):
 
 
 @pytest.mark.parametrize("provider", ["naive", "tlkernels"])
-def test_adafilter_eval(benchmark, provider):
-    m = _adafilter(provider).eval()
-    x = torch.randn(32, 3, 112, 112)
+def test_adafilter_eval(benchmark, provider, device):
+    m = _adafilter(provider).eval().to(device)
+    x = torch.randn(32, 3, 112, 112, device=device)
     benchmark.group = "adafilter resnet18 eval N=32 112x112"
     benchmark.extra_info["provider"] = provider
 
@@ -77,10 +78,10 @@ def test_adafilter_eval(benchmark, provider):
 
 
 @pytest.mark.parametrize("provider", ["naive", "tlkernels"])
-def test_adafilter_train_step(benchmark, provider):
-    m = _adafilter(provider).train()
+def test_adafilter_train_step(benchmark, provider, device):
+    m = _adafilter(provider).train().to(device)
     opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
-    x, y = torch.randn(32, 3, 112, 112), torch.randint(0, 10, (32,))
+    x, y = torch.randn(32, 3, 112, 112, device=device), torch.randint(0, 10, (32,), device=device)
     benchmark.group = "adafilter resnet18 train step N=32 112x112"
     benchmark.extra_info["provider"] = provider
 

@@ -1,4 +1,4 @@
-"""Filter-bank histograms and source search on the CPU.
+"""Filter-bank histograms and source search, on each device of conftest.bench_devices.
 
 Run: python -m pytest benchmarks/test_bench_select.py --benchmark-json=.benchmarks/select.json
      python benchmarks/report.py .benchmarks/select.json
@@ -30,7 +30,7 @@ x = torch.rand({N}, 3, {SIZE}, {SIZE})
 def hist_providers():
     def naive(x, w, e):  # conv, then torch.histc per channel and image (edges uniform here, as histc needs)
         r = F.conv2d(x, w, padding=5)
-        out = torch.empty(x.shape[0], w.shape[0], e.shape[1] - 1)
+        out = torch.empty(x.shape[0], w.shape[0], e.shape[1] - 1, device=x.device)
         for n in range(x.shape[0]):
             for c in range(w.shape[0]):
                 out[n, c] = torch.histc(r[n, c].clamp(e[c, 0], e[c, -1]), bins=e.shape[1] - 1, min=float(e[c, 0]),
@@ -46,35 +46,37 @@ def hist_providers():
 
 
 @pytest.mark.parametrize("provider", ["naive", "bucketize", "tlkernels"])
-def test_filterbank_histogram(benchmark, provider):
+def test_filterbank_histogram(benchmark, provider, device):
     torch.manual_seed(0)
-    x = torch.rand(N, 3, SIZE, SIZE)
-    w = gabor_bank().stages[0]["weight"]
-    e = torch.linspace(-0.6, 0.6, BINS + 1).repeat(48, 1)
+    x = torch.rand(N, 3, SIZE, SIZE, device=device)
+    w = gabor_bank().stages[0]["weight"].to(device)
+    e = torch.linspace(-0.6, 0.6, BINS + 1, device=device).repeat(48, 1)
     benchmark.group = f"filterbank histogram {N} RGB {SIZE}x{SIZE}, 48 Gabor 11x11, {BINS} bins"
     benchmark.extra_info["provider"] = provider
     fn = hist_providers()[provider]
     run(benchmark, lambda: fn(x, w, e), rounds=1 if provider == "naive" else 3)
+    if device != "cpu":
+        return  # (peak memory: the CPU process's, measured in a subprocess)
     benchmark.extra_info["peak extra MB"] = round(peak_extra_mb(_HSETUP.replace("PROVIDER", provider), "fn(x, w, e)"), 1)
 
 
 Q, M, D, K = 1000, 50000, 1600, 50
 
 
-@pytest.fixture(scope="module")
-def descriptors():
+@pytest.fixture
+def descriptors(device):
     g = torch.Generator().manual_seed(0)
     q = torch.softmax(torch.randn(Q, 16, 100, generator=g), -1).reshape(Q, D)
     db = torch.softmax(torch.randn(M, 16, 100, generator=g), -1).reshape(M, D)
-    return q, db
+    return q.to(device), db.to(device)
 
 
 @pytest.mark.parametrize("provider", ["naive", "faiss", "gemm_only", "tlkernels", "tlkernels_index"])
-def test_knn_search(benchmark, descriptors, provider):
+def test_knn_search(benchmark, descriptors, provider, device):
     q, db = descriptors
     benchmark.group = f"knn skl {Q} queries x {M} db x {D} dims, k={K}"
     benchmark.extra_info["provider"] = provider
-    w = torch.ones(D)
+    w = torch.ones(D, device=device)
     eps = 2.2204e-16
     if provider == "naive":  # the full distance matrix (expanded form, one GEMM) and torch.topk, plain torch
         def fn():
@@ -84,6 +86,8 @@ def test_knn_search(benchmark, descriptors, provider):
             return torch.topk(r[:, None] + c[None, :] - 0.5 * (A @ B.t()), K, dim=1, largest=False)
     elif provider == "faiss":  # exact inner-product index on the same expanded vectors
         faiss = pytest.importorskip("faiss")  # benchmark-only dependency (requirements-bench.txt)
+        if device != "cpu":
+            pytest.skip("faiss-cpu indexes host memory")
         A, r, s = _query_side("skl", q, w, 2.2204e-16)
         B, c = _db_side("skl", db, w, 2.2204e-16)
         # max <A, B'> with B' = [B, -2c] and A' = [A, 1]: ranks by the skl distance (row constant dropped)

@@ -1,10 +1,13 @@
 import os
 
-# Triton kernels run on the CPU in the interpreter; must be set before any kernel is decorated.
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# Without a GPU, Triton kernels run on the CPU in the interpreter (set before any kernel is decorated); with one,
+# compiled on CUDA tensors (the tests marked `cuda` take DEVICE).
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+os.environ.setdefault("TRITON_INTERPRET", "0" if CUDA else "1")
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -12,3 +15,8 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: has CUDA cases: runs on the GPU when one is visible (tools/gpu_check.sh "
+                                       "runs `-m cuda`), on the CPU or in Triton's interpreter otherwise")

@@ -1,5 +1,6 @@
-"""The Triton kernels executed by the interpreter (TRITON_INTERPRET=1, set in conftest) on CPU tensors,
-against the float64 reference; plus AOT compilation for sm80/sm90 in a subprocess."""
+"""The Triton kernels against the float64 reference: compiled on CUDA tensors where a GPU is visible (the tests
+marked `cuda`), else executed by the interpreter (TRITON_INTERPRET=1, set in conftest) on CPU tensors; plus AOT
+compilation for sm80/sm90 in a subprocess."""
 import os
 import subprocess
 import sys
@@ -10,7 +11,22 @@ import torch
 from tlkernels.ops import gated_conv2d_reference
 from tlkernels.triton.gated_conv2d import gated_conv2d_backward, gated_conv2d_forward
 
-from test_gated_conv2d import grads, make_case
+from conftest import DEVICE
+from test_gated_conv2d import grads, make_case as make_case_cpu
+
+
+@pytest.fixture(autouse=True)
+def _full_fp32():
+    """float32 tolerances below assume float32 arithmetic: TF32 off for the compiled kernels and cuDNN."""
+    from tlkernels.ops._utils import full_fp32
+    with full_fp32():
+        yield
+
+
+def make_case(*args, **kwargs):
+    """test_gated_conv2d's case on DEVICE (the reference's gradients are computed there too)."""
+    tensors, kw = make_case_cpu(*args, **kwargs)
+    return tuple(None if t is None else t.to(DEVICE) for t in tensors), kw
 
 CASES = [
     ((2, 3, 5, 6, 6, 3, 1, 1, 1, 1), "filter_soft"),
@@ -27,6 +43,7 @@ def _conv_kw(kw):
     return (s, s), (p, p), (d, d), kw["groups"], kw["hard"]
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("shape,gate_kind", CASES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_triton_forward_backward_interpreted(shape, gate_kind, dtype):
@@ -41,8 +58,11 @@ def test_triton_forward_backward_interpreted(shape, gate_kind, dtype):
         torch.testing.assert_close(a, b, **tol)
 
 
-def test_triton_channels_last_and_partial_mask():
-    tensors, kw = make_case((2, 4, 6, 6, 6, 3, 1, 1, 1, 1), "filter_soft")
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", [(2, 4, 6, 6, 6, 3, 1, 1, 1, 1), (2, 5, 6, 9, 8, 3, 2, 2, 2, 1),
+                                   (1, 4, 4, 7, 7, 1, 2, 0, 1, 1)])  # stride 2 (and dilation): the dx phases
+def test_triton_channels_last_and_partial_mask(shape):
+    tensors, kw = make_case(shape, "filter_soft")
     x = tensors[0].contiguous(memory_format=torch.channels_last)
     y, _ = gated_conv2d_forward(x, *tensors[1:], *_conv_kw(kw))
     assert y.is_contiguous(memory_format=torch.channels_last)
@@ -115,3 +135,42 @@ def test_every_fitting_config_compiles_within_limits():
                        text=True, timeout=1500)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     assert r.stdout.splitlines()[-1] == "0 failed", r.stdout[-2000:]
+
+
+@pytest.mark.cuda
+def test_triton_split_reductions_equal_one_pass(monkeypatch):
+    """Split-K weight gradients and split gate gradients (several programs per reduction, a second pass adding
+    the partial sums) give the reference's gradients, and the same as one split."""
+    import tlkernels.triton.gated_conv2d as tg
+    tensors, kw = make_case((3, 4, 6, 9, 9, 3, 1, 1, 1, 1), "filter_soft", dtype=torch.float64)
+    y_ref, g_ref, dy = grads(gated_conv2d_reference, tensors, kw)
+    mask = [t is not None for t in tensors]
+    monkeypatch.setattr(tg, "MIN_SPLIT_ROWS", 32)
+    dev = torch.device(DEVICE)
+    monkeypatch.setattr(tg, "INTERPRETER_SMS", 4)
+    if dev.type == "cuda":  # (as many splits as in the interpreter: the SM count is what decides them)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: type("P", (), {"multi_processor_count": 4}))
+    assert tg.row_splits(3 * 81, 1, dev)[0] > 1 and tg.row_splits(81, 3, dev)[0] > 1
+    split = gated_conv2d_backward(dy, *tensors, None, *_conv_kw(kw), mask)
+    monkeypatch.setattr(tg, "MIN_SPLIT_ROWS", 10 ** 9)
+    one = gated_conv2d_backward(dy, *tensors, None, *_conv_kw(kw), mask)
+    for a, b, r in zip([o for o, t in zip(split, tensors) if t is not None],
+                       [o for o, t in zip(one, tensors) if t is not None], g_ref):
+        torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.cuda
+def test_triton_nan_hard_gates_give_nan_as_the_reference():
+    """A NaN hard gate gives NaN outputs and gradients where the blend formula does (the op's contract)."""
+    tensors, kw = make_case((2, 3, 4, 6, 6, 3, 1, 1, 1, 1), "hard_flag", dtype=torch.float64)
+    tensors = list(tensors)
+    tensors[3] = tensors[3].detach().clone()
+    tensors[3].view(-1)[1] = float("nan")
+    y_ref, g_ref, dy = grads(gated_conv2d_reference, tensors, kw)
+    y, _ = gated_conv2d_forward(*tensors, *_conv_kw(kw))
+    assert y.isnan().any()
+    torch.testing.assert_close(y, y_ref, equal_nan=True)
+    out = gated_conv2d_backward(dy, *tensors, None, *_conv_kw(kw), [t is not None for t in tensors])
+    for a, b in zip([o for o, t in zip(out, tensors) if t is not None], g_ref):
+        torch.testing.assert_close(a, b, equal_nan=True)

@@ -242,3 +242,56 @@ def test_sixteen_bit_pngs_train_with_their_full_range(tmp_path, checkpoint):
     assert float(x.max()) < 0.95 and float(x.mean()) < 0.5  # (clipping made nearly every pixel 1.0)
     res = real(tmp_path / "o", str(root), checkpoint)
     assert res["finetune"][0][0]["status"] == "done"
+
+
+# ----------------------------------------------------------------------------- RNG states in last.pt
+def test_checkpoint_rng_holds_the_gpu_generator_and_restores_it_on_its_device(monkeypatch):
+    """A GPU run's last.pt keeps the GPU generator's state (SpotTune's Gumbel noise draws from it) and --resume
+    sets it on the run's device (no GPU here: torch.cuda's get/set are recorded)."""
+    got = {}
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device=None: torch.tensor([7, 8], dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device=None: got.update(state=s.tolist(), device=device))
+    dev = torch.device("cuda", 0)
+    torch.manual_seed(5)
+    state = loop.rng_states(dev, 1)
+    a = torch.rand(3)
+    assert [s.tolist() for s in state["cuda"]] == [[7, 8]] and len(state["cpu"]) == 1
+    loop.restore_rng(state, dev, 0)
+    assert torch.equal(torch.rand(3), a) and got == {"state": [7, 8], "device": dev}
+    with pytest.raises(ValueError, match="RNG states of 1 process"):
+        loop.restore_rng(state, dev, 1)
+    loop.restore_rng(state["cpu"][0], torch.device("cpu"), 0)  # a checkpoint of one CPU process: a bare tensor
+    assert torch.equal(torch.rand(3), a)
+
+
+def _rng_worker(rank, world, init, out):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    torch.manual_seed(100 + rank)  # each process its own stream
+    state = loop.rng_states(torch.device("cpu"), world)
+    first = torch.rand(4)
+    torch.rand(10)  # the run goes on
+    loop.restore_rng(state, torch.device("cpu"), rank)
+    torch.save({"state": state, "first": first, "again": torch.rand(4)}, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_every_rank_gets_its_own_rng_state_back(tmp_path):
+    import torch.multiprocessing as mp
+    mp.spawn(_rng_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "out")), nprocs=2, join=True)
+    r = [torch.load(tmp_path / f"out.{k}", weights_only=True) for k in range(2)]
+    assert all(torch.equal(x["first"], x["again"]) for x in r)
+    assert not torch.equal(r[0]["first"], r[1]["first"])
+    assert torch.equal(r[0]["state"]["cpu"][1], r[1]["state"]["cpu"][1])  # both ranks hold both states
+
+
+def test_deterministic_option_sets_the_deterministic_algorithms(tmp_path, cache, monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    was = torch.are_deterministic_algorithms_enabled()
+    try:
+        demo(tmp_path, cache, "--method", "finetune", "--stop_after", "1", "--deterministic")
+        assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.use_deterministic_algorithms(was)
+        torch.backends.cudnn.deterministic = False

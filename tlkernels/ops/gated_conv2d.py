@@ -196,7 +196,7 @@ def wants_diff(input, gate, hard, out_px, groups):
     CUDA tensors: every gate but an (N,) hard one takes the concat strategy (both branches). CPU tensors: the
     small-map concat path (csrc: kBlendMinPixels), but not for float32 with groups == 1, where the CPU engine
     computes one branch-blend in the forward and dL/dg together with the weight gradient in the backward."""
-    if not (gate.requires_grad and torch.is_grad_enabled()):
+    if not (gate.requires_grad and torch.is_grad_enabled()) or strategy() == "triton":  # (Triton: its own dL/dg)
         return False
     if input.device.type == "cuda" or getattr(_policy, "cuda", False):
         return not (hard and gate.dim() == 1)

@@ -133,7 +133,10 @@ class Config:
     pretrain_epochs: int = opt(2, "demo: epochs of source pre-training (cached)", acts="pretrain")
     target_per_class: int = opt(10, "demo: training images per class of the target set", acts="demo")
     source_limit: int = opt(0, "use only the first N source images (0: all)", acts="source_set")
-    resume: bool = opt(False, "continue out_dir/<method>/last.pt exactly where it stopped")
+    resume: bool = opt(False, "continue out_dir/<method>/last.pt exactly where it stopped (on a GPU exactly with "
+                              "--deterministic: cuDNN's fastest algorithms are not deterministic)")
+    deterministic: bool = opt(False, "deterministic cuDNN/cuBLAS algorithms (torch.use_deterministic_algorithms): "
+                                     "a GPU run repeats exactly, resumed or not; slower")
     stop_after: int = opt(0, "stop after this many steps (checkpoint saved), as an interruption would (0: off)")
     export: bool = opt(True, "write model.pt2 (torch.export) and, where the model is plain, plain.pt")
     tensorboard: bool = opt(False, "also log to out_dir/<method>/tensorboard (needs the tensorboard package)")

@@ -225,6 +225,40 @@ CHECKPOINT_KEYS = {"method", "model", "optimizer", "scheduler", "scaler", "objec
                    "best", "history", "config", "buffers"}
 
 
+def rng_states(device, world):
+    """Every process's RNG states for last.pt: {"cpu": [state per rank], "cuda": [state per rank] (empty without
+    a GPU)}: SpotTune's Gumbel noise and dropout draw from the GPU's generator, one per process. A collective
+    under torch.distributed: every rank calls it."""
+    mine = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+    got = [mine]
+    if world > 1:
+        got = [None] * world
+        dist.all_gather_object(got, mine)
+    return {"cpu": [g["cpu"] for g in got], "cuda": [g["cuda"] for g in got if g["cuda"] is not None]}
+
+
+def restore_rng(state, device, rank):
+    """Sets this process's RNG states from rng_states()' record (a bare tensor: one process's CPU state). A
+    checkpoint written without a GPU leaves the GPU's generator as seeded."""
+    if torch.is_tensor(state):
+        state = {"cpu": [state], "cuda": []}
+    if rank >= len(state["cpu"]):
+        raise ValueError(f"the checkpoint holds the RNG states of {len(state['cpu'])} process(es), and this is "
+                         f"rank {rank}: resume with as many processes as wrote it")
+    torch.set_rng_state(state["cpu"][rank])
+    if device.type == "cuda" and rank < len(state["cuda"]):
+        torch.cuda.set_rng_state(state["cuda"][rank], device)
+
+
+def make_deterministic():
+    """--deterministic: cuDNN and cuBLAS take deterministic algorithms (slower), so that a resumed GPU run
+    repeats the uninterrupted one; PyTorch warns where an op has no deterministic implementation."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # (read when cuBLAS starts)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
 def load_resume_checkpoint(path, cfg, method):
     """last.pt of an earlier run of the same method and configuration (loaded without unpickling code)."""
     try:
@@ -373,7 +407,7 @@ def train_method(run, method, base, with_l2sp, out):
             for name, buf in net.named_buffers():  # also the non-persistent ones (SpotTune's gate-usage counters)
                 if name in ck["buffers"]:
                     buf.copy_(ck["buffers"][name])
-            torch.set_rng_state(ck["rng"])
+            restore_rng(ck["rng"], device, run.rank)
         except (KeyError, RuntimeError, ValueError, TypeError) as e:
             raise SystemExit(f"tlkernels-train: --resume checkpoint {last_path} does not fit this run "
                              f"({type(e).__name__}: {e})")
@@ -454,11 +488,13 @@ def train_method(run, method, base, with_l2sp, out):
                 if is_main():
                     atomic_save({"method": method, "model": net.state_dict(), "step": step, "val_acc": acc}, best_path)
             bar.update()
+            if step % spe == 0 or step == total or stop:
+                rng = rng_states(device, run.world)  # (every rank: a collective)
             if (step % spe == 0 or step == total or stop) and is_main():
                 _choices.save(choice_cache(cfg))
                 atomic_save({"method": method, "model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                              "scaler": scaler.state_dict(), "objective": objective.state_dict(),
-                             "recipe": rec_.state(), "rng": torch.get_rng_state(), "step": step,
+                             "recipe": rec_.state(), "rng": rng, "step": step,
                              "buffers": {k: b.detach().cpu().clone() for k, b in net.named_buffers()},
                              "best": best, "history": history, "config": dataclasses.asdict(cfg)}, last_path)
             if stop:
@@ -518,6 +554,8 @@ def main(argv=None):
     """The trainer: every method of --method/--compare on every seed. Returns {method: {seed: (summary,
     history)}}."""
     cfg = parse_args(argv)
+    if cfg.deterministic:
+        make_deterministic()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     rank, world, device = setup_processes(cfg)

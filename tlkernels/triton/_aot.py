@@ -49,7 +49,9 @@ SHARED_LIMIT = {80: 166912, 90: 232448}
 # aligned, so the AOT compile gives each kernel the same hints as that launch.
 RESNET_LAYER1 = dict(C_in_g=64, C_IN_G=64, C_OUT=64, C_OUT_G=64, H=56, W=56, OH=56, OW=56, K_TOTAL=576, P=3136,
                      P_IN=3136, sxn=200704, sxc=3136, sxh=56, sxw=1, syn=200704, syc=3136, syh=56, syw=1,
-                     sgn=64, sgc=1, stride_h=1, stride_w=1, pad_h=1, pad_w=1, dil_h=1, dil_w=1)
+                     sgn=64, sgc=1, stride_h=1, stride_w=1, pad_h=1, pad_w=1, dil_h=1, dil_w=1,
+                     # split reductions: rows per split are a multiple of 64 (row_splits), 100352 rows in 4 splits
+                     N=32, W_NUMEL=36864, ROWS_PER_SPLIT=25088, PIX_PER_SPLIT=1600)
 
 
 def _source(kernel, types, constexprs):

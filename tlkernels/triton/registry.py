@@ -11,19 +11,27 @@ def aot_cases():
         f64 = dt == "fp64"
         blocks = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, DOT_PREC="tf32" if dt == "fp32" else "ieee")
         cases.append((f"gated_conv2d.fwd[{dt}]", gc._gated_conv_fwd_kernel, io,
-                      dict(KH=3, KW=3, HAS_BIAS=True, HARD=False, IS_F64=f64, **blocks)))
+                      dict(KH=3, KW=3, HAS_BIAS=True, HARD=False, IS_F64=f64, CL=False, **blocks)))
         cases.append((f"gated_conv2d.dx[{dt}]", gc._gated_conv_dx_kernel, io,
                       dict(KH=3, KW=3, HARD=True, IS_F64=f64, **blocks)))
         cases.append((f"gated_conv2d.dw[{dt}]", gc._gated_conv_dw_kernel, io,
-                      dict(KH=3, KW=3, HARD=False, NEED_P=True, NEED_F=True, IS_F64=f64, **blocks)))
+                      dict(KH=3, KW=3, HARD=False, NEED_P=True, NEED_F=True, IS_F64=f64, CL=False, **blocks)))
         cases.append((f"gated_conv2d.dgate[{dt}]", gc._gated_conv_dgate_kernel,
                       {**io, "dg_ptr": "*fp64" if f64 else "*fp32"},
-                      dict(KH=1, KW=1, HAS_BIAS=True, IS_F64=f64, **blocks)))
+                      dict(KH=1, KW=1, HAS_BIAS=True, IS_F64=f64, CL=False, **blocks)))
+        if dt in ("fp32", "bf16"):  # channels_last activations (the reduction ordered (kh, kw, ci)): compiled at
+            # the default tile; the autotune table is the NCHW variants' (the same tiles, other index math)
+            cases.append((f"gated_conv2d.fwd[{dt}, channels_last]", gc._gated_conv_fwd_kernel, io,
+                          dict(KH=3, KW=3, HAS_BIAS=True, HARD=True, IS_F64=False, CL=True, **blocks)))
+            cases.append((f"gated_conv2d.dw[{dt}, channels_last]", gc._gated_conv_dw_kernel, io,
+                          dict(KH=3, KW=3, HARD=False, NEED_P=False, NEED_F=True, IS_F64=False, CL=True, **blocks)))
+            cases.append((f"gated_conv2d.dgate[{dt}, channels_last]", gc._gated_conv_dgate_kernel,
+                          {**io, "dg_ptr": "*fp32"}, dict(KH=3, KW=3, HAS_BIAS=False, IS_F64=False, CL=True, **blocks)))
 
     # float32 with TF32 off (torch.backends.cudnn.allow_tf32 = False): IEEE float32 dots
     cases.append(("gated_conv2d.fwd[fp32, ieee]", gc._gated_conv_fwd_kernel, {"*": "*fp32"},
-                  dict(KH=3, KW=3, HAS_BIAS=True, HARD=False, IS_F64=False, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32,
-                       DOT_PREC="ieee")))
+                  dict(KH=3, KW=3, HAS_BIAS=True, HARD=False, IS_F64=False, CL=False, BLOCK_M=64, BLOCK_N=64,
+                       BLOCK_K=32, DOT_PREC="ieee")))
 
     from tlkernels.triton import cross_entropy as ce
     for dt in ("fp32", "bf16", "fp16", "fp64"):
