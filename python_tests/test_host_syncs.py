@@ -162,13 +162,13 @@ def _train_reads(tmp_path, steps, *args):
         return reads(lambda: loop.main(["--out_dir", argv[1] + "b"] + argv[2:]))
 
 
-@pytest.mark.parametrize("method", ["finetune", "l2sp", "adafilter"])
+@pytest.mark.parametrize("method", ["l2sp", "adafilter"])  # (adafilter: finetune's step plus gated convolutions)
 def test_training_steps_read_nothing_between_log_points(tmp_path, method):
-    """The losses of a step stay on the device until a read every --log_every steps: 8 steps read what 2 do
-    (a read per step would add 6 x 5 reads), and the records are still one per step, values filled in."""
+    """The losses of a step stay on the device until a read every --log_every steps: 6 steps read what 2 do
+    (a read per step would add 4 x 5 reads), and the records are still one per step, values filled in."""
     res2, n2 = _train_reads(tmp_path, 2, "--method", method, "--log_every", "100")
-    res8, n8 = _train_reads(tmp_path, 8, "--method", method, "--log_every", "100")
-    assert n8 == n2, (n2, n8)
-    history = res8[method][0][1]
-    assert [h["step"] for h in history] == list(range(1, 9))
+    res6, n6 = _train_reads(tmp_path, 6, "--method", method, "--log_every", "100")
+    assert n6 == n2, (n2, n6)
+    history = res6[method][0][1]
+    assert [h["step"] for h in history] == list(range(1, 7))
     assert all(isinstance(h["loss"], float) and 0 <= h["train_acc"] <= 1 for h in history)

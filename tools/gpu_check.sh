@@ -129,7 +129,7 @@ for stage in $STAGES; do
       else skip_stage tests "pytest is not installed"; fi ;;
     bench)
       if has_module pytest_benchmark; then
-        k=(); [ $QUICK -eq 1 ] && k=(-k "512ch7px1x1 and fwd_hard_filter or (fwdbwd_256x1000 and not joint) or knn_index")
+        k=(); [ $QUICK -eq 1 ] && k=(-k "(512ch7px1x1 and fwd_hard_filter) or joint_cross_entropy or (knn_search and tlkernels_index)")
         run_stage bench "$PY" -m pytest benchmarks -q -p no:cacheprovider --benchmark-json "$OUT/bench.json" "${k[@]}"
       else skip_stage bench "pytest-benchmark is not installed"; fi ;;
   esac

@@ -1,7 +1,7 @@
 #pragma once
 // Whether CPU tensors on this thread take the path choices CUDA tensors take (set by the op
 // `_emulate_cuda(bool on) -> bool`, Python's tlkernels.ops.gated_conv2d.emulate_cuda()): no value read from the
-// device where CUDA reads none, no measured choice, no CPU-only engine. Tests and selfcheck count that path's
+// device where CUDA reads none, no measured choice, no CPU-only engine. Tests count that path's
 // device reads and convolutions on the CPU.
 
 namespace tlkernels {

@@ -176,9 +176,10 @@ _policy = threading.local()
 
 @contextlib.contextmanager
 def emulate_cuda():
-    """CPU tensors on this thread take the CUDA tensors' path choice (C++ and the save_diff rule below): no gate
-    inspection, no measured choice, no CPU engine. Tests and selfcheck count that path's device reads and
-    convolutions on the CPU."""
+    """CPU tensors on this thread take the path choices CUDA tensors take (csrc/ops/emulate_cuda.h: the gated
+    convolution's strategy and the save_diff rule below, cross_entropy's backward): no gate inspection, no
+    measured choice, no CPU engine, no read of a device value where CUDA reads none. Tests count that path's
+    device reads and convolutions on the CPU (python_tests/test_host_syncs.py)."""
     was_py = getattr(_policy, "cuda", False)
     was = torch.ops.tlkernels._emulate_cuda(True)
     _policy.cuda = True

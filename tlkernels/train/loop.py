@@ -219,8 +219,7 @@ def check_batch_memory(cfg, backbone, device):
 # ----------------------------------------------------------------------------- checkpoints
 # Options that do not change what a run computes: a resumed run may differ from its checkpoint in these alone.
 RESUME_FREE = {"compare", "method", "seeds", "resume", "stop_after", "quiet", "config", "threads", "out_dir",
-               "cache_dir", "workers", "device", "export", "tensorboard",
-               "log_every"}
+               "cache_dir", "workers", "device", "export", "tensorboard", "log_every"}
 CHECKPOINT_KEYS = {"method", "model", "optimizer", "scheduler", "scaler", "objective", "recipe", "rng", "step",
                    "best", "history", "config", "buffers"}
 
@@ -488,9 +487,10 @@ def train_method(run, method, base, with_l2sp, out):
                 if is_main():
                     atomic_save({"method": method, "model": net.state_dict(), "step": step, "val_acc": acc}, best_path)
             bar.update()
-            if step % spe == 0 or step == total or stop:
+            save_last = step % spe == 0 or step == total or stop
+            if save_last:
                 rng = rng_states(device, run.world)  # (every rank: a collective)
-            if (step % spe == 0 or step == total or stop) and is_main():
+            if save_last and is_main():
                 _choices.save(choice_cache(cfg))
                 atomic_save({"method": method, "model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                              "scaler": scaler.state_dict(), "objective": objective.state_dict(),

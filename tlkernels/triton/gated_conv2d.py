@@ -177,27 +177,28 @@ def _gated_conv_dx_kernel(dy_ptr, wp_ptr, wf_ptr, g_ptr, dx_ptr,
     m_mask = m_mask & (ih < H) & (iw < W)
     grp, offs_n, n_mask = _tile(tl.program_id(1), C_IN_G, BLOCK_N)
     acc = _acc_zeros(BLOCK_M, BLOCK_N, IS_F64)
-    for kh in tl.static_range(KH):
-        for kw in tl.static_range(KW):
-            th = ih + pad_h - kh * dil_h  # stride_h * oh for a reaching tap
+    for tap in range(0, KH * KW):  # (a loop, not unrolled: one copy of the body keeps registers for the tiles)
+        kh = tap // KW
+        kw = tap % KW
+        if ((ph + pad_h - kh * dil_h) % stride_h == 0) & ((pw + pad_w - kw * dil_w) % stride_w == 0):
+            th = ih + pad_h - kh * dil_h  # stride_h * oh: the tap reaches an output pixel
             tw = iw + pad_w - kw * dil_w
-            if ((ph + pad_h - kh * dil_h) % stride_h == 0) & ((pw + pad_w - kw * dil_w) % stride_w == 0):
-                oh = th // stride_h
-                ow = tw // stride_w
-                pix = m_mask & (th >= 0) & (tw >= 0) & (oh < OH) & (ow < OW)
-                for c0 in range(0, C_OUT_G, BLOCK_K):
-                    offs_c = c0 + tl.arange(0, BLOCK_K)
-                    c_mask = offs_c < C_OUT_G
-                    co = grp * C_OUT_G + offs_c
-                    dyt = tl.load(dy_ptr + b * syn + co[None, :] * syc + oh[:, None] * syh + ow[:, None] * syw,
-                                  mask=pix[:, None] & c_mask[None, :], other=0.0)
-                    gk = _load_gate(g_ptr, b, co, c_mask, sgn, sgc, HARD, IS_F64)
-                    woff = co[:, None] * (C_IN_G * KH * KW) + offs_n[None, :] * (KH * KW) + (kh * KW + kw)
-                    wm = c_mask[:, None] & n_mask[None, :]
-                    wpt = tl.load(wp_ptr + woff, mask=wm, other=0.0).to(acc.dtype)
-                    wft = tl.load(wf_ptr + woff, mask=wm, other=0.0).to(acc.dtype)
-                    wt = wpt + gk[:, None] * (wft - wpt)
-                    acc += tl.dot(dyt, wt.to(dyt.dtype), out_dtype=acc.dtype, input_precision=DOT_PREC)
+            oh = th // stride_h
+            ow = tw // stride_w
+            pix = m_mask & (th >= 0) & (tw >= 0) & (oh < OH) & (ow < OW)
+            for c0 in range(0, C_OUT_G, BLOCK_K):
+                offs_c = c0 + tl.arange(0, BLOCK_K)
+                c_mask = offs_c < C_OUT_G
+                co = grp * C_OUT_G + offs_c
+                dyt = tl.load(dy_ptr + b * syn + co[None, :] * syc + oh[:, None] * syh + ow[:, None] * syw,
+                              mask=pix[:, None] & c_mask[None, :], other=0.0)
+                gk = _load_gate(g_ptr, b, co, c_mask, sgn, sgc, HARD, IS_F64)
+                woff = co[:, None] * (C_IN_G * KH * KW) + offs_n[None, :] * (KH * KW) + tap
+                wm = c_mask[:, None] & n_mask[None, :]
+                wpt = tl.load(wp_ptr + woff, mask=wm, other=0.0).to(acc.dtype)
+                wft = tl.load(wf_ptr + woff, mask=wm, other=0.0).to(acc.dtype)
+                wt = wpt + gk[:, None] * (wft - wpt)
+                acc += tl.dot(dyt, wt.to(dyt.dtype), out_dtype=acc.dtype, input_precision=DOT_PREC)
     xoff = b * sxn + (grp * C_IN_G + offs_n)[None, :] * sxc + ih[:, None] * sxh + iw[:, None] * sxw
     tl.store(dx_ptr + xoff, acc.to(dx_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
