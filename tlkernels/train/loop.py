@@ -251,10 +251,9 @@ def restore_rng(state, device, rank):
 
 def make_deterministic():
     """--deterministic: cuDNN and cuBLAS take deterministic algorithms (slower), so that a resumed GPU run
-    repeats the uninterrupted one; PyTorch warns where an op has no deterministic implementation."""
+    repeats the uninterrupted one; PyTorch warns where an op has no deterministic implementation. (The mode
+    covers cuDNN's convolutions, whatever torch.backends.cudnn.benchmark says.)"""
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # (read when cuBLAS starts)
-    torch.backends.cudnn.benchmark = False
-    torch.backends.cudnn.deterministic = True
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
