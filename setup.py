@@ -95,7 +95,8 @@ setup(
     # already installed from 2.11 on, e.g. a GPU machine's own CUDA build: tools/gpu_check.sh)
     install_requires=["torch>=2.11", "torchvision>=0.26", "numpy", "threadpoolctl", "tqdm"],
     # the trainer's plots and demo data sets, and its --tensorboard log: pip install "tlkernels[train]"
-    extras_require={"train": ["matplotlib", "scikit-learn", "mlxtend", "pillow", "tensorboard"]},
+    extras_require={"train": ["matplotlib", "scikit-learn", "mlxtend", "pillow", "tensorboard"],
+                    "timm": ["timm", "safetensors"]},
     entry_points={"console_scripts": ["tlkernels-train=tlkernels.train:main"]},
     # one stable-ABI wheel for every CPython from MIN_PYTHON on: the tag names the limited API it was built with
     options={"bdist_wheel": {"py_limited_api": f"cp{MIN_PYTHON[0]}{MIN_PYTHON[1]}"}},

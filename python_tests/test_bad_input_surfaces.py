@@ -23,7 +23,7 @@ from tlkernels._extension import HAS_C
 from tlkernels.nn import GatedConv2d, estimate_fisher
 from tlkernels.ops import cross_entropy, gated_conv2d
 from tlkernels.train import data, parse_args
-from tlkernels.train.config import classification_archs
+from tlkernels.train.backbones import torchvision_archs
 
 
 # ----------------------------------------------------------------------------- trainer options
@@ -77,6 +77,8 @@ OPTION_ERRORS = [
     ("arch-bogus", lambda d: ["--target", "x", "--arch", "bogus_net"],
      r"--arch 'bogus_net' is not a torchvision classification model; accepted: .*resnet18.*"),
     ("arch-typo", lambda d: ["--target", "x", "--arch", "resnt18"], r"--arch 'resnt18' .*did you mean resnet18"),
+    ("arch-timm-typo", lambda d: ["--target", "x", "--arch", "timm/convnext_tinyy"],
+     r"--arch 'timm/convnext_tinyy' is not a timm model \(did you mean timm/convnext_tiny"),
     ("arch-detection-model", lambda d: ["--target", "x", "--arch", "fasterrcnn_resnet50_fpn"],
      r"--arch 'fasterrcnn_resnet50_fpn' is not a torchvision classification model"),
     ("device-cuda-letters", lambda d: ["--device", "cuda:one"], r"--device must be auto, cpu, cuda or cuda:N"),
@@ -108,7 +110,7 @@ def test_bad_option_is_refused_naming_it(argv, pattern, tmp_path, capsys):
 
 
 def test_the_arch_list_is_torchvisions_classification_models():
-    archs = classification_archs()
+    archs = torchvision_archs()
     assert "resnet18" in archs and "convnext_tiny" in archs and "mobilenet_v3_large" in archs
     assert "fasterrcnn_resnet50_fpn" not in archs and "deeplabv3_resnet50" not in archs
 

@@ -99,11 +99,12 @@ def test_training_batches_are_normalised_and_augmented(folder, checkpoint):
 
 def test_mean_std_override_and_weights_metadata(folder, checkpoint):
     cfg = parse_args(["--target", folder, "--checkpoint", checkpoint, "--mean", "0.5,0.5,0.5", "--std", "0.25,0.25,0.25"])
-    assert data.weights_normalisation(cfg) == ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    pre = data.preprocessing(cfg)
+    assert (pre.mean, pre.std) == ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     cfg = parse_args(["--target", folder, "--arch", "resnet50"])
-    mean, std = data.weights_normalisation(cfg)  # torchvision's weights metadata (no download needed)
+    pre = data.preprocessing(cfg)  # torchvision's weights metadata (no download needed)
     w = torchvision.models.ResNet50_Weights.DEFAULT.transforms()
-    assert mean == tuple(w.mean) and std == tuple(w.std)
+    assert pre.mean == tuple(w.mean) and pre.std == tuple(w.std) and pre.crop_pct == w.crop_size[0] / w.resize_size[0]
 
 
 def test_unreadable_image_is_named_or_skipped(tmp_path, checkpoint):

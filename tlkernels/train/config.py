@@ -73,7 +73,8 @@ class Config:
     target: str = opt("", "ImageFolder root with train/<class>/* and val/<class>/* (empty: the embedded demo)")
     source: str = opt("", "ImageFolder root of the source set, train/ and val/ (soft, selective; empty: the demo's)",
                        acts="source")
-    arch: str = opt("resnet18", "torchvision architecture for --target data", acts="target")
+    arch: str = opt("resnet18", "the pre-trained model for --target data: any torchvision classification model, or "
+                                "timm/NAME (timm:NAME) for a timm model", acts="target")
     checkpoint: str = opt("", "pre-trained state_dict of --arch instead of torchvision's weights (with the demo: of its "
                                "ResNet-18 instead of the cached pre-training)")
     image_size: int = opt(224, "--target data: training RandomResizedCrop and validation CenterCrop size", acts="target")
@@ -246,12 +247,6 @@ def _check_dir(ap, name, path):
         ap.error(f"--{name} {path}: {why}")
 
 
-def classification_archs():
-    """Every torchvision classification architecture --arch accepts."""
-    import torchvision
-    return sorted(torchvision.models.list_models(module=torchvision.models))
-
-
 def check(ap, cfg, given=()):
     """Exits through ap.error with a message naming the option for any value the trainer cannot use; warns
     (UserWarning) about options in `given` (the ones the user set) set away from their default in a run where
@@ -291,12 +286,11 @@ def check(ap, cfg, given=()):
         ap.error("--mean/--std apply to --target image folders (the demo's tensors are not normalised)")
     if cfg.device not in ("auto", "cpu", "cuda") and not (cfg.device.startswith("cuda:") and cfg.device[5:].isdigit()):
         ap.error(f"--device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
-    archs = classification_archs() if cfg.target else ()
-    if cfg.target and cfg.arch not in archs:
-        import difflib
-        near = difflib.get_close_matches(cfg.arch, archs, n=3)
-        ap.error(f"--arch {cfg.arch!r} is not a torchvision classification model"
-                 + (f" (did you mean {', '.join(near)}?)" if near else "") + f"; accepted: {', '.join(archs)}")
+    if cfg.target:
+        from tlkernels.train.backbones import arch_problem
+        problem = arch_problem(cfg.arch)
+        if problem:
+            ap.error(f"--arch {problem}")
     for name in ("out_dir", "cache_dir"):
         if getattr(cfg, name):
             _check_dir(ap, name, getattr(cfg, name))

@@ -7,6 +7,7 @@ augmentation seed per image; `PairDataset` decodes and transforms the planned im
 workers for image folders), each transform run under its own seed, so a seed fixes the batches and their crops
 whatever the number of workers, and a resumed run continues with the crops the uninterrupted run would see.
 """
+import dataclasses
 import os
 import warnings
 from typing import NamedTuple
@@ -16,7 +17,6 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
 DEMO_SIZE = 32
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 class Split:
@@ -84,16 +84,19 @@ class ToFloat:
         return "ToFloat()"
 
 
-def train_transform(size, mean, std):
+def train_transform(size, mean, std, interpolation="bilinear"):
     """RandomResizedCrop(size) + horizontal flip + normalisation (the standard fine-tuning augmentation)."""
     from torchvision import transforms as T
-    return T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), ToFloat(), T.Normalize(mean, std)])
+    mode = T.InterpolationMode(interpolation)
+    return T.Compose([T.RandomResizedCrop(size, interpolation=mode), T.RandomHorizontalFlip(), ToFloat(),
+                      T.Normalize(mean, std)])
 
 
-def eval_transform(size, mean, std):
-    """Resize(size / 0.875) + CenterCrop(size) + normalisation."""
+def eval_transform(size, mean, std, interpolation="bilinear", crop_pct=0.875):
+    """Resize(size / crop_pct) + CenterCrop(size) + normalisation."""
     from torchvision import transforms as T
-    return T.Compose([T.Resize(int(round(size / 0.875))), T.CenterCrop(size), ToFloat(), T.Normalize(mean, std)])
+    return T.Compose([T.Resize(int(round(size / crop_pct)), interpolation=T.InterpolationMode(interpolation)),
+                      T.CenterCrop(size), ToFloat(), T.Normalize(mean, std)])
 
 
 # PIL modes of more than 8 bits per pixel (one channel each) and the value that is white in them: 16-bit PNG and
@@ -201,21 +204,15 @@ class ImageFolderSet(Dataset):
             return self.transform(img), label
 
 
-def weights_normalisation(cfg):
-    """(mean, std): --mean/--std, else the torchvision weights' metadata, else ImageNet's (--checkpoint)."""
-    mean, std = cfg.floats("mean"), cfg.floats("std")
-    default_mean, default_std = IMAGENET_MEAN, IMAGENET_STD
-    if not cfg.checkpoint:
-        import torchvision
-        try:
-            preset = torchvision.models.get_model_weights(cfg.arch).DEFAULT.transforms()
-            default_mean, default_std = tuple(preset.mean), tuple(preset.std)
-        except (ValueError, AttributeError):  # no weights metadata for this architecture: ImageNet's
-            pass
-    mean, std = tuple(mean or default_mean), tuple(std or default_std)
+def preprocessing(cfg):
+    """The pre-trained weights' preprocessing of --arch (backbones.preprocessing: timm's pretrained_cfg,
+    torchvision's weights' transforms, else ImageNet's), its mean and std replaced by --mean/--std."""
+    from tlkernels.train.backbones import preprocessing as of_arch
+    pre = of_arch(cfg.arch)
+    mean, std = tuple(cfg.floats("mean") or pre.mean), tuple(cfg.floats("std") or pre.std)
     if len(mean) != 3 or len(std) != 3:
         raise SystemExit(f"tlkernels-train: --mean/--std need 3 values (RGB images), got mean {mean}, std {std}")
-    return mean, std
+    return dataclasses.replace(pre, mean=mean, std=std)
 
 
 def image_folder(root, cfg, what):
@@ -226,8 +223,10 @@ def image_folder(root, cfg, what):
         if not os.path.isdir(os.path.join(root, part)):
             raise SystemExit(f"tlkernels-train: --{what}: expected {os.path.join(root, part)!r} (ImageFolder layout: "
                              f"{root}/train/<class>/*.jpg and {root}/val/<class>/*.jpg)")
-    mean, std = weights_normalisation(cfg)
-    train_tf, eval_tf = train_transform(cfg.image_size, mean, std), eval_transform(cfg.image_size, mean, std)
+    pre = preprocessing(cfg)
+    mean, std = pre.mean, pre.std
+    train_tf = train_transform(cfg.image_size, mean, std, pre.interpolation)
+    eval_tf = eval_transform(cfg.image_size, mean, std, pre.interpolation, pre.crop_pct)
     tr, va = (ImageFolderSet(os.path.join(root, p), tf, cfg.skip_bad_images, f"--{what}")
               for p, tf in (("train", train_tf), ("val", eval_tf)))
     if tr.classes != va.classes:

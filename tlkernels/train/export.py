@@ -8,7 +8,7 @@ model.pt2  torch.export of the eval model (float32; batch size dynamic, and imag
            load with `import tlkernels` first).
 plain.pt   for methods whose trained model is the unmodified architecture (finetune, l2sp, soft, selective,
            spottune_global: each block its chosen copy):
-           a state_dict that loads into the torchvision model (`fc` = the target head) with no tlkernels.
+           a state_dict that loads into the unmodified architecture (its classifier = the target head) with no tlkernels.
 """
 import copy
 import json
@@ -49,9 +49,9 @@ def fold_batchnorm(model):
 
 
 def plain_state_dict(net):
-    """The trunk's weights under the torchvision names, with the target head as `fc`."""
+    """The trunk's weights under the architecture's own names, with the target head as its classifier."""
     sd = {k[len("trunk."):]: v.detach().cpu() for k, v in net.state_dict().items() if k.startswith("trunk.")}
-    sd.update({f"fc.{k}": v.detach().cpu() for k, v in net.head.state_dict().items()})
+    sd.update({f"{net.classifier}.{k}": v.detach().cpu() for k, v in net.head.state_dict().items()})
     return sd
 
 

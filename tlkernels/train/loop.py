@@ -82,7 +82,7 @@ class Run:
     rank: int
     world: int
     workers: int
-    backbone: nn.Module = None  # pre-trained, its classifier in .fc
+    backbone: nn.Module = None  # pre-trained, with its classifier (backbones.classifier_name)
     pretrained_classes: list = None  # what that classifier predicts (None: unknown)
     net: nn.Module = None
     amp: object = None
@@ -137,27 +137,15 @@ def demo_backbone():
 
 
 def pretrained_backbone(cfg, source):
-    """(backbone with its source classifier in .fc, the classes that classifier predicts or None): the cached
-    demo pre-training, --checkpoint, or torchvision's weights."""
-    import torchvision
+    """(backbone with its source classifier, the classes that classifier predicts or None): the cached demo
+    pre-training, --checkpoint, or the weights of --arch from torchvision or the model hub."""
+    from tlkernels.train import backbones
     if cfg.target and not cfg.checkpoint:
-        try:
-            weights = torchvision.models.get_model_weights(cfg.arch).DEFAULT
-            return torchvision.models.get_model(cfg.arch, weights=weights), weights.meta.get("categories")
-        except Exception as e:  # no network: say what to do instead of hanging
-            raise SystemExit(f"tlkernels-train: pre-trained weights for {cfg.arch!r} are not available offline ({e}); "
-                             f"pass --checkpoint PATH with a state_dict of {cfg.arch}")
+        model = backbones.create(cfg.arch, pretrained=True)
+        return model, backbones.pretrained_classes(cfg.arch)
     if cfg.checkpoint:
-        model = demo_backbone() if not cfg.target else torchvision.models.get_model(cfg.arch)
-        try:
-            state = load(cfg.checkpoint, "--checkpoint")
-            if not isinstance(state, dict):
-                raise CheckpointError(f"--checkpoint {cfg.checkpoint}: expected a state_dict (a dict of tensors), "
-                                      f"got {type(state).__name__}")
-            model.load_state_dict(state.get("model", state))
-        except (CheckpointError, RuntimeError, KeyError) as e:
-            raise SystemExit(f"tlkernels-train: {e}" if isinstance(e, CheckpointError)
-                             else f"tlkernels-train: --checkpoint {cfg.checkpoint}: {e}")
+        model = demo_backbone() if not cfg.target else backbones.create(cfg.arch, pretrained=False)
+        backbones.load_checkpoint(model, cfg.checkpoint)
         return model, None  # a state_dict records no class names: soft/selective get a fresh source head
     path = os.path.join(cfg.cache_dir, f"pretrained-demo-e{cfg.pretrain_epochs}-n{len(source.train)}.pt")
     torch.manual_seed(1234)  # before construction: the initial weights must not depend on earlier RNG use

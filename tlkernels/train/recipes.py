@@ -10,11 +10,13 @@ from tlkernels.nn import L2SP, SoftJointLoss
 
 class Net(nn.Module):
     """trunk (the backbone without its classifier, maybe wrapped by SpotTune/AdaFilter) + target head
-    (+ a source head when the method keeps a source loss)."""
+    (+ a source head when the method keeps a source loss). classifier: the dotted name of the backbone's
+    classifier, where plain.pt puts the target head."""
 
-    def __init__(self, trunk, feat_dim, n_target, source_head=None):
+    def __init__(self, trunk, feat_dim, n_target, source_head=None, classifier="fc"):
         super().__init__()
         self.trunk, self.head, self.source_head = trunk, nn.Linear(feat_dim, n_target), source_head
+        self.classifier = classifier
 
     def forward(self, x, n_target=None):
         """x alone: target logits. n_target: the first n_target images are target images, the rest source
@@ -51,18 +53,20 @@ class Recipe:
         return backbone
 
     def build(self, backbone, n_target, source_classes=None, pretrained_classes=None):
-        """The model: a copy of the pre-trained backbone (its classifier in .fc) in the method's trunk, heads."""
+        """The model: a copy of the pre-trained backbone, its classifier taken out (backbones.split_classifier),
+        in the method's trunk, with the heads."""
         import copy
-        backbone = copy.deepcopy(backbone)
-        feat, head = backbone.fc.in_features, None
+
+        from tlkernels.train.backbones import split_classifier
+        backbone, fc, name = split_classifier(copy.deepcopy(backbone))
+        head = None
         if self.keeps_source_head and not self.uses_source:  # its targets are over the pre-trained classes
-            head = backbone.fc
+            head = fc
         elif self.keeps_source_head:
-            head, fresh = source_head(backbone.fc, source_classes, pretrained_classes)
+            head, fresh = source_head(fc, source_classes, pretrained_classes)
             if fresh:
                 self.new.append("source_head")
-        backbone.fc = nn.Identity()
-        return Net(self.wrap(backbone), feat, n_target, head)
+        return Net(self.wrap(backbone), fc.in_features, n_target, head, name)
 
     def l2sp(self, net, run=None):
         """The L2-SP penalty anchored at net's current (pre-trained) weights, or None; with --l2sp_fisher N
