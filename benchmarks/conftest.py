@@ -61,15 +61,20 @@ def _record_device(request):
 
 
 def clock(device):
-    """The timer for calls on `device`: on a GPU each reading first waits for the queued work
-    (torch.cuda.synchronize), so an interval spans the kernels the call launched, not only their launch."""
+    """The timer for calls on `device` (seconds). On a GPU a reading records a CUDA event on the current stream and
+    waits for it, and returns its time after a reference event: an interval between two readings is the GPU's
+    own timing of the kernels queued between them (CUDA events), not the host's time to launch them."""
     if device != "cuda":
         return time.perf_counter
+    ref = torch.cuda.Event(enable_timing=True)
+    ref.record()
 
-    def synchronised():
-        torch.cuda.synchronize()
-        return time.perf_counter()
-    return synchronised
+    def cuda_events():
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        ev.synchronize()
+        return ref.elapsed_time(ev) / 1e3
+    return cuda_events
 
 # Each provider's timed callable, by (benchmark file, case), for the later providers of that case to pair with.
 _TIMED = {}

@@ -9,7 +9,7 @@ it was paired with them, see conftest.run), extra (other extra_info as JSON, inc
 ms over this provider's rounds}), and the context:
 cpu, isa, cores, threads, isa_cap (TLKERNELS_CPU_ISA), torch, mkl, onednn, gpu, malloc (`steady`: glibc set to
 keep freed memory, conftest.steady_allocator; `default`: glibc's defaults or another allocator), device (cpu or
-cuda: the tensors' device; on cuda every time is read after torch.cuda.synchronize, conftest.clock).
+cuda: the tensors' device; on cuda the times are CUDA events', conftest.clock).
 """
 import csv
 import datetime
