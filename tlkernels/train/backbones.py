@@ -82,7 +82,8 @@ def preprocessing(arch):
     if source == "timm":
         _timm()
         from timm.models import get_pretrained_cfg
-        cfg = get_pretrained_cfg(name).to_dict()  # (the registered config: no model built, nothing downloaded)
+        cfg = get_pretrained_cfg(name)  # (the registered config: no model built, nothing downloaded)
+        cfg = cfg.to_dict() if cfg is not None else {}
         return Preprocessing(tuple(cfg.get("mean", IMAGENET.mean)), tuple(cfg.get("std", IMAGENET.std)),
                              cfg.get("interpolation", "bicubic"), float(cfg.get("crop_pct", 0.875)))
     import torchvision
@@ -132,8 +133,11 @@ def pretrained_classes(arch):
     _timm()
     from timm.data import ImageNetInfo, infer_imagenet_subset
     from timm.models import get_pretrained_cfg
+    cfg = get_pretrained_cfg(name)
+    if cfg is None:
+        return None
     try:
-        subset = infer_imagenet_subset(get_pretrained_cfg(name))
+        subset = infer_imagenet_subset(cfg)
         return list(ImageNetInfo(subset).label_names()) if subset else None
     except (ValueError, KeyError, OSError):  # not an ImageNet classifier (or no label file)
         return None

@@ -351,6 +351,7 @@ def gated_conv2d_backward(grad_output, input, weight_pre, weight_ft, gate, bias_
         P = OH * OW
         c_out_g = C_out // groups
         is_f64 = input.dtype == torch.float64
+        acc_dtype = torch.float64 if is_f64 else torch.float32  # (the partial sums')
         dy = grad_output
         g = _gate2d(gate, C_out)
         wp, wf = weight_pre.contiguous(), weight_ft.contiguous()
@@ -373,7 +374,6 @@ def gated_conv2d_backward(grad_output, input, weight_pre, weight_ft, gate, bias_
             # split-K over the N * P rows: a layer's few weight tiles alone would leave most SMs idle; the
             # splits' partial sums are added in a second pass (deterministic: no atomics)
             splits, per = row_splits(N * P, groups * triton.cdiv(c_out_g, 64) * triton.cdiv(K, 64), input.device)
-            acc_dtype = torch.float64 if is_f64 else torch.float32
             parts = [torch.zeros((splits, C_out, K), device=input.device, dtype=acc_dtype) if m else wp
                      for m in output_mask[1:3]]
             if N:
@@ -391,7 +391,6 @@ def gated_conv2d_backward(grad_output, input, weight_pre, weight_ft, gate, bias_
             dwp = weight_grad(parts[0]) if output_mask[1] else empty
             dwf = weight_grad(parts[1]) if output_mask[2] else empty
         if output_mask[3]:
-            acc_dtype = torch.float64 if is_f64 else torch.float32
             # each image's pixels split so that images x filter tiles x splits fill the GPU; partial sums added
             # in a second pass (deterministic)
             splits, per = row_splits(P, N * groups * triton.cdiv(c_out_g, 64), input.device)
