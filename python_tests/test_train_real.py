@@ -11,7 +11,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from tlkernels.train import data, loop, parse_args
+from tlkernels.train import backbones, data, loop, parse_args
 
 FAST = ["--epochs", "2", "--eval_every", "1", "--batch_size", "8", "--image_size", "32", "--quiet", "--threads", "2",
         "--no-export"]
@@ -77,10 +77,11 @@ def _first_batches(cfg, epochs, workers):
 def test_training_batches_are_normalised_and_augmented(folder, checkpoint):
     cfg = parse_args(["--target", folder, "--checkpoint", checkpoint, "--image_size", "32"])
     target, (e0, e1) = _first_batches(cfg, [0, 1], workers=0)
-    assert target.mean == data.IMAGENET_MEAN and target.std == data.IMAGENET_STD  # --checkpoint: ImageNet's
+    mean, std = backbones.IMAGENET.mean, backbones.IMAGENET.std
+    assert target.mean == mean and target.std == std  # resnet18's weights: ImageNet's
     assert e0.shape[1:] == (3, 32, 32)
     x = torch.cat([e0, e1])
-    raw = x * torch.tensor(data.IMAGENET_STD).view(1, 3, 1, 1) + torch.tensor(data.IMAGENET_MEAN).view(1, 3, 1, 1)
+    raw = x * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
     assert raw.min() >= -1e-5 and raw.max() <= 1 + 1e-5  # normalisation is exactly the inverse of this
     assert abs(float(x.mean())) < 1.5 and 0.3 < float(x.std()) < 3  # near 0/1 (dark digits: mean below 0)
     # the same images (the same permutation positions hold other images, so compare each image's crops)

@@ -13,7 +13,7 @@
 #   bench      the pytest-benchmark files on device D (CUDA events), rows appended to OUT_DIR/results.csv
 # Prints one summary line per stage ("stage NAME: ok|FAIL (rc N)|TIMEOUT|SKIP (why), S s of B s") and exits
 # non-zero when a stage did not pass. --device cpu runs the same stages on the CPU (how CI tests this script);
-# --quick takes selfcheck --quick and one benchmark case per file.
+# --quick takes selfcheck --quick, a few tests and two benchmark cases (a gated convolution, the joint cross-entropy).
 set -u
 
 usage() {
@@ -129,7 +129,7 @@ for stage in $STAGES; do
       else skip_stage tests "pytest is not installed"; fi ;;
     bench)
       if has_module pytest_benchmark; then
-        k=(); [ $QUICK -eq 1 ] && k=(-k "(512ch7px1x1 and fwd_hard_filter) or joint_cross_entropy or (knn_search and tlkernels_index)")
+        k=(); [ $QUICK -eq 1 ] && k=(-k "(512ch7px1x1 and fwd_hard_filter) or joint_cross_entropy")
         run_stage bench "$PY" -m pytest benchmarks -q -p no:cacheprovider --benchmark-json "$OUT/bench.json" "${k[@]}"
       else skip_stage bench "pytest-benchmark is not installed"; fi ;;
   esac

@@ -220,11 +220,11 @@ def load_checkpoint(model, path, option="--checkpoint"):
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shapes that differ
-        raise SystemExit(f"tlkernels-train: {option} {path} is not a state_dict of this --arch "
+        raise SystemExit(f"tlkernels-train: {option} {path} is not a state_dict of this model "
                          f"({type(model).__name__}): {e}")
     wrong = [k for k in missing if not k.startswith(head)]
     if wrong or unexpected:
-        raise SystemExit(f"tlkernels-train: {option} {path} is not a state_dict of this --arch "
+        raise SystemExit(f"tlkernels-train: {option} {path} is not a state_dict of this model "
                          f"({type(model).__name__}): " + "; ".join(
                              s for s in (f"missing {_few(wrong)}" if wrong else "",
                                          f"unexpected {_few(unexpected)}" if unexpected else "") if s))
