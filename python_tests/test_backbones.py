@@ -136,8 +136,8 @@ def test_methods_train_and_export_on_timm_families(tmp_path, tmp_path_factory, f
     if "finetune" in FAMILIES[arch]:  # plain.pt loads into the unmodified architecture, classifier = target head
         code = ("import sys, torch; from tlkernels.train import backbones; "
                 "m = backbones.create(sys.argv[1], pretrained=False); "
-                "name = backbones.classifier_name(m); fc = backbones._get(m, name); "
-                "backbones._set(m, name, torch.nn.Linear(fc.in_features, 3)); "
+                "name = backbones.classifier_name(m); fc = m.get_submodule(name); "
+                "backbones._replace(m, name, torch.nn.Linear(fc.in_features, 3)); "
                 "m.load_state_dict(torch.load(sys.argv[2], weights_only=True)); print('ok')")
         r = subprocess.run([sys.executable, "-c", code, arch, str(tmp_path / "run" / "finetune" / "plain.pt")],
                            capture_output=True, text=True, timeout=300)

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from tlkernels._io import CheckpointError, load
+from tlkernels.methods._blocks import get_parent
 
 TIMM_PREFIXES = ("timm/", "timm:")
 CLASSIFIER_PARENTS = ("fc", "classifier", "head", "heads")
@@ -164,23 +165,17 @@ def classifier_name(model):
                      + "); the trainer replaces the model's last linear layer with its own heads")
 
 
-def _get(model, name):
-    for part in name.split("."):
-        model = getattr(model, part)
-    return model
-
-
-def _set(model, name, module):
-    parent, _, attr = name.rpartition(".")
-    setattr(_get(model, parent) if parent else model, attr, module)
+def _replace(model, name, module):
+    parent, attr = get_parent(model, name)
+    setattr(parent, attr, module)
 
 
 def split_classifier(model):
     """(trunk, classifier, name): the model with its classifier replaced by nn.Identity (so it returns the
     features the classifier read), the classifier (an nn.Linear) and its dotted name."""
     name = classifier_name(model)
-    fc = _get(model, name)
-    _set(model, name, nn.Identity())
+    fc = model.get_submodule(name)
+    _replace(model, name, nn.Identity())
     return model, fc, name
 
 
@@ -213,10 +208,10 @@ def load_checkpoint(model, path, option="--checkpoint"):
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}  # (DDP-saved)
     name = classifier_name(model)
     head = name + "."
-    fc, w = _get(model, name), state.get(head + "weight")
+    fc, w = model.get_submodule(name), state.get(head + "weight")
     if torch.is_tensor(w) and w.dim() == 2 and tuple(w.shape) != tuple(fc.weight.shape) and w.shape[1] == fc.in_features:
         # a classifier over other classes (a model fine-tuned before): the model takes its shape
-        _set(model, name, nn.Linear(fc.in_features, w.shape[0], bias=head + "bias" in state))
+        _replace(model, name, nn.Linear(fc.in_features, w.shape[0], bias=head + "bias" in state))
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shapes that differ

@@ -83,9 +83,15 @@ def _conv_tile(x_ptr, wp_ptr, wf_ptr, b, grp, offs_m, m_mask, co, n_mask, g, C_i
 @triton.jit
 def _load_gate(g_ptr, b, co, n_mask, sgn, sgc, HARD: tl.constexpr, IS_F64: tl.constexpr):
     g = tl.load(g_ptr + b * sgn + co * sgc, mask=n_mask, other=0.0).to(tl.float64 if IS_F64 else tl.float32)
-    if HARD:  # (g >= 0.5) as 0/1, a NaN gate staying NaN (its outputs are NaN, as the blend's)
-        g = tl.where(g != g, g, tl.where(g >= 0.5, 1.0, 0.0)).to(g.dtype)
+    if HARD:
+        g = _binarise(g)
     return g
+
+
+@triton.jit
+def _binarise(g):
+    """Hard gates: (g >= 0.5) as 0/1 in g's dtype, a NaN gate staying NaN (its outputs are NaN, as the blend's)."""
+    return tl.where(g != g, g, tl.where(g >= 0.5, 1.0, 0.0)).to(g.dtype)
 
 
 @triton.autotune(configs=gemm_configs(), key=["C_OUT_G", "K_TOTAL", "P"],
@@ -238,7 +244,7 @@ def _gated_conv_dw_kernel(x_ptr, dy_ptr, g_ptr, dwp_ptr, dwf_ptr, W_NUMEL, ROWS_
                       mask=dm, other=0.0).to(acc_f.dtype)
         gt = tl.load(g_ptr + b[None, :] * sgn + co[:, None] * sgc, mask=dm, other=0.0).to(acc_f.dtype)
         if HARD:
-            gt = tl.where(gt != gt, gt, tl.where(gt >= 0.5, 1.0, 0.0)).to(acc_f.dtype)
+            gt = _binarise(gt)
         ih = oh[:, None] * stride_h - pad_h + kh[None, :] * dil_h
         iw = ow[:, None] * stride_w - pad_w + kw[None, :] * dil_w
         xm = r_mask[:, None] & k_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
