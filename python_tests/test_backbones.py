@@ -116,9 +116,9 @@ def test_a_classifier_over_other_classes_loads_with_its_shape(tmp_path):
 # ----------------------------------------------------------------------------- the trainer
 FAMILIES = {  # arch: the methods trained on it (every method on a ResNet-D; the wrappers on the other families)
     "timm/resnet18d": "finetune,l2sp,soft,selective,adafilter,spottune",
-    "timm/convnext_atto": "adafilter",
-    "timm/efficientnet_b0": "finetune",
-    "timm/mobilenetv3_small_050": "adafilter",
+    "timm/convnext_atto": "adafilter,spottune",
+    "timm/efficientnet_b0": "finetune,spottune",
+    "timm/mobilenetv3_small_050": "adafilter,spottune_global",
 }
 
 
@@ -145,7 +145,7 @@ def test_methods_train_and_export_on_timm_families(tmp_path, tmp_path_factory, f
 
 
 def test_spottune_on_a_backbone_without_residual_blocks_says_so(tmp_path, tmp_path_factory, folder):
-    ck = weights(tmp_path_factory, "mobilenet_v3_small", "pt")
-    with pytest.raises(ValueError, match="SpotTune: found no residual blocks in MobileNetV3"):
-        loop.main(["--target", folder, "--arch", "mobilenet_v3_small", "--checkpoint", ck,
+    ck = weights(tmp_path_factory, "densenet121", "pt")
+    with pytest.raises(ValueError, match="SpotTune: found no residual blocks in DenseNet"):
+        loop.main(["--target", folder, "--arch", "densenet121", "--checkpoint", ck,
                    "--out_dir", str(tmp_path / "run"), "--method", "spottune", *FAST])

@@ -88,6 +88,57 @@ def test_spottune_matches_reference_train_and_eval(arch):
             torch.testing.assert_close(a, b)
 
 
+BLOCK_FAMILIES = [  # (library, arch, block classes SpotTune must find, how many)
+    ("torchvision", "mobilenet_v3_small", {"InvertedResidual"}, 11),
+    ("torchvision", "efficientnet_b0", {"MBConv"}, 16),
+    ("torchvision", "regnet_x_400mf", {"ResBottleneckBlock"}, 22),
+    ("torchvision", "shufflenet_v2_x0_5", {"InvertedResidual"}, 16),
+    ("timm", "convnext_atto", {"ConvNeXtBlock"}, 12),
+    ("timm", "efficientnet_b0", {"DepthwiseSeparableConv", "InvertedResidual"}, 16),
+    ("timm", "resnet50d", {"Bottleneck"}, 16),
+]
+
+
+@pytest.mark.parametrize("lib,arch,kinds,count", BLOCK_FAMILIES, ids=[f"{l}-{a}" for l, a, _, _ in BLOCK_FAMILIES])
+def test_spottune_finds_every_block_family_and_equals_the_original_at_initialisation(lib, arch, kinds, count):
+    # Both copies start equal, so in float64 eval the wrapped model is the original whatever the gates pick;
+    # routed (each image through one copy, BatchNorms folded) and blended alike. Training reaches the policy.
+    if lib == "timm":
+        timm = pytest.importorskip("timm")
+        model = timm.create_model(arch, pretrained=False)
+    else:
+        model = torchvision.models.get_model(arch)
+    torch.manual_seed(0)
+    model = model.double().eval()
+    for m in model.modules():  # (statistics away from 0/1, so that a wrong BN would show)
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    x = torch.randn(4, 3, 48, 48, dtype=torch.float64)
+    with torch.no_grad():
+        ref = model(x)
+    sp = SpotTune(copy.deepcopy(model), policy_size=32).double().eval()
+    assert {type(b.finetuned).__name__ for b in sp.blocks} == kinds and len(sp.blocks) == count
+    with torch.no_grad():
+        routed = sp(x)
+        gates = sp.last_gates
+        sp.route_eval = False
+        blended = sp(x)
+    assert 0 < gates.sum() < gates.numel()  # (both copies used)
+    torch.testing.assert_close(routed, ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(blended, ref, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():  # (equal copies give the gates a zero gradient: move the fine-tuned ones apart)
+        for b in sp.blocks:
+            for p in b.finetuned.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+    sp.train()
+    sp(x).sum().backward()
+    assert sp.policy.fc.weight.grad is not None and sp.policy.fc.weight.grad.abs().sum() > 0
+    for b in sp.blocks:  # the frozen copy is frozen, except a projection shortcut shared with the fine-tuned one
+        shared = {id(p) for p in getattr(b.finetuned, b.shortcut).parameters()} if b.shortcut else set()
+        assert all(p.grad is None for p in b.frozen.parameters() if id(p) not in shared)
+
+
 def test_spottune_routed_eval_folds_batchnorm_and_follows_weight_changes():
     m = SpotTune(_resnet()).double()
     _perturb_finetuned(m)

@@ -2,23 +2,58 @@
 import torch.nn as nn
 
 
+# The residual block classes of torchvision and timm, by module and class name (no import needed to match):
+# each maps a feature map to a feature map, so a per-image choice between two copies of it is well defined.
+BLOCK_CLASSES = {
+    "torchvision.models.resnet": ("BasicBlock", "Bottleneck"),
+    "torchvision.models.mobilenetv2": ("InvertedResidual",),
+    "torchvision.models.mobilenetv3": ("InvertedResidual",),
+    "torchvision.models.efficientnet": ("MBConv", "FusedMBConv"),
+    "torchvision.models.convnext": ("CNBlock",),
+    "torchvision.models.regnet": ("ResBottleneckBlock",),
+    "torchvision.models.shufflenetv2": ("InvertedResidual",),
+    "timm.models.resnet": ("BasicBlock", "Bottleneck"),
+    "timm.models.regnet": ("Bottleneck",),
+    "timm.models.convnext": ("ConvNeXtBlock",),
+    "timm.models._efficientnet_blocks": ("DepthwiseSeparableConv", "InvertedResidual", "EdgeResidual",
+                                         "CondConvResidual", "UniversalInvertedResidual"),
+    "timm.models.byobnet": ("BasicBlock", "BottleneckBlock", "DarkBlock", "EdgeBlock", "RepVggBlock"),
+}
+# Attributes that hold a block's shortcut branch (shared by SpotTune's two copies, as in the official code).
+SHORTCUT_NAMES = ("downsample", "shortcut", "proj")
+
+
+def is_known_block(module):
+    """True for an instance of one of BLOCK_CLASSES."""
+    return type(module).__name__ in BLOCK_CLASSES.get(type(module).__module__, ())
+
+
+def shortcut_name(block):
+    """The attribute of `block` holding a shortcut with parameters (a projection), or None."""
+    for name in SHORTCUT_NAMES:
+        m = getattr(block, name, None)
+        if isinstance(m, nn.Module) and any(True for _ in m.parameters()):
+            return name
+    return None
+
+
 def residual_blocks(model):
-    """(parent, child_name, block) for every residual block: torchvision BasicBlock / Bottleneck, or any
-    module exposing `downsample` and at least two convolutions (ResNet-style code), outermost first."""
-    try:
-        from torchvision.models.resnet import BasicBlock, Bottleneck
-        known = (BasicBlock, Bottleneck)
-    except ImportError:  # pragma: no cover
-        known = ()
+    """(parent, child_name, block) for every residual block, model order: the torchvision and timm block
+    classes (BLOCK_CLASSES: BasicBlock/Bottleneck, inverted residuals and MBConv, ConvNeXt, RegNet blocks), and
+    otherwise, in ResNet-style code, the innermost modules with a `downsample` attribute and two or more
+    convolutions (a stage that holds blocks is not itself one)."""
     found = []
 
     def visit(parent):
         for name, child in parent.named_children():
-            convs = sum(isinstance(m, nn.Conv2d) for m in child.modules())
-            if isinstance(child, known) or (hasattr(child, "downsample") and convs >= 2):
+            if is_known_block(child):
                 found.append((parent, name, child))
-            else:
-                visit(child)
+                continue
+            before = len(found)
+            visit(child)
+            convs = sum(isinstance(m, nn.Conv2d) for m in child.modules())
+            if len(found) == before and hasattr(child, "downsample") and convs >= 2:
+                found.append((parent, name, child))
 
     visit(model)
     return found

@@ -2,8 +2,8 @@
 copy of the block or the frozen pre-trained copy.
 
 Choices (see README "Method choices"):
-- the shortcut (downsample) of a block is shared by both copies and trainable, as in the official code;
-  the residual branch's convs and BNs are duplicated (separate storage).
+- a block's projection shortcut (`downsample`, `shortcut` or `proj`) is shared by both copies and trainable, as
+  in the official code; the rest of the block (convs, norms) is duplicated (separate storage).
 - frozen copy: conv weights never train; its BN layers run with their pre-trained running statistics and
   frozen affine parameters unless train_frozen_bn=True (then they train, as in the official code).
 - training: both copies for every image, blended with the straight-through Gumbel-softmax gate
@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.experimental.optimization import fuse as _fuse_conv_bn
 
-from tlkernels.methods._blocks import residual_blocks
+from tlkernels.methods._blocks import residual_blocks, shortcut_name
 
 
 class _ZeroPadShortcut(nn.Module):
@@ -155,11 +155,13 @@ class SpotTuneBlock(nn.Module):
         super().__init__()
         self.finetuned = block
         self.frozen = copy.deepcopy(block)  # deep copy: no shared storage
-        if getattr(block, "downsample", None) is not None:
-            self.frozen.downsample = block.downsample  # the shortcut is shared (official code)
+        self.shortcut = shortcut_name(block)  # a projection shortcut is shared (official code)
+        if self.shortcut is not None:
+            setattr(self.frozen, self.shortcut, getattr(block, self.shortcut))
+        shared = {id(p) for p in getattr(block, self.shortcut).parameters()} if self.shortcut else set()
         for n, p in self.frozen.named_parameters():
-            if not n.startswith("downsample."):
-                is_bn = isinstance(self.frozen.get_submodule(n.rsplit(".", 1)[0]), nn.BatchNorm2d)
+            if id(p) not in shared:
+                is_bn = isinstance(self.frozen.get_submodule(n.rpartition(".")[0]), nn.modules.batchnorm._BatchNorm)
                 p.requires_grad_(bool(train_frozen_bn and is_bn))
         self.train_frozen_bn = train_frozen_bn
         self.gate = None  # (N,) in {0, 1} forward values, straight-through gradient in training
@@ -176,7 +178,7 @@ class SpotTuneBlock(nn.Module):
         if mode:
             self._folded.clear()
         if not self.train_frozen_bn:  # the frozen copy's own BNs keep their pre-trained running statistics
-            shared = set(self.frozen.downsample.modules()) if getattr(self.frozen, "downsample", None) is not None else set()
+            shared = set(getattr(self.frozen, self.shortcut).modules()) if self.shortcut else set()
             for m in self.frozen.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm) and m not in shared:
                     m.eval()
@@ -236,7 +238,9 @@ class SpotTune(nn.Module):
         found = residual_blocks(backbone)
         if not found:
             raise ValueError(f"SpotTune: found no residual blocks in {type(backbone).__name__}; expected torchvision "
-                             "BasicBlock/Bottleneck or modules with a `downsample` attribute and two or more convs")
+                             "or timm residual blocks (ResNet, inverted residual / MBConv, ConvNeXt, RegNet: "
+                             "methods._blocks.BLOCK_CLASSES) or modules with a `downsample` attribute and two or more "
+                             "convs")
         if tau <= 0:
             raise ValueError(f"SpotTune: tau must be > 0, got {tau}")
         self.blocks = []
