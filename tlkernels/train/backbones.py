@@ -229,3 +229,37 @@ def load_checkpoint(model, path, option="--checkpoint"):
 def _few(keys, n=5):
     keys = list(keys)
     return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+# ----------------------------------------------------------------------------- depth, for --layer_decay
+def depth_units(trunk):
+    """The trunk's units of depth, in model order: its residual blocks (methods._blocks.residual_blocks), or,
+    in a model without blocks (VGG, DenseNet), its convolutions."""
+    from tlkernels.methods._blocks import residual_blocks
+    blocks = [b for _, _, b in residual_blocks(trunk)]
+    return blocks or [m for m in trunk.modules() if isinstance(m, nn.Conv2d)]
+
+
+def parameter_depths(model, units):
+    """{id(parameter): depth} for the parameters of `model` (a module holding the trunk the `units` came from,
+    wrapped or not): a parameter inside unit i has depth i + 1; one outside every unit takes the depth of the
+    next unit in model order (the stem: 0; a stage's downsampling: its first block), and after the last,
+    len(units) + 1. The modules the units are found by identity, so a method's wrapper around them (SpotTune's
+    two copies, AdaFilter's gated convolutions) keeps their depth."""
+    index = {id(u): i for i, u in enumerate(units)}
+    depths, seen = {}, [0]  # seen[0]: units entered so far
+
+    def visit(module, unit):
+        if id(module) in index and unit is None:
+            unit = index[id(module)]
+            seen[0] = max(seen[0], unit + 1)
+        for p in module.parameters(recurse=False):
+            if unit is not None:
+                depths.setdefault(id(p), unit + 1)
+            else:
+                depths.setdefault(id(p), 0 if seen[0] == 0 else min(seen[0] + 1, len(units) + 1))
+        for child in module.children():
+            visit(child, unit)
+
+    visit(model, None)
+    return depths

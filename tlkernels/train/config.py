@@ -21,7 +21,7 @@ METHODS = {
 }
 
 
-def opt(default, help, choices=None, acts=None):
+def option(default, help, choices=None, acts=None):
     """A Config field with its --help text, for string options its choices, and `acts`: the key in ACTS of
     the runs it acts in (None: every run). An option set away from its default in a run it does not act in
     draws a warning naming it."""
@@ -50,6 +50,8 @@ ACTS = {
                                                  "selective, or --l2sp_fisher with an L2-SP method)"),
     "single": (lambda c: not c.compare, "a run without --compare"),
     "one_seed": (lambda c: not c.seeds, "a run without --seeds"),
+    "sgd": (lambda c: c.opt == "sgd", "--opt sgd"),
+    "ddp": (lambda c: int(os.environ.get("WORLD_SIZE", "1")) > 1, "several processes (torchrun)"),
 }
 
 
@@ -63,89 +65,109 @@ def uses_source_images(cfg):
 @dataclass
 class Config:
     """Every option of the trainer (flag --name, or key of the --config JSON file)."""
-    method: str = opt("finetune", "the method (see the list below); '+l2sp' adds the L2-SP penalty, e.g. adafilter+l2sp",
+    method: str = option("finetune", "the method (see the list below); '+l2sp' adds the L2-SP penalty, e.g. adafilter+l2sp",
                        acts="single")
-    compare: str = opt("", "comma-separated methods trained on the same split and seeds, then compared "
+    compare: str = option("", "comma-separated methods trained on the same split and seeds, then compared "
                            "(comparison.md, comparison.png)")
-    seeds: str = opt("", "comma-separated seeds: every method on every seed, mean +- std in comparison.md "
+    seeds: str = option("", "comma-separated seeds: every method on every seed, mean +- std in comparison.md "
                          "(empty: --seed alone)")
-    seed: int = opt(0, "random seed: same seed, same numbers (and, for the demo, the same target split)", acts="one_seed")
-    target: str = opt("", "ImageFolder root with train/<class>/* and val/<class>/* (empty: the embedded demo)")
-    source: str = opt("", "ImageFolder root of the source set, train/ and val/ (soft, selective; empty: the demo's)",
+    seed: int = option(0, "random seed: same seed, same numbers (and, for the demo, the same target split)", acts="one_seed")
+    target: str = option("", "ImageFolder root with train/<class>/* and val/<class>/* (empty: the embedded demo)")
+    source: str = option("", "ImageFolder root of the source set, train/ and val/ (soft, selective; empty: the demo's)",
                        acts="source")
-    arch: str = opt("resnet18", "the pre-trained model for --target data: any torchvision classification model, or "
+    arch: str = option("resnet18", "the pre-trained model for --target data: any torchvision classification model, or "
                                 "timm/NAME (timm:NAME) for a timm model", acts="target")
-    checkpoint: str = opt("", "pre-trained state_dict of --arch instead of torchvision's weights (with the demo: of its "
+    checkpoint: str = option("", "pre-trained state_dict of --arch instead of torchvision's weights (with the demo: of its "
                                "ResNet-18 instead of the cached pre-training)")
-    image_size: int = opt(224, "--target data: training RandomResizedCrop and validation CenterCrop size", acts="target")
-    mean: str = opt("", "normalisation mean, comma-separated per channel (default: the pre-trained weights' "
+    image_size: int = option(224, "--target data: training RandomResizedCrop and validation CenterCrop size", acts="target")
+    mean: str = option("", "normalisation mean, comma-separated per channel (default: the pre-trained weights' "
                         "metadata; ImageNet's with --checkpoint)")
-    std: str = opt("", "normalisation std, comma-separated per channel (default: as --mean)")
-    skip_bad_images: bool = opt(False, "count and skip unreadable images instead of stopping with an error naming them",
+    std: str = option("", "normalisation std, comma-separated per channel (default: as --mean)")
+    skip_bad_images: bool = option(False, "count and skip unreadable images instead of stopping with an error naming them",
                                 acts="target")
-    workers: int = opt(-1, "DataLoader worker processes (-1: 0 for the in-memory demo, else min(8, cores))")
-    device: str = opt("auto", "auto (CUDA when available; cuda:LOCAL_RANK under torchrun), cpu, cuda or cuda:N")
-    amp: str = opt("off", "mixed precision: autocast in bf16 or fp16 (fp16 with a gradient scaler)",
+    workers: int = option(-1, "DataLoader worker processes (-1: 0 for the in-memory demo, else min(8, cores))")
+    device: str = option("auto", "auto (CUDA when available; cuda:LOCAL_RANK under torchrun), cpu, cuda or cuda:N")
+    amp: str = option("off", "mixed precision: autocast in bf16 or fp16 (fp16 with a gradient scaler)",
                    ("off", "bf16", "fp16"))
-    channels_last: bool = opt(False, "model and batches in channels_last memory format")
-    compile: bool = opt(False, "torch.compile the model (the tlkernels ops have fake kernels)")
-    out_dir: str = opt("runs/demo", "metrics, checkpoints, plots and exports go to out_dir/<method>/")
-    cache_dir: str = opt("", "pre-trained demo model and descriptor caches (default: out_dir/cache)")
-    epochs: int = opt(30, "passes over the target training set")
-    eval_every: int = opt(5, "validate every N epochs (and after the last)")
-    batch_size: int = opt(32, "images per step and process (global batch: batch_size x processes, as timm)")
-    lr: float = opt(0.02, "SGD learning rate, cosine decay to 0")
-    momentum: float = opt(0.9, "SGD momentum")
-    weight_decay: float = opt(1e-4, "plain L2 on the weights (none on the tensors L2-SP penalises)")
-    l2sp_alpha: float = opt(0.1, "L2-SP: pull of the pre-trained weights toward their start (paper: 0.1)", acts="l2sp")
-    l2sp_beta: float = opt(0.01, "L2-SP: plain L2 on the new head (paper: 0.01)", acts="l2sp")
-    l2sp_fisher: int = opt(0, "L2-SP-Fisher: weigh each element by the source task's Fisher diagonal, estimated "
+    channels_last: bool = option(False, "model and batches in channels_last memory format")
+    compile: bool = option(False, "torch.compile the model (the tlkernels ops have fake kernels)")
+    out_dir: str = option("runs/demo", "metrics, checkpoints, plots and exports go to out_dir/<method>/")
+    cache_dir: str = option("", "pre-trained demo model and descriptor caches (default: out_dir/cache)")
+    epochs: int = option(30, "passes over the target training set")
+    eval_every: int = option(5, "validate every N epochs (and after the last)")
+    batch_size: int = option(32, "images per step and process (global batch: batch_size x processes, as timm)")
+    opt: str = option("sgd", "optimizer, both with the fused L2-SP step: SGD with momentum, or AdamW (decoupled weight "
+                          "decay; try --lr 1e-3 --weight_decay 0.05)", ("sgd", "adamw"))
+    lr: float = option(0.02, "learning rate of the backbone (after --warmup_epochs: cosine decay to 0)")
+    momentum: float = option(0.9, "SGD momentum", acts="sgd")
+    weight_decay: float = option(1e-4, "weight decay (SGD: L2 in the gradient; AdamW: decoupled); none on the tensors "
+                                    "L2-SP penalises")
+    head_lr_mult: float = option(1.0, "the new head's learning rate over the backbone's (fine-tuning recipes often "
+                                   "train the head 10x faster: 10)")
+    warmup_epochs: int = option(0, "epochs of linear learning-rate warm-up before the cosine decay")
+    layer_decay: float = option(1.0, "layer-wise learning-rate decay: the backbone's unit at depth d of D (stem 0, "
+                                  "each residual block, or each convolution where the model has no blocks) trains at "
+                                  "lr x layer_decay^(D + 1 - d); the head and the methods' new modules at lr "
+                                  "(1: off; timm's recipes use 0.65-0.8)")
+    clip_grad: float = option(0.0, "clip the gradients' global norm to this value (0: off)")
+    grad_accum: int = option(1, "accumulate the gradients of N batches per optimizer step (effective batch "
+                             "batch_size x N x processes)")
+    model_ema: float = option(0.0, "keep an exponential moving average of the weights with this decay (e.g. 0.999; "
+                                "warm-up: min(decay, (1 + t) / (10 + t)) at step t), validated beside the model and "
+                                "exported as ema/ (0: off)")
+    freeze_bn: bool = option(False, "BatchNorm statistics and affine parameters of the pre-trained network stay as "
+                                 "they are (small target batches)")
+    sync_bn: bool = option(False, "under torchrun on GPUs, BatchNorm statistics over the global batch "
+                               "(torch.nn.SyncBatchNorm)", acts="ddp")
+    l2sp_alpha: float = option(0.1, "L2-SP: pull of the pre-trained weights toward their start (paper: 0.1)", acts="l2sp")
+    l2sp_beta: float = option(0.01, "L2-SP: plain L2 on the new head (paper: 0.01)", acts="l2sp")
+    l2sp_fisher: int = option(0, "L2-SP-Fisher: weigh each element by the source task's Fisher diagonal, estimated "
                               "on this many source images (0: plain L2-SP)", acts="l2sp")
-    label_smoothing: float = opt(0.0, "target loss label smoothing, in [0, 1] (timm's recipes use 0.1)")
-    class_weights: str = opt("none", "target loss class weights: balanced = n / (classes x count) per class",
+    label_smoothing: float = option(0.0, "target loss label smoothing, in [0, 1] (timm's recipes use 0.1)")
+    class_weights: str = option("none", "target loss class weights: balanced = n / (classes x count) per class",
                              ("none", "balanced"))
-    soft_schedule: str = opt("cosine", "soft: lambda(t) schedule", ("linear", "cosine", "exponential", "step"), "soft")
-    soft_lambda0: float = opt(1.0, "soft: source-loss weight at the start", acts="soft")
-    soft_source: str = opt("images", "soft: the source loss on source images and labels, or distillation: the "
+    soft_schedule: str = option("cosine", "soft: lambda(t) schedule", ("linear", "cosine", "exponential", "step"), "soft")
+    soft_lambda0: float = option(1.0, "soft: source-loss weight at the start", acts="soft")
+    soft_source: str = option("images", "soft: the source loss on source images and labels, or distillation: the "
                                      "frozen pre-trained model's softmax on the target images", ("images", "distill"),
                              "soft")
-    selective_k: int = opt(50, "selective: source neighbours per target image at level 1", acts="selective")
-    selective_rounds: int = opt(3, "selective: training rounds; after each but the last, hard target images "
+    selective_k: int = option(50, "selective: source neighbours per target image at level 1", acts="selective")
+    selective_rounds: int = option(3, "selective: training rounds; after each but the last, hard target images "
                                    "climb a level (k x level neighbours, sampled level times as often)", acts="selective")
-    selective_max_level: int = opt(10, "selective: highest sampling level", acts="selective")
-    selective_hardness: str = opt("misclassified", "selective: which target images are hard after a round "
+    selective_max_level: int = option(10, "selective: highest sampling level", acts="selective")
+    selective_hardness: str = option("misclassified", "selective: which target images are hard after a round "
                                   "(misclassified, or prediction entropy above --selective_entropy_quantile)",
                                   ("misclassified", "entropy"), "selective")
-    selective_entropy_quantile: float = opt(0.8, "selective: entropy quantile above which an image is hard",
+    selective_entropy_quantile: float = option(0.8, "selective: entropy quantile above which an image is hard",
                                              acts="entropy")
-    selective_bank: str = opt("gabor", "selective: descriptor filters: a Gabor bank, or the pre-trained model's "
+    selective_bank: str = option("gabor", "selective: descriptor filters: a Gabor bank, or the pre-trained model's "
                                        "first two conv layers (pre-activation, the paper's default)", ("gabor", "model"),
                                "selective")
-    selective_bins: int = opt(32, "selective: histogram bins per filter channel", acts="selective")
-    adafilter_hidden: int = opt(32, "AdaFilter: LSTM width", acts="adafilter")
-    spottune_tau: float = opt(5.0, "SpotTune: Gumbel-softmax temperature", acts="spottune")
-    policy_lr: float = opt(0.01, "SpotTune: policy network (SpotTune-Global: block logits) learning rate",
+    selective_bins: int = option(32, "selective: histogram bins per filter channel", acts="selective")
+    adafilter_hidden: int = option(32, "AdaFilter: LSTM width", acts="adafilter")
+    spottune_tau: float = option(5.0, "SpotTune: Gumbel-softmax temperature", acts="spottune")
+    policy_lr: float = option(0.01, "SpotTune: policy network (SpotTune-Global: block logits) learning rate",
                             acts="spottune")
-    spottune_budget: int = opt(0, "SpotTune-Global: exactly this many fine-tuned blocks (0: no budget)",
+    spottune_budget: int = option(0, "SpotTune-Global: exactly this many fine-tuned blocks (0: no budget)",
                                 acts="spottune_global")
-    spottune_policy: str = opt("official", "SpotTune: the official code's policy network, or a torchvision-style "
+    spottune_policy: str = option("official", "SpotTune: the official code's policy network, or a torchvision-style "
                                            "ResNet policy (conv shortcuts)", ("official", "resnet"),
                                  "spottune_policy")
-    pretrain_epochs: int = opt(2, "demo: epochs of source pre-training (cached)", acts="pretrain")
-    target_per_class: int = opt(10, "demo: training images per class of the target set", acts="demo")
-    source_limit: int = opt(0, "use only the first N source images (0: all)", acts="source_set")
-    resume: bool = opt(False, "continue out_dir/<method>/last.pt exactly where it stopped (on a GPU exactly with "
+    pretrain_epochs: int = option(2, "demo: epochs of source pre-training (cached)", acts="pretrain")
+    target_per_class: int = option(10, "demo: training images per class of the target set", acts="demo")
+    source_limit: int = option(0, "use only the first N source images (0: all)", acts="source_set")
+    resume: bool = option(False, "continue out_dir/<method>/last.pt exactly where it stopped (on a GPU exactly with "
                               "--deterministic: cuDNN's fastest algorithms are not deterministic)")
-    deterministic: bool = opt(False, "deterministic cuDNN/cuBLAS algorithms (torch.use_deterministic_algorithms): "
+    deterministic: bool = option(False, "deterministic cuDNN/cuBLAS algorithms (torch.use_deterministic_algorithms): "
                                      "a GPU run repeats exactly, resumed or not; slower")
-    stop_after: int = opt(0, "stop after this many steps (checkpoint saved), as an interruption would (0: off)")
-    export: bool = opt(True, "write model.pt2 (torch.export) and, where the model is plain, plain.pt")
-    tensorboard: bool = opt(False, "also log to out_dir/<method>/tensorboard (needs the tensorboard package)")
-    log_every: int = opt(10, "read the steps' losses from the device every N steps (a read waits for the GPU); "
+    stop_after: int = option(0, "stop after this many steps (checkpoint saved), as an interruption would (0: off)")
+    export: bool = option(True, "write model.pt2 (torch.export) and, where the model is plain, plain.pt")
+    tensorboard: bool = option(False, "also log to out_dir/<method>/tensorboard (needs the tensorboard package)")
+    log_every: int = option(10, "read the steps' losses from the device every N steps (a read waits for the GPU); "
                              "metrics.jsonl still has one record per step, L2-SP's value on the steps read")
-    quiet: bool = opt(False, "no progress bars")
-    threads: int = opt(0, "torch threads (0: torch's default)")
-    config: str = opt("", "JSON file with any of these options")
+    quiet: bool = option(False, "no progress bars")
+    threads: int = option(0, "torch threads (0: torch's default)")
+    config: str = option("", "JSON file with any of these options")
 
     def methods(self):
         """The methods to train, each parsed once: [(name as given, base method, with L2-SP)]."""
@@ -218,10 +240,12 @@ def _read_config_file(ap, path):
 # Numeric options: (names, lowest allowed, whether the bound is excluded, what 0 means where it is allowed).
 RANGES = [
     (("epochs", "eval_every", "batch_size", "selective_k", "selective_bins", "target_per_class", "pretrain_epochs",
-      "image_size", "selective_rounds", "selective_max_level", "adafilter_hidden", "log_every"), 1, False, None),
+      "image_size", "selective_rounds", "selective_max_level", "adafilter_hidden", "log_every", "grad_accum"), 1,
+     False, None),
     (("source_limit",), 0, False, "all"),
-    (("stop_after", "threads", "spottune_budget", "l2sp_fisher"), 0, False, "off"),
-    (("lr", "spottune_tau"), 0.0, True, None),
+    (("stop_after", "threads", "spottune_budget", "l2sp_fisher", "warmup_epochs"), 0, False, "off"),
+    (("clip_grad",), 0.0, False, "off"),
+    (("lr", "spottune_tau", "head_lr_mult"), 0.0, True, None),
     (("weight_decay", "l2sp_alpha", "l2sp_beta", "soft_lambda0", "policy_lr"), 0.0, False, None),
 ]
 
@@ -265,6 +289,12 @@ def check(ap, cfg, given=()):
         ap.error(f"--label_smoothing must be in [0, 1], got {cfg.label_smoothing}")
     if not 0.0 <= cfg.momentum < 1.0:
         ap.error(f"--momentum must be in [0, 1), got {cfg.momentum}")
+    if not 0.0 < cfg.layer_decay <= 1.0:
+        ap.error(f"--layer_decay must be in (0, 1] (1: off), got {cfg.layer_decay}")
+    if not 0.0 <= cfg.model_ema < 1.0:
+        ap.error(f"--model_ema must be in [0, 1) (0: off), got {cfg.model_ema}")
+    if cfg.warmup_epochs >= cfg.epochs > 0:
+        ap.error(f"--warmup_epochs must be less than --epochs ({cfg.epochs}), got {cfg.warmup_epochs}")
     for names, low, strict, zero in RANGES:
         for name in names:
             v = getattr(cfg, name)

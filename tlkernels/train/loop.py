@@ -93,10 +93,11 @@ class Run:
         return x.to(self.device, non_blocking=True, memory_format=fmt)
 
     @torch.no_grad()
-    def predict(self, ds, shard=False):
-        """(loss sum, correct count, logits, labels, unreadable images skipped) of the eval model on `ds` (this
-        rank's share if shard)."""
-        self.net.eval()
+    def predict(self, ds, shard=False, net=None):
+        """(loss sum, correct count, logits, labels, unreadable images skipped) of the eval model (`net`, default
+        the model being trained) on `ds` (this rank's share if shard)."""
+        net = net or self.net
+        net.eval()
         loss, correct, logits, labels, skipped = 0.0, 0, [], [], 0
         loader = data.eval_loader(ds, 2 * self.cfg.batch_size, self.workers, self.device,
                                   *((self.rank, self.world) if shard else (0, 1)))
@@ -105,7 +106,7 @@ class Run:
             if x is None:
                 continue
             with self.amp():
-                out = self.net(self.batch(x)).float()
+                out = net(self.batch(x)).float()
             y = y.to(self.device)
             loss += float(F.cross_entropy(out, y, reduction="sum"))
             correct += int((out.argmax(1) == y).sum())
@@ -115,16 +116,20 @@ class Run:
         return (loss, correct, torch.cat(logits) if logits else torch.zeros(0, n_classes),
                 torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long), skipped)
 
-    def evaluate(self, ds):
-        """(accuracy, mean loss, unreadable images skipped) over `ds`, each rank evaluating its share."""
-        loss, correct, logits, _, skipped = self.predict(ds, shard=True)
-        sums = torch.tensor([loss, correct, len(logits), skipped], dtype=torch.float64, device=self.device)
+    def evaluate(self, ds, net=None):
+        """{"acc", "loss", "top5", "skipped"}: top-1 accuracy, mean loss, top-5 accuracy and unreadable images
+        skipped over `ds` by `net` (default the model being trained), each rank evaluating its share."""
+        loss, correct, logits, labels, skipped = self.predict(ds, shard=True, net=net)
+        top5 = int((logits.topk(min(5, logits.shape[1]), 1).indices == labels[:, None]).any(1).sum())
+        sums = torch.tensor([loss, correct, len(logits), skipped, top5], dtype=torch.float64, device=self.device)
         if self.world > 1:
             dist.all_reduce(sums)
         if sums[2] == 0:
             raise SystemExit(f"tlkernels-train: no validation image could be read ({int(sums[3])} unreadable, "
                              f"skipped by --skip_bad_images)")
-        return float(sums[1]) / float(sums[2]), float(sums[0]) / float(sums[2]), int(sums[3])
+        n = float(sums[2])
+        return {"acc": float(sums[1]) / n, "loss": float(sums[0]) / n, "top5": float(sums[4]) / n,
+                "skipped": int(sums[3])}
 
 
 # ----------------------------------------------------------------------------- the pre-trained backbone
@@ -346,12 +351,70 @@ class StepValues:
         return out
 
 
+def summary_rows(history):
+    """summary.csv's rows (timm's columns): per epoch, the mean training loss over its steps, the evaluation's
+    loss, top-1 and top-5 (empty in an epoch without one), the backbone's learning rate at its end, and with
+    --model_ema the average's top-1."""
+    epochs = {}
+    for h in history:
+        epochs.setdefault(h["epoch"], []).append(h)
+    rows = []
+    for epoch, recs in sorted(epochs.items()):
+        losses = [h["loss"] for h in recs if h.get("loss") is not None]
+        ev = next((h for h in reversed(recs) if "val_acc" in h), {})
+        fmt = (lambda v: "" if v is None else f"{v:.6g}")
+        rows.append({"epoch": epoch, "train_loss": fmt(sum(losses) / len(losses) if losses else None),
+                     "eval_loss": fmt(ev.get("val_loss")), "eval_top1": fmt(ev.get("val_acc")),
+                     "eval_top5": fmt(ev.get("val_top5")), "lr": fmt(recs[-1]["lr"]),
+                     **({"ema_eval_top1": fmt(ev.get("ema_val_acc"))} if "ema_val_acc" in ev else {})})
+    return rows
+
+
+def write_summary_csv(history, path):
+    """summary.csv from the history (rewritten whole, atomically)."""
+    import csv
+    import io
+    rows = summary_rows(history)
+    cols = ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr"]
+    if any("ema_eval_top1" in r for r in rows):
+        cols.append("ema_eval_top1")
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, cols, restval="", lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(buf.getvalue(), path)
+
+
+class Progress:
+    """The progress bar's figures: loss, running training accuracy over the epoch, the last validation accuracy
+    and images per second (all processes)."""
+
+    def __init__(self, world):
+        self.world, self.t0, self.images, self.epoch, self.acc = world, time.time(), 0, None, []
+
+    def seen(self, n):
+        self.images += n * self.world
+
+    def postfix(self, history, new):
+        """The figures after `new` more records of `history` were read."""
+        last = history[-1]
+        if last["epoch"] != self.epoch:
+            self.epoch, self.acc = last["epoch"], []
+        self.acc += [h["train_acc"] for h in history[len(history) - new:] if h["epoch"] == self.epoch
+                     and h.get("train_acc") is not None]
+        val = next((h["val_acc"] for h in reversed(history) if "val_acc" in h), None)
+        return {"loss": f"{last.get('loss') if last.get('loss') is not None else float('nan'):.3f}",
+                "train_acc": f"{sum(self.acc) / len(self.acc):.3f}" if self.acc else "-",
+                "val_acc": f"{val:.3f}" if val is not None else "-",
+                "img/s": f"{self.images / max(time.time() - self.t0, 1e-9):.0f}"}
+
+
 # ----------------------------------------------------------------------------- one method
 def train_method(run, method, base, with_l2sp, out):
     """Train one method (its recipe) from the pre-trained backbone; writes its files into `out`.
     Returns (summary dict, history: one record per step)."""
     from tqdm.auto import tqdm
-    from tlkernels.optim import SGD
+    from tlkernels.train import optimize
     cfg, device = run.cfg, run.device
     if is_main():
         os.makedirs(out, exist_ok=True)
@@ -361,18 +424,25 @@ def train_method(run, method, base, with_l2sp, out):
         raise SystemExit(f"tlkernels-train: method {base!r} needs a source set (--source DIR)")
     net = rec_.build(run.backbone, len(run.target.classes), run.source.classes if run.source else None,
                      run.pretrained_classes)
+    if cfg.sync_bn and run.world > 1:
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)  # (same parameters, new BN modules)
+    frozen_bns = optimize.freeze_batchnorm(net, rec_.new) if cfg.freeze_bn else []
     net.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
     l2sp = rec_.l2sp(net, run)
     run.net = net
     plan = data.StepPlan(len(run.target.train), cfg.batch_size, cfg.seed, run.rank, run.world, rec_.draw_sources,
                          rec_.sample_weights)
     spe = plan.steps_per_epoch()
-    total = cfg.epochs * spe
+    total, warmup, accum = cfg.epochs * spe, cfg.warmup_epochs * spe, cfg.grad_accum
     objective = rec_.objective(total, target_loss_options(cfg, run.target, device))
-    opt = SGD(rec_.param_groups(net, 0.0 if l2sp is not None else cfg.weight_decay), lr=cfg.lr,
-              momentum=cfg.momentum, l2sp=l2sp)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    # (SGD: the L2-SP penalty is the regulariser, no L2 beside it; AdamW exempts what L2-SP penalises itself)
+    wd = 0.0 if l2sp is not None and cfg.opt == "sgd" else cfg.weight_decay
+    groups = optimize.scaled_groups(rec_.param_groups(net, wd), optimize.lr_scales(cfg, net, rec_.units, rec_.new),
+                                    cfg.lr)
+    opt = optimize.make_optimizer(cfg, groups, l2sp)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: optimize.lr_factor(s, total, warmup))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    ema = optimize.ModelEMA(net, cfg.model_ema) if cfg.model_ema else None
     rec_.setup(run)
     model = net
     if run.world > 1:
@@ -393,6 +463,11 @@ def train_method(run, method, base, with_l2sp, out):
             for name, buf in net.named_buffers():  # also the non-persistent ones (SpotTune's gate-usage counters)
                 if name in ck["buffers"]:
                     buf.copy_(ck["buffers"][name])
+            for name, p in net.named_parameters():  # gradients accumulated before the interruption
+                if name in ck.get("grads", {}):
+                    p.grad = ck["grads"][name].to(p.device)
+            if ema is not None:
+                ema.load_state_dict(ck["ema"])
             restore_rng(ck["rng"], device, run.rank)
         except (KeyError, RuntimeError, ValueError, TypeError) as e:
             raise SystemExit(f"tlkernels-train: --resume checkpoint {last_path} does not fit this run "
@@ -406,34 +481,50 @@ def train_method(run, method, base, with_l2sp, out):
         tb = tensorboard_writer(cfg, out)
     loader = data.train_loader(run.target, run.source, plan, run.workers, device)
     bar = tqdm(total=total, initial=start, desc=method, disable=cfg.quiet or not is_main())
+    progress = Progress(run.world)
     t0, status, step, skipped, val_skipped, unread, warned = time.time(), "done", start, 0, 0, set(), set()
     pending = StepValues()
+    have_grads = any(p.grad is not None for p in net.parameters())
     for epoch in range(start // spe, cfg.epochs):
         plan.set_epoch(epoch, skip=step - epoch * spe)
         for xt, yt, xs, ys, bad in loader:
             skipped += bad.count
             unread.update(bad.target)
             model.train()
+            optimize.keep_frozen(frozen_bns)
+            # an optimizer step every --grad_accum batches, counted from the epoch's start, and at its end
+            boundary = (step + 1 - epoch * spe) % accum == 0 or (step + 1) % spe == 0
             if xt is not None:
                 xt, yt = run.batch(xt), yt.to(device, non_blocking=True)
                 xs, ys = rec_.source_batch(run, xt, xs, ys)
-                with run.amp(), one_image_batches_explained(method, step, len(xt)):
-                    if ys is not None:  # with source images, or (distillation) source targets of the target images
-                        x_in = xt if xs is None else torch.cat([xt, run.batch(xs)])
-                        logits, s_logits = model(x_in, len(xt))
-                        loss, lt, ls = objective.parts(logits, yt, s_logits, ys.to(device, non_blocking=True))
-                    else:
-                        logits = model(xt)
-                        loss, lt, ls = objective.parts(logits, yt)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
+                # (DDP all-reduces the gradients only on the batch that completes an accumulation)
+                sync = model.no_sync() if run.world > 1 and not boundary else contextlib.nullcontext()
+                with sync:
+                    with run.amp(), one_image_batches_explained(method, step, len(xt)):
+                        if ys is not None:  # with source images, or (distillation) source targets of the targets
+                            x_in = xt if xs is None else torch.cat([xt, run.batch(xs)])
+                            logits, s_logits = model(x_in, len(xt))
+                            loss, lt, ls = objective.parts(logits, yt, s_logits, ys.to(device, non_blocking=True))
+                        else:
+                            logits = model(xt)
+                            loss, lt, ls = objective.parts(logits, yt)
+                    scaler.scale(loss / accum if accum > 1 else loss).backward()
+                have_grads = True
+                progress.seen(len(xt))
+            if boundary and have_grads:
+                optimize.clip_gradients(cfg, opt, scaler)
                 scaler.step(opt)
                 scaler.update()
+                opt.zero_grad(set_to_none=True)
+                have_grads = False
+                if ema is not None:
+                    ema.update(net)
             sched.step()
             objective.step()
             step += 1
             stop = cfg.stop_after and step - start >= cfg.stop_after
-            rec = {"step": step, "epoch": epoch, "lambda": objective.lam(), "lr": sched.get_last_lr()[0]}
+            rec = {"step": step, "epoch": epoch, "lambda": objective.lam(),
+                   "lr": cfg.lr * optimize.lr_factor(step, total, warmup)}
             read = step % cfg.log_every == 0 or step % spe == 0 or step == total or stop
             values = {}
             if xt is not None:
@@ -446,17 +537,22 @@ def train_method(run, method, base, with_l2sp, out):
                 if unread:
                     warned |= warn_unreadable_classes(run.target.train, unread, "training", warned)
             if (step % spe == 0 and (epoch + 1) % cfg.eval_every == 0) or step == total:
-                acc, vloss, val_skipped = run.evaluate(run.target.val)
-                rec.update(val_acc=acc, val_loss=vloss)
+                ev = run.evaluate(run.target.val)
+                acc, val_skipped = ev["acc"], ev["skipped"]
+                rec.update(val_acc=acc, val_loss=ev["loss"], val_top5=ev["top5"])
                 if val_skipped:
                     rec["val_skipped_images"] = val_skipped
+                if ema is not None:
+                    ev = run.evaluate(run.target.val, net=ema.module)
+                    rec.update(ema_val_acc=ev["acc"], ema_val_loss=ev["loss"], ema_val_top5=ev["top5"])
                 gates = rec_.gates(net)
                 if gates is not None:
                     rec["gates"] = gates
             if skipped:
                 rec["skipped_images"] = skipped
             if read:
-                for r in pending.read():
+                got = pending.read()
+                for r in got:
                     check_finite(r, method, r["step"], r["epoch"])
                     history.append(r)
                     if metrics:
@@ -467,8 +563,7 @@ def train_method(run, method, base, with_l2sp, out):
                                 tb.add_scalar(k, v, r["step"])
                 if metrics:
                     metrics.flush()
-                bar.set_postfix(loss=f"{history[-1].get('loss', float('nan')):.3f}",
-                                acc=f"{history[-1].get('val_acc', float('nan')):.3f}")
+                bar.set_postfix(progress.postfix(history, len(got)))
             if "val_acc" in rec and acc > best:
                 best = acc
                 if is_main():
@@ -479,10 +574,14 @@ def train_method(run, method, base, with_l2sp, out):
                 rng = rng_states(device, run.world)  # (every rank: a collective)
             if save_last and is_main():
                 _choices.save(choice_cache(cfg))
-                atomic_save({"method": method, "model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                             "scaler": scaler.state_dict(), "objective": objective.state_dict(),
-                             "recipe": rec_.state(), "rng": rng, "step": step,
+                write_summary_csv(history, os.path.join(out, "summary.csv"))
+                atomic_save({"method": method, "model": net.state_dict(), "optimizer": opt.state_dict(),
+                             "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
+                             "objective": objective.state_dict(), "recipe": rec_.state(), "rng": rng, "step": step,
                              "buffers": {k: b.detach().cpu().clone() for k, b in net.named_buffers()},
+                             "grads": {k: p.grad.detach().cpu().clone() for k, p in net.named_parameters()
+                                       if p.grad is not None},
+                             "ema": ema.state_dict() if ema is not None else None,
                              "best": best, "history": history, "config": dataclasses.asdict(cfg)}, last_path)
             if stop:
                 status = "interrupted"
@@ -501,9 +600,14 @@ def train_method(run, method, base, with_l2sp, out):
     summary = {"method": method, "status": status, "steps": step, "final_val_acc": final[-1]["val_acc"] if final else None,
                "best_val_acc": best, "seconds": round(time.time() - t0, 1), "seed": cfg.seed,
                "skipped_images": skipped, "val_skipped_images": val_skipped}
+    if ema is not None:
+        summary["ema_final_val_acc"] = final[-1].get("ema_val_acc") if final else None
     if is_main():
         if cfg.export and status == "done":
             summary["export"] = export.write(net, rec_, run, out)
+            if ema is not None:
+                os.makedirs(os.path.join(out, "ema"), exist_ok=True)
+                summary["export_ema"] = export.write(ema.module, rec_, run, os.path.join(out, "ema"))
         atomic_write_text(json.dumps(summary, indent=2), os.path.join(out, "summary.json"))
         plots.curves(history, os.path.join(out, "curves.png"), method)
         if final and "gates" in final[-1]:

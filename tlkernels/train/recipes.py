@@ -57,8 +57,9 @@ class Recipe:
         in the method's trunk, with the heads."""
         import copy
 
-        from tlkernels.train.backbones import split_classifier
+        from tlkernels.train.backbones import depth_units, split_classifier
         backbone, fc, name = split_classifier(copy.deepcopy(backbone))
+        self.units = depth_units(backbone)  # (before the method wraps it: --layer_decay's depth order)
         head = None
         if self.keeps_source_head and not self.uses_source:  # its targets are over the pre-trained classes
             head = fc
