@@ -50,6 +50,9 @@ def setup_processes(cfg):
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    if cfg.sync_bn and world > 1 and device.type != "cuda":
+        raise SystemExit(f"tlkernels-train: --sync_bn needs GPUs (torch.nn.SyncBatchNorm runs on CUDA devices), "
+                         f"and this run's processes are on {device}; drop --sync_bn or use --device cuda")
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), device
     return 0, 1, device
@@ -519,7 +522,9 @@ def train_method(run, method, base, with_l2sp, out):
                 have_grads = False
                 if ema is not None:
                     ema.update(net)
-            sched.step()
+            with warnings.catch_warnings():  # (the schedule runs per batch: with --grad_accum before a first step)
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+                sched.step()
             objective.step()
             step += 1
             stop = cfg.stop_after and step - start >= cfg.stop_after
