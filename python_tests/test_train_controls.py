@@ -190,3 +190,35 @@ def test_resume_in_the_middle_of_an_accumulation_matches_uninterrupted(tmp_path,
     resumed = run(tmp_path / "part", cache, *args, "--resume")["finetune"][0][1]
     assert [h["loss"] for h in resumed] == [h["loss"] for h in full]
     assert resumed[-1]["ema_val_acc"] == full[-1]["ema_val_acc"]
+
+
+# ----------------------------------------------------------------------------- comparison.md
+def fake_results(finals):
+    """{method: {seed: (summary, history)}} with the given final accuracies per seed."""
+    return {m: {s: ({"final_val_acc": a, "best_val_acc": a, "seconds": 1.0}, []) for s, a in enumerate(accs)}
+            for m, accs in finals.items()}
+
+
+def test_comparison_tells_a_gain_from_seed_noise():
+    from tlkernels.train import compare
+    # the demo's case: L2-SP 4.4 points below fine-tuning on one seed, 1.1 above on another
+    text, base, seeds = compare.table(fake_results({"finetune": [0.500, 0.400], "l2sp": [0.456, 0.411],
+                                                    "spottune": [0.530, 0.431]}))
+    assert base == "finetune" and seeds == [0, 1]
+    rows = {r.split("|")[1].strip(): r for r in text.splitlines()[2:]}
+    assert "(baseline)" in rows["finetune"]
+    mean, sd = (-0.044 + 0.011) / 2, abs(-0.044 - 0.011) / math.sqrt(2)
+    half = 12.706 * sd / math.sqrt(2)
+    assert f"{100 * mean:+.1f} pts [{100 * (mean - half):+.1f}, {100 * (mean + half):+.1f}]: not distinguishable" \
+        in rows["l2sp"]
+    assert "+3.0 pts [+2.4, +3.7]: better" in rows["spottune"]  # 3.0 and 3.1 points: a consistent gain
+    one, _, _ = compare.table(fake_results({"finetune": [0.5], "soft": [0.4]}))
+    assert "-10.0 pts (one seed: no interval; use --seeds)" in one
+
+
+def test_t_quantiles():
+    from tlkernels.train import compare
+    assert compare.t975(1) == 12.706 and compare.t975(30) == 2.042
+    assert compare.t975(31) == pytest.approx(2.0395, abs=1e-4) and compare.t975(1000) == pytest.approx(1.9623, abs=1e-4)
+    with pytest.raises(ValueError, match="degrees of freedom must be >= 1, got 0"):
+        compare.t975(0)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from tlkernels import _choices
 from tlkernels._io import CheckpointError, atomic_save, atomic_write_text, load
-from tlkernels.train import data, export, plots
+from tlkernels.train import compare, data, export, plots
 from tlkernels.train.config import parse_args
 from tlkernels.train.recipes import recipe
 
@@ -628,24 +628,6 @@ def amp_context(cfg, device):
     return lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
-def comparison(cfg, results, seeds):
-    """comparison.md: per method, mean +- std over seeds of the final and best validation accuracy."""
-    rows = ["| method | final val acc | best val acc | per-seed final | train seconds |", "|---|---|---|---|---|"]
-    for m, runs in results.items():
-        fin = torch.tensor([s["final_val_acc"] for s, _ in runs.values()], dtype=torch.float64)
-        bst = torch.tensor([s["best_val_acc"] for s, _ in runs.values()], dtype=torch.float64)
-        pm = (lambda t: f"{t.mean():.4f} +- {t.std(unbiased=True):.4f}" if len(t) > 1 else f"{t.mean():.4f}")
-        secs = sum(s["seconds"] for s, _ in runs.values()) / len(runs)
-        rows.append(f"| {m} | {pm(fin)} | {pm(bst)} | {', '.join(f'{v:.4f}' for v in fin.tolist())} | {secs:.0f} |")
-    table = "\n".join(rows)
-    what = "demo digits" if not cfg.target else cfg.target
-    atomic_write_text(f"Target: {what}; seeds {', '.join(map(str, seeds))}; {cfg.epochs} epochs; std over seeds "
-                      f"(n - 1).\n\n{table}\n", os.path.join(cfg.out_dir, "comparison.md"))
-    plots.comparison({m: [h for _, h in runs.values()] for m, runs in results.items()},
-                     os.path.join(cfg.out_dir, "comparison.png"))
-    return table
-
-
 def main(argv=None):
     """The trainer: every method of --method/--compare on every seed. Returns {method: {seed: (summary,
     history)}}."""
@@ -678,7 +660,7 @@ def main(argv=None):
                 f"{summary['seconds']} s" if summary["final_val_acc"] is not None else f"{m}: {summary['status']}")
     done = all(s["final_val_acc"] is not None for runs in results.values() for s, _ in runs.values())
     if is_main() and (len(methods) > 1 or len(seeds) > 1) and done:
-        print(comparison(cfg, results, seeds))
+        print(compare.write(cfg, results, cfg.out_dir))
     if dist.is_initialized():
         dist.destroy_process_group()
     return results
