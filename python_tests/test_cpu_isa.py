@@ -28,7 +28,7 @@ from tlkernels.ops.optim_step import adamw_l2sp_step_reference, sgd_l2sp_step_re
 steps = 0.0
 for op, ref, st, hyper in ((torch.ops.tlkernels.sgd_l2sp_step_, sgd_l2sp_step_reference, 1,
                             (0.1, 0.9, 0.1, 0.01, False, True, False)),
-                           (torch.ops.tlkernels.adamw_l2sp_step_, adamw_l2sp_step_reference, 2,
+                           (torch.ops.tlkernels.adamw_l2sp_step_, adamw_l2sp_step_reference, 3,
                             (0.01, 0.9, 0.99, 1e-8, 0.01, 2, False))):
     ps = [torch.randn(70001), torch.randn(13)]; gs = [torch.randn_like(t) for t in ps]
     rs = [ps[0] + 0.1, None]; ws = [torch.rand(70001), torch.rand(13)]

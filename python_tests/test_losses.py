@@ -452,8 +452,13 @@ def test_optimizer_step_bad_inputs():
     with pytest.raises(RuntimeError, match=r"sgd_l2sp_step_: grads must have one tensor per param \(1\), got 0"):
         torch.ops.tlkernels.sgd_l2sp_step_(p, [], [], [None], [], [0.0], 0.1, 0.0, 0.0, 0.0, False, False, False)
     with pytest.raises(RuntimeError, match=r"adamw_l2sp_step_: refs\[0\] must have the shape of params\[0\]"):
-        torch.ops.tlkernels.adamw_l2sp_step_(p, [torch.randn(3)], [torch.zeros(3)], [torch.zeros(3)],
+        torch.ops.tlkernels.adamw_l2sp_step_(p, [torch.randn(3)], [torch.zeros(3)], [torch.zeros(3)], [],
                                              [torch.zeros(4)], [], [0.1], 0.1, 0.9, 0.99, 1e-8, 0.0, 1, False)
+    with pytest.raises(RuntimeError, match=r"adamw_l2sp_step_: max_exp_avg_sqs must have one tensor per param "
+                                           r"\(1\), got 2"):
+        torch.ops.tlkernels.adamw_l2sp_step_(p, [torch.randn(3)], [torch.zeros(3)], [torch.zeros(3)],
+                                             [torch.zeros(3)] * 2, [None], [], [0.1], 0.1, 0.9, 0.99, 1e-8, 0.0, 1,
+                                             False)
     with pytest.raises(ValueError, match="SGD: nesterov momentum requires momentum > 0"):
         SGD([torch.zeros(1, requires_grad=True)], lr=0.1, nesterov=True)
 
@@ -663,8 +668,9 @@ def test_l2sp_fisher_weighted_ops_opcheck():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_fused_steps_with_weights_equal_their_references(dtype):
-    """sgd_l2sp_step_ / adamw_l2sp_step_ with per-element weights (channels_last param, contiguous weights; a
-    param without weights; a head without reference) against the pure-PyTorch step oracles."""
+    """sgd_l2sp_step_ / adamw_l2sp_step_ (amsgrad: a third state list) with per-element weights (channels_last
+    param, contiguous weights; a param without weights; a head without reference) against the pure-PyTorch step
+    oracles."""
     from tlkernels.ops.optim_step import adamw_l2sp_step_reference, sgd_l2sp_step_reference
     params, refs, weights = _weighted_lists(dtype)
     params = [p.detach() for p in params[:3]] + [torch.randn(6, dtype=dtype)]
@@ -673,7 +679,7 @@ def test_fused_steps_with_weights_equal_their_references(dtype):
     coeffs = [0.2, 0.2, 0.2, 0.05]
     for name, ref_step, states, hyper in (
             ("sgd_l2sp_step_", sgd_l2sp_step_reference, 1, (0.1, 0.9, 0.0, 0.01, True, False, False)),
-            ("adamw_l2sp_step_", adamw_l2sp_step_reference, 2, (0.01, 0.9, 0.99, 1e-8, 0.01, 3, True))):
+            ("adamw_l2sp_step_", adamw_l2sp_step_reference, 3, (0.01, 0.9, 0.99, 1e-8, 0.01, 3, True))):
         a = [p.clone() for p in params]
         b = [p.clone() for p in params]
         sa = [[torch.rand_like(p) for p in params] for _ in range(states)]
@@ -756,3 +762,48 @@ def test_l2sp_fisher_bad_inputs():
         L2SP(net, reference=start, head="2", fisher={"0.weight": -fisher["0.weight"]})
     with pytest.raises(TypeError, match="L2SP: fisher must be a dict"):
         L2SP(net, reference=start, head="2", fisher=[1, 2])
+
+
+def _optimizer_info_cases():
+    """(class name, kwargs, description) of PyTorch's own OptimizerInfo inputs for SGD and AdamW."""
+    from torch.testing._internal.common_optimizers import optim_db
+    return [(info.optim_cls.__name__, oi.kwargs, oi.desc) for info in optim_db
+            if info.optim_cls.__name__ in ("SGD", "AdamW") for oi in info.optim_inputs_func(device="cpu")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("with_l2sp", [False, True])
+@pytest.mark.parametrize("name,kwargs,desc", _optimizer_info_cases(), ids=[f"{n}-{d}" for n, _, d in _optimizer_info_cases()])
+def test_optimizers_are_drop_ins_on_pytorchs_optimizer_info_inputs(name, kwargs, desc, dtype, with_l2sp):
+    """tlkernels.optim.SGD / AdamW with the kwargs of torch's OptimizerInfo (amsgrad, tensor lr, nesterov,
+    maximize included) follow torch.optim's trajectory; with L2-SP, torch.optim on loss + the penalty's formula
+    (AdamW: no decoupled weight decay on the penalised tensors, as ours)."""
+    import copy
+    from tlkernels import optim
+    from tlkernels.nn import L2SP
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 5)).to(dtype)
+    ref_net, start = copy.deepcopy(net), {k: v.clone() for k, v in net.state_dict().items()}
+    kw = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in kwargs.items()}
+    reg = L2SP(net, alpha=0.1, beta=0.01, head="2") if with_l2sp else None
+    ours = getattr(optim, name)(net.parameters(), l2sp=reg, **kw)
+    if with_l2sp and name == "AdamW":
+        pen = [ref_net[0].weight, ref_net[2].weight]
+        rest = [p for p in ref_net.parameters() if all(p is not q for q in pen)]
+        theirs = torch.optim.AdamW([dict(params=pen, weight_decay=0.0), dict(params=rest)], **kwargs)
+    else:
+        theirs = getattr(torch.optim, name)(ref_net.parameters(), **kwargs)
+    x, y = torch.randn(6, 3, 8, 8, dtype=dtype), torch.randint(0, 5, (6,))
+    for _ in range(4):
+        for model, opt in ((net, ours), (ref_net, theirs)):
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            if model is ref_net and with_l2sp:
+                penalty = 0.05 * (model[0].weight - start["0.weight"]).square().sum() \
+                    + 0.005 * model[2].weight.square().sum()
+                loss = loss - penalty if kwargs.get("maximize") else loss + penalty  # (always minimised)
+            loss.backward()
+            opt.step()
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    for a, b in zip(net.parameters(), ref_net.parameters()):
+        torch.testing.assert_close(a, b, **tol)

@@ -92,7 +92,7 @@ class SGD(_FusedL2SP):
 
 
 class AdamW(_FusedL2SP):
-    """torch.optim.AdamW (no amsgrad) plus an optional fused L2-SP term added to the gradient before the moments.
+    """torch.optim.AdamW (amsgrad included) plus an optional fused L2-SP term added to the gradient before the moments.
 
     The tensors L2-SP penalises (toward their start, or with beta on the new head) get no decoupled weight
     decay: the penalty is their regulariser, as in the L2-SP paper; the others get `weight_decay`."""
@@ -100,15 +100,16 @@ class AdamW(_FusedL2SP):
     reference_step = staticmethod(_steps.adamw_l2sp_step_reference)
     op_name = "adamw_l2sp_step_"
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, *, maximize=False,
-                 l2sp=None):
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
+                 maximize=False, l2sp=None):
         if lr < 0:
             raise ValueError(f"AdamW: lr must be >= 0, got {lr}")
         if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
             raise ValueError(f"AdamW: betas must be in [0, 1), got {betas}")
         if eps < 0:
             raise ValueError(f"AdamW: eps must be >= 0, got {eps}")
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize))
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                                      maximize=maximize))
         self.l2sp = l2sp
 
     def _step_group(self, impl, group, params, grads, refs, weights, coeffs):
@@ -119,6 +120,8 @@ class AdamW(_FusedL2SP):
                 st["step"] = 0
                 st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if group["amsgrad"] and "max_exp_avg_sq" not in st:
+                st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             st["step"] += 1
             # L2-SP's penalty is the regulariser of the tensors it penalises (pull toward w0, or beta on the
             # head), as in the paper: they get no decoupled weight decay on top
@@ -127,6 +130,8 @@ class AdamW(_FusedL2SP):
         b1, b2 = group["betas"]
         for (step, penalised), idx in by_step.items():
             impl([params[i] for i in idx], [grads[i] for i in idx], [self.state[params[i]]["exp_avg"] for i in idx],
-                 [self.state[params[i]]["exp_avg_sq"] for i in idx], [refs[i] for i in idx],
+                 [self.state[params[i]]["exp_avg_sq"] for i in idx],
+                 [self.state[params[i]]["max_exp_avg_sq"] for i in idx] if group["amsgrad"] else [],
+                 [refs[i] for i in idx],
                  [weights[i] for i in idx], [coeffs[i] for i in idx], group["lr"], b1, b2, group["eps"],
                  0.0 if penalised else group["weight_decay"], int(step), group["maximize"])

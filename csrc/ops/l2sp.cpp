@@ -31,6 +31,6 @@ TORCH_LIBRARY_FRAGMENT(tlkernels, m) {
       "bool nesterov, bool maximize, bool first_step) -> ()");
   m.def(
       "adamw_l2sp_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-      "Tensor?[] refs, Tensor?[] weights, float[] coeffs, float lr, float beta1, float beta2, float eps, "
+      "Tensor(d!)[] max_exp_avg_sqs, Tensor?[] refs, Tensor?[] weights, float[] coeffs, float lr, float beta1, float beta2, float eps, "
       "float weight_decay, int step, bool maximize) -> ()");
 }

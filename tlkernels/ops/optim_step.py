@@ -13,8 +13,9 @@ SCHEMAS = {
                        "Tensor?[] refs, Tensor?[] weights, float[] coeffs, float lr, float momentum, float dampening, "
                        "float weight_decay, bool nesterov, bool maximize, bool first_step) -> ()"),
     "adamw_l2sp_step_": ("adamw_l2sp_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
-                         "Tensor(c!)[] exp_avg_sqs, Tensor?[] refs, Tensor?[] weights, float[] coeffs, float lr, float beta1, "
-                         "float beta2, float eps, float weight_decay, int step, bool maximize) -> ()"),
+                         "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor?[] refs, Tensor?[] weights, "
+                         "float[] coeffs, float lr, float beta1, float beta2, float eps, float weight_decay, int step, "
+                         "bool maximize) -> ()"),
 }
 
 
@@ -49,10 +50,10 @@ def sgd_l2sp_step_reference(params, grads, momentum_buffers, refs, weights, coef
 
 
 @torch.no_grad()
-def adamw_l2sp_step_reference(params, grads, exp_avgs, exp_avg_sqs, refs, weights, coeffs, lr, beta1, beta2, eps,
-                              weight_decay, step, maximize):
-    """torch.optim.AdamW's update (decoupled weight decay, no amsgrad) of each params[i] in place, with the L2-SP
-    gradient added to grads[i] first: the oracle of tlkernels::adamw_l2sp_step_."""
+def adamw_l2sp_step_reference(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, refs, weights, coeffs, lr, beta1,
+                              beta2, eps, weight_decay, step, maximize):
+    """torch.optim.AdamW's update (decoupled weight decay; amsgrad when max_exp_avg_sqs is not empty) of each
+    params[i] in place, with the L2-SP gradient added to grads[i] first: the oracle of tlkernels::adamw_l2sp_step_."""
     bc1 = 1 - beta1 ** step
     bc2s = math.sqrt(1 - beta2 ** step)
     for i, p in enumerate(params):
@@ -61,7 +62,10 @@ def adamw_l2sp_step_reference(params, grads, exp_avgs, exp_avg_sqs, refs, weight
         p.mul_(1 - lr * weight_decay)
         exp_avgs[i].mul_(beta1).add_(g, alpha=1 - beta1)
         exp_avg_sqs[i].mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        p.addcdiv_(exp_avgs[i], exp_avg_sqs[i].sqrt() / bc2s + eps, value=-lr / bc1)
+        second = exp_avg_sqs[i]
+        if max_exp_avg_sqs:
+            second = torch.maximum(max_exp_avg_sqs[i], exp_avg_sqs[i], out=max_exp_avg_sqs[i])
+        p.addcdiv_(exp_avgs[i], second.sqrt() / bc2s + eps, value=-lr / bc1)
 
 
 def _fake_step(*args):

@@ -34,10 +34,11 @@ TLK_HD A sgd_update(A p, A g, A p0, A coeff, A* buf, bool first, A lr, A momentu
   return p - lr * g;
 }
 
-// torch.optim.AdamW semantics (decoupled weight decay, no amsgrad), L2-SP gradient added to the
-// loss gradient before the moments.
+// torch.optim.AdamW semantics (decoupled weight decay; amsgrad when vmax is given: the running maximum of the
+// second moment, NaN kept as torch.maximum keeps it, in the denominator), L2-SP gradient added to the loss
+// gradient before the moments.
 template <typename A>
-TLK_HD A adamw_update(A p, A g, A p0, A coeff, A* m, A* v, A lr, A beta1, A beta2, A eps, A weight_decay,
+TLK_HD A adamw_update(A p, A g, A p0, A coeff, A* m, A* v, A* vmax, A lr, A beta1, A beta2, A eps, A weight_decay,
                       A bias_c1, A bias_c2_sqrt, bool maximize) {
   if (maximize) g = -g;
   g += penalty_grad(p, p0, coeff);
@@ -46,7 +47,12 @@ TLK_HD A adamw_update(A p, A g, A p0, A coeff, A* m, A* v, A lr, A beta1, A beta
   const A vv = beta2 * (*v) + (A(1) - beta2) * g * g;
   *m = mm;
   *v = vv;
-  const A denom = std::sqrt(vv) / bias_c2_sqrt + eps;
+  A second = vv;
+  if (vmax) {
+    if (vv != vv || vv > *vmax) *vmax = vv;
+    second = *vmax;
+  }
+  const A denom = std::sqrt(second) / bias_c2_sqrt + eps;
   return p - (lr / bias_c1) * mm / denom;
 }
 

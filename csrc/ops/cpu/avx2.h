@@ -130,8 +130,8 @@ struct AdamWOptions {
 };
 
 __attribute__((target("avx2,fma"))) inline void adamw_chunk(float* p, const float* g, const float* r,
-                                                            const float* w, float* m, float* v, int64_t n,
-                                                            const AdamWOptions& o) {
+                                                            const float* w, float* m, float* v, float* vmax,
+                                                            int64_t n, const AdamWOptions& o) {
   const __m256 vc = _mm256_set1_ps(o.coeff), sign = _mm256_set1_ps(o.maximize ? -1.0f : 1.0f);
   const __m256 b1 = _mm256_set1_ps(o.beta1), nb1 = _mm256_set1_ps(1.0f - o.beta1);
   const __m256 b2 = _mm256_set1_ps(o.beta2), nb2 = _mm256_set1_ps(1.0f - o.beta2);
@@ -149,12 +149,19 @@ __attribute__((target("avx2,fma"))) inline void adamw_chunk(float* p, const floa
     const __m256 vv = _mm256_fmadd_ps(b2, _mm256_loadu_ps(v + i), _mm256_mul_ps(_mm256_mul_ps(nb2, gv), gv));
     _mm256_storeu_ps(m + i, mm);
     _mm256_storeu_ps(v + i, vv);
-    const __m256 denom = _mm256_add_ps(_mm256_div_ps(_mm256_sqrt_ps(vv), c2), eps);
+    __m256 second = vv;
+    if (vmax) {  // (max_ps returns its second operand where either is NaN: vv's NaN kept, vmax's put back)
+      const __m256 old = _mm256_loadu_ps(vmax + i);
+      second = _mm256_blendv_ps(_mm256_max_ps(old, vv), old, _mm256_cmp_ps(old, old, _CMP_UNORD_Q));
+      _mm256_storeu_ps(vmax + i, second);
+    }
+    const __m256 denom = _mm256_add_ps(_mm256_div_ps(_mm256_sqrt_ps(second), c2), eps);
     _mm256_storeu_ps(p + i, _mm256_sub_ps(pv, _mm256_div_ps(_mm256_mul_ps(step, mm), denom)));
   }
   for (; i < n; ++i) {
     float mm = m[i], vv = v[i];
-    p[i] = l2sp::adamw_update<float>(p[i], g[i], r ? r[i] : 0.0f, w ? o.coeff * w[i] : o.coeff, &mm, &vv, o.lr,
+    p[i] = l2sp::adamw_update<float>(p[i], g[i], r ? r[i] : 0.0f, w ? o.coeff * w[i] : o.coeff, &mm, &vv,
+                                     vmax ? vmax + i : nullptr, o.lr,
                                      o.beta1, o.beta2, o.eps, o.weight_decay, o.bias_c1, o.bias_c2_sqrt, o.maximize);
     m[i] = mm;
     v[i] = vv;

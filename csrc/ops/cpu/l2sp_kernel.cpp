@@ -205,12 +205,17 @@ void sgd_l2sp_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLi
 }
 
 void adamw_l2sp_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                         at::TensorList exp_avg_sqs, const OptionalTensors& refs, const OptionalTensors& weights,
+                         at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, const OptionalTensors& refs,
+                         const OptionalTensors& weights,
                          at::ArrayRef<double> coeffs, double lr, double beta1, double beta2, double eps,
                          double weight_decay, int64_t step, bool maximize) {
   const char* op = "adamw_l2sp_step_";
   TORCH_CHECK(step >= 1, op, ": step must be >= 1, got ", step);
-  check_step_args(op, params, grads, {exp_avgs, exp_avg_sqs}, {"exp_avgs", "exp_avg_sqs"}, refs, weights, coeffs);
+  const bool amsgrad = !max_exp_avg_sqs.empty();
+  check_step_args(op, params, grads,
+                  amsgrad ? std::vector<at::TensorList>{exp_avgs, exp_avg_sqs, max_exp_avg_sqs}
+                          : std::vector<at::TensorList>{exp_avgs, exp_avg_sqs},
+                  {"exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"}, refs, weights, coeffs);
   const StepOperands in(params, grads, refs, weights);
   const double bc1 = 1.0 - std::pow(beta1, (double)step), bc2s = std::sqrt(1.0 - std::pow(beta2, (double)step));
   const auto items = make_items({params});
@@ -226,13 +231,14 @@ void adamw_l2sp_step_cpu(at::TensorList params, at::TensorList grads, at::Tensor
         const scalar_t* wp = StepOperands::ptr<scalar_t>(in.W[w.t]);
         scalar_t* mp = exp_avgs[w.t].mutable_data_ptr<scalar_t>();
         scalar_t* vp = exp_avg_sqs[w.t].mutable_data_ptr<scalar_t>();
+        scalar_t* xp = amsgrad ? max_exp_avg_sqs[w.t].mutable_data_ptr<scalar_t>() : nullptr;
         const A c = static_cast<A>(coeffs[w.t]);
 #ifdef TLK_HAVE_AVX2_PATH
         if constexpr (std::is_same_v<scalar_t, float>) {
           if (avx2::available()) {
             const int64_t o = w.begin;
             avx2::adamw_chunk(f32(pp, o), f32(gp, o), f32(rp, o), f32(wp, o), f32(mp, o), f32(vp, o),
-                              w.end - w.begin, {c, static_cast<float>(lr), static_cast<float>(beta1),
+                              f32(xp, o), w.end - w.begin, {c, static_cast<float>(lr), static_cast<float>(beta1),
                                                 static_cast<float>(beta2), static_cast<float>(eps),
                                                 static_cast<float>(weight_decay), static_cast<float>(bc1),
                                                 static_cast<float>(bc2s), maximize});
@@ -241,12 +247,14 @@ void adamw_l2sp_step_cpu(at::TensorList params, at::TensorList grads, at::Tensor
         }
 #endif
         for (int64_t i = w.begin; i < w.end; ++i) {
-          A m = mp[i], v = vp[i];
+          A m = mp[i], v = vp[i], x = xp ? static_cast<A>(xp[i]) : A(0);
           pp[i] = static_cast<scalar_t>(l2sp::adamw_update<A>(pp[i], gp[i], rp ? static_cast<A>(rp[i]) : A(0),
-                                                               wp ? c * static_cast<A>(wp[i]) : c, &m, &v, lr, beta1,
-                                                               beta2, eps, weight_decay, bc1, bc2s, maximize));
+                                                               wp ? c * static_cast<A>(wp[i]) : c, &m, &v,
+                                                               xp ? &x : nullptr, lr, beta1, beta2, eps, weight_decay,
+                                                               bc1, bc2s, maximize));
           mp[i] = static_cast<scalar_t>(m);
           vp[i] = static_cast<scalar_t>(v);
+          if (xp) xp[i] = static_cast<scalar_t>(x);
         }
       });
     }

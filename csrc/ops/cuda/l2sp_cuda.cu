@@ -52,7 +52,7 @@ struct Meta {
 };
 // Kernel parameters above 4 KB need CUDA 12.1 or newer (and Volta or newer GPUs).
 #if defined(CUDART_VERSION) && CUDART_VERSION < 12010
-static_assert(sizeof(Meta<6>) <= 4096, "tlkernels: the multi-tensor kernels pass a parameter struct of more than "
+static_assert(sizeof(Meta<7>) <= 4096, "tlkernels: the multi-tensor kernels pass a parameter struct of more than "
               "4 KB, which needs CUDA >= 12.1; build with a newer CUDA toolkit");
 #endif
 
@@ -320,9 +320,10 @@ void sgd_l2sp_step_cuda(at::TensorList params, at::TensorList grads, at::TensorL
   }
 }
 
-// operands: 0 p, 1 g, 2 exp_avg, 3 exp_avg_sq, 4 ref (optional), 5 per-element weights (optional)
+// operands: 0 p, 1 g, 2 exp_avg, 3 exp_avg_sq, 4 max_exp_avg_sq (amsgrad, optional), 5 ref (optional),
+// 6 per-element weights (optional)
 template <typename scalar_t>
-__global__ void adamw_kernel(Meta<6> meta, at::opmath_type<scalar_t> lr, at::opmath_type<scalar_t> beta1,
+__global__ void adamw_kernel(Meta<7> meta, at::opmath_type<scalar_t> lr, at::opmath_type<scalar_t> beta1,
                              at::opmath_type<scalar_t> beta2, at::opmath_type<scalar_t> eps,
                              at::opmath_type<scalar_t> weight_decay, at::opmath_type<scalar_t> bias_c1,
                              at::opmath_type<scalar_t> bias_c2_sqrt, bool maximize) {
@@ -333,26 +334,33 @@ __global__ void adamw_kernel(Meta<6> meta, at::opmath_type<scalar_t> lr, at::opm
   const auto* g = meta.template operand<const scalar_t>(1, t);
   auto* m = meta.template operand<scalar_t>(2, t);
   auto* v = meta.template operand<scalar_t>(3, t);
-  const auto* r = meta.template operand<const scalar_t>(4, t);
-  const auto* w = meta.template operand<const scalar_t>(5, t);
+  auto* x = meta.template operand<scalar_t>(4, t);
+  const auto* r = meta.template operand<const scalar_t>(5, t);
+  const auto* w = meta.template operand<const scalar_t>(6, t);
   const A c = static_cast<A>(meta.coeff[t]);
   for (int64_t i = base + threadIdx.x; i < end; i += blockDim.x) {
-    A mm = m[i], vv = v[i];
+    A mm = m[i], vv = v[i], xx = x ? static_cast<A>(x[i]) : A(0);
     p[i] = static_cast<scalar_t>(l2sp::adamw_update<A>(p[i], g[i], r ? static_cast<A>(r[i]) : A(0),
-                                                       w ? c * static_cast<A>(w[i]) : c, &mm, &vv, lr, beta1, beta2,
-                                                       eps, weight_decay, bias_c1, bias_c2_sqrt, maximize));
+                                                       w ? c * static_cast<A>(w[i]) : c, &mm, &vv, x ? &xx : nullptr,
+                                                       lr, beta1, beta2, eps, weight_decay, bias_c1, bias_c2_sqrt,
+                                                       maximize));
     m[i] = static_cast<scalar_t>(mm);
     v[i] = static_cast<scalar_t>(vv);
+    if (x) x[i] = static_cast<scalar_t>(xx);
   }
 }
 
 void adamw_l2sp_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                          at::TensorList exp_avg_sqs, const OptionalTensors& refs, const OptionalTensors& weights,
+                          at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, const OptionalTensors& refs,
+                          const OptionalTensors& weights,
                           at::ArrayRef<double> coeffs, double lr, double beta1, double beta2, double eps,
                           double weight_decay, int64_t step, bool maximize) {
   TORCH_CHECK(step >= 1, "adamw_l2sp_step_: step must be >= 1, got ", step);
-  check_step_args("adamw_l2sp_step_", params, grads, {exp_avgs, exp_avg_sqs}, {"exp_avgs", "exp_avg_sqs"}, refs,
-                  weights, coeffs);
+  const bool amsgrad = !max_exp_avg_sqs.empty();
+  check_step_args("adamw_l2sp_step_", params, grads,
+                  amsgrad ? std::vector<at::TensorList>{exp_avgs, exp_avg_sqs, max_exp_avg_sqs}
+                          : std::vector<at::TensorList>{exp_avgs, exp_avg_sqs},
+                  {"exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"}, refs, weights, coeffs);
   if (params.empty()) return;
   const c10::cuda::OptionalCUDAGuard guard(params[0].device());
   const auto R = optional_like(refs, params), W = optional_like(weights, params);
@@ -360,9 +368,9 @@ void adamw_l2sp_step_cuda(at::TensorList params, at::TensorList grads, at::Tenso
   std::vector<std::vector<at::Tensor>> lists;
   std::vector<double> cs;
   for (auto dt : {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16}) {
-    if (!step_operands(dt, params, grads, {exp_avgs, exp_avg_sqs}, R, W, coeffs, lists, cs)) continue;
+    if (!step_operands(dt, params, grads, {exp_avgs, exp_avg_sqs, max_exp_avg_sqs}, R, W, coeffs, lists, cs)) continue;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "adamw_l2sp_cuda", [&] {
-      multi_tensor_apply<6>(lists, cs, [&](const Meta<6>& meta, int nb) {
+      multi_tensor_apply<7>(lists, cs, [&](const Meta<7>& meta, int nb) {
         using A = at::opmath_type<scalar_t>;  // (float64 tensors: every scalar in double)
         adamw_kernel<scalar_t><<<nb, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
             meta, static_cast<A>(lr), static_cast<A>(beta1), static_cast<A>(beta2), static_cast<A>(eps),
