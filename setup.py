@@ -87,7 +87,8 @@ setup(
     version="0.1.0",
     description="Fused CPU/Triton/CUDA kernels for adaptive fine-tuning of CNNs",
     packages=find_packages(include=["tlkernels", "tlkernels.*"]),
-    package_data={"tlkernels.triton": ["fitting_configs.json"]},  # the autotune configs that fit (data)
+    package_data={"tlkernels.triton": ["fitting_configs.json"],  # the autotune configs that fit (data)
+                  "tlkernels.train": ["configs/*.json"]},  # the trainer's shipped recipes (--config NAME)
     ext_modules=get_extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=True)},
     python_requires=f">={MIN_PYTHON[0]}.{MIN_PYTHON[1]}",

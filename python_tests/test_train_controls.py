@@ -222,3 +222,31 @@ def test_t_quantiles():
     assert compare.t975(31) == pytest.approx(2.0395, abs=1e-4) and compare.t975(1000) == pytest.approx(1.9623, abs=1e-4)
     with pytest.raises(ValueError, match="degrees of freedom must be >= 1, got 0"):
         compare.t975(0)
+
+
+# ----------------------------------------------------------------------------- shipped recipes
+@pytest.mark.parametrize("name,env", [("small_target_gpu", {}), ("large_target_torchrun", {"WORLD_SIZE": "2"}),
+                                      ("cpu_demo", {})])
+def test_shipped_recipes_are_valid_and_every_option_acts(name, env, monkeypatch):
+    import dataclasses
+    import warnings
+    from tlkernels.train.config import shipped_configs
+    assert set(shipped_configs()) == {"small_target_gpu", "large_target_torchrun", "cpu_demo"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (an option that does nothing in the run it describes would warn)
+        cfg = parse_args(["--config", name, *(["--target", "data/x"] if name != "cpu_demo" else [])])
+    assert cfg.config == name
+    if name == "cpu_demo":  # the README's demo command (on the CPU), as a recipe
+        readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+        cmd = readme.split("python -m tlkernels.train ", 1)[1].splitlines()[0].split()
+        assert dataclasses.replace(parse_args(cmd), config=name, device="cpu") == cfg
+
+
+def test_a_flag_wins_over_the_recipe_and_an_unknown_name_is_refused(capsys):
+    assert parse_args(["--config", "small_target_gpu", "--target", "x", "--epochs", "3", "--amp", "off"]).epochs == 3
+    with pytest.raises(SystemExit):
+        parse_args(["--config", "tiny"])
+    assert "--config tiny: no such file, and not a shipped recipe (cpu_demo, large_target_torchrun, " \
+           "small_target_gpu)" in capsys.readouterr().err

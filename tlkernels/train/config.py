@@ -62,6 +62,14 @@ def uses_source_images(cfg):
     return any(recipe(cfg, b, l2).uses_source or (l2 and cfg.l2sp_fisher > 0) for _, b, l2 in cfg.methods())
 
 
+CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+
+def shipped_configs():
+    """The recipes shipped with tlkernels (tlkernels/train/configs/NAME.json): {NAME: path}."""
+    return {f[:-5]: os.path.join(CONFIGS, f) for f in sorted(os.listdir(CONFIGS)) if f.endswith(".json")}
+
+
 @dataclass
 class Config:
     """Every option of the trainer (flag --name, or key of the --config JSON file)."""
@@ -167,7 +175,8 @@ class Config:
                              "metrics.jsonl still has one record per step, L2-SP's value on the steps read")
     quiet: bool = option(False, "no progress bars")
     threads: int = option(0, "torch threads (0: torch's default)")
-    config: str = option("", "JSON file with any of these options")
+    config: str = option("", "JSON file with any of these options, or the name of a recipe shipped in "
+                             f"tlkernels/train/configs/: {', '.join(shipped_configs())}")
 
     def methods(self):
         """The methods to train, each parsed once: [(name as given, base method, with L2-SP)]."""
@@ -215,6 +224,11 @@ def parser():
 
 
 def _read_config_file(ap, path):
+    """The options of --config PATH, or of a shipped recipe's NAME when no file PATH exists."""
+    if not os.path.exists(path) and path in shipped_configs():
+        path = shipped_configs()[path]
+    elif not os.path.exists(path) and os.sep not in path and not path.endswith(".json"):
+        ap.error(f"--config {path}: no such file, and not a shipped recipe ({', '.join(shipped_configs())})")
     try:
         with open(path) as fh:
             values = json.load(fh)
