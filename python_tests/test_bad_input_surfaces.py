@@ -527,12 +527,13 @@ def test_estimate_fisher_max_samples_stops_reading():
 
 
 # ----------------------------------------------------------------------------- the wrappers on non-ResNet models
-@pytest.mark.parametrize("arch", ["mobilenet_v3_small", "vgg11", "squeezenet1_0", "efficientnet_b0"])
+@pytest.mark.parametrize("arch", ["vgg11", "squeezenet1_0", "alexnet", "densenet121"])
 def test_spottune_on_a_model_without_residual_blocks_names_what_it_needs(arch):
     from tlkernels.methods import SpotTune
     model = torchvision.models.get_model(arch, num_classes=3)
     with pytest.raises(ValueError, match=r"SpotTune: found no residual blocks in \w+; expected torchvision "
-                                         r"BasicBlock/Bottleneck"):
+                                         r"or timm residual blocks \(ResNet, inverted residual / MBConv, ConvNeXt, "
+                                         r"RegNet: methods._blocks.BLOCK_CLASSES\)"):
         SpotTune(model)
 
 

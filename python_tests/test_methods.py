@@ -93,6 +93,7 @@ BLOCK_FAMILIES = [  # (library, arch, block classes SpotTune must find, how many
     ("torchvision", "efficientnet_b0", {"MBConv"}, 16),
     ("torchvision", "regnet_x_400mf", {"ResBottleneckBlock"}, 22),
     ("torchvision", "shufflenet_v2_x0_5", {"InvertedResidual"}, 16),
+    ("torchvision", "mnasnet0_5", {"_InvertedResidual"}, 16),
     ("timm", "convnext_atto", {"ConvNeXtBlock"}, 12),
     ("timm", "efficientnet_b0", {"DepthwiseSeparableConv", "InvertedResidual"}, 16),
     ("timm", "resnet50d", {"Bottleneck"}, 16),

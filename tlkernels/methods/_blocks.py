@@ -12,6 +12,7 @@ BLOCK_CLASSES = {
     "torchvision.models.convnext": ("CNBlock",),
     "torchvision.models.regnet": ("ResBottleneckBlock",),
     "torchvision.models.shufflenetv2": ("InvertedResidual",),
+    "torchvision.models.mnasnet": ("_InvertedResidual",),
     "timm.models.resnet": ("BasicBlock", "Bottleneck"),
     "timm.models.regnet": ("Bottleneck",),
     "timm.models.convnext": ("ConvNeXtBlock",),

@@ -110,8 +110,8 @@ def _runs_extra_code(module):
 
 class _FoldedCopies:
     """Copies of some modules with each BatchNorm folded into the convolution before it (torch.fx's conv-BN
-    fusion; equal up to rounding), for eval without autograd: that saves one pass over every activation, 5.6%
-    of a ResNet-18's eval at 224 px (N = 16, 2 threads, AMD EPYC Zen 3). Rebuilt when a parameter or buffer of
+    fusion; equal up to rounding), for eval without autograd: that saves one pass over every activation
+    (benchmarks/test_bench_methods.py times SpotTune's eval). Rebuilt when a parameter or buffer of
     the owner changed (in-place version, storage, dtype or device); `clear()` drops them (train()). A module
     torch.fx cannot trace or with a BatchNorm in training mode comes back as it is, and so does one whose
     forward is replaced on the instance (fx traces the class's) or with forward hooks on it or a submodule
@@ -295,9 +295,7 @@ class SpotTune(nn.Module):
 
     def forward(self, x):
         # Fast eval on CPU tensors runs channels_last (the input once; the folded copies' weights): oneDNN's
-        # convolutions skip their per-call layout reorders. ResNet-18 at 224 px, N = 16, BatchNorms folded: 477-514 ms
-        # against 613-663 ms in the default layout; the official policy at 64 px, N = 64: 194-212 against 258-268 ms
-        # (2 threads, AMD EPYC Zen 3, oneDNN 3.12).
+        # convolutions skip their per-call layout reorders (benchmarks/test_bench_methods.py).
         cl = self._fast_eval() and x.device.type == "cpu" and x.dim() == 4
         if cl:
             x = x.contiguous(memory_format=torch.channels_last)
