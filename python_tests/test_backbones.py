@@ -114,16 +114,18 @@ def test_a_classifier_over_other_classes_loads_with_its_shape(tmp_path):
 
 
 # ----------------------------------------------------------------------------- the trainer
-FAMILIES = {  # arch: the methods trained on it (every method on a ResNet-D; the wrappers on the other families)
+FAMILIES = {  # arch: the methods trained on it (every method on a ResNet-D, each on another family too)
     "timm/resnet18d": "finetune,l2sp,soft,selective,adafilter,spottune",
-    "timm/convnext_atto": "adafilter,spottune",
-    "timm/efficientnet_b0": "finetune,spottune",
+    "timm/convnext_atto": "adafilter,spottune,soft",
+    "timm/efficientnet_b0": "finetune,l2sp,selective",
+    "efficientnet_b0": "spottune",  # (torchvision's MBConv blocks)
     "timm/mobilenetv3_small_050": "adafilter,spottune_global",
 }
 
 
 @pytest.mark.parametrize("arch", list(FAMILIES))
-def test_methods_train_and_export_on_timm_families(tmp_path, tmp_path_factory, folder, arch, monkeypatch):
+def test_methods_train_and_export_on_timm_and_torchvision_families(tmp_path, tmp_path_factory, folder, arch,
+                                                                  monkeypatch):
     monkeypatch.setenv("TLKERNELS_GATED_CONV", "heuristic")  # (no strategy timing for every conv shape)
     ck = weights(tmp_path_factory, arch)
     source = write_folder(str(tmp_path / "src"), per_class=6, extra_modes=False)

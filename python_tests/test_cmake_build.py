@@ -23,8 +23,9 @@ def test_cmake_build_and_ctest(tmp_path):
     args = ["cmake", "-S", ROOT, "-B", str(build), f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"]
     if cuda:
         env["CUDA_HOME"] = cuda
-        # Without a visible GPU, torch's CMake would try to detect one; name the targets instead.
-        env.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        # Without a visible GPU, torch's CMake would try to detect one; name a target instead (one: this test
+        # checks the CMake build, and setup.py's build compiles for every default architecture).
+        env.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
         args += [f"-DCUDA_TOOLKIT_ROOT_DIR={cuda}", f"-DCUDAToolkit_ROOT={cuda}", f"-DCMAKE_CUDA_COMPILER={cuda}/bin/nvcc"]
     r = subprocess.run(args, capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]

@@ -2,7 +2,6 @@
 frozen parameters and the methods' own modules), the warm-up + cosine schedule, --opt adamw, --grad_accum (and
 a resume in the middle of an accumulation), --clip_grad, --model_ema, --freeze_bn, --sync_bn's checks, and the
 files and figures a run reports (summary.csv, top-5)."""
-import copy
 import csv
 import math
 import pathlib
@@ -12,12 +11,11 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from tlkernels import train
 from tlkernels.train import backbones, loop, optimize
 from tlkernels.train.config import parse_args
 from tlkernels.train.recipes import recipe
 
-from test_train import FAST, cache, run  # noqa: F401  (the demo's fast options, its shared cache fixture)
+from test_train import cache, run  # noqa: F401  (the demo runner and its shared cache fixture)
 
 
 def built(method, **options):

@@ -216,8 +216,7 @@ def check_batch_memory(cfg, backbone, device):
 # Options that do not change what a run computes: a resumed run may differ from its checkpoint in these alone.
 RESUME_FREE = {"compare", "method", "seeds", "resume", "stop_after", "quiet", "config", "threads", "out_dir",
                "cache_dir", "workers", "device", "export", "tensorboard", "log_every"}
-CHECKPOINT_KEYS = {"method", "model", "optimizer", "scheduler", "scaler", "objective", "recipe", "rng", "step",
-                   "best", "history", "config", "buffers"}
+
 
 
 def rng_states(device, world):
@@ -251,28 +250,6 @@ def make_deterministic():
     covers cuDNN's convolutions, whatever torch.backends.cudnn.benchmark says.)"""
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # (read when cuBLAS starts)
     torch.use_deterministic_algorithms(True, warn_only=True)
-
-
-def load_resume_checkpoint(path, cfg, method):
-    """last.pt of an earlier run of the same method and configuration (loaded without unpickling code)."""
-    try:
-        ck = load(path, "--resume checkpoint")
-    except CheckpointError as e:
-        raise SystemExit(f"tlkernels-train: {e}; delete it to start over")
-    if not isinstance(ck, dict) or not CHECKPOINT_KEYS <= set(ck):
-        got = sorted(ck) if isinstance(ck, dict) else type(ck).__name__
-        raise SystemExit(f"tlkernels-train: --resume checkpoint {path} is not a tlkernels training checkpoint "
-                         f"(expected the keys {sorted(CHECKPOINT_KEYS)}, got {got})")
-    if ck["method"] != method:
-        raise SystemExit(f"tlkernels-train: --resume: {path} is a checkpoint of method {ck['method']!r}, and this run "
-                         f"trains {method!r}; resume it with --method {ck['method']}, or delete it to start over")
-    now = dataclasses.asdict(cfg)
-    changed = [f"--{k}: checkpoint {v!r}, now {now.get(k)!r}" for k, v in sorted(ck["config"].items())
-               if k not in RESUME_FREE and now.get(k) != v]
-    if changed:
-        raise SystemExit(f"tlkernels-train: --resume: {path} was written by a run with other options, so resuming "
-                         f"would not continue that run; " + "; ".join(changed))
-    return ck
 
 
 def target_loss_options(cfg, target, device):
@@ -412,154 +389,282 @@ class Progress:
                 "img/s": f"{self.images / max(time.time() - self.t0, 1e-9):.0f}"}
 
 
+# ----------------------------------------------------------------------------- one method: build
+@dataclasses.dataclass
+class Training:
+    """One method's training state: its recipe, the model (`net`; `model` is what runs the batches: DDP and/or
+    torch.compile around it), the penalty, the step plan, the loss, the optimizer side, and the loop's progress."""
+    recipe: object
+    net: nn.Module
+    model: nn.Module
+    l2sp: object
+    plan: object
+    objective: object
+    opt: torch.optim.Optimizer
+    sched: object
+    scaler: object
+    ema: object
+    frozen_bns: list
+    steps_per_epoch: int
+    total: int
+    warmup: int
+    step: int = 0
+    best: float = -1.0
+    history: list = dataclasses.field(default_factory=list)
+
+
+def build(run, base, with_l2sp):
+    """The method's model from the pre-trained backbone, on the run's device, with its optimizer (scaled groups),
+    schedule, loss and the trainer's controls (--sync_bn, --freeze_bn, --model_ema)."""
+    from tlkernels.train import optimize
+    cfg, device = run.cfg, run.device
+    torch.manual_seed(cfg.seed)
+    rec = recipe(cfg, base, with_l2sp)
+    if rec.uses_source and run.source is None:
+        raise SystemExit(f"tlkernels-train: method {base!r} needs a source set (--source DIR)")
+    net = rec.build(run.backbone, len(run.target.classes), run.source.classes if run.source else None,
+                    run.pretrained_classes)
+    if cfg.sync_bn and run.world > 1:
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)  # (same parameters, new BN modules)
+    frozen_bns = optimize.freeze_batchnorm(net, rec.new) if cfg.freeze_bn else []
+    net.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+    l2sp = rec.l2sp(net, run)
+    run.net = net
+    plan = data.StepPlan(len(run.target.train), cfg.batch_size, cfg.seed, run.rank, run.world, rec.draw_sources,
+                         rec.sample_weights)
+    spe = plan.steps_per_epoch()
+    total, warmup = cfg.epochs * spe, cfg.warmup_epochs * spe
+    objective = rec.objective(total, target_loss_options(cfg, run.target, device))
+    # (SGD: the L2-SP penalty is the regulariser, no L2 beside it; AdamW exempts what L2-SP penalises itself)
+    wd = 0.0 if l2sp is not None and cfg.opt == "sgd" else cfg.weight_decay
+    groups = optimize.scaled_groups(rec.param_groups(net, wd), optimize.lr_scales(cfg, net, rec.units, rec.new),
+                                    cfg.lr)
+    opt = optimize.make_optimizer(cfg, groups, l2sp)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: optimize.lr_factor(s, total, warmup))
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    ema = optimize.ModelEMA(net, cfg.model_ema) if cfg.model_ema else None
+    rec.setup(run)
+    model = net
+    if run.world > 1:
+        model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        model = torch.compile(model)
+    return Training(rec, net, model, l2sp, plan, objective, opt, sched, scaler, ema, frozen_bns, spe, total, warmup)
+
+
+# ----------------------------------------------------------------------------- one method: checkpoints
+def _set_buffers(t, saved):
+    for name, buf in t.net.named_buffers():  # also the non-persistent ones (SpotTune's gate-usage counters)
+        if name in saved:
+            buf.copy_(saved[name])
+
+
+def _set_grads(t, saved):
+    for name, p in t.net.named_parameters():  # gradients accumulated before the interruption (--grad_accum)
+        if name in saved:
+            p.grad = saved[name].to(p.device)
+
+
+class Checkpoint:
+    """last.pt: what a resumed run needs to continue exactly. FIELDS says, per key, what save() takes from the
+    Training and how restore() puts it back: one list for both directions. Loaded with weights_only=True."""
+    FIELDS = {
+        "model": (lambda t: t.net.state_dict(), lambda t, v: t.net.load_state_dict(v)),
+        "optimizer": (lambda t: t.opt.state_dict(), lambda t, v: t.opt.load_state_dict(v)),
+        "scheduler": (lambda t: t.sched.state_dict(), lambda t, v: t.sched.load_state_dict(v)),
+        "scaler": (lambda t: t.scaler.state_dict(), lambda t, v: t.scaler.load_state_dict(v)),
+        "objective": (lambda t: t.objective.state_dict(), lambda t, v: t.objective.load_state_dict(v)),
+        "recipe": (lambda t: t.recipe.state(), lambda t, v: t.recipe.load_state(v)),
+        "buffers": (lambda t: {k: b.detach().cpu().clone() for k, b in t.net.named_buffers()}, _set_buffers),
+        "grads": (lambda t: {k: p.grad.detach().cpu().clone() for k, p in t.net.named_parameters()
+                             if p.grad is not None}, _set_grads),
+        "ema": (lambda t: t.ema.state_dict() if t.ema is not None else None,
+                lambda t, v: t.ema.load_state_dict(v) if t.ema is not None else None),
+        "step": (lambda t: t.step, lambda t, v: setattr(t, "step", v)),
+        "best": (lambda t: t.best, lambda t, v: setattr(t, "best", v)),
+        "history": (lambda t: t.history, lambda t, v: setattr(t, "history", v)),
+    }
+    OPTIONAL = {"grads": {}, "ema": None}  # (absent from checkpoints of runs without them: their defaults)
+    KEYS = (set(FIELDS) - set(OPTIONAL)) | {"method", "config", "rng"}  # (+ whose run, every process's RNGs)
+
+    @classmethod
+    def save(cls, path, t, method, cfg, rng):
+        atomic_save({"method": method, "config": dataclasses.asdict(cfg), "rng": rng,
+                     **{k: get(t) for k, (get, _) in cls.FIELDS.items()}}, path)
+
+    @classmethod
+    def load(cls, path, cfg, method):
+        """last.pt of an earlier run of the same method and configuration (loaded without unpickling code)."""
+        try:
+            ck = load(path, "--resume checkpoint")
+        except CheckpointError as e:
+            raise SystemExit(f"tlkernels-train: {e}; delete it to start over")
+        if not isinstance(ck, dict) or not cls.KEYS <= set(ck):
+            got = sorted(ck) if isinstance(ck, dict) else type(ck).__name__
+            raise SystemExit(f"tlkernels-train: --resume checkpoint {path} is not a tlkernels training checkpoint "
+                             f"(expected the keys {sorted(cls.KEYS)}, got {got})")
+        if ck["method"] != method:
+            raise SystemExit(f"tlkernels-train: --resume: {path} is a checkpoint of method {ck['method']!r}, and this "
+                             f"run trains {method!r}; resume it with --method {ck['method']}, or delete it to start "
+                             f"over")
+        now = dataclasses.asdict(cfg)
+        changed = [f"--{k}: checkpoint {v!r}, now {now.get(k)!r}" for k, v in sorted(ck["config"].items())
+                   if k not in RESUME_FREE and now.get(k) != v]
+        if changed:
+            raise SystemExit(f"tlkernels-train: --resume: {path} was written by a run with other options, so "
+                             f"resuming would not continue that run; " + "; ".join(changed))
+        return ck
+
+    @classmethod
+    def restore(cls, ck, t, path, run):
+        """Puts the checkpoint's state back into the Training and this process's RNGs."""
+        try:
+            for k, (_, put) in cls.FIELDS.items():
+                put(t, ck.get(k, cls.OPTIONAL[k]) if k in cls.OPTIONAL else ck[k])
+            restore_rng(ck["rng"], run.device, run.rank)
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:
+            raise SystemExit(f"tlkernels-train: --resume checkpoint {path} does not fit this run "
+                             f"({type(e).__name__}: {e})")
+
+
+# ----------------------------------------------------------------------------- one method: a step
+def train_step(t, run, method, batch, boundary):
+    """One batch forward and backward (target images, and source images or targets where the method has them);
+    at an accumulation `boundary` the optimizer step (clipped, scaled) and the EMA update. Returns the step's
+    values for the metrics record ({} for a batch whose images were all unreadable)."""
+    from tlkernels.train import optimize
+    cfg, device = run.cfg, run.device
+    xt, yt, xs, ys = batch
+    values = {}
+    if xt is not None:
+        xt, yt = run.batch(xt), yt.to(device, non_blocking=True)
+        xs, ys = t.recipe.source_batch(run, xt, xs, ys)
+        # (DDP all-reduces the gradients only on the batch that completes an accumulation)
+        sync = t.model.no_sync() if run.world > 1 and not boundary else contextlib.nullcontext()
+        with sync:
+            with run.amp(), one_image_batches_explained(method, t.step, len(xt)):
+                if ys is not None:  # with source images, or (distillation) source targets of the target images
+                    x_in = xt if xs is None else torch.cat([xt, run.batch(xs)])
+                    logits, s_logits = t.model(x_in, len(xt))
+                    loss, lt, ls = t.objective.parts(logits, yt, s_logits, ys.to(device, non_blocking=True))
+                else:
+                    logits = t.model(xt)
+                    loss, lt, ls = t.objective.parts(logits, yt)
+            t.scaler.scale(loss / cfg.grad_accum if cfg.grad_accum > 1 else loss).backward()
+        values = dict(loss=loss, target_ce=lt, source_ce=ls, train_acc=(logits.argmax(1) == yt).float().mean())
+    if boundary and any(p.grad is not None for g in t.opt.param_groups for p in g["params"]):
+        optimize.clip_gradients(cfg, t.opt, t.scaler)
+        t.scaler.step(t.opt)
+        t.scaler.update()
+        t.opt.zero_grad(set_to_none=True)
+        if t.ema is not None:
+            t.ema.update(t.net)
+    with warnings.catch_warnings():  # (the schedule runs per batch: with --grad_accum before a first step)
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+        t.sched.step()
+    t.objective.step()
+    t.step += 1
+    return values
+
+
+# ----------------------------------------------------------------------------- one method: evaluate and save
+def evaluate(t, run):
+    """The validation record entries: top-1, loss, top-5 (and the EMA's), unreadable images, gate usage."""
+    ev = run.evaluate(run.target.val)
+    rec = {"val_acc": ev["acc"], "val_loss": ev["loss"], "val_top5": ev["top5"]}
+    if ev["skipped"]:
+        rec["val_skipped_images"] = ev["skipped"]
+    if t.ema is not None:
+        ev = run.evaluate(run.target.val, net=t.ema.module)
+        rec.update(ema_val_acc=ev["acc"], ema_val_loss=ev["loss"], ema_val_top5=ev["top5"])
+    gates = t.recipe.gates(t.net)
+    if gates is not None:
+        rec["gates"] = gates
+    return rec
+
+
+def finish(t, run, method, out, status, seconds, skipped, val_skipped):
+    """summary.json, the exports (model.pt2, plain.pt; the EMA's in ema/) and the plots; returns the summary."""
+    final = [h for h in t.history if "val_acc" in h]
+    summary = {"method": method, "status": status, "steps": t.step,
+               "final_val_acc": final[-1]["val_acc"] if final else None, "best_val_acc": t.best,
+               "seconds": round(seconds, 1), "seed": run.cfg.seed, "skipped_images": skipped,
+               "val_skipped_images": val_skipped}
+    if t.ema is not None:
+        summary["ema_final_val_acc"] = final[-1].get("ema_val_acc") if final else None
+    if is_main():
+        if run.cfg.export and status == "done":
+            summary["export"] = export.write(t.net, t.recipe, run, out)
+            if t.ema is not None:
+                os.makedirs(os.path.join(out, "ema"), exist_ok=True)
+                summary["export_ema"] = export.write(t.ema.module, t.recipe, run, os.path.join(out, "ema"))
+        atomic_write_text(json.dumps(summary, indent=2), os.path.join(out, "summary.json"))
+        plots.curves(t.history, os.path.join(out, "curves.png"), method)
+        if final and "gates" in final[-1]:
+            plots.gates(final[-1]["gates"], os.path.join(out, "gates.png"), method)
+        t.recipe.plots(run, out)
+    return summary
+
+
 # ----------------------------------------------------------------------------- one method
 def train_method(run, method, base, with_l2sp, out):
     """Train one method (its recipe) from the pre-trained backbone; writes its files into `out`.
     Returns (summary dict, history: one record per step)."""
     from tqdm.auto import tqdm
     from tlkernels.train import optimize
-    cfg, device = run.cfg, run.device
+    cfg = run.cfg
     if is_main():
         os.makedirs(out, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    rec_ = recipe(cfg, base, with_l2sp)
-    if rec_.uses_source and run.source is None:
-        raise SystemExit(f"tlkernels-train: method {base!r} needs a source set (--source DIR)")
-    net = rec_.build(run.backbone, len(run.target.classes), run.source.classes if run.source else None,
-                     run.pretrained_classes)
-    if cfg.sync_bn and run.world > 1:
-        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)  # (same parameters, new BN modules)
-    frozen_bns = optimize.freeze_batchnorm(net, rec_.new) if cfg.freeze_bn else []
-    net.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
-    l2sp = rec_.l2sp(net, run)
-    run.net = net
-    plan = data.StepPlan(len(run.target.train), cfg.batch_size, cfg.seed, run.rank, run.world, rec_.draw_sources,
-                         rec_.sample_weights)
-    spe = plan.steps_per_epoch()
-    total, warmup, accum = cfg.epochs * spe, cfg.warmup_epochs * spe, cfg.grad_accum
-    objective = rec_.objective(total, target_loss_options(cfg, run.target, device))
-    # (SGD: the L2-SP penalty is the regulariser, no L2 beside it; AdamW exempts what L2-SP penalises itself)
-    wd = 0.0 if l2sp is not None and cfg.opt == "sgd" else cfg.weight_decay
-    groups = optimize.scaled_groups(rec_.param_groups(net, wd), optimize.lr_scales(cfg, net, rec_.units, rec_.new),
-                                    cfg.lr)
-    opt = optimize.make_optimizer(cfg, groups, l2sp)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: optimize.lr_factor(s, total, warmup))
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-    ema = optimize.ModelEMA(net, cfg.model_ema) if cfg.model_ema else None
-    rec_.setup(run)
-    model = net
-    if run.world > 1:
-        model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile:
-        model = torch.compile(model)
-    start, best, history = 0, -1.0, []
+    t = build(run, base, with_l2sp)
+    spe, total = t.steps_per_epoch, t.total
     last_path, best_path = os.path.join(out, "last.pt"), os.path.join(out, "best.pt")
     if cfg.resume and os.path.exists(last_path):
-        ck = load_resume_checkpoint(last_path, cfg, method)
-        try:
-            net.load_state_dict(ck["model"])
-            opt.load_state_dict(ck["optimizer"])
-            sched.load_state_dict(ck["scheduler"])
-            scaler.load_state_dict(ck["scaler"])
-            objective.load_state_dict(ck["objective"])
-            rec_.load_state(ck["recipe"])
-            for name, buf in net.named_buffers():  # also the non-persistent ones (SpotTune's gate-usage counters)
-                if name in ck["buffers"]:
-                    buf.copy_(ck["buffers"][name])
-            for name, p in net.named_parameters():  # gradients accumulated before the interruption
-                if name in ck.get("grads", {}):
-                    p.grad = ck["grads"][name].to(p.device)
-            if ema is not None:
-                ema.load_state_dict(ck["ema"])
-            restore_rng(ck["rng"], device, run.rank)
-        except (KeyError, RuntimeError, ValueError, TypeError) as e:
-            raise SystemExit(f"tlkernels-train: --resume checkpoint {last_path} does not fit this run "
-                             f"({type(e).__name__}: {e})")
-        start, best, history = ck["step"], ck["best"], ck["history"]
-        log(f"{method}: resumed at step {start}/{total}")
+        Checkpoint.restore(Checkpoint.load(last_path, cfg, method), t, last_path, run)
+        log(f"{method}: resumed at step {t.step}/{total}")
+    start = t.step
     metrics = tb = None
     if is_main():  # a fresh run starts the file anew; a resumed one continues the history it resumed
-        atomic_write_text("".join(json.dumps(h) + "\n" for h in history), os.path.join(out, "metrics.jsonl"))
+        atomic_write_text("".join(json.dumps(h) + "\n" for h in t.history), os.path.join(out, "metrics.jsonl"))
         metrics = open(os.path.join(out, "metrics.jsonl"), "a")
         tb = tensorboard_writer(cfg, out)
-    loader = data.train_loader(run.target, run.source, plan, run.workers, device)
+    loader = data.train_loader(run.target, run.source, t.plan, run.workers, run.device)
     bar = tqdm(total=total, initial=start, desc=method, disable=cfg.quiet or not is_main())
-    progress = Progress(run.world)
-    t0, status, step, skipped, val_skipped, unread, warned = time.time(), "done", start, 0, 0, set(), set()
-    pending = StepValues()
-    have_grads = any(p.grad is not None for p in net.parameters())
+    progress, pending = Progress(run.world), StepValues()
+    t0, status, skipped, val_skipped, unread, warned = time.time(), "done", 0, 0, set(), set()
     for epoch in range(start // spe, cfg.epochs):
-        plan.set_epoch(epoch, skip=step - epoch * spe)
+        t.plan.set_epoch(epoch, skip=t.step - epoch * spe)
         for xt, yt, xs, ys, bad in loader:
             skipped += bad.count
             unread.update(bad.target)
-            model.train()
-            optimize.keep_frozen(frozen_bns)
+            t.model.train()
+            optimize.keep_frozen(t.frozen_bns)
             # an optimizer step every --grad_accum batches, counted from the epoch's start, and at its end
-            boundary = (step + 1 - epoch * spe) % accum == 0 or (step + 1) % spe == 0
+            boundary = (t.step + 1 - epoch * spe) % cfg.grad_accum == 0 or (t.step + 1) % spe == 0
+            values = train_step(t, run, method, (xt, yt, xs, ys), boundary)
             if xt is not None:
-                xt, yt = run.batch(xt), yt.to(device, non_blocking=True)
-                xs, ys = rec_.source_batch(run, xt, xs, ys)
-                # (DDP all-reduces the gradients only on the batch that completes an accumulation)
-                sync = model.no_sync() if run.world > 1 and not boundary else contextlib.nullcontext()
-                with sync:
-                    with run.amp(), one_image_batches_explained(method, step, len(xt)):
-                        if ys is not None:  # with source images, or (distillation) source targets of the targets
-                            x_in = xt if xs is None else torch.cat([xt, run.batch(xs)])
-                            logits, s_logits = model(x_in, len(xt))
-                            loss, lt, ls = objective.parts(logits, yt, s_logits, ys.to(device, non_blocking=True))
-                        else:
-                            logits = model(xt)
-                            loss, lt, ls = objective.parts(logits, yt)
-                    scaler.scale(loss / accum if accum > 1 else loss).backward()
-                have_grads = True
                 progress.seen(len(xt))
-            if boundary and have_grads:
-                optimize.clip_gradients(cfg, opt, scaler)
-                scaler.step(opt)
-                scaler.update()
-                opt.zero_grad(set_to_none=True)
-                have_grads = False
-                if ema is not None:
-                    ema.update(net)
-            with warnings.catch_warnings():  # (the schedule runs per batch: with --grad_accum before a first step)
-                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
-                sched.step()
-            objective.step()
-            step += 1
+            step = t.step
             stop = cfg.stop_after and step - start >= cfg.stop_after
-            rec = {"step": step, "epoch": epoch, "lambda": objective.lam(),
-                   "lr": cfg.lr * optimize.lr_factor(step, total, warmup)}
+            rec = {"step": step, "epoch": epoch, "lambda": t.objective.lam(),
+                   "lr": cfg.lr * optimize.lr_factor(step, total, t.warmup)}
             read = step % cfg.log_every == 0 or step % spe == 0 or step == total or stop
-            values = {}
-            if xt is not None:
-                values = dict(loss=loss, target_ce=lt, source_ce=ls, train_acc=(logits.argmax(1) == yt).float().mean())
-            if l2sp is not None and read:  # (a pass over every parameter: only where the losses are read)
-                values["l2sp"] = l2sp.value()
+            if t.l2sp is not None and read:  # (a pass over every parameter: only where the losses are read)
+                values["l2sp"] = t.l2sp.value()
             pending.add(rec, values)
             if step % spe == 0:
-                rec.update(rec_.epoch_end(run, epoch))
+                rec.update(t.recipe.epoch_end(run, epoch))
                 if unread:
                     warned |= warn_unreadable_classes(run.target.train, unread, "training", warned)
             if (step % spe == 0 and (epoch + 1) % cfg.eval_every == 0) or step == total:
-                ev = run.evaluate(run.target.val)
-                acc, val_skipped = ev["acc"], ev["skipped"]
-                rec.update(val_acc=acc, val_loss=ev["loss"], val_top5=ev["top5"])
-                if val_skipped:
-                    rec["val_skipped_images"] = val_skipped
-                if ema is not None:
-                    ev = run.evaluate(run.target.val, net=ema.module)
-                    rec.update(ema_val_acc=ev["acc"], ema_val_loss=ev["loss"], ema_val_top5=ev["top5"])
-                gates = rec_.gates(net)
-                if gates is not None:
-                    rec["gates"] = gates
+                rec.update(evaluate(t, run))
+                val_skipped = rec.get("val_skipped_images", 0)
             if skipped:
                 rec["skipped_images"] = skipped
-            if read:
+            if read:  # the held records complete: checked, logged, shown
                 got = pending.read()
                 for r in got:
                     check_finite(r, method, r["step"], r["epoch"])
-                    history.append(r)
+                    t.history.append(r)
                     if metrics:
                         metrics.write(json.dumps(r) + "\n")
                     if tb:
@@ -568,26 +673,19 @@ def train_method(run, method, base, with_l2sp, out):
                                 tb.add_scalar(k, v, r["step"])
                 if metrics:
                     metrics.flush()
-                bar.set_postfix(progress.postfix(history, len(got)))
-            if "val_acc" in rec and acc > best:
-                best = acc
+                bar.set_postfix(progress.postfix(t.history, len(got)))
+            if "val_acc" in rec and rec["val_acc"] > t.best:
+                t.best = rec["val_acc"]
                 if is_main():
-                    atomic_save({"method": method, "model": net.state_dict(), "step": step, "val_acc": acc}, best_path)
+                    atomic_save({"method": method, "model": t.net.state_dict(), "step": step,
+                                 "val_acc": t.best}, best_path)
             bar.update()
-            save_last = step % spe == 0 or step == total or stop
-            if save_last:
-                rng = rng_states(device, run.world)  # (every rank: a collective)
-            if save_last and is_main():
-                _choices.save(choice_cache(cfg))
-                write_summary_csv(history, os.path.join(out, "summary.csv"))
-                atomic_save({"method": method, "model": net.state_dict(), "optimizer": opt.state_dict(),
-                             "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
-                             "objective": objective.state_dict(), "recipe": rec_.state(), "rng": rng, "step": step,
-                             "buffers": {k: b.detach().cpu().clone() for k, b in net.named_buffers()},
-                             "grads": {k: p.grad.detach().cpu().clone() for k, p in net.named_parameters()
-                                       if p.grad is not None},
-                             "ema": ema.state_dict() if ema is not None else None,
-                             "best": best, "history": history, "config": dataclasses.asdict(cfg)}, last_path)
+            if step % spe == 0 or step == total or stop:
+                rng = rng_states(run.device, run.world)  # (every rank: a collective)
+                if is_main():
+                    _choices.save(choice_cache(cfg))
+                    write_summary_csv(t.history, os.path.join(out, "summary.csv"))
+                    Checkpoint.save(last_path, t, method, cfg, rng)
             if stop:
                 status = "interrupted"
                 break
@@ -601,24 +699,7 @@ def train_method(run, method, base, with_l2sp, out):
     if skipped or val_skipped:
         log(f"{method}: skipped {skipped} unreadable training and {val_skipped} validation image(s) per pass "
             f"(--skip_bad_images)")
-    final = [h for h in history if "val_acc" in h]
-    summary = {"method": method, "status": status, "steps": step, "final_val_acc": final[-1]["val_acc"] if final else None,
-               "best_val_acc": best, "seconds": round(time.time() - t0, 1), "seed": cfg.seed,
-               "skipped_images": skipped, "val_skipped_images": val_skipped}
-    if ema is not None:
-        summary["ema_final_val_acc"] = final[-1].get("ema_val_acc") if final else None
-    if is_main():
-        if cfg.export and status == "done":
-            summary["export"] = export.write(net, rec_, run, out)
-            if ema is not None:
-                os.makedirs(os.path.join(out, "ema"), exist_ok=True)
-                summary["export_ema"] = export.write(ema.module, rec_, run, os.path.join(out, "ema"))
-        atomic_write_text(json.dumps(summary, indent=2), os.path.join(out, "summary.json"))
-        plots.curves(history, os.path.join(out, "curves.png"), method)
-        if final and "gates" in final[-1]:
-            plots.gates(final[-1]["gates"], os.path.join(out, "gates.png"), method)
-        rec_.plots(run, out)
-    return summary, history
+    return finish(t, run, method, out, status, time.time() - t0, skipped, val_skipped), t.history
 
 
 # ----------------------------------------------------------------------------- every method, every seed
