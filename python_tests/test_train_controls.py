@@ -148,13 +148,16 @@ def test_sync_bn_on_cpu_processes_is_refused(monkeypatch):
 
 
 # ----------------------------------------------------------------------------- on the demo
-def test_every_control_together_on_the_demo(tmp_path, cache):
-    res = run(tmp_path, cache, "--method", "finetune", "--opt", "adamw", "--lr", "0.001", "--weight_decay", "0.05",
-              "--head_lr_mult", "10", "--warmup_epochs", "1", "--layer_decay", "0.7", "--clip_grad", "1.0",
-              "--grad_accum", "3", "--batch_size", "8", "--model_ema", "0.9", "--freeze_bn", "--export")
+CONTROLS = ("--method", "finetune", "--opt", "adamw", "--lr", "0.001", "--weight_decay", "0.05", "--head_lr_mult", "10",
+            "--warmup_epochs", "1", "--layer_decay", "0.7", "--clip_grad", "1.0", "--grad_accum", "3", "--batch_size",
+            "8", "--model_ema", "0.9", "--freeze_bn")
+
+
+def test_every_control_together_on_the_demo_and_a_resume_inside_an_accumulation(tmp_path, cache):
+    res = run(tmp_path / "full", cache, *CONTROLS, "--export")
     summary, history = res["finetune"][0]
     assert summary["status"] == "done" and summary["steps"] == 8  # 4 batches per epoch, 2 epochs
-    out = tmp_path / "finetune"
+    out = tmp_path / "full" / "finetune"
     ck = torch.load(out / "last.pt", weights_only=True)
     groups = ck["optimizer"]["param_groups"]
     # AdamW, each tensor updated once per 3 batches and at the epoch's end: 2 steps per epoch
@@ -178,16 +181,13 @@ def test_every_control_together_on_the_demo(tmp_path, cache):
     assert list(rows[0]) == ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr", "ema_eval_top1"]
     assert float(rows[1]["eval_top1"]) == pytest.approx(ev[-1]["val_acc"], abs=1e-6)
     assert float(rows[0]["train_loss"]) == pytest.approx(sum(h["loss"] for h in history[:4]) / 4, rel=1e-5)
-
-
-def test_resume_in_the_middle_of_an_accumulation_matches_uninterrupted(tmp_path, cache):
-    args = ("--method", "finetune", "--grad_accum", "3", "--batch_size", "8", "--model_ema", "0.5")
-    full = run(tmp_path / "full", cache, *args)["finetune"][0][1]
-    part = run(tmp_path / "part", cache, *args, "--stop_after", "2")["finetune"][0]
+    # interrupted after 2 of an accumulation's 3 batches, resumed: the uninterrupted run's numbers (the
+    # accumulated gradients come back from last.pt)
+    part = run(tmp_path / "part", cache, *CONTROLS, "--stop_after", "2")["finetune"][0]
     assert part[0]["status"] == "interrupted"
-    resumed = run(tmp_path / "part", cache, *args, "--resume")["finetune"][0][1]
-    assert [h["loss"] for h in resumed] == [h["loss"] for h in full]
-    assert resumed[-1]["ema_val_acc"] == full[-1]["ema_val_acc"]
+    resumed = run(tmp_path / "part", cache, *CONTROLS, "--resume")["finetune"][0][1]
+    assert [h["loss"] for h in resumed] == [h["loss"] for h in history]
+    assert resumed[-1]["ema_val_acc"] == history[-1]["ema_val_acc"]
 
 
 # ----------------------------------------------------------------------------- comparison.md
