@@ -410,6 +410,7 @@ class Training:
     warmup: int
     step: int = 0
     best: float = -1.0
+    accumulated: bool = False  # gradients wait for the next optimizer step (--grad_accum)
     history: list = dataclasses.field(default_factory=list)
 
 
@@ -463,6 +464,7 @@ def _set_grads(t, saved):
     for name, p in t.net.named_parameters():  # gradients accumulated before the interruption (--grad_accum)
         if name in saved:
             p.grad = saved[name].to(p.device)
+    t.accumulated = bool(saved)
 
 
 class Checkpoint:
@@ -551,12 +553,14 @@ def train_step(t, run, method, batch, boundary):
                     logits = t.model(xt)
                     loss, lt, ls = t.objective.parts(logits, yt)
             t.scaler.scale(loss / cfg.grad_accum if cfg.grad_accum > 1 else loss).backward()
+        t.accumulated = True
         values = dict(loss=loss, target_ce=lt, source_ce=ls, train_acc=(logits.argmax(1) == yt).float().mean())
-    if boundary and any(p.grad is not None for g in t.opt.param_groups for p in g["params"]):
+    if boundary and t.accumulated:
         optimize.clip_gradients(cfg, t.opt, t.scaler)
         t.scaler.step(t.opt)
         t.scaler.update()
         t.opt.zero_grad(set_to_none=True)
+        t.accumulated = False
         if t.ema is not None:
             t.ema.update(t.net)
     with warnings.catch_warnings():  # (the schedule runs per batch: with --grad_accum before a first step)
