@@ -121,6 +121,8 @@ FAMILIES = {  # arch: the methods trained on it (every method on a ResNet-D, eac
     "efficientnet_b0": "spottune",  # (torchvision's MBConv blocks)
     "timm/mobilenetv3_small_050": "adafilter,spottune_global",
 }
+if os.environ.get("TLKERNELS_TEST_ALL_FAMILIES") == "1":  # every method on every family (slower; CI trains the set above)
+    FAMILIES = {arch: "finetune,l2sp,soft,selective,adafilter,spottune,spottune_global" for arch in FAMILIES}
 
 
 @pytest.mark.parametrize("arch", list(FAMILIES))
