@@ -114,10 +114,11 @@ def test_a_classifier_over_other_classes_loads_with_its_shape(tmp_path):
 
 
 # ----------------------------------------------------------------------------- the trainer
-FAMILIES = {  # arch: the methods trained on it (every method on a ResNet-D, each on another family too)
+FAMILIES = {  # arch: the methods trained on it (every method on a ResNet-D; on the other families the ones whose
+    # model depends on the backbone's structure: the wrappers, L2-SP's penalised tensors, plain.pt's classifier)
     "timm/resnet18d": "finetune,l2sp,soft,selective,adafilter,spottune",
-    "timm/convnext_atto": "adafilter,spottune,soft",
-    "timm/efficientnet_b0": "finetune,l2sp,selective",
+    "timm/convnext_atto": "adafilter,spottune",
+    "timm/efficientnet_b0": "finetune,l2sp",
     "efficientnet_b0": "spottune",  # (torchvision's MBConv blocks)
     "timm/mobilenetv3_small_050": "adafilter,spottune_global",
 }
