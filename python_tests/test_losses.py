@@ -807,3 +807,21 @@ def test_optimizers_are_drop_ins_on_pytorchs_optimizer_info_inputs(name, kwargs,
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
     for a, b in zip(net.parameters(), ref_net.parameters()):
         torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_fused_optimizer_steps_opcheck(amsgrad):
+    """The fused steps' schemas (what they mutate), fake kernels and dispatch, with and without AdamW's amsgrad
+    state list."""
+    torch.manual_seed(0)
+    ps = [torch.randn(5, 3), torch.randn(7)]
+    gs = [torch.randn_like(p) for p in ps]
+    state = lambda: [torch.rand_like(p) for p in ps]  # noqa: E731
+    refs, weights, coeffs = [ps[0] + 0.1, None], [torch.rand(5, 3), None], [0.2, 0.05]
+    torch.library.opcheck(torch.ops.tlkernels.adamw_l2sp_step_.default,
+                          ([p.clone() for p in ps], gs, state(), state(), state() if amsgrad else [], refs, weights,
+                           coeffs, 0.01, 0.9, 0.99, 1e-8, 0.01, 2, False))
+    if not amsgrad:
+        torch.library.opcheck(torch.ops.tlkernels.sgd_l2sp_step_.default,
+                              ([p.clone() for p in ps], gs, state(), refs, weights, coeffs, 0.1, 0.9, 0.0, 0.01, False,
+                               False, False))
