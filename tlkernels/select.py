@@ -2,7 +2,7 @@
 
     sel = SourceSelector(gabor_bank(), bins=100, cache_dir="cache/")
     sel.fit(target_train)                      # equal-mass bin edges on the target set
-    sel.describe(target_train, name="target")  # (N_t, channels*bins) descriptors, cached on disk
+    sel.describe(target_train, name="target")  # (N_t, channels*bins) descriptors, stored on disk as exact counts
     sel.describe(source_train, name="source")
     nbrs = sel.select(k=300)                   # K nearest source images of each target image (weighted sym. KL)
     sel.grow(hard_target_indices, levels=2)    # hard target images get more neighbours
@@ -10,18 +10,16 @@
 """
 import hashlib
 import os
-import warnings
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from tlkernels._io import atomic_save, load
+from tlkernels import store
+from tlkernels.ops._utils import pair
 from tlkernels.ops.bins import fit_bin_edges
 from tlkernels.ops.histogram import filterbank_histogram
-from tlkernels.ops.knn import knn_search
-
-CACHE_FORMAT = "tlkernels-descriptors"
-CACHE_VERSION = 1
+from tlkernels.ops.knn import chunk_rows, knn_search
 
 
 def dataset_fingerprint(dataset):
@@ -59,21 +57,31 @@ class SourceSelector:
     bins        histogram bins per filter channel; fine_bins: the fine histogram equal-mass edges are cut from
     mode        "equal_mass" (the paper's) or "uniform" bin edges, fitted on the target set by fit()
     metric      knn_search metric ("skl": weighted symmetric KL, the paper's)
-    cache_dir   descriptors are cached there (atomic files keyed on the bank, edges and the data's content)
-    device      where histograms and the search run (None: the images' device); descriptors are kept on the CPU
-    Datasets yield (image, label) pairs or images, (C, H, W) tensors. Under torch.distributed,
-    describe_shard() describes this rank's share of the source set and select()/grow() search the shards
-    (every rank gets the global answer). Methods raise RuntimeError when called out of order.
+    cache_dir   descriptors are written there as a tlkernels.store.DescriptorStore per name (sharded, checksummed,
+                resumable, keyed on the bank, edges and the data's content); None: held in memory
+    memory_gb   memory the searches' buffers may take (sets their chunk size); the source descriptors in a
+                store are read chunk by chunk, never whole
+    device      where histograms and the search run (None: the CPU); descriptors are kept as exact counts
+                (tlkernels.store.Descriptors) in memory or on disk
+    num_workers DataLoader worker processes reading the images (decoding is what bounds a GPU host)
+    Datasets yield (image, label) pairs or images, (C, H, W) tensors. Under torch.distributed with a cache_dir
+    (a directory every rank sees), describe() is collective: each rank describes its shards of the store;
+    describe_shard() then hands each rank its share of the source rows for select()/grow(), which search the
+    shards (every rank gets the global answer). Methods raise RuntimeError when called out of order.
     """
 
     def __init__(self, bank, bins=100, fine_bins=2000, mode="equal_mass", metric="skl", batch_size=64,
-                 cache_dir=None, progress=True, num_workers=0, device=None):
+                 cache_dir=None, progress=True, num_workers=0, device=None, memory_gb=2.0,
+                 shard_rows=store.SHARD_ROWS):
         from tlkernels.filters import FilterBank
         if not isinstance(bank, FilterBank):
             raise TypeError(f"SourceSelector: bank must be a tlkernels.filters.FilterBank (gabor_bank() or "
                             f"from_model(...)), got {type(bank).__name__}")
+        if isinstance(memory_gb, bool) or not isinstance(memory_gb, (int, float)) or not memory_gb > 0:
+            raise ValueError(f"SourceSelector: memory_gb must be a number > 0, got {memory_gb!r}")
         self.bank, self.bins, self.fine_bins, self.mode, self.metric = bank, bins, fine_bins, mode, metric
         self.batch_size, self.cache_dir, self.progress, self.num_workers = batch_size, cache_dir, progress, num_workers
+        self.memory_gb, self.shard_rows = memory_gb, shard_rows
         self.device = None if device is None else torch.device(device)
         self.sharded, self.source_count = False, None
         self.edges = None
@@ -83,8 +91,9 @@ class SourceSelector:
         self.k = None
 
     def _loader(self, dataset):
-        return _OnDevice(DataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers),
-                         self.device)
+        pin = self.device is not None and self.device.type == "cuda"
+        return _OnDevice(DataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
+                                    pin_memory=pin), self.device)
 
     def fit(self, target_dataset):
         """Fit the bin edges on the target set (ValueError when it is empty); returns self."""
@@ -93,60 +102,117 @@ class SourceSelector:
         self.edges = fit_bin_edges(self._loader(target_dataset), self.bank, self.bins, self.fine_bins, self.mode)
         return self
 
-    def _fingerprint(self, dataset, name):
-        h = hashlib.sha256()
-        for t in self.bank.fingerprint_tensors() + list(self.edges):
-            h.update(t.detach().cpu().contiguous().numpy().tobytes())
-        h.update(f"{name}|{len(dataset)}|{self.bins}|{self.mode}|".encode())
-        h.update(dataset_fingerprint(dataset).encode())
-        return h.hexdigest()
+    def stage_columns(self):
+        """[lo, hi) descriptor columns of each bank stage (its filters x bins)."""
+        cols, lo = [], 0
+        for s in self.bank.stages:
+            cols.append((lo, lo + s["weight"].shape[0] * self.bins))
+            lo = cols[-1][1]
+        return cols
 
-    def _load_cache(self, path, fingerprint, n):
+    def _key(self, dataset):
+        """What a store of `dataset`'s descriptors is of: the bank, the edges, the binning and the images."""
+        def digest(ts):
+            h = hashlib.sha256()
+            for t in ts:
+                h.update(f"{tuple(t.shape)}|".encode())
+                h.update(t.detach().cpu().float().contiguous().numpy().tobytes())
+            return h.hexdigest()
+        return {"bank": digest(self.bank.fingerprint_tensors()), "edges": digest(list(self.edges)),
+                "bins": self.bins, "mode": self.mode, "data": dataset_fingerprint(dataset)}
+
+    def _counts_of(self, images):
+        """Integer histogram counts (N, dims) and responses per histogram (N, stages) of a batch of images."""
+        hs, ps = [], []
+        for i, (s, x) in enumerate(self.bank.stage_inputs(images)):
+            w = s["weight"]
+            stride, padding = pair("SourceSelector", "stride", s["stride"]), pair("SourceSelector", "padding",
+                                                                                   s["padding"], allow_zero=True)
+            p = 1
+            for d in range(2):
+                p *= (x.shape[2 + d] + 2 * padding[d] - w.shape[2 + d]) // stride[d] + 1
+            h = filterbank_histogram(x, w.to(x.device), self.edges[i].to(x.device), stride, padding)
+            hs.append(torch.round(h.double() * p).to(torch.int64).flatten(1))  # count * (1/P) within an ulp: exact
+            ps.append(torch.full((x.shape[0], 1), p, dtype=torch.int64))
+        counts, pixels = torch.cat(hs, 1).cpu(), torch.cat(ps, 1)
+        per_channel = counts.reshape(counts.shape[0], -1, self.bins).sum(-1)
+        expect = torch.cat([pixels[:, i:i + 1].expand(-1, (hi - lo) // self.bins)
+                            for i, (lo, hi) in enumerate(self.stage_columns())], 1)
+        if not torch.equal(per_channel, expect):
+            raise RuntimeError("SourceSelector: histogram counts do not sum to the responses per image "
+                               "(filterbank_histogram returned values that are not count / responses)")
+        return counts.numpy(), pixels.numpy().astype(np.uint32)
+
+    def _batches(self, dataset, total, desc):
+        """(counts, pixels) of `dataset` batch by batch, with a progress bar in images/s."""
+        bar = None
+        if self.progress and total:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=total, desc=desc, unit="img", leave=False)
         try:
-            obj = load(path, "SourceSelector descriptor cache")
-            ok = (isinstance(obj, dict) and obj.get("format") == CACHE_FORMAT and obj.get("version") == CACHE_VERSION
-                  and obj.get("fingerprint") == fingerprint and isinstance(obj.get("descriptors"), torch.Tensor)
-                  and tuple(obj["descriptors"].shape) == (n, self.bank.num_channels * self.bins)
-                  and hashlib.sha256(obj["descriptors"].numpy().tobytes()).hexdigest() == obj.get("checksum"))
-            if ok:
-                return obj["descriptors"]
-            warnings.warn(f"SourceSelector: cache {path} does not match this bank/edges/dataset; rebuilding it")
-        except Exception as e:  # corrupted file: rebuild, never use it
-            warnings.warn(f"SourceSelector: cache {path} is unreadable ({type(e).__name__}: {e}); rebuilding it")
-        return None
+            for batch in self._loader(dataset):
+                images = batch[0] if isinstance(batch, (tuple, list)) else batch
+                yield self._counts_of(images)
+                if bar is not None:
+                    bar.update(images.shape[0])
+        finally:
+            if bar is not None:
+                bar.close()
 
     @torch.no_grad()
     def describe(self, dataset, name):
-        """(N, channels * bins) descriptors of `dataset` (histograms per filter channel, each summing to 1)."""
+        """The descriptors of `dataset` (tlkernels.store.Descriptors, (N, channels * bins): a histogram per filter
+        channel, each summing to 1), kept as `name`. With a cache_dir they are written to (or read from) the
+        store cache_dir/descriptors-<name>: each shard as it is complete, so an interrupted description resumes;
+        under torch.distributed every rank must call this (each describes its shards)."""
         if self.edges is None:
             raise RuntimeError("SourceSelector.describe: call fit(target_dataset) first")
-        path = None
-        if self.cache_dir is not None:
-            fp = self._fingerprint(dataset, name)
-            path = os.path.join(self.cache_dir, f"descriptors-{name}.pt")
-            if os.path.exists(path):
-                d = self._load_cache(path, fp, len(dataset))
-                if d is not None:
-                    return self._keep(name, d)
-        parts = []
-        loader = self._loader(dataset)
-        if self.progress:
-            from tqdm.auto import tqdm
-            loader = tqdm(loader, desc=f"describe {name}", unit="batch", leave=False)
-        for batch in loader:
-            images = batch[0] if isinstance(batch, (tuple, list)) else batch
-            hs = [filterbank_histogram(x, s["weight"].to(x.device), self.edges[i].to(x.device), s["stride"],
-                                       s["padding"])
-                  for i, (s, x) in enumerate(self.bank.stage_inputs(images))]
-            parts.append(torch.cat(hs, 1).flatten(1).cpu())
-        d = torch.cat(parts) if parts else torch.zeros(0, self.bank.num_channels * self.bins)
-        if path is not None:
-            atomic_save({"format": CACHE_FORMAT, "version": CACHE_VERSION, "fingerprint": fp, "descriptors": d,
-                         "checksum": hashlib.sha256(d.numpy().tobytes()).hexdigest()}, path)
-        return self._keep(name, d)
+        if self.cache_dir is None:
+            parts = list(self._batches(dataset, len(dataset), f"describe {name}"))
+            dims = self.stage_columns()[-1][1]
+            counts = np.concatenate([c for c, _ in parts]) if parts else np.zeros((0, dims), np.int64)
+            pixels = np.concatenate([p for _, p in parts]) if parts else np.zeros((0, len(self.bank.stages)), np.uint32)
+            counts = counts.astype(store.count_dtype(int(pixels.max(initial=0))))
+            return self._keep(name, store.in_memory(counts, pixels, self.stage_columns()))
+        return self._keep(name, self._describe_store(dataset, name))
+
+    def _describe_store(self, dataset, name):
+        import torch.distributed as dist
+        collective = dist.is_available() and dist.is_initialized()
+        rank, world = (dist.get_rank(), dist.get_world_size()) if collective else (0, 1)
+        st = store.DescriptorStore(os.path.join(self.cache_dir, f"descriptors-{name}"), self._key(dataset),
+                                   len(dataset), self.stage_columns(), self.shard_rows,
+                                   what=f"SourceSelector: descriptor store {name!r}")
+        if rank == 0:
+            st.prepare()
+        if collective:
+            dist.barrier()
+        todo = st.pending(range(rank, st.shards, world))
+        if todo:
+            rows = [r for i in todo for r in range(*st.shard_range(i))]
+            batches = self._batches(torch.utils.data.Subset(dataset, rows), len(rows), f"describe {name}")
+            buf_c, buf_p = [], []
+            for i in todo:  # the batches arrive in row order; each shard is written as soon as it is full
+                need = st.shard_range(i)[1] - st.shard_range(i)[0]
+                while sum(len(c) for c in buf_c) < need:
+                    c, p = next(batches)
+                    buf_c.append(c)
+                    buf_p.append(p)
+                counts, pixels = np.concatenate(buf_c), np.concatenate(buf_p)
+                buf_c, buf_p = [counts[need:]], [pixels[need:]]
+                st.write_shard(i, counts[:need].astype(store.count_dtype(int(pixels[:need].max(initial=0)))),
+                               pixels[:need])
+            batches.close()
+        if collective:
+            dist.barrier()
+        if rank == 0:
+            st.finish()
+        if collective:
+            dist.barrier()
+        return st.descriptors()
 
     def _keep(self, name, d):
-        """Hold descriptors `d` as `name` (computed or read from the cache alike)."""
+        """Hold descriptors `d` as `name` (computed or read from the store alike)."""
         self.descriptors[name] = d
         if name == "source":
             self.sharded, self.source_count = False, d.shape[0]
@@ -154,17 +220,18 @@ class SourceSelector:
 
     def describe_shard(self, source_dataset):
         """This rank's contiguous share of the source set as the "source" descriptors (torch.distributed
-        initialised); select() and grow() then search every rank's share and return global source indices."""
+        initialised; collective); select() and grow() then search every rank's share and return global source
+        indices. With a cache_dir every rank describes its shards of the store and searches its share of it."""
         import torch.distributed as dist
         if not dist.is_initialized():
             raise RuntimeError("SourceSelector.describe_shard: torch.distributed is not initialised")
         rank, world, n = dist.get_rank(), dist.get_world_size(), len(source_dataset)
-        shard = torch.utils.data.Subset(source_dataset, range(n * rank // world, n * (rank + 1) // world))
-        cache_dir, self.cache_dir = self.cache_dir, None  # a shard is not the data set a cache is keyed on
-        try:
-            d = self.describe(shard, "source")
-        finally:
-            self.cache_dir = cache_dir
+        lo, hi = n * rank // world, n * (rank + 1) // world
+        if self.cache_dir is not None:
+            d = self.describe(source_dataset, "source").subset(lo, hi)
+        else:
+            d = self.describe(torch.utils.data.Subset(source_dataset, range(lo, hi)), "source")
+        self.descriptors["source"] = d
         self.sharded, self.source_count = True, n
         return d
 
@@ -173,10 +240,13 @@ class SourceSelector:
         return self.bank.channel_weights()
 
     def _search(self, rows, k):
+        """Exact search in float64, the source descriptors streamed chunk by chunk within memory_gb."""
         t, s = self.descriptors["target"], self.descriptors["source"]
-        dev = self.device or t.device
-        return knn_search(t[rows].to(dev, torch.float64), s.to(dev, torch.float64), k, metric=self.metric,
-                          channel_weights=self.channel_weights().to(dev, torch.float64), sharded=self.sharded)[1].cpu()
+        dev = self.device or torch.device("cpu")
+        q = t.tensor(torch.float64)[rows].to(dev)
+        return knn_search(q, s, k, metric=self.metric, channel_weights=self.channel_weights().to(dev, torch.float64),
+                          sharded=self.sharded,
+                          chunk_size=chunk_rows(self.memory_gb, s.shape[1], q.shape[0], self.metric))[1].cpu()
 
     def select(self, k):
         """(N_target, k) indices of each target image's k nearest source images, nearest first."""

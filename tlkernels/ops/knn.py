@@ -8,7 +8,9 @@ Metrics (query a, database row p, weights w >= 0 per dimension):
   kl   sum_k w_k a_k log((a_k+e)/(p_k+e)) = r(a) - <w a, log(p+e)>
   l2   sum_k w_k (a_k - p_k)^2
   ip   -<w a, p> (most similar first)
-The database may be a tensor or a numpy array / memory map larger than RAM: only one chunk is loaded at a time.
+The database may be a tensor, a numpy array / memory map, or tlkernels.store.Descriptors (integer counts, in
+memory or in a store on disk) larger than RAM: only one chunk is loaded at a time (`chunk_rows` sizes chunks
+from a memory budget).
 With sharded=True and torch.distributed initialised, `database` is this rank's shard (rows in rank order)
 and every rank gets the global answer.
 """
@@ -167,35 +169,64 @@ def _merge(dist, idx, k):
 
 
 class _Rows:
-    """Database rows [start, stop) as a tensor on the search's device. Host rows (a CPU tensor, a numpy array or a
-    memory map) bound for a GPU go through two pinned buffers in turn: the copy is asynchronous, so the host
-    reads the next chunk while the GPU copies and searches this one, and a buffer is refilled only after the
-    copy out of it has finished (its event)."""
+    """Database rows [start, stop) as a tensor on the search's device. A database with `raw` and `decode` (a
+    tlkernels.store.Descriptors: integer counts) is read compact and decoded on that device; it is asked to
+    `prefetch` the next chunk, so the disk reads ahead while this one is searched. Host rows bound for a GPU go
+    through two sets of pinned buffers in turn: the copy is asynchronous, so the host reads the next chunk while
+    the GPU copies and searches this one, and a buffer is refilled only after the copy out of it has finished
+    (its event)."""
 
     def __init__(self, database, device):
         self.database, self.device = database, device
+        self.decode = getattr(database, "decode", None) if hasattr(database, "raw") else None
         self.staged = device.type == "cuda" and not (torch.is_tensor(database) and database.device.type != "cpu")
-        self.buffers, self.events, self.turn = [None, None], [None, None], 0
+        self.buffers, self.events, self.turn, self.out = {}, [None, None], 0, None
 
     def __call__(self, start, stop, dtype):
-        part = self.database[start:stop]
+        if self.decode is not None:
+            parts = self.database.raw(start, stop)
+            if hasattr(self.database, "prefetch"):
+                self.database.prefetch(stop, 2 * stop - start)
+        else:
+            parts = (self.database[start:stop],)
+        j, self.turn = self.turn, 1 - self.turn
+        if self.staged and self.events[j] is not None:
+            self.events[j].synchronize()  # the previous copy out of buffer set j is done
+        if self.decode is not None and not self.staged:  # numpy arrays decoded on the CPU, into one reused buffer
+            if self.out is None or self.out.shape[0] < parts[0].shape[0]:
+                self.out = torch.empty(parts[0].shape, dtype=torch.float64)
+            return self.decode(*parts, dtype=dtype, out=self.out).to(self.device)
+        parts = [self._move(j, n, p) for n, p in enumerate(parts)]
+        if self.staged:
+            self.events[j] = torch.cuda.Event()
+            self.events[j].record()
+        return self.decode(*parts, dtype=dtype) if self.decode is not None else parts[0].to(dtype)
+
+    def _move(self, j, n, part):
         if not self.staged:
             if isinstance(part, np.ndarray):
                 part = torch.from_numpy(np.array(part))  # a copy: memory maps may be read-only
-            return part.to(device=self.device, dtype=dtype)
-        j, self.turn = self.turn, 1 - self.turn
-        if self.events[j] is not None:
-            self.events[j].synchronize()  # the previous copy out of buffer j is done
+            return part.to(device=self.device)
         src = torch.from_numpy(part) if isinstance(part, np.ndarray) else part
-        buf = self.buffers[j]
+        buf = self.buffers.get((j, n))
         if buf is None or buf.shape[0] < src.shape[0] or buf.shape[1:] != src.shape[1:] or buf.dtype != src.dtype:
-            buf = self.buffers[j] = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
+            buf = self.buffers[(j, n)] = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
         staged = buf[:src.shape[0]]
         staged.copy_(src)
-        out = staged.to(self.device, non_blocking=True)
-        self.events[j] = torch.cuda.Event()
-        self.events[j].record()
-        return out.to(dtype)
+        return staged.to(self.device, non_blocking=True)
+
+
+def chunk_rows(memory_gb, dims, queries, metric="skl", dtype=torch.float64):
+    """Database rows per search chunk so that a search's buffers stay within `memory_gb` GiB: the queries'
+    expansion once, then per chunk row its raw counts (<= 4 bytes a value), decoded values, expansion (two
+    vectors for skl) and cross-product row (one value per query)."""
+    if isinstance(memory_gb, bool) or not isinstance(memory_gb, (int, float)) or not memory_gb > 0:
+        fail("knn_search", f"memory_gb must be a number > 0, got {memory_gb!r}")
+    item = torch.finfo(dtype).bits // 8
+    width = 2 if metric == "skl" else 1
+    fixed = item * queries * dims * (1 + width)
+    per_row = 4 * dims + item * (dims * (1 + width) + queries)
+    return max(256, int((memory_gb * 2**30 - fixed) // per_row))
 
 
 # The chunk GEMM, cross = A @ B^T (queries x chunk rows), nearly all of a search's time, computed as B @ A^T: the
@@ -300,8 +331,8 @@ def knn_search(queries, database, k, metric="skl", channel_weights=None, eps=EPS
                group=None):
     """(distances (Q, k) ascending, indices (Q, k) int64) of the k nearest database rows of each query.
 
-    queries (Q, D) float32 or float64 on any device; database (M, D): a tensor, numpy array or memory map
-    (streamed in chunks of chunk_size rows, moved to the queries' device and dtype). metric: skl, kl, l2 or ip
+    queries (Q, D) float32 or float64 on any device; database (M, D): a tensor, numpy array, memory map or
+    tlkernels.store.Descriptors (streamed in chunks of chunk_size rows, moved to the queries' device and dtype). metric: skl, kl, l2 or ip
     (module docstring); channel_weights (D,) or (channels,) dividing D; eps > 0 for the KL metrics. Ties go to
     the lower index. sharded=True: `database` is this rank's shard and every rank gets the global answer.
     Raises ValueError for non-finite descriptors (or negative ones under kl/skl), k outside [1, M], bad
@@ -313,7 +344,7 @@ def knn_search(queries, database, k, metric="skl", channel_weights=None, eps=EPS
     if not queries.is_floating_point():
         fail(name, f"queries must be floating point, got {queries.dtype}", TypeError)
     if not hasattr(database, "shape") or len(database.shape) != 2:
-        fail(name, "database must be 2-D (M, D): a tensor, numpy array or memory map")
+        fail(name, "database must be 2-D (M, D): a tensor, numpy array, memory map or tlkernels.store.Descriptors")
     if database.shape[1] != queries.shape[1]:
         fail(name, f"database must have D = {queries.shape[1]} columns (the queries'), got {database.shape[1]}")
     _check_common(name, metric, eps, queries.dtype, queries.device, chunk_size)
@@ -343,7 +374,8 @@ def knn_search(queries, database, k, metric="skl", channel_weights=None, eps=EPS
         buf = None  # consumed (GEMM done) before the next chunk is expanded into it
         for start in range(0, local_m, chunk_size):
             p = rows(start, min(start + chunk_size, local_m), dtype)
-            _check_values(name, "database", p, metric, start)
+            if rows.decode is None:  # (decoded counts are finite and >= 0 by construction)
+                _check_values(name, "database", p, metric, start)
             buf, col_c = _db_side(metric, p, w, eps, buf)
             yield offset + start, buf, col_c
 
