@@ -9,7 +9,7 @@ Phases, each in its own process (so each peak RSS is its own, read from getrusag
              drawn from Dirichlet(alpha) and rounded to exact counts (largest remainder). Reused when complete.
   bandwidth  the disk's sequential read bandwidth: the store's files read once after evicting them from the page
              cache (posix_fadvise DONTNEED).
-  peak       the host's float64 GEMM rate at the search's chunk shape (torch.matmul, best of 3).
+  peak       the host's float64 GEMM rate at the search's chunk shape (torch.matmul, best of 5).
   search     the streamed exact search (knn_search on the store, skl, float64, chunks from --memory_gb) of
              `queries` synthetic target descriptors, k nearest, the store evicted first (cold disk).
   subset     on the first `subset_rows` rows: the streamed search against the in-memory exact search (the
@@ -134,7 +134,7 @@ def phase_peak(a):
     B = torch.rand(m, 2 * dims, dtype=torch.float64)
     out = torch.empty(m, a.queries, dtype=torch.float64)
     best = float("inf")
-    for _ in range(3):
+    for _ in range(5):
         t0 = time.perf_counter()
         torch.matmul(B, A.t(), out=out)
         best = min(best, time.perf_counter() - t0)
