@@ -405,30 +405,30 @@ def _dataset(n, seed, size=24):
     return TensorDataset(torch.rand(n, 3, size, size, generator=g), torch.randint(0, 3, (n,), generator=g))
 
 
-def test_selector_end_to_end_cache_and_corruption(tmp_path):
+def test_selector_end_to_end_store_and_corruption(tmp_path):
     target, source = _dataset(12, 1), _dataset(40, 2)
     bank = gabor_bank(scales=2, orientations=3, size=7)
     sel = SourceSelector(bank, bins=8, fine_bins=64, batch_size=5, cache_dir=str(tmp_path), progress=False)
     sel.fit(target)
-    t = sel.describe(target, "target")
-    s = sel.describe(source, "source")
+    t = sel.describe(target, "target").tensor(torch.float64)
+    s = sel.describe(source, "source").tensor(torch.float64)
     assert t.shape == (12, 12 * 8) and s.shape == (40, 12 * 8)
     nb = sel.select(5)
-    ref = knn_search_reference(t.double(), s.double(), 5, "skl", channel_weights=bank.channel_weights().double())[1]
+    ref = knn_search_reference(t, s, 5, "skl", channel_weights=bank.channel_weights().double())[1]
     assert torch.equal(nb, ref)
-    # the cache is reused
+    # the store is reused
     again = SourceSelector(bank, bins=8, fine_bins=64, batch_size=5, cache_dir=str(tmp_path), progress=False)
     again.edges = sel.edges
-    assert torch.equal(again.describe(source, "source"), s)
-    # corrupted: detected, rebuilt, equal
-    path = tmp_path / "descriptors-source.pt"
+    assert torch.equal(again.describe(source, "source").tensor(torch.float64), s)
+    # corrupted: detected by its checksum, rebuilt, equal
+    path = tmp_path / "descriptors-source" / "shard-00000.counts.npy"
     path.write_bytes(path.read_bytes()[:100])
-    with pytest.warns(UserWarning, match="unreadable"):
-        assert torch.equal(again.describe(source, "source"), s)
+    with pytest.warns(UserWarning, match="does not match its checksum"):
+        assert torch.equal(again.describe(source, "source").tensor(torch.float64), s)
     # mismatched (other edges): detected and rebuilt
     other = SourceSelector(bank, bins=8, fine_bins=64, mode="uniform", batch_size=5, cache_dir=str(tmp_path),
                            progress=False).fit(target)
-    with pytest.warns(UserWarning, match="does not match"):
+    with pytest.warns(UserWarning, match="holds other descriptors"):
         other.describe(source, "source")
     # hard target images get more neighbours; the joint dataset pairs with retrieved images only
     nbrs = sel.grow([0, 3], levels=3)
@@ -460,7 +460,7 @@ def test_set_levels_equals_direct_search_and_shrinks_to_the_nearest():
     sel.describe(target, "target")
     sel.describe(source, "source")
     sel.select(4)
-    t, s = sel.descriptors["target"].double(), sel.descriptors["source"].double()
+    t, s = sel.descriptors["target"].tensor(torch.float64), sel.descriptors["source"].tensor(torch.float64)
     w = bank.channel_weights().double()
     direct = knn_search_reference(t, s, 40, "skl", channel_weights=w)[1]
     for levels in ([1, 2, 3, 1, 20, 2], [1, 1, 2, 1, 3, 1], [2, 2, 2, 2, 2, 2]):

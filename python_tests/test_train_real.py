@@ -296,6 +296,16 @@ def test_selective_rounds_model_bank_and_levels(tmp_path, folder, checkpoint):
     assert all(h["hard"] > 0 for h in mined) and mined[1]["mean_level"] > mined[0]["mean_level"] > 1.0
     ck = torch.load(tmp_path / "selective" / "last.pt", weights_only=True)
     assert int(ck["recipe"]["levels"].max()) <= 3
+    # the --source folder's descriptors are a store in the cache; a second run reads it, writing nothing
+    root = tmp_path / "cache" / "selective-model-seed0" / "descriptors-source"
+    m = json.loads((root / "manifest.json").read_text())
+    assert m["rows"] == 21 and m["dims"] == 128 * 4 and all(s["sha256"] for s in m["shards"])
+    stamp = {p.name: p.stat().st_mtime_ns for p in root.iterdir()}
+    again = run(tmp_path, folder, checkpoint, "--method", "selective", "--source", folder, "--selective_bank", "model",
+                "--selective_k", "2", "--selective_bins", "4", "--epochs", "1", "--out_dir", str(tmp_path / "again"),
+                "--cache_dir", str(tmp_path / "cache"))
+    assert again["selective"][0][0]["status"] == "done"
+    assert {p.name: p.stat().st_mtime_ns for p in root.iterdir()} == stamp
 
 
 def test_spottune_global_trains_and_exports_a_plain_network(tmp_path, folder, checkpoint):

@@ -246,17 +246,19 @@ class DescriptorStore:
         atomic_write_text(json.dumps(dict(self.header, shards=[None] * self.shards), indent=1), self._path(MANIFEST))
 
     def _record(self, i, manifest):
-        entry = (manifest or {}).get("shards", [None] * self.shards)
-        if isinstance(entry, list) and i < len(entry) and isinstance(entry[i], dict):
-            return entry[i]
+        """Shard i's record: its own file (written by the last description of it), else the manifest's entry."""
         side = self._path(f"shard-{i:05d}.json")
         if os.path.exists(side):
             try:
                 with open(side) as f:
                     rec = json.load(f)
-                return rec if isinstance(rec, dict) else None
+                if isinstance(rec, dict):
+                    return rec
             except (OSError, ValueError):
-                return None
+                pass
+        entry = (manifest or {}).get("shards")
+        if isinstance(entry, list) and i < len(entry) and isinstance(entry[i], dict):
+            return entry[i]
         return None
 
     def _valid(self, i, rec):
@@ -300,7 +302,9 @@ class DescriptorStore:
         missing = [i for i, r in enumerate(recs) if r is None]
         if missing:
             raise RuntimeError(f"{self.what} {self.directory}: shards {missing[:8]} were not written")
-        atomic_write_text(json.dumps(dict(self.header, shards=recs), indent=1), self._path(MANIFEST))
+        done = dict(self.header, shards=recs)
+        if done != manifest:  # (a complete store that was only read is left untouched)
+            atomic_write_text(json.dumps(done, indent=1), self._path(MANIFEST))
         for i in range(self.shards):
             side = self._path(f"shard-{i:05d}.json")
             if os.path.exists(side):

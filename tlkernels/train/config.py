@@ -152,6 +152,9 @@ class Config:
                                        "first two conv layers (pre-activation, the paper's default)", ("gabor", "model"),
                                "selective")
     selective_bins: int = option(32, "selective: histogram bins per filter channel", acts="selective")
+    selective_memory_gb: float = option(2.0, "selective: GiB the source search's buffers may take (the source "
+                                        "descriptors are streamed from their store in chunks that fit)",
+                                        acts="selective")
     adafilter_hidden: int = option(32, "AdaFilter: LSTM width", acts="adafilter")
     spottune_tau: float = option(5.0, "SpotTune: Gumbel-softmax temperature", acts="spottune")
     policy_lr: float = option(0.01, "SpotTune: policy network (SpotTune-Global: block logits) learning rate",
@@ -259,7 +262,7 @@ RANGES = [
     (("source_limit",), 0, False, "all"),
     (("stop_after", "threads", "spottune_budget", "l2sp_fisher", "warmup_epochs"), 0, False, "off"),
     (("clip_grad",), 0.0, False, "off"),
-    (("lr", "spottune_tau", "head_lr_mult"), 0.0, True, None),
+    (("lr", "spottune_tau", "head_lr_mult", "selective_memory_gb"), 0.0, True, None),
     (("weight_decay", "l2sp_alpha", "l2sp_beta", "soft_lambda0", "policy_lr"), 0.0, False, None),
 ]
 

@@ -219,7 +219,8 @@ class Selective(Recipe):
             bank = gabor_bank(scales=2, orientations=4, size=7, in_channels=run.target.channels)
         self.selector = SourceSelector(bank, bins=cfg.selective_bins, fine_bins=16 * cfg.selective_bins,
                                        cache_dir=os.path.join(cfg.cache_dir, f"selective-{cfg.selective_bank}-seed{cfg.seed}"),
-                                       progress=not cfg.quiet, device=run.device, num_workers=run.workers)
+                                       progress=not cfg.quiet, device=run.device, num_workers=run.workers,
+                                       memory_gb=cfg.selective_memory_gb)
         self.selector.fit(run.target.train_eval)
         self.selector.describe(run.target.train_eval, "target")
         if run.world > 1:  # each rank describes its share of the source set; the searches are sharded
