@@ -260,6 +260,22 @@ def check_histogram_knn(rep, device, quick):
     dr, ir = knn_search_reference(q, db, 10, "skl")
     rep.add("knn_search", "skl 20 x 3000 x 64 k=10, database a host numpy array in chunks (neighbours differing)",
             float((i.cpu() != ir).float().mean()), 0.0)
+    # descriptors as exact counts (tlkernels.store): uint16 and uint32 counts staged and decoded on the device
+    import numpy as np
+    from tlkernels import store
+    draws = torch.multinomial(db, 50, replacement=True, generator=gen)
+    hist = torch.zeros(db.shape[0], 64, dtype=torch.int64).scatter_add_(1, draws, torch.ones_like(draws))
+    for wide in (False, True):
+        p = 70000 if wide else 1000  # responses per histogram: each row's counts sum to p
+        counts = (hist * (p // 50)).numpy()
+        desc = store.in_memory(counts.astype(np.uint32 if wide else np.uint16),
+                               np.full((db.shape[0], 1), p, np.uint32), [(0, 64)])
+        full = desc.tensor(torch.float64)
+        d, i = knn_search(q.to(device, torch.float64), desc, 10, "skl", chunk_size=700)
+        dr, ir = knn_search_reference(q, full, 10, "skl")
+        rep.add("knn_search", f"skl 20 x 3000 x 64 k=10, database {'uint32' if wide else 'uint16'} counts "
+                f"(tlkernels.store) decoded on the device (neighbours differing)",
+                float((i.cpu() != ir).float().mean()), 0.0)
 
 
 def check_methods(rep, device, quick):
