@@ -56,13 +56,13 @@ namespace tlkernels {
 namespace gconv {
 namespace {
 
-// Heuristic rules (the `heuristic` setting; measured on 2 CPU cores with oneDNN, N=32):
+// Heuristic rules (the `heuristic` setting), set from the timings of benchmarks/test_bench_gated_conv2d.py
+// (N = 32, the ResNet-50 stage shapes, oneDNN):
 // below this many output pixels per image, per-image conv calls cost more than the FLOPs they save.
 constexpr int64_t kBlendMinPixels = 100;
-// From this many output pixels up, a 1x1 conv's forward takes bmm (256ch, N = 32, 2-core Zen 3: at 28x28 bmm
-// 0.98-1.01x one plain conv's time against the small-map engine's 1.09-1.11x; at 14x14 the engine 1.15-1.17x
-// against bmm's 1.24-1.26x; at 7x7 the engine, which reuses each blended weight panel in L1, is 2-4x faster
-// than MKL's batched GEMM of 49 columns).
+// From this many output pixels up, a 1x1 conv's forward takes bmm (from 28x28 bmm is the closest to one plain
+// conv's time; below, the small-map engine, which reuses each blended weight panel in L1, beats MKL's batched
+// GEMM of few columns).
 constexpr int64_t kBmmMinPixels = 784;
 // The backward without a gate gradient takes bmm's dx from 14x14 up (with dL/dg the engine's weight pass
 // gives dWf, dWp and dL/dg together: one GEMM less than bmm + weight gradients).

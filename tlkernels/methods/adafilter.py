@@ -73,8 +73,8 @@ class AdaFilterConv(nn.Module):
         return ts
 
     def _folded(self):
-        """Eval-mode BN folded into each branch's filters and bias, cached across eval calls: folding every
-        conv of a ResNet-18 costs ~10 ms per forward on 2 CPU cores, 3% of the whole fused eval. The key holds
+        """Eval-mode BN folded into each branch's filters and bias, cached across eval calls (folding every
+        conv at each forward is a visible part of the fused eval: benchmarks/test_bench_methods.py). The key holds
         each source tensor's storage and version counter (bumped by in-place changes: optimizer steps, ours
         included, load_state_dict, .to()), so a change to weights or BN parameters refolds. BN's running
         statistics are the exception: a train-mode forward updates them without bumping their version, so

@@ -82,9 +82,10 @@ def _query_side(metric, a, w, eps):
 def _db_side(metric, p, w, eps, buf=None):
     if metric == "skl":
         # [log(p + e), p] written in place into one buffer, and r(p) as a GEMV: three passes over the chunk
-        # instead of the six of log / cat / multiply / multiply / sum (the expansion cost a sixth of the search).
-        # `buf` (streaming search): the previous chunk's buffer, reused: a fresh 50 MB buffer per chunk is
-        # fresh pages from the OS each time, and those page faults cost as much as the expansion itself.
+        # instead of the six of log / cat / multiply / multiply / sum.
+        # `buf` (streaming search): the previous chunk's buffer, reused: a fresh chunk-sized buffer is fresh
+        # pages from the OS each time, whose page faults cost about as much as the expansion itself
+        # (benchmarks/test_bench_select.py, `tlkernels` against `tlkernels_index`).
         m, d = p.shape
         if buf is not None and buf.shape == (m, 2 * d) and buf.dtype == p.dtype and buf.device == p.device:
             B = buf
@@ -230,13 +231,13 @@ def chunk_rows(memory_gb, dims, queries, metric="skl", dtype=torch.float64):
 
 
 # The chunk GEMM, cross = A @ B^T (queries x chunk rows), nearly all of a search's time, computed as B @ A^T: the
-# selection kernel reads that transposed result in place by blocks of 32 queries, and handed A @ B^T instead
-# (its rows contiguous) a whole search ran 20% slower on a 2-core AVX2 EPYC. Two BLAS: torch's (MKL in the x86
+# selection kernel reads that transposed result in place by blocks of 32 queries (handed A @ B^T instead, its
+# rows contiguous, a whole search is slower: benchmarks/test_bench_select.py). Two BLAS: torch's (MKL in the x86
 # wheels) and numpy's (its bundled OpenBLAS, runtime-dispatched for the CPU); which is faster depends on the CPU,
 # so TLKERNELS_KNN_GEMM=auto (default) times both, with the selection, once per (dtype, queries, dims, threads)
 # in the process on the first chunk's first SAMPLE_ROWS rows, and every chunk of every later search takes the
-# pick (the answer does not depend on which searches came first); `torch` or `numpy` forces one. BLAS calls of
-# 20+ ms time steadily, so numpy's is taken when 5% faster.
+# pick (the answer does not depend on which searches came first); `torch` or `numpy` forces one. Calls of that
+# size time steadily, so numpy's is taken only when clearly faster (clearly_faster below).
 def _gemm_torch(A, B, out):
     return torch.matmul(B, A.t(), out=out).t()
 

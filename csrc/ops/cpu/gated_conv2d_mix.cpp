@@ -76,7 +76,7 @@ inline void im2col_row(const Geometry& q, const float* xn, int64_t xC, int64_t x
 
 // Weight (C, ...) as [ceil(C/16)][K][16]: the forward's B panels, zero padded past C. Each task reads
 // 16 rows in step (16 cache lines, each used for 16 consecutive k) and writes its panel contiguously;
-// torch's transpose + contiguous took 5 ms for a 512 x 4608 weight, this well under 1 ms.
+// faster than torch's transpose + contiguous, whose strided reads miss the cache on large weights.
 at::Tensor weight_panels(const at::Tensor& w) {
   const int64_t C = w.size(0), K = w.numel() / C, Cp = mixgemm::round_up(C, mixgemm::kNR);
   const at::Tensor wc = w.contiguous();
@@ -136,8 +136,9 @@ void forward(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf, co
     return any_bias ? (1.f - gn[c]) * b0.data_ptr<float>()[c] + gn[c] * b1.data_ptr<float>()[c] : 0.f;
   };
   // Hard gates on 4x4 maps: row selection instead of a weight blend (see run_hard_rows). Only where one
-  // 16-pixel tile holds the whole map: then an image's kc x 16 block of A sits in L1. Measured at 14x14
-  // (13 tiles, A streamed from L2 per tile) the blend engine was 10-15% faster; 7x7 would waste 30%.
+  // 16-pixel tile holds the whole map: then an image's kc x 16 block of A sits in L1. At 14x14 (13 tiles, A
+  // streamed from L2 per tile) the blend engine is faster, and 7x7 would leave much of a 16-pixel tile empty
+  // (benchmarks/test_bench_gated_conv2d.py times the stage shapes).
   if (binary && (P == 15 || P == 16)) {
     const at::Tensor wpc = wp.contiguous(), wfc = wf.contiguous();
     mixgemm::run_hard_rows(N, P, K, C, wpc.data_ptr<float>(), wfc.data_ptr<float>(), Gd, Gld, pack,

@@ -90,7 +90,7 @@ inline void col_pass_generic(const float* rows, int64_t ld, const float* u, int6
 #ifdef TLK_HAVE_AVX2_PATH
 // Register-blocked: 64 outputs held in eight accumulators across all taps, so every tap costs one load and
 // one FMA per 8 outputs (no store/reload of the output per tap), and eight independent FMA chains cover
-// the FMA latency (two chains measured latency-bound at half the speed).
+// the FMA latency (with two chains the loop is bound by that latency instead).
 template <int V>
 __attribute__((target("avx2,fma"))) inline void row_block(const float* in, const float* v, int64_t kw, float* out) {
   __m256 a[V];
@@ -143,7 +143,7 @@ __attribute__((target("avx2,fma"))) inline void bin_single_avx2(const float* rf,
     const __m256 v = _mm256_loadu_ps(rf + i);
     __m256 t = _mm256_mul_ps(_mm256_sub_ps(v, vlo), vinv);
     t = _mm256_min_ps(_mm256_max_ps(t, zero), vmax);  // max(NaN, 0) = 0, as the scalar loop
-    // (scalar table loads: AVX2 gathers are microcoded and measured slower than eight loads on AVX2 AMD EPYC CPUs)
+    // (scalar table loads: AVX2 gathers are microcoded, slower than eight loads on the AMD EPYC CPUs)
     alignas(32) int32_t c8[8], g8[8];
     alignas(32) float t8[8];
     _mm256_store_si256(reinterpret_cast<__m256i*>(c8), _mm256_cvttps_epi32(t));

@@ -92,8 +92,8 @@ std::tuple<at::Tensor, at::Tensor> knn_select_chunk_cpu(const at::Tensor& cross_
   TORCH_CHECK(best_d.size(0) == Q && best_i.sizes() == best_d.sizes(), op, ": best lists must be (", Q, ", k)");
   TORCH_CHECK(k >= 1, op, ": k must be >= 1, got ", k);
   // Two layouts are read in place: rows contiguous (Q, m), or the transpose of a contiguous (m, Q) matrix,
-  // which is what the caller gets from the GEMM chunk @ queries^T (MKL ran that orientation 4-10% faster
-  // on the AVX2 AMD EPYC CPUs measured). Anything else is copied once.
+  // which is what the caller gets from the GEMM chunk @ queries^T (the faster orientation for MKL on the
+  // CPUs of benchmarks/test_bench_select.py). Anything else is copied once.
   const bool by_column = Q > 1 && m > 1 && cross_in.stride(0) == 1 && cross_in.stride(1) == Q;
   const at::Tensor cross = by_column ? cross_in : cross_in.contiguous();
   const int64_t kout = std::min<int64_t>(k, kb + m);
@@ -200,8 +200,8 @@ at::Tensor knn_expand_skl_cpu(const at::Tensor& p_in, const at::Tensor& w_in, do
         scalar_t* lrow = op_ + i * 2 * d;
         scalar_t s = 0;
 #ifdef TLK_HAVE_AVX2_PATH
-        // float32: our AVX2 log, ~6x faster than the ATen log pass this replaces (the expansion was ~6% of a
-        // streaming search, all of it in log)
+        // float32: our AVX2 log in the same pass (the expansion's time is nearly all log; ATen's log is a
+        // separate, slower pass)
         if constexpr (std::is_same_v<scalar_t, float>) {
           if (avx2::available()) {
             // (casts: this branch is compiled for double too, though only taken for float)

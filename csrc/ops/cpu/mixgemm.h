@@ -100,8 +100,8 @@ __attribute__((target("avx2,fma"))) inline void micro(int64_t kc, const float* A
 
 
 // Pixel tiles: ceil(P/6) tiles whose sizes differ by at most one (49 = 4x6 + 5x5 rather than 8x6 + 1):
-// the micro-kernel needs >= 5 rows (10 accumulators) to cover FMA latency; a 1-row tile runs at a fifth
-// of the speed and cost 10% at 7x7.
+// the micro-kernel needs >= 5 rows (10 accumulators) to cover FMA latency, and a 1-row tile is
+// latency-bound (benchmarks/single_thread_512.py measures the 7x7 case).
 struct Tiles {
   int64_t count, base, extra;  // tile t has base + (t < extra) rows
   explicit Tiles(int64_t P) : count((P + kMR - 1) / kMR), base(P / count), extra(P % count) {}
@@ -110,7 +110,8 @@ struct Tiles {
 };
 
 // Rows [0, kb) of a row-major [kb][P] matrix (row stride lda) as [tile][kb][6], zero padded: each
-// micro-kernel call then streams one contiguous 6 KB tile (a strided A measured 20% slower).
+// micro-kernel call then streams one contiguous 6 KB tile (a strided A is slower: more cache lines and TLB
+// entries per call).
 inline void retile(const float* src, int64_t lda, const Tiles& tl, int64_t kb, float* dst) {
   for (int64_t t = 0; t < tl.count; ++t) {
     const int64_t r = tl.rows(t);
@@ -231,7 +232,7 @@ inline void transpose_rows(const float* src, int64_t lda, int64_t P, int64_t kb,
 }
 
 // Per-thread scratch that lives across calls (grow-only): a fresh buffer per call came back from the OS as
-// new pages (page faults and zeroing measured at ~2% of a 7x7 layer).
+// new pages (page faults and zeroing on every call).
 inline float* scratch(int slot, size_t n) {
   thread_local std::vector<float> bufs[5];  // slots 0-3: the GEMM loops; 4: their consumers
   std::vector<float>& v = bufs[slot];
