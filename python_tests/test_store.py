@@ -193,6 +193,8 @@ def test_chunk_rows_follow_the_memory_budget():
             chunk_rows(bad, 10, 10)
     with pytest.raises(ValueError, match="SourceSelector: memory_gb must be a number > 0, got 0"):
         SourceSelector(_bank(), memory_gb=0)
+    with pytest.raises(ValueError, match="SourceSelector: shard_rows must be a positive int, got 0"):
+        SourceSelector(_bank(), shard_rows=0)
     with pytest.raises(IndexError, match=r"Descriptors.subset: rows \[3, 99\) are outside \[0, 4\]"):
         store.in_memory(np.zeros((4, 2), np.uint16), np.ones((4, 1), np.uint32), [(0, 2)]).subset(3, 99)
 
@@ -288,3 +290,12 @@ def test_a_rebuilt_shard_replaces_its_record_in_the_manifest(tmp_path):
     assert st.pending(range(3)) == [] and st.descriptors().raw(4, 8)[0].tolist() == [[7] * 4] * 4
     with pytest.raises(ValueError, match=r"DescriptorStore.write_shard: shard 2 needs counts \(2, 4\)"):
         st.write_shard(2, np.zeros((3, 4), np.uint16), np.ones((3, 1), np.uint32))
+
+
+def test_an_empty_data_set_gives_an_empty_store(tmp_path):
+    sel = _selector(str(tmp_path)).fit(_dataset(4, 1))
+    d = sel.describe(_dataset(0, 2), "empty")
+    assert d.shape == (0, 96) and d.tensor().shape == (0, 96)
+    m = json.loads((tmp_path / "descriptors-empty" / "manifest.json").read_text())
+    assert m["rows"] == 0 and m["shards"] == []
+    assert _selector().fit(_dataset(4, 1)).describe(_dataset(0, 2), "empty").shape == (0, 96)

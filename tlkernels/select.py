@@ -79,6 +79,8 @@ class SourceSelector:
                             f"from_model(...)), got {type(bank).__name__}")
         if isinstance(memory_gb, bool) or not isinstance(memory_gb, (int, float)) or not memory_gb > 0:
             raise ValueError(f"SourceSelector: memory_gb must be a number > 0, got {memory_gb!r}")
+        if isinstance(shard_rows, bool) or not isinstance(shard_rows, int) or shard_rows < 1:
+            raise ValueError(f"SourceSelector: shard_rows must be a positive int, got {shard_rows!r}")
         self.bank, self.bins, self.fine_bins, self.mode, self.metric = bank, bins, fine_bins, mode, metric
         self.batch_size, self.cache_dir, self.progress, self.num_workers = batch_size, cache_dir, progress, num_workers
         self.memory_gb, self.shard_rows = memory_gb, shard_rows

@@ -301,7 +301,9 @@ class DescriptorStore:
         recs = [self._record(i, manifest) for i in range(self.shards)]
         missing = [i for i, r in enumerate(recs) if r is None]
         if missing:
-            raise RuntimeError(f"{self.what} {self.directory}: shards {missing[:8]} were not written")
+            raise RuntimeError(f"{self.what} {self.directory}: shards {missing[:8]} were not written (under "
+                               f"torch.distributed every rank must see this directory: one node, or a shared file "
+                               f"system)")
         done = dict(self.header, shards=recs)
         if done != manifest:  # (a complete store that was only read is left untouched)
             atomic_write_text(json.dumps(done, indent=1), self._path(MANIFEST))
