@@ -20,6 +20,11 @@ def _kernel_param_names(model):
     return names
 
 
+
+def under(name, prefixes):
+    """Whether parameter `name` belongs to one of the modules named in `prefixes` (itself, or "prefix.*")."""
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
 class L2SP:
     """alpha/2 ||w_S - w_S^0||^2 + beta/2 ||w_new||^2 for a model (Li et al., ICML 2018).
 
@@ -49,14 +54,14 @@ class L2SP:
         kernels = _kernel_param_names(model)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         for h in heads:
-            if not any(n == h or n.startswith(h + ".") for n, _ in named):
+            if not any(under(n, (h,)) for n, _ in named):
                 raise ValueError(f"L2SP: head {h!r} matches no trainable parameter of the model")
         ref_sd = reference if reference is not None else {n: p.detach() for n, p in model.named_parameters()}
         self.names, self.params, self.refs, self.new_names, self.new_params = [], [], [], [], []
         for n, p in named:
             if scope == "kernels" and n not in kernels:
                 continue
-            if any(n == h or n.startswith(h + ".") for h in heads):
+            if under(n, heads):
                 self.new_names.append(n)
                 self.new_params.append(p)
                 continue

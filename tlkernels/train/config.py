@@ -28,6 +28,11 @@ def option(default, help, choices=None, acts=None):
     return field(default=default, metadata={"help": help, "choices": choices, "acts": acts})
 
 
+def world_size():
+    """Processes of this run: torchrun's WORLD_SIZE (1 without it)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 # When an option acts: (test on the Config, what the option needs, said in the warning).
 ACTS = {
     "target": (lambda c: bool(c.target), "--target image folders (the demo has its own data and backbone)"),
@@ -51,7 +56,7 @@ ACTS = {
     "single": (lambda c: not c.compare, "a run without --compare"),
     "one_seed": (lambda c: not c.seeds, "a run without --seeds"),
     "sgd": (lambda c: c.opt == "sgd", "--opt sgd"),
-    "ddp": (lambda c: int(os.environ.get("WORLD_SIZE", "1")) > 1, "several processes (torchrun)"),
+    "ddp": (lambda c: world_size() > 1, "several processes (torchrun)"),
 }
 
 

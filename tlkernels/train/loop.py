@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from tlkernels import _choices
 from tlkernels._io import CheckpointError, atomic_save, atomic_write_text, load
 from tlkernels.train import compare, data, export, plots
-from tlkernels.train.config import parse_args
+from tlkernels.train.config import parse_args, world_size
 from tlkernels.train.recipes import recipe
 
 
@@ -32,7 +32,7 @@ def choice_cache(cfg):
 
 def setup_processes(cfg):
     """(rank, world, device). Under torchrun each process takes cuda:LOCAL_RANK (NCCL) or the CPU (gloo)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     want = cfg.device
     if want == "auto":

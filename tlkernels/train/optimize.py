@@ -7,13 +7,10 @@ import math
 import torch
 import torch.nn as nn
 
+from tlkernels.nn.losses import under
 from tlkernels.train.backbones import parameter_depths
 
 HEADS = ("head", "source_head")  # the classifier heads the trainer adds (scaled by --head_lr_mult when new)
-
-
-def _under(name, prefixes):
-    return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
 def lr_scales(cfg, net, units, new):
@@ -28,8 +25,8 @@ def lr_scales(cfg, net, units, new):
     for name, p in net.named_parameters():
         if not p.requires_grad:
             continue
-        if _under(name, new):
-            scales[id(p)] = cfg.head_lr_mult if _under(name, [h for h in HEADS if h in new]) else 1.0
+        if under(name, new):
+            scales[id(p)] = cfg.head_lr_mult if under(name, [h for h in HEADS if h in new]) else 1.0
         else:
             scales[id(p)] = cfg.layer_decay ** (top - depths.get(id(p), top))
     return scales
@@ -68,7 +65,7 @@ def lr_factor(step, total, warmup):
 def freeze_batchnorm(net, new):
     """--freeze_bn: the pre-trained BatchNorms (every _BatchNorm outside the `new` modules) lose their trainable
     affine parameters; returns them, for `keep_frozen` after each train()."""
-    frozen = [m for n, m in net.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and not _under(n, new)]
+    frozen = [m for n, m in net.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and not under(n, new)]
     for m in frozen:
         for p in m.parameters(recurse=False):
             p.requires_grad_(False)
