@@ -150,7 +150,7 @@ class Descriptors:
             out = torch.from_numpy(out)
         else:
             out = _unsigned(counts).to(torch.float64)
-            p = pixels.to(torch.float64)
+            p = _unsigned(pixels).to(torch.float64)
             for s, (lo, hi) in enumerate(self.stage_columns):
                 out[:, lo:hi].div_(p[:, s:s + 1])
         return out if dtype == torch.float64 else out.to(dtype)
