@@ -197,7 +197,10 @@ class SourceSelector:
             for i in todo:  # the batches arrive in row order; each shard is written as soon as it is full
                 need = st.shard_range(i)[1] - st.shard_range(i)[0]
                 while sum(len(c) for c in buf_c) < need:
-                    c, p = next(batches)
+                    c, p = next(batches, (None, None))
+                    if c is None:
+                        raise RuntimeError(f"SourceSelector.describe: data set {name!r} yielded fewer images than "
+                                           f"its length ({len(dataset)})")
                     buf_c.append(c)
                     buf_p.append(p)
                 counts, pixels = np.concatenate(buf_c), np.concatenate(buf_p)
