@@ -51,7 +51,7 @@ def test_every_method_interrupted_resumed_and_run_again_on_warm_caches(tmp_path,
         assert resumed[m][0][0]["status"] == again[m][0][0]["status"] == "done", m
         assert losses(resumed, m) == losses(again, m), m
         assert resumed[m][0][0]["final_val_acc"] == again[m][0][0]["final_val_acc"], m
-    assert os.path.exists(os.path.join(cache, "selective-gabor-seed0", "descriptors-source.pt"))
+    assert os.path.exists(os.path.join(cache, "selective-gabor-seed0", "descriptors-source", "manifest.json"))
 
 
 def test_resume_with_another_methods_checkpoint_is_refused(tmp_path, cache):
