@@ -129,3 +129,15 @@ def pytest_sessionfinish(session, exitstatus):
         return
     import results
     results.append(results.rows_of(bs.benchmarks, STEADY_ALLOCATOR), dest or results.RESULTS)
+
+
+def faiss_skl_vectors(queries, database, weights, eps):
+    """(query, database) float32 numpy vectors whose largest inner products rank `database` rows by the weighted
+    symmetric KL to each query (the row constant dropped): max <[A, 1], [B, -2c]> with knn's expansion A, B and
+    c = r(p) / 2 (tlkernels.ops.knn). `weights`: one per dimension. For faiss's exact IndexFlatIP."""
+    from tlkernels.ops.knn import _db_side, _query_side
+    A, _, _ = _query_side("skl", queries, weights, eps)
+    B, c = _db_side("skl", database, weights, eps)
+    xb = torch.cat([B, -2 * c[:, None]], 1).float().numpy()
+    xq = torch.cat([A, torch.ones(A.shape[0], 1, dtype=A.dtype)], 1).float().numpy()
+    return xq, xb

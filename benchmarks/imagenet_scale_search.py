@@ -32,6 +32,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
+from conftest import faiss_skl_vectors  # noqa: E402
 from tlkernels import store  # noqa: E402
 from tlkernels.ops.knn import EPS, chunk_rows, knn_search  # noqa: E402
 
@@ -173,12 +174,9 @@ def phase_subset(a):
     _, inmem = knn_search(q, full, a.k, "skl", w, EPS)
     out["in_memory_s"] = time.perf_counter() - t0
     out["equal_neighbours"] = bool(torch.equal(streamed, inmem))
-    # faiss: maximise <[w a, w log(a+e), -1], [log(p+e), p, r(p)]> (the skl ranking), float32, exact flat index
-    wd = w.repeat_interleave(BINS)
-    lp = torch.log(full + EPS)
-    xb = torch.cat([lp, full, (wd * full * lp).sum(1, keepdim=True)], 1).float().numpy()
-    del full, lp
-    xq = torch.cat([wd * q, wd * torch.log(q + EPS), -torch.ones(q.shape[0], 1, dtype=q.dtype)], 1).float().numpy()
+    # faiss: the skl ranking as an inner product (conftest.faiss_skl_vectors), float32, exact flat index
+    xq, xb = faiss_skl_vectors(q, full, w.repeat_interleave(BINS), EPS)
+    del full
     faiss.omp_set_num_threads(torch.get_num_threads())
     index = faiss.IndexFlatIP(xb.shape[1])
     t0 = time.perf_counter()

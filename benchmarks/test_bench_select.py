@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import tlkernels
-from conftest import run
+from conftest import faiss_skl_vectors, run
 from peakmem import peak_extra_mb
 from tlkernels.filters import gabor_bank
 from tlkernels.ops.knn import _db_side, _query_side
@@ -88,11 +88,7 @@ def test_knn_search(benchmark, descriptors, provider, device):
         faiss = pytest.importorskip("faiss")  # benchmark-only dependency (requirements-bench.txt)
         if device != "cpu":
             pytest.skip("faiss-cpu indexes host memory")
-        A, r, s = _query_side("skl", q, w, 2.2204e-16)
-        B, c = _db_side("skl", db, w, 2.2204e-16)
-        # max <A, B'> with B' = [B, -2c] and A' = [A, 1]: ranks by the skl distance (row constant dropped)
-        Bp = torch.cat([B, -2 * c[:, None]], 1).numpy()
-        Ap = torch.cat([A, torch.ones(Q, 1)], 1).numpy()
+        Ap, Bp = faiss_skl_vectors(q, db, w, eps)
         index = faiss.IndexFlatIP(Bp.shape[1])
         index.add(Bp)
 

@@ -10,11 +10,10 @@ The ImageNet-scale case (1,281,167 source rows on disk, peak RSS and the disk/GE
 import os
 import shutil
 
-import numpy as np
 import pytest
 import torch
 
-from conftest import run
+from conftest import faiss_skl_vectors, run
 from imagenet_scale_search import BINS, STAGES, channel_weights, stage_columns, synthetic_rows
 from tlkernels import store
 from tlkernels.ops.knn import EPS, chunk_rows, knn_search
@@ -57,11 +56,7 @@ def test_store_search(benchmark, source_store, provider, device):
             return knn_search(q, d, K, "skl", w, EPS, chunk_size=size)
     else:  # exact inner-product index on the expanded float32 vectors (the skl ranking), added outside the timer
         faiss = pytest.importorskip("faiss")
-        full = d.tensor(torch.float64)
-        wd = w.repeat_interleave(BINS)
-        lp = torch.log(full + EPS)
-        xb = torch.cat([lp, full, (wd * full * lp).sum(1, keepdim=True)], 1).float().numpy()
-        xq = torch.cat([wd * q, wd * torch.log(q + EPS), -torch.ones(Q, 1, dtype=q.dtype)], 1).float().numpy()
+        xq, xb = faiss_skl_vectors(q, d.tensor(torch.float64), w.repeat_interleave(BINS), EPS)
         faiss.omp_set_num_threads(torch.get_num_threads())
         index = faiss.IndexFlatIP(xb.shape[1])
         index.add(xb)
