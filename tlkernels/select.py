@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from tlkernels import store
-from tlkernels.ops._utils import pair
+from tlkernels.ops._utils import conv_output_hw, pair
 from tlkernels.ops.bins import fit_bin_edges
 from tlkernels.ops.histogram import filterbank_histogram
 from tlkernels.ops.knn import chunk_rows, knn_search
@@ -130,9 +130,8 @@ class SourceSelector:
             w = s["weight"]
             stride, padding = pair("SourceSelector", "stride", s["stride"]), pair("SourceSelector", "padding",
                                                                                    s["padding"], allow_zero=True)
-            p = 1
-            for d in range(2):
-                p *= (x.shape[2 + d] + 2 * padding[d] - w.shape[2 + d]) // stride[d] + 1
+            oh, ow = conv_output_hw(x, w, stride, padding)
+            p = oh * ow  # responses per histogram
             h = filterbank_histogram(x, w.to(x.device), self.edges[i].to(x.device), stride, padding)
             hs.append(torch.round(h.double() * p).to(torch.int64).flatten(1))  # count * (1/P) within an ulp: exact
             ps.append(torch.full((x.shape[0], 1), p, dtype=torch.int64))
