@@ -5,7 +5,6 @@ TLKERNELS_FORCE_CUDA=1) and skipped with TLKERNELS_NO_CUDA=1. We look for the to
 torch derives CUDA_HOME from `which nvcc`, and on machines where nvcc is a wrapper script outside
 the toolkit (e.g. /usr/local/bin/nvcc) that guess is wrong and linking fails.
 """
-import glob
 import os
 import sys
 
@@ -16,6 +15,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 from find_cuda import default_arch_list, find_cuda_home  # noqa: E402
+from sources import extension_sources  # noqa: E402
 
 
 def decide_cuda():
@@ -55,10 +55,7 @@ if CUDA_HOME and torch.version.cuda is None:
 
 
 def get_extensions():
-    csrc = os.path.join("csrc")
-    sources = sorted(glob.glob(os.path.join(csrc, "*.cpp")) + glob.glob(os.path.join(csrc, "ops", "*.cpp"))
-                     + glob.glob(os.path.join(csrc, "ops", "cpu", "*.cpp"))
-                     + glob.glob(os.path.join(csrc, "ops", "autocast", "*.cpp")))
+    sources = extension_sources("csrc", cuda=bool(CUDA_HOME))
     # (py_limited_api=True makes torch define Py_LIMITED_API itself.) OpenMP: at::parallel_for is a header
     # template that runs serially unless the including library is itself compiled with OpenMP; libgomp
     # is the one torch already loads (same soname), so no second runtime appears.
@@ -69,7 +66,6 @@ def get_extensions():
         link.append("-fopenmp")
     include_dirs = [os.path.join(ROOT, "csrc")]
     if CUDA_HOME:
-        sources += sorted(glob.glob(os.path.join(csrc, "ops", "cuda", "*.cu")))
         ext = CUDAExtension("tlkernels._C", sources, include_dirs=include_dirs,
                             define_macros=[("TLKERNELS_WITH_CUDA", "1")],
                             extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},

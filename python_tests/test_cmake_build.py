@@ -33,6 +33,13 @@ def test_cmake_build_and_ctest(tmp_path):
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     r = subprocess.run(["ctest", "--test-dir", str(build), "--output-on-failure"], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    # one source list (csrc/sources.txt): CMake built exactly setup.py's sources, less the Python module's entry
+    spec = importlib.util.spec_from_file_location("tlk_sources", os.path.join(ROOT, "tools", "sources.py"))
+    sources = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sources)
+    built = (build / "tlkernels_sources.txt").read_text().split(";")
+    assert built == sources.extension_sources(os.path.join(ROOT, "csrc"), cuda=False, python=False)
+    assert any("/ops/autocast/" in s for s in built)
 
 
 def test_cuda_arch_list_follows_the_visible_gpus():

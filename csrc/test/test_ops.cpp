@@ -35,6 +35,9 @@ int main() {
     threw = std::string(e.what()).find("gate must have shape") != std::string::npos;
   }
   expect(threw, "gated_conv2d rejects a bad gate shape with a message naming the argument");
-  std::printf("%d passed, %d failed\n", 2 - failures, failures);
+  // the autocast kernels are part of the library (csrc/sources.txt lists csrc/ops/autocast)
+  const auto handle = c10::Dispatcher::singleton().findSchemaOrThrow("tlkernels::gated_conv2d", "");
+  expect(handle.hasKernelForDispatchKey(c10::DispatchKey::AutocastCPU), "gated_conv2d has its AutocastCPU kernel");
+  std::printf("%d passed, %d failed\n", 3 - failures, failures);
   return failures ? EXIT_FAILURE : EXIT_SUCCESS;
 }
