@@ -120,8 +120,12 @@ def render(all_rows):
     runs = newest_runs(all_rows).items()
     for (bench, hw), rows in sorted(runs, key=lambda kv: kv[1][0].get("malloc") != "steady"):
         r0 = rows[0]
+        by_baseline = {}  # one table per baseline, so that every ratio column has its reference in the table
+        for r in rows:
+            by_baseline.setdefault(r["baseline"], []).append(r)
+        tables = "\n\n".join(table(group) for group in by_baseline.values())
         out.append(f"### {bench} on {hw}\n\nRun {r0['run']}, {r0['date']} UTC, commit {r0['commit']}, torch "
-                   f"{r0['torch']}, MKL {r0['mkl'] or 'n/a'}, oneDNN {r0['onednn'] or 'n/a'}.\n\n{table(rows)}\n")
+                   f"{r0['torch']}, MKL {r0['mkl'] or 'n/a'}, oneDNN {r0['onednn'] or 'n/a'}.\n\n{tables}\n")
     return "\n".join(out)
 
 
