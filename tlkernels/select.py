@@ -22,6 +22,12 @@ from tlkernels.ops.histogram import filterbank_histogram
 from tlkernels.ops.knn import chunk_rows, knn_search
 
 
+def _hash_tensor(h, t):
+    """Feed tensor t (shape, dtype and bytes) into hash h."""
+    h.update(f"{tuple(t.shape)}|{t.dtype}|".encode())
+    h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+
+
 def dataset_fingerprint(dataset):
     """A digest of what `dataset` holds, so that a descriptor cache is never reused for other images:
     in-memory tensors by their bytes, image folders by every file's path, size and modification time,
@@ -30,8 +36,7 @@ def dataset_fingerprint(dataset):
     h = hashlib.sha256()
     if isinstance(dataset, torch.utils.data.TensorDataset):
         for t in dataset.tensors:
-            h.update(f"{tuple(t.shape)}|{t.dtype}|".encode())
-            h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+            _hash_tensor(h, t)
     elif isinstance(dataset, torch.utils.data.Subset):
         h.update(torch.as_tensor(list(dataset.indices), dtype=torch.long).numpy().tobytes())
         h.update(dataset_fingerprint(dataset.dataset).encode())
@@ -44,9 +49,7 @@ def dataset_fingerprint(dataset):
         for i in range(len(dataset)):
             item = dataset[i]
             for t in (item if isinstance(item, (tuple, list)) else (item,)):
-                t = torch.as_tensor(t)
-                h.update(f"{tuple(t.shape)}|{t.dtype}|".encode())
-                h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+                _hash_tensor(h, torch.as_tensor(t))
     return h.hexdigest()
 
 
@@ -117,8 +120,7 @@ class SourceSelector:
         def digest(ts):
             h = hashlib.sha256()
             for t in ts:
-                h.update(f"{tuple(t.shape)}|".encode())
-                h.update(t.detach().cpu().float().contiguous().numpy().tobytes())
+                _hash_tensor(h, t)
             return h.hexdigest()
         return {"bank": digest(self.bank.fingerprint_tensors()), "edges": digest(list(self.edges)),
                 "bins": self.bins, "mode": self.mode, "data": dataset_fingerprint(dataset)}
@@ -173,8 +175,7 @@ class SourceSelector:
             dims = self.stage_columns()[-1][1]
             counts = np.concatenate([c for c, _ in parts]) if parts else np.zeros((0, dims), np.int64)
             pixels = np.concatenate([p for _, p in parts]) if parts else np.zeros((0, len(self.bank.stages)), np.uint32)
-            counts = counts.astype(store.count_dtype(int(pixels.max(initial=0))))
-            return self._keep(name, store.in_memory(counts, pixels, self.stage_columns()))
+            return self._keep(name, store.in_memory(store.narrow(counts, pixels), pixels, self.stage_columns()))
         return self._keep(name, self._describe_store(dataset, name))
 
     def _describe_store(self, dataset, name):
@@ -204,8 +205,7 @@ class SourceSelector:
                     buf_p.append(p)
                 counts, pixels = np.concatenate(buf_c), np.concatenate(buf_p)
                 buf_c, buf_p = [counts[need:]], [pixels[need:]]
-                st.write_shard(i, counts[:need].astype(store.count_dtype(int(pixels[:need].max(initial=0)))),
-                               pixels[:need])
+                st.write_shard(i, store.narrow(counts[:need], pixels[:need]), pixels[:need])
             batches.close()
         if collective:
             dist.barrier()

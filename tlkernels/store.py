@@ -40,6 +40,11 @@ def count_dtype(max_pixels):
     return np.uint16 if max_pixels <= np.iinfo(np.uint16).max else np.uint32
 
 
+def narrow(counts, pixels):
+    """Counts in the smallest unsigned type their rows' response counts `pixels` allow (count_dtype)."""
+    return counts.astype(count_dtype(int(pixels.max(initial=0))))
+
+
 def _unsigned(t):
     """Counts as signed integers wide enough to hold them (uint16 / uint32 tensors reinterpreted and widened:
     every device converts those)."""
@@ -109,24 +114,26 @@ class Descriptors:
         if not (isinstance(a, int) and isinstance(b, int) and 0 <= a <= b <= self.shape[0]):
             raise IndexError(f"Descriptors.{name}: rows [{a}, {b}) are outside [0, {self.shape[0]}]")
 
-    def subset(self, start, stop):
-        self._check("subset", start, stop)
-        parts = []
+    def _overlaps(self, start, stop):
+        """(lo, hi, counts, pixels, a) for each part rows [start, stop) reach: rows [lo, hi) of this view are
+        rows [a, a + hi - lo) of the part's arrays."""
         for s0, s1, c, p, first in self.parts:
             lo, hi = max(start, s0), min(stop, s1)
             if lo < hi:
-                parts.append((lo - start, hi - start, c, p, first + lo - s0))
-        return Descriptors(parts, self.stage_columns)
+                yield lo, hi, c, p, first + lo - s0
+
+    def subset(self, start, stop):
+        self._check("subset", start, stop)
+        return Descriptors([(lo - start, hi - start, c, p, a) for lo, hi, c, p, a in self._overlaps(start, stop)],
+                           self.stage_columns)
 
     def raw(self, start, stop):
         """(counts, pixels) numpy arrays of rows [start, stop): unsigned counts (rows, dims), uint32 P (rows, stages)."""
         self._check("raw", start, stop)
         cs, ps = [], []
-        for s0, s1, c, p, first in self.parts:
-            lo, hi = max(start, s0), min(stop, s1)
-            if lo < hi:
-                cs.append(_read(c, lo - s0 + first, hi - s0 + first))
-                ps.append(_read(p, lo - s0 + first, hi - s0 + first))
+        for lo, hi, c, p, a in self._overlaps(start, stop):
+            cs.append(_read(c, a, a + hi - lo))
+            ps.append(_read(p, a, a + hi - lo))
         if not cs:
             return np.zeros((0, self.shape[1]), np.uint16), np.zeros((0, len(self.stage_columns)), np.uint32)
         counts = cs[0] if len(cs) == 1 else np.concatenate(cs)  # (uint16 with uint32: uint32)
@@ -162,15 +169,12 @@ class Descriptors:
         return self.rows(0, self.shape[0], dtype)
 
     def prefetch(self, start, stop):
-        start, stop = max(0, start), min(stop, self.shape[0])
-        for s0, s1, c, _, first in self.parts:
-            lo, hi = max(start, s0), min(stop, s1)
-            if lo < hi and isinstance(c, str) and hasattr(os, "posix_fadvise"):
+        for lo, hi, c, _, a in self._overlaps(start, stop):
+            if isinstance(c, str) and hasattr(os, "posix_fadvise"):
                 offset, row = _npy_header(c)
                 fd = os.open(c, os.O_RDONLY)
                 try:
-                    os.posix_fadvise(fd, offset + (lo - s0 + first) * row, (hi - lo) * row,
-                                     os.POSIX_FADV_WILLNEED)
+                    os.posix_fadvise(fd, offset + a * row, (hi - lo) * row, os.POSIX_FADV_WILLNEED)
                 finally:
                     os.close(fd)
 
