@@ -1,16 +1,16 @@
 """The CPU small-map engine with each micro-kernel against one plain convolution: hard per-filter gates,
-N = 32, 3x3, forward, ResNet stage shapes; TLKERNELS_GATED_CONV forces `mix` (our AVX2 micro-kernel) and
+N = 32, 3x3, forward, ResNet stage shapes; the `gated_conv` setting forces `mix` (our AVX2 micro-kernel) and
 `brgemm` (oneDNN's BRGeMM ukernel, JIT for the running ISA). Prints medians of 7 calls.
 
     python benchmarks/engines.py [threads]
 """
-import os
 import statistics
 import sys
 
 import torch
 import torch.nn.functional as F
 
+from tlkernels import config
 from tlkernels._timing import call_times_ms
 from tlkernels.ops import gated_conv2d
 
@@ -25,9 +25,9 @@ def main():
         res = {}
         with torch.no_grad():
             for engine in ("mix", "brgemm"):
-                os.environ["TLKERNELS_GATED_CONV"] = engine
-                res[engine] = statistics.median(call_times_ms(
-                    lambda: gated_conv2d(x, wp, wf, g, padding=1, hard=True), 7))
+                with config.override(gated_conv=engine):
+                    res[engine] = statistics.median(call_times_ms(
+                        lambda: gated_conv2d(x, wp, wf, g, padding=1, hard=True), 7))
             res["plain conv"] = statistics.median(call_times_ms(lambda: F.conv2d(x, wf, padding=1), 7))
         print(f"{c}ch {hw}x{hw}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in res.items()), flush=True)
 

@@ -17,6 +17,15 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def settings():
+    """settings(gated_conv="routed", ...): tlkernels.config changed for one test, restored after it."""
+    from tlkernels import config
+    saved = {s.name: config.get(s.name) for s in config.SETTINGS}
+    yield config.set
+    config.set(**saved)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: has CUDA cases: runs on the GPU when one is visible (tools/gpu_check.sh "
                                        "runs `-m cuda`), on the CPU or in Triton's interpreter otherwise")

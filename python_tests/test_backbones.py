@@ -127,9 +127,9 @@ if os.environ.get("TLKERNELS_TEST_ALL_FAMILIES") == "1":  # every method on ever
 
 
 @pytest.mark.parametrize("arch", list(FAMILIES))
-def test_methods_train_and_export_on_timm_and_torchvision_families(tmp_path, tmp_path_factory, folder, arch,
+def test_methods_train_and_export_on_timm_and_torchvision_families(settings, tmp_path, tmp_path_factory, folder, arch,
                                                                   monkeypatch):
-    monkeypatch.setenv("TLKERNELS_GATED_CONV", "heuristic")  # (no strategy timing for every conv shape)
+    settings(gated_conv="heuristic")  # (no strategy timing for every conv shape)
     ck = weights(tmp_path_factory, arch)
     source = write_folder(str(tmp_path / "src"), per_class=6, extra_modes=False)
     res = loop.main(["--target", folder, "--source", source, "--arch", arch, "--checkpoint", ck,

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.testing._internal.common_methods_invocations import op_db
 
+from tlkernels import config
 from tlkernels.ops import cross_entropy, joint_cross_entropy
 from tlkernels.ops.cross_entropy import _ref_impl, _triton_impl
 
@@ -22,8 +23,7 @@ def path(name, monkeypatch):
     if name == "kernel":
         yield
     elif name == "reference":
-        with monkeypatch.context() as m:
-            m.setenv("TLKERNELS_BACKEND", "reference")
+        with config.override(backend="reference"):
             yield
     else:
         impl = {"triton": _triton_impl, "reference_kernel": _ref_impl}[name]

@@ -108,7 +108,8 @@ def test_every_op_is_registered_with_all_its_pieces():
     from tlkernels.ops._registry import OPS
     # (internal, no tensors)
     diagnostics = {"_gated_conv2d_last_strategies", "_filterbank_histogram_last_path", "_intra_op_threads",
-                   "_measured_choices", "_set_measured_choices", "_measured_choice_names", "_emulate_cuda"}
+                   "_measured_choices", "_set_measured_choices", "_measured_choice_names", "_emulate_cuda",
+                   "_config", "_set_config", "_config_choices"}
     defined = {n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("tlkernels::")}
     assert defined - diagnostics - set(OPS) == set(), "registered without register_op"
     for name, info in OPS.items():

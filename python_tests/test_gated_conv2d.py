@@ -182,14 +182,14 @@ def test_padding_same_and_valid(k, dil):
         torch.testing.assert_close(y, ref)
 
 
-def test_reference_backend_env(monkeypatch):
+def test_reference_backend_env(settings):
     tensors, kw = make_case((2, 3, 4, 6, 6, 3, 1, 1, 1, 1), "filter_soft")
     fast = gated_conv2d(*tensors, **kw)
-    monkeypatch.setenv("TLKERNELS_BACKEND", "reference")
+    settings(backend="reference")
     torch.testing.assert_close(gated_conv2d(*tensors, **kw), fast)
-    monkeypatch.setenv("TLKERNELS_BACKEND", "bogus")
-    with pytest.raises(ValueError, match="TLKERNELS_BACKEND"):
-        gated_conv2d(*tensors, **kw)
+    with pytest.raises(ValueError, match="tlkernels.config: backend must be one of auto, reference, got 'bogus'"):
+        settings(backend="bogus")
+    torch.testing.assert_close(gated_conv2d(*tensors, **kw), fast)  # (a refused value changes nothing)
 
 
 BAD = [
@@ -252,8 +252,8 @@ ENGINES = ["mix", "brgemm"]
 @pytest.mark.parametrize("shape", MIX_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("gate_kind", ["filter_soft", "filter_hard", "hard_flag"])
 @pytest.mark.parametrize("gate_grad", [False, True])
-def test_float32_small_map_engine_matches_reference(monkeypatch, engine, shape, gate_kind, gate_grad):
-    monkeypatch.setenv("TLKERNELS_GATED_CONV", engine)
+def test_float32_small_map_engine_matches_reference(settings, engine, shape, gate_kind, gate_grad):
+    settings(gated_conv=engine)
     n, ci, co, h, w, k, s, p, d = shape
     torch.manual_seed(sum(shape))
     (x, wp, wf, gate, bp, bf), kw = make_case((n, ci, co, h, w, k, s, p, d, 1), gate_kind)
@@ -281,8 +281,8 @@ def test_float32_small_map_engine_matches_reference(monkeypatch, engine, shape, 
 
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("hw", [4, 7])
-def test_float32_small_map_engine_channels_last_and_strided(monkeypatch, engine, hw):
-    monkeypatch.setenv("TLKERNELS_GATED_CONV", engine)
+def test_float32_small_map_engine_channels_last_and_strided(settings, engine, hw):
+    settings(gated_conv=engine)
     (x, wp, wf, gate, bp, bf), kw = make_case((3, 5, 10, hw, hw, 3, 1, 1, 1, 1), "filter_hard", dtype=torch.float32)
     ref = gated_conv2d_reference(x, wp, wf, gate, bp, bf, padding=1)
     xcl = x.contiguous(memory_format=torch.channels_last).requires_grad_()
@@ -315,8 +315,8 @@ def test_float32_small_map_engine_binary_gates_are_exact_selection():
 
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("shape", [MIX_SHAPES[1], MIX_SHAPES[2], MIX_SHAPES[4]], ids=lambda s: "x".join(map(str, s)))
-def test_float32_small_map_engine_all_gradients(monkeypatch, engine, shape):
-    monkeypatch.setenv("TLKERNELS_GATED_CONV", engine)
+def test_float32_small_map_engine_all_gradients(settings, engine, shape):
+    settings(gated_conv=engine)
     # every input requires grad, weight_pre too: the engine's weight pass then writes dWp, dWf and dL/dg
     n, ci, co, h, w, k, s, p, d = shape
     torch.manual_seed(7)

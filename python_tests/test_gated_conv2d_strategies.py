@@ -68,8 +68,8 @@ def applicable(strategy, gate_kind, hard, dtype, shape, channels_last=False):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("gate_kind,hard", [("image", True), ("image", False), ("filter", True), ("filter", False),
                                             ("image_rows", False)])
-def test_strategy_float64_forward_and_all_gradients(monkeypatch, strategy, shape, gate_kind, hard):
-    monkeypatch.setenv("TLKERNELS_GATED_CONV", strategy)
+def test_strategy_float64_forward_and_all_gradients(settings, strategy, shape, gate_kind, hard):
+    settings(gated_conv=strategy)
     ts, kw = make(shape, torch.float64, gate_kind, hard, bias=True, channels_last=False)
     y, gs = run(gated_conv2d, ts, kw)
     used = last()
@@ -87,11 +87,11 @@ def test_strategy_float64_forward_and_all_gradients(monkeypatch, strategy, shape
                                    (2, 8, 6, 8, 1, 1, 0, 1, 2), (2, 12, 5, 20, 1, 1, 0, 1, 1)],
                          ids=["3x3", "1x1", "1x1s2", "1x1g2", "1x1odd"])
 @pytest.mark.parametrize("gate_kind,hard", [("filter", True), ("filter", False), ("image", False)])
-def test_strategy_float32(monkeypatch, strategy, channels_last, shape, gate_kind, hard):
+def test_strategy_float32(settings, strategy, channels_last, shape, gate_kind, hard):
     """Each strategy in both layouts (bmm: the channels_last output in place; groups only in NCHW), 1x1 stride 2
     on an even map, channel and pixel counts that are not multiples of 8 (the engine's transposed 8 x 8 blocks);
     where a strategy does not apply, the automatic choice runs."""
-    monkeypatch.setenv("TLKERNELS_GATED_CONV", strategy)
+    settings(gated_conv=strategy)
     ts, kw = make(shape, torch.float32, gate_kind, hard, bias=True, channels_last=channels_last)
     y, gs = run(gated_conv2d, ts, kw)
     if strategy != "auto":
@@ -109,9 +109,9 @@ def test_strategy_float32(monkeypatch, strategy, channels_last, shape, gate_kind
 @pytest.mark.parametrize("strategy,k", [("routed", 3), ("blended", 3), ("grouped", 3), ("concat", 3), ("auto", 3),
                                         ("bmm", 1), ("auto", 1)])
 @pytest.mark.parametrize("gate_kind,hard", [("image", True), ("filter", False)])
-def test_strategy_bfloat16_error_budget(monkeypatch, strategy, k, gate_kind, hard):
+def test_strategy_bfloat16_error_budget(settings, strategy, k, gate_kind, hard):
     """err(ours in bf16) <= 2 x err(the reference computed in bf16), both against the float64 reference."""
-    monkeypatch.setenv("TLKERNELS_GATED_CONV", strategy)
+    settings(gated_conv=strategy)
     shape = (4, 8, 8, 8, k, 1, k // 2, 1, 1)
     ts, kw = make(shape, torch.bfloat16, gate_kind, hard, bias=True, channels_last=False)
     y, gs = run(gated_conv2d, ts, kw)
@@ -128,42 +128,42 @@ def test_strategy_bfloat16_error_budget(monkeypatch, strategy, k, gate_kind, har
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_empty_batch(monkeypatch, strategy):
-    monkeypatch.setenv("TLKERNELS_GATED_CONV", strategy)
+def test_empty_batch(settings, strategy):
+    settings(gated_conv=strategy)
     ts, kw = make((1, 4, 6, 5, 3, 1, 1, 1, 1), torch.float32, "filter", False, bias=True, channels_last=False)
     ts[0], ts[3] = ts[0][:0], ts[3][:0]
     y, gs = run(gated_conv2d, ts, kw)
     assert y.shape == (0, 5, 6, 6) and gs[1].abs().sum() == 0 and gs[0].shape == (0, 4, 6, 6)
 
 
-def test_auto_choice_is_cached_and_heuristic_is_fixed(monkeypatch):
+def test_auto_choice_is_cached_and_heuristic_is_fixed(settings):
     ts, kw = make((4, 8, 7, 16, 3, 1, 1, 1, 1), torch.float32, "filter", False, bias=False, channels_last=False)
-    monkeypatch.setenv("TLKERNELS_GATED_CONV", "auto")
+    settings(gated_conv="auto")
     run(gated_conv2d, ts, kw)
     first = last()
     for _ in range(3):
         run(gated_conv2d, ts, kw)
         assert last() == first
-    monkeypatch.setenv("TLKERNELS_GATED_CONV", "heuristic")
+    settings(gated_conv="heuristic")
     run(gated_conv2d, ts, kw)
     assert last() == ["mix", "mix"]  # float32, groups 1, 7x7: the small-map engine by the fixed rules
 
 
 @pytest.mark.parametrize("hw,forward", [(14, "mix"), (28, "bmm")])
-def test_heuristic_1x1_forward_takes_the_engine_below_28x28(monkeypatch, hw, forward):
+def test_heuristic_1x1_forward_takes_the_engine_below_28x28(settings, hw, forward):
     """The fixed rules for a float32 1x1 conv: the small-map engine at 14x14, MKL's batched GEMM from 28x28."""
     ts, kw = make((2, 8, hw, 8, 1, 1, 0, 1, 1), torch.float32, "filter", False, bias=False, channels_last=False)
-    monkeypatch.setenv("TLKERNELS_GATED_CONV", "heuristic")
+    settings(gated_conv="heuristic")
     y, _ = run(gated_conv2d, ts, kw, grads=False)
     assert last()[0] == forward
     torch.testing.assert_close(y.double(), run(gated_conv2d_reference, [None if t is None else t.double() for t in ts],
                                                kw, grads=False)[0], rtol=1e-4, atol=1e-4)
 
 
-def test_a_recorded_pick_that_does_not_apply_is_measured_again(monkeypatch):
+def test_a_recorded_pick_that_does_not_apply_is_measured_again(settings):
     """A pick in the choice table (e.g. loaded from TLKERNELS_CHOICE_CACHE) that is not a candidate for the call
     (routed, for per-filter gates that differ along a row) is not run: the call measures again."""
-    monkeypatch.setenv("TLKERNELS_GATED_CONV", "auto")
+    settings(gated_conv="auto")
     ts, kw = make((3, 5, 7, 6, 3, 1, 1, 1, 1), torch.float64, "filter", True, bias=True, channels_last=False)
     before = set(torch.ops.tlkernels._measured_choices()[0::2])
     run(gated_conv2d, ts, kw, grads=False)
@@ -175,25 +175,32 @@ def test_a_recorded_pick_that_does_not_apply_is_measured_again(monkeypatch):
     assert dict(zip(*[iter(torch.ops.tlkernels._measured_choices())] * 2))[key] == last()[0]
 
 
-def test_unknown_setting_is_a_clear_error(monkeypatch):
-    monkeypatch.setenv("TLKERNELS_GATED_CONV", "fastest")
+def test_unknown_setting_is_a_clear_error(settings):
     ts, kw = make((2, 4, 6, 5, 3, 1, 1, 1, 1), torch.float32, "filter", False, bias=False, channels_last=False)
-    with pytest.raises(ValueError, match="TLKERNELS_GATED_CONV must be one of auto, heuristic"):
-        gated_conv2d(*ts, **kw)
-    with pytest.raises(RuntimeError, match="TLKERNELS_GATED_CONV must be one of"):
-        torch.ops.tlkernels.gated_conv2d(ts[0], ts[1], ts[2], ts[3], None, None, [1, 1], [1, 1], [1, 1], 1, False,
-                                         False)
+    settings(gated_conv="concat")
+    with pytest.raises(ValueError, match="tlkernels.config: gated_conv must be one of auto, heuristic, routed, mix"):
+        settings(gated_conv="fastest")
+    # the compiled library checks what reaches it, and a refused value changes nothing
+    with pytest.raises(ValueError, match="gated_conv must be one of auto, heuristic, routed, mix, blended"):
+        torch.ops.tlkernels._set_config(["histogram", "direct", "gated_conv", "fastest"])
+    with pytest.raises(RuntimeError, match="no compiled setting is named 'gated_conv2d'"):
+        torch.ops.tlkernels._set_config(["gated_conv2d", "auto"])
+    from tlkernels import config
+    assert dict(zip(*[iter(torch.ops.tlkernels._config())] * 2)) == {
+        "gated_conv": "concat", "histogram": config.get("histogram"), "cpu_isa": config.get("cpu_isa")}
+    run(gated_conv2d, ts, kw, grads=False)
+    assert last()[0] == "concat"
 
 
-def test_reference_setting_takes_the_oracle(monkeypatch):
-    monkeypatch.setenv("TLKERNELS_GATED_CONV", "reference")
+def test_reference_setting_takes_the_oracle(settings):
+    settings(gated_conv="reference")
     ts, kw = make((2, 4, 6, 5, 3, 1, 1, 1, 1), torch.float64, "filter", True, bias=True, channels_last=False)
     torch.testing.assert_close(run(gated_conv2d, ts, kw, grads=False)[0],
                                run(gated_conv2d_reference, ts, kw, grads=False)[0], rtol=0, atol=0)
 
 
-def test_triton_setting_runs_the_triton_kernels_in_the_interpreter(monkeypatch):
-    monkeypatch.setenv("TLKERNELS_GATED_CONV", "triton")
+def test_triton_setting_runs_the_triton_kernels_in_the_interpreter(settings):
+    settings(gated_conv="triton")
     ts, kw = make((2, 3, 5, 4, 3, 1, 1, 1, 1), torch.float64, "filter", False, bias=True, channels_last=False)
     y, gs = run(gated_conv2d, ts, kw)
     yr, grs = run(gated_conv2d_reference, ts, kw)
@@ -203,10 +210,10 @@ def test_triton_setting_runs_the_triton_kernels_in_the_interpreter(monkeypatch):
 
 
 @pytest.mark.parametrize("strategy", ["auto", "mix", "brgemm", "blended", "grouped", "concat", "bmm"])
-def test_fake_and_kernels_agree_on_strides_with_channels_last_weights(monkeypatch, strategy):
+def test_fake_and_kernels_agree_on_strides_with_channels_last_weights(settings, strategy):
     """After model.to(memory_format=torch.channels_last) weights are channels_last too: the fake kernels and
     every strategy must return gradients with the same strides."""
-    monkeypatch.setenv("TLKERNELS_GATED_CONV", strategy)
+    settings(gated_conv=strategy)
     cl = torch.channels_last
     x = torch.randn(2, 4, 6, 6).contiguous(memory_format=cl)
     k = 1 if strategy == "bmm" else 3  # (bmm runs 1x1 convolutions)

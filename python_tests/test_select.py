@@ -70,10 +70,10 @@ def test_histogram_separable_path_for_low_rank_banks(narrow):
 
 
 @pytest.mark.parametrize("setting", ["separable", "direct", "heuristic", "auto"])
-def test_histogram_paths_forced_and_measured(monkeypatch, setting):
+def test_histogram_paths_forced_and_measured(settings, setting):
     """TLKERNELS_HISTOGRAM forces the separable or the direct path (separable only where the bank separates),
     takes the fixed rule, or (auto) the path measured on the first images; every path matches the reference."""
-    monkeypatch.setenv("TLKERNELS_HISTOGRAM", setting)
+    settings(histogram=setting)
     torch.manual_seed(1)
     x = torch.rand(5, 3, 33, 29)
     e = torch.linspace(-0.6, 0.6, 33).repeat(48, 1)
@@ -92,10 +92,9 @@ def test_histogram_paths_forced_and_measured(monkeypatch, setting):
             assert path == "direct"
         else:
             assert path in ("separable", "direct") and (separable or path == "direct")
-    monkeypatch.setenv("TLKERNELS_HISTOGRAM", "fastest")
-    with pytest.raises(RuntimeError, match="filterbank_histogram: TLKERNELS_HISTOGRAM must be one of auto, heuristic, "
-                                           "separable, direct; got 'fastest'"):
-        filterbank_histogram(x, low_rank, e, 1, 5)
+    with pytest.raises(ValueError, match="tlkernels.config: histogram must be one of auto, heuristic, separable, "
+                                         "direct, got 'fastest'"):
+        settings(histogram="fastest")
 
 
 def test_histogram_non_finite_bank_takes_the_direct_path():
@@ -228,8 +227,8 @@ def test_knn_index_answers_as_knn_search(metric, dtype):
 @pytest.mark.skipif(not has_op("knn_select_chunk"), reason="the BLAS choice serves the compiled selection kernel")
 @pytest.mark.parametrize("gemm", ["torch", "numpy"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_knn_every_chunk_gemm_gives_the_reference_answer(monkeypatch, gemm, dtype):
-    monkeypatch.setenv("TLKERNELS_KNN_GEMM", gemm)
+def test_knn_every_chunk_gemm_gives_the_reference_answer(settings, gemm, dtype):
+    settings(knn_gemm=gemm)
     g = torch.Generator().manual_seed(3)
     q = torch.softmax(torch.randn(21, 40, generator=g, dtype=torch.float64), 1)
     db = torch.softmax(torch.randn(300, 40, generator=g, dtype=torch.float64), 1)
@@ -244,7 +243,7 @@ def test_knn_every_chunk_gemm_gives_the_reference_answer(monkeypatch, gemm, dtyp
 
 
 @pytest.mark.skipif(not has_op("knn_select_chunk"), reason="the BLAS choice serves the compiled selection kernel")
-def test_knn_auto_gemm_is_measured_once_and_numpy_blas_follows_torch_threads(monkeypatch):
+def test_knn_auto_gemm_is_measured_once_and_numpy_blas_follows_torch_threads(settings, monkeypatch):
     from threadpoolctl import threadpool_info
     from tlkernels.ops import knn
     seen = []
@@ -254,7 +253,7 @@ def test_knn_auto_gemm_is_measured_once_and_numpy_blas_follows_torch_threads(mon
         return knn._gemm_numpy(A, B, out)
 
     monkeypatch.setitem(knn.GEMMS, "numpy", numpy_gemm)
-    monkeypatch.setenv("TLKERNELS_KNN_GEMM", "auto")
+    settings(knn_gemm="auto")
     threads = torch.get_num_threads()
     g = torch.Generator().manual_seed(4)
     q = torch.rand(17, 37, generator=g, dtype=torch.float64)  # a shape no other test uses: a fresh choice
@@ -277,11 +276,9 @@ def test_knn_auto_gemm_is_measured_once_and_numpy_blas_follows_torch_threads(mon
         assert knn.chosen_gemm(q, B) is None
 
 
-def test_knn_gemm_setting_is_checked(monkeypatch):
-    monkeypatch.setenv("TLKERNELS_KNN_GEMM", "mkl")
-    q = torch.rand(3, 8)
-    with pytest.raises(ValueError, match="knn_search: TLKERNELS_KNN_GEMM must be one of auto, torch, numpy"):
-        knn_search(q, q, 1)
+def test_knn_gemm_setting_is_checked(settings):
+    with pytest.raises(ValueError, match="tlkernels.config: knn_gemm must be one of auto, torch, numpy, got 'mkl'"):
+        settings(knn_gemm="mkl")
 
 
 def test_measured_choice_keeps_the_rule_unless_another_is_clearly_faster():

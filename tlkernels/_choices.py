@@ -16,12 +16,12 @@ import warnings
 
 import torch
 
-from tlkernels import _timing
+from tlkernels import _timing, config
 from tlkernels._extension import HAS_C
 from tlkernels._io import atomic_write_text, unwritable
 
 FORMAT = 1
-ENV = "TLKERNELS_CHOICE_CACHE"
+ENV = config.env("choice_cache")
 
 
 def host_key():
@@ -145,7 +145,7 @@ def save(path):
 
 def install():
     """At import: with TLKERNELS_CHOICE_CACHE set, load its picks and save the process's at exit."""
-    path = os.environ.get(ENV, "")
+    path = config.get("choice_cache")
     if not path:
         return
     load(path)

@@ -3,10 +3,11 @@
 `import tlkernels` never fails because `_C` is missing: the ops then fall back to their
 pure-PyTorch references and `extension_status()` says what is missing and how to fix it.
 """
-import os
 import warnings
 
 import torch
+
+from tlkernels import config
 
 _C_ERROR = None
 try:
@@ -32,25 +33,25 @@ if not HAS_C:
                   f"ops fall back to the slow pure-PyTorch reference. To fix: {_FIX}.", RuntimeWarning,
                   stacklevel=2)
 
-VALID_BACKENDS = ("auto", "reference")
+config.declare("backend", ("auto", "reference"))
+config.declare("triton_interpret", ("0", "1"))
+if HAS_C:
+    config.declare_compiled(torch.ops.tlkernels._config_choices(), torch.ops.tlkernels._set_config)
 
 
 def backend() -> str:
-    """The backend chosen by TLKERNELS_BACKEND: 'auto' (compiled CPU / Triton GPU kernels) or 'reference'."""
-    b = os.environ.get("TLKERNELS_BACKEND", "auto").strip().lower() or "auto"
-    if b not in VALID_BACKENDS:
-        raise ValueError(f"tlkernels: TLKERNELS_BACKEND must be one of {VALID_BACKENDS}, got {b!r}")
-    return b
+    """The `backend` setting: 'auto' (compiled CPU / Triton GPU kernels) or 'reference'."""
+    return config.get("backend")
 
 
 def use_reference() -> bool:
-    """True when TLKERNELS_BACKEND=reference: every op runs its pure-PyTorch reference."""
-    return backend() == "reference"
+    """True under backend=reference (TLKERNELS_BACKEND): every op runs its pure-PyTorch reference."""
+    return config.get("backend") == "reference"
 
 
 def interpret_mode() -> bool:
     """True when Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1), as in our tests."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return config.get("triton_interpret") == "1"
 
 
 def extension_status() -> str:

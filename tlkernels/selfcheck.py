@@ -23,6 +23,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from tlkernels import config
+
 FLOOR = {torch.float64: 1e-10, torch.float32: 2e-4, torch.bfloat16: 5e-2, torch.float16: 5e-3}
 TF32_BUDGET = 5e-2  # TF32 keeps 10 mantissa bits, as float16: ten times float16's floor
 
@@ -80,7 +82,7 @@ def check_gated_conv2d(rep, device, dtypes, quick):
     if device.type == "cuda" and _triton_available():
         strategies.append("triton")
     for st in strategies:
-        with _env("TLKERNELS_GATED_CONV", st):
+        with config.override(gated_conv=st):
             for n, cin, h, cout, k, s, p, d, g, cl in shapes:
                 for gate_kind in ("image", "filter"):
                     gen = torch.Generator().manual_seed(n + cin + h)
@@ -353,7 +355,7 @@ def bench(device, quick):
     g1 = (torch.rand(32, 256, device=device) > 0.5).float()[:, :, None, None]
     naive_1x1 = timer(lambda: (1 - g1) * F.conv2d(x1, w1p) + g1 * F.conv2d(x1, w1f), reps)
     for st in ("auto", "concat", "bmm", "blended"):
-        with _env("TLKERNELS_GATED_CONV", st):
+        with config.override(gated_conv=st):
             rows.append((f"gated_conv2d 256ch 14x14 1x1 hard per-filter, {st}", naive_1x1,
                          timer(lambda: gated_conv2d(x1, w1p, w1f, g1[:, :, 0, 0], hard=True), reps)))
     lx, ly = torch.randn(256, 1000, device=device, requires_grad=True), torch.randint(0, 1000, (256,), device=device)
@@ -388,19 +390,6 @@ def bench(device, quick):
 
 
 # ----------------------------------------------------------------------------- driver
-@contextlib.contextmanager
-def _env(name, value):
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
-
-
 @contextlib.contextmanager
 def tf32_setting(allow):
     """TF32 for float32 matmuls and convolutions on or off, restored afterwards (cuDNN's flags through its

@@ -49,6 +49,7 @@
 #include "ops/cpu/gated_conv2d_mix.h"
 #include "ops/gated_conv2d.h"
 #include "ops/gated_conv2d_strategies.h"
+#include "ops/config.h"
 #include "ops/emulate_cuda.h"
 #include "ops/measured_choice.h"
 
@@ -79,11 +80,20 @@ struct Setting {
   Strategy forced = Strategy::Concat;
 };
 
+// The `gated_conv` setting (TLKERNELS_GATED_CONV; Python's tlkernels.ops.gated_conv2d documents the values):
+// `reference` is taken by the Python front end before any kernel runs.
+std::vector<std::string> gated_conv_choices() {
+  std::vector<std::string> v{"auto", "heuristic"};
+  v.insert(v.end(), kNames, kNames + kStrategies);
+  v.insert(v.end(), {"triton", "reference"});
+  return v;
+}
+const config::Setting kGatedConvSetting("gated_conv", gated_conv_choices());
+
 Setting setting() {
-  const char* env = std::getenv("TLKERNELS_GATED_CONV");
-  const std::string v = env ? env : "";
+  const std::string& v = kGatedConvSetting.value();
   Setting s;
-  if (v.empty() || v == "auto" || v == "reference") return s;  // (reference: taken by the Python front end)
+  if (v == "auto" || v == "reference") return s;
   if (v == "heuristic") {
     s.mode = Setting::Heuristic;
     return s;
@@ -98,8 +108,7 @@ Setting setting() {
       s.forced = static_cast<Strategy>(i);
       return s;
     }
-  TORCH_CHECK(false, "gated_conv2d: TLKERNELS_GATED_CONV must be one of auto, heuristic, routed, mix, brgemm, "
-              "blended, grouped, concat, bmm, triton, reference; got '", v, "'");
+  TORCH_CHECK(false, "gated_conv2d: unhandled gated_conv setting '", v, "'");
 }
 
 // A strategy among `cands`: forced where it applies, else the heuristic's (`heuristic`, and CUDA tensors),
@@ -157,12 +166,6 @@ GateView inspect(const at::Tensor& gate, bool hard, bool on_cpu, const Setting& 
   return v;
 }
 
-void check_triton_device(const at::Tensor& input) {
-  const char* interp = std::getenv("TRITON_INTERPRET");
-  TORCH_CHECK(input.is_cuda() || (interp && std::string(interp) == "1"), "gated_conv2d: TLKERNELS_GATED_CONV=triton "
-              "runs CUDA tensors (CPU tensors only under TRITON_INTERPRET=1), got a ", input.device(), " tensor");
-}
-
 std::tuple<at::Tensor, at::Tensor> gated_conv2d_forward(
     const at::Tensor& input, const at::Tensor& weight_pre_in, const at::Tensor& weight_ft_in, const at::Tensor& gate,
     const c10::optional<at::Tensor>& bias_pre, const c10::optional<at::Tensor>& bias_ft, at::IntArrayRef stride,
@@ -171,7 +174,6 @@ std::tuple<at::Tensor, at::Tensor> gated_conv2d_forward(
                           groups);
   const Setting s = setting();
   if (s.mode == Setting::Triton) {
-    check_triton_device(input);
     static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("tlkernels::gated_conv2d_triton", "")
                          .typed<std::tuple<at::Tensor, at::Tensor>(
                              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
@@ -257,7 +259,6 @@ Grads gated_conv2d_backward(const at::Tensor& grad_output, const at::Tensor& inp
               output_mask.size());
   const Setting s = setting();
   if (s.mode == Setting::Triton) {
-    check_triton_device(input);
     static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("tlkernels::gated_conv2d_backward_triton", "")
                          .typed<Grads(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                       const at::Tensor&, const c10::optional<at::Tensor>&,

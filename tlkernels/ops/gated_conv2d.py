@@ -6,25 +6,25 @@ gradient to g as for the blend (straight-through). On CPU tensors all-0/1 soft g
 same fast paths; on CUDA tensors the kernels read no gate values (that would stall the stream) but the sizes of a
 routed call, so callers whose gates are 0/1 pass hard=True.
 
-Kernels: exact strategies written on ATen ops in C++ (csrc/ops/gated_conv2d_aten.cpp), registered for CPU
-tensors (oneDNN, plus the AVX2 small-map engine) and CUDA tensors (cuDNN): routed (per-image binary gates:
-one convolution's work), blended, grouped, concat, bmm (1x1 convolutions as one batched GEMM over per-image
-blended weights), mix and brgemm (the CPU small-map engine with our AVX2 or oneDNN's BRGeMM micro-kernel). The
-environment variable TLKERNELS_GATED_CONV chooses among them: `auto` (default: measured once per call signature
-on CPU tensors; routed or concat on CUDA tensors), `heuristic` (fixed size rules: the same choice in every
-process), a strategy name (`routed`, `mix`, `brgemm`, `blended`, `grouped`, `concat`, `bmm`: forced wherever it
-applies), `triton` (the Triton implicit GEMM of
-tlkernels/triton/gated_conv2d.py on CUDA tensors, or CPU tensors under TRITON_INTERPRET=1; the default
-nowhere) or `reference` (`gated_conv2d_reference`: two convolutions and a blend, the oracle).
+Kernels: exact strategies written on ATen ops in C++ (csrc/ops/gated_conv2d_aten.cpp), registered for CPU tensors
+(oneDNN, plus the AVX2 small-map engine) and CUDA tensors (cuDNN): routed (per-image binary gates: one
+convolution's work), blended, grouped, concat, bmm (1x1 convolutions as one batched GEMM over per-image blended
+weights), mix and brgemm (the CPU small-map engine with our AVX2 or oneDNN's BRGeMM micro-kernel). The `gated_conv`
+setting (tlkernels.config, TLKERNELS_GATED_CONV) chooses among them: `auto` (default: measured once per call
+signature on CPU tensors; routed or concat on CUDA tensors), `heuristic` (fixed size rules: the same choice in
+every process), a strategy name (`routed`, `mix`, `brgemm`, `blended`, `grouped`, `concat`, `bmm`: forced wherever
+it applies), `triton` (the Triton implicit GEMM of tlkernels/triton/gated_conv2d.py on CUDA tensors, or CPU tensors
+under TRITON_INTERPRET=1; the default nowhere) or `reference` (`gated_conv2d_reference`: two convolutions and a
+blend, the oracle).
 """
 import contextlib
-import os
 import threading
 
 import torch
 import torch.nn.functional as F
 from torch._prims_common import suggest_memory_format
 
+from tlkernels import config
 from tlkernels._extension import use_reference
 from tlkernels.ops._registry import COMPILED, EVERYWHERE, op, register_op
 from tlkernels.ops._utils import autocast_casts, check_tensor, conv_output_hw, fail, pair
@@ -106,16 +106,9 @@ def _triton_backward(*args):
     return gated_conv2d_backward(*args)
 
 
-STRATEGIES = ("auto", "heuristic", "routed", "mix", "brgemm", "blended", "grouped", "concat", "bmm", "triton",
-              "reference")
-
-
 def strategy():
-    """The TLKERNELS_GATED_CONV setting (checked: a typo is an error, not a silent default)."""
-    v = os.environ.get("TLKERNELS_GATED_CONV", "") or "auto"  # (read as the C++ kernels read it: exact names)
-    if v not in STRATEGIES:
-        fail(OP, f"TLKERNELS_GATED_CONV must be one of {', '.join(STRATEGIES)}, got {v!r}")
-    return v
+    """The `gated_conv` setting (TLKERNELS_GATED_CONV; its choices are declared by the compiled library)."""
+    return config.get("gated_conv")
 
 
 def output_size(input, weight, stride, padding, dilation):

@@ -15,11 +15,11 @@ With sharded=True and torch.distributed initialised, `database` is this rank's s
 and every rank gets the global answer.
 """
 import contextlib
-import os
 
 import numpy as np
 import torch
 
+from tlkernels import config
 from tlkernels._extension import use_reference
 from tlkernels._timing import chosen, measured_choice, register_names
 from tlkernels.ops._registry import EVERYWHERE, has_op, op, register_op
@@ -251,12 +251,12 @@ GEMMS = register_names({"torch": _gemm_torch, "numpy": _gemm_numpy})
 SAMPLE_ROWS = 1024
 
 
+config.declare("knn_gemm", ("auto", *GEMMS))
+
+
 def gemm_setting():
-    """The TLKERNELS_KNN_GEMM setting: auto or one of GEMMS (checked: a typo is an error, not a silent default)."""
-    v = os.environ.get("TLKERNELS_KNN_GEMM", "") or "auto"
-    if v != "auto" and v not in GEMMS:
-        fail("knn_search", f"TLKERNELS_KNN_GEMM must be one of auto, {', '.join(GEMMS)}, got {v!r}")
-    return v
+    """The `knn_gemm` setting (TLKERNELS_KNN_GEMM): auto or one of GEMMS."""
+    return config.get("knn_gemm")
 
 
 def _gemm_key(q, B):

@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tlkernels import _choices
+from tlkernels import _choices, config
 from tlkernels._io import CheckpointError, atomic_save, atomic_write_text, load
 from tlkernels.train import compare, data, export, plots
 from tlkernels.train.config import parse_args, world_size
@@ -27,7 +27,7 @@ def choice_cache(cfg):
     cache_dir/choices.json. Loaded at start and saved with every checkpoint, so that a resumed or repeated run
     on this host takes the strategies the first one measured: their rounding differs, and with them a resumed
     run in a new process matches the uninterrupted one."""
-    return os.environ.get(_choices.ENV) or os.path.join(cfg.cache_dir, "choices.json")
+    return config.get("choice_cache") or os.path.join(cfg.cache_dir, "choices.json")
 
 
 def setup_processes(cfg):
@@ -724,7 +724,7 @@ def main(argv=None):
     rank, world, device = setup_processes(cfg)
     if is_main():
         os.makedirs(cfg.cache_dir, exist_ok=True)
-    if not os.environ.get(_choices.ENV):  # (set: tlkernels' import has loaded that file)
+    if not config.get("choice_cache"):  # (set: tlkernels' import has loaded that file)
         _choices.load(choice_cache(cfg))
     seeds, methods = cfg.seed_list(), cfg.methods()
     results = {m: {} for m, _, _ in methods}

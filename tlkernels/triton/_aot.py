@@ -186,7 +186,8 @@ def all_kernels():
 
 def main():
     """python -m tlkernels.triton._aot [--sweep [--write] | --configs]: compile and check the kernels."""
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    from tlkernels._extension import interpret_mode
+    if interpret_mode():
         sys.exit("tlkernels.triton._aot: unset TRITON_INTERPRET; the interpreter replaces the compiler")
     if "--sweep" in sys.argv:  # measure every candidate config; --write: keep those that fit
         import json

@@ -27,9 +27,13 @@ def gemm_configs():
             for m, n, k, w, s in GEMM_CONFIGS]
 
 
-def device_of(t):
+def device_of(t, op="the Triton kernels"):
     """Context for a Triton launch on tensor t: Triton launches on the current CUDA device and its current
-    stream, so a tensor on another GPU (cuda:1 while device 0 is current) needs its device made current."""
+    stream, so a tensor on another GPU (cuda:1 while device 0 is current) needs its device made current. CPU
+    tensors run only in Triton's interpreter (TRITON_INTERPRET=1)."""
+    if t.device.type != "cuda" and not interpret_mode():
+        raise ValueError(f"{op}: the Triton kernels run CUDA tensors (CPU tensors only under TRITON_INTERPRET=1), "
+                         f"got a {t.device} tensor")
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 

@@ -314,7 +314,7 @@ def dot_precision(dtype):
 def gated_conv2d_forward(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, stride, padding, dilation, groups,
                          hard, save_diff=False):
     """The gated_conv2d op by the Triton implicit GEMM: (y, diff or an empty tensor)."""
-    with device_of(input):  # Triton launches on the current device: make it the tensors' device
+    with device_of(input, "gated_conv2d"):  # Triton launches on the current device: make it the tensors' device
         y = _forward(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, stride, padding, dilation, groups, hard)
         if not save_diff:  # (the Python front end never asks this path for diff; the op contract holds anyway)
             return y, input.new_empty(0)
@@ -350,7 +350,7 @@ def _forward(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, stride, padd
 def gated_conv2d_backward(grad_output, input, weight_pre, weight_ft, gate, bias_pre, bias_ft, diff, stride, padding,
                           dilation, groups, hard, output_mask):
     """The gated_conv2d_backward op by the Triton kernels: the six gradients of output_mask."""
-    with device_of(input):  # Triton launches on the current device: make it the tensors' device
+    with device_of(input, "gated_conv2d"):  # Triton launches on the current device: make it the tensors' device
         N, C_in, H, W = input.shape
         C_out, C_in_g, KH, KW = weight_pre.shape
         OH, OW = grad_output.shape[2:]

@@ -7,11 +7,16 @@
 #include <c10/util/Exception.h>
 
 #include "ops/common/l2sp_math.h"
+#include "ops/config.h"
 
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+
+namespace tlkernels {
+extern const config::Setting kCpuIsa;  // ops/cpu/isa.cpp
+}  // namespace tlkernels
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define TLK_HAVE_AVX2_PATH 1
@@ -20,22 +25,12 @@
 namespace tlkernels {
 namespace avx2 {
 
-// TLKERNELS_CPU_ISA caps the instruction set the hand-written paths use, read once when first needed:
-// unset or "native" (the best the CPU has), "avx2", or "scalar" (no SIMD paths: the portable loops, which the
-// tests then compare with the references too).
-inline bool isa_allows_avx2() {
-  const char* v = std::getenv("TLKERNELS_CPU_ISA");
-  if (v == nullptr || *v == '\0' || std::strcmp(v, "native") == 0 || std::strcmp(v, "avx2") == 0 ||
-      std::strcmp(v, "avx512") == 0)
-    return true;
-  TORCH_CHECK(std::strcmp(v, "scalar") == 0, "tlkernels: TLKERNELS_CPU_ISA must be native, avx512, avx2 or scalar, "
-              "got '", v, "'");
-  return false;
-}
-
+// The `cpu_isa` setting (TLKERNELS_CPU_ISA; declared in ops/cpu/isa.cpp) caps the instruction set the
+// hand-written paths use: "native" (the best the CPU has), "avx512", "avx2", or "scalar" (no SIMD paths: the
+// portable loops, which the tests then compare with the references too).
 inline bool available() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && isa_allows_avx2();
-  return ok;
+  static const bool cpu_ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return cpu_ok && !kCpuIsa.is("scalar");
 }
 
 __attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {

@@ -20,6 +20,7 @@
 
 #include "ops/check.h"
 #include "ops/common/histogram_math.h"
+#include "ops/config.h"
 #include "ops/cpu/avx2.h"
 #include "ops/histogram.h"
 #include "ops/measured_choice.h"
@@ -352,23 +353,20 @@ void histogram_direct(const at::Tensor& x, const at::Tensor& w, const Binner& bi
   });
 }
 
-// The choice between the separable and the direct path (TLKERNELS_HISTOGRAM): `auto` (default) times both
-// once per call signature on the first two images and keeps the fixed rule's path unless the other is
-// clearly faster (ops/measured_choice.h, as the gated convolution's choice); `heuristic` takes the fixed rule
-// (separable when its 1-D passes cost at most 60% of the direct taps); `separable` / `direct` force a path
-// (separable only where the bank separates).
+// The choice between the separable and the direct path (the `histogram` setting, TLKERNELS_HISTOGRAM): `auto`
+// (default) times both once per call signature on the first two images and keeps the fixed rule's path unless
+// the other is clearly faster (ops/measured_choice.h, as the gated convolution's choice); `heuristic` takes the
+// fixed rule (separable when its 1-D passes cost at most 60% of the direct taps); `separable` / `direct` force a
+// path (separable only where the bank separates).
 enum class HistPath { Separable, Direct };
 constexpr const char* kPathNames[] = {"separable", "direct"};
 const ChoiceNames kRegisterPathNames(kPathNames);
+const config::Setting kHistogramSetting("histogram", {"auto", "heuristic", kPathNames[0], kPathNames[1]});
 thread_local std::string last_path = "";
 
 HistPath choose_path(const std::vector<SepComponent>& comps, const HistogramShape& sh, int64_t kh, int64_t kw,
                      const std::string& key, const std::function<void(HistPath)>& run_sample) {
-  const char* env = std::getenv("TLKERNELS_HISTOGRAM");
-  const std::string v = env ? env : "";
-  TORCH_CHECK(v.empty() || v == "auto" || v == "heuristic" || v == "separable" || v == "direct",
-              "filterbank_histogram: TLKERNELS_HISTOGRAM must be one of auto, heuristic, separable, direct; got '",
-              v, "'");
+  const std::string& v = kHistogramSetting.value();
   if (comps.empty() || v == "direct") return HistPath::Direct;
   if (v == "separable") return HistPath::Separable;
   const HistPath rule = component_taps(comps) <= 0.6 * static_cast<double>(sh.F * kh * kw) ? HistPath::Separable
