@@ -45,8 +45,9 @@ def backend() -> str:
 
 
 def use_reference() -> bool:
-    """True under backend=reference (TLKERNELS_BACKEND): every op runs its pure-PyTorch reference."""
-    return config.get("backend") == "reference"
+    """True under backend=reference (TLKERNELS_BACKEND), or without the compiled library (which defines the ops):
+    every front end then calls its pure-PyTorch reference."""
+    return not HAS_C or config.get("backend") == "reference"
 
 
 def interpret_mode() -> bool:
@@ -57,6 +58,7 @@ def interpret_mode() -> bool:
 def extension_status() -> str:
     """A few lines saying what is loaded: the compiled library (or why not), Triton, the backend, torch."""
     lines = [f"tlkernels._C: {'loaded' if HAS_C else 'MISSING (' + str(_C_ERROR) + '); ' + _FIX}",
-             f"triton: {'available' if HAS_TRITON else 'missing (CUDA tensors use the reference)'}",
+             f"triton: {'available' if HAS_TRITON else 'missing (CUDA tensors use the reference)'}"
+             f"{'' if HAS_C else ' (unused: without tlkernels._C every op runs its reference)'}",
              f"backend: {backend()}", f"torch: {torch.__version__}, CUDA build: {torch.version.cuda}"]
     return "\n".join(lines)

@@ -1,11 +1,12 @@
-"""Registration of the tlkernels ops with torch.library: one statement per op (`register_op`) states its schema,
-its pure-PyTorch fallback, where CUDA tensors go, its fake kernel, its autograd and whether it writes its
-arguments; `OPS` keeps what each op was registered with.
+"""The Python side of the tlkernels ops: one statement per op (`register_op`) states where CUDA tensors go,
+its fake kernel, its autograd when Python owns it and whether it writes its arguments; `OPS` keeps what each op
+was registered with.
 
-The schemas live in C++ (csrc/ops/<op>.cpp, TORCH_LIBRARY_FRAGMENT) so that C++ users get the same ops. When
-the compiled library is missing, the same schema strings are defined here and every device gets the fallback
-(the pure-PyTorch reference), so the public API keeps working (slowly). A test checks every schema written here
-against the C++ definition.
+The compiled library (csrc/ops) owns every compiled op's schema, argument checks and CPU kernel, and the
+autograd of cross_entropy and joint_cross_entropy. Without the compiled library none of these ops exists:
+the front ends then call the pure-PyTorch references (`_extension.use_reference()`), so the public API keeps
+working (slowly). The Triton kernels the compiled gated convolution runs are ops defined here
+(`define_like`), their schemas derived from the compiled op's.
 """
 from dataclasses import dataclass
 
@@ -13,22 +14,23 @@ import torch
 
 from tlkernels._extension import HAS_C, HAS_TRITON
 
-__all__ = ["HAS_C", "OPS", "register_op", "op", "has_op"]
+__all__ = ["HAS_C", "OPS", "register_op", "define_like", "op", "has_op"]
 
-_LIB = None  # the fallback's definitions
+_LIB = None  # the definitions of the Python-only ops
 _VERSION_LIB = None  # the version-counter kernels of ops that write their arguments
 
 # CUDA paths (register_op's `cuda`):
-COMPILED = "compiled"  # the compiled library's CUDA kernel (ATen strategies or a .cu kernel); without one, the
-#                        Triton kernel when given and importable, else the fallback
-TRITON = "triton"      # the Triton kernel when importable, else the fallback
-EVERYWHERE = "fallback"  # the fallback on every device (the op's only kernel: the Triton ops, the fallbacks)
+COMPILED = "compiled"  # the compiled library's CUDA kernel (ATen strategies or a .cu kernel); in a build without
+#                        CUDA, the Triton kernel when given and importable, else the reference
+TRITON = "triton"      # the Triton kernel when importable, else the reference
+ONE_KERNEL = "one kernel"  # the op has one kernel for every device (the Triton ops)
+CPU_ONLY = "cpu only"  # a helper of a front end that sends it CPU tensors only (the kNN search's)
 
 
 @dataclass(frozen=True)
 class OpInfo:
-    schema: str            # the schema (None: defined by the compiled library only)
-    cuda: str              # COMPILED, TRITON or EVERYWHERE; what CUDA tensors run (see cuda_kernel)
+    owner: str             # "c++" (csrc/ops defines the op) or "python" (define_like)
+    cuda: str              # COMPILED, TRITON, ONE_KERNEL or CPU_ONLY; what CUDA tensors run (see cuda_kernel)
     cuda_kernel: str       # what was registered for CUDA tensors in this process
     fake: bool             # a fake kernel is registered (torch.compile, torch.export, opcheck)
     autograd: str          # "python", "c++" (csrc/ops/*_autograd.cpp) or "none"
@@ -46,50 +48,56 @@ def op(name: str):
     return getattr(torch.ops.tlkernels, name).default
 
 
-def register_op(name, schema, fallback, *, cuda, fake, triton=None, autograd=None, mutates=False):
-    """Register `tlkernels::name`, every piece stated.
+def define_like(name, like, kernel, fake):
+    """Define the Python-only op `tlkernels::name` with the schema of the compiled op `like` (the Triton kernels
+    the compiled gated convolution calls under gated_conv=triton), one kernel for every device."""
+    if not has_op(like):
+        return
+    global _LIB
+    _LIB = _LIB or torch.library.Library("tlkernels", "FRAGMENT")
+    schema = str(op(like)._schema).split("::", 1)[1]
+    _LIB.define(name + schema[len(like):])
+    _LIB.impl(name, kernel, "CompositeExplicitAutograd")
+    register_op(name, kernel, cuda=ONE_KERNEL, fake=fake, owner="python")
 
-    schema    its schema string (as the C++ TORCH_LIBRARY_FRAGMENT writes it); None: an op of the compiled
-              library only, registered here only when it loaded
-    fallback  the pure-PyTorch kernel, for every device when the compiled library does not define the op
-    cuda      COMPILED, TRITON or EVERYWHERE (above); `triton` is the Triton kernel they refer to
+
+def register_op(name, reference, *, cuda, fake, triton=None, autograd=None, mutates=False, owner="c++"):
+    """Complete `tlkernels::name`, every piece stated (nothing when the compiled library, which defines the op,
+    is not loaded).
+
+    reference the pure-PyTorch kernel CUDA tensors run where neither a compiled nor a Triton kernel serves them
+    cuda      COMPILED, TRITON, ONE_KERNEL or CPU_ONLY (above); `triton` is the Triton kernel they refer to
     fake      the fake kernel (output shapes, dtypes and strides as every real kernel returns them)
-    autograd  (backward, setup_context), or None for ops without a derivative. Ops whose autograd the compiled
-              library registers in C++ keep it; the Python pair then serves the fallback.
+    autograd  (backward, setup_context) for ops whose derivative Python owns; None for ops without one or whose
+              autograd the compiled library registers (csrc/ops/*_autograd.cpp)
     mutates   the op writes arguments its schema marks `(a!)`: bump their autograd version counters
     """
-    if schema is None and not has_op(name):
+    if not has_op(name):
         return
-    defined_here = not has_op(name)
-    if defined_here:
-        global _LIB
-        _LIB = _LIB or torch.library.Library("tlkernels", "FRAGMENT")
-        _LIB.define(schema)
-        _LIB.impl(name, fallback, "CompositeExplicitAutograd")
     qualname = f"tlkernels::{name}"
-    if cuda == EVERYWHERE:
-        cuda_kernel = "fallback"
+    if cuda in (ONE_KERNEL, CPU_ONLY):
+        cuda_kernel = "one kernel" if cuda == ONE_KERNEL else "none"
     elif cuda == COMPILED and torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "CUDA"):
         cuda_kernel = "compiled"
     elif cuda in (COMPILED, TRITON):
         use_triton = triton is not None and HAS_TRITON
-        torch.library.register_kernel(qualname, "cuda", triton if use_triton else fallback)
-        cuda_kernel = "triton" if use_triton else "fallback"
+        torch.library.register_kernel(qualname, "cuda", triton if use_triton else reference)
+        cuda_kernel = "triton" if use_triton else "reference"
     else:
-        raise ValueError(f"register_op({name!r}): cuda must be {COMPILED!r}, {TRITON!r} or {EVERYWHERE!r}, "
-                         f"got {cuda!r}")
+        raise ValueError(f"register_op({name!r}): cuda must be {COMPILED!r}, {TRITON!r}, {ONE_KERNEL!r} or "
+                         f"{CPU_ONLY!r}, got {cuda!r}")
     torch.library.register_fake(qualname)(fake)
-    if autograd is None:
-        grad = "none"
-    elif torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "Autograd"):
+    if torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "Autograd"):
         grad = "c++"
-    else:
+    elif autograd is not None:
         backward, setup_context = autograd
         torch.library.register_autograd(qualname, backward, setup_context=setup_context)
         grad = "python"
+    else:
+        grad = "none"
     if mutates:
         _bump_versions_of_mutated_args(name)
-    OPS[name] = OpInfo(schema, cuda, cuda_kernel, True, grad, mutates)
+    OPS[name] = OpInfo(owner, cuda, cuda_kernel, True, grad, mutates)
 
 
 def _bump_versions_of_mutated_args(name: str):

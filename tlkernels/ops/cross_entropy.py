@@ -8,17 +8,11 @@ labels (a probability matrix) serve distillation toward a frozen source model; n
 """
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from tlkernels._extension import use_reference
 from tlkernels.ops._registry import TRITON, op, register_op
 from tlkernels.ops._utils import check_tensor, fail
 
-SCHEMA = ("cross_entropy(Tensor logits, Tensor target, Tensor? sample_weight, int ignore_index, int reduction, "
-          "float scale, bool compute_grad) -> (Tensor, Tensor)")
-JOINT_SCHEMA = ("joint_cross_entropy(Tensor target_logits, Tensor target_labels, Tensor? target_sample_weight, "
-                "Tensor source_logits, Tensor source_labels, Tensor? source_sample_weight, int ignore_index, "
-                "int reduction, float target_weight, float source_weight, bool compute_grad) -> (Tensor, Tensor, Tensor)")
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 
 
@@ -40,7 +34,7 @@ def cross_entropy_reference(logits, target, sample_weight=None, ignore_index=-10
 
 
 def _ref_impl(logits, target, sample_weight, ignore_index, reduction, scale, compute_grad):
-    """Reference kernel of the op (used without the compiled library). Analytic gradient: an op kernel runs
+    """Reference kernel of the op (CUDA tensors where Triton is missing). Analytic gradient: an op kernel runs
     below the autograd dispatch keys, where torch.autograd cannot record."""
     red = {v: k for k, v in REDUCTIONS.items()}[reduction]
     with torch.no_grad():
@@ -73,12 +67,6 @@ def _fake(logits, target, sample_weight, ignore_index, reduction, scale, compute
                   else logits.new_empty(0))
 
 
-def _setup_context(ctx, inputs, output):
-    ctx.none = inputs[4] == 0
-    ctx.save_for_backward(output[1])
-    ctx.mark_non_differentiable(output[1])
-
-
 # ----------------------------------------------------------------------------- joint op (one autograd node)
 def _joint_impl(single):
     """Kernel of joint_cross_entropy built from a single-head kernel (reference or Triton)."""
@@ -97,49 +85,11 @@ def _joint_fake(tl, ty, tw, sl, sy, sw, ignore_index, reduction, target_weight, 
     return tl.new_empty((), dtype=torch.promote_types(tl.dtype, sl.dtype)), grad(tl), grad(sl)
 
 
-def _joint_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(output[1], output[2])
-    ctx.mark_non_differentiable(output[1], output[2])
-
-
-def _joint_backward(ctx, grad_loss, _g1, _g2):
-    gt, gs = ctx.saved_tensors
-    if (gt.numel() == 0 and ctx.needs_input_grad[0]) or (gs.numel() == 0 and ctx.needs_input_grad[3]):
-        raise RuntimeError("joint_cross_entropy: the forward ran without compute_grad; call it with the logits "
-                           "requiring grad and grad mode enabled")
-    if not (_is_eager_cpu(grad_loss) and grad_loss.item() == 1.0):  # see _backward: the usual loss.backward()
-        gt, gs = gt * grad_loss.to(gt.dtype), gs * grad_loss.to(gs.dtype)
-    return (gt, None, None, gs) + (None,) * 7
-
-
-def _is_eager_cpu(t):
-    """A real CPU tensor outside any tracing (compile, fake or functional modes): reading it is free."""
-    return (type(t) is torch.Tensor and t.device.type == "cpu" and not torch.compiler.is_compiling()
-            and _get_current_dispatch_mode() is None)
-
-
-def _backward(ctx, grad_loss, _grad_grad):
-    (g,) = ctx.saved_tensors
-    if g.numel() == 0 and ctx.needs_input_grad[0]:
-        raise RuntimeError("cross_entropy: the forward ran without compute_grad; call it with the logits "
-                           "requiring grad and grad mode enabled")
-    # The forward already wrote d(loss)/d(logits) for an upstream gradient of 1. In the usual
-    # `loss.backward()` on the CPU that is the answer: return it without another N x C pass (autograd
-    # copies it before accumulating, since ctx still holds it, so retain_graph stays correct).
-    # Otherwise scale out of place. On GPUs no value is read back: that would synchronise.
-    if not ctx.none and _is_eager_cpu(grad_loss) and grad_loss.item() == 1.0:
-        return g, None, None, None, None, None, None
-    scale = grad_loss[:, None] if ctx.none else grad_loss
-    return g * scale.to(g.dtype), None, None, None, None, None, None
-
-
-# CUDA tensors: the Triton kernels. Autograd: the compiled library registers both ops' in C++
-# (csrc/ops/cross_entropy_autograd.cpp: a Python autograd node cost as much as the kernels at typical sizes);
-# these Python twins serve the fallback.
-register_op("cross_entropy", SCHEMA, _ref_impl, cuda=TRITON, triton=_triton_impl, fake=_fake,
-            autograd=(_backward, _setup_context))
-register_op("joint_cross_entropy", JOINT_SCHEMA, _joint_impl(_ref_impl), cuda=TRITON,
-            triton=_joint_impl(_triton_impl), fake=_joint_fake, autograd=(_joint_backward, _joint_setup_context))
+# CUDA tensors: the Triton kernels (the reference kernels where Triton is missing). Autograd: the compiled library
+# registers both ops' in C++ (csrc/ops/cross_entropy_autograd.cpp).
+register_op("cross_entropy", _ref_impl, cuda=TRITON, triton=_triton_impl, fake=_fake)
+register_op("joint_cross_entropy", _joint_impl(_ref_impl), cuda=TRITON, triton=_joint_impl(_triton_impl),
+            fake=_joint_fake)
 
 
 def _check(opname, logits, target, sample_weight, reduction, name="logits", tname="target"):

@@ -26,17 +26,10 @@ from torch._prims_common import suggest_memory_format
 
 from tlkernels import config
 from tlkernels._extension import use_reference
-from tlkernels.ops._registry import COMPILED, EVERYWHERE, op, register_op
+from tlkernels.ops._registry import COMPILED, define_like, op, register_op
 from tlkernels.ops._utils import autocast_casts, check_tensor, conv_output_hw, fail, pair
 
 OP = "gated_conv2d"
-SCHEMA = ("gated_conv2d(Tensor input, Tensor weight_pre, Tensor weight_ft, Tensor gate, Tensor? bias_pre, "
-          "Tensor? bias_ft, int[2] stride, int[2] padding, int[2] dilation, int groups, bool hard, bool save_diff) "
-          "-> (Tensor, Tensor)")
-BACKWARD_SCHEMA = (
-    "gated_conv2d_backward(Tensor grad_output, Tensor input, Tensor weight_pre, Tensor weight_ft, "
-    "Tensor gate, Tensor? bias_pre, Tensor? bias_ft, Tensor diff, int[2] stride, int[2] padding, int[2] dilation, "
-    "int groups, bool hard, bool[6] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 
 
 # ----------------------------------------------------------------------------- reference (oracle)
@@ -148,18 +141,16 @@ def _backward(ctx, grad_output, _grad_diff):
     return tuple(g if m else None for g, m in zip(grads, mask)) + (None,) * 6
 
 
-# CUDA tensors: the compiled library's device-generic strategies (cuDNN), the Triton kernels only by choice
-# (TLKERNELS_GATED_CONV=triton); without the compiled library, the Triton kernels when importable.
-register_op("gated_conv2d", SCHEMA, _reference_forward, cuda=COMPILED, triton=_triton_forward, fake=_fake_forward,
+# CUDA tensors: the compiled library's device-generic strategies (cuDNN); in a build without CUDA, the Triton
+# kernels when importable.
+register_op("gated_conv2d", _reference_forward, cuda=COMPILED, triton=_triton_forward, fake=_fake_forward,
             autograd=(_backward, _setup_context))
-register_op("gated_conv2d_backward", BACKWARD_SCHEMA, _reference_backward, cuda=COMPILED, triton=_triton_backward,
+register_op("gated_conv2d_backward", _reference_backward, cuda=COMPILED, triton=_triton_backward,
             fake=_fake_backward)
-# The Triton kernels as ops of their own, which the C++ kernels call under TLKERNELS_GATED_CONV=triton (CUDA
-# tensors; CPU tensors run them in Triton's interpreter).
-for _name, _schema, _impl, _fake in (("gated_conv2d_triton", SCHEMA, _triton_forward, _fake_forward),
-                                     ("gated_conv2d_backward_triton", BACKWARD_SCHEMA, _triton_backward,
-                                      _fake_backward)):
-    register_op(_name, _schema.replace(_schema.split("(", 1)[0], _name, 1), _impl, cuda=EVERYWHERE, fake=_fake)
+# The Triton kernels as ops of their own, which the compiled kernels call under gated_conv=triton (CUDA tensors;
+# CPU tensors run them in Triton's interpreter).
+define_like("gated_conv2d_triton", "gated_conv2d", _triton_forward, _fake_forward)
+define_like("gated_conv2d_backward_triton", "gated_conv2d_backward", _triton_backward, _fake_backward)
 
 
 # ----------------------------------------------------------------------------- public API

@@ -7,9 +7,6 @@ from tlkernels._extension import use_reference
 from tlkernels.ops._registry import COMPILED, op, register_op
 from tlkernels.ops._utils import check_tensor, fail, full_fp32, pair
 
-SCHEMA = "filterbank_histogram(Tensor images, Tensor filters, Tensor edges, int[2] stride, int[2] padding) -> Tensor"
-
-
 def filterbank_histogram_reference(images, filters, edges, stride=1, padding=0):
     """F.conv2d, then per channel torch.bucketize and a count (the oracle; materialises all responses)."""
     r = F.conv2d(images.float(), filters.float(), None, stride, padding)
@@ -40,7 +37,7 @@ def _fake(images, filters, edges, stride, padding):
 
 # CUDA tensors: the compiled CUDA kernel (csrc/ops/cuda/histogram_cuda.cu), else the Triton kernel. Counts, no
 # derivative.
-register_op("filterbank_histogram", SCHEMA, _ref_impl, cuda=COMPILED, triton=_gpu_impl, fake=_fake)
+register_op("filterbank_histogram", _ref_impl, cuda=COMPILED, triton=_gpu_impl, fake=_fake)
 
 
 def check_edges(opname, edges, n_filters):

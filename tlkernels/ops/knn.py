@@ -22,7 +22,7 @@ import torch
 from tlkernels import config
 from tlkernels._extension import use_reference
 from tlkernels._timing import chosen, measured_choice, register_names
-from tlkernels.ops._registry import EVERYWHERE, has_op, op, register_op
+from tlkernels.ops._registry import CPU_ONLY, has_op, op, register_op
 from tlkernels.ops._utils import fail, full_fp32
 
 METRICS = ("skl", "kl", "l2", "ip")
@@ -145,8 +145,8 @@ def _fake_select(cross, row_c, col_c, scale, best_d, best_i, base, k, bits):
 
 # The CPU fast paths of knn_search (csrc/ops/cpu/knn_kernel.cpp): ops of the compiled library only (no schema
 # here; knn_search takes the pure-PyTorch path without them), no derivative. knn_expand_skl_ writes `out`.
-register_op("knn_expand_skl_", None, None, cuda=EVERYWHERE, fake=_fake_expand, mutates=True)
-register_op("knn_select_chunk", None, None, cuda=EVERYWHERE, fake=_fake_select)
+register_op("knn_expand_skl_", None, cuda=CPU_ONLY, fake=_fake_expand, mutates=True)
+register_op("knn_select_chunk", None, cuda=CPU_ONLY, fake=_fake_select)
 
 
 def _chunk_topk(d, k, base):

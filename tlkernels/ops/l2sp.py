@@ -12,18 +12,6 @@ from tlkernels._extension import use_reference
 from tlkernels.ops._registry import COMPILED, op, register_op
 from tlkernels.ops._utils import fail
 
-SCHEMAS = {
-    "l2sp_penalty": ("l2sp_penalty(Tensor[] params, Tensor[] refs, Tensor?[] weights, float alpha, Tensor[] new_params, "
-                     "float beta) -> Tensor"),
-    "l2sp_penalty_backward": ("l2sp_penalty_backward(Tensor grad, Tensor[] params, Tensor[] refs, Tensor?[] weights, "
-                              "float alpha, Tensor[] new_params, float beta) -> (Tensor[], Tensor[])"),
-    "l2sp_value_and_grad": ("l2sp_value_and_grad(Tensor[] params, Tensor[] refs, Tensor?[] weights, float alpha, "
-                            "Tensor[] new_params, float beta) -> (Tensor, Tensor[], Tensor[])"),
-    "l2sp_value_and_grad_": ("l2sp_value_and_grad_(Tensor[] params, Tensor[] refs, Tensor?[] weights, float alpha, "
-                             "Tensor[] new_params, float beta, Tensor(a!)[] grads, Tensor(b!)[] new_grads) -> Tensor"),
-}
-
-
 def _out_dtype(params, new_params):
     return torch.float64 if any(t.dtype == torch.float64 for t in (*params, *new_params)) else torch.float32
 
@@ -118,13 +106,13 @@ def _backward(ctx, grad):
 
 
 # CUDA tensors: the compiled multi-tensor kernels (csrc/ops/cuda/l2sp_cuda.cu), else the fallback.
-register_op("l2sp_penalty", SCHEMAS["l2sp_penalty"], _ref_penalty, cuda=COMPILED, fake=_fake_penalty,
+register_op("l2sp_penalty", _ref_penalty, cuda=COMPILED, fake=_fake_penalty,
             autograd=(_backward, _setup_context))
-register_op("l2sp_penalty_backward", SCHEMAS["l2sp_penalty_backward"], _ref_backward, cuda=COMPILED,
+register_op("l2sp_penalty_backward", _ref_backward, cuda=COMPILED,
             fake=_fake_backward)
-register_op("l2sp_value_and_grad", SCHEMAS["l2sp_value_and_grad"], _ref_value_and_grad, cuda=COMPILED,
+register_op("l2sp_value_and_grad", _ref_value_and_grad, cuda=COMPILED,
             fake=_fake_value_and_grad)
-register_op("l2sp_value_and_grad_", SCHEMAS["l2sp_value_and_grad_"], _ref_value_and_grad_inplace, cuda=COMPILED,
+register_op("l2sp_value_and_grad_", _ref_value_and_grad_inplace, cuda=COMPILED,
             fake=_fake_value_and_grad_inplace, mutates=True)
 
 

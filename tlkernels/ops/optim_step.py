@@ -1,4 +1,4 @@
-"""Registration of the fused optimizer-step ops (sgd_l2sp_step_, adamw_l2sp_step_): references, fakes.
+"""The fused optimizer-step ops (sgd_l2sp_step_, adamw_l2sp_step_; defined in csrc/ops/l2sp.cpp): references, fakes.
 
 The steps are mutating multi-tensor ops used by tlkernels.optim; they carry no autograd.
 """
@@ -7,17 +7,6 @@ import math
 import torch
 
 from tlkernels.ops._registry import COMPILED, register_op
-
-SCHEMAS = {
-    "sgd_l2sp_step_": ("sgd_l2sp_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
-                       "Tensor?[] refs, Tensor?[] weights, float[] coeffs, float lr, float momentum, float dampening, "
-                       "float weight_decay, bool nesterov, bool maximize, bool first_step) -> ()"),
-    "adamw_l2sp_step_": ("adamw_l2sp_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
-                         "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor?[] refs, Tensor?[] weights, "
-                         "float[] coeffs, float lr, float beta1, float beta2, float eps, float weight_decay, int step, "
-                         "bool maximize) -> ()"),
-}
-
 
 def _penalty_grad(p, ref, weight, coeff):
     d = p if ref is None else p - ref
@@ -74,4 +63,4 @@ def _fake_step(*args):
 
 # CUDA tensors: the compiled multi-tensor kernels, else the fallback. They write params and optimizer state.
 for _name, _impl in (("sgd_l2sp_step_", sgd_l2sp_step_reference), ("adamw_l2sp_step_", adamw_l2sp_step_reference)):
-    register_op(_name, SCHEMAS[_name], _impl, cuda=COMPILED, fake=_fake_step, mutates=True)
+    register_op(_name, _impl, cuda=COMPILED, fake=_fake_step, mutates=True)
