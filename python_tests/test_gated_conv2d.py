@@ -109,13 +109,22 @@ def _opcheck_samples():
         for t in (x, wf, gate, bf):
             t.requires_grad_()
         s, p, d = kw["stride"], kw["padding"], kw["dilation"]
-        samples.append((x, wp, wf, gate, bp, bf, [s, s], [p, p], [d, d], kw["groups"], kw["hard"], gate.dim() == 2))
+        samples.append((x, wp, wf, gate, bp, bf, [s, s], [p, p], [d, d], kw["groups"], kw["hard"]))
     return samples
 
 
 @pytest.mark.parametrize("idx", range(3))
 def test_opcheck(idx):
     torch.library.opcheck(OP, _opcheck_samples()[idx])
+
+
+@pytest.mark.parametrize("save_diff", [False, True])
+@pytest.mark.parametrize("idx", range(3))
+def test_opcheck_forward_kernel(idx, save_diff):
+    """The kernel op below the public one, with and without diff (its autograd is the public op's)."""
+    args = [t.detach() if isinstance(t, torch.Tensor) else t for t in _opcheck_samples()[idx]]
+    torch.library.opcheck(torch.ops.tlkernels.gated_conv2d_forward.default, (*args, save_diff),
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 def test_torch_compile_fullgraph():
@@ -213,7 +222,7 @@ def test_bad_inputs_name_the_argument(name, mutate, msg):
 def test_cpp_kernel_checks_name_the_argument():
     x, wp = torch.randn(2, 3, 6, 6), torch.randn(4, 3, 3, 3)
     with pytest.raises(RuntimeError, match=r"gated_conv2d: gate must have shape \(N,\) or \(N, C_out\) = \(2, 4\), got \(8, 32\)"):
-        OP(x, wp, wp, torch.rand(8, 32), None, None, [1, 1], [0, 0], [1, 1], 1, False, False)
+        OP(x, wp, wp, torch.rand(8, 32), None, None, [1, 1], [0, 0], [1, 1], 1, False)
 
 
 # ---------------------------------------------------------------- float32 small-map engine (csrc/ops/cpu/mixgemm.h)

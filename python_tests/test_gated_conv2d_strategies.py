@@ -220,7 +220,7 @@ def test_fake_and_kernels_agree_on_strides_with_channels_last_weights(settings, 
     wp, wf = (torch.randn(8, 4, k, k).contiguous(memory_format=cl) for _ in range(2))
     g = torch.rand(2, 8)
     conv = [[1, 1], [k // 2, k // 2], [1, 1], 1]
-    torch.library.opcheck(torch.ops.tlkernels.gated_conv2d.default, (x, wp, wf, g, None, None, *conv, False, False),
+    torch.library.opcheck(torch.ops.tlkernels.gated_conv2d.default, (x, wp, wf, g, None, None, *conv, False),
                           test_utils=("test_schema", "test_faketensor"))
     dy = torch.randn(2, 8, 6, 6).contiguous(memory_format=cl)
     torch.library.opcheck(torch.ops.tlkernels.gated_conv2d_backward.default,

@@ -95,7 +95,7 @@ def test_float32_dots_honour_the_tf32_setting():
         assert dot_precision(torch.float32) == "ieee"
 
 
-def test_autotune_keeps_only_configs_that_fit():
+def test_autotune_keeps_only_configs_that_fit(settings):
     """Autotuning launches, per kernel and dtype, only the configs that compiled for sm80 and sm90 within shared
     memory and without register spills (tlkernels/triton/fitting_configs.json, measured by the AOT sweep)."""
     import triton
@@ -116,14 +116,10 @@ def test_autotune_keeps_only_configs_that_fit():
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
                for m, n, k, w, s in GEMM_CONFIGS]
     prune = prune_to_fitting("fwd", "x_ptr")["early_config_prune"]
-    env = os.environ.pop("TRITON_INTERPRET", None)
-    try:
-        for dtype, name in TRITON_DTYPE.items():
-            kept = prune(configs, {"x_ptr": torch.empty(1, dtype=dtype)})
-            assert {config_key(c) for c in kept} == table[("fwd", name)]
-    finally:
-        if env is not None:
-            os.environ["TRITON_INTERPRET"] = env
+    settings(triton_interpret="0")  # (the compiler's configs, not the interpreter's single one)
+    for dtype, name in TRITON_DTYPE.items():
+        kept = prune(configs, {"x_ptr": torch.empty(1, dtype=dtype)})
+        assert {config_key(c) for c in kept} == table[("fwd", name)]
 
 
 def test_every_fitting_config_compiles_within_limits():

@@ -1,18 +1,51 @@
-// Schema of the gated convolution ops:
+// Schemas of the gated convolution ops, their dispatcher entry points and their argument checks:
 //   y = (1 - g) * conv2d(x, weight_pre, bias_pre) + g * conv2d(x, weight_ft, bias_ft)
 // gate g has shape (N,) (one gate per image, SpotTune) or (N, C_out) (one per image and output
 // filter, AdaFilter); g = 1 selects the fine-tuned filter. `hard` treats the gate as binary
 // (g >= 0.5) in the forward pass; gradients still flow to g as for the blend (straight-through).
-// The second output `diff` is conv(x, Wf) - conv(x, Wp) (bias included) when save_diff is set and the
-// kernel gets it for free (the small-spatial concatenated GEMM computes both branches anyway); it lets the
-// backward produce the gate gradient without another convolution. Otherwise it is empty and the
-// backward derives the gate gradient itself. The backward takes it back as `diff`.
+// ops/gated_conv2d.h says what each op returns.
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include "ops/check.h"
 #include "ops/gated_conv2d.h"
 
 namespace tlkernels {
+
+namespace {
+template <class F>
+c10::TypedOperatorHandle<F> handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<F>();
+}
+}  // namespace
+
+at::Tensor gated_conv2d(const at::Tensor& input, const at::Tensor& weight_pre, const at::Tensor& weight_ft,
+                        const at::Tensor& gate, const c10::optional<at::Tensor>& bias_pre,
+                        const c10::optional<at::Tensor>& bias_ft, at::IntArrayRef stride, at::IntArrayRef padding,
+                        at::IntArrayRef dilation, int64_t groups, bool hard) {
+  static auto op = handle<decltype(gated_conv2d)>("tlkernels::gated_conv2d");
+  return op.call(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, stride, padding, dilation, groups, hard);
+}
+
+std::tuple<at::Tensor, at::Tensor> gated_conv2d_forward(
+    const at::Tensor& input, const at::Tensor& weight_pre, const at::Tensor& weight_ft, const at::Tensor& gate,
+    const c10::optional<at::Tensor>& bias_pre, const c10::optional<at::Tensor>& bias_ft, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool hard, bool save_diff) {
+  static auto op = handle<decltype(gated_conv2d_forward)>("tlkernels::gated_conv2d_forward");
+  return op.call(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, stride, padding, dilation, groups, hard,
+                 save_diff);
+}
+
+GatedConv2dGrads gated_conv2d_backward(const at::Tensor& grad_output, const at::Tensor& input,
+                                       const at::Tensor& weight_pre, const at::Tensor& weight_ft,
+                                       const at::Tensor& gate, const c10::optional<at::Tensor>& bias_pre,
+                                       const c10::optional<at::Tensor>& bias_ft, const at::Tensor& diff,
+                                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                       int64_t groups, bool hard, c10::List<bool> output_mask) {
+  static auto op = handle<decltype(gated_conv2d_backward)>("tlkernels::gated_conv2d_backward");
+  return op.call(grad_output, input, weight_pre, weight_ft, gate, bias_pre, bias_ft, diff, stride, padding, dilation,
+                 groups, hard, output_mask);
+}
 
 std::vector<int64_t> gated_conv2d_output_size(const at::Tensor& input, const at::Tensor& weight,
                                               at::IntArrayRef stride, at::IntArrayRef padding,
@@ -87,6 +120,9 @@ void check_gated_conv2d_args(const at::Tensor& input, const at::Tensor& weight_p
 TORCH_LIBRARY_FRAGMENT(tlkernels, m) {
   m.def(
       "gated_conv2d(Tensor input, Tensor weight_pre, Tensor weight_ft, Tensor gate, Tensor? bias_pre, "
+      "Tensor? bias_ft, int[2] stride, int[2] padding, int[2] dilation, int groups, bool hard) -> Tensor");
+  m.def(
+      "gated_conv2d_forward(Tensor input, Tensor weight_pre, Tensor weight_ft, Tensor gate, Tensor? bias_pre, "
       "Tensor? bias_ft, int[2] stride, int[2] padding, int[2] dilation, int groups, bool hard, bool save_diff) "
       "-> (Tensor, Tensor)");
   m.def(

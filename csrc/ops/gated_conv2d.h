@@ -1,10 +1,44 @@
 #pragma once
+// The gated convolution's ops. Each op's C++ signature is declared here once: the functions below call the op
+// through the dispatcher (ops/gated_conv2d.cpp, `typed<decltype(gated_conv2d)>()`), and every kernel
+// (autograd, autocast, CPU/CUDA) is a function of the same type.
+//   gated_conv2d           the public op: y. Its autograd (ops/gated_conv2d_autograd.cpp) decides whether
+//                          the forward keeps diff for the backward (gated_conv2d_keeps_diff).
+//   gated_conv2d_forward   (y, diff): diff = conv(x, Wf) - conv(x, Wp) (bias included) when save_diff, else
+//                          empty; it lets the backward produce dL/dg without another convolution.
+//   gated_conv2d_backward  the six gradients of output_mask (masked-out ones empty).
 #include <ATen/ATen.h>
 #include <tuple>
+#include <vector>
 
 namespace tlkernels {
 
-// Validates the arguments of gated_conv2d (shared by every backend).
+using GatedConv2dGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+at::Tensor gated_conv2d(const at::Tensor& input, const at::Tensor& weight_pre, const at::Tensor& weight_ft,
+                        const at::Tensor& gate, const c10::optional<at::Tensor>& bias_pre,
+                        const c10::optional<at::Tensor>& bias_ft, at::IntArrayRef stride, at::IntArrayRef padding,
+                        at::IntArrayRef dilation, int64_t groups, bool hard);
+
+std::tuple<at::Tensor, at::Tensor> gated_conv2d_forward(
+    const at::Tensor& input, const at::Tensor& weight_pre, const at::Tensor& weight_ft, const at::Tensor& gate,
+    const c10::optional<at::Tensor>& bias_pre, const c10::optional<at::Tensor>& bias_ft, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool hard, bool save_diff);
+
+GatedConv2dGrads gated_conv2d_backward(const at::Tensor& grad_output, const at::Tensor& input,
+                                       const at::Tensor& weight_pre, const at::Tensor& weight_ft,
+                                       const at::Tensor& gate, const c10::optional<at::Tensor>& bias_pre,
+                                       const c10::optional<at::Tensor>& bias_ft, const at::Tensor& diff,
+                                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                       int64_t groups, bool hard, c10::List<bool> output_mask);
+
+// Whether a forward whose gate needs a gradient keeps diff: where the chosen path computes both branches
+// anyway (ops/gated_conv2d_aten.cpp, beside the strategy choice it follows).
+bool gated_conv2d_keeps_diff(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& gate, bool hard,
+                             at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                             int64_t groups);
+
+// Validates the arguments of gated_conv2d (shared by every kernel).
 void check_gated_conv2d_args(const at::Tensor& input, const at::Tensor& weight_pre,
                              const at::Tensor& weight_ft, const at::Tensor& gate,
                              const c10::optional<at::Tensor>& bias_pre,

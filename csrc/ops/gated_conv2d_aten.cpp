@@ -166,7 +166,7 @@ GateView inspect(const at::Tensor& gate, bool hard, bool on_cpu, const Setting& 
   return v;
 }
 
-std::tuple<at::Tensor, at::Tensor> gated_conv2d_forward(
+std::tuple<at::Tensor, at::Tensor> forward_kernel(
     const at::Tensor& input, const at::Tensor& weight_pre_in, const at::Tensor& weight_ft_in, const at::Tensor& gate,
     const c10::optional<at::Tensor>& bias_pre, const c10::optional<at::Tensor>& bias_ft, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool hard, bool save_diff) {
@@ -174,11 +174,9 @@ std::tuple<at::Tensor, at::Tensor> gated_conv2d_forward(
                           groups);
   const Setting s = setting();
   if (s.mode == Setting::Triton) {
-    static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("tlkernels::gated_conv2d_triton", "")
-                         .typed<std::tuple<at::Tensor, at::Tensor>(
-                             const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                             const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, at::IntArrayRef,
-                             at::IntArrayRef, at::IntArrayRef, int64_t, bool, bool)>();
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("tlkernels::gated_conv2d_forward_triton", "")
+                         .typed<decltype(tlkernels::gated_conv2d_forward)>();
     return op.call(input, weight_pre_in, weight_ft_in, gate, bias_pre, bias_ft, stride, padding, dilation, groups, hard,
                    save_diff);
   }
@@ -248,7 +246,7 @@ std::tuple<at::Tensor, at::Tensor> gated_conv2d_forward(
   return {out, diff};
 }
 
-Grads gated_conv2d_backward(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight_pre_in,
+Grads backward_kernel(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight_pre_in,
                             const at::Tensor& weight_ft_in, const at::Tensor& gate,
                             const c10::optional<at::Tensor>& bias_pre, const c10::optional<at::Tensor>& bias_ft,
                             const at::Tensor& diff, at::IntArrayRef stride, at::IntArrayRef padding,
@@ -259,11 +257,9 @@ Grads gated_conv2d_backward(const at::Tensor& grad_output, const at::Tensor& inp
               output_mask.size());
   const Setting s = setting();
   if (s.mode == Setting::Triton) {
-    static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("tlkernels::gated_conv2d_backward_triton", "")
-                         .typed<Grads(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                      const at::Tensor&, const c10::optional<at::Tensor>&,
-                                      const c10::optional<at::Tensor>&, const at::Tensor&, at::IntArrayRef,
-                                      at::IntArrayRef, at::IntArrayRef, int64_t, bool, c10::List<bool>)>();
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("tlkernels::gated_conv2d_backward_triton", "")
+                         .typed<decltype(tlkernels::gated_conv2d_backward)>();
     return op.call(grad_output, input, weight_pre_in, weight_ft_in, gate, bias_pre, bias_ft, diff, stride, padding,
                    dilation, groups, hard, output_mask);
   }
@@ -350,6 +346,28 @@ std::vector<std::string> last_strategies() { return {last_forward, last_backward
 }  // namespace
 }  // namespace gconv
 
+// Where the forward computes both branches anyway, keeping their difference saves the backward a convolution
+// for dL/dg. CUDA tensors: every gate but an (N,) hard one takes concat (both branches). CPU tensors: the
+// small-map concat path for per-filter gates (below kBlendMinPixels output pixels), except float32 with
+// groups 1, where the small-map engine blends the branches in the forward and computes dL/dg with the weight
+// gradient in the backward. The Triton kernels compute dL/dg themselves. Sizes may be symbolic (torch.compile).
+bool gated_conv2d_keeps_diff(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& gate, bool hard,
+                             at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                             int64_t groups) {
+  if (gconv::setting().mode == gconv::Setting::Triton) return false;
+  // (arguments the kernel will refuse: no diff, and the kernel's check reports them)
+  if (input.dim() != 4 || weight.dim() != 4 || stride.size() != 2 || padding.size() != 2 || dilation.size() != 2)
+    return false;
+  for (int d = 0; d < 2; ++d)
+    if (stride[d] < 1 || dilation[d] < 1) return false;
+  if (!cpu_path(input)) return !(hard && gate.dim() == 1);
+  if (gate.dim() != 2 || (input.scalar_type() == at::kFloat && groups == 1)) return false;
+  c10::SymInt pixels = 1;
+  for (int d = 0; d < 2; ++d)
+    pixels *= (input.sym_size(d + 2) + 2 * padding[d] - (dilation[d] * (weight.sym_size(d + 2) - 1) + 1)) / stride[d] + 1;
+  return pixels < gconv::kBlendMinPixels;
+}
+
 TORCH_LIBRARY_FRAGMENT(tlkernels, m) {
   m.def("_gated_conv2d_last_strategies() -> str[]", &gconv::last_strategies);
   // Sets whether CPU tensors on this thread take CUDA tensors' path choices (ops/emulate_cuda.h); returns the
@@ -363,13 +381,13 @@ TORCH_LIBRARY_FRAGMENT(tlkernels, m) {
 
 // The same strategies serve CPU tensors (oneDNN, plus the small-map engine) and CUDA tensors (cuDNN).
 TORCH_LIBRARY_IMPL(tlkernels, CPU, m) {
-  m.impl("gated_conv2d", &gconv::gated_conv2d_forward);
-  m.impl("gated_conv2d_backward", &gconv::gated_conv2d_backward);
+  m.impl("gated_conv2d_forward", &gconv::forward_kernel);
+  m.impl("gated_conv2d_backward", &gconv::backward_kernel);
 }
 
 TORCH_LIBRARY_IMPL(tlkernels, CUDA, m) {
-  m.impl("gated_conv2d", &gconv::gated_conv2d_forward);
-  m.impl("gated_conv2d_backward", &gconv::gated_conv2d_backward);
+  m.impl("gated_conv2d_forward", &gconv::forward_kernel);
+  m.impl("gated_conv2d_backward", &gconv::backward_kernel);
 }
 
 }  // namespace tlkernels

@@ -18,7 +18,6 @@ under TRITON_INTERPRET=1; the default nowhere) or `reference` (`gated_conv2d_ref
 blend, the oracle).
 """
 import contextlib
-import threading
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +25,7 @@ from torch._prims_common import suggest_memory_format
 
 from tlkernels import config
 from tlkernels._extension import use_reference
-from tlkernels.ops._registry import COMPILED, define_like, op, register_op
+from tlkernels.ops._registry import COMPILED, ONE_KERNEL, define_like, op, register_op
 from tlkernels.ops._utils import autocast_casts, check_tensor, conv_output_hw, fail, pair
 
 OP = "gated_conv2d"
@@ -124,69 +123,36 @@ def _fake_backward(grad_output, input, weight_pre, weight_ft, gate, bias_pre, bi
                  else input.new_empty(0) for t, m in zip(likes, output_mask))
 
 
-def _setup_context(ctx, inputs, output):
-    input, weight_pre, weight_ft, gate, bias_pre, bias_ft, stride, padding, dilation, groups, hard, _ = inputs
-    ctx.save_for_backward(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, output[1])
-    ctx.conv = (stride, padding, dilation, groups, hard)
-    ctx.mark_non_differentiable(output[1])
+def _fake(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, stride, padding, dilation, groups, hard):
+    return _fake_forward(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, stride, padding, dilation, groups,
+                         hard, False)[0]
 
 
-def _backward(ctx, grad_output, _grad_diff):
-    input, weight_pre, weight_ft, gate, bias_pre, bias_ft, diff = ctx.saved_tensors
-    mask = [bool(ctx.needs_input_grad[i]) for i in range(6)]
-    if not any(mask):
-        return (None,) * 12
-    grads = op("gated_conv2d_backward")(grad_output.contiguous(memory_format=suggest_memory_format(input)),
-                                        input, weight_pre, weight_ft, gate, bias_pre, bias_ft, diff, *ctx.conv, mask)
-    return tuple(g if m else None for g, m in zip(grads, mask)) + (None,) * 6
-
-
-# CUDA tensors: the compiled library's device-generic strategies (cuDNN); in a build without CUDA, the Triton
-# kernels when importable.
-register_op("gated_conv2d", _reference_forward, cuda=COMPILED, triton=_triton_forward, fake=_fake_forward,
-            autograd=(_backward, _setup_context))
+# The public op: one kernel below autograd for every device (csrc/ops/gated_conv2d_autograd.cpp), autograd in
+# C++. Its kernels: on CUDA tensors the compiled library's device-generic strategies (cuDNN); in a build without
+# CUDA, the Triton kernels when importable.
+register_op("gated_conv2d", None, cuda=ONE_KERNEL, fake=_fake)
+register_op("gated_conv2d_forward", _reference_forward, cuda=COMPILED, triton=_triton_forward, fake=_fake_forward)
 register_op("gated_conv2d_backward", _reference_backward, cuda=COMPILED, triton=_triton_backward,
             fake=_fake_backward)
 # The Triton kernels as ops of their own, which the compiled kernels call under gated_conv=triton (CUDA tensors;
 # CPU tensors run them in Triton's interpreter).
-define_like("gated_conv2d_triton", "gated_conv2d", _triton_forward, _fake_forward)
+define_like("gated_conv2d_forward_triton", "gated_conv2d_forward", _triton_forward, _fake_forward)
 define_like("gated_conv2d_backward_triton", "gated_conv2d_backward", _triton_backward, _fake_backward)
 
 
 # ----------------------------------------------------------------------------- public API
-SAVE_DIFF_MAX_PIXELS = 100  # = kBlendMinPixels in csrc/ops/gated_conv2d_aten.cpp
-_policy = threading.local()
-
-
 @contextlib.contextmanager
 def emulate_cuda():
     """CPU tensors on this thread take the path choices CUDA tensors take (csrc/ops/emulate_cuda.h: the gated
-    convolution's strategy and the save_diff rule below, cross_entropy's backward): no gate inspection, no
-    measured choice, no CPU engine, no read of a device value where CUDA reads none. Tests count that path's
-    device reads and convolutions on the CPU (python_tests/test_host_syncs.py)."""
-    was_py = getattr(_policy, "cuda", False)
+    convolution's strategy and whether it keeps diff, cross_entropy's backward): no gate inspection, no measured
+    choice, no CPU engine, no read of a device value where CUDA reads none. Tests count that path's device reads
+    and convolutions on the CPU (python_tests/test_host_syncs.py)."""
     was = torch.ops.tlkernels._emulate_cuda(True)
-    _policy.cuda = True
     try:
         yield
     finally:
         torch.ops.tlkernels._emulate_cuda(was)
-        _policy.cuda = was_py
-
-
-def wants_diff(input, gate, hard, out_px, groups):
-    """Whether the forward keeps y_f - y_p for the backward's dL/dg (the `save_diff` argument of the op): where
-    the forward computes both branches anyway, keeping their difference saves the backward a convolution.
-
-    CUDA tensors: every gate but an (N,) hard one takes the concat strategy (both branches). CPU tensors: the
-    small-map concat path (csrc: kBlendMinPixels), but not for float32 with groups == 1, where the CPU engine
-    computes one branch-blend in the forward and dL/dg together with the weight gradient in the backward."""
-    if not (gate.requires_grad and torch.is_grad_enabled()) or strategy() == "triton":  # (Triton: its own dL/dg)
-        return False
-    if input.device.type == "cuda" or getattr(_policy, "cuda", False):
-        return not (hard and gate.dim() == 1)
-    return (gate.dim() == 2 and input.device.type == "cpu" and out_px < SAVE_DIFF_MAX_PIXELS
-            and not (input.dtype == torch.float32 and groups == 1))
 
 
 def _resolve_padding(padding, weight, stride, dilation):
@@ -264,10 +230,5 @@ def gated_conv2d(input, weight_pre, weight_ft, gate, bias_pre=None, bias_ft=None
     if use_reference() or strategy() == "reference":
         return gated_conv2d_reference(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, stride, padding,
                                       dilation, groups, hard)
-    out_px = 1
-    for s in output_size(input, weight_pre, stride, padding, dilation)[2:]:
-        out_px *= s
-    save_diff = wants_diff(input, gate, hard, out_px, groups)
-    y, _ = op("gated_conv2d")(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, list(stride), list(padding),
-                              list(dilation), groups, bool(hard), save_diff)
-    return y
+    return op("gated_conv2d")(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, list(stride), list(padding),
+                              list(dilation), groups, bool(hard))

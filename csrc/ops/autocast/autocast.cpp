@@ -12,6 +12,8 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include "ops/gated_conv2d.h"
+
 #include <tuple>
 #include <vector>
 
@@ -27,15 +29,6 @@ using OptT = const std::optional<Tensor>&;
 template <class Sig>
 c10::TypedOperatorHandle<Sig> handle(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
-}
-
-using GatedSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&, OptT, OptT,
-                                            IntArrayRef, IntArrayRef, IntArrayRef, int64_t, bool, bool);
-std::tuple<Tensor, Tensor> gated_conv2d(const Tensor& x, const Tensor& wp, const Tensor& wf, const Tensor& g,
-                                        OptT bp, OptT bf, IntArrayRef stride, IntArrayRef padding,
-                                        IntArrayRef dilation, int64_t groups, bool hard, bool save_diff) {
-  static auto op = handle<GatedSig>("tlkernels::gated_conv2d");
-  return op.call(x, wp, wf, g, bp, bf, stride, padding, dilation, groups, hard, save_diff);
 }
 
 using CESig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, OptT, int64_t, int64_t, double, bool);
@@ -101,7 +94,8 @@ constexpr auto wrap() {
 template <c10::DeviceType device>
 void register_autocast(torch::Library& m) {
   using at::autocast::CastPolicy;
-  m.impl("gated_conv2d", wrap<CastPolicy::lower_precision_fp, device, GatedSig, &gated_conv2d>());
+  m.impl("gated_conv2d", wrap<CastPolicy::lower_precision_fp, device, decltype(tlkernels::gated_conv2d),
+                              &tlkernels::gated_conv2d>());
   m.impl("cross_entropy", wrap<CastPolicy::fp32, device, CESig, &cross_entropy>());
   m.impl("joint_cross_entropy", wrap<CastPolicy::fp32, device, JointSig, &joint_cross_entropy>());
   m.impl("filterbank_histogram", wrap<CastPolicy::fp32, device, HistSig, &filterbank_histogram>());
