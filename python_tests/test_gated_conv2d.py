@@ -101,32 +101,6 @@ def test_frozen_weight_gets_no_gradient_work():
     assert wp.grad is None and x.grad is not None and wf.grad is not None
 
 
-def _opcheck_samples():
-    samples = []
-    for shape, gk in [((2, 3, 4, 6, 6, 3, 1, 1, 1, 1), "filter_soft"), ((3, 4, 4, 12, 12, 1, 1, 0, 1, 2), "image_hard"),
-                      ((2, 3, 4, 5, 5, 3, 2, 1, 1, 1), "hard_flag")]:
-        (x, wp, wf, gate, bp, bf), kw = make_case(shape, gk, dtype=torch.float32)
-        for t in (x, wf, gate, bf):
-            t.requires_grad_()
-        s, p, d = kw["stride"], kw["padding"], kw["dilation"]
-        samples.append((x, wp, wf, gate, bp, bf, [s, s], [p, p], [d, d], kw["groups"], kw["hard"]))
-    return samples
-
-
-@pytest.mark.parametrize("idx", range(3))
-def test_opcheck(idx):
-    torch.library.opcheck(OP, _opcheck_samples()[idx])
-
-
-@pytest.mark.parametrize("save_diff", [False, True])
-@pytest.mark.parametrize("idx", range(3))
-def test_opcheck_forward_kernel(idx, save_diff):
-    """The kernel op below the public one, with and without diff (its autograd is the public op's)."""
-    args = [t.detach() if isinstance(t, torch.Tensor) else t for t in _opcheck_samples()[idx]]
-    torch.library.opcheck(torch.ops.tlkernels.gated_conv2d_forward.default, (*args, save_diff),
-                          test_utils=("test_schema", "test_faketensor"))
-
-
 def test_torch_compile_fullgraph():
     conv = tlkernels.nn.GatedConv2d(3, 4, 3, padding=1)
     x = torch.randn(2, 3, 8, 8, requires_grad=True)

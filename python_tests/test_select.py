@@ -37,11 +37,9 @@ def test_histogram_matches_reference(n, c, h, w, k, stride, pad, dtype):
     torch.testing.assert_close(out.sum(-1), torch.ones(n, 6), rtol=0, atol=1e-5)
 
 
-def test_histogram_empty_batch_and_opcheck():
+def test_histogram_empty_batch():
     filt = torch.randn(4, 3, 3, 3)
     assert filterbank_histogram(torch.rand(0, 3, 8, 8), filt, _edges(4, 5)).shape == (0, 4, 5)
-    torch.library.opcheck(torch.ops.tlkernels.filterbank_histogram.default,
-                          (torch.rand(2, 3, 8, 8), filt, _edges(4, 5), [1, 1], [1, 1]))
 
 
 @pytest.mark.parametrize("narrow", [False, True])
@@ -494,19 +492,6 @@ def test_step_plan_draws_images_in_proportion_to_their_level():
     one = StepPlan(4, 4, 0, 0, 1, sample_weights=lambda: w)
     one.set_epoch(3)
     assert sorted(shares[0] + shares[1]) == sorted(k[0] for b in one for k in b)
-
-
-@pytest.mark.skipif(not has_op("knn_select_chunk"), reason="the compiled library provides the fused kNN ops")
-def test_knn_cpp_ops_have_fakes_opcheck():
-    """The C++ kNN ops (chunk selection, skl expansion) with fake kernels: torch.library.opcheck."""
-    g = torch.Generator().manual_seed(0)
-    cross = torch.randn(5, 7, generator=g, dtype=torch.float64)
-    row_c, col_c = torch.rand(5, generator=g, dtype=torch.float64), torch.rand(7, generator=g, dtype=torch.float64)
-    best_d, best_i = torch.rand(5, 2, generator=g, dtype=torch.float64).sort(1).values, torch.randint(0, 9, (5, 2))
-    torch.library.opcheck(op("knn_select_chunk"), (cross, row_c, col_c, 1.0, best_d, best_i, 100, 3, 40))
-    p = torch.softmax(torch.randn(4, 6, generator=g), 1)
-    out = torch.empty(4, 12)
-    torch.library.opcheck(op("knn_expand_skl_"), (p, torch.rand(6, generator=g), EPS, out))
 
 
 def _precision_seen(monkeypatch, module, fn_name):

@@ -1,6 +1,7 @@
 """The Python side of the tlkernels ops: one statement per op (`register_op`) states where CUDA tensors go,
-its fake kernel, its autograd when Python owns it and whether it writes its arguments; `OPS` keeps what each op
-was registered with.
+its reference, its fake kernel, its autograd when Python owns it, whether it writes its arguments and its
+samples (the inputs every op's tests run: python_tests/test_op_samples.py); `OPS` keeps what each op was
+registered with.
 
 The compiled library (csrc/ops) owns every compiled op's schema, argument checks and CPU kernel, and the
 autograd of cross_entropy and joint_cross_entropy. Without the compiled library none of these ops exists:
@@ -35,6 +36,8 @@ class OpInfo:
     fake: bool             # a fake kernel is registered (torch.compile, torch.export, opcheck)
     autograd: str          # "python", "c++" (csrc/ops/*_autograd.cpp) or "none"
     mutates: bool          # writes arguments in place (their version counters are bumped)
+    reference: object      # the pure-PyTorch kernel with the op's signature (None: none)
+    samples: object        # samples() -> [argument tuples]: every op's tests (python_tests/test_op_samples.py)
 
 
 OPS = {}
@@ -50,7 +53,8 @@ def op(name: str):
 
 def define_like(name, like, kernel, fake):
     """Define the Python-only op `tlkernels::name` with the schema of the compiled op `like` (the Triton kernels
-    the compiled gated convolution calls under gated_conv=triton), one kernel for every device."""
+    the compiled gated convolution calls under gated_conv=triton), one kernel for every device; its reference and
+    samples are `like`'s."""
     if not has_op(like):
         return
     global _LIB
@@ -58,10 +62,10 @@ def define_like(name, like, kernel, fake):
     schema = str(op(like)._schema).split("::", 1)[1]
     _LIB.define(name + schema[len(like):])
     _LIB.impl(name, kernel, "CompositeExplicitAutograd")
-    register_op(name, kernel, cuda=ONE_KERNEL, fake=fake, owner="python")
+    register_op(name, OPS[like].reference, cuda=ONE_KERNEL, fake=fake, samples=OPS[like].samples, owner="python")
 
 
-def register_op(name, reference, *, cuda, fake, triton=None, autograd=None, mutates=False, owner="c++"):
+def register_op(name, reference, *, cuda, fake, samples, triton=None, autograd=None, mutates=False, owner="c++"):
     """Complete `tlkernels::name`, every piece stated (nothing when the compiled library, which defines the op,
     is not loaded).
 
@@ -71,6 +75,8 @@ def register_op(name, reference, *, cuda, fake, triton=None, autograd=None, muta
     autograd  (backward, setup_context) for ops whose derivative Python owns; None for ops without one or whose
               autograd the compiled library registers (csrc/ops/*_autograd.cpp)
     mutates   the op writes arguments its schema marks `(a!)`: bump their autograd version counters
+    samples   samples() -> a list of argument tuples, small and deterministic, covering the op's argument kinds
+              (one test checks each against the reference, with opcheck and, for differentiable ops, gradcheck)
     """
     if not has_op(name):
         return
@@ -97,7 +103,7 @@ def register_op(name, reference, *, cuda, fake, triton=None, autograd=None, muta
         grad = "none"
     if mutates:
         _bump_versions_of_mutated_args(name)
-    OPS[name] = OpInfo(owner, cuda, cuda_kernel, True, grad, mutates)
+    OPS[name] = OpInfo(owner, cuda, cuda_kernel, True, grad, mutates, reference, samples)
 
 
 def _bump_versions_of_mutated_args(name: str):

@@ -85,11 +85,33 @@ def _joint_fake(tl, ty, tw, sl, sy, sw, ignore_index, reduction, target_weight, 
     return tl.new_empty((), dtype=torch.promote_types(tl.dtype, sl.dtype)), grad(tl), grad(sl)
 
 
+def _samples():
+    """Hard labels with an ignored row (mean), per-row weights (none), soft labels (sum), no gradient."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 1, -100, 4, 2, 3])
+    soft = torch.softmax(torch.randn(6, 5, generator=g, dtype=torch.float64), 1)
+    w = torch.rand(6, generator=g, dtype=torch.float64)
+    return [(x, y, None, -100, 1, 1.0, True), (x, y, w, -100, 0, 0.5, True), (x, soft, None, -100, 2, 2.0, True),
+            (x.detach(), y, None, -100, 1, 1.0, False)]
+
+
+def _joint_samples():
+    """Two heads of different widths: hard labels (mean), per-row weights and soft source labels (sum)."""
+    g = torch.Generator().manual_seed(0)
+    xt = torch.randn(6, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    xs = torch.randn(4, 9, generator=g, dtype=torch.float64, requires_grad=True)
+    yt, ys = torch.tensor([0, 1, -100, 4, 2, 3]), torch.tensor([8, 0, 2, 2])
+    soft = torch.softmax(torch.randn(4, 9, generator=g, dtype=torch.float64), 1)
+    return [(xt, yt, None, xs, ys, None, -100, 1, 0.5, 0.25, True),
+            (xt, yt, torch.rand(6, generator=g, dtype=torch.float64), xs, soft, None, -100, 2, 1.0, 2.0, True)]
+
+
 # CUDA tensors: the Triton kernels (the reference kernels where Triton is missing). Autograd: the compiled library
 # registers both ops' in C++ (csrc/ops/cross_entropy_autograd.cpp).
-register_op("cross_entropy", _ref_impl, cuda=TRITON, triton=_triton_impl, fake=_fake)
+register_op("cross_entropy", _ref_impl, cuda=TRITON, triton=_triton_impl, fake=_fake, samples=_samples)
 register_op("joint_cross_entropy", _joint_impl(_ref_impl), cuda=TRITON, triton=_joint_impl(_triton_impl),
-            fake=_joint_fake)
+            fake=_joint_fake, samples=_joint_samples)
 
 
 def _check(opname, logits, target, sample_weight, reduction, name="logits", tname="target"):

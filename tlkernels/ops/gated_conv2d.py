@@ -128,13 +128,48 @@ def _fake(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, stride, padding
                          hard, False)[0]
 
 
+def _samples():
+    """The public op's: per-filter soft gates with biases, per-image hard gates with groups and a 1x1 kernel,
+    per-filter hard gates with stride 2 (float64; a frozen weight_pre, as in fine-tuning)."""
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for n, cin, cout, h, k, s, p, d, groups, per_filter, hard, bias in (
+            (2, 3, 4, 6, 3, 1, 1, 1, 1, True, False, True), (3, 4, 4, 12, 1, 1, 0, 1, 2, False, True, False),
+            (2, 3, 4, 5, 3, 2, 1, 1, 1, True, True, True)):
+        def t(*shape, grad=False, rand=torch.randn):
+            return rand(*shape, generator=g, dtype=torch.float64).requires_grad_(grad)
+        x, wp, wf = t(n, cin, h, h, grad=True), t(cout, cin // groups, k, k), t(cout, cin // groups, k, k, grad=True)
+        gate = t(*((n, cout) if per_filter else (n,)), grad=not hard, rand=torch.rand)
+        bp, bf = (t(cout), t(cout, grad=True)) if bias else (None, None)
+        out.append((x, wp, wf, gate, bp, bf, [s, s], [p, p], [d, d], groups, hard))
+    return out
+
+
+def _forward_samples():
+    return [tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args) + (save_diff,)
+            for args in _samples() for save_diff in (False, True)]
+
+
+def _backward_samples():
+    out = []
+    for x, wp, wf, gate, bp, bf, stride, padding, dilation, groups, hard, _ in _forward_samples()[::2]:
+        y, diff = _reference_forward(x, wp, wf, gate, bp, bf, stride, padding, dilation, groups, hard, True)
+        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=y.dtype)
+        for mask, keep in (([True] * 6, True), ([True, False, True, True, False, bf is not None], False)):
+            out.append((dy, x, wp, wf, gate, bp, bf, diff if keep else x.new_empty(0), stride, padding, dilation,
+                        groups, hard, [m and (i < 4 or b is not None) for i, (m, b) in enumerate(
+                            zip(mask, [x, wp, wf, gate, bp, bf]))]))
+    return out
+
+
 # The public op: one kernel below autograd for every device (csrc/ops/gated_conv2d_autograd.cpp), autograd in
 # C++. Its kernels: on CUDA tensors the compiled library's device-generic strategies (cuDNN); in a build without
 # CUDA, the Triton kernels when importable.
-register_op("gated_conv2d", None, cuda=ONE_KERNEL, fake=_fake)
-register_op("gated_conv2d_forward", _reference_forward, cuda=COMPILED, triton=_triton_forward, fake=_fake_forward)
+register_op("gated_conv2d", gated_conv2d_reference, cuda=ONE_KERNEL, fake=_fake, samples=_samples)
+register_op("gated_conv2d_forward", _reference_forward, cuda=COMPILED, triton=_triton_forward, fake=_fake_forward,
+            samples=_forward_samples)
 register_op("gated_conv2d_backward", _reference_backward, cuda=COMPILED, triton=_triton_backward,
-            fake=_fake_backward)
+            fake=_fake_backward, samples=_backward_samples)
 # The Triton kernels as ops of their own, which the compiled kernels call under gated_conv=triton (CUDA tensors;
 # CPU tensors run them in Triton's interpreter).
 define_like("gated_conv2d_forward_triton", "gated_conv2d_forward", _triton_forward, _fake_forward)

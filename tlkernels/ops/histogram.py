@@ -37,7 +37,18 @@ def _fake(images, filters, edges, stride, padding):
 
 # CUDA tensors: the compiled CUDA kernel (csrc/ops/cuda/histogram_cuda.cu), else the Triton kernel. Counts, no
 # derivative.
-register_op("filterbank_histogram", _ref_impl, cuda=COMPILED, triton=_gpu_impl, fake=_fake)
+def _samples():
+    """RGB images with a 3x3 bank (padding 1), a grey-level bank on RGB (the channel-sum path) with stride 2, an
+    empty batch."""
+    g = torch.Generator().manual_seed(0)
+    imgs = torch.rand(2, 3, 9, 8, generator=g)
+    grey = torch.randn(4, 1, 5, 5, generator=g).expand(4, 3, 5, 5).contiguous()
+    edges = torch.linspace(-2, 2, 6).repeat(4, 1)
+    return [(imgs, torch.randn(4, 3, 3, 3, generator=g), edges, [1, 1], [1, 1]), (imgs, grey, edges, [2, 2], [0, 0]),
+            (imgs[:0], grey, edges, [1, 1], [0, 0])]
+
+
+register_op("filterbank_histogram", _ref_impl, cuda=COMPILED, triton=_gpu_impl, fake=_fake, samples=_samples)
 
 
 def check_edges(opname, edges, n_filters):

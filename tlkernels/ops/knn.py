@@ -145,8 +145,21 @@ def _fake_select(cross, row_c, col_c, scale, best_d, best_i, base, k, bits):
 
 # The CPU fast paths of knn_search (csrc/ops/cpu/knn_kernel.cpp): ops of the compiled library only (no schema
 # here; knn_search takes the pure-PyTorch path without them), no derivative. knn_expand_skl_ writes `out`.
-register_op("knn_expand_skl_", None, cuda=CPU_ONLY, fake=_fake_expand, mutates=True)
-register_op("knn_select_chunk", None, cuda=CPU_ONLY, fake=_fake_select)
+def _select_samples():
+    g = torch.Generator().manual_seed(0)
+    cross = torch.randn(5, 7, generator=g, dtype=torch.float64)
+    row_c, col_c = torch.rand(5, generator=g, dtype=torch.float64), torch.rand(7, generator=g, dtype=torch.float64)
+    best_d, best_i = torch.rand(5, 2, generator=g, dtype=torch.float64).sort(1).values, torch.randint(0, 9, (5, 2))
+    return [(cross, row_c, col_c, 1.0, best_d, best_i, 100, 3, 40)]
+
+
+def _expand_samples():
+    g = torch.Generator().manual_seed(0)
+    return [(torch.softmax(torch.randn(4, 6, generator=g), 1), torch.rand(6, generator=g), EPS, torch.empty(4, 12))]
+
+
+register_op("knn_expand_skl_", None, cuda=CPU_ONLY, fake=_fake_expand, mutates=True, samples=_expand_samples)
+register_op("knn_select_chunk", None, cuda=CPU_ONLY, fake=_fake_select, samples=_select_samples)
 
 
 def _chunk_topk(d, k, base):

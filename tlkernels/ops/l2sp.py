@@ -105,15 +105,40 @@ def _backward(ctx, grad):
     return list(gp), [None] * n, no_grad_weights, None, list(gn), None
 
 
-# CUDA tensors: the compiled multi-tensor kernels (csrc/ops/cuda/l2sp_cuda.cu), else the fallback.
-register_op("l2sp_penalty", _ref_penalty, cuda=COMPILED, fake=_fake_penalty,
-            autograd=(_backward, _setup_context))
-register_op("l2sp_penalty_backward", _ref_backward, cuda=COMPILED,
-            fake=_fake_backward)
-register_op("l2sp_value_and_grad", _ref_value_and_grad, cuda=COMPILED,
-            fake=_fake_value_and_grad)
+def _samples(grad=True):
+    """Two params (a matrix in float64 and a vector past one chunk of the CPU kernel) and a new-head tensor,
+    without weights, with a weight each (L2-SP-Fisher) and with one weight absent."""
+    g = torch.Generator().manual_seed(0)
+
+    def t(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+    p = [t(4, 3).requires_grad_(grad), t(70_000).requires_grad_(grad)]
+    r, q = [t(4, 3), t(70_000)], [t(2).requires_grad_(grad)]
+    w = [torch.rand(4, 3, generator=g, dtype=torch.float64), torch.rand(70_000, generator=g, dtype=torch.float64)]
+    return [(p, r, [], 0.3, q, 0.05), (p, r, w, 0.3, q, 0.05), (p, r, [w[0], None], 0.3, [], 0.0)]
+
+
+def _backward_samples():
+    return [(torch.tensor(1.5, dtype=torch.float64), *args) for args in _samples(grad=False)]
+
+
+def _inplace_samples():
+    out = []
+    for p, r, w, alpha, q, beta in _samples(grad=False):
+        g = torch.Generator().manual_seed(1)
+        grads = [torch.randn(t.shape, generator=g, dtype=t.dtype) for t in p]
+        out.append((p, r, w, alpha, q, beta, grads, [torch.randn(t.shape, generator=g, dtype=t.dtype) for t in q]))
+    return out
+
+
+# CUDA tensors: the compiled multi-tensor kernels (csrc/ops/cuda/l2sp_cuda.cu), else the reference kernels.
+register_op("l2sp_penalty", _ref_penalty, cuda=COMPILED, fake=_fake_penalty, autograd=(_backward, _setup_context),
+            samples=_samples)
+register_op("l2sp_penalty_backward", _ref_backward, cuda=COMPILED, fake=_fake_backward, samples=_backward_samples)
+register_op("l2sp_value_and_grad", _ref_value_and_grad, cuda=COMPILED, fake=_fake_value_and_grad,
+            samples=lambda: _samples(grad=False))
 register_op("l2sp_value_and_grad_", _ref_value_and_grad_inplace, cuda=COMPILED,
-            fake=_fake_value_and_grad_inplace, mutates=True)
+            fake=_fake_value_and_grad_inplace, mutates=True, samples=_inplace_samples)
 
 
 def check_l2sp_args(opname, params, refs, new_params, weights=None):

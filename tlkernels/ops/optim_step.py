@@ -61,6 +61,40 @@ def _fake_step(*args):
     return None
 
 
-# CUDA tensors: the compiled multi-tensor kernels, else the fallback. They write params and optimizer state.
-for _name, _impl in (("sgd_l2sp_step_", sgd_l2sp_step_reference), ("adamw_l2sp_step_", adamw_l2sp_step_reference)):
-    register_op(_name, _impl, cuda=COMPILED, fake=_fake_step, mutates=True)
+def _state(seed):
+    """Two params (a matrix and a vector, float32), their gradients, an L2-SP reference and Fisher weight for the
+    first only, and a state-like tensor maker."""
+    g = torch.Generator().manual_seed(seed)
+    ps = [torch.randn(5, 3, generator=g), torch.randn(7, generator=g)]
+    gs = [torch.randn(p.shape, generator=g) for p in ps]
+    refs, weights = [ps[0] + 0.1, None], [torch.rand(5, 3, generator=g), None]
+    return ps, gs, refs, weights, lambda: [torch.rand(p.shape, generator=g) for p in ps]
+
+
+def _sgd_samples():
+    """Momentum with weight decay (first step and a later one), Nesterov, maximize."""
+    out = []
+    for momentum, nesterov, maximize, first in ((0.9, False, False, True), (0.9, False, False, False),
+                                                (0.9, True, False, False), (0.0, False, True, False)):
+        ps, gs, refs, weights, state = _state(0)
+        out.append((ps, gs, state(), refs, weights, [0.2, 0.05], 0.1, momentum, 0.0, 0.01,
+                    nesterov, maximize, first))
+    return out
+
+
+def _adamw_samples():
+    """AdamW without and with amsgrad's state list, and maximize."""
+    out = []
+    for amsgrad, maximize in ((False, False), (True, False), (False, True)):
+        ps, gs, refs, weights, state = _state(0)
+        out.append((ps, gs, state(), state(), state() if amsgrad else [], refs, weights, [0.2, 0.05], 0.01, 0.9,
+                    0.99, 1e-8, 0.01, 2, maximize))
+    return out
+
+
+# CUDA tensors: the compiled multi-tensor kernels, else the reference kernels. They write params and optimizer
+# state.
+register_op("sgd_l2sp_step_", sgd_l2sp_step_reference, cuda=COMPILED, fake=_fake_step, mutates=True,
+            samples=_sgd_samples)
+register_op("adamw_l2sp_step_", adamw_l2sp_step_reference, cuda=COMPILED, fake=_fake_step, mutates=True,
+            samples=_adamw_samples)
