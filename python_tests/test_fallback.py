@@ -103,6 +103,11 @@ def test_no_python_schema_for_a_compiled_op():
     schema = re.compile(r"\b(%s)\((Tensor|Tensor\(a!\)|Tensor\?)(\[\])? \w+[,)]" % "|".join(sorted(compiled)))
     found = [f"{p.relative_to(root)}: {m.group(0)}" for p in root.rglob("*.py") for m in schema.finditer(p.read_text())]
     assert not found, found
+    # C++: every dispatcher handle takes its signature from the op's one declaration (csrc/ops/<op>.h)
+    csrc = root.parent / "csrc"
+    spelled = [f"{p.relative_to(csrc)}: {m.group(0)}" for p in csrc.rglob("*.c*")
+               for m in re.finditer(r"\.typed<(?!decltype\(|F>\(\))[^>]*", p.read_text())]
+    assert not spelled, spelled
     for name in ("gated_conv2d_forward", "gated_conv2d_backward"):  # the Triton ops' schemas are the compiled ops'
         ours, theirs = (getattr(torch.ops.tlkernels, n).default._schema for n in (name + "_triton", name))
         assert str(ours).replace(name + "_triton", name, 1) == str(theirs), name

@@ -2,13 +2,13 @@
 // The forward kernels already write d(loss)/d(logits) for an upstream gradient of 1 (the row pass has
 // the softmax in registers), so backward only scales it. These ops are small, so a Python-level autograd
 // (torch.library.register_autograd) would cost about as much per call as the kernels themselves
-// (benchmarks/test_bench_losses.py, joint cross-entropy); a C++ node costs a few microseconds. Python
-// registers its own autograd only when this library is missing (reference fallback).
+// (benchmarks/test_bench_losses.py, joint cross-entropy); a C++ node costs a few microseconds.
 #include <ATen/FunctionalTensorWrapper.h>
 #include <ATen/ops/mul.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "ops/cross_entropy.h"
 #include "ops/emulate_cuda.h"
 
 namespace tlkernels {
@@ -44,12 +44,7 @@ class CrossEntropyFn : public torch::autograd::Function<CrossEntropyFn> {
                                const c10::optional<at::Tensor>& sample_weight, int64_t ignore_index,
                                int64_t reduction, double scale, bool compute_grad) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("tlkernels::cross_entropy", "")
-                         .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                   const c10::optional<at::Tensor>&, int64_t,
-                                                                   int64_t, double, bool)>();
-    auto [loss, grad] = op.call(logits, target, sample_weight, ignore_index, reduction, scale, compute_grad);
+    auto [loss, grad] = cross_entropy(logits, target, sample_weight, ignore_index, reduction, scale, compute_grad);
     // The gradient outputs are non-differentiable: without this, backward would first receive an
     // N x C tensor of zeros for each of them (a fill as costly as the op itself).
     ctx->set_materialize_grads(false);
@@ -75,14 +70,8 @@ class JointCrossEntropyFn : public torch::autograd::Function<JointCrossEntropyFn
                                const c10::optional<at::Tensor>& sw, int64_t ignore_index, int64_t reduction,
                                double target_weight, double source_weight, bool compute_grad) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    static auto op =
-        c10::Dispatcher::singleton()
-            .findSchemaOrThrow("tlkernels::joint_cross_entropy", "")
-            .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-                const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&, const at::Tensor&,
-                const at::Tensor&, const c10::optional<at::Tensor>&, int64_t, int64_t, double, double, bool)>();
     auto [loss, gt, gs] =
-        op.call(tl, ty, tw, sl, sy, sw, ignore_index, reduction, target_weight, source_weight, compute_grad);
+        joint_cross_entropy(tl, ty, tw, sl, sy, sw, ignore_index, reduction, target_weight, source_weight, compute_grad);
     ctx->set_materialize_grads(false);  // see CrossEntropyFn
     // needs_input_grad counts tensor inputs only (an absent optional weight is not one); the returned
     // gradient list counts every argument.

@@ -4,6 +4,11 @@
 
 namespace tlkernels {
 
+// The op's C++ signature, declared once: calls filterbank_histogram through the dispatcher (ops/histogram.cpp);
+// every kernel is a function of the same type.
+at::Tensor filterbank_histogram(const at::Tensor& images, const at::Tensor& filters, const at::Tensor& edges,
+                                at::IntArrayRef stride, at::IntArrayRef padding);
+
 struct HistogramShape {
   int64_t N, F, bins, OH, OW;  // images, filters, bins per histogram, response map size
 };
