@@ -17,6 +17,13 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="session")
+def demo_cache(tmp_path_factory):
+    """One --cache_dir for the demo runs of the whole test run: the demo's pre-trained backbone, descriptors and
+    measured choices are computed once (runs that must start cold make their own)."""
+    return str(tmp_path_factory.mktemp("demo-cache"))
+
+
 @pytest.fixture
 def settings():
     """settings(gated_conv="routed", ...): tlkernels.config changed for one test, restored after it."""

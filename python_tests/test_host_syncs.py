@@ -152,23 +152,23 @@ def test_spottune_routed_eval_reads_once_per_block():
 
 
 # ----------------------------------------------------------------------------- the trainer's steps
-def _train_reads(tmp_path, steps, *args):
+def _train_reads(tmp_path, cache, steps, *args):
     from tlkernels.train import loop
     from test_train import FAST  # (the demo's few-step options)
-    argv = ["--cache_dir", str(tmp_path / "cache"), *FAST, "--target_per_class", "10", "--batch_size", "4",
+    argv = ["--cache_dir", cache, *FAST, "--target_per_class", "10", "--batch_size", "4",
             "--stop_after", str(steps), *args]
-    if not (tmp_path / "cache").exists():  # (warm: the cached pre-training and the measured choices are not counted)
+    if not (tmp_path / "warm").exists():  # (warm: the cached pre-training and the measured choices are not counted)
         loop.main(["--out_dir", str(tmp_path / "warm"), *argv])
     with emulate_cuda():
         return reads(lambda: loop.main(["--out_dir", str(tmp_path / f"run{steps}"), *argv]))
 
 
 @pytest.mark.parametrize("method", ["l2sp", "adafilter"])  # (adafilter: finetune's step plus gated convolutions)
-def test_training_steps_read_nothing_between_log_points(tmp_path, method):
+def test_training_steps_read_nothing_between_log_points(tmp_path, demo_cache, method):
     """The losses of a step stay on the device until a read every --log_every steps: 5 steps read what 2 do
     (a read per step would add 3 x 5 reads), and the records are still one per step, values filled in."""
-    res2, n2 = _train_reads(tmp_path, 2, "--method", method, "--log_every", "100")
-    res5, n5 = _train_reads(tmp_path, 5, "--method", method, "--log_every", "100")
+    res2, n2 = _train_reads(tmp_path, demo_cache, 2, "--method", method, "--log_every", "100")
+    res5, n5 = _train_reads(tmp_path, demo_cache, 5, "--method", method, "--log_every", "100")
     assert n5 == n2, (n2, n5)
     history = res5[method][0][1]
     assert [h["step"] for h in history] == list(range(1, 6))

@@ -249,6 +249,7 @@ def _dist_worker(rank, world, init, root, out):
         nb = sel.select(4)
         if rank == 0:
             torch.save(nb, out)
+        dist.barrier()  # (no rank tears its connections down while another still uses them)
     finally:
         dist.destroy_process_group()
 

@@ -14,9 +14,9 @@ FAST = ["--epochs", "2", "--eval_every", "1", "--batch_size", "16", "--target_pe
         "--pretrain_epochs", "1", "--selective_k", "8", "--selective_bins", "8", "--quiet", "--threads", "2", "--no-export"]
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("cache"))
+@pytest.fixture
+def cache(demo_cache):
+    return demo_cache
 
 
 def run(tmp_path, cache, *args):

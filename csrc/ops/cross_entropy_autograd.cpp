@@ -70,8 +70,8 @@ class JointCrossEntropyFn : public torch::autograd::Function<JointCrossEntropyFn
                                const c10::optional<at::Tensor>& sw, int64_t ignore_index, int64_t reduction,
                                double target_weight, double source_weight, bool compute_grad) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [loss, gt, gs] =
-        joint_cross_entropy(tl, ty, tw, sl, sy, sw, ignore_index, reduction, target_weight, source_weight, compute_grad);
+    auto [loss, gt, gs] = joint_cross_entropy(tl, ty, tw, sl, sy, sw, ignore_index, reduction, target_weight,
+                                              source_weight, compute_grad);
     ctx->set_materialize_grads(false);  // see CrossEntropyFn
     // needs_input_grad counts tensor inputs only (an absent optional weight is not one); the returned
     // gradient list counts every argument.

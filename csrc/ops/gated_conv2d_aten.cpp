@@ -363,8 +363,10 @@ bool gated_conv2d_keeps_diff(const at::Tensor& input, const at::Tensor& weight, 
   if (!cpu_path(input)) return !(hard && gate.dim() == 1);
   if (gate.dim() != 2 || (input.scalar_type() == at::kFloat && groups == 1)) return false;
   c10::SymInt pixels = 1;
-  for (int d = 0; d < 2; ++d)
-    pixels *= (input.sym_size(d + 2) + 2 * padding[d] - (dilation[d] * (weight.sym_size(d + 2) - 1) + 1)) / stride[d] + 1;
+  for (int d = 0; d < 2; ++d) {
+    const c10::SymInt span = dilation[d] * (weight.sym_size(d + 2) - 1) + 1;
+    pixels *= (input.sym_size(d + 2) + 2 * padding[d] - span) / stride[d] + 1;
+  }
   return pixels < gconv::kBlendMinPixels;
 }
 

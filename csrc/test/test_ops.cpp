@@ -27,7 +27,9 @@ int main() {
   expect(at::allclose(y, ref, 1e-10, 1e-10), "gated_conv2d matches two convs and a blend");
   // gradients through the op's C++ autograd (the gate's too)
   auto xg = x.clone().requires_grad_(), gg = g.clone().requires_grad_();
-  tlkernels::gated_conv2d(xg, wp, wf, gg, std::nullopt, std::nullopt, {1, 1}, {1, 1}, {1, 1}, 1, false).sum().backward();
+  tlkernels::gated_conv2d(xg, wp, wf, gg, std::nullopt, std::nullopt, {1, 1}, {1, 1}, {1, 1}, 1, false)
+      .sum()
+      .backward();
   auto xr = x.clone().requires_grad_(), gr = g.clone().requires_grad_();
   auto gr4 = gr.view({2, 4, 1, 1});
   ((1 - gr4) * at::conv2d(xr, wp, {}, 1, 1) + gr4 * at::conv2d(xr, wf, {}, 1, 1)).sum().backward();
