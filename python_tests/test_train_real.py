@@ -17,6 +17,13 @@ FAST = ["--epochs", "2", "--eval_every", "1", "--batch_size", "8", "--image_size
         "--no-export"]
 
 
+@pytest.fixture(autouse=True)
+def _fixed_strategies(settings):
+    """The gated convolution's fixed rules: these runs test files, options, precision and exports, every strategy
+    exact; the measured choice (timing each convolution's strategies) is test_train.py's subject."""
+    settings(gated_conv="heuristic")
+
+
 def write_folder(root, per_class=6, classes=3, extra_modes=True):
     """root/{train,val}/<class>/*.png from the demo digits (RGB, tinted per class) + one L, P and RGBA file."""
     from sklearn.datasets import load_digits

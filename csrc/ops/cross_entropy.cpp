@@ -10,9 +10,9 @@
 //                     compute_grad) -> (loss, grad_target_logits, grad_source_logits)
 //   target_weight * CE(target head) + source_weight * CE(source head) as one op (one autograd node);
 //   reduction 1 (mean, per head) or 2 (sum).
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include "ops/dispatch.h"
 #include "ops/cross_entropy.h"
 
 namespace tlkernels {
@@ -20,9 +20,7 @@ namespace tlkernels {
 std::tuple<at::Tensor, at::Tensor> cross_entropy(const at::Tensor& logits, const at::Tensor& target,
                                                  const c10::optional<at::Tensor>& sample_weight, int64_t ignore_index,
                                                  int64_t reduction, double scale, bool compute_grad) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("tlkernels::cross_entropy", "")
-                       .typed<decltype(cross_entropy)>();
+  static auto op = op_handle<decltype(cross_entropy)>("tlkernels::cross_entropy");
   return op.call(logits, target, sample_weight, ignore_index, reduction, scale, compute_grad);
 }
 
@@ -31,9 +29,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> joint_cross_entropy(
     const c10::optional<at::Tensor>& target_sample_weight, const at::Tensor& source_logits,
     const at::Tensor& source_labels, const c10::optional<at::Tensor>& source_sample_weight, int64_t ignore_index,
     int64_t reduction, double target_weight, double source_weight, bool compute_grad) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("tlkernels::joint_cross_entropy", "")
-                       .typed<decltype(joint_cross_entropy)>();
+  static auto op = op_handle<decltype(joint_cross_entropy)>("tlkernels::joint_cross_entropy");
   return op.call(target_logits, target_labels, target_sample_weight, source_logits, source_labels,
                  source_sample_weight, ignore_index, reduction, target_weight, source_weight, compute_grad);
 }

@@ -4,26 +4,19 @@
 // filter, AdaFilter); g = 1 selects the fine-tuned filter. `hard` treats the gate as binary
 // (g >= 0.5) in the forward pass; gradients still flow to g as for the blend (straight-through).
 // ops/gated_conv2d.h says what each op returns.
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include "ops/dispatch.h"
 #include "ops/check.h"
 #include "ops/gated_conv2d.h"
 
 namespace tlkernels {
 
-namespace {
-template <class F>
-c10::TypedOperatorHandle<F> handle(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<F>();
-}
-}  // namespace
-
 at::Tensor gated_conv2d(const at::Tensor& input, const at::Tensor& weight_pre, const at::Tensor& weight_ft,
                         const at::Tensor& gate, const c10::optional<at::Tensor>& bias_pre,
                         const c10::optional<at::Tensor>& bias_ft, at::IntArrayRef stride, at::IntArrayRef padding,
                         at::IntArrayRef dilation, int64_t groups, bool hard) {
-  static auto op = handle<decltype(gated_conv2d)>("tlkernels::gated_conv2d");
+  static auto op = op_handle<decltype(gated_conv2d)>("tlkernels::gated_conv2d");
   return op.call(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, stride, padding, dilation, groups, hard);
 }
 
@@ -31,7 +24,7 @@ std::tuple<at::Tensor, at::Tensor> gated_conv2d_forward(
     const at::Tensor& input, const at::Tensor& weight_pre, const at::Tensor& weight_ft, const at::Tensor& gate,
     const c10::optional<at::Tensor>& bias_pre, const c10::optional<at::Tensor>& bias_ft, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool hard, bool save_diff) {
-  static auto op = handle<decltype(gated_conv2d_forward)>("tlkernels::gated_conv2d_forward");
+  static auto op = op_handle<decltype(gated_conv2d_forward)>("tlkernels::gated_conv2d_forward");
   return op.call(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, stride, padding, dilation, groups, hard,
                  save_diff);
 }
@@ -42,7 +35,7 @@ GatedConv2dGrads gated_conv2d_backward(const at::Tensor& grad_output, const at::
                                        const c10::optional<at::Tensor>& bias_ft, const at::Tensor& diff,
                                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                        int64_t groups, bool hard, c10::List<bool> output_mask) {
-  static auto op = handle<decltype(gated_conv2d_backward)>("tlkernels::gated_conv2d_backward");
+  static auto op = op_handle<decltype(gated_conv2d_backward)>("tlkernels::gated_conv2d_backward");
   return op.call(grad_output, input, weight_pre, weight_ft, gate, bias_pre, bias_ft, diff, stride, padding, dilation,
                  groups, hard, output_mask);
 }

@@ -50,6 +50,7 @@
 #include "ops/gated_conv2d.h"
 #include "ops/gated_conv2d_strategies.h"
 #include "ops/config.h"
+#include "ops/dispatch.h"
 #include "ops/emulate_cuda.h"
 #include "ops/measured_choice.h"
 
@@ -119,7 +120,9 @@ Strategy choose(const Setting& s, const std::vector<Strategy>& cands, Strategy h
   for (Strategy c : cands)
     if (s.mode == Setting::Forced && c == s.forced) return c;
   if (cands.size() == 1 || s.mode == Setting::Heuristic || !on_cpu) return heuristic;
-  return measured_choice(key, cands, heuristic, kNames, run);  // (the heuristic stays unless another is clearly faster)
+  // (the heuristic stays unless another is clearly faster, and never when measured slower than concat, the
+  // naive way's work: both convolutions as one library call, and a blend)
+  return measured_choice(key, cands, heuristic, kNames, run, std::optional<Strategy>(Strategy::Concat));
 }
 
 // The strategies the last forward and backward call on this thread took (diagnostics: tests check that a
@@ -174,9 +177,7 @@ std::tuple<at::Tensor, at::Tensor> forward_kernel(
                           groups);
   const Setting s = setting();
   if (s.mode == Setting::Triton) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("tlkernels::gated_conv2d_forward_triton", "")
-                         .typed<decltype(tlkernels::gated_conv2d_forward)>();
+    static auto op = op_handle<decltype(tlkernels::gated_conv2d_forward)>("tlkernels::gated_conv2d_forward_triton");
     return op.call(input, weight_pre_in, weight_ft_in, gate, bias_pre, bias_ft, stride, padding, dilation, groups, hard,
                    save_diff);
   }
@@ -257,9 +258,7 @@ Grads backward_kernel(const at::Tensor& grad_output, const at::Tensor& input, co
               output_mask.size());
   const Setting s = setting();
   if (s.mode == Setting::Triton) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("tlkernels::gated_conv2d_backward_triton", "")
-                         .typed<decltype(tlkernels::gated_conv2d_backward)>();
+    static auto op = op_handle<decltype(tlkernels::gated_conv2d_backward)>("tlkernels::gated_conv2d_backward_triton");
     return op.call(grad_output, input, weight_pre_in, weight_ft_in, gate, bias_pre, bias_ft, diff, stride, padding,
                    dilation, groups, hard, output_mask);
   }

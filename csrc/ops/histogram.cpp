@@ -3,9 +3,9 @@
 //     -> (N, F, bins) float32, each channel's histogram summing to 1 (each response pixel adds 1/(H'W')).
 // Responses are computed per image and chunk of filters and binned at once: memory is bounded by one
 // tile, never the batch's full responses; counting is in integers, so results are deterministic.
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include "ops/dispatch.h"
 #include "ops/check.h"
 #include "ops/histogram.h"
 
@@ -13,9 +13,7 @@ namespace tlkernels {
 
 at::Tensor filterbank_histogram(const at::Tensor& images, const at::Tensor& filters, const at::Tensor& edges,
                                 at::IntArrayRef stride, at::IntArrayRef padding) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("tlkernels::filterbank_histogram", "")
-                       .typed<decltype(filterbank_histogram)>();
+  static auto op = op_handle<decltype(filterbank_histogram)>("tlkernels::filterbank_histogram");
   return op.call(images, filters, edges, stride, padding);
 }
 

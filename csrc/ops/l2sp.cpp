@@ -10,43 +10,36 @@
 //  sgd_l2sp_step_ / adamw_l2sp_step_: torch.optim.SGD / AdamW steps with the L2-SP gradient
 //                coeff * w * (p - ref) (ref absent: coeff * w * p; weights as above) folded in, one pass over
 //                p, g, ref, w and state.
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include "ops/dispatch.h"
 #include "ops/l2sp.h"
 
 namespace tlkernels {
-namespace {
-template <class F>
-c10::TypedOperatorHandle<F> handle(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<F>();
-}
-}  // namespace
-
 at::Tensor l2sp_penalty(at::TensorList params, at::TensorList refs, const OptionalTensorList& weights, double alpha,
                         at::TensorList new_params, double beta) {
-  static auto op = handle<decltype(l2sp_penalty)>("tlkernels::l2sp_penalty");
+  static auto op = op_handle<decltype(l2sp_penalty)>("tlkernels::l2sp_penalty");
   return op.call(params, refs, weights, alpha, new_params, beta);
 }
 
 TensorVectors l2sp_penalty_backward(const at::Tensor& grad, at::TensorList params, at::TensorList refs,
                                     const OptionalTensorList& weights, double alpha, at::TensorList new_params,
                                     double beta) {
-  static auto op = handle<decltype(l2sp_penalty_backward)>("tlkernels::l2sp_penalty_backward");
+  static auto op = op_handle<decltype(l2sp_penalty_backward)>("tlkernels::l2sp_penalty_backward");
   return op.call(grad, params, refs, weights, alpha, new_params, beta);
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> l2sp_value_and_grad(
     at::TensorList params, at::TensorList refs, const OptionalTensorList& weights, double alpha,
     at::TensorList new_params, double beta) {
-  static auto op = handle<decltype(l2sp_value_and_grad)>("tlkernels::l2sp_value_and_grad");
+  static auto op = op_handle<decltype(l2sp_value_and_grad)>("tlkernels::l2sp_value_and_grad");
   return op.call(params, refs, weights, alpha, new_params, beta);
 }
 
 at::Tensor l2sp_value_and_grad_(at::TensorList params, at::TensorList refs, const OptionalTensorList& weights,
                                 double alpha, at::TensorList new_params, double beta, at::TensorList grads,
                                 at::TensorList new_grads) {
-  static auto op = handle<decltype(l2sp_value_and_grad_)>("tlkernels::l2sp_value_and_grad_");
+  static auto op = op_handle<decltype(l2sp_value_and_grad_)>("tlkernels::l2sp_value_and_grad_");
   return op.call(params, refs, weights, alpha, new_params, beta, grads, new_grads);
 }
 
@@ -54,7 +47,7 @@ void sgd_l2sp_step_(at::TensorList params, at::TensorList grads, at::TensorList 
                     const OptionalTensorList& refs, const OptionalTensorList& weights, at::ArrayRef<double> coeffs,
                     double lr, double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
                     bool first_step) {
-  static auto op = handle<decltype(sgd_l2sp_step_)>("tlkernels::sgd_l2sp_step_");
+  static auto op = op_handle<decltype(sgd_l2sp_step_)>("tlkernels::sgd_l2sp_step_");
   op.call(params, grads, momentum_buffers, refs, weights, coeffs, lr, momentum, dampening, weight_decay, nesterov,
           maximize, first_step);
 }
@@ -63,7 +56,7 @@ void adamw_l2sp_step_(at::TensorList params, at::TensorList grads, at::TensorLis
                       at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, const OptionalTensorList& refs,
                       const OptionalTensorList& weights, at::ArrayRef<double> coeffs, double lr, double beta1,
                       double beta2, double eps, double weight_decay, int64_t step, bool maximize) {
-  static auto op = handle<decltype(adamw_l2sp_step_)>("tlkernels::adamw_l2sp_step_");
+  static auto op = op_handle<decltype(adamw_l2sp_step_)>("tlkernels::adamw_l2sp_step_");
   op.call(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, refs, weights, coeffs, lr, beta1, beta2, eps,
           weight_decay, step, maximize);
 }

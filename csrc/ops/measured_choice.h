@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <chrono>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <string>
 #include <unordered_map>
@@ -41,12 +42,26 @@ struct ChoiceNames {
   }
 };
 
+// The pick among the candidates' measured times `best`: `keep` (an index) stays unless another is clearly
+// faster; but a pick measured slower than the naive-equivalent candidate `naive` (an index: a path with the
+// naive way's work, such as one library convolution over both weight sets; -1: none) gives way to the fastest,
+// so that the choice is never measured slower than the naive way.
+inline size_t pick_measured(const std::vector<double>& best, size_t keep, int naive) {
+  size_t w = keep;
+  for (size_t i = 0; i < best.size(); ++i)
+    if (best[i] < kClearlyFaster * best[w]) w = i;
+  if (naive >= 0 && best[w] > best[static_cast<size_t>(naive)])
+    w = static_cast<size_t>(std::min_element(best.begin(), best.end()) - best.begin());
+  return w;
+}
+
 // run(c) runs candidate c once; names[int(c)] names it. Round 0 warms up (first oneDNN primitives, scratch
 // buffers); then the best of three rounds, interleaved so that a burst of load on the machine hits every
-// candidate alike. A recorded pick that is not among `cands` (it does not apply here) is measured again.
+// candidate alike; pick_measured decides, `naive` naming the naive-equivalent candidate where there is one. A
+// recorded pick that is not among `cands` (it does not apply here) is measured again.
 template <class T, class Run>
 T measured_choice(const std::string& key, const std::vector<T>& cands, T keep, const char* const* names,
-                  const Run& run) {
+                  const Run& run, std::optional<T> naive = std::nullopt) {
   auto& table = choice_table();
   auto recorded = [&](T& out) {
     auto it = table.picks.find(key);
@@ -71,11 +86,13 @@ T measured_choice(const std::string& key, const std::vector<T>& cands, T keep, c
       const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       if (round > 0) best[i] = std::min(best[i], dt);
     }
-  size_t w = 0;
-  for (size_t i = 0; i < cands.size(); ++i)
-    if (cands[i] == keep) w = i;
-  for (size_t i = 0; i < cands.size(); ++i)
-    if (best[i] < kClearlyFaster * best[w]) w = i;
+  size_t k = 0;
+  int n = -1;
+  for (size_t i = 0; i < cands.size(); ++i) {
+    if (cands[i] == keep) k = i;
+    if (naive && cands[i] == *naive) n = static_cast<int>(i);
+  }
+  const size_t w = pick_measured(best, k, n);
   std::lock_guard<std::mutex> lock(table.mu);
   T c;
   if (recorded(c)) return c;  // (another thread measured the same signature meanwhile: one pick per key)

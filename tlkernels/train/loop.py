@@ -611,99 +611,139 @@ def finish(t, run, method, out, status, seconds, skipped, val_skipped):
 
 
 # ----------------------------------------------------------------------------- one method
+class Outputs:
+    """What one method's run writes as it goes (the main process): metrics.jsonl (one line per step),
+    TensorBoard scalars, the progress bar; records arrive complete, at each read of the step values."""
+
+    def __init__(self, run, t, method, out, start):
+        from tqdm.auto import tqdm
+        cfg = run.cfg
+        self.metrics = self.tb = None
+        if is_main():  # a fresh run starts the file anew; a resumed one continues the history it resumed
+            atomic_write_text("".join(json.dumps(h) + "\n" for h in t.history), os.path.join(out, "metrics.jsonl"))
+            self.metrics = open(os.path.join(out, "metrics.jsonl"), "a")
+            self.tb = tensorboard_writer(cfg, out)
+        self.bar = tqdm(total=t.total, initial=start, desc=method, disable=cfg.quiet or not is_main())
+        self.progress = Progress(run.world)
+
+    def write(self, t, method, got):
+        for r in got:
+            check_finite(r, method, r["step"], r["epoch"])
+            t.history.append(r)
+            if self.metrics:
+                self.metrics.write(json.dumps(r) + "\n")
+            if self.tb:
+                for k, v in r.items():
+                    if isinstance(v, (int, float)) and k != "step":
+                        self.tb.add_scalar(k, v, r["step"])
+        if self.metrics:
+            self.metrics.flush()
+        self.bar.set_postfix(self.progress.postfix(t.history, len(got)))
+
+    def close(self):
+        self.bar.close()
+        for f in (self.metrics, self.tb):
+            if f:
+                f.close()
+
+
+@dataclasses.dataclass
+class Pass:
+    """The counters of one method's pass over its steps."""
+    start: int                 # the step it started (or resumed) at
+    status: str = "done"       # or "interrupted" (--stop_after)
+    skipped: int = 0           # unreadable training images (--skip_bad_images)
+    val_skipped: int = 0       # unreadable validation images
+    unread: set = dataclasses.field(default_factory=set)  # classes with unreadable training images
+    warned: set = dataclasses.field(default_factory=set)  # classes already warned about
+
+
+def one_batch(t, run, method, epoch, batch, p, outs, pending, out):
+    """Train on one batch, then what falls on its step: read and write the held records, evaluate, keep the best
+    model, save the last checkpoint. Returns True when --stop_after is reached."""
+    from tlkernels.train import optimize
+    cfg, spe = run.cfg, t.steps_per_epoch
+    xt, yt, xs, ys, bad = batch
+    p.skipped += bad.count
+    p.unread.update(bad.target)
+    t.model.train()
+    optimize.keep_frozen(t.frozen_bns)
+    # an optimizer step every --grad_accum batches, counted from the epoch's start, and at its end
+    boundary = (t.step + 1 - epoch * spe) % cfg.grad_accum == 0 or (t.step + 1) % spe == 0
+    values = train_step(t, run, method, (xt, yt, xs, ys), boundary)
+    if xt is not None:
+        outs.progress.seen(len(xt))
+    step = t.step
+    stop = bool(cfg.stop_after and step - p.start >= cfg.stop_after)
+    rec = {"step": step, "epoch": epoch, "lambda": t.objective.lam(),
+           "lr": cfg.lr * optimize.lr_factor(step, t.total, t.warmup)}
+    read = step % cfg.log_every == 0 or step % spe == 0 or step == t.total or stop
+    if t.l2sp is not None and read:  # (a pass over every parameter: only where the losses are read)
+        values["l2sp"] = t.l2sp.value()
+    pending.add(rec, values)
+    epoch_records(t, run, epoch, rec, p)
+    if read:  # the held records complete: checked, logged, shown
+        outs.write(t, method, pending.read())
+    save_points(t, run, method, rec, out, stop)
+    outs.bar.update()
+    return stop
+
+
+def epoch_records(t, run, epoch, rec, p):
+    """The record entries of an epoch's end and of an evaluation step."""
+    step, spe = t.step, t.steps_per_epoch
+    if step % spe == 0:
+        rec.update(t.recipe.epoch_end(run, epoch))
+        if p.unread:
+            p.warned |= warn_unreadable_classes(run.target.train, p.unread, "training", p.warned)
+    if (step % spe == 0 and (epoch + 1) % run.cfg.eval_every == 0) or step == t.total:
+        rec.update(evaluate(t, run))
+        p.val_skipped = rec.get("val_skipped_images", 0)
+    if p.skipped:
+        rec["skipped_images"] = p.skipped
+
+
+def save_points(t, run, method, rec, out, stop):
+    """best.pt at a better validation top-1; at an epoch's end, the last step or a stop: the measured choices,
+    summary.csv and last.pt."""
+    step = t.step
+    if "val_acc" in rec and rec["val_acc"] > t.best:
+        t.best = rec["val_acc"]
+        if is_main():
+            atomic_save({"method": method, "model": t.net.state_dict(), "step": step, "val_acc": t.best},
+                        os.path.join(out, "best.pt"))
+    if step % t.steps_per_epoch == 0 or step == t.total or stop:
+        rng = rng_states(run.device, run.world)  # (every rank: a collective)
+        if is_main():
+            _choices.save(choice_cache(run.cfg))
+            write_summary_csv(t.history, os.path.join(out, "summary.csv"))
+            Checkpoint.save(os.path.join(out, "last.pt"), t, method, run.cfg, rng)
+
+
 def train_method(run, method, base, with_l2sp, out):
     """Train one method (its recipe) from the pre-trained backbone; writes its files into `out`.
     Returns (summary dict, history: one record per step)."""
-    from tqdm.auto import tqdm
-    from tlkernels.train import optimize
     cfg = run.cfg
     if is_main():
         os.makedirs(out, exist_ok=True)
     t = build(run, base, with_l2sp)
-    spe, total = t.steps_per_epoch, t.total
-    last_path, best_path = os.path.join(out, "last.pt"), os.path.join(out, "best.pt")
+    last_path = os.path.join(out, "last.pt")
     if cfg.resume and os.path.exists(last_path):
         Checkpoint.restore(Checkpoint.load(last_path, cfg, method), t, last_path, run)
-        log(f"{method}: resumed at step {t.step}/{total}")
-    start = t.step
-    metrics = tb = None
-    if is_main():  # a fresh run starts the file anew; a resumed one continues the history it resumed
-        atomic_write_text("".join(json.dumps(h) + "\n" for h in t.history), os.path.join(out, "metrics.jsonl"))
-        metrics = open(os.path.join(out, "metrics.jsonl"), "a")
-        tb = tensorboard_writer(cfg, out)
+        log(f"{method}: resumed at step {t.step}/{t.total}")
+    p, outs, pending = Pass(t.step), Outputs(run, t, method, out, t.step), StepValues()
     loader = data.train_loader(run.target, run.source, t.plan, run.workers, run.device)
-    bar = tqdm(total=total, initial=start, desc=method, disable=cfg.quiet or not is_main())
-    progress, pending = Progress(run.world), StepValues()
-    t0, status, skipped, val_skipped, unread, warned = time.time(), "done", 0, 0, set(), set()
-    for epoch in range(start // spe, cfg.epochs):
-        t.plan.set_epoch(epoch, skip=t.step - epoch * spe)
-        for xt, yt, xs, ys, bad in loader:
-            skipped += bad.count
-            unread.update(bad.target)
-            t.model.train()
-            optimize.keep_frozen(t.frozen_bns)
-            # an optimizer step every --grad_accum batches, counted from the epoch's start, and at its end
-            boundary = (t.step + 1 - epoch * spe) % cfg.grad_accum == 0 or (t.step + 1) % spe == 0
-            values = train_step(t, run, method, (xt, yt, xs, ys), boundary)
-            if xt is not None:
-                progress.seen(len(xt))
-            step = t.step
-            stop = cfg.stop_after and step - start >= cfg.stop_after
-            rec = {"step": step, "epoch": epoch, "lambda": t.objective.lam(),
-                   "lr": cfg.lr * optimize.lr_factor(step, total, t.warmup)}
-            read = step % cfg.log_every == 0 or step % spe == 0 or step == total or stop
-            if t.l2sp is not None and read:  # (a pass over every parameter: only where the losses are read)
-                values["l2sp"] = t.l2sp.value()
-            pending.add(rec, values)
-            if step % spe == 0:
-                rec.update(t.recipe.epoch_end(run, epoch))
-                if unread:
-                    warned |= warn_unreadable_classes(run.target.train, unread, "training", warned)
-            if (step % spe == 0 and (epoch + 1) % cfg.eval_every == 0) or step == total:
-                rec.update(evaluate(t, run))
-                val_skipped = rec.get("val_skipped_images", 0)
-            if skipped:
-                rec["skipped_images"] = skipped
-            if read:  # the held records complete: checked, logged, shown
-                got = pending.read()
-                for r in got:
-                    check_finite(r, method, r["step"], r["epoch"])
-                    t.history.append(r)
-                    if metrics:
-                        metrics.write(json.dumps(r) + "\n")
-                    if tb:
-                        for k, v in r.items():
-                            if isinstance(v, (int, float)) and k != "step":
-                                tb.add_scalar(k, v, r["step"])
-                if metrics:
-                    metrics.flush()
-                bar.set_postfix(progress.postfix(t.history, len(got)))
-            if "val_acc" in rec and rec["val_acc"] > t.best:
-                t.best = rec["val_acc"]
-                if is_main():
-                    atomic_save({"method": method, "model": t.net.state_dict(), "step": step,
-                                 "val_acc": t.best}, best_path)
-            bar.update()
-            if step % spe == 0 or step == total or stop:
-                rng = rng_states(run.device, run.world)  # (every rank: a collective)
-                if is_main():
-                    _choices.save(choice_cache(cfg))
-                    write_summary_csv(t.history, os.path.join(out, "summary.csv"))
-                    Checkpoint.save(last_path, t, method, cfg, rng)
-            if stop:
-                status = "interrupted"
-                break
-        if status == "interrupted":
+    t0 = time.time()
+    for epoch in range(p.start // t.steps_per_epoch, cfg.epochs):
+        t.plan.set_epoch(epoch, skip=t.step - epoch * t.steps_per_epoch)
+        if any(one_batch(t, run, method, epoch, batch, p, outs, pending, out) for batch in loader):
+            p.status = "interrupted"
             break
-    bar.close()
-    if metrics:
-        metrics.close()
-    if tb:
-        tb.close()
-    if skipped or val_skipped:
-        log(f"{method}: skipped {skipped} unreadable training and {val_skipped} validation image(s) per pass "
+    outs.close()
+    if p.skipped or p.val_skipped:
+        log(f"{method}: skipped {p.skipped} unreadable training and {p.val_skipped} validation image(s) per pass "
             f"(--skip_bad_images)")
-    return finish(t, run, method, out, status, time.time() - t0, skipped, val_skipped), t.history
+    return finish(t, run, method, out, p.status, time.time() - t0, p.skipped, p.val_skipped), t.history
 
 
 # ----------------------------------------------------------------------------- every method, every seed

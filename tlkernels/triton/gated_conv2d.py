@@ -421,5 +421,5 @@ def gated_conv2d_backward(grad_output, input, weight_pre, weight_ft, gate, bias_
         # each gradient dense in its tensor's suggested memory format (the op's fake says so); masked-out ones
         # empty and each its own tensor (outputs of an op never alias one another)
         likes = (input, weight_pre, weight_ft, gate, dbp, dbf)
-        return tuple(input.new_empty(0) if t.numel() == 0 else t.contiguous(memory_format=suggest_memory_format(l))
+        return tuple(input.new_empty(0) if t is empty else t.contiguous(memory_format=suggest_memory_format(l))
                      for t, l in zip((dx, dwp, dwf, dg, dbp, dbf), likes))
