@@ -47,16 +47,18 @@ def test_set_checks_everything_first_and_override_restores(settings):
 
 def _import_with(env):
     code = ("import torch, tlkernels; from tlkernels import config; "
-            "print(config.get('gated_conv'), config.get('knn_gemm'), dict(zip(*[iter(torch.ops.tlkernels._config())] * 2)))")
+            "print(config.get('gated_conv'), config.get('knn_gemm'), config.get('triton_interpret'), "
+            "dict(zip(*[iter(torch.ops.tlkernels._config())] * 2)))")
     return subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,
                           timeout=300)
 
 
 def test_the_environment_is_read_at_import_and_reaches_the_compiled_library():
-    r = _import_with({"TLKERNELS_GATED_CONV": "routed", "TLKERNELS_KNN_GEMM": "numpy", "TLKERNELS_CPU_ISA": "scalar"})
+    r = _import_with({"TLKERNELS_GATED_CONV": "routed", "TLKERNELS_KNN_GEMM": "numpy", "TLKERNELS_CPU_ISA": "scalar",
+                      "TRITON_INTERPRET": "true"})  # (Triton's own syntax for its variable: 1, true, on, ...)
     assert r.returncode == 0, r.stderr[-2000:]
-    gc, gemm, compiled = r.stdout.split(" ", 2)
-    assert (gc, gemm) == ("routed", "numpy")
+    gc, gemm, interpret, compiled = r.stdout.split(" ", 3)
+    assert (gc, gemm, interpret) == ("routed", "numpy", "1")
     assert eval(compiled) == {"gated_conv": "routed", "cpu_isa": "scalar",
                               "histogram": os.environ.get("TLKERNELS_HISTOGRAM") or "auto"}
 

@@ -34,7 +34,15 @@ if not HAS_C:
                   stacklevel=2)
 
 config.declare("backend", ("auto", "reference"))
-config.declare("triton_interpret", ("0", "1"))
+def _triton_reads(text):
+    """TRITON_INTERPRET as Triton itself reads it (1, true, on, yes, ...), as "1" or "0"."""
+    if not HAS_TRITON:
+        return "1" if text == "1" else "0"
+    from triton import knobs
+    return "1" if knobs.runtime.interpret else "0"
+
+
+config.declare("triton_interpret", ("0", "1"), read=_triton_reads)
 if HAS_C:
     config.declare_compiled(torch.ops.tlkernels._config_choices(), torch.ops.tlkernels._set_config)
 

@@ -76,12 +76,13 @@ def _check(name, value, where):
     return value
 
 
-def declare(name, choices):
+def declare(name, choices, read=None):
     """Declare the choices of setting `name` (the code that reads it calls this once, at import) and take the
-    environment's value, checked."""
+    environment's value, checked; `read` maps the variable's text to a choice where another library owns the
+    variable's syntax."""
     s = _setting(name)
     _CHOICES[name] = tuple(choices)
-    raw = _RAW[name]
+    raw = read(_RAW[name]) if read else _RAW[name]
     _VALUES[name] = _check(name, raw, f"tlkernels: {s.env}") if raw else _CHOICES[name][0]
 
 
