@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include "ops/gated_conv2d.h"
+#include "ops/gated_conv2d_common.h"
 
 namespace tlkernels {
 namespace {
@@ -14,7 +15,7 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-bool present(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+using gconv::has;
 
 class GatedConv2dFn : public torch::autograd::Function<GatedConv2dFn> {
  public:
@@ -26,8 +27,8 @@ class GatedConv2dFn : public torch::autograd::Function<GatedConv2dFn> {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [y, diff] = gated_conv2d_forward(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, stride, padding,
                                           dilation, groups, hard, save_diff);
-    ctx->save_for_backward({input, weight_pre, weight_ft, gate, present(bias_pre) ? *bias_pre : at::Tensor(),
-                            present(bias_ft) ? *bias_ft : at::Tensor(), diff});
+    ctx->save_for_backward({input, weight_pre, weight_ft, gate, has(bias_pre) ? *bias_pre : at::Tensor(),
+                            has(bias_ft) ? *bias_ft : at::Tensor(), diff});
     ctx->saved_data["stride"] = stride.vec();
     ctx->saved_data["padding"] = padding.vec();
     ctx->saved_data["dilation"] = dilation.vec();
