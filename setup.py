@@ -16,6 +16,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 from find_cuda import default_arch_list, find_cuda_home  # noqa: E402
 from sources import extension_sources  # noqa: E402
+from pch import use_precompiled_header  # noqa: E402
 
 
 def decide_cuda():
@@ -49,6 +50,9 @@ from torch.utils import cpp_extension  # noqa: E402
 # (py_limited_api=True), which python_requires and the wheel's abi3 tag then state.
 _hex = int(getattr(cpp_extension, "min_supported_cpython", "0x030A0000"), 16)
 MIN_PYTHON = (_hex >> 24, (_hex >> 16) & 0xFF)
+
+# csrc/pch.h parsed once per build rather than once per source (tools/pch.py; GCC only)
+use_precompiled_header(cpp_extension, os.path.join(ROOT, "csrc", "pch.h"), stamp_extra=torch.__version__)
 
 if CUDA_HOME and torch.version.cuda is None:
     CUDA_HOME, REASON = None, "installed torch is a CPU-only build"

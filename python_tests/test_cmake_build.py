@@ -76,3 +76,42 @@ def test_cuda_kernels_take_floating_scalars_in_the_op_math_type():
         if "struct Meta" in src:
             assert not re.search(r"\bfloat coeff\[", src), name
     assert found >= 3
+
+
+@pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
+def test_precompiled_header_is_built_once_used_and_rebuilt_when_it_changes(tmp_path):
+    """tools/pch.py: the header is compiled with the flags torch's ninja call receives, each source gets it
+    through -include (GCC reports an unusable .gch under -Winvalid-pch: none here), an unchanged header is not
+    compiled again and a changed one is."""
+    import sys
+    import types
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import pch
+    header = tmp_path / "pch.h"
+    header.write_text("constexpr int kAnswer = 42;\n#include <vector>\n")
+    calls = []
+
+    def write_and_compile(sources, objects, cflags, post_cflags, build_directory, verbose=False):
+        calls.append(post_cflags)
+        for src, obj in zip(sources, objects):  # what the ninja rule runs: $cxx $cflags -c $in -o $out $post_cflags
+            r = subprocess.run(" ".join(["c++"] + cflags + ["-c", src, "-o", obj] + post_cflags), shell=True,
+                               capture_output=True, text=True)
+            assert r.returncode == 0 and "pch" not in r.stderr, r.stderr
+
+    ext = types.SimpleNamespace(_write_ninja_file_and_compile_objects=write_and_compile, get_cxx_compiler=lambda: "c++")
+    if not pch.use_precompiled_header(ext, str(header)):
+        pytest.skip("the C++ compiler is not GCC")
+    src = tmp_path / "a.cpp"
+    src.write_text("std::vector<int> v{kAnswer};\n")  # compiles only with the header included
+    build = tmp_path / "build"
+    run = lambda: ext._write_ninja_file_and_compile_objects([str(src)], [str(tmp_path / "a.o")], ["-O1"],  # noqa: E731
+                                                            ["-std=c++17"], str(build))
+    run()
+    gch = build / "pch" / "tlkernels_pch.h.gch"
+    assert gch.exists() and "-include" in calls[-1]
+    first = gch.stat().st_mtime_ns
+    run()
+    assert gch.stat().st_mtime_ns == first
+    header.write_text("constexpr int kAnswer = 43;\n#include <vector>\n")
+    run()
+    assert gch.stat().st_mtime_ns != first

@@ -185,7 +185,7 @@ void sgd_l2sp_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLi
         if constexpr (std::is_same_v<scalar_t, float>) {
           if (avx2::available()) {
             const int64_t o = w.begin;
-            avx2::sgd_chunk(f32(pp, o), f32(gp, o), f32(rp, o), f32(wp, o), f32(bp, o), w.end - w.begin, {c, static_cast<float>(lr), static_cast<float>(momentum),
+            avx2::sgd_chunk(f32(pp, o), f32(gp, o), f32(rp, o), f32(wp, o), f32(bp, o), w.end - w.begin, {static_cast<float>(c), static_cast<float>(lr), static_cast<float>(momentum),
                                               static_cast<float>(dampening), static_cast<float>(weight_decay),
                                               nesterov, maximize, first_step});
             return;
@@ -238,7 +238,7 @@ void adamw_l2sp_step_cpu(at::TensorList params, at::TensorList grads, at::Tensor
           if (avx2::available()) {
             const int64_t o = w.begin;
             avx2::adamw_chunk(f32(pp, o), f32(gp, o), f32(rp, o), f32(wp, o), f32(mp, o), f32(vp, o),
-                              f32(xp, o), w.end - w.begin, {c, static_cast<float>(lr), static_cast<float>(beta1),
+                              f32(xp, o), w.end - w.begin, {static_cast<float>(c), static_cast<float>(lr), static_cast<float>(beta1),
                                                 static_cast<float>(beta2), static_cast<float>(eps),
                                                 static_cast<float>(weight_decay), static_cast<float>(bc1),
                                                 static_cast<float>(bc2s), maximize});
