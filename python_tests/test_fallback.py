@@ -113,6 +113,26 @@ def test_no_python_schema_for_a_compiled_op():
         assert str(ours).replace(name + "_triton", name, 1) == str(theirs), name
 
 
+
+OUTPUT_SIZE_FORMULA = r"\)\s*//?\s*stride\w*(\[\w+\])?\s*\+\s*1\b"
+
+
+def test_no_hand_written_convolution_output_size():
+    """One home: a convolution's output size is PyTorch's (at::native::conv_output_size in C++, F.conv2d's shape
+    function through ops/_utils.conv_output_hw in Python); no source spells `(... ) / stride + 1`."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    files = [p for d in ("tlkernels", "csrc") for p in (root / d).rglob("*") if p.suffix in (".py", ".h", ".cpp", ".cu")]
+    found = [f"{p.relative_to(root)}: {m.group(0)}" for p in files
+             for m in re.finditer(OUTPUT_SIZE_FORMULA, p.read_text())]
+    assert not found, found
+    # the pattern finds the formula as it was written before (so that this test can fail)
+    old = "(input.shape[d + 2] + 2 * padding[d] - dilation[d] * (weight.shape[d + 2] - 1) - 1) // stride[d] + 1"
+    assert re.search(OUTPUT_SIZE_FORMULA, old) and re.search(OUTPUT_SIZE_FORMULA, "(in + 2 * p - k) / stride + 1")
+
+
 def test_every_op_is_registered_with_all_its_pieces():
     """Every tlkernels op the dispatcher knows went through register_op (schema, CUDA path, fake, autograd,
     mutation stated), and what it states holds in the dispatcher."""

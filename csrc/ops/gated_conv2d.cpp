@@ -40,15 +40,6 @@ GatedConv2dGrads gated_conv2d_backward(const at::Tensor& grad_output, const at::
                  groups, hard, output_mask);
 }
 
-std::vector<int64_t> gated_conv2d_output_size(const at::Tensor& input, const at::Tensor& weight,
-                                              at::IntArrayRef stride, at::IntArrayRef padding,
-                                              at::IntArrayRef dilation) {
-  std::vector<int64_t> out{input.size(0), weight.size(0)};
-  for (int d = 0; d < 2; ++d)
-    out.push_back(conv_output_dim(input.size(d + 2), weight.size(d + 2), stride[d], padding[d], dilation[d]));
-  return out;
-}
-
 void check_gated_conv2d_args(const at::Tensor& input, const at::Tensor& weight_pre,
                              const at::Tensor& weight_ft, const at::Tensor& gate,
                              const c10::optional<at::Tensor>& bias_pre,

@@ -45,8 +45,4 @@ void check_gated_conv2d_args(const at::Tensor& input, const at::Tensor& weight_p
                              const c10::optional<at::Tensor>& bias_ft, at::IntArrayRef stride,
                              at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
 
-std::vector<int64_t> gated_conv2d_output_size(const at::Tensor& input, const at::Tensor& weight,
-                                              at::IntArrayRef stride, at::IntArrayRef padding,
-                                              at::IntArrayRef dilation);
-
 }  // namespace tlkernels

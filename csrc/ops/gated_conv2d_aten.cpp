@@ -37,6 +37,7 @@
 // Triton kernels; `reference` (two convolutions and a blend) is taken by the Python front end.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/ConvUtils.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
@@ -185,7 +186,7 @@ std::tuple<at::Tensor, at::Tensor> forward_kernel(
   // The strategies reshape weights freely; weights are small next to activations, so a channels_last weight
   // (model.to(memory_format=torch.channels_last)) is copied to the default layout once per call.
   const at::Tensor weight_pre = weight_pre_in.contiguous(), weight_ft = weight_ft_in.contiguous();
-  const auto sizes = gated_conv2d_output_size(input, weight_pre, stride, padding, dilation);
+  const auto sizes = at::native::conv_output_size(input.sizes(), weight_pre.sizes(), padding, stride, dilation);
   const auto fmt = input.suggest_memory_format();
   at::Tensor out = at::empty(sizes, input.options().memory_format(fmt));
   at::Tensor diff = at::empty({0}, input.options());
@@ -361,12 +362,9 @@ bool gated_conv2d_keeps_diff(const at::Tensor& input, const at::Tensor& weight, 
     if (stride[d] < 1 || dilation[d] < 1) return false;
   if (!cpu_path(input)) return !(hard && gate.dim() == 1);
   if (gate.dim() != 2 || (input.scalar_type() == at::kFloat && groups == 1)) return false;
-  c10::SymInt pixels = 1;
-  for (int d = 0; d < 2; ++d) {
-    const c10::SymInt span = dilation[d] * (weight.sym_size(d + 2) - 1) + 1;
-    pixels *= (input.sym_size(d + 2) + 2 * padding[d] - span) / stride[d] + 1;
-  }
-  return pixels < gconv::kBlendMinPixels;
+  const auto out = at::native::conv_output_size(input.sym_sizes(), weight.sym_sizes(), c10::fromIntArrayRefSlow(padding),
+                                                c10::fromIntArrayRefSlow(stride), c10::fromIntArrayRefSlow(dilation));
+  return out[2] * out[3] < gconv::kBlendMinPixels;
 }
 
 TORCH_LIBRARY_FRAGMENT(tlkernels, m) {

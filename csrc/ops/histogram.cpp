@@ -3,6 +3,7 @@
 //     -> (N, F, bins) float32, each channel's histogram summing to 1 (each response pixel adds 1/(H'W')).
 // Responses are computed per image and chunk of filters and binned at once: memory is bounded by one
 // tile, never the batch's full responses; counting is in integers, so results are deterministic.
+#include <ATen/native/ConvUtils.h>
 #include <torch/library.h>
 
 #include "ops/dispatch.h"
@@ -32,8 +33,8 @@ HistogramShape check_filterbank_histogram_args(const at::Tensor& images, const a
   TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && stride[0] >= 1 && stride[1] >= 1 && padding[0] >= 0 &&
                   padding[1] >= 0,
               op, ": stride must be >= 1 and padding >= 0 (2 values each)");
-  const int64_t OH = conv_output_dim(images.size(2), filters.size(2), stride[0], padding[0]);
-  const int64_t OW = conv_output_dim(images.size(3), filters.size(3), stride[1], padding[1]);
+  const auto out = at::native::conv_output_size(images.sizes(), filters.sizes(), padding, stride);
+  const int64_t OH = out[2], OW = out[3];
   TORCH_CHECK(OH > 0 && OW > 0, op, ": images ", shape_str(images.sizes().slice(2)),
               " are smaller than the filters ", shape_str(filters.sizes().slice(2)));
   return {images.size(0), filters.size(0), edges.size(1) - 1, OH, OW};

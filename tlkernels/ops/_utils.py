@@ -1,5 +1,6 @@
 """Argument checks shared by the ops. Messages name the op, the argument, what was expected and what came."""
 import contextlib
+import functools
 
 import torch
 
@@ -42,9 +43,19 @@ def autocast_casts(t):
 
 
 def conv_output_hw(input, weight, stride, padding, dilation=(1, 1)):
-    """[H_out, W_out] of a convolution of `input` (N, C, H, W) by `weight` (F, C, kH, kW): F.conv2d's formula."""
-    return [(input.shape[d + 2] + 2 * padding[d] - dilation[d] * (weight.shape[d + 2] - 1) - 1) // stride[d] + 1
-            for d in range(2)]
+    """[H_out, W_out] of F.conv2d(input, weight, None, stride, padding, dilation) for `input` (N, C, H, W) and
+    `weight` (F, C, kH, kW), from PyTorch's own shape function (F.conv2d on meta tensors; the compiled ops call
+    at::native::conv_output_size): the formula is PyTorch's, written nowhere here. Symbolic sizes stay symbolic."""
+    key = (*input.shape[2:], *weight.shape[2:], *stride, *padding, *dilation)
+    if all(type(v) is int for v in key):
+        return list(_conv_output_hw(*key))  # (a launch path's call: once per shape)
+    return list(_conv_output_hw.__wrapped__(*key))
+
+
+@functools.lru_cache(maxsize=1024)
+def _conv_output_hw(h, w, kh, kw, sh, sw, ph, pw, dh, dw):
+    x, k = torch.empty((1, 1, h, w), device="meta"), torch.empty((1, 1, kh, kw), device="meta")
+    return tuple(torch.nn.functional.conv2d(x, k, None, (sh, sw), (ph, pw), (dh, dw)).shape[2:])
 
 
 @contextlib.contextmanager
