@@ -194,8 +194,9 @@ def test_bad_inputs_name_the_argument(name, mutate, msg):
 
 
 def test_cpp_kernel_checks_name_the_argument():
+    """The op's checks are the front end's (one home, C++): the same ValueError / TypeError either way."""
     x, wp = torch.randn(2, 3, 6, 6), torch.randn(4, 3, 3, 3)
-    with pytest.raises(RuntimeError, match=r"gated_conv2d: gate must have shape \(N,\) or \(N, C_out\) = \(2, 4\), got \(8, 32\)"):
+    with pytest.raises(ValueError, match=r"gated_conv2d: gate must have shape \(N,\) or \(N, C_out\) = \(2, 4\), got \(8, 32\)"):
         OP(x, wp, wp, torch.rand(8, 32), None, None, [1, 1], [0, 0], [1, 1], 1, False)
 
 

@@ -15,4 +15,7 @@ inline std::string shape_str(at::IntArrayRef s) {
   return os.str();
 }
 
+// A dtype as Python spells it (torch.float32).
+inline std::string dtype_str(at::ScalarType t) { return "torch." + std::string(c10::getDtypeNames(t).first); }
+
 }  // namespace tlkernels

@@ -38,11 +38,14 @@ bool gated_conv2d_keeps_diff(const at::Tensor& input, const at::Tensor& weight, 
                              at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                              int64_t groups);
 
-// Validates the arguments of gated_conv2d (shared by every kernel).
+// Validates the arguments of gated_conv2d (every kernel, and the reference through _gated_conv2d_check):
+// ValueError / TypeError in Python, naming the op, the argument, what was expected and what came. same_dtype:
+// every floating argument in input's dtype (false only where autocast's casts are still to come).
 void check_gated_conv2d_args(const at::Tensor& input, const at::Tensor& weight_pre,
                              const at::Tensor& weight_ft, const at::Tensor& gate,
                              const c10::optional<at::Tensor>& bias_pre,
                              const c10::optional<at::Tensor>& bias_ft, at::IntArrayRef stride,
-                             at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
+                             at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                             bool same_dtype = true);
 
 }  // namespace tlkernels

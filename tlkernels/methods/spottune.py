@@ -283,8 +283,9 @@ class SpotTune(nn.Module):
             raise ValueError(f"SpotTune: input must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
         xp = x
         if self.policy_size is not None and max(x.shape[-2:]) > self.policy_size:
-            xp = F.interpolate(x, size=(self.policy_size, self.policy_size), mode="bilinear", align_corners=False,
-                               antialias=True).contiguous(memory_format=_layout(x))
+            low = x.dtype in (torch.bfloat16, torch.float16)  # (no half-precision antialiased resize on CPUs)
+            xp = F.interpolate(x.float() if low else x, size=(self.policy_size, self.policy_size), mode="bilinear",
+                               align_corners=False, antialias=True).to(x.dtype).contiguous(memory_format=_layout(x))
         policy = self._policy_folded.get(self.policy, (self.policy,), _layout(xp))[0] if self._fast_eval() else self.policy
         logits = policy(xp)
         if tuple(logits.shape) != (x.shape[0], len(self.blocks), 2):

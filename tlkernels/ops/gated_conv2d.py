@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch._prims_common import suggest_memory_format
 
 from tlkernels import config
-from tlkernels._extension import use_reference
+from tlkernels._extension import HAS_C, use_reference
 from tlkernels.ops._registry import COMPILED, ONE_KERNEL, define_like, op, register_op
 from tlkernels.ops._utils import autocast_casts, check_tensor, conv_output_hw, fail, pair
 
@@ -41,8 +41,14 @@ def effective_gate(gate, hard):
 
 def gated_conv2d_reference(input, weight_pre, weight_ft, gate, bias_pre=None, bias_ft=None, stride=1,
                            padding=0, dilation=1, groups=1, hard=False):
-    """Two convolutions and a blend, as the papers' code computes it. Differentiable with autograd."""
-    check_gated_conv2d_args(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, groups)
+    """Two convolutions and a blend, as the papers' code computes it. Differentiable with autograd. The arguments
+    are checked as the op checks them (its C++ checks: _gated_conv2d_check); without the compiled library only
+    PyTorch's own checks apply."""
+    _check(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, stride, padding, dilation, groups)
+    return _reference(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, stride, padding, dilation, groups, hard)
+
+
+def _reference(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, stride, padding, dilation, groups, hard):
     g = effective_gate(gate, hard)
     y_pre = F.conv2d(input, weight_pre, bias_pre, stride, padding, dilation, groups)
     y_ft = F.conv2d(input, weight_ft, bias_ft, stride, padding, dilation, groups)
@@ -199,6 +205,8 @@ def _resolve_padding(padding, weight, stride, dilation):
             fail(OP, f"padding must be an int, a pair of ints, 'same' or 'valid', got {padding!r}")
         if stride != (1, 1):
             fail(OP, f"padding='same' needs stride 1 (as in F.conv2d), got stride={stride}")
+        if weight.dim() != 4:  # (the op's checks say what is wrong with it)
+            return (0, 0), None
         total = [dilation[d] * (weight.shape[d + 2] - 1) for d in range(2)]
         left = tuple(t // 2 for t in total)
         extra = tuple(t - 2 * l for t, l in zip(total, left))
@@ -206,34 +214,27 @@ def _resolve_padding(padding, weight, stride, dilation):
     return pair(OP, "padding", padding, allow_zero=True), None
 
 
-def check_gated_conv2d_args(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, groups):
-    """TypeError/ValueError naming gated_conv2d, the argument, what was expected and what came."""
-    check_tensor(OP, "input", input, dim=4, floating=True)
-    # under torch.autocast the op's autocast kernel casts every floating argument to one dtype
-    dt, dev = (None if autocast_casts(input) else input.dtype), input.device
-    check_tensor(OP, "weight_pre", weight_pre, dim=4, dtype=dt, device=dev, floating=True)
-    check_tensor(OP, "weight_ft", weight_ft, dtype=dt, device=dev, floating=True)
-    if min(weight_pre.shape) < 1:  # as F.conv2d, which rejects weights without output filters
-        fail(OP, f"weight_pre must have at least one output filter, input channel and kernel tap, got shape "
-                 f"{tuple(weight_pre.shape)}")
-    if weight_ft.shape != weight_pre.shape:
-        fail(OP, f"weight_ft must have the shape of weight_pre {tuple(weight_pre.shape)}, got {tuple(weight_ft.shape)}")
-    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+def _check(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, stride, padding, dilation, groups):
+    """The op's argument checks (csrc/ops/gated_conv2d.cpp), run by the reference: TypeError/ValueError naming
+    gated_conv2d, the argument, what was expected and what came."""
+    _convert(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, groups)
+    # (under autocast the reference's convolutions cast the arguments: no common dtype yet; traced by
+    # torch.compile, the convolutions' own checks apply)
+    if HAS_C and not torch.compiler.is_compiling():
+        torch.ops.tlkernels._gated_conv2d_check(
+            input, weight_pre, weight_ft, gate, bias_pre, bias_ft, list(pair(OP, "stride", stride)),
+            list(pair(OP, "padding", padding, allow_zero=True)), list(pair(OP, "dilation", dilation)), groups,
+            not autocast_casts(input))
+
+
+def _convert(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, groups):
+    """What the dispatcher cannot say clearly: the Python types (a tensor, an int that is not a bool)."""
+    for name, t in (("input", input), ("weight_pre", weight_pre), ("weight_ft", weight_ft), ("gate", gate),
+                    ("bias_pre", bias_pre), ("bias_ft", bias_ft)):
+        if t is not None or not name.startswith("bias"):
+            check_tensor(OP, name, t)
+    if not isinstance(groups, int) or isinstance(groups, bool):
         fail(OP, f"groups must be a positive int, got {groups!r}")
-    n, c_out = input.shape[0], weight_pre.shape[0]
-    if input.shape[1] != weight_pre.shape[1] * groups:
-        fail(OP, f"input must have C_in = weight_pre.size(1) * groups = {weight_pre.shape[1] * groups} "
-                 f"channels, got {input.shape[1]} (input shape {tuple(input.shape)})")
-    if c_out % groups:
-        fail(OP, f"weight_pre.size(0) = {c_out} must be divisible by groups = {groups}")
-    check_tensor(OP, "gate", gate, dtype=dt, device=dev, floating=True)
-    if tuple(gate.shape) not in ((n,), (n, c_out)):
-        fail(OP, f"gate must have shape (N,) or (N, C_out) = ({n}, {c_out}), got {tuple(gate.shape)}")
-    for name, b in (("bias_pre", bias_pre), ("bias_ft", bias_ft)):
-        if b is not None:
-            check_tensor(OP, name, b, dtype=dt, device=dev, floating=True)
-            if tuple(b.shape) != (c_out,):
-                fail(OP, f"{name} must have shape ({c_out},), got {tuple(b.shape)}")
 
 
 def gated_conv2d(input, weight_pre, weight_ft, gate, bias_pre=None, bias_ft=None, stride=1, padding=0,
@@ -249,21 +250,19 @@ def gated_conv2d(input, weight_pre, weight_ft, gate, bias_pre=None, bias_ft=None
     (N, C_out, H_out, W_out) in input's memory format. Gradients flow to every input that requires grad; a
     frozen weight_pre costs no weight-gradient work. The strategy follows TLKERNELS_GATED_CONV (module
     docstring). Raises TypeError for non-tensors or mismatched dtypes, ValueError for shapes, groups,
-    stride/padding/dilation or an input smaller than the dilated kernel.
+    stride/padding/dilation or an input smaller than the dilated kernel (the op's checks, in C++).
     """
-    check_gated_conv2d_args(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, groups)
+    _convert(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, groups)
     stride = pair(OP, "stride", stride)
     dilation = pair(OP, "dilation", dilation)
     padding, extra = _resolve_padding(padding, weight_pre, stride, dilation)
     if extra is not None:  # 'same' with an even dilated kernel: the extra pixel goes right/bottom, as in F.conv2d
         input = F.pad(input, (0, extra[1], 0, extra[0]))
-    for d in range(2):
-        k = dilation[d] * (weight_pre.shape[d + 2] - 1) + 1
-        if input.shape[d + 2] + 2 * padding[d] < k:
-            fail(OP, f"input spatial size {tuple(input.shape[2:])} with padding {padding} is smaller than the "
-                     f"dilated kernel size {k}")
+    # (before the dispatcher picks a kernel by the tensors' devices: a stray meta or CPU tensor among them would
+    # otherwise choose the kernel)
+    _check(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, stride, padding, dilation, groups)
     if use_reference() or strategy() == "reference":
-        return gated_conv2d_reference(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, stride, padding,
-                                      dilation, groups, hard)
+        return _reference(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, stride, padding, dilation, groups,
+                          hard)
     return op("gated_conv2d")(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, list(stride), list(padding),
                               list(dilation), groups, bool(hard))

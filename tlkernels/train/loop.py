@@ -90,6 +90,12 @@ class Run:
     net: nn.Module = None
     amp: object = None
 
+    def given(self):
+        """What a recipe is given of the run (recipes.Given): data, not the loop's state."""
+        from tlkernels.train.recipes import Given
+        return Given(self.target, self.source, self.backbone, self.pretrained_classes, self.device, self.world,
+                     self.workers, self.amp)
+
     def batch(self, x):
         """Images moved to the run's device, in channels_last with --channels_last."""
         fmt = torch.channels_last if self.cfg.channels_last else torch.contiguous_format
@@ -429,7 +435,8 @@ def build(run, base, with_l2sp):
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)  # (same parameters, new BN modules)
     frozen_bns = optimize.freeze_batchnorm(net, rec.new) if cfg.freeze_bn else []
     net.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
-    l2sp = rec.l2sp(net, run)
+    given = run.given()
+    l2sp = rec.l2sp(net, given)
     run.net = net
     plan = data.StepPlan(len(run.target.train), cfg.batch_size, cfg.seed, run.rank, run.world, rec.draw_sources,
                          rec.sample_weights)
@@ -444,7 +451,7 @@ def build(run, base, with_l2sp):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: optimize.lr_factor(s, total, warmup))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     ema = optimize.ModelEMA(net, cfg.model_ema) if cfg.model_ema else None
-    rec.setup(run)
+    rec.setup(given)
     model = net
     if run.world > 1:
         model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
@@ -540,7 +547,7 @@ def train_step(t, run, method, batch, boundary):
     values = {}
     if xt is not None:
         xt, yt = run.batch(xt), yt.to(device, non_blocking=True)
-        xs, ys = t.recipe.source_batch(run, xt, xs, ys)
+        xs, ys = t.recipe.source_batch(xt, xs, ys)
         # (DDP all-reduces the gradients only on the batch that completes an accumulation)
         sync = t.model.no_sync() if run.world > 1 and not boundary else contextlib.nullcontext()
         with sync:
@@ -606,7 +613,7 @@ def finish(t, run, method, out, status, seconds, skipped, val_skipped):
         plots.curves(t.history, os.path.join(out, "curves.png"), method)
         if final and "gates" in final[-1]:
             plots.gates(final[-1]["gates"], os.path.join(out, "gates.png"), method)
-        t.recipe.plots(run, out)
+        t.recipe.plots(out)
     return summary
 
 
@@ -693,7 +700,9 @@ def epoch_records(t, run, epoch, rec, p):
     """The record entries of an epoch's end and of an evaluation step."""
     step, spe = t.step, t.steps_per_epoch
     if step % spe == 0:
-        rec.update(t.recipe.epoch_end(run, epoch))
+        # (the predictions: on every rank, over the whole target set)
+        predictions = run.predict(run.target.train_eval)[2:4] if t.recipe.wants_predictions(epoch) else None
+        rec.update(t.recipe.epoch_end(epoch, predictions))
         if p.unread:
             p.warned |= warn_unreadable_classes(run.target.train, p.unread, "training", p.warned)
     if (step % spe == 0 and (epoch + 1) % run.cfg.eval_every == 0) or step == t.total:

@@ -1,5 +1,7 @@
 """One recipe per method: the trunk it wraps the backbone in, its heads, its loss, where its source images come
-from, and its epoch hooks. The loop (loop.py) only calls these; it never tests a method's name."""
+from, and its epoch hooks. The loop (loop.py) only calls these; it never tests a method's name. A recipe is given
+data (Given, and each hook's arguments), never the loop's state."""
+import dataclasses
 import os
 
 import torch
@@ -38,6 +40,21 @@ def source_head(fc, source_classes, pretrained_classes):
     return head, True
 
 
+@dataclasses.dataclass(frozen=True)
+class Given:
+    """What a recipe is given of the run: the data sets (source None without --source), the pre-trained backbone
+    (with its classifier) and what that classifier predicts (None: unknown), the device, the number of ranks and
+    of loader workers, and `amp`: the autocast context of --amp (a callable returning a context manager)."""
+    target: object
+    source: object
+    backbone: nn.Module
+    pretrained_classes: list
+    device: torch.device
+    world: int
+    workers: int
+    amp: object
+
+
 class Recipe:
     """Plain fine-tuning; the other methods override what differs."""
     uses_source = False  # draws images of the --source set
@@ -69,17 +86,17 @@ class Recipe:
                 self.new.append("source_head")
         return Net(self.wrap(backbone), fc.in_features, n_target, head, name)
 
-    def l2sp(self, net, run=None):
+    def l2sp(self, net, given=None):
         """The L2-SP penalty anchored at net's current (pre-trained) weights, or None; with --l2sp_fisher N
         L2-SP-Fisher, its weights the Fisher diagonal of the source task on N source images."""
         if not self.with_l2sp:
             return None
         reg = L2SP(net, alpha=self.cfg.l2sp_alpha, beta=self.cfg.l2sp_beta, head=self.new)
         if self.cfg.l2sp_fisher:
-            reg.set_fisher(self.source_fisher(net, run, set(reg.names)))
+            reg.set_fisher(self.source_fisher(net, given, set(reg.names)))
         return reg
 
-    def source_fisher(self, net, run, penalised):
+    def source_fisher(self, net, given, penalised):
         """{net parameter name: Fisher diagonal} for the `penalised` names, from the pre-trained model (with its
         classifier) on the first --l2sp_fisher source images and their labels: the source task's Fisher
         information."""
@@ -87,13 +104,13 @@ class Recipe:
 
         from tlkernels.nn import estimate_fisher
         from tlkernels.train import data
-        classes = run.pretrained_classes
-        if run.source is None or classes is None or list(classes) != list(run.source.classes):
+        classes = given.pretrained_classes
+        if given.source is None or classes is None or list(classes) != list(given.source.classes):
             raise SystemExit("tlkernels-train: --l2sp_fisher needs --source images labelled with the pre-trained "
                              "classifier's classes (the Fisher information of the source task); the demo has them")
-        n = min(self.cfg.l2sp_fisher, len(run.source.train_eval))
-        model = copy.deepcopy(run.backbone).to(run.device)
-        batches = ([t.to(run.device) for t in data.take(run.source.train_eval, list(range(i, min(i + 64, n))))]
+        n = min(self.cfg.l2sp_fisher, len(given.source.train_eval))
+        model = copy.deepcopy(given.backbone).to(given.device)
+        batches = ([t.to(given.device) for t in data.take(given.source.train_eval, list(range(i, min(i + 64, n))))]
                    for i in range(0, n, 64))
         fisher = {f"trunk.{k}": v for k, v in estimate_fisher(model, batches).items() if f"trunk.{k}" in penalised}
         if not fisher:
@@ -109,8 +126,9 @@ class Recipe:
         """The optimizer's parameter groups."""
         return [dict(params=[p for p in net.parameters() if p.requires_grad], weight_decay=weight_decay)]
 
-    def setup(self, run):
-        """Before the first step (run: loop.Run, the data, devices and ranks)."""
+    def setup(self, given):
+        """Before the first step: what the recipe keeps of `given` (a Given)."""
+        self.given = given
 
     def draw_sources(self, target_idx, generator):
         """Source partners of the planned target images (None: the method uses no source images)."""
@@ -120,13 +138,18 @@ class Recipe:
         """Per target image, how often the next epoch draws it relative to the others (None: each once)."""
         return None
 
-    def source_batch(self, run, xt, xs, ys):
+    def source_batch(self, xt, xs, ys):
         """(source images or None, source targets or None) of a step, given its target images on the device
         and the planned source images and labels (None when the method draws none)."""
         return xs, ys
 
-    def epoch_end(self, run, epoch):
-        """After each epoch; returns entries for the metrics record."""
+    def wants_predictions(self, epoch):
+        """Whether epoch_end(epoch, ...) needs the model's predictions on the whole target training set."""
+        return False
+
+    def epoch_end(self, epoch, predictions=None):
+        """After each epoch; predictions: (logits, labels) of the eval model on the whole target training set
+        (on every rank) when wants_predictions(epoch). Returns entries for the metrics record."""
         return {}
 
     def gates(self, net):
@@ -148,7 +171,7 @@ class Recipe:
     def load_state(self, state):
         """Restore what state() returned."""
 
-    def plots(self, run, out):
+    def plots(self, out):
         """The method's own plots into `out`."""
 
 
@@ -168,22 +191,23 @@ class Soft(Recipe):
         super().__init__(cfg, l2sp)
         self.uses_source = cfg.soft_source == "images"
 
-    def source_batch(self, run, xt, xs, ys):
+    def source_batch(self, xt, xs, ys):
         if self.uses_source:
             return xs, ys
-        with torch.no_grad(), run.amp():
+        with torch.no_grad(), self.given.amp():
             return None, torch.softmax(self.teacher(xt).float(), 1)
 
     def objective(self, total_steps, loss_options):
         return SoftJointLoss(self.cfg.soft_schedule, lambda0=self.cfg.soft_lambda0, total_steps=total_steps,
                              **loss_options)
 
-    def setup(self, run):
+    def setup(self, given):
         import copy
+        super().setup(given)
         if self.uses_source:
-            self.n_source = len(run.source.train)
+            self.n_source = len(given.source.train)
         else:
-            self.teacher = copy.deepcopy(run.backbone).to(run.device).eval().requires_grad_(False)
+            self.teacher = copy.deepcopy(given.backbone).to(given.device).eval().requires_grad_(False)
 
     def draw_sources(self, target_idx, generator):
         if not self.uses_source:
@@ -209,25 +233,26 @@ class Selective(Recipe):
     def objective(self, total_steps, loss_options):
         return SoftJointLoss("constant", lambda0=0.5, target_weight=0.5, **loss_options)
 
-    def setup(self, run):
+    def setup(self, given):
         from tlkernels.filters import from_model, gabor_bank
         from tlkernels.select import SourceSelector
+        super().setup(given)
         cfg = self.cfg
         if cfg.selective_bank == "model":
-            bank = from_model(run.backbone, layers=2)
+            bank = from_model(given.backbone, layers=2)
         else:
-            bank = gabor_bank(scales=2, orientations=4, size=7, in_channels=run.target.channels)
+            bank = gabor_bank(scales=2, orientations=4, size=7, in_channels=given.target.channels)
         self.selector = SourceSelector(bank, bins=cfg.selective_bins, fine_bins=16 * cfg.selective_bins,
                                        cache_dir=os.path.join(cfg.cache_dir, f"selective-{cfg.selective_bank}-seed{cfg.seed}"),
-                                       progress=not cfg.quiet, device=run.device, num_workers=run.workers,
+                                       progress=not cfg.quiet, device=given.device, num_workers=given.workers,
                                        memory_gb=cfg.selective_memory_gb)
-        self.selector.fit(run.target.train_eval)
-        self.selector.describe(run.target.train_eval, "target")
-        if run.world > 1:  # each rank describes its share of the source set; the searches are sharded
-            self.selector.describe_shard(run.source.train_eval)
+        self.selector.fit(given.target.train_eval)
+        self.selector.describe(given.target.train_eval, "target")
+        if given.world > 1:  # each rank describes its share of the source set; the searches are sharded
+            self.selector.describe_shard(given.source.train_eval)
         else:
-            self.selector.describe(run.source.train_eval, "source")
-        self.selector.select(min(cfg.selective_k, len(run.source.train)))
+            self.selector.describe(given.source.train_eval, "source")
+        self.selector.select(min(cfg.selective_k, len(given.source.train)))
         self.neighbours = self.selector.neighbours()
         # last epoch of each round but the last
         self.round_ends = {round(r * cfg.epochs / cfg.selective_rounds) - 1 for r in range(1, cfg.selective_rounds)}
@@ -239,10 +264,13 @@ class Selective(Recipe):
         return torch.stack([nb[torch.randint(len(nb), (1,), generator=generator)][0]
                             for nb in (self.neighbours[int(j)] for j in target_idx)])
 
-    def epoch_end(self, run, epoch):
+    def wants_predictions(self, epoch):
+        return epoch in self.round_ends
+
+    def epoch_end(self, epoch, predictions=None):
         if epoch not in self.round_ends:
             return {}
-        _, _, logits, labels, _ = run.predict(run.target.train_eval)  # every rank: the whole target set
+        logits, labels = predictions
         hard = hard_images(logits, labels, self.cfg.selective_hardness, self.cfg.selective_entropy_quantile)
         levels = self.selector.levels.clone()
         levels[hard] = torch.clamp(levels[hard] + 1, max=self.cfg.selective_max_level)
@@ -256,10 +284,11 @@ class Selective(Recipe):
         if "levels" in state:
             self.neighbours = self.selector.set_levels(state["levels"])
 
-    def plots(self, run, out):
+    def plots(self, out):
         from tlkernels.train import plots
-        plots.retrieval_grid(run.target.train_eval, run.source.train_eval, self.neighbours,
-                             os.path.join(out, "retrieved.png"), run.target.mean, run.target.std)
+        target, source = self.given.target, self.given.source
+        plots.retrieval_grid(target.train_eval, source.train_eval, self.neighbours, os.path.join(out, "retrieved.png"),
+                             target.mean, target.std)
 
 
 class AdaFilterRecipe(Recipe):
