@@ -114,6 +114,20 @@ def test_no_python_schema_for_a_compiled_op():
 
 
 
+
+def test_gated_conv2d_checks_live_in_cpp_only():
+    """One home: gated_conv2d's argument checks are the compiled library's (csrc/ops/gated_conv2d.cpp); Python
+    converts arguments (tensor and int types) and writes none of the checks' messages."""
+    import pathlib
+    root = pathlib.Path(__file__).resolve().parents[1]
+    cpp = (root / "csrc" / "ops" / "gated_conv2d.cpp").read_text()
+    messages = ["must have shape (N,) or (N, C_out)", "must be divisible by groups", "is smaller than the dilated kernel",
+                "must have the shape of weight_pre", "at least one output filter", "must have C_in = "]
+    assert all(m in cpp for m in messages)
+    found = [f"{p.relative_to(root)}: {m}" for p in (root / "tlkernels").rglob("*.py") for m in messages
+             if m in p.read_text()]
+    assert not found, found
+
 OUTPUT_SIZE_FORMULA = r"\)\s*//?\s*stride\w*(\[\w+\])?\s*\+\s*1\b"
 
 
