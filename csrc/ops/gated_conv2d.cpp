@@ -55,9 +55,9 @@ void check_gated_conv2d_args(const at::Tensor& input, const at::Tensor& weight_p
     TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), op, ": ", name, " must be a floating-point tensor, got ",
                      dtype_str(t.scalar_type()));
     TORCH_CHECK_TYPE(!same_dtype || t.scalar_type() == dt, op, ": ", name, " must have dtype ", dtype_str(dt),
-                     " (the dtype of input), got ", dtype_str(t.scalar_type()));
+                     " (the dtype of the first input), got ", dtype_str(t.scalar_type()));
     TORCH_CHECK_VALUE(t.device() == input.device(), op, ": ", name, " must be on device ", input.device(),
-                      " (the device of input), got ", t.device());
+                      " (the device of the first input), got ", t.device());
   };
   TORCH_CHECK_VALUE(weight_pre.dim() == 4, op, ": weight_pre must be 4-D (C_out, C_in / groups, kH, kW), got ",
                     weight_pre.dim(), "-D with shape ", shape_str(weight_pre.sizes()));

@@ -44,6 +44,7 @@ def gated_conv2d_reference(input, weight_pre, weight_ft, gate, bias_pre=None, bi
     """Two convolutions and a blend, as the papers' code computes it. Differentiable with autograd. The arguments
     are checked as the op checks them (its C++ checks: _gated_conv2d_check); without the compiled library only
     PyTorch's own checks apply."""
+    _convert(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, groups)
     _check(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, stride, padding, dilation, groups)
     return _reference(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, stride, padding, dilation, groups, hard)
 
@@ -217,7 +218,6 @@ def _resolve_padding(padding, weight, stride, dilation):
 def _check(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, stride, padding, dilation, groups):
     """The op's argument checks (csrc/ops/gated_conv2d.cpp), run by the reference: TypeError/ValueError naming
     gated_conv2d, the argument, what was expected and what came."""
-    _convert(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, groups)
     # (under autocast the reference's convolutions cast the arguments: no common dtype yet; traced by
     # torch.compile, the convolutions' own checks apply)
     if HAS_C and not torch.compiler.is_compiling():
