@@ -333,17 +333,17 @@ def test_a_last_batch_of_one_image_is_dropped(n, bs, steps):
 
 
 # ----------------------------------------------------------------------------- environment and caches
-def _cache_file(tmp_path, cpp=None, python=None):
+def _cache_file(tmp_path, picks, fmt=_choices.FORMAT):
     p = tmp_path / "choices.json"
-    p.write_text(json.dumps({"format": _choices.FORMAT, "host": _choices.host_key(), "cpp": cpp or {},
-                             "python": python or {}}))
+    sections = {"picks": picks} if fmt == _choices.FORMAT else picks  # (format 1: {"cpp": {...}, "python": {...}})
+    p.write_text(json.dumps({"format": fmt, "host": _choices.host_key(), **sections}))
     return str(p)
 
 
 @pytest.mark.skipif(not HAS_C, reason="the compiled ops register their candidate names")
 def test_choice_cache_naming_unknown_strategies_warns_once_and_loads_the_rest(tmp_path):
-    path = _cache_file(tmp_path, cpp={"fwd|sig-a": "warp_drive", "fwd|sig-b": "concat"},
-                       python={"('knn_gemm', 1)": "abacus", "('knn_gemm', 2)": "numpy"})
+    path = _cache_file(tmp_path, {"fwd|sig-a": "warp_drive", "fwd|sig-b": "concat", "('knn_gemm', 1)": "abacus",
+                                  "('knn_gemm', 2)": "numpy"})
     _choices._WARNED.clear()
     with pytest.warns(RuntimeWarning, match=r"choice cache .*choices.json: unknown strategies: \('knn_gemm', 1\)=abacus, "
                                             r"fwd\|sig-a=warp_drive name no candidate of any op \(known: .*concat.*\)") as rec:
@@ -351,15 +351,26 @@ def test_choice_cache_naming_unknown_strategies_warns_once_and_loads_the_rest(tm
         _choices.load(path)
     assert taken == 2 and len([w for w in rec if "unknown strategies" in str(w.message)]) == 1
     picks = _choices.current()
-    assert picks["cpp"].get("fwd|sig-b") == "concat" and "fwd|sig-a" not in picks["cpp"]
-    assert picks["python"].get("('knn_gemm', 2)") == "numpy" and "('knn_gemm', 1)" not in picks["python"]
+    assert picks.get("fwd|sig-b") == "concat" and "fwd|sig-a" not in picks
+    assert picks.get("('knn_gemm', 2)") == "numpy" and "('knn_gemm', 1)" not in picks
+
+
+@pytest.mark.skipif(not HAS_C, reason="the compiled ops register their candidate names")
+def test_a_format_1_choice_cache_is_read_into_the_one_table(tmp_path):
+    path = _cache_file(tmp_path, {"cpp": {"fwd|sig-c": "blended"}, "python": {"('knn_gemm', 3)": "torch"}}, fmt=1)
+    assert _choices.load(path) == 2
+    picks = _choices.current()
+    assert picks.get("fwd|sig-c") == "blended" and picks.get("('knn_gemm', 3)") == "torch"
+    assert _choices.save(path)  # rewritten in this format, the picks kept
+    data = json.loads(open(path).read())
+    assert data["format"] == _choices.FORMAT and data["picks"]["fwd|sig-c"] == "blended"
 
 
 @pytest.mark.skipif(not HAS_C, reason="the compiled ops register their candidate names")
 def test_every_registered_candidate_name_is_known():
     names = _choices.known_names()
-    assert {"routed", "mix", "blended", "grouped", "concat", "brgemm", "bmm"} <= names["cpp"]
-    assert {"separable", "direct"} <= names["cpp"] and {"torch", "numpy"} <= names["python"]
+    assert {"routed", "mix", "blended", "grouped", "concat", "brgemm", "bmm"} <= names
+    assert {"separable", "direct"} <= names and {"torch", "numpy"} <= names
 
 
 @pytest.mark.parametrize("where", ["directory", "below-a-file", "read-only-fs"])

@@ -44,17 +44,17 @@ def test_choices_are_saved_and_taken_by_the_next_process(tmp_path):
     first, _ = run(cache)
     assert first["loaded"] == []
     data = json.loads(cache.read_text())
-    assert data["format"] == 1 and data["host"]["cpu"] and data["host"]["torch"]
-    fwd = [k for k in data["cpp"] if k.startswith("fwd|")]
-    assert len(fwd) == 1 and data["cpp"][fwd[0]] == first["used"][0]
-    assert any(k.startswith("('knn_gemm'") for k in data["python"])
+    assert data["format"] == 2 and data["host"]["cpu"] and data["host"]["torch"]
+    fwd = [k for k in data["picks"] if k.startswith("fwd|")]
+    assert len(fwd) == 1 and data["picks"][fwd[0]] == first["used"][0]
+    assert any(k.startswith("('knn_gemm'") for k in data["picks"])
     # a pick edited in the file is what the next process runs (it is not measured again)
     other = "concat" if first["used"][0] != "concat" else "blended"
-    data["cpp"][fwd[0]] = other
+    data["picks"][fwd[0]] = other
     cache.write_text(json.dumps(data))
     second, _ = run(cache)
     assert fwd[0] in second["loaded"] and second["used"][0] == other
-    assert json.loads(cache.read_text())["cpp"][fwd[0]] == other  # kept on disk
+    assert json.loads(cache.read_text())["picks"][fwd[0]] == other  # kept on disk
 
 
 def test_another_hosts_or_an_unreadable_file_is_ignored_and_rewritten(tmp_path):
@@ -69,4 +69,4 @@ def test_another_hosts_or_an_unreadable_file_is_ignored_and_rewritten(tmp_path):
     cache.write_text('{"format": 1, "cpp": [')
     out, err = run(cache)
     assert out["loaded"] == [] and f"choice cache {cache}: cannot be read" in err
-    assert json.loads(cache.read_text())["format"] == 1
+    assert json.loads(cache.read_text())["format"] == 2

@@ -3,6 +3,8 @@ its pure-PyTorch reference (no op is defined from Python then)."""
 import subprocess
 import sys
 
+import pytest
+
 CODE = r"""
 import sys, warnings
 sys.modules["tlkernels._C"] = None  # as if the extension had not been built
@@ -115,14 +117,24 @@ def test_no_python_schema_for_a_compiled_op():
 
 
 
-def test_gated_conv2d_checks_live_in_cpp_only():
-    """One home: gated_conv2d's argument checks are the compiled library's (csrc/ops/gated_conv2d.cpp); Python
-    converts arguments (tensor and int types) and writes none of the checks' messages."""
+@pytest.mark.parametrize("source,messages", [
+    ("gated_conv2d.cpp", ["must have shape (N,) or (N, C_out)", "must be divisible by groups",
+                          "is smaller than the dilated kernel", "must have the shape of weight_pre",
+                          "at least one output filter", "must have C_in = "]),
+    ("l2sp_checks.h", ["must have one entry per param (", "needs at least one tensor in params or",
+                       " must have the dtype of ", "; it is updated in place), got strides",
+                       "share memory (the same tensor listed twice?)"]),
+    ("histogram.cpp", ["must have at least one channel", "are smaller than the filters",
+                       "edges must have shape (F, bins + 1)", "strictly increasing along each row",
+                       "is a meta tensor: binning needs"]),
+])
+def test_op_checks_live_in_cpp_only(source, messages):
+    """One home: the argument checks of gated_conv2d, the L2-SP ops and filterbank_histogram are the compiled
+    library's (csrc/ops/); Python converts arguments (tensor, list and int types) and writes none of their
+    messages."""
     import pathlib
     root = pathlib.Path(__file__).resolve().parents[1]
-    cpp = (root / "csrc" / "ops" / "gated_conv2d.cpp").read_text()
-    messages = ["must have shape (N,) or (N, C_out)", "must be divisible by groups", "is smaller than the dilated kernel",
-                "must have the shape of weight_pre", "at least one output filter", "must have C_in = "]
+    cpp = (root / "csrc" / "ops" / source).read_text()
     assert all(m in cpp for m in messages)
     found = [f"{p.relative_to(root)}: {m}" for p in (root / "tlkernels").rglob("*.py") for m in messages
              if m in p.read_text()]
@@ -157,8 +169,10 @@ def test_every_op_is_registered_with_all_its_pieces():
     # (internal, no tensors)
     diagnostics = {"_gated_conv2d_last_strategies", "_filterbank_histogram_last_path", "_intra_op_threads",
                    "_measured_choices", "_set_measured_choices", "_measured_choice_names", "_emulate_cuda",
-                   "_config", "_set_config", "_config_choices"}
-    diagnostics.add("_gated_conv2d_check")  # (the gated convolution's checks alone: one composite kernel, no output)
+                   "_config", "_set_config", "_config_choices", "_measured_choice_register_names",
+                   "_measured_choice_recorded", "_measured_choice_record", "_measured_choice_rounds"}
+    # (the ops' argument checks alone, for the front ends and references: one composite kernel each, no output)
+    diagnostics |= {"_gated_conv2d_check", "_l2sp_check", "_filterbank_histogram_check"}
     defined = {n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("tlkernels::")}
     assert defined - diagnostics - set(OPS) == set(), "registered without register_op"
     for name, info in OPS.items():
@@ -172,3 +186,23 @@ def test_every_op_is_registered_with_all_its_pieces():
         assert writes == info.mutates, name
         if writes:
             assert torch._C._dispatch_has_kernel_for_dispatch_key(q, "ADInplaceOrView"), name
+
+
+MEASURED_RULE = r"<\s*\w*clearly_faster\s*\*|\*\s*best\[\w+\]"
+
+
+def test_measured_choice_rule_and_table_live_in_cpp_only():
+    """One home: the measured choice's table of picks, timing rounds and rule (clearly faster, never slower than
+    the naive-equivalent candidate) are csrc/ops/measured_choice.h's; the Python ops' measured choice
+    (tlkernels/_timing.py) times its callables and hands the times over."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    assert re.search(MEASURED_RULE, (root / "csrc" / "ops" / "measured_choice.h").read_text())
+    found = [f"{p.relative_to(root)}: {m.group(0)}" for p in (root / "tlkernels").rglob("*.py")
+             for m in re.finditer(MEASURED_RULE, p.read_text())]
+    assert not found, found
+    assert re.search(MEASURED_RULE, "        if b < clearly_faster * best[pick]:")  # (the Python rule as it was)
+    timing = (root / "tlkernels" / "_timing.py").read_text()
+    assert "_CHOICES" not in timing and "range(4)" not in timing  # no second table, no second round count

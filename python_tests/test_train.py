@@ -39,7 +39,7 @@ def test_every_method_trains_on_the_demo(tmp_path, cache, method):
         assert (out / "gates.png").exists() and "gates" in json.loads(lines[-1])
         # the gated layers' measured strategy choices, saved with the checkpoints for resumed and repeated runs
         with open(os.path.join(cache, "choices.json")) as fh:
-            picks = json.load(fh)["cpp"]
+            picks = json.load(fh)["picks"]
         assert any(k.startswith("fwd|") for k in picks)
     if method == "selective":
         assert (out / "retrieved.png").exists()

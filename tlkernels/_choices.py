@@ -6,7 +6,8 @@ software (CPU model and flags, torch version, the compiled library file), and wr
 at exit, atomically and merged with the file's (several processes of one job may share it). A later run then
 takes the same strategies without timing them again: the same rounding in every run of a job, and no
 measurement at start-up. Unset (the default): every process measures for itself. The file is JSON, read as
-data only."""
+data only: {"format": 2, "host": {...}, "picks": {signature: candidate name}} (format 1 kept the compiled and
+the Python ops' picks apart, as "cpp" and "python"; both are read into the one table)."""
 import atexit
 import hashlib
 import json
@@ -16,11 +17,11 @@ import warnings
 
 import torch
 
-from tlkernels import _timing, config
+from tlkernels import config
 from tlkernels._extension import HAS_C
 from tlkernels._io import atomic_write_text, unwritable
 
-FORMAT = 1
+FORMAT = 2
 ENV = config.env("choice_cache")
 
 
@@ -45,38 +46,47 @@ def host_key():
 
 
 def current():
-    """The process's picks: {"cpp": {key: name}, "python": {key: name}}."""
-    cpp = {}
-    if HAS_C:
-        flat = list(torch.ops.tlkernels._measured_choices())
-        cpp = dict(zip(flat[0::2], flat[1::2]))
-    return {"cpp": cpp, "python": dict(_timing._CHOICES)}
+    """The process's picks, {signature: candidate name}: one table, the compiled library's
+    (csrc/ops/measured_choice.h), for the compiled and the Python ops alike."""
+    if not HAS_C:
+        return {}
+    flat = list(torch.ops.tlkernels._measured_choices())
+    return dict(zip(flat[0::2], flat[1::2]))
+
+
+def _picks(data):
+    """The {signature: name} picks of a parsed cache file of this format or format 1, or None."""
+    if not isinstance(data, dict) or not isinstance(data.get("host"), dict):
+        return None
+    sections = {FORMAT: ("picks",), 1: ("cpp", "python")}.get(data.get("format"))
+    if sections is None or not all(isinstance(data.get(s), dict) for s in sections):
+        return None
+    picks = {k: v for s in sections for k, v in data[s].items()}
+    return picks if all(isinstance(k, str) and isinstance(v, str) for k, v in picks.items()) else None
 
 
 def _read(path):
-    """The picks saved in `path` for this host, or None (no file, another host or build, unreadable: warned)."""
+    """The picks saved in `path` for this host ({signature: name}), or None (no file, another host or build,
+    unreadable: warned)."""
     if not os.path.exists(path):
         return None
     try:
         with open(path) as fh:
             data = json.load(fh)
-        ok = (isinstance(data, dict) and data.get("format") == FORMAT and isinstance(data.get("host"), dict)
-              and all(isinstance(data.get(s), dict) and all(isinstance(k, str) and isinstance(v, str)
-                                                             for k, v in data[s].items()) for s in ("cpp", "python")))
-        if not ok:
+        picks = _picks(data)
+        if picks is None:
             raise ValueError(f"not a format-{FORMAT} choice cache")
     except (OSError, ValueError) as e:
         _warn_once(path, f"cannot be read: {type(e).__name__}: {e}; measuring anew, and the next save rewrites it")
         return None
-    return data if data["host"] == host_key() else None
+    return picks if data["host"] == host_key() else None
 
 
 def known_names():
-    """{"cpp": names, "python": names}: what a pick may name (every op's candidates, registered where they are
-    defined: the compiled ops' in C++, the Python ops' through _timing.register_names)."""
+    """What a pick may name: every op's candidates, registered where they are defined (the compiled ops' in C++,
+    the Python ops' through _timing.register_names), in the compiled library's table."""
     import tlkernels.ops  # noqa: F401  (the Python ops register their candidates at import)
-    cpp = set(torch.ops.tlkernels._measured_choice_names()) if HAS_C else set()
-    return {"cpp": cpp, "python": set(_timing.NAMES)}
+    return set(torch.ops.tlkernels._measured_choice_names()) if HAS_C else set()
 
 
 _WARNED = set()
@@ -108,17 +118,15 @@ def load(path):
     if data is None:
         return 0
     names = known_names()
-    bad = sorted(f"{k}={v}" for s in ("cpp", "python") for k, v in data[s].items() if v not in names[s])
+    bad = sorted(f"{k}={v}" for k, v in data.items() if v not in names)
     if bad:
         _warn_once(path, f"unknown strategies: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} name no "
-                         f"candidate of any op (known: {', '.join(sorted(names['cpp'] | names['python']))}); "
-                         f"those entries are ignored and measured anew")
-    picks = {s: {k: v for k, v in data[s].items() if v in names[s]} for s in ("cpp", "python")}
+                         f"candidate of any op (known: {', '.join(sorted(names))}); those entries are ignored and "
+                         f"measured anew")
+    picks = {k: v for k, v in data.items() if v in names}
     if HAS_C:
-        torch.ops.tlkernels._set_measured_choices([s for kv in picks["cpp"].items() for s in kv])
-    with _timing._CHOICES_LOCK:
-        _timing._CHOICES.update(picks["python"])
-    return len(picks["cpp"]) + len(picks["python"])
+        torch.ops.tlkernels._set_measured_choices([s for kv in picks.items() for s in kv])
+    return len(picks)
 
 
 def save(path):
@@ -129,12 +137,12 @@ def save(path):
     picks = current()
     old = _read(path)
     if old is not None:
-        for s in ("cpp", "python"):
-            picks[s] = {**old[s], **picks[s]}
-        if all(picks[s] == old[s] for s in ("cpp", "python")):
+        picks = {**old, **picks}
+        if picks == old:
             return True
     try:
-        atomic_write_text(json.dumps({"format": FORMAT, "host": host_key(), **picks}, indent=1, sort_keys=True),
+        atomic_write_text(json.dumps({"format": FORMAT, "host": host_key(), "picks": picks}, indent=1,
+                                     sort_keys=True),
                           path)
     except OSError as e:
         _warn_once(path, f"cannot be written: {type(e).__name__}: {e}; the measured choices are not kept "

@@ -1,10 +1,11 @@
 """Wall-clock times of repeated calls, the one timing helper of selfcheck --bench and the benchmark scripts
 (pytest-benchmark times the benchmark files themselves), and the measured choice among a Python op's exact
 paths."""
-import threading
 import time
 
 import torch
+
+from tlkernels._extension import HAS_C
 
 
 def call_times_ms(fn, reps, warmup=2, device=None):
@@ -31,46 +32,45 @@ def call_times_ms(fn, reps, warmup=2, device=None):
     return times
 
 
-_CHOICES = {}
-_CHOICES_LOCK = threading.Lock()
-NAMES = set()  # every candidate name of the Python ops' measured choices (register_names)
-
-
 def register_names(names):
-    """Record the candidate names of an op's measured choice (a saved pick must be one of them); returns them."""
-    NAMES.update(names)
+    """Record the candidate names of a Python op's measured choice (a saved pick must name one of them) in the
+    compiled library's table; returns them."""
+    if HAS_C:
+        torch.ops.tlkernels._measured_choice_register_names([str(n) for n in names])
     return names
 
 
-def measured_choice(key, candidates, keep, run, clearly_faster=0.85):
-    """The fastest of several exact ways to do one thing on the running host, for call signature `key`: each
-    candidate c is timed with run(c), once per key in the process (cuDNN benchmark mode's idea); the pick is
-    cached. Round 0 warms up, then the best of three rounds, interleaved so that a burst of load hits every
-    candidate alike. `keep` (the fixed rule's pick) stays unless another is faster by the factor clearly_faster:
-    a choice that flips with timing noise costs more than it gains. The compiled ops' twin:
-    csrc/ops/measured_choice.h."""
-    key = str(key)  # (the picks are data: tlkernels/_choices.py saves them as JSON)
-    register_names(candidates)  # (a saved pick of these is then known when loaded in this process)
-    with _CHOICES_LOCK:
-        if key in _CHOICES and _CHOICES[key] in candidates:
-            return _CHOICES[key]
-    best = {c: float("inf") for c in candidates}
-    for rnd in range(4):
-        for c in candidates:
+def measured_choice(key, candidates, keep, run, clearly_faster=None):
+    """The fastest of several exact ways to do one thing on the running host, for call signature `key` (cuDNN
+    benchmark mode's idea), once per key in the process; `keep` (the fixed rule's pick) stays unless another is
+    faster by the factor clearly_faster (default: the compiled ops'). The table of picks, the timing rounds and
+    the rule are the compiled library's (csrc/ops/measured_choice.h); this times the candidates, Python callables
+    run(c) that it cannot call, and hands it the times. Without the compiled library: `keep`, unmeasured (the
+    Python ops that measure run beside compiled kernels)."""
+    if not HAS_C:
+        return keep
+    ops = torch.ops.tlkernels
+    key, names = str(key), [str(c) for c in candidates]  # (the picks are data: _choices.py saves them as JSON)
+    register_names(names)  # (a saved pick of these is then known when loaded in this process)
+    got = ops._measured_choice_recorded(key, names)
+    if got:
+        return candidates[names.index(got)]
+    rounds, warmup = ops._measured_choice_rounds()
+    best = [float("inf")] * len(candidates)
+    for rnd in range(rounds):  # (interleaved, as the compiled ops' time_candidates)
+        for i, c in enumerate(candidates):
             t0 = time.perf_counter()
             run(c)
-            if rnd:
-                best[c] = min(best[c], time.perf_counter() - t0)
-    pick = keep if keep in best else candidates[0]
-    for c, b in best.items():
-        if b < clearly_faster * best[pick]:
-            pick = c
-    with _CHOICES_LOCK:
-        if _CHOICES.get(key) not in candidates:
-            _CHOICES[key] = pick
-        return _CHOICES[key]
+            if rnd >= warmup:
+                best[i] = min(best[i], time.perf_counter() - t0)
+    keep_i = names.index(str(keep)) if str(keep) in names else 0
+    pick = ops._measured_choice_record(key, names, best, keep_i, clearly_faster)
+    return candidates[names.index(pick)]
 
 
 def chosen(key):
     """What measured_choice picked for `key`, or None before it ran (diagnostics)."""
-    return _CHOICES.get(str(key))
+    if not HAS_C:
+        return None
+    flat = list(torch.ops.tlkernels._measured_choices())
+    return dict(zip(flat[0::2], flat[1::2])).get(str(key))

@@ -13,11 +13,15 @@ struct HistogramShape {
   int64_t N, F, bins, OH, OW;  // images, filters, bins per histogram, response map size
 };
 
-// Shapes, stride and padding (errors name the op and the argument); returns the sizes the kernels use. The
-// kernels check what only they can afford (the CPU kernel: edges strictly increasing, a host read; the CUDA
-// kernel: the shared-memory bin limit).
+// Shapes, dtypes, devices, stride and padding (ValueError / TypeError naming the op and the argument); returns
+// the sizes the kernels use. The kernels check what only they can afford (the CPU kernel: edges strictly
+// increasing, check_edges_increasing; the CUDA kernel: the shared-memory bin limit).
 HistogramShape check_filterbank_histogram_args(const at::Tensor& images, const at::Tensor& filters,
                                                const at::Tensor& edges, at::IntArrayRef stride,
                                                at::IntArrayRef padding);
+
+// Edges hold values (not a meta tensor) and increase strictly along each row: a host read for CPU edges, an
+// asynchronous device assertion for GPU ones.
+void check_edges_increasing(const at::Tensor& edges);
 
 }  // namespace tlkernels

@@ -14,6 +14,7 @@
 
 #include "ops/dispatch.h"
 #include "ops/l2sp.h"
+#include "ops/l2sp_checks.h"
 
 namespace tlkernels {
 at::Tensor l2sp_penalty(at::TensorList params, at::TensorList refs, const OptionalTensorList& weights, double alpha,
@@ -61,6 +62,19 @@ void adamw_l2sp_step_(at::TensorList params, at::TensorList grads, at::TensorLis
           weight_decay, step, maximize);
 }
 
+namespace {
+// The checks alone, for the Python front ends (before the dispatcher picks a kernel by the tensors' devices) and
+// the references: `op` names the front end; accumulate: grads / new_grads are the tensors' .grad, updated in place.
+void check_only(c10::string_view op, at::TensorList params, at::TensorList refs, const OptionalTensorList& weights,
+                at::TensorList new_params, bool accumulate, at::TensorList grads, at::TensorList new_grads) {
+  const std::string name(op);
+  if (accumulate)
+    check_inplace_args(name.c_str(), params, refs, weights, new_params, grads, new_grads, /*dot_grad=*/true);
+  else
+    check_penalty_args(name.c_str(), params, refs, weights, new_params);
+}
+}  // namespace
+
 }  // namespace tlkernels
 
 TORCH_LIBRARY_FRAGMENT(tlkernels, m) {
@@ -84,4 +98,9 @@ TORCH_LIBRARY_FRAGMENT(tlkernels, m) {
       "adamw_l2sp_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] max_exp_avg_sqs, Tensor?[] refs, Tensor?[] weights, float[] coeffs, float lr, float beta1, float beta2, float eps, "
       "float weight_decay, int step, bool maximize) -> ()");
+  m.def(
+      "_l2sp_check(str op, Tensor[] params, Tensor[] refs, Tensor?[] weights, Tensor[] new_params, bool accumulate, "
+      "Tensor[] grads, Tensor[] new_grads) -> ()");
 }
+
+TORCH_LIBRARY_IMPL(tlkernels, CompositeExplicitAutograd, m) { m.impl("_l2sp_check", &tlkernels::check_only); }

@@ -1,5 +1,7 @@
 // The process's measured picks (ops/measured_choice.h) as data for tlkernels/_choices.py, which saves them
-// to and loads them from disk (TLKERNELS_CHOICE_CACHE): entries are flattened [key, name, key, name, ...].
+// to and loads them from disk (TLKERNELS_CHOICE_CACHE): entries are flattened [key, name, key, name, ...]. And
+// the table, rounds and rule for the Python ops' measured choices (tlkernels/_timing.py), which time callables
+// the compiled library cannot call.
 #include <torch/library.h>
 
 #include <string>
@@ -36,9 +38,37 @@ void set_measured_choices(const std::vector<std::string>& entries) {
   for (size_t i = 0; i < entries.size(); i += 2) table.picks[entries[i]] = entries[i + 1];
 }
 
+void register_choice_names(const std::vector<std::string>& names) {
+  auto& table = choice_table();
+  std::lock_guard<std::mutex> lock(table.mu);
+  table.names.insert(names.begin(), names.end());
+}
+
+// key's recorded pick among the candidates, "" for none.
+std::string recorded_choice(const std::string& key, const std::vector<std::string>& names) {
+  const int r = recorded_index(key, names);
+  return r < 0 ? std::string() : names[static_cast<size_t>(r)];
+}
+
+std::string record_choice(const std::string& key, const std::vector<std::string>& names, std::vector<double> best,
+                          int64_t keep, std::optional<double> clearly_faster) {
+  TORCH_CHECK_VALUE(!names.empty() && best.size() == names.size() && keep >= 0 &&
+                        keep < static_cast<int64_t>(names.size()),
+                    "_measured_choice_record: needs one time per candidate and keep among them, got ", names.size(),
+                    " candidates, ", best.size(), " times, keep ", keep);
+  return names[record_pick(key, names, best, static_cast<size_t>(keep), -1, clearly_faster.value_or(kClearlyFaster))];
+}
+
+std::vector<int64_t> rounds() { return {kRounds, kWarmupRounds}; }
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(tlkernels, m) {
+  m.def("_measured_choice_register_names(str[] names) -> ()", &register_choice_names);
+  m.def("_measured_choice_recorded(str key, str[] candidates) -> str", &recorded_choice);
+  m.def("_measured_choice_record(str key, str[] candidates, float[] times, int keep, float? clearly_faster) -> str",
+        &record_choice);
+  m.def("_measured_choice_rounds() -> int[]", &rounds);
   m.def("_measured_choices() -> str[]", &measured_choices);
   m.def("_set_measured_choices(str[] entries) -> ()", &set_measured_choices);
   m.def("_measured_choice_names() -> str[]", &measured_choice_names);

@@ -42,62 +42,87 @@ struct ChoiceNames {
   }
 };
 
-// The pick among the candidates' measured times `best`: `keep` (an index) stays unless another is clearly
-// faster; but a pick measured slower than the naive-equivalent candidate `naive` (an index: a path with the
-// naive way's work, such as one library convolution over both weight sets; -1: none) gives way to the fastest,
-// so that the choice is never measured slower than the naive way.
-inline size_t pick_measured(const std::vector<double>& best, size_t keep, int naive) {
+// The pick among the candidates' measured times `best`: `keep` (an index) stays unless another is faster by the
+// factor clearly_faster; but a pick measured slower than the naive-equivalent candidate `naive` (an index: a path
+// with the naive way's work, such as one library convolution over both weight sets; -1: none) gives way to the
+// fastest, so that the choice is never measured slower than the naive way.
+inline size_t pick_measured(const std::vector<double>& best, size_t keep, int naive,
+                            double clearly_faster = kClearlyFaster) {
   size_t w = keep;
   for (size_t i = 0; i < best.size(); ++i)
-    if (best[i] < kClearlyFaster * best[w]) w = i;
+    if (best[i] < clearly_faster * best[w]) w = i;
   if (naive >= 0 && best[w] > best[static_cast<size_t>(naive)])
     w = static_cast<size_t>(std::min_element(best.begin(), best.end()) - best.begin());
   return w;
 }
 
-// run(c) runs candidate c once; names[int(c)] names it. Round 0 warms up (first oneDNN primitives, scratch
-// buffers); then the best of three rounds, interleaved so that a burst of load on the machine hits every
-// candidate alike; pick_measured decides, `naive` naming the naive-equivalent candidate where there is one. A
-// recorded pick that is not among `cands` (it does not apply here) is measured again.
+// How candidates are timed: round 0 warms up (first oneDNN primitives, scratch buffers), then the best of the
+// other rounds, interleaved so that a burst of load on the machine hits every candidate alike.
+constexpr int kRounds = 4;
+constexpr int kWarmupRounds = 1;
+
+// The measured times of candidates 0..n-1, run(i) running candidate i once.
+template <class Run>
+std::vector<double> time_candidates(size_t n, const Run& run) {
+  std::vector<double> best(n, 1e300);
+  for (int round = 0; round < kRounds; ++round)
+    for (size_t i = 0; i < n; ++i) {
+      const auto t0 = std::chrono::steady_clock::now();
+      run(i);
+      const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      if (round >= kWarmupRounds) best[i] = std::min(best[i], dt);
+    }
+  return best;
+}
+
+// The index of `key`'s recorded pick among the candidates' names, or -1 (none, or a pick that does not apply
+// here: it is measured again). The caller holds the table's lock.
+inline int recorded_index(const ChoiceTable& table, const std::string& key, const std::vector<std::string>& names) {
+  const auto it = table.picks.find(key);
+  if (it == table.picks.end()) return -1;
+  for (size_t i = 0; i < names.size(); ++i)
+    if (it->second == names[i]) return static_cast<int>(i);
+  return -1;
+}
+
+inline int recorded_index(const std::string& key, const std::vector<std::string>& names) {
+  auto& table = choice_table();
+  std::lock_guard<std::mutex> lock(table.mu);
+  return recorded_index(table, key, names);
+}
+
+// Decides among measured times (pick_measured) and records the pick for `key`, unless another thread recorded
+// one meanwhile (one pick per key: that one is returned). Returns the pick's index.
+inline size_t record_pick(const std::string& key, const std::vector<std::string>& names,
+                          const std::vector<double>& best, size_t keep, int naive,
+                          double clearly_faster = kClearlyFaster) {
+  const size_t w = pick_measured(best, keep, naive, clearly_faster);
+  auto& table = choice_table();
+  std::lock_guard<std::mutex> lock(table.mu);
+  const int r = recorded_index(table, key, names);
+  if (r >= 0) return static_cast<size_t>(r);
+  table.picks[key] = names[w];
+  return w;
+}
+
+// The compiled ops' measured choice: run(c) runs candidate c once; names[int(c)] names it; `naive` names the
+// naive-equivalent candidate where there is one. (The Python ops' twin, tlkernels/_timing.py, times its own
+// callables and uses the same table, rounds and rule through the _measured_choice_* ops.)
 template <class T, class Run>
 T measured_choice(const std::string& key, const std::vector<T>& cands, T keep, const char* const* names,
                   const Run& run, std::optional<T> naive = std::nullopt) {
-  auto& table = choice_table();
-  auto recorded = [&](T& out) {
-    auto it = table.picks.find(key);
-    if (it == table.picks.end()) return false;
-    for (T c : cands)
-      if (it->second == names[static_cast<int>(c)]) {
-        out = c;
-        return true;
-      }
-    return false;
-  };
-  {
-    std::lock_guard<std::mutex> lock(table.mu);
-    T c;
-    if (recorded(c)) return c;
-  }
-  std::vector<double> best(cands.size(), 1e300);
-  for (int round = 0; round < 4; ++round)
-    for (size_t i = 0; i < cands.size(); ++i) {
-      const auto t0 = std::chrono::steady_clock::now();
-      run(cands[i]);
-      const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      if (round > 0) best[i] = std::min(best[i], dt);
-    }
+  std::vector<std::string> cand_names;
   size_t k = 0;
   int n = -1;
   for (size_t i = 0; i < cands.size(); ++i) {
+    cand_names.push_back(names[static_cast<int>(cands[i])]);
     if (cands[i] == keep) k = i;
     if (naive && cands[i] == *naive) n = static_cast<int>(i);
   }
-  const size_t w = pick_measured(best, k, n);
-  std::lock_guard<std::mutex> lock(table.mu);
-  T c;
-  if (recorded(c)) return c;  // (another thread measured the same signature meanwhile: one pick per key)
-  table.picks[key] = names[static_cast<int>(cands[w])];
-  return cands[w];
+  const int r = recorded_index(key, cand_names);
+  if (r >= 0) return cands[static_cast<size_t>(r)];
+  const auto best = time_candidates(cands.size(), [&](size_t i) { run(cands[i]); });
+  return cands[record_pick(key, cand_names, best, k, n)];
 }
 
 }  // namespace tlkernels

@@ -3,9 +3,9 @@ per-channel bin edges, each summing to 1. No autograd (descriptors are computed 
 import torch
 import torch.nn.functional as F
 
-from tlkernels._extension import use_reference
+from tlkernels._extension import HAS_C, use_reference
 from tlkernels.ops._registry import COMPILED, op, register_op
-from tlkernels.ops._utils import check_tensor, fail, full_fp32, pair
+from tlkernels.ops._utils import check_tensor, full_fp32, pair
 
 def filterbank_histogram_reference(images, filters, edges, stride=1, padding=0):
     """F.conv2d, then per channel torch.bucketize and a count (the oracle; materialises all responses)."""
@@ -51,43 +51,23 @@ def _samples():
 register_op("filterbank_histogram", _ref_impl, cuda=COMPILED, triton=_gpu_impl, fake=_fake, samples=_samples)
 
 
-def check_edges(opname, edges, n_filters):
-    """ValueError naming `opname` unless edges is (F, bins + 1), floating, sorted along each row."""
-    check_tensor(opname, "edges", edges, dim=2, floating=True)
-    if edges.shape[0] != n_filters or edges.shape[1] < 2:
-        fail(opname, f"edges must have shape (F, bins + 1) = ({n_filters}, >= 2), got {tuple(edges.shape)}")
-    if edges.device.type == "meta":
-        fail(opname, "edges is a meta tensor: binning needs the edge values")
-    if edges.shape[1] > 2:
-        increasing = (edges[:, 1:] > edges[:, :-1]).all()
-        msg = f"{opname}: edges must be strictly increasing along each row"
-        if edges.device.type != "cpu":
-            torch._assert_async(increasing, msg)  # no host sync on GPUs
-        elif not bool(increasing):
-            fail(opname, "edges must be strictly increasing along each row")
-
-
 def filterbank_histogram(images, filters, edges, stride=1, padding=0):
     """(N, F, bins) float32 histograms of conv2d(images, filters) responses, each summing to 1.
 
     images (N, C, H, W) uint8 or floating, CPU or CUDA; filters (F, C, kh, kw) floating on the images' device;
     edges (F, bins + 1) strictly increasing per row: response v of filter f falls in bin b where
     edges[f, b] <= v < edges[f, b + 1], values outside the range in the end bins, NaN in the last bin (as
-    torch.bucketize). No autograd. Raises ValueError for shapes, non-increasing or meta edges, images with
-    no channels or smaller than the filters.
+    torch.bucketize). No autograd. Raises TypeError for non-tensors and non-floating filters or edges, ValueError
+    for shapes, devices, non-increasing or meta edges, images with no channels or smaller than the filters (the
+    op's checks, in C++; on GPUs the edges' order is asserted asynchronously).
     """
     name = "filterbank_histogram"
-    check_tensor(name, "images", images, dim=4)
-    check_tensor(name, "filters", filters, dim=4, floating=True, device=images.device)
-    if filters.shape[1] != images.shape[1]:
-        fail(name, f"filters must have C = {images.shape[1]} input channels (the images'), got {filters.shape[1]}")
-    if images.shape[1] < 1:
-        fail(name, f"images must have at least one channel, got shape {tuple(images.shape)}")
-    check_edges(name, edges, filters.shape[0])
+    for arg, t in (("images", images), ("filters", filters), ("edges", edges)):
+        check_tensor(name, arg, t)
     stride, padding = pair(name, "stride", stride), pair(name, "padding", padding, allow_zero=True)
-    for d in range(2):
-        if images.shape[2 + d] + 2 * padding[d] < filters.shape[2 + d]:
-            fail(name, f"images {tuple(images.shape[2:])} are smaller than the filters {tuple(filters.shape[2:])}")
+    # (the op's checks, csrc/ops/histogram.cpp; before the dispatcher picks a kernel by the tensors' devices)
+    if HAS_C and not torch.compiler.is_compiling():
+        torch.ops.tlkernels._filterbank_histogram_check(images, filters, edges, list(stride), list(padding))
     with torch.no_grad(), full_fp32():  # (binning turns TF32 rounding into other bins: GPU = CPU descriptors)
         if use_reference():
             return filterbank_histogram_reference(images, filters, edges.to(images.device), stride, padding)

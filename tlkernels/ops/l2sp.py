@@ -8,7 +8,7 @@ allocates nothing and is one pass over p, p0 and the gradient.
 """
 import torch
 
-from tlkernels._extension import use_reference
+from tlkernels._extension import HAS_C, use_reference
 from tlkernels.ops._registry import COMPILED, op, register_op
 from tlkernels.ops._utils import fail
 
@@ -141,39 +141,28 @@ register_op("l2sp_value_and_grad_", _ref_value_and_grad_inplace, cuda=COMPILED,
             fake=_fake_value_and_grad_inplace, mutates=True, samples=_inplace_samples)
 
 
-def check_l2sp_args(opname, params, refs, new_params, weights=None):
-    """TypeError/ValueError naming `opname` unless params/refs (and weights, when given) pair up (shapes, dtypes,
-    devices) and all are tensors. Returns the weights as a list (one entry per param, None = weight 1), [] for
-    none: what the ops take."""
+def _convert(opname, params, refs, new_params, weights):
+    """What the dispatcher cannot say clearly: the Python types (lists or tuples of tensors; weights None or a list
+    of tensors or None). Returns params, refs, new_params and the weights as the ops take them (lists; [] for no
+    weights)."""
     for name, lst in (("params", params), ("refs", refs), ("new_params", new_params)):
         if not isinstance(lst, (list, tuple)) or not all(isinstance(t, torch.Tensor) for t in lst):
             fail(opname, f"{name} must be a list or tuple of tensors, got {type(lst).__name__}", TypeError)
-    if len(refs) != len(params):
-        fail(opname, f"refs must have one tensor per param ({len(params)}), got {len(refs)}")
     if weights is None:
         weights = []
     elif not isinstance(weights, (list, tuple)) or not all(w is None or isinstance(w, torch.Tensor) for w in weights):
         fail(opname, f"weights must be None or a list of tensors or None, got {type(weights).__name__}", TypeError)
-    elif len(weights) != len(params):
-        fail(opname, f"weights must have one entry per param ({len(params)}), got {len(weights)}")
-    companions = [("refs", refs)] + ([("weights", weights)] if weights else [])
-    for cname, lst in companions:
-        for i, (p, r) in enumerate(zip(params, lst)):
-            if r is None:
-                continue
-            if r.shape != p.shape:
-                fail(opname, f"{cname}[{i}] must have the shape of params[{i}] {tuple(p.shape)}, got {tuple(r.shape)}")
-            if r.dtype != p.dtype:
-                fail(opname, f"{cname}[{i}] must have the dtype of params[{i}] ({p.dtype}), got {r.dtype}", TypeError)
-            if r.device != p.device:
-                fail(opname, f"{cname}[{i}] must be on the device of params[{i}] ({p.device}), got {r.device}")
-    for name, lst in (("params", params), ("new_params", new_params)):
-        for i, t in enumerate(lst):
-            if not t.is_floating_point():
-                fail(opname, f"{name}[{i}] must be floating point, got {t.dtype}", TypeError)
-    if not params and not new_params:
-        fail(opname, "needs at least one tensor in params or new_params")
-    return [None if w is None else w.detach() for w in weights]
+    return list(params), list(refs), list(new_params), [None if w is None else w.detach() for w in weights]
+
+
+def _check(opname, params, refs, weights, new_params, grads=None, new_grads=None):
+    """The ops' argument checks (csrc/ops/l2sp_checks.h, through _l2sp_check), before the dispatcher picks a kernel
+    by the tensors' devices and before a reference runs: TypeError/ValueError naming `opname`, the argument, what
+    was expected and what came. grads/new_grads: the .grad tensors an accumulating call updates in place."""
+    # (traced by torch.compile the tensors have no memory to compare: the kernels' own checks apply)
+    if HAS_C and not torch.compiler.is_compiling():
+        torch.ops.tlkernels._l2sp_check(opname, params, refs, weights, new_params, grads is not None, grads or [],
+                                        new_grads or [])
 
 
 def l2sp_penalty(params, refs, alpha=0.1, new_params=(), beta=0.0, weights=None):
@@ -184,40 +173,19 @@ def l2sp_penalty(params, refs, alpha=0.1, new_params=(), beta=0.0, weights=None)
     Differentiable: backward adds alpha*w*(p - p0) to each p's gradient and beta*q to each q's. refs and
     weights are constants (no gradient).
     """
-    weights = check_l2sp_args("l2sp_penalty", params, refs, new_params, weights)
-    params, refs, new_params = list(params), list(refs), list(new_params)
+    params, refs, new_params, weights = _convert("l2sp_penalty", params, refs, new_params, weights)
+    _check("l2sp_penalty", params, refs, weights, new_params)
     if use_reference():
         return l2sp_penalty_reference(params, [r.detach() for r in refs], alpha, new_params, beta, weights)
     return op("l2sp_penalty")(params, [r.detach() for r in refs], weights, float(alpha), new_params, float(beta))
 
 
-def _is_dense(t):
-    """No gaps and no overlaps (contiguous, channels_last, any permutation of a contiguous layout), as C++'s
-    is_non_overlapping_and_dense: the in-place kernels walk such a tensor with one flat index."""
-    expect = 1
-    for st, sz in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1):
-        if st != expect:
-            return False
-        expect *= sz
-    return True
-
-
-def _grads_to_fill(opname, tensors, name):
-    """The .grad of each tensor, created as zeros where it is None (checked: written in place)."""
-    out = []
-    for i, t in enumerate(tensors):
+def _grads_to_fill(tensors):
+    """The .grad of each tensor, created as zeros in the tensor's layout (as autograd makes it) where it is None."""
+    for t in tensors:
         if t.grad is None:
-            t.grad = torch.zeros_like(t)  # t's layout (contiguous, channels_last, ...), as autograd makes it
-        g = t.grad
-        if g.shape != t.shape or g.dtype != t.dtype or g.device != t.device:
-            fail(opname, f"{name}[{i}].grad must match {name}[{i}] (shape {tuple(t.shape)}, {t.dtype}, {t.device}), "
-                         f"got shape {tuple(g.shape)}, {g.dtype}, {g.device}")
-        want = t.stride() if _is_dense(t) else t.contiguous().stride()
-        if g.stride() != want or not _is_dense(g):
-            fail(opname, f"{name}[{i}].grad must have the memory layout of {name}[{i}] (strides {want}; it is "
-                         f"updated in place), got strides {g.stride()}")
-        out.append(g)
-    return out
+            t.grad = torch.zeros_like(t)
+    return [t.grad for t in tensors]
 
 
 def l2sp_value_and_grad(params, refs, alpha=0.1, new_params=(), beta=0.0, accumulate=False, weights=None):
@@ -232,16 +200,17 @@ def l2sp_value_and_grad(params, refs, alpha=0.1, new_params=(), beta=0.0, accumu
     returns those .grad tensors: what `(task_loss + penalty).backward()` would leave there, without a
     second backward and without allocating anything.
     """
-    weights = check_l2sp_args("l2sp_value_and_grad", params, refs, new_params, weights)
-    params, refs, new_params = list(params), list(refs), list(new_params)
+    opname = "l2sp_value_and_grad"
+    params, refs, new_params, weights = _convert(opname, params, refs, new_params, weights)
     detached = ([p.detach() for p in params], [r.detach() for r in refs], weights, [q.detach() for q in new_params])
     if accumulate:
-        grads = _grads_to_fill("l2sp_value_and_grad", params, "params")
-        new_grads = _grads_to_fill("l2sp_value_and_grad", new_params, "new_params")
+        grads, new_grads = _grads_to_fill(params), _grads_to_fill(new_params)
+        _check(opname, *detached, grads, new_grads)
         with torch.no_grad():
             impl = _ref_value_and_grad_inplace if use_reference() else op("l2sp_value_and_grad_")
             v = impl(*detached[:3], float(alpha), detached[3], float(beta), grads, new_grads)
         return v, grads, new_grads
+    _check(opname, *detached)
     impl = _ref_value_and_grad if use_reference() else op("l2sp_value_and_grad")
     v, gp, gn = impl(*detached[:3], float(alpha), detached[3], float(beta))
     return v, list(gp), list(gn)

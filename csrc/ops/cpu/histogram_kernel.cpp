@@ -379,8 +379,7 @@ at::Tensor filterbank_histogram_cpu(const at::Tensor& images, const at::Tensor& 
                                     at::IntArrayRef stride, at::IntArrayRef padding) {
   const HistogramShape sh = check_filterbank_histogram_args(images, filters, edges, stride, padding);
   const at::Tensor e = edges.to(at::kFloat).contiguous();
-  TORCH_CHECK((e.narrow(1, 1, e.size(1) - 1) > e.narrow(1, 0, e.size(1) - 1)).all().item<bool>(),
-              "filterbank_histogram: edges must be strictly increasing along each row");
+  check_edges_increasing(e);
   at::Tensor out = at::zeros({sh.N, sh.F, sh.bins}, images.options().dtype(at::kFloat));
   if (sh.N == 0 || sh.F == 0) return out;
   at::Tensor x = images.to(at::kFloat);

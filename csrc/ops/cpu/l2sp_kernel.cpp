@@ -140,9 +140,7 @@ at::Tensor l2sp_value_and_grad_inplace_cpu(at::TensorList params, at::TensorList
                                             const OptionalTensors& weights, double alpha, at::TensorList new_params,
                                             double beta, at::TensorList grads, at::TensorList new_grads) {
   const char* op = "l2sp_value_and_grad_";
-  check_accumulate_args(op, params, grads, "params", "grads");
-  check_accumulate_args(op, new_params, new_grads, "new_params", "new_grads");
-  check_disjoint_outputs(op, {{"grads", grads}, {"new_grads", new_grads}});
+  check_inplace_args(op, params, refs, weights, new_params, grads, new_grads);
   std::vector<at::Tensor> gp(grads.begin(), grads.end()), gn(new_grads.begin(), new_grads.end());
   return l2sp_core(op, params, refs, weights, alpha, new_params, beta, nullptr, true, &gp, &gn, true);
 }
@@ -210,7 +208,7 @@ void adamw_l2sp_step_cpu(at::TensorList params, at::TensorList grads, at::Tensor
                          at::ArrayRef<double> coeffs, double lr, double beta1, double beta2, double eps,
                          double weight_decay, int64_t step, bool maximize) {
   const char* op = "adamw_l2sp_step_";
-  TORCH_CHECK(step >= 1, op, ": step must be >= 1, got ", step);
+  check_adamw_step(op, step);
   const bool amsgrad = !max_exp_avg_sqs.empty();
   check_step_args(op, params, grads,
                   amsgrad ? std::vector<at::TensorList>{exp_avgs, exp_avg_sqs, max_exp_avg_sqs}

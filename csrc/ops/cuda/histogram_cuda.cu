@@ -39,9 +39,10 @@ at::Tensor filterbank_histogram_cuda(const at::Tensor& images, const at::Tensor&
                                      at::IntArrayRef stride, at::IntArrayRef padding) {
   const HistogramShape sh = check_filterbank_histogram_args(images, filters, edges, stride, padding);
   const int64_t N = sh.N, F = sh.F, nb = sh.bins, OH = sh.OH, OW = sh.OW;
-  TORCH_CHECK(nb <= kMaxBins, "filterbank_histogram: at most ", kMaxBins, " bins on CUDA, got ", nb);
+  TORCH_CHECK_VALUE(nb <= kMaxBins, "filterbank_histogram: at most ", kMaxBins, " bins on CUDA, got ", nb);
   const c10::cuda::CUDAGuard guard(images.device());
   const at::Tensor e = edges.to(at::kFloat).contiguous();
+  check_edges_increasing(e);
   const at::Tensor w = filters.to(at::kFloat).contiguous();
   at::Tensor out = at::zeros({N, F, nb}, images.options().dtype(at::kFloat));
   if (N == 0 || F == 0) return out;  // (the tile size below divides by F)

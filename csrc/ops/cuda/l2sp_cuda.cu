@@ -238,10 +238,7 @@ at::Tensor l2sp_value_and_grad_inplace_cuda(at::TensorList params, at::TensorLis
                                              const OptionalTensors& weights, double alpha, at::TensorList new_params,
                                              double beta, at::TensorList grads, at::TensorList new_grads) {
   const char* op = "l2sp_value_and_grad_";
-  check_penalty_args(op, params, refs, weights, new_params);
-  check_accumulate_args(op, params, grads, "params", "grads");
-  check_accumulate_args(op, new_params, new_grads, "new_params", "new_grads");
-  check_disjoint_outputs(op, {{"grads", grads}, {"new_grads", new_grads}});
+  check_inplace_args(op, params, refs, weights, new_params, grads, new_grads);
   const c10::cuda::OptionalCUDAGuard guard(params.empty() ? new_params[0].device() : params[0].device());
   std::vector<at::Tensor> gp(grads.begin(), grads.end()), gn(new_grads.begin(), new_grads.end());
   const auto P = dense_list(params);
@@ -355,7 +352,7 @@ void adamw_l2sp_step_cuda(at::TensorList params, at::TensorList grads, at::Tenso
                           const OptionalTensors& weights,
                           at::ArrayRef<double> coeffs, double lr, double beta1, double beta2, double eps,
                           double weight_decay, int64_t step, bool maximize) {
-  TORCH_CHECK(step >= 1, "adamw_l2sp_step_: step must be >= 1, got ", step);
+  check_adamw_step("adamw_l2sp_step_", step);
   const bool amsgrad = !max_exp_avg_sqs.empty();
   check_step_args("adamw_l2sp_step_", params, grads,
                   amsgrad ? std::vector<at::TensorList>{exp_avgs, exp_avg_sqs, max_exp_avg_sqs}
