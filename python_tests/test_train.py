@@ -37,10 +37,11 @@ def test_every_method_trains_on_the_demo(tmp_path, cache, method):
     assert len(lines) == 4 and "val_acc" in json.loads(lines[-1])
     if method in ("adafilter", "spottune"):
         assert (out / "gates.png").exists() and "gates" in json.loads(lines[-1])
-        # the gated layers' measured strategy choices, saved with the checkpoints for resumed and repeated runs
+        # the measured strategy choices, saved with the checkpoints for resumed and repeated runs (AdaFilter's
+        # gated layers make some; SpotTune's routed blocks run plain convolutions)
         with open(os.path.join(cache, "choices.json")) as fh:
             picks = json.load(fh)["picks"]
-        assert any(k.startswith("fwd|") for k in picks)
+        assert method != "adafilter" or any(k.startswith("fwd|") for k in picks)
     if method == "selective":
         assert (out / "retrieved.png").exists()
     if method in ("l2sp", "adafilter+l2sp"):
