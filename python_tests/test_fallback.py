@@ -127,11 +127,13 @@ def test_no_python_schema_for_a_compiled_op():
     ("histogram.cpp", ["must have at least one channel", "are smaller than the filters",
                        "edges must have shape (F, bins + 1)", "strictly increasing along each row",
                        "is a meta tensor: binning needs"]),
+    ("cross_entropy.cpp", [" (soft labels) must have the shape of ", " must be int64 labels or a float ",
+                           " is out of range [0, ", " has a label out of range [0, "]),
 ])
 def test_op_checks_live_in_cpp_only(source, messages):
-    """One home: the argument checks of gated_conv2d, the L2-SP ops and filterbank_histogram are the compiled
-    library's (csrc/ops/); Python converts arguments (tensor, list and int types) and writes none of their
-    messages."""
+    """One home: the argument checks of gated_conv2d, the L2-SP ops, filterbank_histogram and the cross-entropy
+    ops are the compiled library's (csrc/ops/); Python converts arguments (tensor, list and int types, shapes
+    other than (N, C) to rows) and writes none of their messages."""
     import pathlib
     root = pathlib.Path(__file__).resolve().parents[1]
     cpp = (root / "csrc" / "ops" / source).read_text()
@@ -172,7 +174,7 @@ def test_every_op_is_registered_with_all_its_pieces():
                    "_config", "_set_config", "_config_choices", "_measured_choice_register_names",
                    "_measured_choice_recorded", "_measured_choice_record", "_measured_choice_rounds"}
     # (the ops' argument checks alone, for the front ends and references: one composite kernel each, no output)
-    diagnostics |= {"_gated_conv2d_check", "_l2sp_check", "_filterbank_histogram_check"}
+    diagnostics |= {"_gated_conv2d_check", "_l2sp_check", "_filterbank_histogram_check", "_cross_entropy_check"}
     defined = {n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("tlkernels::")}
     assert defined - diagnostics - set(OPS) == set(), "registered without register_op"
     for name, info in OPS.items():

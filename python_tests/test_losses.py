@@ -200,9 +200,9 @@ def test_joint_cross_entropy_op_checks_its_arguments():
     xs = torch.randn(4, 9, requires_grad=True)
     ys = torch.tensor([8, 0, 2, 2])
     op = torch.ops.tlkernels.joint_cross_entropy.default
-    with pytest.raises(RuntimeError, match="joint_cross_entropy: reduction must be 1 \\(mean\\) or 2 \\(sum\\)"):
+    with pytest.raises(ValueError, match="joint_cross_entropy: reduction must be 1 \\(mean\\) or 2 \\(sum\\)"):
         op(xt, yt, None, xs, ys, None, -100, 0, 1.0, 1.0, False)
-    with pytest.raises(RuntimeError, match=r"joint_cross_entropy \(source head\): target\[0\] = 9 is out of range"):
+    with pytest.raises(RuntimeError, match=r"joint_cross_entropy: source_labels\[0\] = 9 is out of range"):
         op(xt, yt, None, xs, torch.tensor([9, 0, 0, 0]), None, -100, 1, 1.0, 1.0, False)
 
 

@@ -9,7 +9,7 @@ labels (a probability matrix) serve distillation toward a frozen source model; n
 import torch
 import torch.nn.functional as F
 
-from tlkernels._extension import use_reference
+from tlkernels._extension import HAS_C, use_reference
 from tlkernels.ops._registry import TRITON, op, register_op
 from tlkernels.ops._utils import check_tensor, fail
 
@@ -114,33 +114,28 @@ register_op("joint_cross_entropy", _joint_impl(_ref_impl), cuda=TRITON, triton=_
             fake=_joint_fake, samples=_joint_samples)
 
 
-def _check(opname, logits, target, sample_weight, reduction, name="logits", tname="target"):
-    check_tensor(opname, name, logits, dim=2, floating=True)
-    if not isinstance(target, torch.Tensor):
-        fail(opname, f"{tname} must be a torch.Tensor, got {type(target).__name__}", TypeError)
-    if target.device != logits.device:
-        fail(opname, f"{tname} must be on the device of {name} ({logits.device}), got {target.device}")
-    if target.is_floating_point():
-        if target.shape != logits.shape:
-            fail(opname, f"{tname} (soft labels) must have the shape of {name} {tuple(logits.shape)}, "
-                         f"got {tuple(target.shape)}")
-    elif target.dtype != torch.int64:
-        fail(opname, f"{tname} must be int64 labels or a float probability matrix, got {target.dtype}", TypeError)
-    elif tuple(target.shape) != (logits.shape[0],):
-        fail(opname, f"{tname} must have shape ({logits.shape[0]},), got {tuple(target.shape)}")
-    if sample_weight is not None:
-        check_tensor(opname, f"{tname.split('_')[0]}_sample_weight" if "_" in tname else "sample_weight",
-                     sample_weight, dim=1, device=logits.device, floating=True)
-        if sample_weight.shape[0] != logits.shape[0]:
-            fail(opname, f"sample_weight must have shape ({logits.shape[0]},), got {tuple(sample_weight.shape)}")
+def _check(opname, logits, target, sample_weight, reduction, ignore_index, head=""):
+    """One head's (N, C) rows: the Python types and the reduction's name here, then the op's checks
+    (csrc/ops/cross_entropy.cpp, through _cross_entropy_check, before the dispatcher picks a kernel by the tensors'
+    devices; hard labels outside [0, C) included): TypeError/ValueError naming `opname` and the argument (head
+    "": logits, target, sample_weight; "source": source_logits, source_labels, source_sample_weight)."""
+    names = ("logits", "target", "sample_weight") if not head else (f"{head}_logits", f"{head}_labels",
+                                                                      f"{head}_sample_weight")
+    for name, t in zip(names, (logits, target, sample_weight)):
+        if t is not None or name != names[2]:
+            check_tensor(opname, name, t)
     if reduction not in REDUCTIONS:
         fail(opname, f"reduction must be one of {list(REDUCTIONS)}, got {reduction!r}")
+    # (traced by torch.compile the labels have no values: the kernels' own checks apply)
+    if HAS_C and not torch.compiler.is_compiling():
+        torch.ops.tlkernels._cross_entropy_check(opname, head, logits, target, sample_weight, int(ignore_index))
 
 
-def _to_rows(opname, logits, target, sample_weight, name="logits", tname="target"):
+def _to_rows(opname, logits, target, sample_weight, head=""):
     """Logits of shape (C,), (N, C) or (N, C, d1, ..., dk) and their targets as the (rows, C) matrix the kernels
     take (class dimension last), plus the shape of the per-element loss (for reduction="none")."""
-    check_tensor(opname, name, logits, floating=True)
+    name, tname = ("logits", "target") if not head else (f"{head}_logits", f"{head}_labels")
+    check_tensor(opname, name, logits)
     if not isinstance(target, torch.Tensor):
         fail(opname, f"{tname} must be a torch.Tensor, got {type(target).__name__}", TypeError)
     if logits.dim() == 0:
@@ -171,22 +166,9 @@ def _to_rows(opname, logits, target, sample_weight, name="logits", tname="target
     return rows, target, None if sample_weight is None else sample_weight.reshape(-1), shape
 
 
-def _check_labels(opname, target, n_classes, ignore_index):
-    """Hard labels in [0, C) or ignore_index (on GPUs checked on the device, without a host sync)."""
-    bad = ((target < 0) | (target >= n_classes)) & (target != ignore_index)
-    if target.device.type != "cpu":
-        torch._assert_async(~bad.any(), f"{opname}: target has a label out of range [0, {n_classes})")
-    elif bool(bad.any()):
-        i = int(bad.nonzero()[0, 0])
-        fail(opname, f"target[{i}] = {int(target[i])} is out of range [0, {n_classes}) "
-                     f"(and is not ignore_index = {ignore_index})", RuntimeError)
-
-
 def _ce_rows(logits, target, sample_weight, ignore_index, reduction, scale):
     """The fused op on (N, C) rows: hard labels or a (possibly unnormalised) target matrix, per-row weights."""
     if use_reference():
-        if not target.is_floating_point() and not torch.compiler.is_compiling():  # compiled kernels check it
-            _check_labels("cross_entropy", target, logits.shape[1], ignore_index)
         return cross_entropy_reference(logits, target, sample_weight, ignore_index, reduction, scale)
     compute_grad = logits.requires_grad and torch.is_grad_enabled()
     loss, _ = op("cross_entropy")(logits, target.detach(), None if sample_weight is None else sample_weight.detach(),
@@ -247,17 +229,17 @@ def cross_entropy(logits, target, weight=None, size_average=None, ignore_index=-
 
 
 def _cross_entropy(name, logits, target, weight, ignore_index, reduction, label_smoothing, sample_weight, scale,
-                   names=("logits", "target", "weight")):
-    """cross_entropy of one head; `name` and `names` (the logits, target and class-weight arguments' names) go
-    into error messages."""
+                   head=""):
+    """cross_entropy of one head; `name` and `head` ("": cross_entropy's arguments; "target" or "source": one head
+    of joint_cross_entropy's) go into error messages."""
     if isinstance(scale, torch.Tensor):  # a tensor weight (maybe learned) multiplies the loss: autograd sees it
         if scale.numel() != 1:
             fail(name, f"scale must be a number or a one-element tensor, got shape {tuple(scale.shape)}")
         return _cross_entropy(name, logits, target, weight, ignore_index, reduction, label_smoothing, sample_weight,
-                              1.0, names) * scale.reshape(())
-    x, t, sw, shape = _to_rows(name, logits, target, sample_weight, *names[:2])
-    _check(name, x, t, sw, reduction, *names[:2])
-    _check_options(name, x, weight, label_smoothing, names[2])
+                              1.0, head) * scale.reshape(())
+    x, t, sw, shape = _to_rows(name, logits, target, sample_weight, head)
+    _check(name, x, t, sw, reduction, ignore_index, head)
+    _check_options(name, x, weight, label_smoothing, f"{head}_class_weight" if head else "weight")
     if label_smoothing == 0 and (weight is None or not t.is_floating_point()):
         if weight is None:
             loss = _ce_rows(x, t, sw, ignore_index, reduction, scale)
@@ -271,8 +253,6 @@ def _cross_entropy(name, logits, target, weight, ignore_index, reduction, label_
                 rows = _ce_rows(x, t, sw, ignore_index, "none", scale)
                 loss = _WeightedMean.apply(rows, (sw * counted).sum().to(rows.dtype), counted)
     else:
-        if not t.is_floating_point():
-            _check_labels(name, t, x.shape[1], ignore_index)
         q, denom = _smoothed_rows(x, t.detach(), None if weight is None else weight.detach(),
                                   None if sw is None else sw.detach(), ignore_index, float(label_smoothing))
         rows = _ce_rows(x, q, sw, ignore_index, "none", scale)
@@ -317,8 +297,7 @@ def joint_cross_entropy(target_logits, target_labels, source_logits=None, source
     op_name = "joint_cross_entropy"
 
     def head(logits, labels, sw, w, cw, ls, which="target"):
-        return _cross_entropy(op_name, logits, labels, cw, ignore_index, reduction, ls, sw, w,
-                              (f"{which}_logits", f"{which}_labels", f"{which}_class_weight"))
+        return _cross_entropy(op_name, logits, labels, cw, ignore_index, reduction, ls, sw, w, which)
 
     if (source_logits is None) != (source_labels is None):
         fail(op_name, "source_logits and source_labels must be given together")
@@ -335,8 +314,8 @@ def joint_cross_entropy(target_logits, target_labels, source_logits=None, source
              and target_class_weight is None and source_class_weight is None
              and target_label_smoothing == 0 and source_label_smoothing == 0)
     if plain:
-        _check(op_name, target_logits, target_labels, target_sample_weight, reduction, "target_logits", "target_labels")
-        _check(op_name, source_logits, source_labels, source_sample_weight, reduction, "source_logits", "source_labels")
+        _check(op_name, target_logits, target_labels, target_sample_weight, reduction, ignore_index, "target")
+        _check(op_name, source_logits, source_labels, source_sample_weight, reduction, ignore_index, "source")
         compute_grad = torch.is_grad_enabled() and (target_logits.requires_grad or source_logits.requires_grad)
         loss, _, _ = op("joint_cross_entropy")(
             target_logits, target_labels.detach(), _detach(target_sample_weight), source_logits,

@@ -77,8 +77,8 @@ def cross_entropy_forward(logits, target, sample_weight, ignore_index, reduction
     else:
         target = target.contiguous()  # the kernel reads label `row` at t_ptr + row
         counted = (target != ignore_index).to(acc)
-        ok = (target == ignore_index) | ((target >= 0) & (target < C))
-        torch._assert_async(ok.all(), "cross_entropy: target has a label out of range [0, C)")  # no host sync
+        # (the kernel reads logits[row, label]: labels out of range stop it, asserted on the device, no host sync)
+        torch.ops.tlkernels._cross_entropy_check("cross_entropy", "", logits, target, sample_weight, ignore_index)
     if sample_weight is not None:
         sample_weight = sample_weight.contiguous()  # read at w_ptr + row
     w = counted if sample_weight is None else counted * sample_weight.to(counted.dtype)

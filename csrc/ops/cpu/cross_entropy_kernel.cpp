@@ -9,39 +9,27 @@
 
 #include "ops/check.h"
 #include "ops/common/softmax_math.h"
+#include "ops/cross_entropy.h"
 #include "ops/cpu/avx2.h"
 
 namespace tlkernels {
 namespace {
 
-// `op` names the caller in error messages (cross_entropy, or one head of joint_cross_entropy).
-std::tuple<at::Tensor, at::Tensor> cross_entropy_impl(const char* op, const at::Tensor& logits_in,
+// `op` and `names` name the caller and the arguments in error messages (cross_entropy's, or one head of
+// joint_cross_entropy's).
+std::tuple<at::Tensor, at::Tensor> cross_entropy_impl(const char* op, const HeadNames& names,
+                                                      const at::Tensor& logits_in,
                                                       const at::Tensor& target_in,
                                                       const c10::optional<at::Tensor>& sample_weight,
                                                       int64_t ignore_index, int64_t reduction, double scale,
                                                       bool compute_grad) {
-  TORCH_CHECK(logits_in.dim() == 2, op, ": logits must be 2-D (N, C), got ", logits_in.dim(), "-D");
-  TORCH_CHECK(at::isFloatingType(logits_in.scalar_type()), op, ": logits must be floating point, got ",
-              logits_in.scalar_type());
-  TORCH_CHECK(reduction >= 0 && reduction <= 2, op, ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ",
-              reduction);
+  check_cross_entropy_args(op, names, logits_in, target_in, sample_weight);
+  TORCH_CHECK_VALUE(reduction >= 0 && reduction <= 2, op, ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ",
+                    reduction);
   const int64_t N = logits_in.size(0), C = logits_in.size(1);
   const bool soft = target_in.is_floating_point();
-  if (soft) {
-    TORCH_CHECK(target_in.sizes() == logits_in.sizes(), op, ": soft target must have the shape of logits ",
-                shape_str(logits_in.sizes()), ", got ", shape_str(target_in.sizes()));
-  } else {
-    TORCH_CHECK(target_in.scalar_type() == at::kLong, op, ": target must be int64 labels or a float probability "
-                "matrix, got ", target_in.scalar_type());
-    TORCH_CHECK(target_in.dim() == 1 && target_in.size(0) == N, op, ": target must have shape (", N, ",), got ",
-                shape_str(target_in.sizes()));
-  }
   at::Tensor w;
-  if (sample_weight.has_value() && sample_weight->defined()) {
-    TORCH_CHECK(sample_weight->dim() == 1 && sample_weight->size(0) == N, op, ": sample_weight must have shape (",
-                N, ",), got ", shape_str(sample_weight->sizes()));
-    w = sample_weight->to(at::kDouble).contiguous();
-  }
+  if (sample_weight.has_value() && sample_weight->defined()) w = sample_weight->to(at::kDouble).contiguous();
   const at::Tensor logits = logits_in.contiguous();
   const at::Tensor target = soft ? target_in.to(logits.scalar_type()).contiguous() : target_in.contiguous();
   const int64_t* lab = soft ? nullptr : target.const_data_ptr<int64_t>();
@@ -53,8 +41,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_impl(const char* op, const at::
     if (lab) {
       const int64_t y = lab[i];
       if (y == ignore_index) continue;
-      TORCH_CHECK(y >= 0 && y < C, op, ": target[", i, "] = ", y, " is out of range [0, ", C,
-                  ") (and is not ignore_index = ", ignore_index, ")");
+      if (y < 0 || y >= C) label_out_of_range(op, names, i, y, C, ignore_index);
     }
     denom += wp ? wp[i] : 1.0;
   }
@@ -163,8 +150,8 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_cpu(const at::Tensor& logits, c
                                                      const c10::optional<at::Tensor>& sample_weight,
                                                      int64_t ignore_index, int64_t reduction, double scale,
                                                      bool compute_grad) {
-  return cross_entropy_impl("cross_entropy", logits, target, sample_weight, ignore_index, reduction, scale,
-                            compute_grad);
+  return cross_entropy_impl("cross_entropy", HeadNames(""), logits, target, sample_weight, ignore_index, reduction,
+                            scale, compute_grad);
 }
 
 // Both heads in one op, so autograd records a single node (at N=256 the per-node overhead of the
@@ -174,11 +161,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> joint_cross_entropy_cpu(
     const c10::optional<at::Tensor>& target_sample_weight, const at::Tensor& source_logits,
     const at::Tensor& source_labels, const c10::optional<at::Tensor>& source_sample_weight, int64_t ignore_index,
     int64_t reduction, double target_weight, double source_weight, bool compute_grad) {
-  TORCH_CHECK(reduction == 1 || reduction == 2, "joint_cross_entropy: reduction must be 1 (mean) or 2 (sum) "
+  TORCH_CHECK_VALUE(reduction == 1 || reduction == 2, "joint_cross_entropy: reduction must be 1 (mean) or 2 (sum) "
               "(per-row losses of two heads of different sizes do not add up), got ", reduction);
-  auto [lt, gt] = cross_entropy_impl("joint_cross_entropy (target head)", target_logits, target_labels,
+  auto [lt, gt] = cross_entropy_impl("joint_cross_entropy", HeadNames("target"), target_logits, target_labels,
                                      target_sample_weight, ignore_index, reduction, target_weight, compute_grad);
-  auto [ls, gs] = cross_entropy_impl("joint_cross_entropy (source head)", source_logits, source_labels,
+  auto [ls, gs] = cross_entropy_impl("joint_cross_entropy", HeadNames("source"), source_logits, source_labels,
                                      source_sample_weight, ignore_index, reduction, source_weight, compute_grad);
   return {at::add(lt, ls), gt, gs};
 }
