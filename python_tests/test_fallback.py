@@ -208,3 +208,13 @@ def test_measured_choice_rule_and_table_live_in_cpp_only():
     assert re.search(MEASURED_RULE, "        if b < clearly_faster * best[pick]:")  # (the Python rule as it was)
     timing = (root / "tlkernels" / "_timing.py").read_text()
     assert "_CHOICES" not in timing and "range(4)" not in timing  # no second table, no second round count
+
+
+def test_version_counters_of_written_arguments_are_bumped_in_cpp_only():
+    """One home: the ADInplaceOrView kernel of every op that writes its arguments is the compiled library's
+    (csrc/ops/inplace_versions.h, registered beside each schema); Python registers none on private APIs."""
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    found = [str(p.relative_to(root)) for p in (root / "tlkernels").rglob("*.py") if "ADInplaceOrView" in p.read_text()]
+    assert not found, found  # (test_every_op_is_registered_with_all_its_pieces: every writer has the kernel)

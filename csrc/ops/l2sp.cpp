@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include "ops/dispatch.h"
+#include "ops/inplace_versions.h"
 #include "ops/l2sp.h"
 #include "ops/l2sp_checks.h"
 
@@ -104,3 +105,8 @@ TORCH_LIBRARY_FRAGMENT(tlkernels, m) {
 }
 
 TORCH_LIBRARY_IMPL(tlkernels, CompositeExplicitAutograd, m) { m.impl("_l2sp_check", &tlkernels::check_only); }
+
+TORCH_LIBRARY_IMPL(tlkernels, ADInplaceOrView, m) {
+  for (const char* name : {"l2sp_value_and_grad_", "sgd_l2sp_step_", "adamw_l2sp_step_"})
+    m.impl(name, tlkernels::bump_written_versions_kernel());
+}

@@ -18,7 +18,6 @@ from tlkernels._extension import HAS_C, HAS_TRITON
 __all__ = ["HAS_C", "OPS", "register_op", "define_like", "op", "has_op"]
 
 _LIB = None  # the definitions of the Python-only ops
-_VERSION_LIB = None  # the version-counter kernels of ops that write their arguments
 
 # CUDA paths (register_op's `cuda`):
 COMPILED = "compiled"  # the compiled library's CUDA kernel (ATen strategies or a .cu kernel); in a build without
@@ -74,7 +73,8 @@ def register_op(name, reference, *, cuda, fake, samples, triton=None, autograd=N
     fake      the fake kernel (output shapes, dtypes and strides as every real kernel returns them)
     autograd  (backward, setup_context) for ops whose derivative Python owns; None for ops without one or whose
               autograd the compiled library registers (csrc/ops/*_autograd.cpp)
-    mutates   the op writes arguments its schema marks `(a!)`: bump their autograd version counters
+    mutates   the op writes arguments its schema marks `(a!)` (the compiled library bumps their autograd version
+              counters: csrc/ops/inplace_versions.h)
     samples   samples() -> a list of argument tuples, small and deterministic, covering the op's argument kinds
               (one test checks each against the reference, with opcheck and, for differentiable ops, gradcheck)
     """
@@ -101,30 +101,4 @@ def register_op(name, reference, *, cuda, fake, samples, triton=None, autograd=N
         grad = "python"
     else:
         grad = "none"
-    if mutates:
-        _bump_versions_of_mutated_args(name)
     OPS[name] = OpInfo(owner, cuda, cuda_kernel, True, grad, mutates, reference, samples)
-
-
-def _bump_versions_of_mutated_args(name: str):
-    """Make `tlkernels::name` bump the autograd version counter of every tensor its schema marks as written
-    (`Tensor(a!)`, `Tensor(a!)[]`), as ATen's own in-place ops do.
-
-    Why: kernels that write through data pointers (our C++/CUDA kernels, and the reference run below the
-    autograd keys) leave `tensor._version` unchanged, so anything keyed on it goes stale silently: autograd's
-    "modified by an inplace operation" check, and caches such as AdaFilter's folded eval weights (an
-    in-place optimizer step would leave them stale). The dispatcher's ADInplaceOrView
-    slot is where ATen bumps versions; this registers the same thing for our op there, then redispatches
-    to the backend kernel (the pattern of torch.library.custom_op for mutable ops)."""
-    global _VERSION_LIB
-    _VERSION_LIB = _VERSION_LIB or torch.library.Library("tlkernels", "IMPL")
-    opover = op(name)
-    written = [i for i, a in enumerate(opover._schema.arguments) if a.alias_info is not None and a.alias_info.is_write]
-    below = torch._C._after_ADInplaceOrView_keyset
-
-    def kernel(keyset, *args):
-        for i in written:
-            torch.autograd.graph.increment_version(args[i])  # a tensor or a list of tensors
-        return opover.redispatch(keyset & below, *args)
-
-    _VERSION_LIB.impl(name, kernel, "ADInplaceOrView", with_keyset=True)
