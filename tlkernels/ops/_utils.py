@@ -9,6 +9,16 @@ def fail(op, msg, exc=ValueError):
     raise exc(f"{op}: {msg}")
 
 
+def compiled_checks(check_op, *args):
+    """Run a compiled op's argument checks, `torch.ops.tlkernels.<check_op>(*args)` (csrc/ops/: the checks alone,
+    one composite kernel, no output), before the dispatcher picks a kernel by the tensors' devices and before a
+    reference runs. Skipped without the compiled library (the references then run unchecked) and while
+    torch.compile traces (no values to read: the kernels' own checks apply)."""
+    from tlkernels._extension import HAS_C
+    if HAS_C and not torch.compiler.is_compiling():
+        getattr(torch.ops.tlkernels, check_op)(*args)
+
+
 def check_tensor(op, name, t, *, dim=None, dtype=None, device=None, floating=False):
     if not isinstance(t, torch.Tensor):
         fail(op, f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)

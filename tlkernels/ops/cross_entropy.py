@@ -9,9 +9,9 @@ labels (a probability matrix) serve distillation toward a frozen source model; n
 import torch
 import torch.nn.functional as F
 
-from tlkernels._extension import HAS_C, use_reference
+from tlkernels._extension import use_reference
 from tlkernels.ops._registry import TRITON, op, register_op
-from tlkernels.ops._utils import check_tensor, fail
+from tlkernels.ops._utils import check_tensor, compiled_checks, fail
 
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 
@@ -126,9 +126,7 @@ def _check(opname, logits, target, sample_weight, reduction, ignore_index, head=
             check_tensor(opname, name, t)
     if reduction not in REDUCTIONS:
         fail(opname, f"reduction must be one of {list(REDUCTIONS)}, got {reduction!r}")
-    # (traced by torch.compile the labels have no values: the kernels' own checks apply)
-    if HAS_C and not torch.compiler.is_compiling():
-        torch.ops.tlkernels._cross_entropy_check(opname, head, logits, target, sample_weight, int(ignore_index))
+    compiled_checks("_cross_entropy_check", opname, head, logits, target, sample_weight, int(ignore_index))
 
 
 def _to_rows(opname, logits, target, sample_weight, head=""):

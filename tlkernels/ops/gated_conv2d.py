@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from torch._prims_common import suggest_memory_format
 
 from tlkernels import config
-from tlkernels._extension import HAS_C, use_reference
+from tlkernels._extension import use_reference
 from tlkernels.ops._registry import COMPILED, ONE_KERNEL, define_like, op, register_op
-from tlkernels.ops._utils import autocast_casts, check_tensor, conv_output_hw, fail, pair
+from tlkernels.ops._utils import autocast_casts, check_tensor, compiled_checks, conv_output_hw, fail, pair
 
 OP = "gated_conv2d"
 
@@ -218,13 +218,10 @@ def _resolve_padding(padding, weight, stride, dilation):
 def _check(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, stride, padding, dilation, groups):
     """The op's argument checks (csrc/ops/gated_conv2d.cpp), run by the reference: TypeError/ValueError naming
     gated_conv2d, the argument, what was expected and what came."""
-    # (under autocast the reference's convolutions cast the arguments: no common dtype yet; traced by
-    # torch.compile, the convolutions' own checks apply)
-    if HAS_C and not torch.compiler.is_compiling():
-        torch.ops.tlkernels._gated_conv2d_check(
-            input, weight_pre, weight_ft, gate, bias_pre, bias_ft, list(pair(OP, "stride", stride)),
-            list(pair(OP, "padding", padding, allow_zero=True)), list(pair(OP, "dilation", dilation)), groups,
-            not autocast_casts(input))
+    # (under autocast the reference's convolutions cast the arguments: no common dtype yet)
+    compiled_checks("_gated_conv2d_check", input, weight_pre, weight_ft, gate, bias_pre, bias_ft,
+                    list(pair(OP, "stride", stride)), list(pair(OP, "padding", padding, allow_zero=True)),
+                    list(pair(OP, "dilation", dilation)), groups, not autocast_casts(input))
 
 
 def _convert(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, groups):

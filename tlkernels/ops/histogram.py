@@ -3,9 +3,9 @@ per-channel bin edges, each summing to 1. No autograd (descriptors are computed 
 import torch
 import torch.nn.functional as F
 
-from tlkernels._extension import HAS_C, use_reference
+from tlkernels._extension import use_reference
 from tlkernels.ops._registry import COMPILED, op, register_op
-from tlkernels.ops._utils import check_tensor, full_fp32, pair
+from tlkernels.ops._utils import check_tensor, compiled_checks, full_fp32, pair
 
 def filterbank_histogram_reference(images, filters, edges, stride=1, padding=0):
     """F.conv2d, then per channel torch.bucketize and a count (the oracle; materialises all responses)."""
@@ -65,9 +65,7 @@ def filterbank_histogram(images, filters, edges, stride=1, padding=0):
     for arg, t in (("images", images), ("filters", filters), ("edges", edges)):
         check_tensor(name, arg, t)
     stride, padding = pair(name, "stride", stride), pair(name, "padding", padding, allow_zero=True)
-    # (the op's checks, csrc/ops/histogram.cpp; before the dispatcher picks a kernel by the tensors' devices)
-    if HAS_C and not torch.compiler.is_compiling():
-        torch.ops.tlkernels._filterbank_histogram_check(images, filters, edges, list(stride), list(padding))
+    compiled_checks("_filterbank_histogram_check", images, filters, edges, list(stride), list(padding))
     with torch.no_grad(), full_fp32():  # (binning turns TF32 rounding into other bins: GPU = CPU descriptors)
         if use_reference():
             return filterbank_histogram_reference(images, filters, edges.to(images.device), stride, padding)

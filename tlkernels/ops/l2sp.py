@@ -8,9 +8,9 @@ allocates nothing and is one pass over p, p0 and the gradient.
 """
 import torch
 
-from tlkernels._extension import HAS_C, use_reference
+from tlkernels._extension import use_reference
 from tlkernels.ops._registry import COMPILED, op, register_op
-from tlkernels.ops._utils import fail
+from tlkernels.ops._utils import compiled_checks, fail
 
 def _out_dtype(params, new_params):
     return torch.float64 if any(t.dtype == torch.float64 for t in (*params, *new_params)) else torch.float32
@@ -159,10 +159,8 @@ def _check(opname, params, refs, weights, new_params, grads=None, new_grads=None
     """The ops' argument checks (csrc/ops/l2sp_checks.h, through _l2sp_check), before the dispatcher picks a kernel
     by the tensors' devices and before a reference runs: TypeError/ValueError naming `opname`, the argument, what
     was expected and what came. grads/new_grads: the .grad tensors an accumulating call updates in place."""
-    # (traced by torch.compile the tensors have no memory to compare: the kernels' own checks apply)
-    if HAS_C and not torch.compiler.is_compiling():
-        torch.ops.tlkernels._l2sp_check(opname, params, refs, weights, new_params, grads is not None, grads or [],
-                                        new_grads or [])
+    compiled_checks("_l2sp_check", opname, params, refs, weights, new_params, grads is not None, grads or [],
+                    new_grads or [])
 
 
 def l2sp_penalty(params, refs, alpha=0.1, new_params=(), beta=0.0, weights=None):
