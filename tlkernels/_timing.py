@@ -70,7 +70,5 @@ def measured_choice(key, candidates, keep, run, clearly_faster=None):
 
 def chosen(key):
     """What measured_choice picked for `key`, or None before it ran (diagnostics)."""
-    if not HAS_C:
-        return None
-    flat = list(torch.ops.tlkernels._measured_choices())
-    return dict(zip(flat[0::2], flat[1::2])).get(str(key))
+    from tlkernels import _choices
+    return _choices.current().get(str(key))

@@ -152,9 +152,9 @@ inline void check_step_args(const char* op, at::TensorList params, at::TensorLis
     check_pair(op, params[i], grads[i], item("params", i), item("grads", i));
     for (size_t s = 0; s < states.size(); ++s) {
       check_pair(op, params[i], states[s][i], item("params", i), item(state_names[s], i));
-      TORCH_CHECK_VALUE(states[s][i].strides() == params[i].strides(), op, ": ", state_names[s], "[", i,
-                        "] must have the memory layout of params[", i, "] (strides ", shape_str(params[i].strides()),
-                        "), got strides ", shape_str(states[s][i].strides()));
+      TORCH_CHECK_VALUE(states[s][i].strides() == params[i].strides(), op, ": ", item(state_names[s], i),
+                        " must have the memory layout of ", item("params", i), " (strides ",
+                        shape_str(params[i].strides()), "), got strides ", shape_str(states[s][i].strides()));
     }
     const auto r = refs.get(i);
     if (r.has_value()) check_pair(op, params[i], *r, item("params", i), item("refs", i));

@@ -114,13 +114,21 @@ register_op("joint_cross_entropy", _joint_impl(_ref_impl), cuda=TRITON, triton=_
             fake=_joint_fake, samples=_joint_samples)
 
 
+def _names(head):
+    """The names of one head's arguments in error messages (logits, target, sample_weight, class weights):
+    cross_entropy's (head "") or one head of joint_cross_entropy's ("target", "source"); the compiled checks name
+    them alike (HeadNames, csrc/ops/cross_entropy.h)."""
+    if not head:
+        return "logits", "target", "sample_weight", "weight"
+    return f"{head}_logits", f"{head}_labels", f"{head}_sample_weight", f"{head}_class_weight"
+
+
 def _check(opname, logits, target, sample_weight, reduction, ignore_index, head=""):
     """One head's (N, C) rows: the Python types and the reduction's name here, then the op's checks
     (csrc/ops/cross_entropy.cpp, through _cross_entropy_check, before the dispatcher picks a kernel by the tensors'
     devices; hard labels outside [0, C) included): TypeError/ValueError naming `opname` and the argument (head
     "": logits, target, sample_weight; "source": source_logits, source_labels, source_sample_weight)."""
-    names = ("logits", "target", "sample_weight") if not head else (f"{head}_logits", f"{head}_labels",
-                                                                      f"{head}_sample_weight")
+    names = _names(head)[:3]
     for name, t in zip(names, (logits, target, sample_weight)):
         if t is not None or name != names[2]:
             check_tensor(opname, name, t)
@@ -132,7 +140,7 @@ def _check(opname, logits, target, sample_weight, reduction, ignore_index, head=
 def _to_rows(opname, logits, target, sample_weight, head=""):
     """Logits of shape (C,), (N, C) or (N, C, d1, ..., dk) and their targets as the (rows, C) matrix the kernels
     take (class dimension last), plus the shape of the per-element loss (for reduction="none")."""
-    name, tname = ("logits", "target") if not head else (f"{head}_logits", f"{head}_labels")
+    name, tname = _names(head)[:2]
     check_tensor(opname, name, logits)
     if not isinstance(target, torch.Tensor):
         fail(opname, f"{tname} must be a torch.Tensor, got {type(target).__name__}", TypeError)
@@ -237,7 +245,7 @@ def _cross_entropy(name, logits, target, weight, ignore_index, reduction, label_
                               1.0, head) * scale.reshape(())
     x, t, sw, shape = _to_rows(name, logits, target, sample_weight, head)
     _check(name, x, t, sw, reduction, ignore_index, head)
-    _check_options(name, x, weight, label_smoothing, f"{head}_class_weight" if head else "weight")
+    _check_options(name, x, weight, label_smoothing, _names(head)[3])
     if label_smoothing == 0 and (weight is None or not t.is_floating_point()):
         if weight is None:
             loss = _ce_rows(x, t, sw, ignore_index, reduction, scale)
