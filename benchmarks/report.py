@@ -25,6 +25,7 @@ TARGETS = [
     ("test_bench_gated_conv2d", r"64ch 56x56 3x3 fwdbwd_no_gate_grad$", "tlkernels", "naive", 1.5),
     ("test_bench_gated_conv2d", r".", "tlkernels", "naive", 1.0),
     ("test_bench_gated_conv2d", r"fwd_hard_filter$", "tlkernels", "plain", 1 / 1.3),  # <= 1.3x one plain conv's time
+    ("test_bench_gated_conv2d", r"fwd_hard_filter bf16$", "tlkernels", "plain", 1 / 1.5),  # bf16: <= 1.5x
     ("test_bench_losses", r"^joint cross-entropy", "tlkernels", "naive", 1.5),
     ("test_bench_losses", r"^l2sp value\+grad resnet50", "tlkernels_autograd", "naive", 2.0),
     ("test_bench_losses", r"^l2sp value\+grad added into", "tlkernels", "naive", 5.0),

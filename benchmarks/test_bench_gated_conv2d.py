@@ -1,4 +1,5 @@
-"""Gated convolution, N=32, ResNet-50 stage shapes, on each device of conftest.bench_devices. Providers:
+"""Gated convolution, N=32, ResNet-50 stage shapes, float32 and bfloat16 (`bf16` in the group name: input,
+weights and gates in bfloat16), on each device of conftest.bench_devices. Providers:
 naive     two F.conv2d and a blend (what the papers' code does)
 grouped   batch folded into groups with per-image blended weights (CondConv-style code)
 plain     one F.conv2d (the floor)
@@ -19,6 +20,7 @@ N = 32
 SHAPES = [(64, 56, 3), (64, 56, 1), (128, 28, 3), (128, 28, 1), (256, 14, 3), (256, 14, 1), (512, 7, 3), (512, 7, 1)]
 MODES = ["fwd_hard_filter", "fwd_hard_image", "fwd_soft", "fwdbwd_gate_grad", "fwdbwd_no_gate_grad"]
 PROVIDERS = ["naive", "grouped", "plain", "tlkernels"]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def naive(x, wp, wf, g, p):
@@ -48,19 +50,21 @@ FN = {"naive": naive, "grouped": grouped, "plain": plain, "tlkernels": ours}
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}ch{s[1]}px{s[2]}x{s[2]}")
-def test_gated_conv2d(benchmark, shape, mode, provider, device):
+@pytest.mark.parametrize("precision", DTYPES)
+def test_gated_conv2d(benchmark, precision, shape, mode, provider, device):
     c, hw, k = shape
-    benchmark.group = f"gated_conv2d {c}ch {hw}x{hw} {k}x{k} {mode}"
+    dt = DTYPES[precision]
+    benchmark.group = f"gated_conv2d {c}ch {hw}x{hw} {k}x{k} {mode}" + ("" if precision == "fp32" else f" {precision}")
     benchmark.extra_info["provider"] = provider
-    x = torch.randn(N, c, hw, hw, device=device)
-    wp = torch.randn(c, c, k, k, device=device) * 0.05
+    x = torch.randn(N, c, hw, hw, device=device, dtype=dt)
+    wp = torch.randn(c, c, k, k, device=device, dtype=dt) * 0.05
     wf = (wp + 0.01 * torch.randn_like(wp)).requires_grad_(mode.startswith("fwdbwd"))
     if mode == "fwd_hard_image":
-        g = (torch.rand(N, device=device) > 0.5).float()
+        g = (torch.rand(N, device=device) > 0.5).to(dt)
     elif mode == "fwd_hard_filter":
-        g = (torch.rand(N, c, device=device) > 0.5).float()
+        g = (torch.rand(N, c, device=device) > 0.5).to(dt)
     else:
-        g = torch.rand(N, c, device=device)
+        g = torch.rand(N, c, device=device, dtype=dt)
     g.requires_grad_(mode == "fwdbwd_gate_grad")
     fn, p = FN[provider], k // 2
     if provider == "tlkernels" and mode.startswith("fwd_hard"):

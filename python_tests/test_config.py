@@ -65,7 +65,7 @@ def test_the_environment_is_read_at_import_and_reaches_the_compiled_library():
 
 @pytest.mark.parametrize("var,value,choices", [
     ("TLKERNELS_GATED_CONV", "fastest", "auto, heuristic, routed, mix, blended, grouped, concat, brgemm, bmm, "
-                                        "triton, reference"),
+                                        "twoconv, triton, reference"),
     ("TLKERNELS_CPU_ISA", "avx9000", "native, avx512, avx2, scalar"),
     ("TLKERNELS_KNN_GEMM", "mkl", "auto, torch, numpy"),
     ("TLKERNELS_BACKEND", "Reference", "auto, reference")])

@@ -7,7 +7,7 @@ import torch
 
 from tlkernels.ops import gated_conv2d, gated_conv2d_reference
 
-STRATEGIES = ["routed", "mix", "brgemm", "blended", "grouped", "concat", "bmm", "heuristic", "auto"]
+STRATEGIES = ["routed", "mix", "brgemm", "blended", "grouped", "concat", "bmm", "twoconv", "heuristic", "auto"]
 # (N, C_in, H, C_out, k, stride, padding, dilation, groups)
 SHAPES = [
     (3, 4, 9, 6, 3, 1, 1, 1, 1),
@@ -61,7 +61,7 @@ def applicable(strategy, gate_kind, hard, dtype, shape, channels_last=False):
         return dtype == torch.float32 and groups == 1
     if strategy == "bmm":
         return k == 1 and padding == 0 and (groups == 1 or not channels_last)
-    return strategy in ("blended", "grouped", "concat")
+    return strategy in ("blended", "grouped", "concat", "twoconv")
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -81,7 +81,7 @@ def test_strategy_float64_forward_and_all_gradients(settings, strategy, shape, g
         assert used == [strategy, strategy]
 
 
-@pytest.mark.parametrize("strategy", ["mix", "brgemm", "blended", "grouped", "concat", "bmm", "auto"])
+@pytest.mark.parametrize("strategy", ["mix", "brgemm", "blended", "grouped", "concat", "bmm", "twoconv", "auto"])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("shape", [(4, 8, 7, 16, 3, 1, 1, 1, 1), (4, 16, 7, 8, 1, 1, 0, 1, 1), (3, 8, 10, 16, 1, 2, 0, 1, 1),
                                    (2, 8, 6, 8, 1, 1, 0, 1, 2), (2, 12, 5, 20, 1, 1, 0, 1, 1)],
@@ -106,7 +106,7 @@ def test_strategy_float32(settings, strategy, channels_last, shape, gate_kind, h
         assert gs[0].is_contiguous(memory_format=torch.channels_last)
 
 
-@pytest.mark.parametrize("strategy,k", [("routed", 3), ("blended", 3), ("grouped", 3), ("concat", 3), ("auto", 3),
+@pytest.mark.parametrize("strategy,k", [("routed", 3), ("blended", 3), ("grouped", 3), ("concat", 3), ("twoconv", 3), ("auto", 3),
                                         ("bmm", 1), ("auto", 1)])
 @pytest.mark.parametrize("gate_kind,hard", [("image", True), ("filter", False)])
 def test_strategy_bfloat16_error_budget(settings, strategy, k, gate_kind, hard):
@@ -175,6 +175,63 @@ def test_a_recorded_pick_that_does_not_apply_is_measured_again(settings):
     assert dict(zip(*[iter(torch.ops.tlkernels._measured_choices())] * 2))[key] == last()[0]
 
 
+def test_the_measured_rule_never_keeps_a_pick_slower_than_the_naive_candidate():
+    """The rule of every measured choice (csrc/ops/measured_choice.h), with made-up times: the kept pick stays
+    against a candidate within the noise margin, unless it was measured slower than the naive-equivalent one; then
+    the fastest wins. A fake slow strategy loses."""
+    rec = torch.ops.tlkernels._measured_choice_record
+    names = ["kept", "other", "naive"]
+    # kept 1.0, other 0.9 (not clearly faster): kept stays where no candidate is naive-equivalent ...
+    assert rec("rule-test|a", names, [1.0, 0.9, 0.95], 0, None) == "kept"
+    # ... and gives way where the naive way's candidate measured faster than it: the fastest of all wins
+    assert rec("rule-test|b", names, [1.0, 0.9, 0.95], 0, None, 2) == "other"
+    assert rec("rule-test|c", names, [1.0, 0.99, 0.95], 0, None, 2) == "naive"
+    assert rec("rule-test|d", names, [0.9, 0.95, 0.95], 0, None, 2) == "kept"  # not slower than naive: stays
+    with pytest.raises(ValueError, match="naive among them or -1, got 3 candidates, 3 times, keep 0, naive 3"):
+        rec("rule-test|e", names, [1.0, 0.9, 0.95], 0, None, 3)
+
+
+def _plan_key(before):
+    (key,) = [k for k in torch.ops.tlkernels._measured_choices()[0::2] if k not in before and k.startswith("plan|")]
+    return key
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_training_plan_is_measured_and_either_plan_is_exact(settings, dtype):
+    """A CPU training call whose per-filter gate needs a gradient measures two plans once per signature (the
+    forward keeps y_f - y_p, the naive way's work, or not) and records the pick; each plan, forced through the
+    table, gives the reference's output and gradients. Without a gate gradient nothing is measured."""
+    settings(gated_conv="auto")
+    ts, kw = make((5, 7, 7, 23, 3, 1, 1, 1, 1), dtype, "filter", False, bias=True, channels_last=False, seed=3)
+    before = set(torch.ops.tlkernels._measured_choices()[0::2])
+    ref = run(gated_conv2d_reference, [t.double() for t in ts], kw)
+    low = run(gated_conv2d_reference, ts, kw)  # (the reference in the same precision: its own error is the budget)
+
+    def check(got, exact, own):  # err <= 2 x the reference's own error in this precision, + one rounding (ulp)
+        err = (got.double() - exact).abs().max().item()
+        ulp = max(1e-4, torch.finfo(dtype).eps) * max(1.0, exact.abs().max().item())
+        assert err <= 2 * (own.double() - exact).abs().max().item() + ulp
+
+    y, grads = run(gated_conv2d, ts, kw)
+    key = _plan_key(before)
+    table = dict(zip(*[iter(torch.ops.tlkernels._measured_choices())] * 2))
+    assert table[key] in ("recompute_diff", "keep_diff")
+    for plan, forward in (("keep_diff", "concat"), ("recompute_diff", None)):
+        torch.ops.tlkernels._set_measured_choices([key, plan])
+        y, grads = run(gated_conv2d, ts, kw)
+        if forward:  # (the forward that keeps y_f - y_p computes both branches in one convolution)
+            assert last()[0] == forward
+        else:
+            assert last()[0] != "concat" or dtype != torch.float32
+        check(y, ref[0], low[0])
+        for g, r, r_low in zip(grads, ref[1], low[1]):
+            check(g, r, r_low)
+    before = set(torch.ops.tlkernels._measured_choices()[0::2])
+    x, wp, wf, gate = ts[0].clone().requires_grad_(), ts[1], ts[2].clone().requires_grad_(), ts[3]
+    gated_conv2d(x, wp, wf, gate, **kw).sum().backward()
+    assert not [k for k in torch.ops.tlkernels._measured_choices()[0::2] if k not in before and k.startswith("plan|")]
+
+
 def test_unknown_setting_is_a_clear_error(settings):
     ts, kw = make((2, 4, 6, 5, 3, 1, 1, 1, 1), torch.float32, "filter", False, bias=False, channels_last=False)
     settings(gated_conv="concat")
@@ -209,7 +266,7 @@ def test_triton_setting_runs_the_triton_kernels_in_the_interpreter(settings):
         torch.testing.assert_close(g, gr)
 
 
-@pytest.mark.parametrize("strategy", ["auto", "mix", "brgemm", "blended", "grouped", "concat", "bmm"])
+@pytest.mark.parametrize("strategy", ["auto", "mix", "brgemm", "blended", "grouped", "concat", "bmm", "twoconv"])
 def test_fake_and_kernels_agree_on_strides_with_channels_last_weights(settings, strategy):
     """After model.to(memory_format=torch.channels_last) weights are channels_last too: the fake kernels and
     every strategy must return gradients with the same strides."""

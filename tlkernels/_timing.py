@@ -40,10 +40,11 @@ def register_names(names):
     return names
 
 
-def measured_choice(key, candidates, keep, run, clearly_faster=None):
+def measured_choice(key, candidates, keep, run, clearly_faster=None, naive=None):
     """The fastest of several exact ways to do one thing on the running host, for call signature `key` (cuDNN
     benchmark mode's idea), once per key in the process; `keep` (the fixed rule's pick) stays unless another is
-    faster by the factor clearly_faster (default: the compiled ops'). The table of picks, the timing rounds and
+    faster by the factor clearly_faster (default: the compiled ops'), and never when measured slower than the
+    candidate `naive` (the naive way's work; None: no such candidate). The table of picks, the timing rounds and
     the rule are the compiled library's (csrc/ops/measured_choice.h); this times the candidates, Python callables
     run(c) that it cannot call, and hands it the times. Without the compiled library: `keep`, unmeasured (the
     Python ops that measure run beside compiled kernels)."""
@@ -64,7 +65,8 @@ def measured_choice(key, candidates, keep, run, clearly_faster=None):
             if rnd >= warmup:
                 best[i] = min(best[i], time.perf_counter() - t0)
     keep_i = names.index(str(keep)) if str(keep) in names else 0
-    pick = ops._measured_choice_record(key, names, best, keep_i, clearly_faster)
+    naive_i = -1 if naive is None else names.index(str(naive))
+    pick = ops._measured_choice_record(key, names, best, keep_i, clearly_faster, naive_i)
     return candidates[names.index(pick)]
 
 

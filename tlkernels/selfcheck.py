@@ -78,7 +78,7 @@ def check_gated_conv2d(rep, device, dtypes, quick):
         (4, 16, 7, 32, 1, 1, 0, 1, 1, False), (0, 4, 6, 5, 3, 1, 1, 1, 1, False)]
     if quick:
         shapes = shapes[:2] + shapes[-1:]
-    strategies = ["auto", "routed", "concat", "blended"] + ([] if quick else ["grouped", "mix", "brgemm", "bmm", "heuristic"])
+    strategies = ["auto", "routed", "concat", "blended"] + ([] if quick else ["grouped", "mix", "brgemm", "bmm", "twoconv", "heuristic"])
     if device.type == "cuda" and _triton_available():
         strategies.append("triton")
     for st in strategies:

@@ -32,11 +32,12 @@ GatedConv2dGrads gated_conv2d_backward(const at::Tensor& grad_output, const at::
                                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                        int64_t groups, bool hard, c10::List<bool> output_mask);
 
-// Whether a forward whose gate needs a gradient keeps diff: where the chosen path computes both branches
-// anyway (ops/gated_conv2d_aten.cpp, beside the strategy choice it follows).
-bool gated_conv2d_keeps_diff(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& gate, bool hard,
-                             at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                             int64_t groups);
+// Whether a forward whose gate needs a gradient keeps diff: measured on CPU tensors, or where the chosen path
+// computes both branches anyway (ops/gated_conv2d_aten.cpp, beside the strategy choice).
+bool gated_conv2d_keeps_diff(const at::Tensor& input, const at::Tensor& weight_pre, const at::Tensor& weight_ft,
+                             const at::Tensor& gate, const c10::optional<at::Tensor>& bias_pre,
+                             const c10::optional<at::Tensor>& bias_ft, at::IntArrayRef stride, at::IntArrayRef padding,
+                             at::IntArrayRef dilation, int64_t groups, bool hard);
 
 // Validates the arguments of gated_conv2d (every kernel, and the reference through _gated_conv2d_check):
 // ValueError / TypeError in Python, naming the op, the argument, what was expected and what came. same_dtype:

@@ -17,6 +17,8 @@
 //               GEMM (BLAS) with one conv's FLOPs and no per-image library calls.
 //   * concat  - one conv over [Wp; Wf] (x read once, one large GEMM) and a fused lerp epilogue. Two convs'
 //               FLOPs at full GEMM efficiency; returns diff = y_f - y_p for free (dL/dg then needs no conv).
+//   * twoconv - the naive way's work: two library convolutions and a lerp (diff free). Every measured choice
+//               has it as the candidate it may never be measured slower than.
 //  backward
 //   * routed  - one convolution backward per part.
 //   * grouped - one grouped conv backward yields dx and the per-image weight gradients dW_b, from which
@@ -27,6 +29,7 @@
 //   * mix     - dx and (with a gate gradient) dWf, dWp, dL/dg from the small-map engine (brgemm: its dx GEMM
 //               on the BRGeMM ukernel).
 //   * concat  - dx from one conv-transpose over [Wp; Wf] with ((1-g)dy, g dy).
+//   * twoconv - one library convolution backward per branch with (1-g)dy and g dy.
 // Choice (TLKERNELS_GATED_CONV): `auto` measures the applicable strategies once per call signature (shape,
 // dtype, layout, gate kind, gradient mask, threads) on CPU tensors and keeps the fastest for the process,
 // as cuDNN's benchmark mode does; on CUDA tensors it reads nothing from the device but the sizes of a routed
@@ -73,8 +76,8 @@ constexpr int64_t kBmmMinPixelsBackward = 196;
 // From this many output pixels up, oneDNN's grouped conv (batch folded into groups) is efficient.
 constexpr int64_t kGroupedMinPixels = 784;
 
-constexpr const char* kNames[] = {"routed", "mix", "blended", "grouped", "concat", "brgemm", "bmm"};
-constexpr int kStrategies = 7;
+constexpr const char* kNames[] = {"routed", "mix", "blended", "grouped", "concat", "brgemm", "bmm", "twoconv"};
+constexpr int kStrategies = 8;
 const ChoiceNames kRegisterNames(kNames);
 
 struct Setting {
@@ -121,9 +124,9 @@ Strategy choose(const Setting& s, const std::vector<Strategy>& cands, Strategy h
   for (Strategy c : cands)
     if (s.mode == Setting::Forced && c == s.forced) return c;
   if (cands.size() == 1 || s.mode == Setting::Heuristic || !on_cpu) return heuristic;
-  // (the heuristic stays unless another is clearly faster, and never when measured slower than concat, the
-  // naive way's work: both convolutions as one library call, and a blend)
-  return measured_choice(key, cands, heuristic, kNames, run, std::optional<Strategy>(Strategy::Concat));
+  // (the heuristic stays unless another is clearly faster, and never when measured slower than twoconv, the
+  // naive way's work)
+  return measured_choice(key, cands, heuristic, kNames, run, std::optional<Strategy>(Strategy::TwoConv));
 }
 
 // The strategies the last forward and backward call on this thread took (diagnostics: tests check that a
@@ -195,15 +198,15 @@ std::tuple<at::Tensor, at::Tensor> forward_kernel(
   const bool on_cpu = cpu_path(input);
   const GateView gv = inspect(gate, hard, on_cpu, s);
   const bool binary = gv.binary;
-  const bool concat_only = save_diff && s.mode != Setting::Forced;  // (asked for y_f - y_p: concat has it free)
+  const bool concat_only = save_diff && s.mode != Setting::Forced;  // (asked for y_f - y_p: concat and twoconv have it free)
   Route rt;
   const bool routable = gv.routed_gate.defined() && !concat_only && route(gv.routed_gate, rt);
   std::vector<Strategy> cands;
   Strategy heuristic;
   const bool mix_ok = on_cpu && mix::applicable(input, a, P);
   const bool bmm_ok = bmm_applicable(input, weight_pre, a);
-  if (concat_only) {
-    cands = {Strategy::Concat};
+  if (concat_only) {  // (the two paths that compute both branches)
+    cands = {Strategy::Concat, Strategy::TwoConv};
     heuristic = Strategy::Concat;
   } else {
     // Routing is one convolution's FLOPs, but splitting the batch costs copies and smaller library calls:
@@ -211,7 +214,7 @@ std::tuple<at::Tensor, at::Tensor> forward_kernel(
     if (routable) cands.push_back(Strategy::Routed);
     if (mix_ok) cands.insert(cands.end(), {Strategy::Mix, Strategy::Brgemm});
     if (bmm_ok) cands.push_back(Strategy::Bmm);
-    cands.insert(cands.end(), {Strategy::Blended, Strategy::Grouped, Strategy::Concat});
+    cands.insert(cands.end(), {Strategy::Blended, Strategy::Grouped, Strategy::Concat, Strategy::TwoConv});
     heuristic = routable ? Strategy::Routed : !on_cpu ? Strategy::Concat
                 : bmm_ok && P >= kBmmMinPixels ? Strategy::Bmm : mix_ok ? Strategy::Mix
                 : P >= kBlendMinPixels ? Strategy::Blended : Strategy::Concat;
@@ -229,11 +232,13 @@ std::tuple<at::Tensor, at::Tensor> forward_kernel(
       case Strategy::Grouped: forward_grouped(input, weight_pre, weight_ft, g, bias_pre, bias_ft, a, y); break;
       case Strategy::Bmm: forward_bmm(xin, weight_pre, weight_ft, g, bias_pre, bias_ft, a, y); break;
       case Strategy::Concat: forward_concat(input, weight_pre, weight_ft, g, bias_pre, bias_ft, a, y, d); break;
+      case Strategy::TwoConv: forward_twoconv(input, weight_pre, weight_ft, g, bias_pre, bias_ft, a, y, d); break;
     }
   };
   // (routable gates have one candidate more: their own signature)
   const Strategy st = choose(s, cands, heuristic, on_cpu,
-                             call_key("fwd", input, weight_pre, gate, a, binary, routable ? "r" : ""),
+                             call_key("fwd", input, weight_pre, gate, a, binary,
+                                      std::string(routable ? "r" : "") + (concat_only ? "d" : "")),
                              [&](Strategy c) {
                                at::Tensor y = at::empty_like(out);
                                run(c, y, nullptr);
@@ -288,7 +293,7 @@ Grads backward_kernel(const at::Tensor& grad_output, const at::Tensor& input, co
     if (routable) cands.push_back(Strategy::Routed);  // (measured against the others, as forward)
     if (mix_ok) cands.insert(cands.end(), {Strategy::Mix, Strategy::Brgemm});
     if (bmm_ok) cands.push_back(Strategy::Bmm);
-    cands.insert(cands.end(), {Strategy::Blended, Strategy::Grouped, Strategy::Concat});
+    cands.insert(cands.end(), {Strategy::Blended, Strategy::Grouped, Strategy::Concat, Strategy::TwoConv});
     heuristic = routable ? Strategy::Routed
                 : !on_cpu ? Strategy::Concat
                 : bmm_ok && !m.gate && P >= kBmmMinPixelsBackward ? Strategy::Bmm
@@ -303,8 +308,8 @@ Grads backward_kernel(const at::Tensor& grad_output, const at::Tensor& input, co
       // With a gate gradient and no saved y_f - y_p, the mix engine's weight pass gives dWf, dWp and dL/dg
       // together (one weight-gradient's FLOPs instead of a weight gradient plus a conv with Wf - Wp).
       const bool wmix = (st == Strategy::Mix || st == Strategy::Brgemm) && m.gate && !has_diff;
-      Grads q = st == Strategy::Grouped
-                    ? backward_grouped(dy, x, weight_pre, weight_ft, g, a, m)
+      Grads q = st == Strategy::Grouped   ? backward_grouped(dy, x, weight_pre, weight_ft, g, a, m)
+                : st == Strategy::TwoConv ? backward_twoconv(dy, x, weight_pre, weight_ft, g, bias_pre, bias_ft, diff, a, m)
                     : backward_general(dy, x, weight_pre, weight_ft, g, bias_pre, bias_ft, diff, a, m, st, wmix);
       const bool bias_in_dg = m.gate && (has(bias_pre) || has(bias_ft)) && (st == Strategy::Grouped || wmix);
       if (m.bias_pre || m.bias_ft || bias_in_dg) {
@@ -346,25 +351,90 @@ std::vector<std::string> last_strategies() { return {last_forward, last_backward
 }  // namespace
 }  // namespace gconv
 
+namespace gconv {
+namespace {
+
 // Where the forward computes both branches anyway, keeping their difference saves the backward a convolution
 // for dL/dg. CUDA tensors: every gate but an (N,) hard one takes concat (both branches). CPU tensors: the
 // small-map concat path for per-filter gates (below kBlendMinPixels output pixels), except float32 with
 // groups 1, where the small-map engine blends the branches in the forward and computes dL/dg with the weight
 // gradient in the backward. The Triton kernels compute dL/dg themselves. Sizes may be symbolic (torch.compile).
-bool gated_conv2d_keeps_diff(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& gate, bool hard,
-                             at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                             int64_t groups) {
-  if (gconv::setting().mode == gconv::Setting::Triton) return false;
-  // (arguments the kernel will refuse: no diff, and the kernel's check reports them)
-  if (input.dim() != 4 || weight.dim() != 4 || stride.size() != 2 || padding.size() != 2 || dilation.size() != 2)
-    return false;
-  for (int d = 0; d < 2; ++d)
-    if (stride[d] < 1 || dilation[d] < 1) return false;
+bool keeps_diff_rule(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& gate, bool hard,
+                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   if (!cpu_path(input)) return !(hard && gate.dim() == 1);
   if (gate.dim() != 2 || (input.scalar_type() == at::kFloat && groups == 1)) return false;
   const auto out = at::native::conv_output_size(input.sym_sizes(), weight.sym_sizes(), c10::fromIntArrayRefSlow(padding),
                                                 c10::fromIntArrayRefSlow(stride), c10::fromIntArrayRefSlow(dilation));
-  return out[2] * out[3] < gconv::kBlendMinPixels;
+  return out[2] * out[3] < kBlendMinPixels;
+}
+
+// The training plans of a CPU call whose per-filter gate needs a gradient, measured forward and backward
+// together: `recompute_diff` (the forward keeps nothing; the backward forms dL/dg itself) and `keep_diff` (the
+// forward computes both branches in one convolution over [Wp; Wf] and keeps y_f - y_p: the naive way's work,
+// the candidate the choice may never be slower than).
+enum class Plan { Recompute, Keep };
+constexpr const char* kPlanNames[] = {"recompute_diff", "keep_diff"};
+const ChoiceNames kRegisterPlanNames(kPlanNames);
+
+// Tensors whose values the kernels can read now (not fake, functorch-wrapped or symbolic: torch.compile's
+// tracing takes the rule).
+bool concrete(const at::Tensor& t) {
+  return t.has_storage() && !t.key_set().has(c10::DispatchKey::Python) &&
+         !t.unsafeGetTensorImpl()->has_symbolic_sizes_strides();
+}
+
+bool measured_keeps_diff(const at::Tensor& input, const at::Tensor& weight_pre, const at::Tensor& weight_ft,
+                         const at::Tensor& gate, const c10::optional<at::Tensor>& bias_pre,
+                         const c10::optional<at::Tensor>& bias_ft, at::IntArrayRef stride, at::IntArrayRef padding,
+                         at::IntArrayRef dilation, int64_t groups, bool hard, bool rule) {
+  // the gradients autograd will ask for: those of the arguments that require one
+  c10::List<bool> mask({input.requires_grad(), weight_pre.requires_grad(), weight_ft.requires_grad(), true,
+                        has(bias_pre) && bias_pre->requires_grad(), has(bias_ft) && bias_ft->requires_grad()});
+  std::ostringstream mk;
+  for (bool b : mask) mk << b;
+  const ConvArgs a{stride, padding, dilation, groups};
+  const std::string key =
+      call_key("plan", input, weight_pre, gate, a, gate_is_binary(gate, hard), mk.str() + (hard ? "h" : ""));
+  at::NoGradGuard no_grad;  // (the kernels run below autograd: nothing here is recorded)
+  at::AutoDispatchBelowADInplaceOrView below;
+  at::Tensor dy;  // (ones: no draw from the random generator, which the caller's training may depend on)
+  const Plan p = measured_choice(
+      key, std::vector<Plan>{Plan::Recompute, Plan::Keep}, rule ? Plan::Keep : Plan::Recompute, kPlanNames,
+      [&](Plan c) {
+        auto [y, diff] = forward_kernel(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, stride, padding,
+                                        dilation, groups, hard, c == Plan::Keep);
+        if (!dy.defined()) dy = at::ones_like(y);
+        backward_kernel(dy, input, weight_pre, weight_ft, gate, bias_pre, bias_ft, diff, stride, padding, dilation,
+                        groups, hard, mask);
+      },
+      std::optional<Plan>(Plan::Keep));
+  return p == Plan::Keep;
+}
+
+}  // namespace
+}  // namespace gconv
+
+// Whether a forward whose gate needs a gradient keeps diff = y_f - y_p. CPU tensors in the `auto` setting, with
+// per-filter gates and a batch: measured (measured_keeps_diff), so that a training step is never measured
+// slower than the naive way's work; elsewhere the fixed rule (keeps_diff_rule).
+bool gated_conv2d_keeps_diff(const at::Tensor& input, const at::Tensor& weight_pre, const at::Tensor& weight_ft,
+                             const at::Tensor& gate, const c10::optional<at::Tensor>& bias_pre,
+                             const c10::optional<at::Tensor>& bias_ft, at::IntArrayRef stride, at::IntArrayRef padding,
+                             at::IntArrayRef dilation, int64_t groups, bool hard) {
+  const gconv::Setting s = gconv::setting();
+  if (s.mode == gconv::Setting::Triton) return false;
+  // (arguments the kernel will refuse: no diff, and the kernel's check reports them)
+  if (input.dim() != 4 || weight_pre.dim() != 4 || stride.size() != 2 || padding.size() != 2 || dilation.size() != 2)
+    return false;
+  for (int d = 0; d < 2; ++d)
+    if (stride[d] < 1 || dilation[d] < 1) return false;
+  const bool rule = gconv::keeps_diff_rule(input, weight_pre, gate, hard, stride, padding, dilation, groups);
+  bool measurable = s.mode == gconv::Setting::Auto && cpu_path(input) && gate.dim() == 2;
+  for (const at::Tensor* t : {&input, &weight_pre, &weight_ft, &gate})
+    measurable = measurable && gconv::concrete(*t);
+  if (!measurable || input.sym_size(0) == 0) return rule;
+  return gconv::measured_keeps_diff(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, stride, padding, dilation,
+                                    groups, hard, rule);
 }
 
 TORCH_LIBRARY_FRAGMENT(tlkernels, m) {

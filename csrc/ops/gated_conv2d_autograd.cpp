@@ -73,7 +73,8 @@ at::Tensor gated_conv2d_autograd(const at::Tensor& input, const at::Tensor& weig
                                  const c10::optional<at::Tensor>& bias_ft, at::IntArrayRef stride,
                                  at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool hard) {
   const bool save_diff = at::GradMode::is_enabled() && gate.requires_grad() &&
-                         gated_conv2d_keeps_diff(input, weight_pre, gate, hard, stride, padding, dilation, groups);
+                         gated_conv2d_keeps_diff(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, stride,
+                                                 padding, dilation, groups, hard);
   return GatedConv2dFn::apply(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, stride, padding, dilation,
                               groups, hard, save_diff)[0];
 }

@@ -61,6 +61,42 @@ Grads backward_routed(const at::Tensor& dy, const at::Tensor& x, const at::Tenso
   return {dx, dW[0], dW[1], dg, dB[0], dB[1]};
 }
 
+// The naive way's backward: one library convolution backward per branch on its share of dy ((1-g) dy, g dy),
+// dL/dg from the forward's diff (else from one conv with Wf - Wp).
+Grads backward_twoconv(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf,
+                       const at::Tensor& g, const c10::optional<at::Tensor>& bp, const c10::optional<at::Tensor>& bf,
+                       const at::Tensor& diff, const ConvArgs& a, const GradMask& m) {
+  const at::Tensor g4 = g.view({g.size(0), g.size(1), 1, 1});
+  at::Tensor dx, dwp, dwf, dg;
+  const at::Tensor* W[2] = {&wp, &wf};
+  const bool need_w[2] = {m.weight_pre, m.weight_ft};
+  // A strided 1x1 convolution's backward on channels_last tensors runs in NCHW: oneDNN 3.12's AVX-512 1x1
+  // weight-gradient kernel writes out of bounds for some small channel counts in that layout (plain
+  // F.conv2d's backward crashes the same way: 8 -> 16 channels, 10x10, stride 2).
+  const bool nchw = wp.size(2) == 1 && wp.size(3) == 1 && (a.stride[0] > 1 || a.stride[1] > 1) &&
+                    x.suggest_memory_format() == at::MemoryFormat::ChannelsLast && !x.is_contiguous();
+  const at::Tensor xs = nchw ? x.contiguous() : x;
+  for (int s = 0; s < 2; ++s) {
+    if (!m.input && !need_w[s]) continue;
+    at::Tensor dys = s == 0 ? dy * (1 - g4) : dy * g4;
+    if (nchw) dys = dys.contiguous();
+    auto r = at::convolution_backward(dys, xs, *W[s], c10::nullopt, a.stride, a.padding,
+                                      a.dilation, false, {0, 0}, a.groups, {m.input, need_w[s], false});
+    if (m.input) dx = dx.defined() ? dx.add_(std::get<0>(r)) : std::get<0>(r);
+    if (need_w[s]) (s == 0 ? dwp : dwf) = std::get<1>(r);
+  }
+  if (m.gate) {
+    if (diff.numel() == dy.numel()) {
+      dg = pixel_dot(dy, diff);
+    } else {
+      c10::optional<at::Tensor> db;
+      if (has(bp) || has(bf)) db = bias_or_zeros(bf, wp) - bias_or_zeros(bp, wp);
+      dg = pixel_dot(dy, conv(x, wf - wp, db, a));
+    }
+  }
+  return {dx, dwp, dwf, dg, at::Tensor(), at::Tensor()};
+}
+
 Grads backward_grouped(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf,
                        const at::Tensor& g, const ConvArgs& a, const GradMask& m) {
   const int64_t N = x.size(0), C = wp.size(0), K = wp.numel() / C;

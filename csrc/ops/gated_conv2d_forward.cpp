@@ -102,6 +102,15 @@ void forward_concat(const at::Tensor& x, const at::Tensor& wp, const at::Tensor&
   }
 }
 
+// The naive way's work as a strategy: both branches as two library convolutions and one lerp (diff free).
+void forward_twoconv(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf, const at::Tensor& g,
+                     const c10::optional<at::Tensor>& bp, const c10::optional<at::Tensor>& bf, const ConvArgs& a,
+                     at::Tensor& out, at::Tensor* diff) {
+  const at::Tensor yp = conv(x, wp, bp, a), yf = conv(x, wf, bf, a);
+  at::lerp_out(out, yp, yf, g.view({g.size(0), g.size(1), 1, 1}));
+  if (diff) *diff = (yf - yp).contiguous(out.suggest_memory_format());
+}
+
 // The bmm strategy: a 1x1 unpadded convolution is, per image, the GEMM W (C_out x C_in) @ x (C_in x pixels) on
 // the input at the output pixels, so per-image blended weights make the gated convolution one batched GEMM
 // with exactly one convolution's FLOPs (N*C_out*C_in blended values, small next to the GEMM).

@@ -11,7 +11,7 @@
 namespace tlkernels {
 namespace gconv {
 
-enum class Strategy { Routed, Mix, Blended, Grouped, Concat, Brgemm, Bmm };
+enum class Strategy { Routed, Mix, Blended, Grouped, Concat, Brgemm, Bmm, TwoConv };
 
 // Which gradients the backward computes: the op's `bool[6] output_mask`, by name.
 struct GradMask {
@@ -54,6 +54,9 @@ void forward_blended(const at::Tensor& x, const at::Tensor& wp, const at::Tensor
 // (diff: when not null, also y_f - y_p, free on this path)
 void forward_concat(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf, const at::Tensor& g,
                     const OptTensor& bp, const OptTensor& bf, const ConvArgs& a, at::Tensor& out, at::Tensor* diff);
+// (diff: as forward_concat's)
+void forward_twoconv(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf, const at::Tensor& g,
+                     const OptTensor& bp, const OptTensor& bf, const ConvArgs& a, at::Tensor& out, at::Tensor* diff);
 void forward_bmm(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf, const at::Tensor& g,
                  const OptTensor& bp, const OptTensor& bf, const ConvArgs& a, at::Tensor& out);
 // dx of the bmm strategy: per image the blended weights' transpose times dy.
@@ -67,6 +70,9 @@ at::Tensor gate_grad_bias(const at::Tensor& dy_sum, const OptTensor& bp, const O
 Grads backward_routed(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf,
                       const Route& r, const OptTensor& bp, const OptTensor& bf, const ConvArgs& a,
                       const GradMask& m, bool per_filter);
+Grads backward_twoconv(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf,
+                       const at::Tensor& g, const OptTensor& bp, const OptTensor& bf, const at::Tensor& diff,
+                       const ConvArgs& a, const GradMask& m);
 Grads backward_grouped(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf,
                        const at::Tensor& g, const ConvArgs& a, const GradMask& m);
 // Blended, Mix, Brgemm, Bmm or Concat `st`; weights_by_mix: the engine's weight pass gives dWp, dWf and dL/dg together.

@@ -51,12 +51,14 @@ std::string recorded_choice(const std::string& key, const std::vector<std::strin
 }
 
 std::string record_choice(const std::string& key, const std::vector<std::string>& names, std::vector<double> best,
-                          int64_t keep, std::optional<double> clearly_faster) {
-  TORCH_CHECK_VALUE(!names.empty() && best.size() == names.size() && keep >= 0 &&
-                        keep < static_cast<int64_t>(names.size()),
-                    "_measured_choice_record: needs one time per candidate and keep among them, got ", names.size(),
-                    " candidates, ", best.size(), " times, keep ", keep);
-  return names[record_pick(key, names, best, static_cast<size_t>(keep), -1, clearly_faster.value_or(kClearlyFaster))];
+                          int64_t keep, std::optional<double> clearly_faster, int64_t naive) {
+  const auto n = static_cast<int64_t>(names.size());
+  TORCH_CHECK_VALUE(n > 0 && static_cast<int64_t>(best.size()) == n && keep >= 0 && keep < n && naive >= -1 &&
+                        naive < n,
+                    "_measured_choice_record: needs one time per candidate, keep among them and naive among them or "
+                    "-1, got ", n, " candidates, ", best.size(), " times, keep ", keep, ", naive ", naive);
+  return names[record_pick(key, names, best, static_cast<size_t>(keep), static_cast<int>(naive),
+                           clearly_faster.value_or(kClearlyFaster))];
 }
 
 std::vector<int64_t> rounds() { return {kRounds, kWarmupRounds}; }
@@ -66,7 +68,8 @@ std::vector<int64_t> rounds() { return {kRounds, kWarmupRounds}; }
 TORCH_LIBRARY_FRAGMENT(tlkernels, m) {
   m.def("_measured_choice_register_names(str[] names) -> ()", &register_choice_names);
   m.def("_measured_choice_recorded(str key, str[] candidates) -> str", &recorded_choice);
-  m.def("_measured_choice_record(str key, str[] candidates, float[] times, int keep, float? clearly_faster) -> str",
+  m.def("_measured_choice_record(str key, str[] candidates, float[] times, int keep, float? clearly_faster, "
+        "int naive=-1) -> str",
         &record_choice);
   m.def("_measured_choice_rounds() -> int[]", &rounds);
   m.def("_measured_choices() -> str[]", &measured_choices);

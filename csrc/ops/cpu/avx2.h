@@ -33,6 +33,19 @@ inline bool available() {
   return cpu_ok && !kCpuIsa.is("scalar");
 }
 
+}  // namespace avx2
+
+namespace avx512 {
+// The AVX-512 paths (foundation instructions only): on a CPU with AVX-512F unless `cpu_isa` caps the
+// hand-written paths at avx2 or scalar.
+inline bool available() {
+  static const bool cpu_ok = __builtin_cpu_supports("avx512f");
+  return cpu_ok && avx2::available() && !kCpuIsa.is("avx2");
+}
+}  // namespace avx512
+
+namespace avx2 {
+
 __attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
