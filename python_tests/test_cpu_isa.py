@@ -51,6 +51,12 @@ def errors(settings):
     out["gated"] = (yg.double() - gated_conv2d_reference(xg.double(), w.double(), w.double() * 0.5, g.double(),
                                                            padding=1, hard=True)).abs().max().item()
     out["gated_strategy"] = list(torch.ops.tlkernels._gated_conv2d_last_strategies())[0]
+    xb, wb, gb = xg.bfloat16(), w.bfloat16(), (g > 0.5).bfloat16()                     # bfloat16 engine
+    yb = gated_conv2d(xb, wb, wb * 0.5, gb, padding=1, hard=True)
+    exact = gated_conv2d_reference(xb.double(), wb.double(), (wb * 0.5).double(), gb.double(), padding=1, hard=True)
+    own = gated_conv2d_reference(xb, wb, wb * 0.5, gb, padding=1, hard=True)  # (its error in bfloat16: the budget)
+    out["gated_bf16"] = (yb.double() - exact).abs().max().item() / (2 * (own.double() - exact).abs().max().item())
+    out["gated_bf16_strategy"] = list(torch.ops.tlkernels._gated_conv2d_last_strategies())[0]
     return out
 
 
@@ -64,3 +70,7 @@ def test_every_isa_path_matches_the_references(settings, isa):
     has_avx2 = "avx2" in open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else False
     # the forced small-map engine runs only where the AVX2 paths are allowed; capped, another strategy serves
     assert (res["gated_strategy"] == "mix") == (has_avx2 and isa != "scalar"), res
+    assert res["gated_bf16"] <= 1.0, res  # err <= 2 x the reference's own bfloat16 error
+    # bfloat16 on the small-map engine: AVX-512 BF16 only, so not under an avx2 or scalar cap
+    has_bf16 = "avx512_bf16" in open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else False
+    assert (res["gated_bf16_strategy"] == "mix") == (has_bf16 and isa == "native"), res

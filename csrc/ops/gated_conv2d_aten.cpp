@@ -6,8 +6,9 @@
 //  forward
 //   * routed  - per-image binary gates ((N,), or (N, C_out) rows all 0 or all 1): split the batch by gate,
 //               one weight set per part: exactly one convolution's work.
-//   * mix     - CPU, float32, groups == 1, small maps, AVX2 + FMA: our per-image gated GEMM
-//               (cpu/gated_conv2d_mix.h): one conv's FLOPs, no per-image library calls.
+//   * mix     - CPU, groups == 1, small maps, float32 (AVX2 + FMA or AVX-512) or, in the forward, bfloat16
+//               (AVX-512 BF16): our per-image gated GEMM (cpu/gated_conv2d_mix.h): one conv's FLOPs, no
+//               per-image library calls.
 //   * brgemm  - the same engine with oneDNN's BRGeMM ukernel (through ATen, JIT for the running ISA: AVX2,
 //               AVX-512, ...) as its micro-kernel in place of ours.
 //   * blended - per image blend the weights (C_out*K values, tiny next to the conv) and run one conv on that
@@ -203,7 +204,7 @@ std::tuple<at::Tensor, at::Tensor> forward_kernel(
   const bool routable = gv.routed_gate.defined() && !concat_only && route(gv.routed_gate, rt);
   std::vector<Strategy> cands;
   Strategy heuristic;
-  const bool mix_ok = on_cpu && mix::applicable(input, a, P);
+  const bool mix_ok = on_cpu && mix::applicable(input, a, P, /*backward=*/false);
   const bool bmm_ok = bmm_applicable(input, weight_pre, a);
   if (concat_only) {  // (the two paths that compute both branches)
     cands = {Strategy::Concat, Strategy::TwoConv};
@@ -212,7 +213,8 @@ std::tuple<at::Tensor, at::Tensor> forward_kernel(
     // Routing is one convolution's FLOPs, but splitting the batch costs copies and smaller library calls:
     // where the gates allow it, it is measured against the others.
     if (routable) cands.push_back(Strategy::Routed);
-    if (mix_ok) cands.insert(cands.end(), {Strategy::Mix, Strategy::Brgemm});
+    if (mix_ok) cands.push_back(Strategy::Mix);
+    if (mix_ok && input.scalar_type() == at::kFloat) cands.push_back(Strategy::Brgemm);
     if (bmm_ok) cands.push_back(Strategy::Bmm);
     cands.insert(cands.end(), {Strategy::Blended, Strategy::Grouped, Strategy::Concat, Strategy::TwoConv});
     heuristic = routable ? Strategy::Routed : !on_cpu ? Strategy::Concat
@@ -288,7 +290,7 @@ Grads backward_kernel(const at::Tensor& grad_output, const at::Tensor& input, co
     const bool has_diff = diff.numel() == dy.numel();
     std::vector<Strategy> cands;
     Strategy heuristic;
-    const bool mix_ok = on_cpu && mix::applicable(x, a, P);
+    const bool mix_ok = on_cpu && mix::applicable(x, a, P, /*backward=*/true);
     const bool bmm_ok = bmm_applicable(x, weight_pre, a);
     if (routable) cands.push_back(Strategy::Routed);  // (measured against the others, as forward)
     if (mix_ok) cands.insert(cands.end(), {Strategy::Mix, Strategy::Brgemm});

@@ -11,8 +11,10 @@ namespace gconv {
 namespace mix {
 
 #ifdef TLK_HAVE_AVX2_PATH
-bool applicable(const at::Tensor& x, const ConvArgs& a, int64_t pixels) {
-  return a.groups == 1 && x.scalar_type() == at::kFloat && pixels < kMaxPixels && avx2::available();
+bool applicable(const at::Tensor& x, const ConvArgs& a, int64_t pixels, bool backward) {
+  const bool dtype_ok = x.scalar_type() == at::kFloat || (!backward && x.scalar_type() == at::kBFloat16 &&
+                                                           avx512::bf16_available());
+  return a.groups == 1 && dtype_ok && pixels < kMaxPixels && avx2::available();
 }
 
 namespace {
@@ -100,9 +102,11 @@ at::Tensor weight_panels(const at::Tensor& w) {
 
 }  // namespace
 
-void forward(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf, const at::Tensor& g,
-             const c10::optional<at::Tensor>& bp, const c10::optional<at::Tensor>& bf, const ConvArgs& a,
-             at::Tensor& out, bool binary, bool brgemm) {
+namespace {
+
+void forward_float(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf, const at::Tensor& g,
+                   const c10::optional<at::Tensor>& bp, const c10::optional<at::Tensor>& bf, const ConvArgs& a,
+                   at::Tensor& out, bool binary, mixgemm::Micro micro) {
   const int64_t N = x.size(0), C = wp.size(0), K = wp.numel() / C;
   const Geometry q(x, wp, out, a);
   const int64_t P = q.OH * q.OW;
@@ -139,7 +143,7 @@ void forward(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf, co
   // 16-pixel tile holds the whole map: then an image's kc x 16 block of A sits in L1. At 14x14 (13 tiles, A
   // streamed from L2 per tile) the blend engine is faster, and 7x7 would leave much of a 16-pixel tile empty
   // (benchmarks/test_bench_gated_conv2d.py times the stage shapes).
-  if (binary && (P == 15 || P == 16)) {
+  if (binary && (P == 15 || P == 16) && micro != mixgemm::Micro::Bf16) {
     const at::Tensor wpc = wp.contiguous(), wfc = wf.contiguous();
     mixgemm::run_hard_rows(N, P, K, C, wpc.data_ptr<float>(), wfc.data_ptr<float>(), Gd, Gld, pack,
                            [&](int64_t n, const float* Cb, int64_t ldc) {
@@ -184,8 +188,27 @@ void forward(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf, co
         }
       }
   };
-  mixgemm::run(N, P, K, C, src, Gd, Gld, true, pack, consume,
-               brgemm ? mixgemm::Micro::Brgemm : mixgemm::Micro::Avx2);
+  mixgemm::run(N, P, K, C, src, Gd, Gld, true, pack, consume, micro);
+}
+
+}  // namespace
+
+void forward(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf, const at::Tensor& g,
+             const c10::optional<at::Tensor>& bp, const c10::optional<at::Tensor>& bf, const ConvArgs& a,
+             at::Tensor& out, bool binary, bool brgemm) {
+  if (x.scalar_type() != at::kBFloat16) {
+    forward_float(x, wp, wf, g, bp, bf, a, out, binary, brgemm ? mixgemm::Micro::Brgemm : mixgemm::Micro::Avx2);
+    return;
+  }
+  // bfloat16: the float32 engine's packing and epilogue around the bfloat16 micro-kernel (operands exact in
+  // bfloat16 but for soft gates' blended weights, rounded once; float32 sums; the output rounded once).
+  auto f32 = [](const c10::optional<at::Tensor>& t) {
+    return has(t) ? c10::optional<at::Tensor>(t->to(at::kFloat)) : c10::optional<at::Tensor>();
+  };
+  at::Tensor y = at::empty(out.sizes(), out.options().dtype(at::kFloat).memory_format(out.suggest_memory_format()));
+  forward_float(x.to(at::kFloat), wp.to(at::kFloat), wf.to(at::kFloat), g, f32(bp), f32(bf), a, y, binary,
+                mixgemm::Micro::Bf16);
+  out.copy_(y);
 }
 
 // dx of the gated convolution: dx_n = conv_transpose(dy_n, (1-g_n) Wp + g_n Wf), one GEMM per image
@@ -273,7 +296,7 @@ void weight_grads(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w
       });
 }
 #else
-bool applicable(const at::Tensor&, const ConvArgs&, int64_t) { return false; }
+bool applicable(const at::Tensor&, const ConvArgs&, int64_t, bool) { return false; }
 void weight_grads(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                   const at::Tensor&, const ConvArgs&, const GradMask&, at::Tensor&, at::Tensor&, at::Tensor&) {
   TORCH_CHECK(false, "gated_conv2d: internal error: AVX2 path unavailable");

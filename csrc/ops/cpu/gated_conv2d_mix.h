@@ -13,10 +13,12 @@ namespace mix {
 // Maps of at most this many output pixels are candidates (the engine lost to oneDNN's batched paths above).
 constexpr int64_t kMaxPixels = 1024;
 
-// The engine can run this call (float32, groups == 1, small map, a CPU with AVX2 + FMA).
-bool applicable(const at::Tensor& x, const ConvArgs& a, int64_t pixels);
+// The engine can run this call (groups == 1, small map, a CPU with AVX2 + FMA; float32, or bfloat16 in the
+// forward where the CPU has AVX-512 BF16 and `cpu_isa` allows it).
+bool applicable(const at::Tensor& x, const ConvArgs& a, int64_t pixels, bool backward);
 // out = gated conv with effective (N, C_out) gates g; `binary`: every gate is 0 or 1. brgemm: the GEMM's
-// micro-kernel is oneDNN's BRGeMM ukernel (JIT for the running ISA) instead of ours (AVX2).
+// micro-kernel is oneDNN's BRGeMM ukernel (JIT for the running ISA) instead of ours (AVX2 / AVX-512; for
+// bfloat16 the AVX-512 BF16 one, brgemm ignored).
 void forward(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf, const at::Tensor& g,
              const c10::optional<at::Tensor>& bp, const c10::optional<at::Tensor>& bf, const ConvArgs& a,
              at::Tensor& out, bool binary, bool brgemm = false);

@@ -25,6 +25,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -146,7 +147,63 @@ struct Tiles {
   int64_t start(int64_t t) const { return t * base + std::min(t, extra); }
 };
 
+// The bfloat16 twin of micro512 (AVX-512 BF16): A packed [kc/2][6][2] and B [kc/2][16][2] (pairs of
+// consecutive k, bfloat16), one vdpbf16ps per row, panel and pair of k: two products summed into the float32
+// accumulator per lane. kc2 = ceil(kc / 2) (an odd kc's last pair is zero padded).
+template <int T, int J>
+__attribute__((target("avx512f,avx512bf16"))) inline void micro512_bf16(int64_t kc2, const uint16_t* const* A,
+                                                                        const int* rows, const uint16_t* const* B,
+                                                                        float* C, int64_t ldc, bool acc) {
+  __m512 c[J][6 * T];
+  float* crow[6 * T];
+  int64_t off = 0;
+  for (int t = 0; t < T; ++t) {
+    for (int r = 0; r < 6; ++r) crow[6 * t + r] = r < rows[t] ? C + (off + r) * ldc : nullptr;
+    off += rows[t];
+  }
+#pragma GCC unroll 12
+  for (int i = 0; i < 6 * T; ++i)
+#pragma GCC unroll 2
+    for (int j = 0; j < J; ++j) c[j][i] = acc && crow[i] ? _mm512_loadu_ps(crow[i] + 16 * j) : _mm512_setzero_ps();
+  for (int64_t k = 0; k < kc2; ++k) {
+    __m512bh b[J];
+#pragma GCC unroll 2
+    for (int j = 0; j < J; ++j) b[j] = (__m512bh)_mm512_loadu_si512(B[j] + 32 * k);
+#pragma GCC unroll 2
+    for (int t = 0; t < T; ++t)
+#pragma GCC unroll 6
+      for (int r = 0; r < 6; ++r) {
+        uint32_t pair;
+        std::memcpy(&pair, A[t] + 12 * k + 2 * r, 4);
+        const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+#pragma GCC unroll 2
+        for (int j = 0; j < J; ++j) c[j][6 * t + r] = _mm512_dpbf16_ps(c[j][6 * t + r], a, b[j]);
+      }
+  }
+#pragma GCC unroll 12
+  for (int i = 0; i < 6 * T; ++i)
+#pragma GCC unroll 2
+    for (int j = 0; j < J; ++j)
+      if (crow[i]) _mm512_storeu_ps(crow[i] + 16 * j, c[j][i]);
+}
+
 // One pass of micro512 over all the pixel tiles of one image (an: its packed tiles, kb rows each), J panels.
+// (bfloat16: an packed by retile_bf16, B as blend_panel_bf16 writes it)
+template <int J>
+inline void micro512_bf16_tiles(int64_t kb, const uint16_t* an, const Tiles& tl, const uint16_t* const* B,
+                                float* cn, int64_t ldc, bool acc) {
+  const int64_t kb2 = (kb + 1) / 2, stride = kb2 * 2 * kMR;
+  for (int64_t t = 0; t < tl.count; t += 2) {
+    const uint16_t* a[2] = {an + t * stride, an + (t + 1) * stride};
+    const int rows[2] = {static_cast<int>(tl.rows(t)), static_cast<int>(t + 1 < tl.count ? tl.rows(t + 1) : 0)};
+    float* ct = cn + tl.start(t) * ldc;
+    if (t + 1 < tl.count)
+      micro512_bf16<2, J>(kb2, a, rows, B, ct, ldc, acc);
+    else
+      micro512_bf16<1, J>(kb2, a, rows, B, ct, ldc, acc);
+  }
+}
+
 template <int J>
 inline void micro512_tiles(int64_t kb, const float* an, const Tiles& tl, const float* const* B, float* cn,
                            int64_t ldc, bool acc) {
@@ -174,6 +231,24 @@ inline void retile(const float* src, int64_t lda, const Tiles& tl, int64_t kb, f
     } else {
       for (int64_t k = 0; k < kb; ++k, s += lda, dst += kMR)
         for (int64_t i = 0; i < kMR; ++i) dst[i] = i < r ? s[i] : 0.f;
+    }
+  }
+}
+
+// retile's bfloat16 twin for micro512_bf16: [tile][kb2][6][2], pairs of consecutive k per pixel, zero padded
+// (pixels past a tile's rows, and an odd kb's last k), rounded to nearest even (exact for values that were
+// bfloat16 before). Each pair of rows is written as 16 values of which 12 belong to it: dst needs 4 values of
+// room past its end.
+__attribute__((target("avx512f,avx512bf16"))) inline void retile_bf16(const float* src, int64_t lda, const Tiles& tl,
+                                                                      int64_t kb, uint16_t* dst) {
+  const __m512i idx = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  for (int64_t t = 0; t < tl.count; ++t) {
+    const __mmask16 m = static_cast<__mmask16>((1u << tl.rows(t)) - 1);
+    const float* s = src + tl.start(t);
+    for (int64_t k = 0; k < kb; k += 2, dst += 2 * kMR) {
+      const __m512 r0 = _mm512_maskz_loadu_ps(m, s + k * lda);
+      const __m512 r1 = k + 1 < kb ? _mm512_maskz_loadu_ps(m, s + (k + 1) * lda) : _mm512_setzero_ps();
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), (__m256i)_mm512_cvtneps_pbh(_mm512_permutex2var_ps(r0, idx, r1)));
     }
   }
 }
@@ -266,10 +341,39 @@ __attribute__((target("avx2,fma"))) inline void blend_panel(const BSource& s, in
   }
 }
 
-// The micro-kernel of run(): ours (6 x 16 AVX2 + FMA tiles), or oneDNN's BRGeMM ukernel through ATen
-// (at::native::cpublas::brgemm, JIT-generated for the running CPU: AVX2, AVX-512, ...; one call per image and
-// 16-column panel over all its pixels, A read row-major as [P][kc]).
-enum class Micro { Avx2, Brgemm };
+// The micro-kernel of run(): ours (6 x 16 AVX2 + FMA tiles, or AVX-512 where allowed), oneDNN's BRGeMM
+// ukernel through ATen (at::native::cpublas::brgemm, JIT-generated for the running CPU: AVX2, AVX-512, ...;
+// one call per image and 16-column panel over all its pixels, A read row-major as [P][kc]), or ours on
+// bfloat16 operands with float32 sums (AVX-512 BF16: A and the blended B rounded to bfloat16).
+enum class Micro { Avx2, Brgemm, Bf16 };
+
+// (1 - g) * p + g * f for one panel row (m: its valid columns)
+__attribute__((target("avx512f"))) inline __m512 blend_row512(const float* p, const float* f, __m512 g, __mmask16 m) {
+  const __m512 pv = _mm512_maskz_loadu_ps(m, p), fv = _mm512_maskz_loadu_ps(m, f);
+  return _mm512_fmadd_ps(g, fv, _mm512_mul_ps(_mm512_sub_ps(_mm512_set1_ps(1.f), g), pv));
+}
+
+// blend_panel's bfloat16 twin for micro512_bf16's B: the blend in float32, written as [kb2][16][2] bfloat16
+// (pairs of consecutive k per column, an odd kb's last pair zero padded), rounded to nearest even.
+__attribute__((target("avx512f,avx512bf16"))) inline void blend_panel_bf16(const BSource& s, int64_t j, int valid,
+                                                                           int64_t k0, int64_t kb, const float* gcol,
+                                                                           const float* grow, uint16_t* dst) {
+  const __m512i lo_idx = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i hi_idx = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  const __mmask16 m = valid >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << valid) - 1);
+  const float* pp = s.pre + j * s.panel_stride + k0 * s.row_stride;
+  const float* pf = s.ft + j * s.panel_stride + k0 * s.row_stride;
+  const __m512 gc = gcol ? _mm512_loadu_ps(gcol) : _mm512_setzero_ps();
+  for (int64_t k = 0; k < kb; k += 2, dst += 32) {
+    const __m512 r0 = blend_row512(pp + k * s.row_stride, pf + k * s.row_stride,
+                                   grow ? _mm512_set1_ps(grow[k0 + k]) : gc, m);
+    const __m512 r1 = k + 1 < kb ? blend_row512(pp + (k + 1) * s.row_stride, pf + (k + 1) * s.row_stride,
+                                                grow ? _mm512_set1_ps(grow[k0 + k + 1]) : gc, m)
+                                 : _mm512_setzero_ps();
+    const __m512 lo = _mm512_permutex2var_ps(r0, lo_idx, r1), hi = _mm512_permutex2var_ps(r0, hi_idx, r1);
+    _mm512_storeu_si512(dst, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));  // (lo in the lower half)
+  }
+}
 
 // Rows [0, kb) of a row-major [kb][P] matrix (row stride lda) as [P][kb]: brgemm's row-major A.
 inline void transpose_rows(const float* src, int64_t lda, int64_t P, int64_t kb, float* dst) {
@@ -304,7 +408,8 @@ inline float* scratch(int slot, size_t n) {
 template <class PackA, class Consume>
 void run(int64_t N, int64_t P, int64_t Kd, int64_t M, const BSource& b, const float* gates, int64_t gate_ld,
          bool gate_per_column, const PackA& pack_a, const Consume& consume, Micro kernel = Micro::Avx2) {
-  const bool brg = kernel == Micro::Brgemm, wide = !brg && avx512::available();
+  const bool brg = kernel == Micro::Brgemm, bf = kernel == Micro::Bf16, wide = !brg && avx512::available();
+  TORCH_CHECK(!bf || avx512::bf16_available(), "gated_conv2d: internal error: bfloat16 engine without AVX-512 BF16");
   const int64_t step = wide ? 2 : 1;  // panels per pass of the micro-kernel (AVX-512: two, 32 columns)
   const Tiles tl(P);
   const int64_t tiles = tl.count, Mp = round_up(M, kNR), panels = Mp / kNR;
@@ -317,8 +422,10 @@ void run(int64_t N, int64_t P, int64_t Kd, int64_t M, const BSource& b, const fl
     float* rows = scratch(0, kKC * P + 8);
     float* apack = scratch(1, nb * (brg ? P * kKC : tiles * kKC * kMR) + 8);
     float* cbuf = scratch(2, nb * P * Mp + 8);
-    float* bstore = scratch(3, step * kKC * kNR + 8);
+    float* bstore = scratch(3, 2 * step * kKC * kNR + 16);  // (float32 panels, then their bfloat16 copies)
     float* bmix = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(bstore) + 31) & ~uintptr_t(31));
+    uint16_t* bmix16 = reinterpret_cast<uint16_t*>(bmix + step * kKC * kNR);
+    uint16_t* apack16 = reinterpret_cast<uint16_t*>(apack);
     for (int64_t blk = blo; blk < bhi; ++blk) {
       const int64_t n0 = blk * nb, n1 = std::min(N, n0 + nb);
       for (int64_t k0 = 0; k0 < Kd; k0 += kKC) {
@@ -326,7 +433,9 @@ void run(int64_t N, int64_t P, int64_t Kd, int64_t M, const BSource& b, const fl
         for (int64_t n = n0; n < n1; ++n) {
           int64_t lda = P;
           const float* a = pack_a(n, k0, kb, rows, lda);
-          if (brg)
+          if (bf)
+            retile_bf16(a, lda, tl, kb, apack16 + (n - n0) * tiles * round_up(kb, 2) * kMR);
+          else if (brg)
             transpose_rows(a, lda, P, kb, apack + (n - n0) * P * kb);
           else
             retile(a, lda, tl, kb, apack + (n - n0) * tiles * kb * kMR);
@@ -337,10 +446,22 @@ void run(int64_t N, int64_t P, int64_t Kd, int64_t M, const BSource& b, const fl
             const float* gn = gates + n * gate_ld;
             for (int64_t i = 0; i < jn; ++i) {
               const int valid = static_cast<int>(std::min<int64_t>(kNR, M - (j + i) * kNR));
-              blend_panel(b, j + i, valid, k0, kb, gate_per_column ? gn + (j + i) * kNR : nullptr,
-                          gate_per_column ? nullptr : gn, bmix + i * kKC * kNR);
+              const float* gcol = gate_per_column ? gn + (j + i) * kNR : nullptr;
+              if (bf)
+                blend_panel_bf16(b, j + i, valid, k0, kb, gcol, gate_per_column ? nullptr : gn, bmix16 + i * kKC * kNR);
+              else
+                blend_panel(b, j + i, valid, k0, kb, gcol, gate_per_column ? nullptr : gn, bmix + i * kKC * kNR);
             }
             float* cn = cbuf + (n - n0) * P * Mp + j * kNR;
+            if (bf) {
+              const uint16_t* bj[2] = {bmix16, bmix16 + kKC * kNR};
+              const uint16_t* an = apack16 + (n - n0) * tiles * round_up(kb, 2) * kMR;
+              if (jn == 2)
+                micro512_bf16_tiles<2>(kb, an, tl, bj, cn, Mp, k0 > 0);
+              else
+                micro512_bf16_tiles<1>(kb, an, tl, bj, cn, Mp, k0 > 0);
+              continue;
+            }
             if (wide) {
               const float* bj[2] = {bmix, bmix + kKC * kNR};
               const float* an = apack + (n - n0) * tiles * kb * kMR;
