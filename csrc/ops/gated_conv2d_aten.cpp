@@ -125,8 +125,8 @@ Strategy choose(const Setting& s, const std::vector<Strategy>& cands, Strategy h
   for (Strategy c : cands)
     if (s.mode == Setting::Forced && c == s.forced) return c;
   if (cands.size() == 1 || s.mode == Setting::Heuristic || !on_cpu) return heuristic;
-  // (the heuristic stays unless another is clearly faster, and never when measured slower than twoconv, the
-  // naive way's work)
+  // (the heuristic stays unless another is clearly faster, and only where it beats twoconv, the naive way's
+  // work, by measured_choice.h's margin)
   return measured_choice(key, cands, heuristic, kNames, run, std::optional<Strategy>(Strategy::TwoConv));
 }
 

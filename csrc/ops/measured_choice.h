@@ -42,17 +42,27 @@ struct ChoiceNames {
   }
 };
 
+// Against the naive-equivalent candidate a pick must be faster by this factor: within it, the two are equal
+// to the timing's noise, and the naive way's work is taken.
+constexpr double kBeatsNaive = 0.97;
+
 // The pick among the candidates' measured times `best`: `keep` (an index) stays unless another is faster by the
-// factor clearly_faster; but a pick measured slower than the naive-equivalent candidate `naive` (an index: a path
-// with the naive way's work, such as one library convolution over both weight sets; -1: none) gives way to the
-// fastest, so that the choice is never measured slower than the naive way.
+// factor clearly_faster. Where a naive-equivalent candidate `naive` exists (an index: a path with the naive
+// way's work, such as two library convolutions and a blend; -1: none), the pick must beat it by kBeatsNaive;
+// otherwise the fastest candidate that does is taken, and `naive` itself when none does: the choice is never
+// measured slower than the naive way.
 inline size_t pick_measured(const std::vector<double>& best, size_t keep, int naive,
                             double clearly_faster = kClearlyFaster) {
   size_t w = keep;
   for (size_t i = 0; i < best.size(); ++i)
     if (best[i] < clearly_faster * best[w]) w = i;
-  if (naive >= 0 && best[w] > best[static_cast<size_t>(naive)])
-    w = static_cast<size_t>(std::min_element(best.begin(), best.end()) - best.begin());
+  if (naive < 0) return w;
+  const size_t n = static_cast<size_t>(naive);
+  auto beats = [&](size_t i) { return i == n || best[i] <= kBeatsNaive * best[n]; };
+  if (beats(w)) return w;
+  w = n;
+  for (size_t i = 0; i < best.size(); ++i)
+    if (beats(i) && best[i] < best[w]) w = i;
   return w;
 }
 
