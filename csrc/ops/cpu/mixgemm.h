@@ -99,15 +99,11 @@ __attribute__((target("avx2,fma"))) inline void micro(int64_t kc, const float* A
   store_tile<R>(C, ldc, c0, c1);
 }
 
-// The AVX-512 micro-kernel: T consecutive pixel tiles (A packed [kc][6] each, `rows[t]` valid rows, which lie
-// consecutively in C) times J 16-column panels (B[j] packed [kc][16]; panel j's columns 16 j.. of C): 6TJ
-// accumulators of one 512-bit register each; per k, J + 6T loads (the broadcasts fold into the FMAs) for 6TJ
-// FMAs, against 8 loads for 12 FMAs of half the width in the AVX2 kernel.
+// The accumulators of micro512 and micro512_bf16: the C rows of T consecutive pixel tiles (rows[t] valid each,
+// lying consecutively in C; crow null past them) times J 16-column panels, loaded (acc) or zeroed, and stored.
 template <int T, int J>
-__attribute__((target("avx512f"))) inline void micro512(int64_t kc, const float* const* A, const int* rows,
-                                                        const float* const* B, float* C, int64_t ldc, bool acc) {
-  __m512 c[J][6 * T];
-  float* crow[6 * T];
+__attribute__((target("avx512f"), always_inline)) inline void load_acc512(const int* rows, float* C, int64_t ldc,
+                                                                         bool acc, float** crow, __m512 (&c)[J][6 * T]) {
   int64_t off = 0;
   for (int t = 0; t < T; ++t) {
     for (int r = 0; r < 6; ++r) crow[6 * t + r] = r < rows[t] ? C + (off + r) * ldc : nullptr;
@@ -117,6 +113,28 @@ __attribute__((target("avx512f"))) inline void micro512(int64_t kc, const float*
   for (int i = 0; i < 6 * T; ++i)
 #pragma GCC unroll 2
     for (int j = 0; j < J; ++j) c[j][i] = acc && crow[i] ? _mm512_loadu_ps(crow[i] + 16 * j) : _mm512_setzero_ps();
+}
+
+template <int T, int J>
+__attribute__((target("avx512f"), always_inline)) inline void store_acc512(float* const* crow,
+                                                                          const __m512 (&c)[J][6 * T]) {
+#pragma GCC unroll 12
+  for (int i = 0; i < 6 * T; ++i)
+#pragma GCC unroll 2
+    for (int j = 0; j < J; ++j)
+      if (crow[i]) _mm512_storeu_ps(crow[i] + 16 * j, c[j][i]);
+}
+
+// The AVX-512 micro-kernel: T consecutive pixel tiles (A packed [kc][6] each, `rows[t]` valid rows, which lie
+// consecutively in C) times J 16-column panels (B[j] packed [kc][16]; panel j's columns 16 j.. of C): 6TJ
+// accumulators of one 512-bit register each; per k, J + 6T loads (the broadcasts fold into the FMAs) for 6TJ
+// FMAs, against 8 loads for 12 FMAs of half the width in the AVX2 kernel.
+template <int T, int J>
+__attribute__((target("avx512f"))) inline void micro512(int64_t kc, const float* const* A, const int* rows,
+                                                        const float* const* B, float* C, int64_t ldc, bool acc) {
+  __m512 c[J][6 * T];
+  float* crow[6 * T];
+  load_acc512<T, J>(rows, C, ldc, acc, crow, c);
   for (int64_t k = 0; k < kc; ++k) {
     __m512 b[J];
 #pragma GCC unroll 2
@@ -130,11 +148,7 @@ __attribute__((target("avx512f"))) inline void micro512(int64_t kc, const float*
         for (int j = 0; j < J; ++j) c[j][6 * t + r] = _mm512_fmadd_ps(a, b[j], c[j][6 * t + r]);
       }
   }
-#pragma GCC unroll 12
-  for (int i = 0; i < 6 * T; ++i)
-#pragma GCC unroll 2
-    for (int j = 0; j < J; ++j)
-      if (crow[i]) _mm512_storeu_ps(crow[i] + 16 * j, c[j][i]);
+  store_acc512<T, J>(crow, c);
 }
 
 // Pixel tiles: ceil(P/6) tiles whose sizes differ by at most one (49 = 4x6 + 5x5 rather than 8x6 + 1):
@@ -156,15 +170,7 @@ __attribute__((target("avx512f,avx512bf16"))) inline void micro512_bf16(int64_t 
                                                                         float* C, int64_t ldc, bool acc) {
   __m512 c[J][6 * T];
   float* crow[6 * T];
-  int64_t off = 0;
-  for (int t = 0; t < T; ++t) {
-    for (int r = 0; r < 6; ++r) crow[6 * t + r] = r < rows[t] ? C + (off + r) * ldc : nullptr;
-    off += rows[t];
-  }
-#pragma GCC unroll 12
-  for (int i = 0; i < 6 * T; ++i)
-#pragma GCC unroll 2
-    for (int j = 0; j < J; ++j) c[j][i] = acc && crow[i] ? _mm512_loadu_ps(crow[i] + 16 * j) : _mm512_setzero_ps();
+  load_acc512<T, J>(rows, C, ldc, acc, crow, c);
   for (int64_t k = 0; k < kc2; ++k) {
     __m512bh b[J];
 #pragma GCC unroll 2
@@ -180,41 +186,28 @@ __attribute__((target("avx512f,avx512bf16"))) inline void micro512_bf16(int64_t 
         for (int j = 0; j < J; ++j) c[j][6 * t + r] = _mm512_dpbf16_ps(c[j][6 * t + r], a, b[j]);
       }
   }
-#pragma GCC unroll 12
-  for (int i = 0; i < 6 * T; ++i)
-#pragma GCC unroll 2
-    for (int j = 0; j < J; ++j)
-      if (crow[i]) _mm512_storeu_ps(crow[i] + 16 * j, c[j][i]);
+  store_acc512<T, J>(crow, c);
 }
 
-// One pass of micro512 over all the pixel tiles of one image (an: its packed tiles, kb rows each), J panels.
-// (bfloat16: an packed by retile_bf16, B as blend_panel_bf16 writes it)
-template <int J>
-inline void micro512_bf16_tiles(int64_t kb, const uint16_t* an, const Tiles& tl, const uint16_t* const* B,
-                                float* cn, int64_t ldc, bool acc) {
-  const int64_t kb2 = (kb + 1) / 2, stride = kb2 * 2 * kMR;
+// One pass of micro512 (E = float) or micro512_bf16 (E = uint16_t: bfloat16 pairs) over all the pixel tiles of
+// one image (an: its packed tiles, kb rows each), J panels; tiles two at a time (the last alone when odd).
+template <int J, class E>
+inline void micro512_tiles(int64_t kb, const E* an, const Tiles& tl, const E* const* B, float* cn, int64_t ldc,
+                           bool acc) {
+  constexpr bool bf = std::is_same_v<E, uint16_t>;
+  const int64_t stride = (bf ? round_up(kb, 2) : kb) * kMR;
   for (int64_t t = 0; t < tl.count; t += 2) {
-    const uint16_t* a[2] = {an + t * stride, an + (t + 1) * stride};
+    const E* a[2] = {an + t * stride, an + (t + 1) * stride};
     const int rows[2] = {static_cast<int>(tl.rows(t)), static_cast<int>(t + 1 < tl.count ? tl.rows(t + 1) : 0)};
     float* ct = cn + tl.start(t) * ldc;
-    if (t + 1 < tl.count)
-      micro512_bf16<2, J>(kb2, a, rows, B, ct, ldc, acc);
-    else
-      micro512_bf16<1, J>(kb2, a, rows, B, ct, ldc, acc);
-  }
-}
-
-template <int J>
-inline void micro512_tiles(int64_t kb, const float* an, const Tiles& tl, const float* const* B, float* cn,
-                           int64_t ldc, bool acc) {
-  for (int64_t t = 0; t < tl.count; t += 2) {  // tiles two at a time (the last one alone when the count is odd)
-    const float* a[2] = {an + t * kb * kMR, an + (t + 1) * kb * kMR};
-    const int rows[2] = {static_cast<int>(tl.rows(t)), static_cast<int>(t + 1 < tl.count ? tl.rows(t + 1) : 0)};
-    float* ct = cn + tl.start(t) * ldc;
-    if (t + 1 < tl.count)
-      micro512<2, J>(kb, a, rows, B, ct, ldc, acc);
-    else
-      micro512<1, J>(kb, a, rows, B, ct, ldc, acc);
+    const bool two = t + 1 < tl.count;
+    if constexpr (bf) {
+      if (two) micro512_bf16<2, J>((kb + 1) / 2, a, rows, B, ct, ldc, acc);
+      else micro512_bf16<1, J>((kb + 1) / 2, a, rows, B, ct, ldc, acc);
+    } else {
+      if (two) micro512<2, J>(kb, a, rows, B, ct, ldc, acc);
+      else micro512<1, J>(kb, a, rows, B, ct, ldc, acc);
+    }
   }
 }
 
@@ -457,9 +450,9 @@ void run(int64_t N, int64_t P, int64_t Kd, int64_t M, const BSource& b, const fl
               const uint16_t* bj[2] = {bmix16, bmix16 + kKC * kNR};
               const uint16_t* an = apack16 + (n - n0) * tiles * round_up(kb, 2) * kMR;
               if (jn == 2)
-                micro512_bf16_tiles<2>(kb, an, tl, bj, cn, Mp, k0 > 0);
+                micro512_tiles<2>(kb, an, tl, bj, cn, Mp, k0 > 0);
               else
-                micro512_bf16_tiles<1>(kb, an, tl, bj, cn, Mp, k0 > 0);
+                micro512_tiles<1>(kb, an, tl, bj, cn, Mp, k0 > 0);
               continue;
             }
             if (wide) {
