@@ -199,14 +199,14 @@ std::tuple<at::Tensor, at::Tensor> forward_kernel(
   const bool on_cpu = cpu_path(input);
   const GateView gv = inspect(gate, hard, on_cpu, s);
   const bool binary = gv.binary;
-  const bool concat_only = save_diff && s.mode != Setting::Forced;  // (asked for y_f - y_p: concat and twoconv have it free)
+  const bool need_diff = save_diff && s.mode != Setting::Forced;  // (y_f - y_p: concat and twoconv have it free)
   Route rt;
-  const bool routable = gv.routed_gate.defined() && !concat_only && route(gv.routed_gate, rt);
+  const bool routable = gv.routed_gate.defined() && !need_diff && route(gv.routed_gate, rt);
   std::vector<Strategy> cands;
   Strategy heuristic;
   const bool mix_ok = on_cpu && mix::applicable(input, a, P, /*backward=*/false);
   const bool bmm_ok = bmm_applicable(input, weight_pre, a);
-  if (concat_only) {  // (the two paths that compute both branches)
+  if (need_diff) {  // (the two paths that compute both branches)
     cands = {Strategy::Concat, Strategy::TwoConv};
     heuristic = Strategy::Concat;
   } else {
@@ -240,7 +240,7 @@ std::tuple<at::Tensor, at::Tensor> forward_kernel(
   // (routable gates have one candidate more: their own signature)
   const Strategy st = choose(s, cands, heuristic, on_cpu,
                              call_key("fwd", input, weight_pre, gate, a, binary,
-                                      std::string(routable ? "r" : "") + (concat_only ? "d" : "")),
+                                      std::string(routable ? "r" : "") + (need_diff ? "d" : "")),
                              [&](Strategy c) {
                                at::Tensor y = at::empty_like(out);
                                run(c, y, nullptr);
@@ -349,12 +349,6 @@ Grads backward_kernel(const at::Tensor& grad_output, const at::Tensor& input, co
 }
 
 std::vector<std::string> last_strategies() { return {last_forward, last_backward}; }
-
-}  // namespace
-}  // namespace gconv
-
-namespace gconv {
-namespace {
 
 // Where the forward computes both branches anyway, keeping their difference saves the backward a convolution
 // for dL/dg. CUDA tensors: every gate but an (N,) hard one takes concat (both branches). CPU tensors: the
