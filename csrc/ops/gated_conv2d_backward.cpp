@@ -9,8 +9,11 @@ namespace tlkernels {
 namespace gconv {
 namespace {
 
-// Batched dot product over pixels: out[b, c] = sum_hw u[b, c] * v[b, c] (BLAS, no elementwise temporary).
+// Batched dot product over pixels: out[b, c] = sum_hw u[b, c] * v[b, c]: BLAS, no elementwise temporary, in
+// float32 / float64; a product and a sum in bfloat16 / half (the naive way's rounding; a batched GEMM of 1 x P
+// by P x 1 per channel is slow there: benchmarks/test_bench_gated_conv2d.py's bf16 rows with a gate gradient).
 at::Tensor pixel_dot(const at::Tensor& u, const at::Tensor& v) {
+  if (at::isReducedFloatingType(u.scalar_type())) return (u * v).sum({2, 3});
   const int64_t N = u.size(0), C = u.size(1), P = u.size(2) * u.size(3);
   return at::bmm(u.contiguous().view({N * C, 1, P}), v.contiguous().view({N * C, P, 1})).view({N, C});
 }
