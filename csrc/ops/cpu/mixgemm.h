@@ -415,9 +415,9 @@ void run(int64_t N, int64_t P, int64_t Kd, int64_t M, const BSource& b, const fl
     float* rows = scratch(0, kKC * P + 8);
     float* apack = scratch(1, nb * (brg ? P * kKC : tiles * kKC * kMR) + 8);
     float* cbuf = scratch(2, nb * P * Mp + 8);
-    float* bstore = scratch(3, 2 * step * kKC * kNR + 16);  // (float32 panels, then their bfloat16 copies)
+    float* bstore = scratch(3, step * kKC * kNR + 8);
     float* bmix = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(bstore) + 31) & ~uintptr_t(31));
-    uint16_t* bmix16 = reinterpret_cast<uint16_t*>(bmix + step * kKC * kNR);
+    uint16_t* bmix16 = reinterpret_cast<uint16_t*>(bmix);  // (bfloat16 panels: the same room, half of it)
     uint16_t* apack16 = reinterpret_cast<uint16_t*>(apack);
     for (int64_t blk = blo; blk < bhi; ++blk) {
       const int64_t n0 = blk * nb, n1 = std::min(N, n0 + nb);
@@ -446,22 +446,19 @@ void run(int64_t N, int64_t P, int64_t Kd, int64_t M, const BSource& b, const fl
                 blend_panel(b, j + i, valid, k0, kb, gcol, gate_per_column ? nullptr : gn, bmix + i * kKC * kNR);
             }
             float* cn = cbuf + (n - n0) * P * Mp + j * kNR;
-            if (bf) {
-              const uint16_t* bj[2] = {bmix16, bmix16 + kKC * kNR};
-              const uint16_t* an = apack16 + (n - n0) * tiles * round_up(kb, 2) * kMR;
-              if (jn == 2)
-                micro512_tiles<2>(kb, an, tl, bj, cn, Mp, k0 > 0);
+            if (wide) {  // (bf implies wide) this image's packed A and the pass's panels: float32 or bfloat16 pairs
+              auto pass = [&](const auto* apk, const auto* panels0, int64_t per_image) {
+                const decltype(panels0) bj[2] = {panels0, panels0 + kKC * kNR};
+                if (jn == 2)
+                  micro512_tiles<2>(kb, apk + (n - n0) * per_image, tl, bj, cn, Mp, k0 > 0);
+                else
+                  micro512_tiles<1>(kb, apk + (n - n0) * per_image, tl, bj, cn, Mp, k0 > 0);
+              };
+              if (bf)
+                pass(static_cast<const uint16_t*>(apack16), static_cast<const uint16_t*>(bmix16),
+                     tiles * round_up(kb, 2) * kMR);
               else
-                micro512_tiles<1>(kb, an, tl, bj, cn, Mp, k0 > 0);
-              continue;
-            }
-            if (wide) {
-              const float* bj[2] = {bmix, bmix + kKC * kNR};
-              const float* an = apack + (n - n0) * tiles * kb * kMR;
-              if (jn == 2)
-                micro512_tiles<2>(kb, an, tl, bj, cn, Mp, k0 > 0);
-              else
-                micro512_tiles<1>(kb, an, tl, bj, cn, Mp, k0 > 0);
+                pass(static_cast<const float*>(apack), static_cast<const float*>(bmix), tiles * kb * kMR);
               continue;
             }
             if (brg) {  // C[P][16] (+)= A[P][kb] B[kb][16], C's rows Mp apart
