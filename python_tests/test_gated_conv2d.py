@@ -204,7 +204,8 @@ def test_cpp_kernel_checks_name_the_argument():
 # Per-filter gates in float32 with groups == 1 on maps up to 28x28 run our own AVX2 GEMM on the CPU; the
 # float64 tests above never reach it. Shapes chosen for its edges: 4x4 (row-selection engine for hard
 # gates), 7x7 (uneven pixel tiles), 14x14, stride 2, dilation, a 1x1 conv read in place, C_out not a
-# multiple of 6 or 16, K = C_in*kH*kW and C_out above one 256-row block, odd batch (uneven image blocks).
+# multiple of 6 or 16, K = C_in*kH*kW and C_out above one 256-row block, odd batch (uneven image blocks),
+# taps that reach part of the output or none of it (AVX-512: the forward skips their padding by tap).
 MIX_SHAPES = [
     (5, 6, 20, 4, 4, 3, 1, 1, 1),
     (9, 30, 13, 7, 7, 3, 1, 1, 1),      # K = 270: two contraction blocks
@@ -217,6 +218,9 @@ MIX_SHAPES = [
     (2, 4, 9, 5, 3, 3, 1, 1, 1),        # 15 pixels: row-selection engine with a padded pixel
     (3, 8, 10, 5, 3, 1, 1, 0, 1),       # the same with a 1x1 conv (copied, not read in place)
     (2, 3, 5, 28, 28, 3, 1, 1, 1),      # 784 pixels: the largest map the engine takes
+    (2, 4, 8, 3, 3, 3, 1, 2, 1),        # padding 2: corner taps reach a 3x3 corner of the 5x5 output
+    (2, 6, 10, 9, 9, 5, 2, 2, 1),       # 5x5 taps, stride 2
+    (2, 4, 6, 1, 1, 3, 2, 1, 1),        # a 1x1 output: six of the nine taps read only padding
 ]
 
 

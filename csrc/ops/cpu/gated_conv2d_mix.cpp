@@ -76,11 +76,49 @@ inline void im2col_row(const Geometry& q, const float* xn, int64_t xC, int64_t x
   }
 }
 
+// The forward's contraction by kernel tap (rows k = tap * C_in + ci, weight_panels(w, true)), each tap with the
+// rectangle of output pixels whose input it reads inside the image: the taps that fall on the zero padding
+// for some pixels then skip them (at 7x7 with a 3x3 kernel and padding 1, 19 x 19 of 21 x 21 tap-pixel pairs
+// remain: the products a convolution on the padding would add as zeros).
+std::vector<mixgemm::Segment> tap_segments(const Geometry& q, int64_t cin) {
+  auto range = [](int64_t out, int64_t in, int64_t s, int64_t off) {  // o with 0 <= o * s + off < in
+    int64_t lo = off >= 0 ? 0 : (-off + s - 1) / s, hi = in - 1 - off < 0 ? 0 : (in - 1 - off) / s + 1;
+    lo = std::min(lo, out);
+    return std::make_pair(lo, std::max(lo, std::min(hi, out)));
+  };
+  std::vector<mixgemm::Segment> segs;
+  for (int64_t kh = 0; kh < q.KH; ++kh)
+    for (int64_t kw = 0; kw < q.KW; ++kw) {
+      const auto h = range(q.OH, q.H, q.sh, kh * q.dh - q.ph), w = range(q.OW, q.W, q.sw, kw * q.dw - q.pw);
+      const int64_t k0 = (kh * q.KW + kw) * cin;
+      if (h.second > h.first && w.second > w.first)
+        segs.push_back({k0, k0 + cin, h.first, h.second, w.first, w.second, q.OW});
+    }
+  return segs;
+}
+
+// Rows [ci0, ci0 + kb) of segment sg's A (tap (kh, kw), its rectangle of output pixels, all inside the image),
+// as [kb][sg.count()].
+void tap_rows(const Geometry& q, const float* xn, int64_t xC, int64_t xH, int64_t xW, const mixgemm::Segment& sg,
+              int64_t kh, int64_t kw, int64_t ci0, int64_t kb, float* dst) {
+  const int64_t w = sg.w1 - sg.w0;
+  for (int64_t kk = 0; kk < kb; ++kk) {
+    const float* xc = xn + (ci0 + kk) * xC;
+    for (int64_t oh = sg.h0; oh < sg.h1; ++oh, dst += w) {
+      const float* src = xc + (oh * q.sh - q.ph + kh * q.dh) * xH + (sg.w0 * q.sw - q.pw + kw * q.dw) * xW;
+      const int64_t step = q.sw * xW;
+      for (int64_t i = 0; i < w; ++i) dst[i] = src[i * step];
+    }
+  }
+}
+
 // Weight (C, ...) as [ceil(C/16)][K][16]: the forward's B panels, zero padded past C. Each task reads
 // 16 rows in step (16 cache lines, each used for 16 consecutive k) and writes its panel contiguously;
 // faster than torch's transpose + contiguous, whose strided reads miss the cache on large weights.
-at::Tensor weight_panels(const at::Tensor& w) {
+// tap_major: the contraction ordered (kh, kw, ci) instead of the weight's (ci, kh, kw) (see tap_segments).
+at::Tensor weight_panels(const at::Tensor& w, bool tap_major = false) {
   const int64_t C = w.size(0), K = w.numel() / C, Cp = mixgemm::round_up(C, mixgemm::kNR);
+  const int64_t taps = w.size(2) * w.size(3), cin = K / taps;
   const at::Tensor wc = w.contiguous();
   at::Tensor out = at::empty({Cp / 16, K, 16}, w.options());
   const float* src = wc.data_ptr<float>();
@@ -91,11 +129,24 @@ at::Tensor weight_panels(const at::Tensor& w) {
       float* d = dst + j * K * 16;
       const float* s0 = src + 16 * j * K;
       for (int64_t k = 0; k < K; ++k, d += 16) {
+        const int64_t kw = tap_major ? (k % cin) * taps + k / cin : k;  // (the weight's own index of row k)
         int64_t l = 0;
-        for (; l < rows; ++l) d[l] = s0[l * K + k];
+        for (; l < rows; ++l) d[l] = s0[l * K + kw];
         for (; l < 16; ++l) d[l] = 0.f;
       }
     }
+  });
+  return out;
+}
+
+// Weight panels (weight_panels' [C/16][K][16] float32) as bfloat16 pairs [C/16][ceil(K/2)][32] (pair_panel).
+at::Tensor pair_panels(const at::Tensor& panels) {
+  const int64_t J = panels.size(0), K = panels.size(1), K2 = (K + 1) / 2;
+  at::Tensor out = at::empty({J, K2, 32}, panels.options().dtype(at::kBFloat16));
+  const float* src = panels.data_ptr<float>();
+  uint16_t* dst = reinterpret_cast<uint16_t*>(out.data_ptr());
+  at::parallel_for(0, J, 1, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) mixgemm::pair_panel(src + j * K * 16, K, dst + j * K2 * 32);
   });
   return out;
 }
@@ -127,8 +178,22 @@ void forward_float(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& 
   // (unless an engine wants rows padded past P: lda > P).
   const bool direct = q.KH == 1 && q.KW == 1 && q.sh == 1 && q.sw == 1 && q.ph == 0 && q.pw == 0 &&
                       xW == 1 && xH == q.W && xC >= P;
+  // On the AVX-512 micro-kernels: taps as segments where the padding has products to skip (bfloat16 pairs of k
+  // must stay within a tap: C_in even); binary gates take each column from Wp's or Wf's panel as it is.
+  const bool wide = micro != mixgemm::Micro::Brgemm && avx512::available();
+  const int64_t cin = x.size(1);
+  const bool hard_rows = binary && (P == 15 || P == 16) && micro != mixgemm::Micro::Bf16;  // (see below)
+  const bool by_tap = !hard_rows && wide && (q.ph > 0 || q.pw > 0) && q.KH * q.KW <= 64 && (micro != mixgemm::Micro::Bf16 || cin % 2 == 0);
+  const std::vector<mixgemm::Segment> segs = by_tap ? tap_segments(q, cin) : std::vector<mixgemm::Segment>{};
+  const mixgemm::Segment* seg_of_tap[64] = {};  // tap -> its segment
+  for (const mixgemm::Segment& sg : segs) seg_of_tap[sg.k0 / cin] = &sg;
   auto pack = [&](int64_t n, int64_t k0, int64_t kb, float* buf, int64_t& lda) -> const float* {
     const float* xn = X + n * xN;
+    if (by_tap) {
+      const int64_t tap = k0 / cin;
+      tap_rows(q, xn, xC, xH, xW, *seg_of_tap[tap], tap / q.KW, tap % q.KW, k0 % cin, kb, buf);
+      return buf;
+    }
     if (direct && lda == P) {
       lda = xC;
       return xn + k0 * xC;
@@ -143,7 +208,7 @@ void forward_float(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& 
   // 16-pixel tile holds the whole map: then an image's kc x 16 block of A sits in L1. At 14x14 (13 tiles, A
   // streamed from L2 per tile) the blend engine is faster, and 7x7 would leave much of a 16-pixel tile empty
   // (benchmarks/test_bench_gated_conv2d.py times the stage shapes).
-  if (binary && (P == 15 || P == 16) && micro != mixgemm::Micro::Bf16) {
+  if (hard_rows) {
     const at::Tensor wpc = wp.contiguous(), wfc = wf.contiguous();
     mixgemm::run_hard_rows(N, P, K, C, wpc.data_ptr<float>(), wfc.data_ptr<float>(), Gd, Gld, pack,
                            [&](int64_t n, const float* Cb, int64_t ldc) {
@@ -158,8 +223,16 @@ void forward_float(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& 
                            });
     return;
   }
-  const at::Tensor Wp = weight_panels(wp), Wf = weight_panels(wf);
+  const at::Tensor Wp = weight_panels(wp, by_tap), Wf = weight_panels(wf, by_tap);
   const mixgemm::BSource src{Wp.data_ptr<float>(), Wf.data_ptr<float>(), K * mixgemm::kNR, mixgemm::kNR};
+  const bool select = binary && wide;
+  mixgemm::Selected sel{Wp.data_ptr<float>(), Wf.data_ptr<float>(), K * mixgemm::kNR};
+  at::Tensor Wp16, Wf16;
+  if (select && micro == mixgemm::Micro::Bf16) {
+    Wp16 = pair_panels(Wp);
+    Wf16 = pair_panels(Wf);
+    sel = {Wp16.data_ptr(), Wf16.data_ptr(), Wp16.stride(0)};
+  }
   // C_n is [P][Mp]: an NCHW output takes its transpose (8 x 8 register blocks), a channels_last one its rows.
   const bool pixels_dense = yW == 1 && yH == q.OW, channels_dense = yC == 1;
   auto consume = [&](int64_t n, const float* Cb) {
@@ -188,7 +261,8 @@ void forward_float(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& 
         }
       }
   };
-  mixgemm::run(N, P, K, C, src, Gd, Gld, true, pack, consume, micro);
+  mixgemm::run(N, P, K, C, src, Gd, Gld, true, pack, consume, micro, select ? &sel : nullptr,
+               by_tap ? &segs : nullptr);
 }
 
 }  // namespace

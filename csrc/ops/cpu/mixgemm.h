@@ -35,7 +35,7 @@
 namespace tlkernels {
 namespace mixgemm {
 
-constexpr int64_t kMR = 6, kNR = 16, kKC = 256;
+constexpr int64_t kMR = 6, kNR = 16, kKC = 128;
 
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
@@ -99,16 +99,11 @@ __attribute__((target("avx2,fma"))) inline void micro(int64_t kc, const float* A
   store_tile<R>(C, ldc, c0, c1);
 }
 
-// The accumulators of micro512 and micro512_bf16: the C rows of T consecutive pixel tiles (rows[t] valid each,
-// lying consecutively in C; crow null past them) times J 16-column panels, loaded (acc) or zeroed, and stored.
+// The accumulators of micro512 and micro512_bf16: the C rows crow[i] (null: a padding row of the tile) of T
+// pixel tiles times J 16-column panels, loaded (acc) or zeroed, and stored.
 template <int T, int J>
-__attribute__((target("avx512f"), always_inline)) inline void load_acc512(const int* rows, float* C, int64_t ldc,
-                                                                         bool acc, float** crow, __m512 (&c)[J][6 * T]) {
-  int64_t off = 0;
-  for (int t = 0; t < T; ++t) {
-    for (int r = 0; r < 6; ++r) crow[6 * t + r] = r < rows[t] ? C + (off + r) * ldc : nullptr;
-    off += rows[t];
-  }
+__attribute__((target("avx512f"), always_inline)) inline void load_acc512(float* const* crow, bool acc,
+                                                                         __m512 (&c)[J][6 * T]) {
 #pragma GCC unroll 12
   for (int i = 0; i < 6 * T; ++i)
 #pragma GCC unroll 2
@@ -125,28 +120,39 @@ __attribute__((target("avx512f"), always_inline)) inline void store_acc512(float
       if (crow[i]) _mm512_storeu_ps(crow[i] + 16 * j, c[j][i]);
 }
 
+// c += broadcast(*a) * b with the broadcast embedded in the FMA's memory operand (a load-unit operation): a
+// separate vbroadcastss, which compilers emit when the value feeds two FMAs, also takes an FP pipe on some
+// cores, next to the FMAs.
+__attribute__((target("avx512f"), always_inline)) inline void fma_bcast(__m512& c, __m512 b, const float* a) {
+  asm("vfmadd231ps %[a]%{1to16%}, %[b], %[c]" : [c] "+v"(c) : [b] "v"(b), [a] "m"(*a));
+}
+
 // The AVX-512 micro-kernel: T consecutive pixel tiles (A packed [kc][6] each, `rows[t]` valid rows, which lie
 // consecutively in C) times J 16-column panels (B[j] packed [kc][16]; panel j's columns 16 j.. of C): 6TJ
 // accumulators of one 512-bit register each; per k, J + 6T loads (the broadcasts fold into the FMAs) for 6TJ
 // FMAs, against 8 loads for 12 FMAs of half the width in the AVX2 kernel.
-template <int T, int J>
-__attribute__((target("avx512f"))) inline void micro512(int64_t kc, const float* const* A, const int* rows,
-                                                        const float* const* B, float* C, int64_t ldc, bool acc) {
+// Sel (binary gates per column): panel j's column l is Bf[j]'s where bit l of sel[j] is set, else B[j]'s: a
+// mask blend per panel and k, off the FMA ports, instead of a blended panel written per image.
+template <int T, int J, bool Sel = false>
+__attribute__((target("avx512f"))) inline void micro512(int64_t kc, const float* const* A, float* const* crow,
+                                                        const float* const* B, bool acc,
+                                                        const float* const* Bf = nullptr,
+                                                        const __mmask16* sel = nullptr) {
   __m512 c[J][6 * T];
-  float* crow[6 * T];
-  load_acc512<T, J>(rows, C, ldc, acc, crow, c);
+  load_acc512<T, J>(crow, acc, c);
   for (int64_t k = 0; k < kc; ++k) {
     __m512 b[J];
 #pragma GCC unroll 2
-    for (int j = 0; j < J; ++j) b[j] = _mm512_loadu_ps(B[j] + 16 * k);
+    for (int j = 0; j < J; ++j) {
+      b[j] = _mm512_loadu_ps(B[j] + 16 * k);
+      if constexpr (Sel) b[j] = _mm512_mask_blend_ps(sel[j], b[j], _mm512_loadu_ps(Bf[j] + 16 * k));
+    }
 #pragma GCC unroll 2
     for (int t = 0; t < T; ++t)
 #pragma GCC unroll 6
-      for (int r = 0; r < 6; ++r) {
-        const __m512 a = _mm512_set1_ps(A[t][6 * k + r]);
+      for (int r = 0; r < 6; ++r)
 #pragma GCC unroll 2
-        for (int j = 0; j < J; ++j) c[j][6 * t + r] = _mm512_fmadd_ps(a, b[j], c[j][6 * t + r]);
-      }
+        for (int j = 0; j < J; ++j) fma_bcast(c[j][6 * t + r], b[j], A[t] + 6 * k + r);
   }
   store_acc512<T, J>(crow, c);
 }
@@ -164,17 +170,22 @@ struct Tiles {
 // The bfloat16 twin of micro512 (AVX-512 BF16): A packed [kc/2][6][2] and B [kc/2][16][2] (pairs of
 // consecutive k, bfloat16), one vdpbf16ps per row, panel and pair of k: two products summed into the float32
 // accumulator per lane. kc2 = ceil(kc / 2) (an odd kc's last pair is zero padded).
-template <int T, int J>
+// Sel as in micro512: a column's pair of k is one 32-bit lane, so the mask picks columns here too.
+template <int T, int J, bool Sel = false>
 __attribute__((target("avx512f,avx512bf16"))) inline void micro512_bf16(int64_t kc2, const uint16_t* const* A,
-                                                                        const int* rows, const uint16_t* const* B,
-                                                                        float* C, int64_t ldc, bool acc) {
+                                                                        float* const* crow, const uint16_t* const* B,
+                                                                        bool acc, const uint16_t* const* Bf = nullptr,
+                                                                        const __mmask16* sel = nullptr) {
   __m512 c[J][6 * T];
-  float* crow[6 * T];
-  load_acc512<T, J>(rows, C, ldc, acc, crow, c);
+  load_acc512<T, J>(crow, acc, c);
   for (int64_t k = 0; k < kc2; ++k) {
     __m512bh b[J];
 #pragma GCC unroll 2
-    for (int j = 0; j < J; ++j) b[j] = (__m512bh)_mm512_loadu_si512(B[j] + 32 * k);
+    for (int j = 0; j < J; ++j) {
+      __m512i v = _mm512_loadu_si512(B[j] + 32 * k);
+      if constexpr (Sel) v = _mm512_mask_blend_epi32(sel[j], v, _mm512_loadu_si512(Bf[j] + 32 * k));
+      b[j] = (__m512bh)v;
+    }
 #pragma GCC unroll 2
     for (int t = 0; t < T; ++t)
 #pragma GCC unroll 6
@@ -191,22 +202,38 @@ __attribute__((target("avx512f,avx512bf16"))) inline void micro512_bf16(int64_t 
 
 // One pass of micro512 (E = float) or micro512_bf16 (E = uint16_t: bfloat16 pairs) over all the pixel tiles of
 // one image (an: its packed tiles, kb rows each), J panels; tiles two at a time (the last alone when odd).
-template <int J, class E>
-inline void micro512_tiles(int64_t kb, const E* an, const Tiles& tl, const E* const* B, float* cn, int64_t ldc,
-                           bool acc) {
+// The output rows a pass of the micro-kernels covers: row i (0 <= i < count()) of the packed A is C row
+// (h0 + i / (w1 - w0)) * width + w0 + i % (w1 - w0), a rectangle of the output map (all P rows: h0 = 0,
+// h1 = 1, w0 = 0, w1 = width = P). A segment also names its contraction rows [k0, k1).
+struct Segment {
+  int64_t k0, k1, h0, h1, w0, w1, width;
+  static Segment all(int64_t K, int64_t P) { return {0, K, 0, 1, 0, P, P}; }
+  int64_t count() const { return (h1 - h0) * (w1 - w0); }
+  int64_t row(int64_t i) const { return (h0 + i / (w1 - w0)) * width + w0 + i % (w1 - w0); }
+};
+
+// One pass of micro512 (E = float) or micro512_bf16 (E = uint16_t: bfloat16 pairs) over all the pixel tiles of
+// one image (an: its packed tiles, kb rows each; C rows as sg maps them, ldc apart), J panels; tiles two at a
+// time (the last alone when odd). Sel: columns picked from B or Bf by sel (see micro512).
+template <int J, bool Sel, class E>
+inline void micro512_tiles(int64_t kb, const E* an, const Tiles& tl, const Segment& sg, const E* const* B,
+                           float* cn, int64_t ldc, bool acc, const E* const* Bf, const __mmask16* sel) {
   constexpr bool bf = std::is_same_v<E, uint16_t>;
   const int64_t stride = (bf ? round_up(kb, 2) : kb) * kMR;
   for (int64_t t = 0; t < tl.count; t += 2) {
     const E* a[2] = {an + t * stride, an + (t + 1) * stride};
-    const int rows[2] = {static_cast<int>(tl.rows(t)), static_cast<int>(t + 1 < tl.count ? tl.rows(t + 1) : 0)};
-    float* ct = cn + tl.start(t) * ldc;
     const bool two = t + 1 < tl.count;
+    float* crow[12];
+    for (int u = 0; u < 2; ++u) {
+      const int64_t rows = t + u < tl.count ? tl.rows(t + u) : 0, start = t + u < tl.count ? tl.start(t + u) : 0;
+      for (int64_t r = 0; r < kMR; ++r) crow[6 * u + r] = r < rows ? cn + sg.row(start + r) * ldc : nullptr;
+    }
     if constexpr (bf) {
-      if (two) micro512_bf16<2, J>((kb + 1) / 2, a, rows, B, ct, ldc, acc);
-      else micro512_bf16<1, J>((kb + 1) / 2, a, rows, B, ct, ldc, acc);
+      if (two) micro512_bf16<2, J, Sel>((kb + 1) / 2, a, crow, B, acc, Bf, sel);
+      else micro512_bf16<1, J, Sel>((kb + 1) / 2, a, crow, B, acc, Bf, sel);
     } else {
-      if (two) micro512<2, J>(kb, a, rows, B, ct, ldc, acc);
-      else micro512<1, J>(kb, a, rows, B, ct, ldc, acc);
+      if (two) micro512<2, J, Sel>(kb, a, crow, B, acc, Bf, sel);
+      else micro512<1, J, Sel>(kb, a, crow, B, acc, Bf, sel);
     }
   }
 }
@@ -299,6 +326,15 @@ struct BSource {
   int64_t panel_stride, row_stride;
 };
 
+// Binary gates per column, for the AVX-512 micro-kernels: Wp and Wf packed once in the micro-kernel's own
+// B layout (float32 [panel][K][16], or bfloat16 pairs [panel][ceil(K/2)][16][2] for Micro::Bf16; panel_stride
+// elements apart), the kernel picking each column from one or the other (no blended panel per image).
+struct Selected {
+  const void* pre;
+  const void* ft;
+  int64_t panel_stride;
+};
+
 __attribute__((target("avx2,fma"))) inline __m256 load16(const float* p, int valid, int half) {
   const int v = valid - 8 * half;
   if (v >= 8) return _mm256_loadu_ps(p + 8 * half);
@@ -368,6 +404,19 @@ __attribute__((target("avx512f,avx512bf16"))) inline void blend_panel_bf16(const
   }
 }
 
+// One float32 panel [K][16] as bfloat16 pairs [ceil(K/2)][16][2] (micro512_bf16's B; an odd K's last pair zero
+// padded), rounded to nearest even (exact for values that were bfloat16 before).
+__attribute__((target("avx512f,avx512bf16"))) inline void pair_panel(const float* src, int64_t K, uint16_t* dst) {
+  const __m512i lo_idx = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i hi_idx = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  for (int64_t k = 0; k < K; k += 2, dst += 32) {
+    const __m512 r0 = _mm512_loadu_ps(src + 16 * k);
+    const __m512 r1 = k + 1 < K ? _mm512_loadu_ps(src + 16 * (k + 1)) : _mm512_setzero_ps();
+    const __m512 lo = _mm512_permutex2var_ps(r0, lo_idx, r1), hi = _mm512_permutex2var_ps(r0, hi_idx, r1);
+    _mm512_storeu_si512(dst, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+  }
+}
+
 // Rows [0, kb) of a row-major [kb][P] matrix (row stride lda) as [P][kb]: brgemm's row-major A.
 inline void transpose_rows(const float* src, int64_t lda, int64_t P, int64_t kb, float* dst) {
   constexpr int64_t kBlock = 16;  // 16 pixels x kb: the writes of one block stay in a few cache lines per k
@@ -398,14 +447,24 @@ inline float* scratch(int slot, size_t n) {
 //   consume(n, C): C is [P][round_up(M, 16)], the finished result of image n.
 // Images are processed in blocks: each block's weight panels are blended from Bp/Bf while they are in
 // cache, and the block's packed A (kb rows) stays in L2. Blocks are spread over ATen's thread pool.
+//   sel: binary gates per column (0 or 1), Wp and Wf already packed (see Selected); only where the AVX-512
+//   micro-kernels run; then b is not read.
+//   segs: the contraction in segments, each with the output rows it reaches (a convolution's kernel taps: a
+//   tap on the padding reaches fewer pixels, whose rows alone are packed and multiplied); only where the
+//   AVX-512 micro-kernels run; pack_a then writes the segment's rows ([kb][count()], lda = count()).
+//   Without: one segment of all rows.
 template <class PackA, class Consume>
 void run(int64_t N, int64_t P, int64_t Kd, int64_t M, const BSource& b, const float* gates, int64_t gate_ld,
-         bool gate_per_column, const PackA& pack_a, const Consume& consume, Micro kernel = Micro::Avx2) {
+         bool gate_per_column, const PackA& pack_a, const Consume& consume, Micro kernel = Micro::Avx2,
+         const Selected* sel = nullptr, const std::vector<Segment>* segs = nullptr) {
   const bool brg = kernel == Micro::Brgemm, bf = kernel == Micro::Bf16, wide = !brg && avx512::available();
   TORCH_CHECK(!bf || avx512::bf16_available(), "gated_conv2d: internal error: bfloat16 engine without AVX-512 BF16");
+  TORCH_CHECK(!sel || (wide && gate_per_column), "gated_conv2d: internal error: column selection needs AVX-512");
+  TORCH_CHECK(!segs || wide, "gated_conv2d: internal error: contraction segments need AVX-512");
+  const std::vector<Segment> whole{Segment::all(Kd, P)};
+  const std::vector<Segment>& sgs = segs ? *segs : whole;
   const int64_t step = wide ? 2 : 1;  // panels per pass of the micro-kernel (AVX-512: two, 32 columns)
-  const Tiles tl(P);
-  const int64_t tiles = tl.count, Mp = round_up(M, kNR), panels = Mp / kNR;
+  const int64_t tiles = Tiles(P).count, Mp = round_up(M, kNR), panels = Mp / kNR;
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   // About 256 pixels per block (A block of kc rows: <= 256 KB), a multiple of the thread count of blocks.
   int64_t nblk = threads * std::max<int64_t>(1, (N * P + 256 * threads - 1) / (256 * threads));
@@ -421,10 +480,14 @@ void run(int64_t N, int64_t P, int64_t Kd, int64_t M, const BSource& b, const fl
     uint16_t* apack16 = reinterpret_cast<uint16_t*>(apack);
     for (int64_t blk = blo; blk < bhi; ++blk) {
       const int64_t n0 = blk * nb, n1 = std::min(N, n0 + nb);
-      for (int64_t k0 = 0; k0 < Kd; k0 += kKC) {
-        const int64_t kb = std::min(kKC, Kd - k0);
+      if (segs) std::fill(cbuf, cbuf + (n1 - n0) * P * Mp, 0.f);  // (segments reach subsets of the rows)
+      for (const Segment& sg : sgs)
+      for (int64_t k0 = sg.k0; k0 < sg.k1; k0 += kKC) {
+        const int64_t kb = std::min(kKC, sg.k1 - k0), R = sg.count();
+        const bool acc = segs || k0 > 0;
+        const Tiles tl(R);
         for (int64_t n = n0; n < n1; ++n) {
-          int64_t lda = P;
+          int64_t lda = R;
           const float* a = pack_a(n, k0, kb, rows, lda);
           if (bf)
             retile_bf16(a, lda, tl, kb, apack16 + (n - n0) * tiles * round_up(kb, 2) * kMR);
@@ -437,6 +500,41 @@ void run(int64_t N, int64_t P, int64_t Kd, int64_t M, const BSource& b, const fl
           const int64_t jn = std::min(step, panels - j);  // panels in this pass
           for (int64_t n = n0; n < n1; ++n) {
             const float* gn = gates + n * gate_ld;
+            float* cn = cbuf + (n - n0) * P * Mp + j * kNR;
+            if (sel) {  // each panel: all of Wp's columns, all of Wf's (one plain pass), or a mix (mask blends)
+              __mmask16 m[2] = {0, 0};
+              bool mixed = false;
+              for (int64_t i = 0; i < jn; ++i) {
+                for (int l = 0; l < kNR; ++l) m[i] |= static_cast<__mmask16>(gn[(j + i) * kNR + l] != 0.f) << l;
+                mixed |= m[i] != 0 && m[i] != 0xFFFF;
+              }
+              auto pass = [&](const auto* apk, const auto* pre, const auto* ft, int64_t per_image, int64_t row0) {
+                using E = std::remove_const_t<std::remove_pointer_t<decltype(apk)>>;
+                const E* bp[2];
+                const E* bq[2];
+                for (int64_t i = 0; i < 2; ++i) {
+                  const int64_t jj = j + std::min(i, jn - 1);
+                  bp[i] = pre + jj * sel->panel_stride + row0;
+                  bq[i] = ft + jj * sel->panel_stride + row0;
+                  if (!mixed && m[i]) bp[i] = bq[i];  // whole panel from Wf
+                }
+                const E* an = apk + (n - n0) * per_image;
+                if (mixed) {
+                  if (jn == 2) micro512_tiles<2, true>(kb, an, tl, sg, bp, cn, Mp, acc, bq, m);
+                  else micro512_tiles<1, true>(kb, an, tl, sg, bp, cn, Mp, acc, bq, m);
+                } else {
+                  if (jn == 2) micro512_tiles<2, false>(kb, an, tl, sg, bp, cn, Mp, acc, bq, m);
+                  else micro512_tiles<1, false>(kb, an, tl, sg, bp, cn, Mp, acc, bq, m);
+                }
+              };
+              if (bf)
+                pass(static_cast<const uint16_t*>(apack16), static_cast<const uint16_t*>(sel->pre),
+                     static_cast<const uint16_t*>(sel->ft), tiles * round_up(kb, 2) * kMR, k0 / 2 * 32);
+              else
+                pass(static_cast<const float*>(apack), static_cast<const float*>(sel->pre),
+                     static_cast<const float*>(sel->ft), tiles * kb * kMR, k0 * kNR);
+              continue;
+            }
             for (int64_t i = 0; i < jn; ++i) {
               const int valid = static_cast<int>(std::min<int64_t>(kNR, M - (j + i) * kNR));
               const float* gcol = gate_per_column ? gn + (j + i) * kNR : nullptr;
@@ -445,14 +543,13 @@ void run(int64_t N, int64_t P, int64_t Kd, int64_t M, const BSource& b, const fl
               else
                 blend_panel(b, j + i, valid, k0, kb, gcol, gate_per_column ? nullptr : gn, bmix + i * kKC * kNR);
             }
-            float* cn = cbuf + (n - n0) * P * Mp + j * kNR;
             if (wide) {  // (bf implies wide) this image's packed A and the pass's panels: float32 or bfloat16 pairs
               auto pass = [&](const auto* apk, const auto* panels0, int64_t per_image) {
                 const decltype(panels0) bj[2] = {panels0, panels0 + kKC * kNR};
                 if (jn == 2)
-                  micro512_tiles<2>(kb, apk + (n - n0) * per_image, tl, bj, cn, Mp, k0 > 0);
+                  micro512_tiles<2, false>(kb, apk + (n - n0) * per_image, tl, sg, bj, cn, Mp, acc, bj, nullptr);
                 else
-                  micro512_tiles<1>(kb, apk + (n - n0) * per_image, tl, bj, cn, Mp, k0 > 0);
+                  micro512_tiles<1, false>(kb, apk + (n - n0) * per_image, tl, sg, bj, cn, Mp, acc, bj, nullptr);
               };
               if (bf)
                 pass(static_cast<const uint16_t*>(apack16), static_cast<const uint16_t*>(bmix16),
