@@ -2,12 +2,14 @@
 strategies CUDA tensors take are the same ATen code), against the two-convolution reference: float64 (forward,
 every gradient, the gate gradient), float32, bfloat16 within err <= 2 x the reference's own bfloat16 error;
 channels_last, groups, stride 2, dilation, per-image and per-filter gates, N = 0."""
+import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
+import tlkernels
 from tlkernels.ops import gated_conv2d, gated_conv2d_reference
 
 STRATEGIES = ["routed", "mix", "brgemm", "blended", "grouped", "concat", "bmm", "twoconv", "heuristic", "auto"]
@@ -128,6 +130,10 @@ def test_strategy_bfloat16_error_budget(settings, strategy, k, gate_kind, hard):
     for g, g16, g64 in zip(gs, gs16, gs64):
         if g64 is not None:
             assert err(g, g64) <= 2 * err(g16, g64) + 1e-3 * g64.abs().max().item()
+    if strategy == "mix":  # the small-map engine takes bfloat16 both ways where the CPU has AVX-512 BF16
+        bf16_cpu = os.path.exists("/proc/cpuinfo") and "avx512_bf16" in open("/proc/cpuinfo").read()
+        allowed = tlkernels.config.get("cpu_isa") in ("native", "avx512")
+        assert (last() == ["mix", "mix"]) == (bf16_cpu and allowed), last()
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

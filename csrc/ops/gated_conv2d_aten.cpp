@@ -309,7 +309,8 @@ Grads backward_kernel(const at::Tensor& grad_output, const at::Tensor& input, co
         return backward_routed(dy, x, weight_pre, weight_ft, rt, bias_pre, bias_ft, a, m, gate.dim() == 2);
       // With a gate gradient and no saved y_f - y_p, the mix engine's weight pass gives dWf, dWp and dL/dg
       // together (one weight-gradient's FLOPs instead of a weight gradient plus a conv with Wf - Wp).
-      const bool wmix = (st == Strategy::Mix || st == Strategy::Brgemm) && m.gate && !has_diff;
+      const bool wmix = (st == Strategy::Mix || st == Strategy::Brgemm) && m.gate && !has_diff &&
+                        x.scalar_type() == at::kFloat;  // (mix::weight_grads: float32)
       Grads q = st == Strategy::Grouped   ? backward_grouped(dy, x, weight_pre, weight_ft, g, a, m)
                 : st == Strategy::TwoConv ? backward_twoconv(dy, x, weight_pre, weight_ft, g, bias_pre, bias_ft, diff, a, m)
                     : backward_general(dy, x, weight_pre, weight_ft, g, bias_pre, bias_ft, diff, a, m, st, wmix);

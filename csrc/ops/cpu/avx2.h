@@ -42,9 +42,11 @@ inline bool available() {
   static const bool cpu_ok = __builtin_cpu_supports("avx512f");
   return cpu_ok && avx2::available() && !kCpuIsa.is("avx2");
 }
-// The AVX-512 BF16 dot products (vdpbf16ps: pairs of bfloat16 products summed into float32), where allowed.
+// The AVX-512 BF16 dot products (vdpbf16ps: pairs of bfloat16 products summed into float32), where allowed
+// (with the BW / VL masked 16-bit stores the bfloat16 paths use: every such CPU has them).
 inline bool bf16_available() {
-  static const bool cpu_ok = __builtin_cpu_supports("avx512bf16");
+  static const bool cpu_ok = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
+                             __builtin_cpu_supports("avx512vl");
   return cpu_ok && available();
 }
 }  // namespace avx512

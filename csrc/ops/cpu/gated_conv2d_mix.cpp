@@ -12,8 +12,8 @@ namespace mix {
 
 #ifdef TLK_HAVE_AVX2_PATH
 bool applicable(const at::Tensor& x, const ConvArgs& a, int64_t pixels, bool backward) {
-  const bool dtype_ok = x.scalar_type() == at::kFloat || (!backward && x.scalar_type() == at::kBFloat16 &&
-                                                           avx512::bf16_available());
+  (void)backward;  // (both directions take both dtypes; in bfloat16 the backward's weight gradients are the library's)
+  const bool dtype_ok = x.scalar_type() == at::kFloat || (x.scalar_type() == at::kBFloat16 && avx512::bf16_available());
   return a.groups == 1 && dtype_ok && pixels < kMaxPixels && avx2::available();
 }
 
@@ -49,12 +49,21 @@ inline void for_each_tap_pixel(const Geometry& q, int64_t kh, int64_t kw, int64_
   }
 }
 
+// dst[i] = src[i], i < n, as float32 (bfloat16: the bits shifted into place, which compilers vectorise).
+inline void widen(const float* src, int64_t n, float* dst) { std::copy(src, src + n, dst); }
+inline void widen(const c10::BFloat16* src, int64_t n, float* dst) {
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+  uint32_t* d = reinterpret_cast<uint32_t*>(dst);
+  for (int64_t i = 0; i < n; ++i) d[i] = static_cast<uint32_t>(s[i]) << 16;
+}
+
 // Row k = (ci, kh, kw) of image n's im2col matrix ([K][P], P = OH*OW), written to dst: per output row a
 // strided copy of one input row between the zero borders (the valid ow range is computed once per row).
-inline void im2col_row(const Geometry& q, const float* xn, int64_t xC, int64_t xH, int64_t xW, int64_t k,
+template <class T>
+inline void im2col_row(const Geometry& q, const T* xn, int64_t xC, int64_t xH, int64_t xW, int64_t k,
                        float* dst) {
   const int64_t taps = q.KH * q.KW, kh = (k % taps) / q.KW, kw = k % q.KW;
-  const float* xc = xn + (k / taps) * xC;
+  const T* xc = xn + (k / taps) * xC;
   const int64_t off = kw * q.dw - q.pw;  // iw = ow * sw + off
   const int64_t lo = std::min(q.OW, off >= 0 ? int64_t(0) : (-off + q.sw - 1) / q.sw);
   const int64_t hi = std::max(lo, std::min(q.OW, q.W - 1 - off < 0 ? int64_t(0) : (q.W - 1 - off) / q.sw + 1));
@@ -66,11 +75,15 @@ inline void im2col_row(const Geometry& q, const float* xn, int64_t xC, int64_t x
       continue;
     }
     std::fill(dst, dst + lo, 0.f);
-    const float* src = xc + ih * xH + (lo * q.sw + off) * xW;
+    const T* src = xc + ih * xH + (lo * q.sw + off) * xW;
     if (step == 1) {
-      for (int64_t i = 0, e = hi - lo; i < e; ++i) dst[lo + i] = src[i];  // rows of 4-28: a call to memmove cost more
+      if constexpr (std::is_same_v<T, float>) {
+        for (int64_t i = 0, e = hi - lo; i < e; ++i) dst[lo + i] = src[i];  // rows of 4-28: a call to memmove cost more
+      } else {
+        widen(src, hi - lo, dst + lo);
+      }
     } else {
-      for (int64_t ow = lo; ow < hi; ++ow, src += step) dst[ow] = *src;
+      for (int64_t ow = lo; ow < hi; ++ow, src += step) dst[ow] = static_cast<float>(*src);
     }
     std::fill(dst + hi, dst + q.OW, 0.f);
   }
@@ -99,15 +112,20 @@ std::vector<mixgemm::Segment> tap_segments(const Geometry& q, int64_t cin) {
 
 // Rows [ci0, ci0 + kb) of segment sg's A (tap (kh, kw), its rectangle of output pixels, all inside the image),
 // as [kb][sg.count()].
-void tap_rows(const Geometry& q, const float* xn, int64_t xC, int64_t xH, int64_t xW, const mixgemm::Segment& sg,
+template <class T>
+void tap_rows(const Geometry& q, const T* xn, int64_t xC, int64_t xH, int64_t xW, const mixgemm::Segment& sg,
               int64_t kh, int64_t kw, int64_t ci0, int64_t kb, float* dst) {
   const int64_t w = sg.w1 - sg.w0;
   for (int64_t kk = 0; kk < kb; ++kk) {
-    const float* xc = xn + (ci0 + kk) * xC;
+    const T* xc = xn + (ci0 + kk) * xC;
     for (int64_t oh = sg.h0; oh < sg.h1; ++oh, dst += w) {
-      const float* src = xc + (oh * q.sh - q.ph + kh * q.dh) * xH + (sg.w0 * q.sw - q.pw + kw * q.dw) * xW;
+      const T* src = xc + (oh * q.sh - q.ph + kh * q.dh) * xH + (sg.w0 * q.sw - q.pw + kw * q.dw) * xW;
       const int64_t step = q.sw * xW;
-      for (int64_t i = 0; i < w; ++i) dst[i] = src[i * step];
+      if (step == 1) {
+        widen(src, w, dst);
+        continue;
+      }
+      for (int64_t i = 0; i < w; ++i) dst[i] = static_cast<float>(src[i * step]);
     }
   }
 }
@@ -116,22 +134,23 @@ void tap_rows(const Geometry& q, const float* xn, int64_t xC, int64_t xH, int64_
 // 16 rows in step (16 cache lines, each used for 16 consecutive k) and writes its panel contiguously;
 // faster than torch's transpose + contiguous, whose strided reads miss the cache on large weights.
 // tap_major: the contraction ordered (kh, kw, ci) instead of the weight's (ci, kh, kw) (see tap_segments).
+template <class T = float>
 at::Tensor weight_panels(const at::Tensor& w, bool tap_major = false) {
   const int64_t C = w.size(0), K = w.numel() / C, Cp = mixgemm::round_up(C, mixgemm::kNR);
   const int64_t taps = w.size(2) * w.size(3), cin = K / taps;
   const at::Tensor wc = w.contiguous();
-  at::Tensor out = at::empty({Cp / 16, K, 16}, w.options());
-  const float* src = wc.data_ptr<float>();
+  at::Tensor out = at::empty({Cp / 16, K, 16}, w.options().dtype(at::kFloat));
+  const T* src = wc.data_ptr<T>();
   float* dst = out.data_ptr<float>();
   at::parallel_for(0, Cp / 16, 1, [&](int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; ++j) {
       const int64_t rows = std::min<int64_t>(16, C - 16 * j);
       float* d = dst + j * K * 16;
-      const float* s0 = src + 16 * j * K;
+      const T* s0 = src + 16 * j * K;
       for (int64_t k = 0; k < K; ++k, d += 16) {
         const int64_t kw = tap_major ? (k % cin) * taps + k / cin : k;  // (the weight's own index of row k)
         int64_t l = 0;
-        for (; l < rows; ++l) d[l] = s0[l * K + kw];
+        for (; l < rows; ++l) d[l] = static_cast<float>(s0[l * K + kw]);
         for (; l < 16; ++l) d[l] = 0.f;
       }
     }
@@ -155,9 +174,13 @@ at::Tensor pair_panels(const at::Tensor& panels) {
 
 namespace {
 
-void forward_float(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf, const at::Tensor& g,
-                   const c10::optional<at::Tensor>& bp, const c10::optional<at::Tensor>& bf, const ConvArgs& a,
-                   at::Tensor& out, bool binary, mixgemm::Micro micro) {
+// T: the element type of x, the weights and out (float, or c10::BFloat16 with the bfloat16 micro-kernel: read
+// exactly into the float32 packing, the output rounded once from the float32 sums).
+template <class T>
+void forward_engine(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf, const at::Tensor& g,
+                    const c10::optional<at::Tensor>& bp, const c10::optional<at::Tensor>& bf, const ConvArgs& a,
+                    at::Tensor& out, bool binary, mixgemm::Micro micro) {
+  constexpr bool f32 = std::is_same_v<T, float>;
   const int64_t N = x.size(0), C = wp.size(0), K = wp.numel() / C;
   const Geometry q(x, wp, out, a);
   const int64_t P = q.OH * q.OW;
@@ -165,18 +188,18 @@ void forward_float(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& 
   const bool any_bias = has(bp) || has(bf);
   at::Tensor b0, b1;
   if (any_bias) {
-    b0 = bias_or_zeros(bp, wp).contiguous();
-    b1 = bias_or_zeros(bf, wp).contiguous();
+    b0 = bias_or_zeros(bp, wp).to(at::kFloat).contiguous();
+    b1 = bias_or_zeros(bf, wp).to(at::kFloat).contiguous();
   }
-  const float* X = x.data_ptr<float>();
+  const T* X = x.data_ptr<T>();
   const int64_t xN = x.stride(0), xC = x.stride(1), xH = x.stride(2), xW = x.stride(3);
-  float* Y = out.data_ptr<float>();
+  T* Y = out.data_ptr<T>();
   const int64_t yN = out.stride(0), yC = out.stride(1), yH = out.stride(2), yW = out.stride(3);
   const float* Gd = G.data_ptr<float>();
   const int64_t Gld = G.size(1);
   // A 1x1 stride-1 unpadded conv on an NCHW image is its own im2col matrix: the GEMM reads x in place
   // (unless an engine wants rows padded past P: lda > P).
-  const bool direct = q.KH == 1 && q.KW == 1 && q.sh == 1 && q.sw == 1 && q.ph == 0 && q.pw == 0 &&
+  const bool direct = f32 && q.KH == 1 && q.KW == 1 && q.sh == 1 && q.sw == 1 && q.ph == 0 && q.pw == 0 &&
                       xW == 1 && xH == q.W && xC >= P;
   // On the AVX-512 micro-kernels: taps as segments where the padding has products to skip (bfloat16 pairs of k
   // must stay within a tap: C_in even); binary gates take each column from Wp's or Wf's panel as it is.
@@ -188,15 +211,17 @@ void forward_float(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& 
   const mixgemm::Segment* seg_of_tap[64] = {};  // tap -> its segment
   for (const mixgemm::Segment& sg : segs) seg_of_tap[sg.k0 / cin] = &sg;
   auto pack = [&](int64_t n, int64_t k0, int64_t kb, float* buf, int64_t& lda) -> const float* {
-    const float* xn = X + n * xN;
+    const T* xn = X + n * xN;
     if (by_tap) {
       const int64_t tap = k0 / cin;
       tap_rows(q, xn, xC, xH, xW, *seg_of_tap[tap], tap / q.KW, tap % q.KW, k0 % cin, kb, buf);
       return buf;
     }
-    if (direct && lda == P) {
-      lda = xC;
-      return xn + k0 * xC;
+    if constexpr (f32) {
+      if (direct && lda == P) {
+        lda = xC;
+        return xn + k0 * xC;
+      }
     }
     for (int64_t kk = 0; kk < kb; ++kk) im2col_row(q, xn, xC, xH, xW, k0 + kk, buf + kk * lda);
     return buf;
@@ -208,7 +233,7 @@ void forward_float(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& 
   // 16-pixel tile holds the whole map: then an image's kc x 16 block of A sits in L1. At 14x14 (13 tiles, A
   // streamed from L2 per tile) the blend engine is faster, and 7x7 would leave much of a 16-pixel tile empty
   // (benchmarks/test_bench_gated_conv2d.py times the stage shapes).
-  if (hard_rows) {
+  if constexpr (f32) if (hard_rows) {
     const at::Tensor wpc = wp.contiguous(), wfc = wf.contiguous();
     mixgemm::run_hard_rows(N, P, K, C, wpc.data_ptr<float>(), wfc.data_ptr<float>(), Gd, Gld, pack,
                            [&](int64_t n, const float* Cb, int64_t ldc) {
@@ -223,7 +248,7 @@ void forward_float(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& 
                            });
     return;
   }
-  const at::Tensor Wp = weight_panels(wp, by_tap), Wf = weight_panels(wf, by_tap);
+  const at::Tensor Wp = weight_panels<T>(wp, by_tap), Wf = weight_panels<T>(wf, by_tap);
   const mixgemm::BSource src{Wp.data_ptr<float>(), Wf.data_ptr<float>(), K * mixgemm::kNR, mixgemm::kNR};
   const bool select = binary && wide;
   mixgemm::Selected sel{Wp.data_ptr<float>(), Wf.data_ptr<float>(), K * mixgemm::kNR};
@@ -244,8 +269,23 @@ void forward_float(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& 
       for (int64_t c = 0; c < C; ++c) b[c] = bias_of(gn, c);
       bias = b;
     }
-    float* yn = Y + n * yN;
-    if (pixels_dense) {
+    T* yn = Y + n * yN;
+    if constexpr (!f32) {  // bfloat16: NCHW through a float32 [C][P] transpose, channels_last row by row
+      uint16_t* yb = reinterpret_cast<uint16_t*>(yn);
+      if (pixels_dense) {
+        float* t = mixgemm::scratch(5, C * P);
+        mixgemm::transpose_out(Cb, Mp, P, C, bias, t, P);
+        for (int64_t c = 0; c < C; ++c) mixgemm::store_bf16(t + c * P, nullptr, P, yb + c * yC);
+        return;
+      }
+      if (channels_dense) {
+        int64_t p = 0;
+        for (int64_t oh = 0; oh < q.OH; ++oh)
+          for (int64_t ow = 0; ow < q.OW; ++ow, ++p) mixgemm::store_bf16(Cb + p * Mp, bias, C, yb + oh * yH + ow * yW);
+        return;
+      }
+    }
+    if constexpr (f32) if (pixels_dense) {
       mixgemm::transpose_out(Cb, Mp, P, C, bias, yn, yC);
       return;
     }
@@ -253,7 +293,7 @@ void forward_float(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& 
     for (int64_t oh = 0; oh < q.OH; ++oh)
       for (int64_t ow = 0; ow < q.OW; ++ow, ++p) {
         const float* src = Cb + p * Mp;
-        float* yp = yn + oh * yH + ow * yW;
+        T* yp = yn + oh * yH + ow * yW;
         if (channels_dense) {
           for (int64_t c = 0; c < C; ++c) yp[c] = src[c] + (bias ? bias[c] : 0.f);
         } else {
@@ -271,46 +311,50 @@ void forward(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf, co
              const c10::optional<at::Tensor>& bp, const c10::optional<at::Tensor>& bf, const ConvArgs& a,
              at::Tensor& out, bool binary, bool brgemm) {
   if (x.scalar_type() != at::kBFloat16) {
-    forward_float(x, wp, wf, g, bp, bf, a, out, binary, brgemm ? mixgemm::Micro::Brgemm : mixgemm::Micro::Avx2);
+    forward_engine<float>(x, wp, wf, g, bp, bf, a, out, binary,
+                          brgemm ? mixgemm::Micro::Brgemm : mixgemm::Micro::Avx2);
     return;
   }
   // bfloat16: the float32 engine's packing and epilogue around the bfloat16 micro-kernel (operands exact in
   // bfloat16 but for soft gates' blended weights, rounded once; float32 sums; the output rounded once).
-  auto f32 = [](const c10::optional<at::Tensor>& t) {
-    return has(t) ? c10::optional<at::Tensor>(t->to(at::kFloat)) : c10::optional<at::Tensor>();
-  };
-  at::Tensor y = at::empty(out.sizes(), out.options().dtype(at::kFloat).memory_format(out.suggest_memory_format()));
-  forward_float(x.to(at::kFloat), wp.to(at::kFloat), wf.to(at::kFloat), g, f32(bp), f32(bf), a, y, binary,
-                mixgemm::Micro::Bf16);
-  out.copy_(y);
+  forward_engine<c10::BFloat16>(x, wp, wf, g, bp, bf, a, out, binary, mixgemm::Micro::Bf16);
 }
 
 // dx of the gated convolution: dx_n = conv_transpose(dy_n, (1-g_n) Wp + g_n Wf), one GEMM per image
 // (rows: pixels, contraction: output channels, columns: the K = C_in*kH*kW taps), then col2im.
-at::Tensor input_grad(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf,
-                      const at::Tensor& g, const ConvArgs& a, bool brgemm) {
+// T: dy's element type (bfloat16: the bfloat16 micro-kernel, dx summed in float32 and rounded once).
+namespace {
+template <class T>
+at::Tensor input_grad_engine(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf,
+                             const at::Tensor& g, const ConvArgs& a, mixgemm::Micro micro) {
   const int64_t N = x.size(0), C = wp.size(0), K = wp.numel() / C;
   const Geometry q(x, wp, dy, a);
   const int64_t P = q.OH * q.OW, taps = q.KH * q.KW;
-  const at::Tensor G = padded_gates(g), wpc = wp.contiguous(), wfc = wf.contiguous();
+  const at::Tensor G = padded_gates(g), wpc = wp.to(at::kFloat).contiguous(), wfc = wf.to(at::kFloat).contiguous();
   const mixgemm::BSource src{wpc.data_ptr<float>(), wfc.data_ptr<float>(), mixgemm::kNR, K};
-  at::Tensor dx = at::zeros(x.sizes(), x.options().memory_format(x.suggest_memory_format()));
-  const float* D = dy.data_ptr<float>();
+  at::Tensor dx = at::zeros(x.sizes(), x.options().dtype(at::kFloat).memory_format(x.suggest_memory_format()));
+  const T* D = dy.data_ptr<T>();
   const int64_t dN = dy.stride(0), dC = dy.stride(1), dH = dy.stride(2), dW = dy.stride(3);
   float* X = dx.data_ptr<float>();
   const int64_t xN = dx.stride(0), xC = dx.stride(1), xH = dx.stride(2), xW = dx.stride(3);
   const bool direct = dW == 1 && dH == q.OW && dC >= P;  // NCHW dy is A as it is
   auto pack = [&](int64_t n, int64_t k0, int64_t kb, float* buf, int64_t& lda) -> const float* {
-    const float* dn = D + n * dN;
-    if (direct && lda == P) {
-      lda = dC;
-      return dn + k0 * dC;
+    const T* dn = D + n * dN;
+    if constexpr (std::is_same_v<T, float>) {
+      if (direct && lda == P) {
+        lda = dC;
+        return dn + k0 * dC;
+      }
     }
     for (int64_t kk = 0; kk < kb; ++kk) {
-      const float* dc = dn + (k0 + kk) * dC;
+      const T* dc = dn + (k0 + kk) * dC;
       float* d = buf + kk * lda;
+      if (direct) {
+        widen(dc, P, d);
+        continue;
+      }
       for (int64_t oh = 0; oh < q.OH; ++oh)
-        for (int64_t ow = 0; ow < q.OW; ++ow) *d++ = dc[oh * dH + ow * dW];
+        for (int64_t ow = 0; ow < q.OW; ++ow) *d++ = static_cast<float>(dc[oh * dH + ow * dW]);
     }
     return buf;
   };
@@ -325,19 +369,26 @@ at::Tensor input_grad(const at::Tensor& dy, const at::Tensor& x, const at::Tenso
       mixgemm::transpose_out(Cb, Kp, P, K, nullptr, xn, xC);
       return;
     }
-    float* T = mixgemm::scratch(4, K * P);
-    mixgemm::transpose_out(Cb, Kp, P, K, nullptr, T, P);
+    float* cols = mixgemm::scratch(4, K * P);
+    mixgemm::transpose_out(Cb, Kp, P, K, nullptr, cols, P);
     for (int64_t k = 0; k < K; ++k) {
       float* xc = xn + (k / taps) * xC;
-      const float* row = T + k * P;
+      const float* row = cols + k * P;
       for_each_tap_pixel(q, (k % taps) / q.KW, k % q.KW, xH, xW, [&](int64_t p, int64_t off) {
         if (off >= 0) xc[off] += row[p];
       });
     }
   };
-  mixgemm::run(N, P, C, K, src, G.data_ptr<float>(), G.size(1), false, pack, consume,
-               brgemm ? mixgemm::Micro::Brgemm : mixgemm::Micro::Avx2);
-  return dx;
+  mixgemm::run(N, P, C, K, src, G.data_ptr<float>(), G.size(1), false, pack, consume, micro);
+  return std::is_same_v<T, float> ? dx : dx.to(x.scalar_type());
+}
+}  // namespace
+
+at::Tensor input_grad(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf,
+                      const at::Tensor& g, const ConvArgs& a, bool brgemm) {
+  if (dy.scalar_type() == at::kBFloat16)
+    return input_grad_engine<c10::BFloat16>(dy, x, wp, wf, g, a, mixgemm::Micro::Bf16);
+  return input_grad_engine<float>(dy, x, wp, wf, g, a, brgemm ? mixgemm::Micro::Brgemm : mixgemm::Micro::Avx2);
 }
 
 // dWp, dWf (as asked) and the weight part of dL/dg in one pass: mixgemm::run_wgrad.

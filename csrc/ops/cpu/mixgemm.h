@@ -417,6 +417,18 @@ __attribute__((target("avx512f,avx512bf16"))) inline void pair_panel(const float
   }
 }
 
+// dst[i] = src[i] (+ bias[i] where bias is not null) rounded to bfloat16 (nearest even), i < n.
+__attribute__((target("avx512f,avx512bf16,avx512bw,avx512vl"))) inline void store_bf16(const float* src,
+                                                                                      const float* bias, int64_t n,
+                                                                                      uint16_t* dst) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - i)) - 1);
+    __m512 v = _mm512_maskz_loadu_ps(m, src + i);
+    if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, bias + i));
+    _mm256_mask_storeu_epi16(dst + i, m, (__m256i)_mm512_cvtneps_pbh(v));
+  }
+}
+
 // Rows [0, kb) of a row-major [kb][P] matrix (row stride lda) as [P][kb]: brgemm's row-major A.
 inline void transpose_rows(const float* src, int64_t lda, int64_t P, int64_t kb, float* dst) {
   constexpr int64_t kBlock = 16;  // 16 pixels x kb: the writes of one block stay in a few cache lines per k
@@ -432,7 +444,7 @@ inline void transpose_rows(const float* src, int64_t lda, int64_t P, int64_t kb,
 // Per-thread scratch that lives across calls (grow-only): a fresh buffer per call came back from the OS as
 // new pages (page faults and zeroing on every call).
 inline float* scratch(int slot, size_t n) {
-  thread_local std::vector<float> bufs[5];  // slots 0-3: the GEMM loops; 4: their consumers
+  thread_local std::vector<float> bufs[6];  // slots 0-3: the GEMM loops; 4-5: their consumers
   std::vector<float>& v = bufs[slot];
   if (v.size() < n) v.resize(n);
   return v.data();
