@@ -37,6 +37,32 @@ def test_histogram_matches_reference(n, c, h, w, k, stride, pad, dtype):
     torch.testing.assert_close(out.sum(-1), torch.ones(n, 6), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("isa", ["native", "avx2", "scalar"])
+@pytest.mark.parametrize("edges_kind", ["linspace", "near_uniform", "irregular"])
+def test_histogram_binning_rules_hold_on_every_path(settings, isa, edges_kind):
+    """The binning alone (a 1x1 identity filter: responses are the input, exactly): values on every edge and
+    next to it, below the first and above the last edge, +-inf and NaN, binned as torch.bucketize bins them in
+    the reference, by each SIMD path (AVX-512: near-uniform edges by an estimate and one compare, other edges
+    by table gathers; AVX2; scalar)."""
+    settings(cpu_isa=isa)
+    g = torch.Generator().manual_seed(1)
+    nb = 37
+    e = torch.linspace(-1.0, 1.0, nb + 1)
+    if edges_kind == "near_uniform":  # each edge within a fifth of a bin of linspace's
+        e = e + (torch.rand(nb + 1, generator=g) - 0.5) * 0.4 * (2.0 / nb)
+    elif edges_kind == "irregular":
+        e = torch.sort(torch.randn(nb + 1, generator=g), 0).values
+    near = torch.cat([e, torch.nextafter(e, torch.full_like(e, -3)), torch.nextafter(e, torch.full_like(e, 3))])
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), -5.0, 5.0, 0.0])
+    v = torch.cat([near, special, torch.rand(1000, generator=g) * 3 - 1.5])
+    v = v[torch.randperm(v.numel(), generator=g)]
+    x = v[: v.numel() // 16 * 16].reshape(1, 1, 16, -1).contiguous()
+    filt, edges = torch.ones(1, 1, 1, 1), e.reshape(1, -1)
+    out = filterbank_histogram(x, filt, edges, 1, 0)
+    ref = filterbank_histogram_reference(x, filt, edges, 1, 0)
+    torch.testing.assert_close(out * x.numel(), ref * x.numel(), rtol=0, atol=1e-3)  # counts, exactly
+
+
 def test_histogram_empty_batch():
     filt = torch.randn(4, 3, 3, 3)
     assert filterbank_histogram(torch.rand(0, 3, 8, 8), filt, _edges(4, 5)).shape == (0, 4, 5)

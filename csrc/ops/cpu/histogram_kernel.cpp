@@ -12,6 +12,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
@@ -29,6 +30,7 @@ namespace tlkernels {
 namespace {
 
 constexpr int64_t kLutCells = 4096;
+constexpr int64_t kSubs = 8;  // interleaved sub-histograms per channel (the binning loops use 4 or 8 of them)
 constexpr int64_t kTileElems = 1 << 20;  // 4 MB of float32 responses per work item (48 filters at 128x128)
 
 // One rank-1 component s * u v^T of filter f (u: kh taps down, v: kw taps across).
@@ -164,6 +166,78 @@ __attribute__((target("avx2,fma"))) inline void bin_single_avx2(const float* rf,
 }
 #endif
 
+// bin_single_avx2's AVX-512 twin, 16 values at a time: both table lookups as gathers, the bin rules as mask
+// operations; the bins of each 128 values are then counted in a second loop over eight interleaved
+// sub-histograms (sub[(i & 7) * nbins + b]), so the counters' read-modify-write chains (neighbouring responses
+// share bins) overlap with one another instead of with the lookups.
+__attribute__((target("avx512f"))) inline void bin_single_avx512(const float* rf, int64_t n, float lo, float linv,
+                                                                 float cmax, float e1, float top, int32_t last,
+                                                                 const int32_t* bins, const float* thr,
+                                                                 int32_t* sub, int64_t nbins) {
+  const __m512 vlo = _mm512_set1_ps(lo), vinv = _mm512_set1_ps(linv), vmax = _mm512_set1_ps(cmax);
+  const __m512 ve1 = _mm512_set1_ps(e1), vtop = _mm512_set1_ps(top), zero = _mm512_setzero_ps();
+  const __m512i vlast = _mm512_set1_epi32(last), one = _mm512_set1_epi32(1);
+  constexpr int64_t kBlock = 128;
+  alignas(64) int32_t b[kBlock];
+  for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
+    const int64_t m = std::min(kBlock, n - i0);  // (a multiple of 16)
+    for (int64_t i = 0; i < m; i += 16) {
+      const __m512 v = _mm512_loadu_ps(rf + i0 + i);
+      __m512 t = _mm512_mul_ps(_mm512_sub_ps(v, vlo), vinv);
+      t = _mm512_min_ps(_mm512_max_ps(t, zero), vmax);  // max(NaN, 0) = 0, as the scalar loop
+      const __m512i c = _mm512_cvttps_epi32(t);
+      __m512i bv = _mm512_i32gather_epi32(c, bins, 4);
+      const __m512 th = _mm512_i32gather_ps(c, thr, 4);
+      bv = _mm512_mask_add_epi32(bv, _mm512_cmp_ps_mask(v, th, _CMP_GE_OQ), bv, one);
+      bv = _mm512_mask_mov_epi32(bv, _mm512_cmp_ps_mask(v, vtop, _CMP_GE_OQ), vlast);
+      bv = _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(v, ve1, _CMP_GE_OQ), bv);
+      bv = _mm512_mask_mov_epi32(bv, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), vlast);  // NaN: last bin
+      _mm512_store_si512(b + i, bv);
+    }
+    for (int64_t i = 0; i < m; i += 8)
+#pragma GCC unroll 8
+      for (int k = 0; k < 8; ++k) ++sub[k * nbins + b[i + k]];
+  }
+}
+
+// Binning by near-uniform edges (Lut::uniform), 16 values at a time with no memory lookups: the next edge of
+// each estimate read from the 128-float table held in eight registers (two-source permutes, then blends by
+// the index's bits 5 and 6), the bin rules as in bin_single_avx2; counted as bin_single_avx512 does.
+__attribute__((target("avx512f"))) inline void bin_uniform_avx512(const float* rf, int64_t n, float u0, float uinv,
+                                                                  float e1, float top, int32_t last,
+                                                                  const float* next, int32_t* sub, int64_t nbins) {
+  const __m512 vu0 = _mm512_set1_ps(u0), vinv = _mm512_set1_ps(uinv), half = _mm512_set1_ps(0.5f);
+  const __m512 vmax = _mm512_set1_ps(static_cast<float>(last)), zero = _mm512_setzero_ps();
+  const __m512 ve1 = _mm512_set1_ps(e1), vtop = _mm512_set1_ps(top);
+  const __m512i vlast = _mm512_set1_epi32(last), one = _mm512_set1_epi32(1);
+  const __m512i bit5 = _mm512_set1_epi32(32), bit6 = _mm512_set1_epi32(64);
+  __m512 tab[8];
+  for (int r = 0; r < 8; ++r) tab[r] = _mm512_loadu_ps(next + 16 * r);
+  constexpr int64_t kBlock = 128;
+  alignas(64) int32_t b[kBlock];
+  for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
+    const int64_t m = std::min(kBlock, n - i0);  // (a multiple of 16)
+    for (int64_t i = 0; i < m; i += 16) {
+      const __m512 v = _mm512_loadu_ps(rf + i0 + i);
+      __m512 t = _mm512_sub_ps(_mm512_mul_ps(_mm512_sub_ps(v, vu0), vinv), half);
+      t = _mm512_min_ps(_mm512_max_ps(t, zero), vmax);  // max(NaN, 0) = 0
+      const __m512i est = _mm512_cvttps_epi32(t), idx = _mm512_add_epi32(est, one);
+      const __m512 p0 = _mm512_permutex2var_ps(tab[0], idx, tab[1]), p1 = _mm512_permutex2var_ps(tab[2], idx, tab[3]);
+      const __m512 p2 = _mm512_permutex2var_ps(tab[4], idx, tab[5]), p3 = _mm512_permutex2var_ps(tab[6], idx, tab[7]);
+      const __mmask16 m5 = _mm512_test_epi32_mask(idx, bit5), m6 = _mm512_test_epi32_mask(idx, bit6);
+      const __m512 nxt = _mm512_mask_blend_ps(m6, _mm512_mask_blend_ps(m5, p0, p1), _mm512_mask_blend_ps(m5, p2, p3));
+      __m512i bv = _mm512_mask_add_epi32(est, _mm512_cmp_ps_mask(v, nxt, _CMP_GE_OQ), est, one);
+      bv = _mm512_mask_mov_epi32(bv, _mm512_cmp_ps_mask(v, vtop, _CMP_GE_OQ), vlast);
+      bv = _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(v, ve1, _CMP_GE_OQ), bv);
+      bv = _mm512_mask_mov_epi32(bv, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), vlast);  // NaN: last bin
+      _mm512_store_si512(b + i, bv);
+    }
+    for (int64_t i = 0; i < m; i += 8)
+#pragma GCC unroll 8
+      for (int k = 0; k < 8; ++k) ++sub[k * nbins + b[i + k]];
+  }
+}
+
 // The response plane (OH x OW) of one image (padded, Hp x Wp) for the components [cb, ce) of one filter.
 void separable_plane(const float* img, int64_t Hp, int64_t Wp, const SepComponent* cb, const SepComponent* ce,
                      float* hbuf, float* plane, int64_t OH, int64_t OW) {
@@ -200,6 +274,12 @@ struct Lut {
   std::vector<int32_t> bin;
   std::vector<float> thr;
   bool single = true;
+  // Near-uniform edges (each within a quarter bin of e_0 + i (e_nb - e_0) / nb; nb <= 127, as linspace makes
+  // them): trunc((v - e_0) / step - 1/2) is the bin or the one below it, and one compare with the next edge
+  // (next[i] = e_i, +inf past e_nb: 128 floats, held in registers) settles it.
+  bool uniform = false;
+  float u0 = 0, uinv = 0;
+  std::vector<float> next;
 };
 
 Lut build_lut(const float* ef, int64_t nb) {
@@ -223,6 +303,16 @@ Lut build_lut(const float* ef, int64_t nb) {
     const float right = L.lo + static_cast<float>(c + 1) * cell + 0.01f * cell;
     if (b + 2 <= nb - 1 && ef[b + 2] <= right) L.single = false;
   }
+  const double step = (static_cast<double>(ef[nb]) - ef[0]) / static_cast<double>(nb);
+  L.uniform = nb <= 127 && std::isfinite(step) && step > 0;
+  for (int64_t i = 0; L.uniform && i <= nb; ++i)
+    L.uniform = std::abs(static_cast<double>(ef[i]) - (ef[0] + static_cast<double>(i) * step)) <= 0.25 * step;
+  if (L.uniform) {
+    L.u0 = ef[0];
+    L.uinv = static_cast<float>(1.0 / step);
+    L.next.assign(128, INFINITY);
+    for (int64_t i = 0; i <= nb; ++i) L.next[i] = ef[i];
+  }
   return L;
 }
 
@@ -242,7 +332,7 @@ struct Binner {
     const float* ef = edges + ch * (nb + 1);
     const Lut& L = luts[ch];
     thread_local std::vector<int32_t> sub_tls;
-    sub_tls.assign(4 * nb, 0);
+    sub_tls.assign(kSubs * nb, 0);
     int32_t* const sub = sub_tls.data();  // (a plain pointer: no TLS lookup inside the loop)
     const int64_t nbins = nb;
     if (L.single) {
@@ -252,7 +342,13 @@ struct Binner {
       const int32_t last = static_cast<int32_t>(nb) - 1;
       int64_t i0 = 0;
 #ifdef TLK_HAVE_AVX2_PATH
-      if (avx2::available()) {
+      if (avx512::available() && L.uniform) {
+        i0 = np / 16 * 16;
+        bin_uniform_avx512(rf, i0, L.u0, L.uinv, e1, top, last, L.next.data(), sub, nbins);
+      } else if (avx512::available()) {
+        i0 = np / 16 * 16;
+        bin_single_avx512(rf, i0, lo, linv, cmax, e1, top, last, bins, thr, sub, nbins);
+      } else if (avx2::available()) {
         i0 = np / 8 * 8;
         bin_single_avx2(rf, i0, lo, linv, cmax, e1, top, last, bins, thr, sub, nbins);
       }
@@ -287,7 +383,8 @@ struct Binner {
         ++sub[(i & 3) * nbins + b];
       }
     }
-    for (int64_t b = 0; b < nbins; ++b) cf[b] += sub[b] + sub[nbins + b] + sub[2 * nbins + b] + sub[3 * nbins + b];
+    for (int64_t j = 0; j < kSubs; ++j)
+      for (int64_t b = 0; b < nbins; ++b) cf[b] += sub[j * nbins + b];
   }
 
   // out row = counts / P (each response pixel adds 1/P).
