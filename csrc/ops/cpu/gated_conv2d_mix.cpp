@@ -158,14 +158,34 @@ at::Tensor weight_panels(const at::Tensor& w, bool tap_major = false) {
   return out;
 }
 
-// Weight panels (weight_panels' [C/16][K][16] float32) as bfloat16 pairs [C/16][ceil(K/2)][32] (pair_panel).
-at::Tensor pair_panels(const at::Tensor& panels) {
-  const int64_t J = panels.size(0), K = panels.size(1), K2 = (K + 1) / 2;
-  at::Tensor out = at::empty({J, K2, 32}, panels.options().dtype(at::kBFloat16));
-  const float* src = panels.data_ptr<float>();
+// A bfloat16 weight (C, ...) as micro512_bf16's B panels: [ceil(C/16)][ceil(K/2)][16][2], pairs of consecutive
+// k per column, zero padded past C and an odd K; tap_major as in weight_panels. The bits are copied.
+at::Tensor pair_panels(const at::Tensor& w, bool tap_major) {
+  const int64_t C = w.size(0), K = w.numel() / C, K2 = (K + 1) / 2, J = mixgemm::round_up(C, mixgemm::kNR) / 16;
+  const int64_t taps = w.size(2) * w.size(3), cin = K / taps;
+  const at::Tensor wc = w.contiguous();
+  at::Tensor out = at::empty({J, K2, 32}, w.options());
+  const uint16_t* src = reinterpret_cast<const uint16_t*>(wc.data_ptr());
   uint16_t* dst = reinterpret_cast<uint16_t*>(out.data_ptr());
   at::parallel_for(0, J, 1, [&](int64_t j0, int64_t j1) {
-    for (int64_t j = j0; j < j1; ++j) mixgemm::pair_panel(src + j * K * 16, K, dst + j * K2 * 32);
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t rows = std::min<int64_t>(16, C - 16 * j);
+      const uint16_t* s0 = src + 16 * j * K;
+      uint16_t* d = dst + j * K2 * 32;
+      for (int64_t k = 0; k < 2 * K2; k += 2, d += 32) {
+        for (int64_t e = 0; e < 2; ++e) {
+          const int64_t kk = k + e;
+          if (kk >= K) {
+            for (int64_t l = 0; l < 16; ++l) d[2 * l + e] = 0;
+            continue;
+          }
+          const int64_t kw = tap_major ? (kk % cin) * taps + kk / cin : kk;
+          int64_t l = 0;
+          for (; l < rows; ++l) d[2 * l + e] = s0[l * K + kw];
+          for (; l < 16; ++l) d[2 * l + e] = 0;
+        }
+      }
+    }
   });
   return out;
 }
@@ -199,8 +219,9 @@ void forward_engine(const at::Tensor& x, const at::Tensor& wp, const at::Tensor&
   const int64_t Gld = G.size(1);
   // A 1x1 stride-1 unpadded conv on an NCHW image is its own im2col matrix: the GEMM reads x in place
   // (unless an engine wants rows padded past P: lda > P).
-  const bool direct = f32 && q.KH == 1 && q.KW == 1 && q.sh == 1 && q.sw == 1 && q.ph == 0 && q.pw == 0 &&
-                      xW == 1 && xH == q.W && xC >= P;
+  const bool rows_dense = q.KH == 1 && q.KW == 1 && q.sh == 1 && q.sw == 1 && q.ph == 0 && q.pw == 0 &&
+                          xW == 1 && xH == q.W;  // (each input channel's P values are A's row as they are)
+  const bool direct = f32 && rows_dense && xC >= P;
   // On the AVX-512 micro-kernels: taps as segments where the padding has products to skip (bfloat16 pairs of k
   // must stay within a tap: C_in even); binary gates take each column from Wp's or Wf's panel as it is.
   const bool wide = micro != mixgemm::Micro::Brgemm && avx512::available();
@@ -222,6 +243,10 @@ void forward_engine(const at::Tensor& x, const at::Tensor& wp, const at::Tensor&
         lda = xC;
         return xn + k0 * xC;
       }
+    }
+    if (rows_dense) {
+      for (int64_t kk = 0; kk < kb; ++kk) widen(xn + (k0 + kk) * xC, P, buf + kk * lda);
+      return buf;
     }
     for (int64_t kk = 0; kk < kb; ++kk) im2col_row(q, xn, xC, xH, xW, k0 + kk, buf + kk * lda);
     return buf;
@@ -248,15 +273,21 @@ void forward_engine(const at::Tensor& x, const at::Tensor& wp, const at::Tensor&
                            });
     return;
   }
-  const at::Tensor Wp = weight_panels<T>(wp, by_tap), Wf = weight_panels<T>(wf, by_tap);
-  const mixgemm::BSource src{Wp.data_ptr<float>(), Wf.data_ptr<float>(), K * mixgemm::kNR, mixgemm::kNR};
   const bool select = binary && wide;
-  mixgemm::Selected sel{Wp.data_ptr<float>(), Wf.data_ptr<float>(), K * mixgemm::kNR};
-  at::Tensor Wp16, Wf16;
+  // Selected bfloat16 columns need only the pair panels; every other case the float32 panels (blended per
+  // image, or selected as they are).
+  at::Tensor Wp, Wf;
+  mixgemm::BSource src{nullptr, nullptr, K * mixgemm::kNR, mixgemm::kNR};
+  mixgemm::Selected sel{nullptr, nullptr, 0};
   if (select && micro == mixgemm::Micro::Bf16) {
-    Wp16 = pair_panels(Wp);
-    Wf16 = pair_panels(Wf);
-    sel = {Wp16.data_ptr(), Wf16.data_ptr(), Wp16.stride(0)};
+    Wp = pair_panels(wp, by_tap);
+    Wf = pair_panels(wf, by_tap);
+    sel = {Wp.data_ptr(), Wf.data_ptr(), Wp.stride(0)};
+  } else {
+    Wp = weight_panels<T>(wp, by_tap);
+    Wf = weight_panels<T>(wf, by_tap);
+    src = {Wp.data_ptr<float>(), Wf.data_ptr<float>(), K * mixgemm::kNR, mixgemm::kNR};
+    sel = {Wp.data_ptr<float>(), Wf.data_ptr<float>(), K * mixgemm::kNR};
   }
   // C_n is [P][Mp]: an NCHW output takes its transpose (8 x 8 register blocks), a channels_last one its rows.
   const bool pixels_dense = yW == 1 && yH == q.OW, channels_dense = yC == 1;

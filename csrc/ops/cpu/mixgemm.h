@@ -404,19 +404,6 @@ __attribute__((target("avx512f,avx512bf16"))) inline void blend_panel_bf16(const
   }
 }
 
-// One float32 panel [K][16] as bfloat16 pairs [ceil(K/2)][16][2] (micro512_bf16's B; an odd K's last pair zero
-// padded), rounded to nearest even (exact for values that were bfloat16 before).
-__attribute__((target("avx512f,avx512bf16"))) inline void pair_panel(const float* src, int64_t K, uint16_t* dst) {
-  const __m512i lo_idx = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-  const __m512i hi_idx = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-  for (int64_t k = 0; k < K; k += 2, dst += 32) {
-    const __m512 r0 = _mm512_loadu_ps(src + 16 * k);
-    const __m512 r1 = k + 1 < K ? _mm512_loadu_ps(src + 16 * (k + 1)) : _mm512_setzero_ps();
-    const __m512 lo = _mm512_permutex2var_ps(r0, lo_idx, r1), hi = _mm512_permutex2var_ps(r0, hi_idx, r1);
-    _mm512_storeu_si512(dst, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
-  }
-}
-
 // dst[i] = src[i] (+ bias[i] where bias is not null) rounded to bfloat16 (nearest even), i < n.
 __attribute__((target("avx512f,avx512bf16,avx512bw,avx512vl"))) inline void store_bf16(const float* src,
                                                                                       const float* bias, int64_t n,
