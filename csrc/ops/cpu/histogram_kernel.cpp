@@ -132,6 +132,45 @@ __attribute__((target("avx2,fma"))) inline void col_pass_avx2(const float* rows,
 #endif
 
 #ifdef TLK_HAVE_AVX2_PATH
+// The AVX-512 twins of row_block / col_block (16 outputs per register; half the loads and FMAs per output).
+template <int V>
+__attribute__((target("avx512f"))) inline void row_block512(const float* in, const float* v, int64_t kw, float* out) {
+  __m512 a[V];
+  for (int k = 0; k < V; ++k) a[k] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < kw; ++j) {
+    const __m512 c = _mm512_set1_ps(v[j]);
+    for (int k = 0; k < V; ++k) a[k] = _mm512_fmadd_ps(c, _mm512_loadu_ps(in + j + 16 * k), a[k]);
+  }
+  for (int k = 0; k < V; ++k) _mm512_storeu_ps(out + 16 * k, a[k]);
+}
+template <int V>
+__attribute__((target("avx512f"))) inline void col_block512(const float* rows, int64_t ld, const float* u, int64_t kh,
+                                                            float* acc) {
+  __m512 a[V];
+  for (int k = 0; k < V; ++k) a[k] = _mm512_loadu_ps(acc + 16 * k);
+  for (int64_t i = 0; i < kh; ++i) {
+    const __m512 c = _mm512_set1_ps(u[i]);
+    for (int k = 0; k < V; ++k) a[k] = _mm512_fmadd_ps(c, _mm512_loadu_ps(rows + i * ld + 16 * k), a[k]);
+  }
+  for (int k = 0; k < V; ++k) _mm512_storeu_ps(acc + 16 * k, a[k]);
+}
+__attribute__((target("avx512f"))) inline void row_pass_avx512(const float* in, const float* v, int64_t kw,
+                                                               float* out, int64_t n) {
+  int64_t x = 0;
+  for (; x + 128 <= n; x += 128) row_block512<8>(in + x, v, kw, out + x);
+  for (; x + 32 <= n; x += 32) row_block512<2>(in + x, v, kw, out + x);
+  if (x < n) row_pass_avx2(in + x, v, kw, out + x, n - x);
+}
+__attribute__((target("avx512f"))) inline void col_pass_avx512(const float* rows, int64_t ld, const float* u,
+                                                               int64_t kh, float* acc, int64_t n) {
+  int64_t x = 0;
+  for (; x + 128 <= n; x += 128) col_block512<8>(rows + x, ld, u, kh, acc + x);
+  for (; x + 32 <= n; x += 32) col_block512<2>(rows + x, ld, u, kh, acc + x);
+  if (x < n) col_pass_avx2(rows + x, ld, u, kh, acc + x, n - x);
+}
+#endif
+
+#ifdef TLK_HAVE_AVX2_PATH
 // Bins of values [0, n8) (n8 a multiple of 8) by the single-edge lookup table, eight at a time, counted
 // into the four interleaved sub-histograms exactly as the scalar loop does (sub[(i & 3) * nbins + b]).
 __attribute__((target("avx2,fma"))) inline void bin_single_avx2(const float* rf, int64_t n8, float lo, float linv,
@@ -165,6 +204,41 @@ __attribute__((target("avx2,fma"))) inline void bin_single_avx2(const float* rf,
   }
 }
 #endif
+
+// Binning by near-uniform edges (Lut::uniform) on AVX2: the estimate and the rules eight values at a time, the
+// next edge of each estimate by eight scalar loads from the 128-float table (in L1; AVX2 gathers are
+// microcoded on AMD cores); counted as bin_single_avx512 does.
+__attribute__((target("avx2,fma"))) inline void bin_uniform_avx2(const float* rf, int64_t n, float u0, float uinv,
+                                                                 float e1, float top, int32_t last, const float* next,
+                                                                 int32_t* sub, int64_t nbins) {
+  const __m256 vu0 = _mm256_set1_ps(u0), vinv = _mm256_set1_ps(uinv), half = _mm256_set1_ps(0.5f);
+  const __m256 vmax = _mm256_set1_ps(static_cast<float>(last)), zero = _mm256_setzero_ps();
+  const __m256 ve1 = _mm256_set1_ps(e1), vtop = _mm256_set1_ps(top);
+  const __m256i vlast = _mm256_set1_epi32(last);
+  constexpr int64_t kBlock = 128;
+  alignas(32) int32_t b[kBlock];
+  alignas(32) int32_t e8[8];
+  for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
+    const int64_t m = std::min(kBlock, n - i0);  // (a multiple of 8)
+    for (int64_t i = 0; i < m; i += 8) {
+      const __m256 v = _mm256_loadu_ps(rf + i0 + i);
+      __m256 t = _mm256_sub_ps(_mm256_mul_ps(_mm256_sub_ps(v, vu0), vinv), half);
+      t = _mm256_min_ps(_mm256_max_ps(t, zero), vmax);  // max(NaN, 0) = 0
+      const __m256i est = _mm256_cvttps_epi32(t);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(e8), est);
+      const __m256 nxt = _mm256_setr_ps(next[e8[0] + 1], next[e8[1] + 1], next[e8[2] + 1], next[e8[3] + 1],
+                                        next[e8[4] + 1], next[e8[5] + 1], next[e8[6] + 1], next[e8[7] + 1]);
+      __m256i bv = _mm256_sub_epi32(est, _mm256_castps_si256(_mm256_cmp_ps(v, nxt, _CMP_GE_OQ)));  // + (v >= next)
+      bv = _mm256_blendv_epi8(bv, vlast, _mm256_castps_si256(_mm256_cmp_ps(v, vtop, _CMP_GE_OQ)));
+      bv = _mm256_and_si256(bv, _mm256_castps_si256(_mm256_cmp_ps(v, ve1, _CMP_GE_OQ)));
+      bv = _mm256_blendv_epi8(bv, vlast, _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));  // NaN: last bin
+      _mm256_store_si256(reinterpret_cast<__m256i*>(b + i), bv);
+    }
+    for (int64_t i = 0; i < m; i += 8)
+#pragma GCC unroll 8
+      for (int k = 0; k < 8; ++k) ++sub[k * nbins + b[i + k]];
+  }
+}
 
 // bin_single_avx2's AVX-512 twin, 16 values at a time: both table lookups as gathers, the bin rules as mask
 // operations; the bins of each 128 values are then counted in a second loop over eight interleaved
@@ -244,25 +318,28 @@ void separable_plane(const float* img, int64_t Hp, int64_t Wp, const SepComponen
   const int64_t kh = static_cast<int64_t>(cb->u.size()), kw = static_cast<int64_t>(cb->v.size());
   std::memset(plane, 0, sizeof(float) * OH * OW);
 #ifdef TLK_HAVE_AVX2_PATH
-  const bool fast = avx2::available();
+  const bool fast = avx2::available(), wide = avx512::available();
 #else
-  const bool fast = false;
+  const bool fast = false, wide = false;
 #endif
   for (const SepComponent* c = cb; c != ce; ++c) {
     for (int64_t y = 0; y < Hp; ++y) {
 #ifdef TLK_HAVE_AVX2_PATH
+      if (wide) { row_pass_avx512(img + y * Wp, c->v.data(), kw, hbuf + y * OW, OW); continue; }
       if (fast) { row_pass_avx2(img + y * Wp, c->v.data(), kw, hbuf + y * OW, OW); continue; }
 #endif
       row_pass_generic(img + y * Wp, c->v.data(), kw, hbuf + y * OW, OW);
     }
     for (int64_t y = 0; y < OH; ++y) {
 #ifdef TLK_HAVE_AVX2_PATH
+      if (wide) { col_pass_avx512(hbuf + y * OW, OW, c->u.data(), kh, plane + y * OW, OW); continue; }
       if (fast) { col_pass_avx2(hbuf + y * OW, OW, c->u.data(), kh, plane + y * OW, OW); continue; }
 #endif
       col_pass_generic(hbuf + y * OW, OW, c->u.data(), kh, plane + y * OW, OW);
     }
   }
   (void)fast;
+  (void)wide;
 }
 
 // Per channel, a lookup table over a uniform grid of [e1, e_{nb-1}]: cell -> bin of its left end (by the
@@ -348,6 +425,9 @@ struct Binner {
       } else if (avx512::available()) {
         i0 = np / 16 * 16;
         bin_single_avx512(rf, i0, lo, linv, cmax, e1, top, last, bins, thr, sub, nbins);
+      } else if (avx2::available() && L.uniform) {
+        i0 = np / 8 * 8;
+        bin_uniform_avx2(rf, i0, L.u0, L.uinv, e1, top, last, L.next.data(), sub, nbins);
       } else if (avx2::available()) {
         i0 = np / 8 * 8;
         bin_single_avx2(rf, i0, lo, linv, cmax, e1, top, last, bins, thr, sub, nbins);
