@@ -175,10 +175,17 @@ class AdaFilter(nn.Module):
         if x.dim() != 4:
             raise ValueError(f"AdaFilter: input must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
         self.controller.state = None
+        # Fused eval without autograd on CPU tensors runs channels_last (the input once): oneDNN's convolutions,
+        # the stem's included, skip their per-call layout reorders (benchmarks/test_bench_methods.py).
+        cl = (self.layers[0][1].fused and not self.training and not torch.is_grad_enabled() and x.device.type == "cpu"
+              and not torch.compiler.is_compiling() and not torch.compiler.is_exporting())
+        if cl:
+            x = x.contiguous(memory_format=torch.channels_last)
         try:
-            return self.backbone(x)
+            out = self.backbone(x)
         finally:
             self.controller.state = None
+        return out.contiguous() if cl and out.dim() == 4 else out  # (a feature map back in the default layout)
 
     def gate_usage(self):
         """{layer name: fraction of (image, filter) gates that selected the fine-tuned filter} of the last batch."""
