@@ -35,7 +35,7 @@
 namespace tlkernels {
 namespace mixgemm {
 
-constexpr int64_t kMR = 6, kNR = 16, kKC = 128;
+constexpr int64_t kMR = 6, kNR = 16, kKC = 256;
 
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
@@ -99,22 +99,22 @@ __attribute__((target("avx2,fma"))) inline void micro(int64_t kc, const float* A
   store_tile<R>(C, ldc, c0, c1);
 }
 
-// The accumulators of micro512 and micro512_bf16: the C rows crow[i] (null: a padding row of the tile) of T
+// The accumulators of micro512 and micro512_bf16: the R C rows crow[i] (null: a padding row of a tile) of its
 // pixel tiles times J 16-column panels, loaded (acc) or zeroed, and stored.
-template <int T, int J>
+template <int R, int J>
 __attribute__((target("avx512f"), always_inline)) inline void load_acc512(float* const* crow, bool acc,
-                                                                         __m512 (&c)[J][6 * T]) {
-#pragma GCC unroll 12
-  for (int i = 0; i < 6 * T; ++i)
+                                                                         __m512 (&c)[J][R]) {
+#pragma GCC unroll 14
+  for (int i = 0; i < R; ++i)
 #pragma GCC unroll 2
     for (int j = 0; j < J; ++j) c[j][i] = acc && crow[i] ? _mm512_loadu_ps(crow[i] + 16 * j) : _mm512_setzero_ps();
 }
 
-template <int T, int J>
+template <int R, int J>
 __attribute__((target("avx512f"), always_inline)) inline void store_acc512(float* const* crow,
-                                                                          const __m512 (&c)[J][6 * T]) {
-#pragma GCC unroll 12
-  for (int i = 0; i < 6 * T; ++i)
+                                                                          const __m512 (&c)[J][R]) {
+#pragma GCC unroll 14
+  for (int i = 0; i < R; ++i)
 #pragma GCC unroll 2
     for (int j = 0; j < J; ++j)
       if (crow[i]) _mm512_storeu_ps(crow[i] + 16 * j, c[j][i]);
@@ -127,19 +127,19 @@ __attribute__((target("avx512f"), always_inline)) inline void fma_bcast(__m512& 
   asm("vfmadd231ps %[a]%{1to16%}, %[b], %[c]" : [c] "+v"(c) : [b] "v"(b), [a] "m"(*a));
 }
 
-// The AVX-512 micro-kernel: T consecutive pixel tiles (A packed [kc][6] each, `rows[t]` valid rows, which lie
-// consecutively in C) times J 16-column panels (B[j] packed [kc][16]; panel j's columns 16 j.. of C): 6TJ
-// accumulators of one 512-bit register each; per k, J + 6T loads (the broadcasts fold into the FMAs) for 6TJ
-// FMAs, against 8 loads for 12 FMAs of half the width in the AVX2 kernel.
+// The AVX-512 micro-kernel: T pixel tiles of MR rows (A packed [kc][MR] each; C rows crow) times J 16-column
+// panels (B[j] packed [kc][16]; panel j's columns 16 j.. of C): MR T J accumulators of one 512-bit register
+// each (at most 28 of the 32 registers); per k, J loads and MR T J FMAs whose broadcasts fold into them,
+// against 8 loads for 12 FMAs of half the width in the AVX2 kernel.
 // Sel (binary gates per column): panel j's column l is Bf[j]'s where bit l of sel[j] is set, else B[j]'s: a
 // mask blend per panel and k, off the FMA ports, instead of a blended panel written per image.
-template <int T, int J, bool Sel = false>
+template <int MR, int T, int J, bool Sel = false>
 __attribute__((target("avx512f"))) inline void micro512(int64_t kc, const float* const* A, float* const* crow,
                                                         const float* const* B, bool acc,
                                                         const float* const* Bf = nullptr,
                                                         const __mmask16* sel = nullptr) {
-  __m512 c[J][6 * T];
-  load_acc512<T, J>(crow, acc, c);
+  __m512 c[J][MR * T];
+  load_acc512<MR * T, J>(crow, acc, c);
   for (int64_t k = 0; k < kc; ++k) {
     __m512 b[J];
 #pragma GCC unroll 2
@@ -149,35 +149,38 @@ __attribute__((target("avx512f"))) inline void micro512(int64_t kc, const float*
     }
 #pragma GCC unroll 2
     for (int t = 0; t < T; ++t)
-#pragma GCC unroll 6
-      for (int r = 0; r < 6; ++r)
+#pragma GCC unroll 7
+      for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 2
-        for (int j = 0; j < J; ++j) fma_bcast(c[j][6 * t + r], b[j], A[t] + 6 * k + r);
+        for (int j = 0; j < J; ++j) fma_bcast(c[j][MR * t + r], b[j], A[t] + MR * k + r);
   }
-  store_acc512<T, J>(crow, c);
+  store_acc512<MR * T, J>(crow, c);
 }
 
 // Pixel tiles: ceil(P/6) tiles whose sizes differ by at most one (49 = 4x6 + 5x5 rather than 8x6 + 1):
 // the micro-kernel needs >= 5 rows (10 accumulators) to cover FMA latency, and a 1-row tile is
 // latency-bound (benchmarks/single_thread_512.py measures the 7x7 case).
+// mr: the rows of the micro-kernel's tile (kMR; the AVX-512 kernels also take 7: best()).
 struct Tiles {
-  int64_t count, base, extra;  // tile t has base + (t < extra) rows
-  explicit Tiles(int64_t P) : count((P + kMR - 1) / kMR), base(P / count), extra(P % count) {}
+  int64_t count, base, extra, mr;  // tile t has base + (t < extra) rows
+  explicit Tiles(int64_t P, int64_t m = kMR) : count((P + m - 1) / m), base(P / count), extra(P % count), mr(m) {}
+  // The tile height (6 or 7) with the fewer rows computed in all (49 = 7 x 7 instead of 9 x 6; ties: 6).
+  static Tiles best(int64_t P) { return (P + 6) / 7 * 7 < (P + 5) / 6 * 6 ? Tiles(P, 7) : Tiles(P, 6); }
   int64_t rows(int64_t t) const { return base + (t < extra); }
   int64_t start(int64_t t) const { return t * base + std::min(t, extra); }
 };
 
-// The bfloat16 twin of micro512 (AVX-512 BF16): A packed [kc/2][6][2] and B [kc/2][16][2] (pairs of
+// The bfloat16 twin of micro512 (AVX-512 BF16): A packed [kc/2][MR][2] and B [kc/2][16][2] (pairs of
 // consecutive k, bfloat16), one vdpbf16ps per row, panel and pair of k: two products summed into the float32
 // accumulator per lane. kc2 = ceil(kc / 2) (an odd kc's last pair is zero padded).
 // Sel as in micro512: a column's pair of k is one 32-bit lane, so the mask picks columns here too.
-template <int T, int J, bool Sel = false>
+template <int MR, int T, int J, bool Sel = false>
 __attribute__((target("avx512f,avx512bf16"))) inline void micro512_bf16(int64_t kc2, const uint16_t* const* A,
                                                                         float* const* crow, const uint16_t* const* B,
                                                                         bool acc, const uint16_t* const* Bf = nullptr,
                                                                         const __mmask16* sel = nullptr) {
-  __m512 c[J][6 * T];
-  load_acc512<T, J>(crow, acc, c);
+  __m512 c[J][MR * T];
+  load_acc512<MR * T, J>(crow, acc, c);
   for (int64_t k = 0; k < kc2; ++k) {
     __m512bh b[J];
 #pragma GCC unroll 2
@@ -188,16 +191,16 @@ __attribute__((target("avx512f,avx512bf16"))) inline void micro512_bf16(int64_t 
     }
 #pragma GCC unroll 2
     for (int t = 0; t < T; ++t)
-#pragma GCC unroll 6
-      for (int r = 0; r < 6; ++r) {
+#pragma GCC unroll 7
+      for (int r = 0; r < MR; ++r) {
         uint32_t pair;
-        std::memcpy(&pair, A[t] + 12 * k + 2 * r, 4);
+        std::memcpy(&pair, A[t] + 2 * MR * k + 2 * r, 4);
         const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
 #pragma GCC unroll 2
-        for (int j = 0; j < J; ++j) c[j][6 * t + r] = _mm512_dpbf16_ps(c[j][6 * t + r], a, b[j]);
+        for (int j = 0; j < J; ++j) c[j][MR * t + r] = _mm512_dpbf16_ps(c[j][MR * t + r], a, b[j]);
       }
   }
-  store_acc512<T, J>(crow, c);
+  store_acc512<MR * T, J>(crow, c);
 }
 
 // One pass of micro512 (E = float) or micro512_bf16 (E = uint16_t: bfloat16 pairs) over all the pixel tiles of
@@ -219,53 +222,61 @@ template <int J, bool Sel, class E>
 inline void micro512_tiles(int64_t kb, const E* an, const Tiles& tl, const Segment& sg, const E* const* B,
                            float* cn, int64_t ldc, bool acc, const E* const* Bf, const __mmask16* sel) {
   constexpr bool bf = std::is_same_v<E, uint16_t>;
-  const int64_t stride = (bf ? round_up(kb, 2) : kb) * kMR;
-  for (int64_t t = 0; t < tl.count; t += 2) {
-    const E* a[2] = {an + t * stride, an + (t + 1) * stride};
-    const bool two = t + 1 < tl.count;
-    float* crow[12];
-    for (int u = 0; u < 2; ++u) {
-      const int64_t rows = t + u < tl.count ? tl.rows(t + u) : 0, start = t + u < tl.count ? tl.start(t + u) : 0;
-      for (int64_t r = 0; r < kMR; ++r) crow[6 * u + r] = r < rows ? cn + sg.row(start + r) * ldc : nullptr;
+  const int64_t stride = (bf ? round_up(kb, 2) : kb) * tl.mr;
+  auto tiles = [&](auto MRc) {
+    constexpr int MR = decltype(MRc)::value;
+    for (int64_t t = 0; t < tl.count; t += 2) {
+      const E* a[2] = {an + t * stride, an + (t + 1) * stride};
+      const bool two = t + 1 < tl.count;
+      float* crow[2 * MR];
+      for (int u = 0; u < 2; ++u) {
+        const int64_t rows = t + u < tl.count ? tl.rows(t + u) : 0, start = t + u < tl.count ? tl.start(t + u) : 0;
+        for (int64_t r = 0; r < MR; ++r) crow[MR * u + r] = r < rows ? cn + sg.row(start + r) * ldc : nullptr;
+      }
+      if constexpr (bf) {
+        if (two) micro512_bf16<MR, 2, J, Sel>((kb + 1) / 2, a, crow, B, acc, Bf, sel);
+        else micro512_bf16<MR, 1, J, Sel>((kb + 1) / 2, a, crow, B, acc, Bf, sel);
+      } else {
+        if (two) micro512<MR, 2, J, Sel>(kb, a, crow, B, acc, Bf, sel);
+        else micro512<MR, 1, J, Sel>(kb, a, crow, B, acc, Bf, sel);
+      }
     }
-    if constexpr (bf) {
-      if (two) micro512_bf16<2, J, Sel>((kb + 1) / 2, a, crow, B, acc, Bf, sel);
-      else micro512_bf16<1, J, Sel>((kb + 1) / 2, a, crow, B, acc, Bf, sel);
-    } else {
-      if (two) micro512<2, J, Sel>(kb, a, crow, B, acc, Bf, sel);
-      else micro512<1, J, Sel>(kb, a, crow, B, acc, Bf, sel);
-    }
-  }
+  };
+  if (tl.mr == 7)
+    tiles(std::integral_constant<int, 7>{});
+  else
+    tiles(std::integral_constant<int, 6>{});
 }
 
-// Rows [0, kb) of a row-major [kb][P] matrix (row stride lda) as [tile][kb][6], zero padded: each
+// Rows [0, kb) of a row-major [kb][P] matrix (row stride lda) as [tile][kb][mr], zero padded: each
 // micro-kernel call then streams one contiguous 6 KB tile (a strided A is slower: more cache lines and TLB
 // entries per call).
 inline void retile(const float* src, int64_t lda, const Tiles& tl, int64_t kb, float* dst) {
+  const int64_t mr = tl.mr;
   for (int64_t t = 0; t < tl.count; ++t) {
     const int64_t r = tl.rows(t);
     const float* s = src + tl.start(t);
-    if (r == kMR) {
-      for (int64_t k = 0; k < kb; ++k, s += lda, dst += kMR)
-        for (int64_t i = 0; i < kMR; ++i) dst[i] = s[i];
+    if (r == mr) {
+      for (int64_t k = 0; k < kb; ++k, s += lda, dst += mr)
+        for (int64_t i = 0; i < mr; ++i) dst[i] = s[i];
     } else {
-      for (int64_t k = 0; k < kb; ++k, s += lda, dst += kMR)
-        for (int64_t i = 0; i < kMR; ++i) dst[i] = i < r ? s[i] : 0.f;
+      for (int64_t k = 0; k < kb; ++k, s += lda, dst += mr)
+        for (int64_t i = 0; i < mr; ++i) dst[i] = i < r ? s[i] : 0.f;
     }
   }
 }
 
-// retile's bfloat16 twin for micro512_bf16: [tile][kb2][6][2], pairs of consecutive k per pixel, zero padded
+// retile's bfloat16 twin for micro512_bf16: [tile][kb2][mr][2], pairs of consecutive k per pixel, zero padded
 // (pixels past a tile's rows, and an odd kb's last k), rounded to nearest even (exact for values that were
-// bfloat16 before). Each pair of rows is written as 16 values of which 12 belong to it: dst needs 4 values of
-// room past its end.
+// bfloat16 before). Each pair of rows is written as 16 values of which 2 mr belong to it: dst needs 4 values
+// of room past its end.
 __attribute__((target("avx512f,avx512bf16"))) inline void retile_bf16(const float* src, int64_t lda, const Tiles& tl,
                                                                       int64_t kb, uint16_t* dst) {
   const __m512i idx = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
   for (int64_t t = 0; t < tl.count; ++t) {
     const __mmask16 m = static_cast<__mmask16>((1u << tl.rows(t)) - 1);
     const float* s = src + tl.start(t);
-    for (int64_t k = 0; k < kb; k += 2, dst += 2 * kMR) {
+    for (int64_t k = 0; k < kb; k += 2, dst += 2 * tl.mr) {
       const __m512 r0 = _mm512_maskz_loadu_ps(m, s + k * lda);
       const __m512 r1 = k + 1 < kb ? _mm512_maskz_loadu_ps(m, s + (k + 1) * lda) : _mm512_setzero_ps();
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), (__m256i)_mm512_cvtneps_pbh(_mm512_permutex2var_ps(r0, idx, r1)));
@@ -484,7 +495,7 @@ void run(int64_t N, int64_t P, int64_t Kd, int64_t M, const BSource& b, const fl
       for (int64_t k0 = sg.k0; k0 < sg.k1; k0 += kKC) {
         const int64_t kb = std::min(kKC, sg.k1 - k0), R = sg.count();
         const bool acc = segs || k0 > 0;
-        const Tiles tl(R);
+        const Tiles tl = wide ? Tiles::best(R) : Tiles(R);  // (7-row tiles: the AVX-512 kernels only)
         for (int64_t n = n0; n < n1; ++n) {
           int64_t lda = R;
           const float* a = pack_a(n, k0, kb, rows, lda);
