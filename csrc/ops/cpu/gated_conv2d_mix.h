@@ -1,7 +1,10 @@
 #pragma once
-// The CPU small-map engine of the gated convolution: our per-image gated GEMM (mixgemm.h, AVX2 + FMA,
-// float32, groups == 1), with our micro-kernel or oneDNN's BRGeMM ukernel. Each image's 16-filter weight panel is blended in L1 inside the GEMM loop (or, hard
-// gates on 4x4 maps, weight rows are selected): one convolution's FLOPs, no per-image library calls.
+// The CPU small-map engine of the gated convolution: our per-image gated GEMM (mixgemm.h; groups == 1; float32
+// with our AVX2 / AVX-512 micro-kernels or oneDNN's BRGeMM ukernel, bfloat16 with our AVX-512 BF16 one). Each
+// image's 16-filter weight panel is blended in L1 inside the GEMM loop; with binary gates the AVX-512 kernels
+// take each column from W_pre's or W_ft's panel as it is (and, on 4x4 maps in float32, weight rows are
+// selected); one convolution's FLOPs, no per-image library calls. On AVX-512 the forward runs its contraction
+// tap by tap, each tap over the output pixels it reads inside the image (the padding's zero products skipped).
 #include <ATen/ATen.h>
 
 #include "ops/gated_conv2d_strategies.h"
@@ -13,8 +16,9 @@ namespace mix {
 // Maps of at most this many output pixels are candidates (the engine lost to oneDNN's batched paths above).
 constexpr int64_t kMaxPixels = 1024;
 
-// The engine can run this call (groups == 1, small map, a CPU with AVX2 + FMA; float32, or bfloat16 in the
-// forward where the CPU has AVX-512 BF16 and `cpu_isa` allows it).
+// The engine can run this call (groups == 1, small map, a CPU with AVX2 + FMA; float32, or bfloat16 where the
+// CPU has AVX-512 BF16 and `cpu_isa` allows it; `backward`: the input gradient, the weight gradients of
+// bfloat16 calls being the library's).
 bool applicable(const at::Tensor& x, const ConvArgs& a, int64_t pixels, bool backward);
 // out = gated conv with effective (N, C_out) gates g; `binary`: every gate is 0 or 1. brgemm: the GEMM's
 // micro-kernel is oneDNN's BRGeMM ukernel (JIT for the running ISA) instead of ours (AVX2 / AVX-512; for
@@ -22,7 +26,7 @@ bool applicable(const at::Tensor& x, const ConvArgs& a, int64_t pixels, bool bac
 void forward(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf, const at::Tensor& g,
              const c10::optional<at::Tensor>& bp, const c10::optional<at::Tensor>& bf, const ConvArgs& a,
              at::Tensor& out, bool binary, bool brgemm = false);
-// dx = conv_transpose(dy_n, (1 - g_n) Wp + g_n Wf) per image.
+// dx = conv_transpose(dy_n, (1 - g_n) Wp + g_n Wf) per image (float32, or bfloat16 summed in float32).
 at::Tensor input_grad(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf,
                       const at::Tensor& g, const ConvArgs& a, bool brgemm = false);
 // dWp, dWf (as m asks) and the weight part of dL/dg in one pass.

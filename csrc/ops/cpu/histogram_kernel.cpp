@@ -313,8 +313,10 @@ __attribute__((target("avx512f"))) inline void bin_uniform_avx512(const float* r
 }
 
 // The response plane (OH x OW) of one image (padded, Hp x Wp) for the components [cb, ce) of one filter.
+// hbuf: Hp rows, ldh floats apart (a multiple of 16 on a 64-byte aligned buffer: the column pass's vector loads
+// then stay within cache lines).
 void separable_plane(const float* img, int64_t Hp, int64_t Wp, const SepComponent* cb, const SepComponent* ce,
-                     float* hbuf, float* plane, int64_t OH, int64_t OW) {
+                     float* hbuf, int64_t ldh, float* plane, int64_t OH, int64_t OW) {
   const int64_t kh = static_cast<int64_t>(cb->u.size()), kw = static_cast<int64_t>(cb->v.size());
   std::memset(plane, 0, sizeof(float) * OH * OW);
 #ifdef TLK_HAVE_AVX2_PATH
@@ -325,17 +327,17 @@ void separable_plane(const float* img, int64_t Hp, int64_t Wp, const SepComponen
   for (const SepComponent* c = cb; c != ce; ++c) {
     for (int64_t y = 0; y < Hp; ++y) {
 #ifdef TLK_HAVE_AVX2_PATH
-      if (wide) { row_pass_avx512(img + y * Wp, c->v.data(), kw, hbuf + y * OW, OW); continue; }
-      if (fast) { row_pass_avx2(img + y * Wp, c->v.data(), kw, hbuf + y * OW, OW); continue; }
+      if (wide) { row_pass_avx512(img + y * Wp, c->v.data(), kw, hbuf + y * ldh, OW); continue; }
+      if (fast) { row_pass_avx2(img + y * Wp, c->v.data(), kw, hbuf + y * ldh, OW); continue; }
 #endif
-      row_pass_generic(img + y * Wp, c->v.data(), kw, hbuf + y * OW, OW);
+      row_pass_generic(img + y * Wp, c->v.data(), kw, hbuf + y * ldh, OW);
     }
     for (int64_t y = 0; y < OH; ++y) {
 #ifdef TLK_HAVE_AVX2_PATH
-      if (wide) { col_pass_avx512(hbuf + y * OW, OW, c->u.data(), kh, plane + y * OW, OW); continue; }
-      if (fast) { col_pass_avx2(hbuf + y * OW, OW, c->u.data(), kh, plane + y * OW, OW); continue; }
+      if (wide) { col_pass_avx512(hbuf + y * ldh, ldh, c->u.data(), kh, plane + y * OW, OW); continue; }
+      if (fast) { col_pass_avx2(hbuf + y * ldh, ldh, c->u.data(), kh, plane + y * OW, OW); continue; }
 #endif
-      col_pass_generic(hbuf + y * OW, OW, c->u.data(), kh, plane + y * OW, OW);
+      col_pass_generic(hbuf + y * ldh, ldh, c->u.data(), kh, plane + y * OW, OW);
     }
   }
   (void)fast;
@@ -483,7 +485,13 @@ void histogram_separable(const at::Tensor& x, const std::vector<SepComponent>& c
   const at::Tensor xc = x.contiguous();
   const float* xcp = xc.const_data_ptr<float>();
   at::parallel_for(0, sh.N, 1, [&](int64_t nb0, int64_t ne) {
-    std::vector<float> pimg(Hp * Wp, 0.0f), hbuf(Hp * OW), plane(P);
+    const int64_t ldh = (OW + 15) / 16 * 16;
+    std::vector<float> pimg(Hp * Wp, 0.0f), hstore(Hp * ldh + 16), pstore(P + 16);
+    auto aligned = [](std::vector<float>& v) {  // (64-byte aligned: whole cache lines per vector load)
+      return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(v.data()) + 63) & ~uintptr_t(63));
+    };
+    float* const hbuf = aligned(hstore);
+    float* const plane = aligned(pstore);
     std::vector<int32_t> counts(nb);
     for (int64_t n = nb0; n < ne; ++n) {
       for (int64_t y = 0; y < H; ++y)
@@ -493,14 +501,13 @@ void histogram_separable(const at::Tensor& x, const std::vector<SepComponent>& c
         size_t c1 = c0;
         while (c1 < comps.size() && comps[c1].f == f) ++c1;
         if (c1 > c0) {
-          separable_plane(pimg.data(), Hp, Wp, comps.data() + c0, comps.data() + c1, hbuf.data(), plane.data(), OH,
-                          OW);
+          separable_plane(pimg.data(), Hp, Wp, comps.data() + c0, comps.data() + c1, hbuf, ldh, plane, OH, OW);
         } else {
-          std::fill(plane.begin(), plane.end(), 0.0f);  // an all-zero filter
+          std::fill(plane, plane + P, 0.0f);  // an all-zero filter
         }
         c0 = c1;
         std::fill(counts.begin(), counts.end(), 0);
-        bins.bin_plane(f, plane.data(), P, counts.data());
+        bins.bin_plane(f, plane, P, counts.data());
         bins.write(counts.data(), P, out + (n * F + f) * nb);
       }
     }

@@ -1,5 +1,6 @@
 #pragma once
-// Per-image gated GEMM on AVX2 + FMA (float32), the small-map engine of the gated convolution.
+// Per-image gated GEMM on AVX2 + FMA or AVX-512 (float32; AVX-512 BF16 for bfloat16 operands), the small-map
+// engine of the gated convolution.
 //
 // For every image n:  C_n[p][m] = sum_k A_n[k][p] * B_n[k][m],
 //                     B_n = (1 - g_n) * Bp + g_n * Bf,
@@ -17,9 +18,12 @@
 // block, not once per image.
 //
 // Layout: micro-kernel 6 pixels x 16 columns (12 accumulators, the classic AVX2 shape: 12 FMAs per
-// 8 loads); A comes row-major [K][P] per image (im2col rows for the forward, written with contiguous row
-// copies; dy itself for the input gradient) and is re-tiled to [pixel tile][k][6] per kc block; B panels
-// of 16 columns, kc = 256 rows (16 KB, stays in L1).
+// 8 loads; AVX-512: two tiles of 6 or 7 pixels x two panels); A comes row-major [K][P] per image (im2col rows
+// for the forward, written with contiguous row copies; dy itself for the input gradient) and is re-tiled to
+// [pixel tile][k][rows] per kc block; B panels of 16 columns, kc = 256 rows (16 KB, stays in L1).
+// Binary gates (AVX-512, Selected): no blended panel; the kernel picks each column from the packed Wp or Wf
+// panel with a mask. Segments (AVX-512): the contraction split by kernel tap, each tap over the output rows
+// it reaches inside the image.
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 
