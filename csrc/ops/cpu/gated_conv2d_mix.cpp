@@ -226,7 +226,7 @@ void forward_engine(const at::Tensor& x, const at::Tensor& wp, const at::Tensor&
   // must stay within a tap: C_in even); binary gates take each column from Wp's or Wf's panel as it is.
   const bool wide = micro != mixgemm::Micro::Brgemm && avx512::available();
   const int64_t cin = x.size(1);
-  const bool hard_rows = binary && (P == 15 || P == 16) && micro != mixgemm::Micro::Bf16;  // (see below)
+  const bool hard_rows = binary && (P == 15 || P == 16) && !wide && micro != mixgemm::Micro::Bf16;  // (see below)
   const bool by_tap = !hard_rows && wide && (q.ph > 0 || q.pw > 0) && q.KH * q.KW <= 64 && (micro != mixgemm::Micro::Bf16 || cin % 2 == 0);
   const std::vector<mixgemm::Segment> segs = by_tap ? tap_segments(q, cin) : std::vector<mixgemm::Segment>{};
   const mixgemm::Segment* seg_of_tap[64] = {};  // tap -> its segment
@@ -254,10 +254,11 @@ void forward_engine(const at::Tensor& x, const at::Tensor& wp, const at::Tensor&
   auto bias_of = [&](const float* gn, int64_t c) {
     return any_bias ? (1.f - gn[c]) * b0.data_ptr<float>()[c] + gn[c] * b1.data_ptr<float>()[c] : 0.f;
   };
-  // Hard gates on 4x4 maps: row selection instead of a weight blend (see run_hard_rows). Only where one
-  // 16-pixel tile holds the whole map: then an image's kc x 16 block of A sits in L1. At 14x14 (13 tiles, A
-  // streamed from L2 per tile) the blend engine is faster, and 7x7 would leave much of a 16-pixel tile empty
-  // (benchmarks/test_bench_gated_conv2d.py times the stage shapes).
+  // Hard gates on 4x4 maps with the AVX2 kernels: row selection instead of a weight blend (see run_hard_rows).
+  // Only where one 16-pixel tile holds the whole map: then an image's kc x 16 block of A sits in L1. At 14x14
+  // (13 tiles, A streamed from L2 per tile) the blend engine is faster, and 7x7 would leave much of a 16-pixel
+  // tile empty (benchmarks/test_bench_gated_conv2d.py times the stage shapes). The AVX-512 kernels select
+  // columns and skip the padding's taps instead, which is faster at 4x4 (benchmarks/adafilter_layers.py).
   if constexpr (f32) if (hard_rows) {
     const at::Tensor wpc = wp.contiguous(), wfc = wf.contiguous();
     mixgemm::run_hard_rows(N, P, K, C, wpc.data_ptr<float>(), wfc.data_ptr<float>(), Gd, Gld, pack,
