@@ -74,8 +74,8 @@ def test_histogram_separable_path_for_low_rank_banks(narrow, width):
     values at a time). Same histograms as conv2d + bucketize up to float rounding at bin edges: a handful of
     pixels, each moved by one bin. narrow=True: bins narrower than a lookup cell (the looping binner)."""
     torch.manual_seed(0)
-    x = torch.rand(6, 3, 45, width)  # widths not multiples of 8 or 16: vector bodies and scalar tails (150: the
-    # 128-output blocks of the AVX-512 passes too)
+    x = torch.rand(6, 3, 45, width)  # widths not multiples of 8 or 16: vector bodies and scalar tails (150: two
+    # 64-output blocks too)
     w = gabor_bank().stages[0]["weight"]
     e = torch.linspace(-0.6, 0.6, 41).repeat(48, 1)
     if narrow:

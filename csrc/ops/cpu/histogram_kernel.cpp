@@ -132,45 +132,6 @@ __attribute__((target("avx2,fma"))) inline void col_pass_avx2(const float* rows,
 #endif
 
 #ifdef TLK_HAVE_AVX2_PATH
-// The AVX-512 twins of row_block / col_block (16 outputs per register; half the loads and FMAs per output).
-template <int V>
-__attribute__((target("avx512f"))) inline void row_block512(const float* in, const float* v, int64_t kw, float* out) {
-  __m512 a[V];
-  for (int k = 0; k < V; ++k) a[k] = _mm512_setzero_ps();
-  for (int64_t j = 0; j < kw; ++j) {
-    const __m512 c = _mm512_set1_ps(v[j]);
-    for (int k = 0; k < V; ++k) a[k] = _mm512_fmadd_ps(c, _mm512_loadu_ps(in + j + 16 * k), a[k]);
-  }
-  for (int k = 0; k < V; ++k) _mm512_storeu_ps(out + 16 * k, a[k]);
-}
-template <int V>
-__attribute__((target("avx512f"))) inline void col_block512(const float* rows, int64_t ld, const float* u, int64_t kh,
-                                                            float* acc) {
-  __m512 a[V];
-  for (int k = 0; k < V; ++k) a[k] = _mm512_loadu_ps(acc + 16 * k);
-  for (int64_t i = 0; i < kh; ++i) {
-    const __m512 c = _mm512_set1_ps(u[i]);
-    for (int k = 0; k < V; ++k) a[k] = _mm512_fmadd_ps(c, _mm512_loadu_ps(rows + i * ld + 16 * k), a[k]);
-  }
-  for (int k = 0; k < V; ++k) _mm512_storeu_ps(acc + 16 * k, a[k]);
-}
-__attribute__((target("avx512f"))) inline void row_pass_avx512(const float* in, const float* v, int64_t kw,
-                                                               float* out, int64_t n) {
-  int64_t x = 0;
-  for (; x + 128 <= n; x += 128) row_block512<8>(in + x, v, kw, out + x);
-  for (; x + 32 <= n; x += 32) row_block512<2>(in + x, v, kw, out + x);
-  if (x < n) row_pass_avx2(in + x, v, kw, out + x, n - x);
-}
-__attribute__((target("avx512f"))) inline void col_pass_avx512(const float* rows, int64_t ld, const float* u,
-                                                               int64_t kh, float* acc, int64_t n) {
-  int64_t x = 0;
-  for (; x + 128 <= n; x += 128) col_block512<8>(rows + x, ld, u, kh, acc + x);
-  for (; x + 32 <= n; x += 32) col_block512<2>(rows + x, ld, u, kh, acc + x);
-  if (x < n) col_pass_avx2(rows + x, ld, u, kh, acc + x, n - x);
-}
-#endif
-
-#ifdef TLK_HAVE_AVX2_PATH
 // Bins of values [0, n8) (n8 a multiple of 8) by the single-edge lookup table, eight at a time, counted
 // into the four interleaved sub-histograms exactly as the scalar loop does (sub[(i & 3) * nbins + b]).
 __attribute__((target("avx2,fma"))) inline void bin_single_avx2(const float* rf, int64_t n8, float lo, float linv,
@@ -320,28 +281,25 @@ void separable_plane(const float* img, int64_t Hp, int64_t Wp, const SepComponen
   const int64_t kh = static_cast<int64_t>(cb->u.size()), kw = static_cast<int64_t>(cb->v.size());
   std::memset(plane, 0, sizeof(float) * OH * OW);
 #ifdef TLK_HAVE_AVX2_PATH
-  const bool fast = avx2::available(), wide = avx512::available();
+  const bool fast = avx2::available();
 #else
-  const bool fast = false, wide = false;
+  const bool fast = false;
 #endif
   for (const SepComponent* c = cb; c != ce; ++c) {
     for (int64_t y = 0; y < Hp; ++y) {
 #ifdef TLK_HAVE_AVX2_PATH
-      if (wide) { row_pass_avx512(img + y * Wp, c->v.data(), kw, hbuf + y * ldh, OW); continue; }
       if (fast) { row_pass_avx2(img + y * Wp, c->v.data(), kw, hbuf + y * ldh, OW); continue; }
 #endif
       row_pass_generic(img + y * Wp, c->v.data(), kw, hbuf + y * ldh, OW);
     }
     for (int64_t y = 0; y < OH; ++y) {
 #ifdef TLK_HAVE_AVX2_PATH
-      if (wide) { col_pass_avx512(hbuf + y * ldh, ldh, c->u.data(), kh, plane + y * OW, OW); continue; }
       if (fast) { col_pass_avx2(hbuf + y * ldh, ldh, c->u.data(), kh, plane + y * OW, OW); continue; }
 #endif
       col_pass_generic(hbuf + y * ldh, ldh, c->u.data(), kh, plane + y * OW, OW);
     }
   }
   (void)fast;
-  (void)wide;
 }
 
 // Per channel, a lookup table over a uniform grid of [e1, e_{nb-1}]: cell -> bin of its left end (by the
