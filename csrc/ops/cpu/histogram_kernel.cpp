@@ -131,6 +131,34 @@ __attribute__((target("avx2,fma"))) inline void col_pass_avx2(const float* rows,
 }
 #endif
 
+// Counts the bins b[0, m) (m a multiple of 8) into eight interleaved sub-histograms (sub[(i & 7) * nbins + b]):
+// run as a loop of its own after a block's bins are computed, the counters' read-modify-write chains
+// (neighbouring responses share bins) overlap with one another instead of with the bin computation.
+inline void count_bins(const int32_t* b, int64_t m, int32_t* sub, int64_t nbins) {
+  for (int64_t i = 0; i < m; i += 8)
+#pragma GCC unroll 8
+    for (int k = 0; k < 8; ++k) ++sub[k * nbins + b[i + k]];
+}
+constexpr int64_t kBinBlock = 128;  // values per block of count_bins
+
+#ifdef TLK_HAVE_AVX2_PATH
+// The bin rules past the table: v >= the top edge: the last bin; v < e_1: bin 0; NaN: the last bin (as
+// torch.bucketize in the reference). AVX2, eight values.
+__attribute__((target("avx2,fma"))) inline __m256i edge_rules256(__m256 v, __m256i b, __m256 vtop, __m256 ve1,
+                                                                 __m256i vlast) {
+  b = _mm256_blendv_epi8(b, vlast, _mm256_castps_si256(_mm256_cmp_ps(v, vtop, _CMP_GE_OQ)));
+  b = _mm256_and_si256(b, _mm256_castps_si256(_mm256_cmp_ps(v, ve1, _CMP_GE_OQ)));
+  return _mm256_blendv_epi8(b, vlast, _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+}
+// edge_rules256 on AVX-512, sixteen values.
+__attribute__((target("avx512f"))) inline __m512i edge_rules512(__m512 v, __m512i b, __m512 vtop, __m512 ve1,
+                                                                __m512i vlast) {
+  b = _mm512_mask_mov_epi32(b, _mm512_cmp_ps_mask(v, vtop, _CMP_GE_OQ), vlast);
+  b = _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(v, ve1, _CMP_GE_OQ), b);
+  return _mm512_mask_mov_epi32(b, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), vlast);
+}
+#endif
+
 #ifdef TLK_HAVE_AVX2_PATH
 // Bins of values [0, n8) (n8 a multiple of 8) by the single-edge lookup table, eight at a time, counted
 // into the four interleaved sub-histograms exactly as the scalar loop does (sub[(i & 3) * nbins + b]).
@@ -157,18 +185,17 @@ __attribute__((target("avx2,fma"))) inline void bin_single_avx2(const float* rf,
     __m256i b = _mm256_load_si256(reinterpret_cast<const __m256i*>(g8));
     const __m256 th = _mm256_load_ps(t8);
     b = _mm256_sub_epi32(b, _mm256_castps_si256(_mm256_cmp_ps(v, th, _CMP_GE_OQ)));  // + (v >= thr)
-    b = _mm256_blendv_epi8(b, vlast, _mm256_castps_si256(_mm256_cmp_ps(v, vtop, _CMP_GE_OQ)));
-    b = _mm256_and_si256(b, _mm256_castps_si256(_mm256_cmp_ps(v, ve1, _CMP_GE_OQ)));
-    b = _mm256_blendv_epi8(b, vlast, _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));  // NaN: last bin
+    b = edge_rules256(v, b, vtop, ve1, vlast);
     _mm256_store_si256(reinterpret_cast<__m256i*>(b8), b);
     for (int k = 0; k < 8; ++k) ++sub[(k & 3) * nbins + b8[k]];
   }
 }
 #endif
 
+#ifdef TLK_HAVE_AVX2_PATH
 // Binning by near-uniform edges (Lut::uniform) on AVX2: the estimate and the rules eight values at a time, the
 // next edge of each estimate by eight scalar loads from the 128-float table (in L1; AVX2 gathers are
-// microcoded on AMD cores); counted as bin_single_avx512 does.
+// microcoded on AMD cores); counted by count_bins.
 __attribute__((target("avx2,fma"))) inline void bin_uniform_avx2(const float* rf, int64_t n, float u0, float uinv,
                                                                  float e1, float top, int32_t last, const float* next,
                                                                  int32_t* sub, int64_t nbins) {
@@ -176,11 +203,10 @@ __attribute__((target("avx2,fma"))) inline void bin_uniform_avx2(const float* rf
   const __m256 vmax = _mm256_set1_ps(static_cast<float>(last)), zero = _mm256_setzero_ps();
   const __m256 ve1 = _mm256_set1_ps(e1), vtop = _mm256_set1_ps(top);
   const __m256i vlast = _mm256_set1_epi32(last);
-  constexpr int64_t kBlock = 128;
-  alignas(32) int32_t b[kBlock];
+  alignas(32) int32_t b[kBinBlock];
   alignas(32) int32_t e8[8];
-  for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
-    const int64_t m = std::min(kBlock, n - i0);  // (a multiple of 8)
+  for (int64_t i0 = 0; i0 < n; i0 += kBinBlock) {
+    const int64_t m = std::min(kBinBlock, n - i0);  // (a multiple of 8)
     for (int64_t i = 0; i < m; i += 8) {
       const __m256 v = _mm256_loadu_ps(rf + i0 + i);
       __m256 t = _mm256_sub_ps(_mm256_mul_ps(_mm256_sub_ps(v, vu0), vinv), half);
@@ -189,22 +215,15 @@ __attribute__((target("avx2,fma"))) inline void bin_uniform_avx2(const float* rf
       _mm256_store_si256(reinterpret_cast<__m256i*>(e8), est);
       const __m256 nxt = _mm256_setr_ps(next[e8[0] + 1], next[e8[1] + 1], next[e8[2] + 1], next[e8[3] + 1],
                                         next[e8[4] + 1], next[e8[5] + 1], next[e8[6] + 1], next[e8[7] + 1]);
-      __m256i bv = _mm256_sub_epi32(est, _mm256_castps_si256(_mm256_cmp_ps(v, nxt, _CMP_GE_OQ)));  // + (v >= next)
-      bv = _mm256_blendv_epi8(bv, vlast, _mm256_castps_si256(_mm256_cmp_ps(v, vtop, _CMP_GE_OQ)));
-      bv = _mm256_and_si256(bv, _mm256_castps_si256(_mm256_cmp_ps(v, ve1, _CMP_GE_OQ)));
-      bv = _mm256_blendv_epi8(bv, vlast, _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));  // NaN: last bin
-      _mm256_store_si256(reinterpret_cast<__m256i*>(b + i), bv);
+      const __m256i bv = _mm256_sub_epi32(est, _mm256_castps_si256(_mm256_cmp_ps(v, nxt, _CMP_GE_OQ)));  // + (v >= next)
+      _mm256_store_si256(reinterpret_cast<__m256i*>(b + i), edge_rules256(v, bv, vtop, ve1, vlast));
     }
-    for (int64_t i = 0; i < m; i += 8)
-#pragma GCC unroll 8
-      for (int k = 0; k < 8; ++k) ++sub[k * nbins + b[i + k]];
+    count_bins(b, m, sub, nbins);
   }
 }
 
 // bin_single_avx2's AVX-512 twin, 16 values at a time: both table lookups as gathers, the bin rules as mask
-// operations; the bins of each 128 values are then counted in a second loop over eight interleaved
-// sub-histograms (sub[(i & 7) * nbins + b]), so the counters' read-modify-write chains (neighbouring responses
-// share bins) overlap with one another instead of with the lookups.
+// operations; counted by count_bins.
 __attribute__((target("avx512f"))) inline void bin_single_avx512(const float* rf, int64_t n, float lo, float linv,
                                                                  float cmax, float e1, float top, int32_t last,
                                                                  const int32_t* bins, const float* thr,
@@ -212,10 +231,9 @@ __attribute__((target("avx512f"))) inline void bin_single_avx512(const float* rf
   const __m512 vlo = _mm512_set1_ps(lo), vinv = _mm512_set1_ps(linv), vmax = _mm512_set1_ps(cmax);
   const __m512 ve1 = _mm512_set1_ps(e1), vtop = _mm512_set1_ps(top), zero = _mm512_setzero_ps();
   const __m512i vlast = _mm512_set1_epi32(last), one = _mm512_set1_epi32(1);
-  constexpr int64_t kBlock = 128;
-  alignas(64) int32_t b[kBlock];
-  for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
-    const int64_t m = std::min(kBlock, n - i0);  // (a multiple of 16)
+  alignas(64) int32_t b[kBinBlock];
+  for (int64_t i0 = 0; i0 < n; i0 += kBinBlock) {
+    const int64_t m = std::min(kBinBlock, n - i0);  // (a multiple of 16)
     for (int64_t i = 0; i < m; i += 16) {
       const __m512 v = _mm512_loadu_ps(rf + i0 + i);
       __m512 t = _mm512_mul_ps(_mm512_sub_ps(v, vlo), vinv);
@@ -224,20 +242,15 @@ __attribute__((target("avx512f"))) inline void bin_single_avx512(const float* rf
       __m512i bv = _mm512_i32gather_epi32(c, bins, 4);
       const __m512 th = _mm512_i32gather_ps(c, thr, 4);
       bv = _mm512_mask_add_epi32(bv, _mm512_cmp_ps_mask(v, th, _CMP_GE_OQ), bv, one);
-      bv = _mm512_mask_mov_epi32(bv, _mm512_cmp_ps_mask(v, vtop, _CMP_GE_OQ), vlast);
-      bv = _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(v, ve1, _CMP_GE_OQ), bv);
-      bv = _mm512_mask_mov_epi32(bv, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), vlast);  // NaN: last bin
-      _mm512_store_si512(b + i, bv);
+      _mm512_store_si512(b + i, edge_rules512(v, bv, vtop, ve1, vlast));
     }
-    for (int64_t i = 0; i < m; i += 8)
-#pragma GCC unroll 8
-      for (int k = 0; k < 8; ++k) ++sub[k * nbins + b[i + k]];
+    count_bins(b, m, sub, nbins);
   }
 }
 
 // Binning by near-uniform edges (Lut::uniform), 16 values at a time with no memory lookups: the next edge of
 // each estimate read from the 128-float table held in eight registers (two-source permutes, then blends by
-// the index's bits 5 and 6), the bin rules as in bin_single_avx2; counted as bin_single_avx512 does.
+// the index's bits 5 and 6), the bin rules as in bin_single_avx2; counted by count_bins.
 __attribute__((target("avx512f"))) inline void bin_uniform_avx512(const float* rf, int64_t n, float u0, float uinv,
                                                                   float e1, float top, int32_t last,
                                                                   const float* next, int32_t* sub, int64_t nbins) {
@@ -248,10 +261,9 @@ __attribute__((target("avx512f"))) inline void bin_uniform_avx512(const float* r
   const __m512i bit5 = _mm512_set1_epi32(32), bit6 = _mm512_set1_epi32(64);
   __m512 tab[8];
   for (int r = 0; r < 8; ++r) tab[r] = _mm512_loadu_ps(next + 16 * r);
-  constexpr int64_t kBlock = 128;
-  alignas(64) int32_t b[kBlock];
-  for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
-    const int64_t m = std::min(kBlock, n - i0);  // (a multiple of 16)
+  alignas(64) int32_t b[kBinBlock];
+  for (int64_t i0 = 0; i0 < n; i0 += kBinBlock) {
+    const int64_t m = std::min(kBinBlock, n - i0);  // (a multiple of 16)
     for (int64_t i = 0; i < m; i += 16) {
       const __m512 v = _mm512_loadu_ps(rf + i0 + i);
       __m512 t = _mm512_sub_ps(_mm512_mul_ps(_mm512_sub_ps(v, vu0), vinv), half);
@@ -261,17 +273,13 @@ __attribute__((target("avx512f"))) inline void bin_uniform_avx512(const float* r
       const __m512 p2 = _mm512_permutex2var_ps(tab[4], idx, tab[5]), p3 = _mm512_permutex2var_ps(tab[6], idx, tab[7]);
       const __mmask16 m5 = _mm512_test_epi32_mask(idx, bit5), m6 = _mm512_test_epi32_mask(idx, bit6);
       const __m512 nxt = _mm512_mask_blend_ps(m6, _mm512_mask_blend_ps(m5, p0, p1), _mm512_mask_blend_ps(m5, p2, p3));
-      __m512i bv = _mm512_mask_add_epi32(est, _mm512_cmp_ps_mask(v, nxt, _CMP_GE_OQ), est, one);
-      bv = _mm512_mask_mov_epi32(bv, _mm512_cmp_ps_mask(v, vtop, _CMP_GE_OQ), vlast);
-      bv = _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(v, ve1, _CMP_GE_OQ), bv);
-      bv = _mm512_mask_mov_epi32(bv, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), vlast);  // NaN: last bin
-      _mm512_store_si512(b + i, bv);
+      const __m512i bv = _mm512_mask_add_epi32(est, _mm512_cmp_ps_mask(v, nxt, _CMP_GE_OQ), est, one);
+      _mm512_store_si512(b + i, edge_rules512(v, bv, vtop, ve1, vlast));
     }
-    for (int64_t i = 0; i < m; i += 8)
-#pragma GCC unroll 8
-      for (int k = 0; k < 8; ++k) ++sub[k * nbins + b[i + k]];
+    count_bins(b, m, sub, nbins);
   }
 }
+#endif
 
 // The response plane (OH x OW) of one image (padded, Hp x Wp) for the components [cb, ce) of one filter.
 // hbuf: Hp rows, ldh floats apart (a multiple of 16 on a 64-byte aligned buffer: the column pass's vector loads
