@@ -204,7 +204,7 @@ std::tuple<at::Tensor, at::Tensor> forward_kernel(
   const bool routable = gv.routed_gate.defined() && !need_diff && route(gv.routed_gate, rt);
   std::vector<Strategy> cands;
   Strategy heuristic;
-  const bool mix_ok = on_cpu && mix::applicable(input, a, P, /*backward=*/false);
+  const bool mix_ok = on_cpu && mix::applicable(input, a, P);
   const bool bmm_ok = bmm_applicable(input, weight_pre, a);
   if (need_diff) {  // (the two paths that compute both branches)
     cands = {Strategy::Concat, Strategy::TwoConv};
@@ -290,7 +290,7 @@ Grads backward_kernel(const at::Tensor& grad_output, const at::Tensor& input, co
     const bool has_diff = diff.numel() == dy.numel();
     std::vector<Strategy> cands;
     Strategy heuristic;
-    const bool mix_ok = on_cpu && mix::applicable(x, a, P, /*backward=*/true);
+    const bool mix_ok = on_cpu && mix::applicable(x, a, P);
     const bool bmm_ok = bmm_applicable(x, weight_pre, a);
     if (routable) cands.push_back(Strategy::Routed);  // (measured against the others, as forward)
     if (mix_ok) cands.insert(cands.end(), {Strategy::Mix, Strategy::Brgemm});

@@ -11,8 +11,7 @@ namespace gconv {
 namespace mix {
 
 #ifdef TLK_HAVE_AVX2_PATH
-bool applicable(const at::Tensor& x, const ConvArgs& a, int64_t pixels, bool backward) {
-  (void)backward;  // (both directions take both dtypes; in bfloat16 the backward's weight gradients are the library's)
+bool applicable(const at::Tensor& x, const ConvArgs& a, int64_t pixels) {
   const bool dtype_ok = x.scalar_type() == at::kFloat || (x.scalar_type() == at::kBFloat16 && avx512::bf16_available());
   return a.groups == 1 && dtype_ok && pixels < kMaxPixels && avx2::available();
 }
@@ -50,7 +49,9 @@ inline void for_each_tap_pixel(const Geometry& q, int64_t kh, int64_t kw, int64_
 }
 
 // dst[i] = src[i], i < n, as float32 (bfloat16: the bits shifted into place, which compilers vectorise).
-inline void widen(const float* src, int64_t n, float* dst) { std::copy(src, src + n, dst); }
+inline void widen(const float* src, int64_t n, float* dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = src[i];  // (rows of 4-28: a call to memmove cost more)
+}
 inline void widen(const c10::BFloat16* src, int64_t n, float* dst) {
   const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
   uint32_t* d = reinterpret_cast<uint32_t*>(dst);
@@ -77,11 +78,7 @@ inline void im2col_row(const Geometry& q, const T* xn, int64_t xC, int64_t xH, i
     std::fill(dst, dst + lo, 0.f);
     const T* src = xc + ih * xH + (lo * q.sw + off) * xW;
     if (step == 1) {
-      if constexpr (std::is_same_v<T, float>) {
-        for (int64_t i = 0, e = hi - lo; i < e; ++i) dst[lo + i] = src[i];  // rows of 4-28: a call to memmove cost more
-      } else {
-        widen(src, hi - lo, dst + lo);
-      }
+      widen(src, hi - lo, dst + lo);
     } else {
       for (int64_t ow = lo; ow < hi; ++ow, src += step) dst[ow] = static_cast<float>(*src);
     }
@@ -130,6 +127,12 @@ void tap_rows(const Geometry& q, const T* xn, int64_t xC, int64_t xH, int64_t xW
   }
 }
 
+// The weight's own contraction index of row k of the packed panels: k itself, or tap-major (k = tap * cin + ci,
+// the weight's index ci * taps + tap).
+inline int64_t weight_k(int64_t k, bool tap_major, int64_t cin, int64_t taps) {
+  return tap_major ? (k % cin) * taps + k / cin : k;
+}
+
 // Weight (C, ...) as [ceil(C/16)][K][16]: the forward's B panels, zero padded past C. Each task reads
 // 16 rows in step (16 cache lines, each used for 16 consecutive k) and writes its panel contiguously;
 // faster than torch's transpose + contiguous, whose strided reads miss the cache on large weights.
@@ -148,7 +151,7 @@ at::Tensor weight_panels(const at::Tensor& w, bool tap_major = false) {
       float* d = dst + j * K * 16;
       const T* s0 = src + 16 * j * K;
       for (int64_t k = 0; k < K; ++k, d += 16) {
-        const int64_t kw = tap_major ? (k % cin) * taps + k / cin : k;  // (the weight's own index of row k)
+        const int64_t kw = weight_k(k, tap_major, cin, taps);
         int64_t l = 0;
         for (; l < rows; ++l) d[l] = static_cast<float>(s0[l * K + kw]);
         for (; l < 16; ++l) d[l] = 0.f;
@@ -179,7 +182,7 @@ at::Tensor pair_panels(const at::Tensor& w, bool tap_major) {
             for (int64_t l = 0; l < 16; ++l) d[2 * l + e] = 0;
             continue;
           }
-          const int64_t kw = tap_major ? (kk % cin) * taps + kk / cin : kk;
+          const int64_t kw = weight_k(kk, tap_major, cin, taps);
           int64_t l = 0;
           for (; l < rows; ++l) d[2 * l + e] = s0[l * K + kw];
           for (; l < 16; ++l) d[2 * l + e] = 0;
@@ -453,7 +456,7 @@ void weight_grads(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w
       });
 }
 #else
-bool applicable(const at::Tensor&, const ConvArgs&, int64_t, bool) { return false; }
+bool applicable(const at::Tensor&, const ConvArgs&, int64_t) { return false; }
 void weight_grads(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                   const at::Tensor&, const ConvArgs&, const GradMask&, at::Tensor&, at::Tensor&, at::Tensor&) {
   TORCH_CHECK(false, "gated_conv2d: internal error: AVX2 path unavailable");

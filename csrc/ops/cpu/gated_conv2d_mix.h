@@ -16,10 +16,10 @@ namespace mix {
 // Maps of at most this many output pixels are candidates (the engine lost to oneDNN's batched paths above).
 constexpr int64_t kMaxPixels = 1024;
 
-// The engine can run this call (groups == 1, small map, a CPU with AVX2 + FMA; float32, or bfloat16 where the
-// CPU has AVX-512 BF16 and `cpu_isa` allows it; `backward`: the input gradient, the weight gradients of
-// bfloat16 calls being the library's).
-bool applicable(const at::Tensor& x, const ConvArgs& a, int64_t pixels, bool backward);
+// The engine can run this call, forward or backward (groups == 1, small map, a CPU with AVX2 + FMA; float32, or
+// bfloat16 where the CPU has AVX-512 BF16 and `cpu_isa` allows it: there the backward's weight gradients are
+// the library's).
+bool applicable(const at::Tensor& x, const ConvArgs& a, int64_t pixels);
 // out = gated conv with effective (N, C_out) gates g; `binary`: every gate is 0 or 1. brgemm: the GEMM's
 // micro-kernel is oneDNN's BRGeMM ukernel (JIT for the running ISA) instead of ours (AVX2 / AVX-512; for
 // bfloat16 the AVX-512 BF16 one, brgemm ignored).
