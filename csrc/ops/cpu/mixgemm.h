@@ -500,39 +500,60 @@ void run(int64_t N, int64_t P, int64_t Kd, int64_t M, const BSource& b, const fl
         const int64_t kb = std::min(kKC, sg.k1 - k0), R = sg.count();
         const bool acc = segs || k0 > 0;
         const Tiles tl = wide ? Tiles::best(R) : Tiles(R);  // (7-row tiles: the AVX-512 kernels only)
+        // (one image's packed A, in elements: float32, or bfloat16 pairs of k)
+        const int64_t per_image = tiles * (bf ? round_up(kb, 2) : kb) * kMR;
         for (int64_t n = n0; n < n1; ++n) {
           int64_t lda = R;
           const float* a = pack_a(n, k0, kb, rows, lda);
           if (bf)
-            retile_bf16(a, lda, tl, kb, apack16 + (n - n0) * tiles * round_up(kb, 2) * kMR);
+            retile_bf16(a, lda, tl, kb, apack16 + (n - n0) * per_image);
           else if (brg)
             transpose_rows(a, lda, P, kb, apack + (n - n0) * P * kb);
           else
-            retile(a, lda, tl, kb, apack + (n - n0) * tiles * kb * kMR);
+            retile(a, lda, tl, kb, apack + (n - n0) * per_image);
         }
         for (int64_t j = 0; j < panels; j += step) {
           const int64_t jn = std::min(step, panels - j);  // panels in this pass
           for (int64_t n = n0; n < n1; ++n) {
             const float* gn = gates + n * gate_ld;
             float* cn = cbuf + (n - n0) * P * Mp + j * kNR;
-            if (sel) {  // each panel: all of Wp's columns, all of Wf's (one plain pass), or a mix (mask blends)
-              __mmask16 m[2] = {0, 0};
-              bool mixed = false;
+            auto blend = [&] {  // this image's panels of the pass, blended into bmix (bmix16)
               for (int64_t i = 0; i < jn; ++i) {
-                for (int l = 0; l < kNR; ++l) m[i] |= static_cast<__mmask16>(gn[(j + i) * kNR + l] != 0.f) << l;
-                mixed |= m[i] != 0 && m[i] != 0xFFFF;
+                const int valid = static_cast<int>(std::min<int64_t>(kNR, M - (j + i) * kNR));
+                const float* gcol = gate_per_column ? gn + (j + i) * kNR : nullptr;
+                const float* grow = gate_per_column ? nullptr : gn;
+                if (bf)
+                  blend_panel_bf16(b, j + i, valid, k0, kb, gcol, grow, bmix16 + i * kKC * kNR);
+                else
+                  blend_panel(b, j + i, valid, k0, kb, gcol, grow, bmix + i * kKC * kNR);
               }
-              auto pass = [&](const auto* apk, const auto* pre, const auto* ft, int64_t per_image, int64_t row0) {
-                using E = std::remove_const_t<std::remove_pointer_t<decltype(apk)>>;
+            };
+            if (wide) {  // (bf implies wide) E: float32, or bfloat16 pairs
+              // The pass's two panels: Wp's and Wf's as packed, each column picked by the gates' mask (sel; a
+              // panel whose 16 gates agree runs the plain kernel on one of them), or this image's blend.
+              auto pass = [&](auto zero) {
+                using E = decltype(zero);
                 const E* bp[2];
                 const E* bq[2];
-                for (int64_t i = 0; i < 2; ++i) {
-                  const int64_t jj = j + std::min(i, jn - 1);
-                  bp[i] = pre + jj * sel->panel_stride + row0;
-                  bq[i] = ft + jj * sel->panel_stride + row0;
-                  if (!mixed && m[i]) bp[i] = bq[i];  // whole panel from Wf
+                __mmask16 m[2] = {0, 0};
+                bool mixed = false;
+                if (sel) {
+                  for (int64_t i = 0; i < jn; ++i) {
+                    for (int l = 0; l < kNR; ++l) m[i] |= static_cast<__mmask16>(gn[(j + i) * kNR + l] != 0.f) << l;
+                    mixed |= m[i] != 0 && m[i] != 0xFFFF;
+                  }
+                  for (int64_t i = 0; i < 2; ++i) {  // (row k0 of a panel: k0 * 16 elements in either layout)
+                    const int64_t off = (j + std::min(i, jn - 1)) * sel->panel_stride + k0 * kNR;
+                    bq[i] = static_cast<const E*>(sel->ft) + off;
+                    bp[i] = !mixed && m[i] ? bq[i] : static_cast<const E*>(sel->pre) + off;
+                  }
+                } else {
+                  blend();
+                  const E* bm = reinterpret_cast<const E*>(bmix);
+                  bp[0] = bq[0] = bm;
+                  bp[1] = bq[1] = bm + kKC * kNR;
                 }
-                const E* an = apk + (n - n0) * per_image;
+                const E* an = reinterpret_cast<const E*>(apack) + (n - n0) * per_image;
                 if (mixed) {
                   if (jn == 2) micro512_tiles<2, true>(kb, an, tl, sg, bp, cn, Mp, acc, bq, m);
                   else micro512_tiles<1, true>(kb, an, tl, sg, bp, cn, Mp, acc, bq, m);
@@ -542,42 +563,18 @@ void run(int64_t N, int64_t P, int64_t Kd, int64_t M, const BSource& b, const fl
                 }
               };
               if (bf)
-                pass(static_cast<const uint16_t*>(apack16), static_cast<const uint16_t*>(sel->pre),
-                     static_cast<const uint16_t*>(sel->ft), tiles * round_up(kb, 2) * kMR, k0 / 2 * 32);
+                pass(uint16_t{0});
               else
-                pass(static_cast<const float*>(apack), static_cast<const float*>(sel->pre),
-                     static_cast<const float*>(sel->ft), tiles * kb * kMR, k0 * kNR);
+                pass(0.f);
               continue;
             }
-            for (int64_t i = 0; i < jn; ++i) {
-              const int valid = static_cast<int>(std::min<int64_t>(kNR, M - (j + i) * kNR));
-              const float* gcol = gate_per_column ? gn + (j + i) * kNR : nullptr;
-              if (bf)
-                blend_panel_bf16(b, j + i, valid, k0, kb, gcol, gate_per_column ? nullptr : gn, bmix16 + i * kKC * kNR);
-              else
-                blend_panel(b, j + i, valid, k0, kb, gcol, gate_per_column ? nullptr : gn, bmix + i * kKC * kNR);
-            }
-            if (wide) {  // (bf implies wide) this image's packed A and the pass's panels: float32 or bfloat16 pairs
-              auto pass = [&](const auto* apk, const auto* panels0, int64_t per_image) {
-                const decltype(panels0) bj[2] = {panels0, panels0 + kKC * kNR};
-                if (jn == 2)
-                  micro512_tiles<2, false>(kb, apk + (n - n0) * per_image, tl, sg, bj, cn, Mp, acc, bj, nullptr);
-                else
-                  micro512_tiles<1, false>(kb, apk + (n - n0) * per_image, tl, sg, bj, cn, Mp, acc, bj, nullptr);
-              };
-              if (bf)
-                pass(static_cast<const uint16_t*>(apack16), static_cast<const uint16_t*>(bmix16),
-                     tiles * round_up(kb, 2) * kMR);
-              else
-                pass(static_cast<const float*>(apack), static_cast<const float*>(bmix), tiles * kb * kMR);
-              continue;
-            }
+            blend();
             if (brg) {  // C[P][16] (+)= A[P][kb] B[kb][16], C's rows Mp apart
               at::native::cpublas::brgemm(P, kNR, kb, kb, kNR, Mp, k0 > 0, apack + (n - n0) * P * kb, bmix, cn,
                                           false);
               continue;
             }
-            const float* an = apack + (n - n0) * tiles * kb * kMR;
+            const float* an = apack + (n - n0) * per_image;
             for (int64_t t = 0; t < tiles; ++t)
               with_rows(tl.rows(t), [&](auto R) {
                 micro<R>(kb, an + t * kb * kMR, bmix, cn + tl.start(t) * Mp, Mp, k0 > 0);
