@@ -281,10 +281,30 @@ def test_triton_setting_runs_the_triton_kernels_in_the_interpreter(settings):
     settings(gated_conv="triton")
     ts, kw = make((2, 3, 5, 4, 3, 1, 1, 1, 1), torch.float64, "filter", False, bias=True, channels_last=False)
     y, gs = run(gated_conv2d, ts, kw)
+    assert last() == ["triton", "triton"]
     yr, grs = run(gated_conv2d_reference, ts, kw)
     torch.testing.assert_close(y, yr)
     for g, gr in zip(gs, grs):
         torch.testing.assert_close(g, gr)
+
+
+def test_triton_setting_without_triton_names_what_is_missing():
+    """Where Triton does not import, its strategy's ops are not defined and forcing it is a clear error."""
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import torch, tlkernels\n"
+            "from tlkernels import config\n"
+            "from tlkernels.ops import gated_conv2d\n"
+            "assert not hasattr(torch.ops.tlkernels, 'gated_conv2d_forward_triton')\n"
+            "x, w, g = torch.randn(2, 3, 5, 5), torch.randn(4, 3, 3, 3), torch.rand(2)\n"
+            "with config.override(gated_conv='triton'):\n"
+            "    try:\n"
+            "        gated_conv2d(x, w, w, g, padding=1)\n"
+            "    except ValueError as e:\n"
+            "        print(e)\n")
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "gated_conv setting 'triton' needs the Triton package" in out.stdout, out.stdout
 
 
 @pytest.mark.parametrize("strategy", ["auto", "mix", "brgemm", "blended", "grouped", "concat", "bmm", "twoconv"])

@@ -37,8 +37,12 @@
 // call: routed for (N,) hard gates, concat otherwise (timing or inspecting gates would stall the stream; see
 // inspect()). `heuristic` takes the fixed size rules below (the same
 // strategy in every process). A strategy name forces that strategy wherever it applies (otherwise the
-// automatic choice runs); `triton` sends CUDA tensors (and CPU tensors under TRITON_INTERPRET=1) to the
-// Triton kernels; `reference` (two convolutions and a blend) is taken by the Python front end.
+// automatic choice runs); `reference` (two convolutions and a blend) is taken by the Python front end.
+//  both directions
+//   * triton  - the Triton implicit GEMM (tlkernels/triton/gated_conv2d.py) for CUDA tensors (CPU tensors in
+//               Triton's interpreter). Triton launches its kernels from Python, so the strategy calls the ops
+//               tlkernels::gated_conv2d_{forward,backward}_triton, which tlkernels.ops.gated_conv2d defines
+//               where Triton imports. Only the `triton` setting takes it (never measured or a heuristic pick).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/ConvUtils.h>
@@ -77,12 +81,13 @@ constexpr int64_t kBmmMinPixelsBackward = 196;
 // From this many output pixels up, oneDNN's grouped conv (batch folded into groups) is efficient.
 constexpr int64_t kGroupedMinPixels = 784;
 
-constexpr const char* kNames[] = {"routed", "mix", "blended", "grouped", "concat", "brgemm", "bmm", "twoconv"};
-constexpr int kStrategies = 8;
+constexpr const char* kNames[] = {"routed", "mix",  "blended", "grouped", "concat",
+                                  "brgemm", "bmm", "twoconv", "triton"};
+constexpr int kStrategies = 9;
 const ChoiceNames kRegisterNames(kNames);
 
 struct Setting {
-  enum Mode { Auto, Heuristic, Forced, Triton } mode = Auto;
+  enum Mode { Auto, Heuristic, Forced } mode = Auto;
   Strategy forced = Strategy::Concat;
 };
 
@@ -91,7 +96,7 @@ struct Setting {
 std::vector<std::string> gated_conv_choices() {
   std::vector<std::string> v{"auto", "heuristic"};
   v.insert(v.end(), kNames, kNames + kStrategies);
-  v.insert(v.end(), {"triton", "reference"});
+  v.push_back("reference");
   return v;
 }
 const config::Setting kGatedConvSetting("gated_conv", gated_conv_choices());
@@ -102,10 +107,6 @@ Setting setting() {
   if (v == "auto" || v == "reference") return s;
   if (v == "heuristic") {
     s.mode = Setting::Heuristic;
-    return s;
-  }
-  if (v == "triton") {
-    s.mode = Setting::Triton;
     return s;
   }
   for (int i = 0; i < kStrategies; ++i)
@@ -128,6 +129,18 @@ Strategy choose(const Setting& s, const std::vector<Strategy>& cands, Strategy h
   // (the heuristic stays unless another is clearly faster, and only where it beats twoconv, the naive way's
   // work, by measured_choice.h's margin)
   return measured_choice(key, cands, heuristic, kNames, run, std::optional<Strategy>(Strategy::TwoConv));
+}
+
+// The triton strategy (forced only): its op, defined where Triton imports.
+bool triton_forced(const Setting& s) { return s.mode == Setting::Forced && s.forced == Strategy::Triton; }
+
+template <class F>
+c10::TypedOperatorHandle<F> triton_op(const char* name) {
+  const auto h = c10::Dispatcher::singleton().findSchema({name, ""});
+  TORCH_CHECK_VALUE(h.has_value(), "gated_conv2d: the gated_conv setting 'triton' needs the Triton package, which "
+                    "did not import (its kernels are defined at import of tlkernels); install triton or choose "
+                    "another gated_conv setting");
+  return h->typed<F>();
 }
 
 // The strategies the last forward and backward call on this thread took (diagnostics: tests check that a
@@ -181,10 +194,11 @@ std::tuple<at::Tensor, at::Tensor> forward_kernel(
   check_gated_conv2d_args(input, weight_pre_in, weight_ft_in, gate, bias_pre, bias_ft, stride, padding, dilation,
                           groups);
   const Setting s = setting();
-  if (s.mode == Setting::Triton) {
-    static auto op = op_handle<decltype(tlkernels::gated_conv2d_forward)>("tlkernels::gated_conv2d_forward_triton");
-    return op.call(input, weight_pre_in, weight_ft_in, gate, bias_pre, bias_ft, stride, padding, dilation, groups, hard,
-                   save_diff);
+  if (triton_forced(s)) {
+    last_forward = kNames[static_cast<int>(Strategy::Triton)];
+    return triton_op<decltype(tlkernels::gated_conv2d_forward)>("tlkernels::gated_conv2d_forward_triton")
+        .call(input, weight_pre_in, weight_ft_in, gate, bias_pre, bias_ft, stride, padding, dilation, groups, hard,
+              save_diff);
   }
   const ConvArgs a{stride, padding, dilation, groups};
   // The strategies reshape weights freely; weights are small next to activations, so a channels_last weight
@@ -235,6 +249,7 @@ std::tuple<at::Tensor, at::Tensor> forward_kernel(
       case Strategy::Bmm: forward_bmm(xin, weight_pre, weight_ft, g, bias_pre, bias_ft, a, y); break;
       case Strategy::Concat: forward_concat(input, weight_pre, weight_ft, g, bias_pre, bias_ft, a, y, d); break;
       case Strategy::TwoConv: forward_twoconv(input, weight_pre, weight_ft, g, bias_pre, bias_ft, a, y, d); break;
+      case Strategy::Triton: TORCH_INTERNAL_ASSERT(false, "gated_conv2d: triton is never a candidate");
     }
   };
   // (routable gates have one candidate more: their own signature)
@@ -265,10 +280,11 @@ Grads backward_kernel(const at::Tensor& grad_output, const at::Tensor& input, co
   TORCH_CHECK(output_mask.size() == 6, "gated_conv2d_backward: output_mask must have 6 values, got ",
               output_mask.size());
   const Setting s = setting();
-  if (s.mode == Setting::Triton) {
-    static auto op = op_handle<decltype(tlkernels::gated_conv2d_backward)>("tlkernels::gated_conv2d_backward_triton");
-    return op.call(grad_output, input, weight_pre_in, weight_ft_in, gate, bias_pre, bias_ft, diff, stride, padding,
-                   dilation, groups, hard, output_mask);
+  if (triton_forced(s)) {
+    last_backward = kNames[static_cast<int>(Strategy::Triton)];
+    return triton_op<decltype(tlkernels::gated_conv2d_backward)>("tlkernels::gated_conv2d_backward_triton")
+        .call(grad_output, input, weight_pre_in, weight_ft_in, gate, bias_pre, bias_ft, diff, stride, padding,
+              dilation, groups, hard, output_mask);
   }
   const GradMask m = GradMask::of(output_mask);
   const ConvArgs a{stride, padding, dilation, groups};
@@ -419,7 +435,7 @@ bool gated_conv2d_keeps_diff(const at::Tensor& input, const at::Tensor& weight_p
                              const c10::optional<at::Tensor>& bias_ft, at::IntArrayRef stride, at::IntArrayRef padding,
                              at::IntArrayRef dilation, int64_t groups, bool hard) {
   const gconv::Setting s = gconv::setting();
-  if (s.mode == gconv::Setting::Triton) return false;
+  if (gconv::triton_forced(s)) return false;  // (the Triton kernels compute dL/dg themselves)
   // (arguments the kernel will refuse: no diff, and the kernel's check reports them)
   if (input.dim() != 4 || weight_pre.dim() != 4 || stride.size() != 2 || padding.size() != 2 || dilation.size() != 2)
     return false;

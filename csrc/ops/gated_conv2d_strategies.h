@@ -11,7 +11,7 @@
 namespace tlkernels {
 namespace gconv {
 
-enum class Strategy { Routed, Mix, Blended, Grouped, Concat, Brgemm, Bmm, TwoConv };
+enum class Strategy { Routed, Mix, Blended, Grouped, Concat, Brgemm, Bmm, TwoConv, Triton };
 
 // Which gradients the backward computes: the op's `bool[6] output_mask`, by name.
 struct GradMask {

@@ -52,9 +52,9 @@ def op(name: str):
 
 def define_like(name, like, kernel, fake):
     """Define the Python-only op `tlkernels::name` with the schema of the compiled op `like` (the Triton kernels
-    the compiled gated convolution calls under gated_conv=triton), one kernel for every device; its reference and
-    samples are `like`'s."""
-    if not has_op(like):
+    of the compiled gated convolution's `triton` strategy), one kernel for every device; its reference and
+    samples are `like`'s. Nothing is defined where Triton does not import (the strategy then says so)."""
+    if not has_op(like) or not HAS_TRITON:
         return
     global _LIB
     _LIB = _LIB or torch.library.Library("tlkernels", "FRAGMENT")

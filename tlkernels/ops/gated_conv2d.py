@@ -172,15 +172,13 @@ def _backward_samples():
 
 
 # The public op: one kernel below autograd for every device (csrc/ops/gated_conv2d_autograd.cpp), autograd in
-# C++. Its kernels: on CUDA tensors the compiled library's device-generic strategies (cuDNN); in a build without
-# CUDA, the Triton kernels when importable.
+# C++. Its kernels are the compiled library's strategies for CPU and CUDA tensors alike (ATen ops: oneDNN, cuDNN).
 register_op("gated_conv2d", gated_conv2d_reference, cuda=ONE_KERNEL, fake=_fake, samples=_samples)
-register_op("gated_conv2d_forward", _reference_forward, cuda=COMPILED, triton=_triton_forward, fake=_fake_forward,
-            samples=_forward_samples)
-register_op("gated_conv2d_backward", _reference_backward, cuda=COMPILED, triton=_triton_backward,
-            fake=_fake_backward, samples=_backward_samples)
-# The Triton kernels as ops of their own, which the compiled kernels call under gated_conv=triton (CUDA tensors;
-# CPU tensors run them in Triton's interpreter).
+register_op("gated_conv2d_forward", _reference_forward, cuda=COMPILED, fake=_fake_forward, samples=_forward_samples)
+register_op("gated_conv2d_backward", _reference_backward, cuda=COMPILED, fake=_fake_backward,
+            samples=_backward_samples)
+# The `triton` strategy's kernels (csrc/ops/gated_conv2d_aten.cpp calls them): ops of their own because Triton
+# launches from Python; CUDA tensors, and CPU tensors in Triton's interpreter.
 define_like("gated_conv2d_forward_triton", "gated_conv2d_forward", _triton_forward, _fake_forward)
 define_like("gated_conv2d_backward_triton", "gated_conv2d_backward", _triton_backward, _fake_backward)
 
