@@ -34,5 +34,20 @@ def settings():
 
 
 def pytest_configure(config):
+    config.addinivalue_line("markers", "background(start): start() runs when the suite is collected, the test "
+                                       "waits for what it started (conftest.pytest_collection_modifyitems)")
     config.addinivalue_line("markers", "cuda: has CUDA cases: runs on the GPU when one is visible (tools/gpu_check.sh "
                                        "runs `-m cuda`), on the CPU or in Triton's interpreter otherwise")
+
+
+
+@pytest.hookimpl(trylast=True)  # (after -k / -m deselection: only selected tests start their work)
+def pytest_collection_modifyitems(config, items):
+    """A test marked `background(start)` calls start() when it is selected, so that its work (a build in a
+    low-priority subprocess) runs beside the rest of the suite; the test waits for the result."""
+    started = set()
+    for item in items:
+        marker = item.get_closest_marker("background")
+        if marker is not None and marker.args[0] not in started:
+            started.add(marker.args[0])
+            marker.args[0]()
