@@ -1,4 +1,6 @@
 import os
+import subprocess
+import tempfile
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -35,19 +37,54 @@ def settings():
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "background(start): start() runs when the suite is collected, the test "
-                                       "waits for what it started (conftest.pytest_collection_modifyitems)")
+                                       "waits for what it started (conftest.start_background)")
     config.addinivalue_line("markers", "cuda: has CUDA cases: runs on the GPU when one is visible (tools/gpu_check.sh "
                                        "runs `-m cuda`), on the CPU or in Triton's interpreter otherwise")
 
 
 
+
+# ----------------------------------------------------------------------------- work started at collection
+_BACKGROUND = {}  # key -> (process, stdout file, stderr file)
+
+
+def start_background(key, argv, env=None):
+    """Run `argv` from now on at the lowest CPU priority (once per key): work a test only waits for (a build, an
+    ahead-of-time compile) runs beside the rest of the suite, on the core the suite leaves idle while it waits on
+    subprocesses and files."""
+    if key in _BACKGROUND:
+        return
+    out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(argv, stdout=out, stderr=err, text=True, env=env, preexec_fn=lambda: os.nice(19))
+    _BACKGROUND[key] = (proc, out, err)
+
+
+def background_result(key, timeout):
+    """(returncode, stdout, stderr) of the command started under `key`, once it has finished."""
+    proc, out, err = _BACKGROUND.pop(key)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    out.seek(0)
+    err.seek(0)
+    return proc.returncode, out.read(), err.read()
+
+
 @pytest.hookimpl(trylast=True)  # (after -k / -m deselection: only selected tests start their work)
 def pytest_collection_modifyitems(config, items):
-    """A test marked `background(start)` calls start() when it is selected, so that its work (a build in a
-    low-priority subprocess) runs beside the rest of the suite; the test waits for the result."""
+    """A test marked `background(start)` has start() called when it is selected (start calls start_background)
+    and runs last, when its work has had the whole suite's time; the test waits for the result."""
     started = set()
     for item in items:
         marker = item.get_closest_marker("background")
         if marker is not None and marker.args[0] not in started:
             started.add(marker.args[0])
             marker.args[0]()
+    items.sort(key=lambda item: item.get_closest_marker("background") is not None)  # (a stable sort)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    for proc, _, _ in _BACKGROUND.values():  # (started for tests that did not run: an interrupted session)
+        proc.kill()

@@ -14,9 +14,10 @@ import tempfile
 
 import pytest
 import torch.utils
+from conftest import background_result, start_background
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_BUILD = {}  # the background build: "dir", "process"
+_BUILD = {}  # the background build's "dir"
 
 
 def _steps(build):
@@ -57,21 +58,19 @@ def _build(build):
 
 def start_in_background():
     """Start the build at the lowest CPU priority (at collection: the test's `background` marker)."""
-    if _BUILD or shutil.which("cmake") is None:
-        return
-    _BUILD["dir"] = tempfile.mkdtemp(prefix="tlkernels-cmake-")
-    _BUILD["process"] = subprocess.Popen([sys.executable, os.path.abspath(__file__), _BUILD["dir"]],
-                                         preexec_fn=lambda: os.nice(19), stdout=subprocess.DEVNULL,
-                                         stderr=subprocess.DEVNULL)
+    if "dir" not in _BUILD and shutil.which("cmake") is not None:
+        _BUILD["dir"] = tempfile.mkdtemp(prefix="tlkernels-cmake-")
+        start_background("cmake", [sys.executable, os.path.abspath(__file__), _BUILD["dir"]])
 
 
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not installed")
 @pytest.mark.background.with_args(start_in_background)  # (with_args: the argument is a function)
 def test_cmake_build_and_ctest():
     start_in_background()  # (run alone, the test starts it now)
-    build = _BUILD["dir"]
+    build = _BUILD.pop("dir")
     try:
-        assert _BUILD["process"].wait(timeout=1800) == 0
+        returncode, _, stderr = background_result("cmake", timeout=1800)
+        assert returncode == 0, stderr[-4000:]
         with open(os.path.join(build, "result.json")) as fh:
             result = json.load(fh)
         for step in result:

@@ -11,7 +11,7 @@ import torch
 from tlkernels.ops import gated_conv2d_reference
 from tlkernels.triton.gated_conv2d import gated_conv2d_backward, gated_conv2d_forward
 
-from conftest import DEVICE
+from conftest import DEVICE, background_result, start_background
 from test_gated_conv2d import grads, make_case as make_case_cpu
 
 
@@ -122,15 +122,20 @@ def test_autotune_keeps_only_configs_that_fit(settings):
         assert {config_key(c) for c in kept} == table[("fwd", name)]
 
 
+def start_aot_configs():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    start_background("aot-configs", [sys.executable, "-m", "tlkernels.triton._aot", "--configs"], env=env)
+
+
+@pytest.mark.background.with_args(start_aot_configs)  # (compiles beside the suite from its start)
 def test_every_fitting_config_compiles_within_limits():
     """AOT: every config autotuning may launch, for float32, bfloat16, float16 and float64, compiled for sm80 and
     sm90 (Triton's compiler and ptxas, no GPU): shared memory within the target's limit, no register spills
     (about 2 minutes on 2 cores with an empty Triton cache)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-m", "tlkernels.triton._aot", "--configs"], env=env, capture_output=True,
-                       text=True, timeout=1500)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-    assert r.stdout.splitlines()[-1] == "0 failed", r.stdout[-2000:]
+    start_aot_configs()  # (run alone, the test starts it now)
+    returncode, stdout, stderr = background_result("aot-configs", timeout=1500)
+    assert returncode == 0, stdout[-4000:] + stderr[-2000:]
+    assert stdout.splitlines()[-1] == "0 failed", stdout[-2000:]
 
 
 @pytest.mark.cuda
