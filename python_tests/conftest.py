@@ -42,8 +42,6 @@ def pytest_configure(config):
                                        "runs `-m cuda`), on the CPU or in Triton's interpreter otherwise")
 
 
-
-
 # ----------------------------------------------------------------------------- work started at collection
 _BACKGROUND = {}  # key -> (process, stdout file, stderr file)
 

@@ -38,8 +38,8 @@ SETTINGS = (
             "`reference`: every op runs its pure-PyTorch reference"),
     Setting("gated_conv", "TLKERNELS_GATED_CONV", COMPILED,
             "the gated convolution's strategy: `auto` (measured once per call signature on CPU tensors), "
-            "`heuristic` (fixed size rules), a strategy name (forced wherever it applies; `triton` included) or `reference` "
-            "(tlkernels.ops.gated_conv2d)"),
+            "`heuristic` (fixed size rules), a strategy name (forced wherever it applies; `triton` included) or "
+            "`reference` (tlkernels.ops.gated_conv2d)"),
     Setting("histogram", "TLKERNELS_HISTOGRAM", COMPILED,
             "the filter-bank histogram's path: measured (`auto`), fixed rule (`heuristic`) or forced"),
     Setting("knn_gemm", "TLKERNELS_KNN_GEMM", "tlkernels.ops.knn",

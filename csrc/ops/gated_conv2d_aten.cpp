@@ -59,7 +59,6 @@
 #include "ops/gated_conv2d.h"
 #include "ops/gated_conv2d_strategies.h"
 #include "ops/config.h"
-#include "ops/dispatch.h"
 #include "ops/emulate_cuda.h"
 #include "ops/measured_choice.h"
 
