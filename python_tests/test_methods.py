@@ -431,6 +431,7 @@ def test_methods_under_torch_compile(method):
 # ----------------------------------------------------------------------------- DDP, 2 gloo processes
 def _ddp_worker(rank, world, init_file, method, result_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)  # (one thread a rank: two ranks, two cores)
     torch.manual_seed(0)
     base = torchvision.models.resnet18(num_classes=5)
     m = SpotTune(base) if method == "spottune" else AdaFilter(base, hidden_size=8)

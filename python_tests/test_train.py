@@ -111,7 +111,8 @@ def test_torchrun_two_processes(tmp_path, cache):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
                         "-m", "tlkernels.train", "--compare", "finetune,selective", "--out_dir", str(tmp_path),
-                        "--cache_dir", cache, *FAST], capture_output=True, text=True, env=env, timeout=900)
+                        "--cache_dir", cache, *FAST, "--threads", "1"],  # (one thread a rank: two ranks, two cores)
+                       capture_output=True, text=True, env=env, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     for m in ("finetune", "selective"):  # --batch_size is per process: 15 images per rank, one step an epoch
         s = json.loads((tmp_path / m / "summary.json").read_text())
