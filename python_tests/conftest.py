@@ -1,4 +1,7 @@
+import contextlib
 import os
+import pathlib
+import shutil
 import subprocess
 import tempfile
 
@@ -43,31 +46,39 @@ def pytest_configure(config):
 
 
 # ----------------------------------------------------------------------------- work started at collection
-_BACKGROUND = {}  # key -> (process, stdout file, stderr file)
+_BACKGROUND = {}  # key -> (process, stdout file, stderr file, work folder or None)
 
 
-def start_background(key, argv, env=None):
+def start_background(key, argv, env=None, workdir=False):
     """Run `argv` from now on at the lowest CPU priority (once per key): work a test only waits for (a build, an
     ahead-of-time compile) runs beside the rest of the suite, on the core the suite leaves idle while it waits on
-    subprocesses and files."""
+    subprocesses and files. workdir=True: a fresh temporary folder is passed as the last argument."""
     if key in _BACKGROUND:
         return
+    folder = tempfile.mkdtemp(prefix=f"tlkernels-{key}-") if workdir else None
     out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
-    proc = subprocess.Popen(argv, stdout=out, stderr=err, text=True, env=env, preexec_fn=lambda: os.nice(19))
-    _BACKGROUND[key] = (proc, out, err)
+    proc = subprocess.Popen(argv + ([folder] if folder else []), stdout=out, stderr=err, text=True, env=env,
+                            preexec_fn=lambda: os.nice(19))
+    _BACKGROUND[key] = (proc, out, err, folder)
 
 
+@contextlib.contextmanager
 def background_result(key, timeout):
-    """(returncode, stdout, stderr) of the command started under `key`, once it has finished."""
-    proc, out, err = _BACKGROUND.pop(key)
+    """(returncode, stdout, stderr, work folder) of the command started under `key`, once it has finished; the
+    work folder is removed after the block."""
+    proc, out, err, folder = _BACKGROUND.pop(key)
     try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise
-    out.seek(0)
-    err.seek(0)
-    return proc.returncode, out.read(), err.read()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+        out.seek(0)
+        err.seek(0)
+        yield proc.returncode, out.read(), err.read(), folder and pathlib.Path(folder)
+    finally:
+        if folder:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.hookimpl(trylast=True)  # (after -k / -m deselection: only selected tests start their work)
@@ -84,5 +95,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    for proc, _, _ in _BACKGROUND.values():  # (started for tests that did not run: an interrupted session)
+    for proc, _, _, folder in _BACKGROUND.values():  # (started for tests that did not run: an interrupted session)
         proc.kill()
+        if folder:
+            shutil.rmtree(folder, ignore_errors=True)

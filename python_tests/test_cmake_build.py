@@ -10,14 +10,12 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 
 import pytest
 import torch.utils
 from conftest import background_result, start_background
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_BUILD = {}  # the background build's "dir"
 
 
 def _steps(build):
@@ -58,21 +56,17 @@ def _build(build):
 
 def start_in_background():
     """Start the build at the lowest CPU priority (at collection: the test's `background` marker)."""
-    if "dir" not in _BUILD and shutil.which("cmake") is not None:
-        _BUILD["dir"] = tempfile.mkdtemp(prefix="tlkernels-cmake-")
-        start_background("cmake", [sys.executable, os.path.abspath(__file__), _BUILD["dir"]])
+    if shutil.which("cmake") is not None:
+        start_background("cmake", [sys.executable, os.path.abspath(__file__)], workdir=True)
 
 
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not installed")
 @pytest.mark.background.with_args(start_in_background)  # (with_args: the argument is a function)
 def test_cmake_build_and_ctest():
     start_in_background()  # (run alone, the test starts it now)
-    build = _BUILD.pop("dir")
-    try:
-        returncode, _, stderr = background_result("cmake", timeout=1800)
+    with background_result("cmake", timeout=1800) as (returncode, _, stderr, build):
         assert returncode == 0, stderr[-4000:]
-        with open(os.path.join(build, "result.json")) as fh:
-            result = json.load(fh)
+        result = json.loads((build / "result.json").read_text())
         for step in result:
             assert step["returncode"] == 0, f"{step['step']}: {step['output']}"
         assert [s["step"] for s in result] == ["configure", "build", "ctest"]
@@ -81,12 +75,9 @@ def test_cmake_build_and_ctest():
         spec = importlib.util.spec_from_file_location("tlk_sources", os.path.join(ROOT, "tools", "sources.py"))
         sources = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(sources)
-        with open(os.path.join(build, "tlkernels_sources.txt")) as fh:
-            built = fh.read().split(";")
+        built = (build / "tlkernels_sources.txt").read_text().split(";")
         assert built == sources.extension_sources(os.path.join(ROOT, "csrc"), cuda=False, python=False)
         assert any("/ops/autocast/" in s for s in built)
-    finally:
-        shutil.rmtree(build, ignore_errors=True)
 
 
 def test_cuda_arch_list_follows_the_visible_gpus():

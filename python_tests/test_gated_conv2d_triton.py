@@ -133,9 +133,9 @@ def test_every_fitting_config_compiles_within_limits():
     sm90 (Triton's compiler and ptxas, no GPU): shared memory within the target's limit, no register spills
     (about 2 minutes on 2 cores with an empty Triton cache)."""
     start_aot_configs()  # (run alone, the test starts it now)
-    returncode, stdout, stderr = background_result("aot-configs", timeout=1500)
-    assert returncode == 0, stdout[-4000:] + stderr[-2000:]
-    assert stdout.splitlines()[-1] == "0 failed", stdout[-2000:]
+    with background_result("aot-configs", timeout=1500) as (returncode, stdout, stderr, _):
+        assert returncode == 0, stdout[-4000:] + stderr[-2000:]
+        assert stdout.splitlines()[-1] == "0 failed", stdout[-2000:]
 
 
 @pytest.mark.cuda

@@ -3,10 +3,7 @@ overruns is stopped and the rest still run) and its stages end to end on the CPU
 import csv
 import json
 import os
-import pathlib
-import shutil
 import subprocess
-import tempfile
 
 import pytest
 from conftest import background_result, start_background
@@ -47,37 +44,25 @@ def test_a_stage_over_its_budget_is_stopped_and_the_rest_still_run(tmp_path):
     assert "torch" in env and "device cpu" in env
 
 
-_STAGES = {}  # the end-to-end run's output folder
-
-
 def start_stages():
     """The end-to-end run, started at collection at the lowest CPU priority (its stages' budgets raised: the run
     shares the CPU with the suite; the budgets' own test is above)."""
-    if "out" not in _STAGES:
-        _STAGES["out"] = tempfile.mkdtemp(prefix="tlkernels-gpu-check-")
-        budgets = {f"GPU_CHECK_BUDGET_{s}": "1500" for s in ("SELFCHECK", "TESTS", "BENCH")}
-        start_background("gpu-check", ["bash", SCRIPT, _STAGES["out"], "--device", "cpu", "--quick", "--stages",
-                                       "selfcheck,tests,bench"], env=dict(os.environ, **budgets))
+    budgets = {f"GPU_CHECK_BUDGET_{s}": "1500" for s in ("SELFCHECK", "TESTS", "BENCH")}
+    start_background("gpu-check", ["bash", SCRIPT, "--device", "cpu", "--quick", "--stages", "selfcheck,tests,bench"],
+                     env=dict(os.environ, **budgets), workdir=True)
 
 
 @pytest.mark.background.with_args(start_stages)  # (runs beside the suite from its start)
 def test_the_stages_end_to_end_on_the_cpu():
     """selfcheck, the tests marked cuda (Triton's interpreter here) and the benchmarks on the device, quick."""
     start_stages()  # (run alone, the test starts it now)
-    tmp_path = pathlib.Path(_STAGES.pop("out"))
-    try:
-        _check_stages(tmp_path, *background_result("gpu-check", timeout=3000))
-    finally:
-        shutil.rmtree(tmp_path, ignore_errors=True)
-
-
-def _check_stages(tmp_path, returncode, stdout, stderr):
-    summary = (tmp_path / "summary.txt").read_text().splitlines()
-    assert returncode == 0 and [s.split(":")[1].split(",")[0].strip() for s in summary] == ["ok"] * 3, \
-        stdout[-3000:] + stderr[-2000:]
-    check = json.loads((tmp_path / "selfcheck.json").read_text())
-    assert check["device"] == "cpu" and check["checks"] and all(c["ok"] for c in check["checks"]) and check["speed"]
-    assert "passed" in (tmp_path / "tests.log").read_text()
-    rows = list(csv.DictReader(open(tmp_path / "results.csv")))
-    assert rows and {row["device"] for row in rows} == {"cpu"}
-    assert {row["benchmark"] for row in rows} == {"test_bench_gated_conv2d", "test_bench_losses"}
+    with background_result("gpu-check", timeout=3000) as (returncode, stdout, stderr, out):
+        summary = (out / "summary.txt").read_text().splitlines()
+        assert returncode == 0 and [s.split(":")[1].split(",")[0].strip() for s in summary] == ["ok"] * 3, \
+            stdout[-3000:] + stderr[-2000:]
+        check = json.loads((out / "selfcheck.json").read_text())
+        assert check["device"] == "cpu" and check["checks"] and all(c["ok"] for c in check["checks"]) and check["speed"]
+        assert "passed" in (out / "tests.log").read_text()
+        rows = list(csv.DictReader(open(out / "results.csv")))
+        assert rows and {row["device"] for row in rows} == {"cpu"}
+        assert {row["benchmark"] for row in rows} == {"test_bench_gated_conv2d", "test_bench_losses"}
