@@ -134,8 +134,8 @@ inline int64_t weight_k(int64_t k, bool tap_major, int64_t cin, int64_t taps) {
 }
 
 // Weight (C, ...) as [ceil(C/16)][K][16]: the forward's B panels, zero padded past C. Each task reads
-// 16 rows in step (16 cache lines, each used for 16 consecutive k) and writes its panel contiguously;
-// faster than torch's transpose + contiguous, whose strided reads miss the cache on large weights.
+// 16 rows in step (float32: forward, 8 x 8 blocks transposed in registers; bfloat16: a column at a time) and
+// writes its panel; faster than torch's transpose + contiguous, whose strided reads miss the cache.
 // tap_major: the contraction ordered (kh, kw, ci) instead of the weight's (ci, kh, kw) (see tap_segments).
 template <class T = float>
 at::Tensor weight_panels(const at::Tensor& w, bool tap_major = false) {
@@ -150,6 +150,11 @@ at::Tensor weight_panels(const at::Tensor& w, bool tap_major = false) {
       const int64_t rows = std::min<int64_t>(16, C - 16 * j);
       float* d = dst + j * K * 16;
       const T* s0 = src + 16 * j * K;
+      if constexpr (std::is_same_v<T, float>) {  // panel row of weight column kw: the inverse of weight_k
+        mixgemm::panel_from_rows(s0, K, rows, K, d,
+                                 [&](int64_t kw) { return tap_major ? (kw % taps) * cin + kw / taps : kw; });
+        continue;
+      }
       for (int64_t k = 0; k < K; ++k, d += 16) {
         const int64_t kw = weight_k(k, tap_major, cin, taps);
         int64_t l = 0;

@@ -288,6 +288,29 @@ __attribute__((target("avx512f,avx512bf16"))) inline void retile_bf16(const floa
   }
 }
 
+// r[i] <- column i of the 8 x 8 block whose rows are r[0..8): pairs, quads, then 128-bit halves.
+__attribute__((target("avx2,fma"), always_inline)) inline void transpose8(__m256 (&r)[8]) {
+  __m256 t[8];
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  __m256 u[8];
+#pragma GCC unroll 2
+  for (int i = 0; i < 2; ++i) {
+    u[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {  // column i from u[i] (rows 0-3) and u[i + 4] (rows 4-7), column i + 4 likewise
+    r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+    r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+  }
+}
+
 // dst[m * ldd + p] = src[p * lds + m] (+ bias[m] when bias is not null) for p < P, m < M, in 8 x 8 blocks
 // transposed in registers. Reading src a column at a time walks it with a stride of lds floats: with lds a
 // multiple of 512 every such line falls into the same two L1 sets, and each read missed L1.
@@ -300,30 +323,11 @@ __attribute__((target("avx2,fma"))) inline void transpose_out(const float* src, 
       __m256 r[8];
 #pragma GCC unroll 8
       for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + (p0 + i) * lds + m0);
-      // 8 x 8 transpose: pairs, quads, then 128-bit halves
-      __m256 t[8];
-#pragma GCC unroll 4
-      for (int i = 0; i < 4; ++i) {
-        t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-        t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-      }
-      __m256 u[8];
-#pragma GCC unroll 2
-      for (int i = 0; i < 2; ++i) {
-        u[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
-        u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
-        u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
-        u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
-      }
-#pragma GCC unroll 4
-      for (int i = 0; i < 4; ++i) {  // row i of the block's transpose from u[i] (rows 0-3) and u[i + 4] (rows 4-7)
-        __m256 lo = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20), hi = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
-        if (bias) {
-          lo = _mm256_add_ps(lo, _mm256_set1_ps(bias[m0 + i]));
-          hi = _mm256_add_ps(hi, _mm256_set1_ps(bias[m0 + i + 4]));
-        }
-        _mm256_storeu_ps(dst + (m0 + i) * ldd + p0, lo);
-        _mm256_storeu_ps(dst + (m0 + i + 4) * ldd + p0, hi);
+      transpose8(r);
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i) {
+        const __m256 v = bias ? _mm256_add_ps(r[i], _mm256_set1_ps(bias[m0 + i])) : r[i];
+        _mm256_storeu_ps(dst + (m0 + i) * ldd + p0, v);
       }
     }
     for (; m0 < M; ++m0)
@@ -331,6 +335,35 @@ __attribute__((target("avx2,fma"))) inline void transpose_out(const float* src, 
   }
   for (; p0 < P; ++p0)
     for (int64_t m = 0; m < M; ++m) dst[m * ldd + p0] = src[p0 * lds + m] + (bias ? bias[m] : 0.f);
+}
+
+// One 16-column B panel from up to 16 rows of a row-major weight: dst[row_of(m) * 16 + l] = src[l * lds + m]
+// for l < rows (<= 16), zero for rows <= l < 16, m < M (row_of: the panel row of weight column m, a
+// permutation of [0, M)). The rows are read forward 8 at a time and transposed in registers: a column at a
+// time, the reads would walk 16 rows with a stride of lds.
+template <class RowOf>
+__attribute__((target("avx2,fma"))) inline void panel_from_rows(const float* src, int64_t lds, int64_t rows,
+                                                                int64_t M, float* dst, const RowOf& row_of) {
+  int64_t m0 = 0;
+  for (; m0 + 8 <= M; m0 += 8) {
+    int64_t at[8];
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) at[i] = row_of(m0 + i) * 16;
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h) {  // rows [8h, 8h + 8): half h of each panel row
+      __m256 r[8];
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i)
+        r[i] = 8 * h + i < rows ? _mm256_loadu_ps(src + (8 * h + i) * lds + m0) : _mm256_setzero_ps();
+      transpose8(r);
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i) _mm256_storeu_ps(dst + at[i] + 8 * h, r[i]);
+    }
+  }
+  for (; m0 < M; ++m0) {
+    float* d = dst + row_of(m0) * 16;
+    for (int64_t l = 0; l < 16; ++l) d[l] = l < rows ? src[l * lds + m0] : 0.f;
+  }
 }
 
 // Where the 16 floats of B panel j, row k live: src + j * panel_stride + k * row_stride; `valid` (<= 16)
