@@ -7,7 +7,7 @@ median_ms, iqr_ms, rounds, baseline (the provider ratios are taken against: extr
 naive), ratio (baseline median / this median, same run; the baseline's median over this provider's rounds where
 it was paired with them, see conftest.run), extra (other extra_info as JSON, incl. paired_ms: {provider: median
 ms over this provider's rounds}), and the context:
-cpu, isa, cores, threads, isa_cap (TLKERNELS_CPU_ISA), torch, mkl, onednn, gpu, malloc (`steady`: glibc set to
+cpu, isa, cores, threads, isa_cap (the ISA_CAPS set), torch, mkl, onednn, gpu, malloc (`steady`: glibc set to
 keep freed memory, conftest.steady_allocator; `default`: glibc's defaults or another allocator), device (cpu or
 cuda: the tensors' device; on cuda the times are CUDA events', conftest.clock).
 """
@@ -28,6 +28,17 @@ COLUMNS = ["run", "date", "commit", "benchmark", "case", "provider", "median_ms"
            "device"]
 # x86 ISA features that decide which kernels run (oneDNN's, MKL's and ours), in order of generation.
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
+# The variables that cap the instruction set of a run's kernels: ours first, then the libraries'.
+ISA_CAPS = (("TLKERNELS_CPU_ISA", "tlkernels"), ("ATEN_CPU_CAPABILITY", "ATen"), ("ONEDNN_MAX_CPU_ISA", "oneDNN"),
+            ("MKL_ENABLE_INSTRUCTIONS", "MKL"))
+
+
+def isa_cap():
+    """The caps set: TLKERNELS_CPU_ISA's value alone when only ours is capped, else each cap named."""
+    caps = [(name, os.environ[var]) for var, name in ISA_CAPS if os.environ.get(var)]
+    if [name for name, _ in caps] == ["tlkernels"]:
+        return caps[0][1]
+    return ", ".join(f"{name} {value}" for name, value in caps)
 
 
 def cpu_model_and_isa():
@@ -74,7 +85,7 @@ def context(steady_malloc=False):
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
     return dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"), commit=_commit(),
                 cpu=cpu, isa=isa, cores=os.cpu_count(), threads=torch.get_num_threads(),
-                isa_cap=os.environ.get("TLKERNELS_CPU_ISA", ""), torch=torch.__version__, mkl=mkl, onednn=onednn,
+                isa_cap=isa_cap(), torch=torch.__version__, mkl=mkl, onednn=onednn,
                 gpu=gpu, malloc="steady" if steady_malloc else "default")
 
 

@@ -115,3 +115,17 @@ def test_steady_allocator_is_recorded(monkeypatch):
         code = f"import sys; sys.path.insert(0, {BENCH!r}); import conftest; print(conftest.STEADY_ALLOCATOR)"
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
         assert out.stdout.strip().splitlines()[-1] == "True", out.stderr  # glibc accepts both settings
+
+
+def test_isa_caps_are_recorded_and_name_the_table(monkeypatch):
+    results, report = _bench_module("results"), _bench_module("report")
+    for var, _ in results.ISA_CAPS:
+        monkeypatch.delenv(var, raising=False)
+    assert results.context()["isa_cap"] == ""
+    monkeypatch.setenv("TLKERNELS_CPU_ISA", "avx2")
+    assert results.context()["isa_cap"] == "avx2"  # (ours alone: the value, as rows before the libraries' caps)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    row = results.context()
+    assert row["isa_cap"] == "tlkernels avx2, ATen avx2, oneDNN AVX2"
+    assert "ISA capped at tlkernels avx2, ATen avx2, oneDNN AVX2" in report.hardware(dict(row, device="cpu"))
