@@ -1,8 +1,9 @@
 """The CPU small-map engine with each micro-kernel against one plain convolution: hard per-filter gates,
 N = 32, 3x3, forward, ResNet stage shapes; the `gated_conv` setting forces `mix` (our micro-kernel: AVX-512 where
 the CPU has it, else AVX2; `mix avx2`: capped at AVX2) and `brgemm` (oneDNN's BRGeMM ukernel, JIT for the running
-ISA); in bfloat16 `mix` (AVX-512 BF16 dot products, where the CPU has them) against one plain bfloat16
-convolution and the naive two convolutions and blend. Prints medians of 7 calls.
+ISA); in bfloat16 `mix` (AVX-512 BF16 dot products, where the CPU has them) and `brgemm` (oneDNN's bfloat16
+BRGeMM: AMX tiles where the CPU has them) against one plain bfloat16 convolution and the naive two convolutions
+and blend. Prints medians of 7 calls.
 
     python benchmarks/engines.py [threads]
 """
@@ -37,6 +38,10 @@ def main():
                 res["bf16 mix"] = statistics.median(call_times_ms(
                     lambda: gated_conv2d(xb, wpb, wfb, gb, padding=1, hard=True), 7))
                 res["bf16 taken"] = torch.ops.tlkernels._gated_conv2d_last_strategies()[0]
+            with config.override(gated_conv="brgemm"):
+                res["bf16 brgemm"] = statistics.median(call_times_ms(
+                    lambda: gated_conv2d(xb, wpb, wfb, gb, padding=1, hard=True), 7))
+                res["bf16 brgemm taken"] = torch.ops.tlkernels._gated_conv2d_last_strategies()[0]
             res["bf16 plain conv"] = statistics.median(call_times_ms(lambda: F.conv2d(xb, wfb, padding=1), 7))
             g4 = gb[:, :, None, None]
             res["bf16 naive"] = statistics.median(call_times_ms(

@@ -112,7 +112,8 @@ def test_strategy_float32(settings, strategy, channels_last, shape, gate_kind, h
 
 
 @pytest.mark.parametrize("strategy,k", [("routed", 3), ("blended", 3), ("grouped", 3), ("concat", 3), ("twoconv", 3), ("auto", 3),
-                                        ("mix", 3), ("mix", 1), ("bmm", 1), ("auto", 1)])
+                                        ("mix", 3), ("mix", 1), ("brgemm", 3), ("brgemm", 1), ("bmm", 1),
+                                        ("auto", 1)])
 @pytest.mark.parametrize("gate_kind,hard", [("image", True), ("filter", False)])
 def test_strategy_bfloat16_error_budget(settings, strategy, k, gate_kind, hard):
     """err(ours in bf16) <= 2 x err(the reference computed in bf16), both against the float64 reference."""
@@ -130,10 +131,30 @@ def test_strategy_bfloat16_error_budget(settings, strategy, k, gate_kind, hard):
     for g, g16, g64 in zip(gs, gs16, gs64):
         if g64 is not None:
             assert err(g, g64) <= 2 * err(g16, g64) + 1e-3 * g64.abs().max().item()
-    if strategy == "mix":  # the small-map engine takes bfloat16 both ways where the CPU has AVX-512 BF16
+    if strategy in ("mix", "brgemm"):  # the small-map engine takes bfloat16 both ways where the CPU has AVX-512
+        # BF16 (with oneDNN's BRGeMM ukernel as its micro-kernel wherever oneDNN's ISA is not capped below it)
         bf16_cpu = os.path.exists("/proc/cpuinfo") and "avx512_bf16" in open("/proc/cpuinfo").read()
         allowed = tlkernels.config.get("cpu_isa") in ("native", "avx512")
-        assert (last() == ["mix", "mix"]) == (bf16_cpu and allowed), last()
+        if strategy == "mix" or not os.environ.get("ONEDNN_MAX_CPU_ISA"):
+            assert (last() == [strategy, strategy]) == (bf16_cpu and allowed), last()
+
+
+@pytest.mark.skipif(not (os.path.exists("/proc/cpuinfo") and "avx512_bf16" in open("/proc/cpuinfo").read()),
+                    reason="the bfloat16 engine needs AVX-512 BF16")
+def test_bfloat16_brgemm_where_onednn_has_none_is_not_a_candidate():
+    """oneDNN capped below AVX-512 BF16 has no bfloat16 BRGeMM: the forced `brgemm` setting then leaves the choice
+    to the others (as it does wherever a strategy does not apply), and the result stays exact."""
+    code = ("import torch, tlkernels; from tlkernels.ops import gated_conv2d, gated_conv2d_reference\n"
+            "x, w = torch.randn(2, 8, 7, 7).bfloat16(), torch.randn(16, 8, 3, 3).bfloat16()\n"
+            "g = (torch.rand(2, 16) > 0.5).bfloat16()\n"
+            "y = gated_conv2d(x, w, w * 0.5, g, padding=1, hard=True)\n"
+            "r = gated_conv2d_reference(x.double(), w.double(), (w * 0.5).double(), g.double(), padding=1, hard=True)\n"
+            "print(torch.ops.tlkernels._gated_conv2d_last_strategies()[0], float((y.double() - r).abs().max() / r.abs().max()))")
+    env = dict(os.environ, TLKERNELS_GATED_CONV="brgemm", ONEDNN_MAX_CPU_ISA="AVX2")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    taken, err = out.stdout.split()
+    assert taken != "brgemm" and float(err) < 1e-2, out.stdout  # (relative: the output's bfloat16 rounding)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

@@ -10,7 +10,7 @@
 //               (AVX-512 BF16): our per-image gated GEMM (cpu/gated_conv2d_mix.h): one conv's FLOPs, no
 //               per-image library calls.
 //   * brgemm  - the same engine with oneDNN's BRGeMM ukernel (through ATen, JIT for the running ISA: AVX2,
-//               AVX-512, ...) as its micro-kernel in place of ours.
+//               AVX-512, AMX tiles for bfloat16, ...) as its micro-kernel in place of ours.
 //   * blended - per image blend the weights (C_out*K values, tiny next to the conv) and run one conv on that
 //               image. One conv's FLOPs, N library calls.
 //   * grouped - the batch folded into groups with per-image blended weights: one grouped conv call.
@@ -227,7 +227,7 @@ std::tuple<at::Tensor, at::Tensor> forward_kernel(
     // where the gates allow it, it is measured against the others.
     if (routable) cands.push_back(Strategy::Routed);
     if (mix_ok) cands.push_back(Strategy::Mix);
-    if (mix_ok && input.scalar_type() == at::kFloat) cands.push_back(Strategy::Brgemm);
+    if (mix_ok && mix::brgemm_applicable(input)) cands.push_back(Strategy::Brgemm);
     if (bmm_ok) cands.push_back(Strategy::Bmm);
     cands.insert(cands.end(), {Strategy::Blended, Strategy::Grouped, Strategy::Concat, Strategy::TwoConv});
     heuristic = routable ? Strategy::Routed : !on_cpu ? Strategy::Concat
@@ -308,7 +308,8 @@ Grads backward_kernel(const at::Tensor& grad_output, const at::Tensor& input, co
     const bool mix_ok = on_cpu && mix::applicable(x, a, P);
     const bool bmm_ok = bmm_applicable(x, weight_pre, a);
     if (routable) cands.push_back(Strategy::Routed);  // (measured against the others, as forward)
-    if (mix_ok) cands.insert(cands.end(), {Strategy::Mix, Strategy::Brgemm});
+    if (mix_ok) cands.push_back(Strategy::Mix);
+    if (mix_ok && mix::brgemm_applicable(x)) cands.push_back(Strategy::Brgemm);
     if (bmm_ok) cands.push_back(Strategy::Bmm);
     cands.insert(cands.end(), {Strategy::Blended, Strategy::Grouped, Strategy::Concat, Strategy::TwoConv});
     heuristic = routable ? Strategy::Routed

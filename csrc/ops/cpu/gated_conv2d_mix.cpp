@@ -16,6 +16,10 @@ bool applicable(const at::Tensor& x, const ConvArgs& a, int64_t pixels) {
   return a.groups == 1 && dtype_ok && pixels < kMaxPixels && avx2::available();
 }
 
+bool brgemm_applicable(const at::Tensor& x) {
+  return x.scalar_type() == at::kFloat || mixgemm::brgemm_bf16_available();
+}
+
 namespace {
 
 // (N, C) gates as float32 [N][round_up(C, 16)], zero padded (the GEMM reads whole 16-column panels).
@@ -176,23 +180,24 @@ at::Tensor pair_panels(const at::Tensor& w, bool tap_major) {
   const uint16_t* src = reinterpret_cast<const uint16_t*>(wc.data_ptr());
   uint16_t* dst = reinterpret_cast<uint16_t*>(out.data_ptr());
   at::parallel_for(0, J, 1, [&](int64_t j0, int64_t j1) {
+    // The panel's 16 rows in contraction order, each zero padded to 2 * K2 values: a pair of k is then one 32-bit
+    // unit, and the panel is that [16][K2] matrix of units transposed (panel_from_rows moves bits only).
+    std::vector<uint16_t> rows16(16 * 2 * K2);
     for (int64_t j = j0; j < j1; ++j) {
       const int64_t rows = std::min<int64_t>(16, C - 16 * j);
-      const uint16_t* s0 = src + 16 * j * K;
-      uint16_t* d = dst + j * K2 * 32;
-      for (int64_t k = 0; k < 2 * K2; k += 2, d += 32) {
-        for (int64_t e = 0; e < 2; ++e) {
-          const int64_t kk = k + e;
-          if (kk >= K) {
-            for (int64_t l = 0; l < 16; ++l) d[2 * l + e] = 0;
-            continue;
-          }
-          const int64_t kw = weight_k(kk, tap_major, cin, taps);
-          int64_t l = 0;
-          for (; l < rows; ++l) d[2 * l + e] = s0[l * K + kw];
-          for (; l < 16; ++l) d[2 * l + e] = 0;
+      std::fill(rows16.begin(), rows16.end(), 0);
+      for (int64_t l = 0; l < rows; ++l) {
+        const uint16_t* s = src + (16 * j + l) * K;
+        uint16_t* r = rows16.data() + l * 2 * K2;
+        if (!tap_major) {
+          std::copy(s, s + K, r);
+          continue;
         }
+        for (int64_t ci = 0; ci < cin; ++ci, s += taps)  // (the weight's k = ci * taps + tap: read forward)
+          for (int64_t tap = 0; tap < taps; ++tap) r[tap * cin + ci] = s[tap];
       }
+      mixgemm::panel_from_rows(reinterpret_cast<const float*>(rows16.data()), K2, 16, K2,
+                               reinterpret_cast<float*>(dst + j * K2 * 32), [](int64_t k2) { return k2; });
     }
   });
   return out;
@@ -232,9 +237,9 @@ void forward_engine(const at::Tensor& x, const at::Tensor& wp, const at::Tensor&
   const bool direct = f32 && rows_dense && xC >= P;
   // On the AVX-512 micro-kernels: taps as segments where the padding has products to skip (bfloat16 pairs of k
   // must stay within a tap: C_in even); binary gates take each column from Wp's or Wf's panel as it is.
-  const bool wide = micro != mixgemm::Micro::Brgemm && avx512::available();
+  const bool wide = !mixgemm::is_brgemm(micro) && avx512::available();
   const int64_t cin = x.size(1);
-  const bool hard_rows = binary && (P == 15 || P == 16) && !wide && micro != mixgemm::Micro::Bf16;  // (see below)
+  const bool hard_rows = binary && (P == 15 || P == 16) && !wide && !mixgemm::is_bf16(micro);  // (see below)
   const bool by_tap = !hard_rows && wide && (q.ph > 0 || q.pw > 0) && q.KH * q.KW <= 64 && (micro != mixgemm::Micro::Bf16 || cin % 2 == 0);
   const std::vector<mixgemm::Segment> segs = by_tap ? tap_segments(q, cin) : std::vector<mixgemm::Segment>{};
   const mixgemm::Segment* seg_of_tap[64] = {};  // tap -> its segment
@@ -357,7 +362,8 @@ void forward(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf, co
   }
   // bfloat16: the float32 engine's packing and epilogue around the bfloat16 micro-kernel (operands exact in
   // bfloat16 but for soft gates' blended weights, rounded once; float32 sums; the output rounded once).
-  forward_engine<c10::BFloat16>(x, wp, wf, g, bp, bf, a, out, binary, mixgemm::Micro::Bf16);
+  forward_engine<c10::BFloat16>(x, wp, wf, g, bp, bf, a, out, binary,
+                                brgemm ? mixgemm::Micro::Bf16Brgemm : mixgemm::Micro::Bf16);
 }
 
 // dx of the gated convolution: dx_n = conv_transpose(dy_n, (1-g_n) Wp + g_n Wf), one GEMM per image
@@ -427,7 +433,8 @@ at::Tensor input_grad_engine(const at::Tensor& dy, const at::Tensor& x, const at
 at::Tensor input_grad(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf,
                       const at::Tensor& g, const ConvArgs& a, bool brgemm) {
   if (dy.scalar_type() == at::kBFloat16)
-    return input_grad_engine<c10::BFloat16>(dy, x, wp, wf, g, a, mixgemm::Micro::Bf16);
+    return input_grad_engine<c10::BFloat16>(dy, x, wp, wf, g, a,
+                                            brgemm ? mixgemm::Micro::Bf16Brgemm : mixgemm::Micro::Bf16);
   return input_grad_engine<float>(dy, x, wp, wf, g, a, brgemm ? mixgemm::Micro::Brgemm : mixgemm::Micro::Avx2);
 }
 
@@ -462,6 +469,7 @@ void weight_grads(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w
 }
 #else
 bool applicable(const at::Tensor&, const ConvArgs&, int64_t) { return false; }
+bool brgemm_applicable(const at::Tensor&) { return false; }
 void weight_grads(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                   const at::Tensor&, const ConvArgs&, const GradMask&, at::Tensor&, at::Tensor&, at::Tensor&) {
   TORCH_CHECK(false, "gated_conv2d: internal error: AVX2 path unavailable");

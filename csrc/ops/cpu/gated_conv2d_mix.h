@@ -20,9 +20,12 @@ constexpr int64_t kMaxPixels = 1024;
 // bfloat16 where the CPU has AVX-512 BF16 and `cpu_isa` allows it: there the backward's weight gradients are
 // the library's).
 bool applicable(const at::Tensor& x, const ConvArgs& a, int64_t pixels);
+// Where the engine applies, whether its micro-kernel can also be oneDNN's BRGeMM ukernel for x's dtype
+// (float32: always; bfloat16: where oneDNN's build and ISA cap run bfloat16 BRGeMM, AMX tiles included).
+bool brgemm_applicable(const at::Tensor& x);
 // out = gated conv with effective (N, C_out) gates g; `binary`: every gate is 0 or 1. brgemm: the GEMM's
 // micro-kernel is oneDNN's BRGeMM ukernel (JIT for the running ISA) instead of ours (AVX2 / AVX-512; for
-// bfloat16 the AVX-512 BF16 one, brgemm ignored).
+// bfloat16 the AVX-512 BF16 one).
 void forward(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf, const at::Tensor& g,
              const c10::optional<at::Tensor>& bp, const c10::optional<at::Tensor>& bf, const ConvArgs& a,
              at::Tensor& out, bool binary, bool brgemm = false);

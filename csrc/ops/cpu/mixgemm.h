@@ -420,9 +420,32 @@ __attribute__((target("avx2,fma"))) inline void blend_panel(const BSource& s, in
 
 // The micro-kernel of run(): ours (6 x 16 AVX2 + FMA tiles, or AVX-512 where allowed), oneDNN's BRGeMM
 // ukernel through ATen (at::native::cpublas::brgemm, JIT-generated for the running CPU: AVX2, AVX-512, ...;
-// one call per image and 16-column panel over all its pixels, A read row-major as [P][kc]), or ours on
-// bfloat16 operands with float32 sums (AVX-512 BF16: A and the blended B rounded to bfloat16).
-enum class Micro { Avx2, Brgemm, Bf16 };
+// one call per image and 16-column panel over all its pixels, A read row-major as [P][kc]), ours on
+// bfloat16 operands with float32 sums (AVX-512 BF16: A and the blended B rounded to bfloat16), or oneDNN's
+// on those bfloat16 operands (B as the blended pairs, oneDNN's VNNI layout; AMX tiles where the CPU has them).
+enum class Micro { Avx2, Brgemm, Bf16, Bf16Brgemm };
+inline bool is_brgemm(Micro k) { return k == Micro::Brgemm || k == Micro::Bf16Brgemm; }
+inline bool is_bf16(Micro k) { return k == Micro::Bf16 || k == Micro::Bf16Brgemm; }
+
+// Whether oneDNN's BRGeMM ukernel runs bfloat16 operands with VNNI-packed B on this CPU, as ATen's build and
+// oneDNN's ISA cap allow (ATen raises where it does not): one tiny call, once per process.
+inline bool brgemm_bf16_available() {
+  static const bool ok = [] {
+    if (!avx512::bf16_available()) return false;
+    try {
+      const c10::BFloat16 a[2] = {c10::BFloat16(1.f), c10::BFloat16(2.f)};
+      c10::BFloat16 b[2 * kNR];
+      for (int64_t i = 0; i < 2 * kNR; ++i) b[i] = c10::BFloat16(static_cast<float>(i % 2 + 1));
+      float c[kNR];
+      at::native::cpublas::brgemm(1, kNR, 2, 2, kNR, kNR, false, a, b, c, true);
+      at::native::cpublas::brgemm_release(true);
+      return c[0] == 5.f && c[kNR - 1] == 5.f;  // (1 * 1 + 2 * 2 in every column)
+    } catch (const std::exception&) {
+      return false;
+    }
+  }();
+  return ok;
+}
 
 // (1 - g) * p + g * f for one panel row (m: its valid columns)
 __attribute__((target("avx512f"))) inline __m512 blend_row512(const float* p, const float* f, __m512 g, __mmask16 m) {
@@ -464,15 +487,19 @@ __attribute__((target("avx512f,avx512bf16,avx512bw,avx512vl"))) inline void stor
   }
 }
 
-// Rows [0, kb) of a row-major [kb][P] matrix (row stride lda) as [P][kb]: brgemm's row-major A.
-inline void transpose_rows(const float* src, int64_t lda, int64_t P, int64_t kb, float* dst) {
+// Rows [0, kb) of a row-major [kb][P] matrix (row stride lda) as [P][ld]: brgemm's row-major A (E = float,
+// or c10::BFloat16: each value rounded to nearest even; columns [kb, ld) zero).
+template <class E = float>
+inline void transpose_rows(const float* src, int64_t lda, int64_t P, int64_t kb, E* dst, int64_t ld) {
   constexpr int64_t kBlock = 16;  // 16 pixels x kb: the writes of one block stay in a few cache lines per k
   for (int64_t p0 = 0; p0 < P; p0 += kBlock) {
     const int64_t p1 = std::min(P, p0 + kBlock);
     for (int64_t k = 0; k < kb; ++k) {
       const float* s = src + k * lda;
-      for (int64_t p = p0; p < p1; ++p) dst[p * kb + k] = s[p];
+      for (int64_t p = p0; p < p1; ++p) dst[p * ld + k] = static_cast<E>(s[p]);
     }
+    for (int64_t k = kb; k < ld; ++k)
+      for (int64_t p = p0; p < p1; ++p) dst[p * ld + k] = static_cast<E>(0.f);
   }
 }
 
@@ -504,8 +531,10 @@ template <class PackA, class Consume>
 void run(int64_t N, int64_t P, int64_t Kd, int64_t M, const BSource& b, const float* gates, int64_t gate_ld,
          bool gate_per_column, const PackA& pack_a, const Consume& consume, Micro kernel = Micro::Avx2,
          const Selected* sel = nullptr, const std::vector<Segment>* segs = nullptr) {
-  const bool brg = kernel == Micro::Brgemm, bf = kernel == Micro::Bf16, wide = !brg && avx512::available();
+  const bool brg = is_brgemm(kernel), bf = is_bf16(kernel), wide = !brg && avx512::available();
   TORCH_CHECK(!bf || avx512::bf16_available(), "gated_conv2d: internal error: bfloat16 engine without AVX-512 BF16");
+  TORCH_CHECK(kernel != Micro::Bf16Brgemm || brgemm_bf16_available(),
+              "gated_conv2d: internal error: bfloat16 BRGeMM where oneDNN has none");
   TORCH_CHECK(!sel || (wide && gate_per_column), "gated_conv2d: internal error: column selection needs AVX-512");
   TORCH_CHECK(!segs || wide, "gated_conv2d: internal error: contraction segments need AVX-512");
   const std::vector<Segment> whole{Segment::all(Kd, P)};
@@ -530,18 +559,20 @@ void run(int64_t N, int64_t P, int64_t Kd, int64_t M, const BSource& b, const fl
       if (segs) std::fill(cbuf, cbuf + (n1 - n0) * P * Mp, 0.f);  // (segments reach subsets of the rows)
       for (const Segment& sg : sgs)
       for (int64_t k0 = sg.k0; k0 < sg.k1; k0 += kKC) {
-        const int64_t kb = std::min(kKC, sg.k1 - k0), R = sg.count();
+        const int64_t kb = std::min(kKC, sg.k1 - k0), kb2 = round_up(kb, 2), R = sg.count();
         const bool acc = segs || k0 > 0;
         const Tiles tl = wide ? Tiles::best(R) : Tiles(R);  // (7-row tiles: the AVX-512 kernels only)
         // (one image's packed A, in elements: float32, or bfloat16 pairs of k)
-        const int64_t per_image = tiles * (bf ? round_up(kb, 2) : kb) * kMR;
+        const int64_t per_image = tiles * (bf ? kb2 : kb) * kMR;
         for (int64_t n = n0; n < n1; ++n) {
           int64_t lda = R;
           const float* a = pack_a(n, k0, kb, rows, lda);
-          if (bf)
+          if (brg && bf)  // (kb rounded up to pairs: the VNNI B's)
+            transpose_rows(a, lda, P, kb, reinterpret_cast<c10::BFloat16*>(apack16) + (n - n0) * P * kb2, kb2);
+          else if (bf)
             retile_bf16(a, lda, tl, kb, apack16 + (n - n0) * per_image);
           else if (brg)
-            transpose_rows(a, lda, P, kb, apack + (n - n0) * P * kb);
+            transpose_rows(a, lda, P, kb, apack + (n - n0) * P * kb, kb);
           else
             retile(a, lda, tl, kb, apack + (n - n0) * per_image);
         }
@@ -602,6 +633,12 @@ void run(int64_t N, int64_t P, int64_t Kd, int64_t M, const BSource& b, const fl
               continue;
             }
             blend();
+            if (brg && bf) {  // C[P][16] (+)= A[P][kb2] B[kb2 / 2][16][2], C's rows Mp apart
+              at::native::cpublas::brgemm(P, kNR, kb2, kb2, kNR, Mp, k0 > 0,
+                                          reinterpret_cast<const c10::BFloat16*>(apack16) + (n - n0) * P * kb2,
+                                          reinterpret_cast<const c10::BFloat16*>(bmix16), cn, true);
+              continue;
+            }
             if (brg) {  // C[P][16] (+)= A[P][kb] B[kb][16], C's rows Mp apart
               at::native::cpublas::brgemm(P, kNR, kb, kb, kNR, Mp, k0 > 0, apack + (n - n0) * P * kb, bmix, cn,
                                           false);
@@ -617,7 +654,7 @@ void run(int64_t N, int64_t P, int64_t Kd, int64_t M, const BSource& b, const fl
       }
       for (int64_t n = n0; n < n1; ++n) consume(n, cbuf + (n - n0) * P * Mp);
     }
-    if (brg) at::native::cpublas::brgemm_release(false);  // (the ukernel's per-thread hardware context)
+    if (brg) at::native::cpublas::brgemm_release(bf);  // (the ukernel's per-thread hardware context)
   });
 }
 
