@@ -240,7 +240,7 @@ void forward_engine(const at::Tensor& x, const at::Tensor& wp, const at::Tensor&
   const bool wide = !mixgemm::is_brgemm(micro) && avx512::available();
   const int64_t cin = x.size(1);
   const bool hard_rows = binary && (P == 15 || P == 16) && !wide && !mixgemm::is_bf16(micro);  // (see below)
-  const bool by_tap = !hard_rows && wide && (q.ph > 0 || q.pw > 0) && q.KH * q.KW <= 64 && (micro != mixgemm::Micro::Bf16 || cin % 2 == 0);
+  const bool by_tap = !hard_rows && wide && (q.ph > 0 || q.pw > 0) && q.KH * q.KW <= 64 && (!mixgemm::is_bf16(micro) || cin % 2 == 0);
   const std::vector<mixgemm::Segment> segs = by_tap ? tap_segments(q, cin) : std::vector<mixgemm::Segment>{};
   const mixgemm::Segment* seg_of_tap[64] = {};  // tap -> its segment
   for (const mixgemm::Segment& sg : segs) seg_of_tap[sg.k0 / cin] = &sg;
