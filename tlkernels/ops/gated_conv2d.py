@@ -9,8 +9,8 @@ routed call, so callers whose gates are 0/1 pass hard=True.
 Kernels: exact strategies written on ATen ops in C++ (csrc/ops/gated_conv2d_aten.cpp), registered for CPU tensors
 (oneDNN, plus the AVX2 small-map engine) and CUDA tensors (cuDNN): routed (per-image binary gates: one
 convolution's work), blended, grouped, concat, bmm (1x1 convolutions as one batched GEMM over per-image blended
-weights), mix and brgemm (the CPU small-map engine with our AVX2 / AVX-512 (bfloat16 forward: AVX-512 BF16) or
-oneDNN's BRGeMM micro-kernel),
+weights), mix and brgemm (the CPU small-map engine with our AVX2 / AVX-512 (bfloat16: AVX-512 BF16) or
+oneDNN's BRGeMM micro-kernel, float32 or bfloat16: AMX tiles where the CPU has them),
 twoconv (two library convolutions and a lerp: the naive way's work, which no measured choice may be slower than). The `gated_conv`
 setting (tlkernels.config, TLKERNELS_GATED_CONV) chooses among them: `auto` (default: measured once per call
 signature on CPU tensors; routed or concat on CUDA tensors), `heuristic` (fixed size rules: the same choice in
