@@ -376,8 +376,17 @@ at::Tensor input_grad_engine(const at::Tensor& dy, const at::Tensor& x, const at
   const int64_t N = x.size(0), C = wp.size(0), K = wp.numel() / C;
   const Geometry q(x, wp, dy, a);
   const int64_t P = q.OH * q.OW, taps = q.KH * q.KW;
-  const at::Tensor G = padded_gates(g), wpc = wp.to(at::kFloat).contiguous(), wfc = wf.to(at::kFloat).contiguous();
-  const mixgemm::BSource src{wpc.data_ptr<float>(), wfc.data_ptr<float>(), mixgemm::kNR, K};
+  const at::Tensor G = padded_gates(g);
+  // bfloat16 weights with binary gates: each image's panel picks its rows from the weights as they are
+  // (pick_rows_bf16); otherwise the blend reads float32 copies.
+  const bool pick = std::is_same_v<T, c10::BFloat16> && wp.scalar_type() == at::kBFloat16 &&
+                    at::logical_or(g == 0, g == 1).all().item<bool>();
+  const at::Tensor wpc = pick ? wp.contiguous() : wp.to(at::kFloat).contiguous();
+  const at::Tensor wfc = pick ? wf.contiguous() : wf.to(at::kFloat).contiguous();
+  const mixgemm::BSource src{pick ? nullptr : wpc.data_ptr<float>(), pick ? nullptr : wfc.data_ptr<float>(),
+                             mixgemm::kNR, K};
+  const mixgemm::RowPick rows{pick ? reinterpret_cast<const uint16_t*>(wpc.data_ptr()) : nullptr,
+                              pick ? reinterpret_cast<const uint16_t*>(wfc.data_ptr()) : nullptr, K};
   at::Tensor dx = at::zeros(x.sizes(), x.options().dtype(at::kFloat).memory_format(x.suggest_memory_format()));
   const T* D = dy.data_ptr<T>();
   const int64_t dN = dy.stride(0), dC = dy.stride(1), dH = dy.stride(2), dW = dy.stride(3);
@@ -425,7 +434,8 @@ at::Tensor input_grad_engine(const at::Tensor& dy, const at::Tensor& x, const at
       });
     }
   };
-  mixgemm::run(N, P, C, K, src, G.data_ptr<float>(), G.size(1), false, pack, consume, micro);
+  mixgemm::run(N, P, C, K, src, G.data_ptr<float>(), G.size(1), false, pack, consume, micro, nullptr, nullptr,
+               pick ? &rows : nullptr);
   return std::is_same_v<T, float> ? dx : dx.to(x.scalar_type());
 }
 }  // namespace

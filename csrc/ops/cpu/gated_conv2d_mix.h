@@ -1,10 +1,11 @@
 #pragma once
 // The CPU small-map engine of the gated convolution: our per-image gated GEMM (mixgemm.h; groups == 1; float32
-// with our AVX2 / AVX-512 micro-kernels or oneDNN's BRGeMM ukernel, bfloat16 with our AVX-512 BF16 one). Each
-// image's 16-filter weight panel is blended in L1 inside the GEMM loop; with binary gates the AVX-512 kernels
-// take each column from W_pre's or W_ft's panel as it is (and, on 4x4 maps in float32, weight rows are
-// selected); one convolution's FLOPs, no per-image library calls. On AVX-512 the forward runs its contraction
-// tap by tap, each tap over the output pixels it reads inside the image (the padding's zero products skipped).
+// with our AVX2 / AVX-512 micro-kernels or oneDNN's BRGeMM ukernel, bfloat16 with our AVX-512 BF16 one or
+// oneDNN's). Each image's 16-filter weight panel is blended in L1 inside the GEMM loop; with binary gates the
+// AVX-512 kernels take each column from W_pre's or W_ft's panel as it is (on 4x4 maps in float32, weight rows
+// are selected; the bfloat16 input gradient's panels take each row from W_pre or W_ft as it is); one
+// convolution's FLOPs, no per-image library calls. On AVX-512 the forward runs its contraction tap by tap, each
+// tap over the output pixels it reads inside the image (the padding's zero products skipped).
 #include <ATen/ATen.h>
 
 #include "ops/gated_conv2d_strategies.h"

@@ -475,6 +475,33 @@ __attribute__((target("avx512f,avx512bf16"))) inline void blend_panel_bf16(const
   }
 }
 
+// Binary gates per contraction row on bfloat16 weights (the input gradient's: one gate per output channel):
+// the weights as they are, [Kd][M] bfloat16 with row stride ld; pick_rows_bf16 builds an image's panel from them.
+struct RowPick {
+  const uint16_t* pre;
+  const uint16_t* ft;
+  int64_t ld;
+};
+
+// blend_panel_bf16 for binary row gates: rows [k0, k0 + kb) of panel j, each row's 16 values taken from r.pre
+// or r.ft by its gate (grow[k] != 0: ft) and interleaved into pairs [kb2][16][2] (an odd kb's last pair zero):
+// two 32-byte loads per pair of rows, no float32 arithmetic.
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline void pick_rows_bf16(const RowPick& r, int64_t j, int valid,
+                                                                               int64_t k0, int64_t kb,
+                                                                               const float* grow, uint16_t* dst) {
+  const __mmask16 m = valid >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << valid) - 1);
+  for (int64_t k = k0; k < k0 + kb; k += 2, dst += 32) {  // (each row's 16 values in the 32-bit lanes' halves)
+    const uint16_t* r0 = (grow[k] != 0.f ? r.ft : r.pre) + k * r.ld + j * kNR;
+    const __m512i lo = _mm512_maskz_cvtepu16_epi32(0xFFFF, _mm256_maskz_loadu_epi16(m, r0));
+    __m512i hi = _mm512_setzero_si512();
+    if (k + 1 < k0 + kb) {
+      const uint16_t* r1 = (grow[k + 1] != 0.f ? r.ft : r.pre) + (k + 1) * r.ld + j * kNR;
+      hi = _mm512_maskz_slli_epi32(0xFFFF, _mm512_maskz_cvtepu16_epi32(0xFFFF, _mm256_maskz_loadu_epi16(m, r1)), 16);
+    }
+    _mm512_storeu_si512(dst, _mm512_or_si512(lo, hi));
+  }
+}
+
 // dst[i] = src[i] (+ bias[i] where bias is not null) rounded to bfloat16 (nearest even), i < n.
 __attribute__((target("avx512f,avx512bf16,avx512bw,avx512vl"))) inline void store_bf16(const float* src,
                                                                                       const float* bias, int64_t n,
@@ -530,13 +557,14 @@ inline float* scratch(int slot, size_t n) {
 template <class PackA, class Consume>
 void run(int64_t N, int64_t P, int64_t Kd, int64_t M, const BSource& b, const float* gates, int64_t gate_ld,
          bool gate_per_column, const PackA& pack_a, const Consume& consume, Micro kernel = Micro::Avx2,
-         const Selected* sel = nullptr, const std::vector<Segment>* segs = nullptr) {
+         const Selected* sel = nullptr, const std::vector<Segment>* segs = nullptr, const RowPick* pick = nullptr) {
   const bool brg = is_brgemm(kernel), bf = is_bf16(kernel), wide = !brg && avx512::available();
   TORCH_CHECK(!bf || avx512::bf16_available(), "gated_conv2d: internal error: bfloat16 engine without AVX-512 BF16");
   TORCH_CHECK(kernel != Micro::Bf16Brgemm || brgemm_bf16_available(),
               "gated_conv2d: internal error: bfloat16 BRGeMM where oneDNN has none");
   TORCH_CHECK(!sel || (wide && gate_per_column), "gated_conv2d: internal error: column selection needs AVX-512");
   TORCH_CHECK(!segs || wide, "gated_conv2d: internal error: contraction segments need AVX-512");
+  TORCH_CHECK(!pick || (bf && !gate_per_column), "gated_conv2d: internal error: row picks are for bfloat16 rows");
   const std::vector<Segment> whole{Segment::all(Kd, P)};
   const std::vector<Segment>& sgs = segs ? *segs : whole;
   const int64_t step = wide ? 2 : 1;  // panels per pass of the micro-kernel (AVX-512: two, 32 columns)
@@ -586,7 +614,9 @@ void run(int64_t N, int64_t P, int64_t Kd, int64_t M, const BSource& b, const fl
                 const int valid = static_cast<int>(std::min<int64_t>(kNR, M - (j + i) * kNR));
                 const float* gcol = gate_per_column ? gn + (j + i) * kNR : nullptr;
                 const float* grow = gate_per_column ? nullptr : gn;
-                if (bf)
+                if (pick)
+                  pick_rows_bf16(*pick, j + i, valid, k0, kb, grow, bmix16 + i * kKC * kNR);
+                else if (bf)
                   blend_panel_bf16(b, j + i, valid, k0, kb, gcol, grow, bmix16 + i * kKC * kNR);
                 else
                   blend_panel(b, j + i, valid, k0, kb, gcol, grow, bmix + i * kKC * kNR);
