@@ -329,7 +329,8 @@ Grads backward_kernel(const at::Tensor& grad_output, const at::Tensor& input, co
                         x.scalar_type() == at::kFloat;  // (mix::weight_grads: float32)
       Grads q = st == Strategy::Grouped   ? backward_grouped(dy, x, weight_pre, weight_ft, g, a, m)
                 : st == Strategy::TwoConv ? backward_twoconv(dy, x, weight_pre, weight_ft, g, bias_pre, bias_ft, diff, a, m)
-                    : backward_general(dy, x, weight_pre, weight_ft, g, bias_pre, bias_ft, diff, a, m, st, wmix);
+                    : backward_general(dy, x, weight_pre, weight_ft, g, bias_pre, bias_ft, diff, a, m, st, wmix,
+                                       binary);
       const bool bias_in_dg = m.gate && (has(bias_pre) || has(bias_ft)) && (st == Strategy::Grouped || wmix);
       if (m.bias_pre || m.bias_ft || bias_in_dg) {
         const at::Tensor sum = dy.sum({2, 3});

@@ -122,14 +122,14 @@ Grads backward_grouped(const at::Tensor& dy, const at::Tensor& x, const at::Tens
 Grads backward_general(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf,
                        const at::Tensor& g, const c10::optional<at::Tensor>& bp,
                        const c10::optional<at::Tensor>& bf, const at::Tensor& diff, const ConvArgs& a,
-                       const GradMask& m, Strategy st, bool weights_by_mix) {
+                       const GradMask& m, Strategy st, bool weights_by_mix, bool binary) {
   const int64_t N = x.size(0), C = wp.size(0), G = a.groups;
   const bool blended = st == Strategy::Blended, mix = st == Strategy::Mix || st == Strategy::Brgemm;
   const bool wmix = weights_by_mix;
   at::Tensor dx, dwp, dwf, dg;
   if (wmix) mix::weight_grads(dy, x, wp, wf, g, a, m, dwp, dwf, dg);  // dg without its bias part
   if (m.input && mix) {
-    dx = mix::input_grad(dy, x, wp, wf, g, a, st == Strategy::Brgemm);
+    dx = mix::input_grad(dy, x, wp, wf, g, a, binary, st == Strategy::Brgemm);
   } else if (m.input && st == Strategy::Bmm) {
     dx = input_grad_bmm(dy, x, wp, wf, g, a);
   } else if (m.input && blended) {

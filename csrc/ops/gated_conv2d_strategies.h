@@ -75,10 +75,11 @@ Grads backward_twoconv(const at::Tensor& dy, const at::Tensor& x, const at::Tens
                        const ConvArgs& a, const GradMask& m);
 Grads backward_grouped(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf,
                        const at::Tensor& g, const ConvArgs& a, const GradMask& m);
-// Blended, Mix, Brgemm, Bmm or Concat `st`; weights_by_mix: the engine's weight pass gives dWp, dWf and dL/dg together.
+// Blended, Mix, Brgemm, Bmm or Concat `st`; weights_by_mix: the engine's weight pass gives dWp, dWf and dL/dg together;
+// binary: every gate is 0 or 1 (the engine's input gradient then picks weight rows instead of blending).
 Grads backward_general(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf,
                        const at::Tensor& g, const OptTensor& bp, const OptTensor& bf, const at::Tensor& diff,
-                       const ConvArgs& a, const GradMask& m, Strategy st, bool weights_by_mix);
+                       const ConvArgs& a, const GradMask& m, Strategy st, bool weights_by_mix, bool binary);
 
 }  // namespace gconv
 }  // namespace tlkernels

@@ -132,9 +132,12 @@ void tap_rows(const Geometry& q, const T* xn, int64_t xC, int64_t xH, int64_t xW
 }
 
 // The weight's own contraction index of row k of the packed panels: k itself, or tap-major (k = tap * cin + ci,
-// the weight's index ci * taps + tap).
+// the weight's index ci * taps + tap); panel_k is its inverse.
 inline int64_t weight_k(int64_t k, bool tap_major, int64_t cin, int64_t taps) {
   return tap_major ? (k % cin) * taps + k / cin : k;
+}
+inline int64_t panel_k(int64_t kw, bool tap_major, int64_t cin, int64_t taps) {
+  return tap_major ? (kw % taps) * cin + kw / taps : kw;
 }
 
 // Weight (C, ...) as [ceil(C/16)][K][16]: the forward's B panels, zero padded past C. Each task reads
@@ -154,9 +157,8 @@ at::Tensor weight_panels(const at::Tensor& w, bool tap_major = false) {
       const int64_t rows = std::min<int64_t>(16, C - 16 * j);
       float* d = dst + j * K * 16;
       const T* s0 = src + 16 * j * K;
-      if constexpr (std::is_same_v<T, float>) {  // panel row of weight column kw: the inverse of weight_k
-        mixgemm::panel_from_rows(s0, K, rows, K, d,
-                                 [&](int64_t kw) { return tap_major ? (kw % taps) * cin + kw / taps : kw; });
+      if constexpr (std::is_same_v<T, float>) {
+        mixgemm::panel_from_rows(s0, K, rows, K, d, [&](int64_t kw) { return panel_k(kw, tap_major, cin, taps); });
         continue;
       }
       for (int64_t k = 0; k < K; ++k, d += 16) {
@@ -187,14 +189,9 @@ at::Tensor pair_panels(const at::Tensor& w, bool tap_major) {
       const int64_t rows = std::min<int64_t>(16, C - 16 * j);
       std::fill(rows16.begin(), rows16.end(), 0);
       for (int64_t l = 0; l < rows; ++l) {
-        const uint16_t* s = src + (16 * j + l) * K;
+        const uint16_t* s = src + (16 * j + l) * K;  // (read forward)
         uint16_t* r = rows16.data() + l * 2 * K2;
-        if (!tap_major) {
-          std::copy(s, s + K, r);
-          continue;
-        }
-        for (int64_t ci = 0; ci < cin; ++ci, s += taps)  // (the weight's k = ci * taps + tap: read forward)
-          for (int64_t tap = 0; tap < taps; ++tap) r[tap * cin + ci] = s[tap];
+        for (int64_t kw = 0; kw < K; ++kw) r[panel_k(kw, tap_major, cin, taps)] = s[kw];
       }
       mixgemm::panel_from_rows(reinterpret_cast<const float*>(rows16.data()), K2, 16, K2,
                                reinterpret_cast<float*>(dst + j * K2 * 32), [](int64_t k2) { return k2; });
@@ -372,15 +369,14 @@ void forward(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf, co
 namespace {
 template <class T>
 at::Tensor input_grad_engine(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf,
-                             const at::Tensor& g, const ConvArgs& a, mixgemm::Micro micro) {
+                             const at::Tensor& g, const ConvArgs& a, bool binary, mixgemm::Micro micro) {
   const int64_t N = x.size(0), C = wp.size(0), K = wp.numel() / C;
   const Geometry q(x, wp, dy, a);
   const int64_t P = q.OH * q.OW, taps = q.KH * q.KW;
   const at::Tensor G = padded_gates(g);
   // bfloat16 weights with binary gates: each image's panel picks its rows from the weights as they are
   // (pick_rows_bf16); otherwise the blend reads float32 copies.
-  const bool pick = std::is_same_v<T, c10::BFloat16> && wp.scalar_type() == at::kBFloat16 &&
-                    at::logical_or(g == 0, g == 1).all().item<bool>();
+  const bool pick = std::is_same_v<T, c10::BFloat16> && wp.scalar_type() == at::kBFloat16 && binary;
   const at::Tensor wpc = pick ? wp.contiguous() : wp.to(at::kFloat).contiguous();
   const at::Tensor wfc = pick ? wf.contiguous() : wf.to(at::kFloat).contiguous();
   const mixgemm::BSource src{pick ? nullptr : wpc.data_ptr<float>(), pick ? nullptr : wfc.data_ptr<float>(),
@@ -441,11 +437,12 @@ at::Tensor input_grad_engine(const at::Tensor& dy, const at::Tensor& x, const at
 }  // namespace
 
 at::Tensor input_grad(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf,
-                      const at::Tensor& g, const ConvArgs& a, bool brgemm) {
+                      const at::Tensor& g, const ConvArgs& a, bool binary, bool brgemm) {
   if (dy.scalar_type() == at::kBFloat16)
-    return input_grad_engine<c10::BFloat16>(dy, x, wp, wf, g, a,
+    return input_grad_engine<c10::BFloat16>(dy, x, wp, wf, g, a, binary,
                                             brgemm ? mixgemm::Micro::Bf16Brgemm : mixgemm::Micro::Bf16);
-  return input_grad_engine<float>(dy, x, wp, wf, g, a, brgemm ? mixgemm::Micro::Brgemm : mixgemm::Micro::Avx2);
+  return input_grad_engine<float>(dy, x, wp, wf, g, a, binary,
+                                  brgemm ? mixgemm::Micro::Brgemm : mixgemm::Micro::Avx2);
 }
 
 // dWp, dWf (as asked) and the weight part of dL/dg in one pass: mixgemm::run_wgrad.
@@ -490,7 +487,7 @@ void forward(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::
   TORCH_CHECK(false, "gated_conv2d: internal error: AVX2 path unavailable");
 }
 at::Tensor input_grad(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                      const at::Tensor&, const ConvArgs&, bool) {
+                      const at::Tensor&, const ConvArgs&, bool, bool) {
   TORCH_CHECK(false, "gated_conv2d: internal error: AVX2 path unavailable");
 }
 #endif

@@ -30,9 +30,10 @@ bool brgemm_applicable(const at::Tensor& x);
 void forward(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf, const at::Tensor& g,
              const c10::optional<at::Tensor>& bp, const c10::optional<at::Tensor>& bf, const ConvArgs& a,
              at::Tensor& out, bool binary, bool brgemm = false);
-// dx = conv_transpose(dy_n, (1 - g_n) Wp + g_n Wf) per image (float32, or bfloat16 summed in float32).
+// dx = conv_transpose(dy_n, (1 - g_n) Wp + g_n Wf) per image (float32, or bfloat16 summed in float32);
+// `binary`: every gate is 0 or 1.
 at::Tensor input_grad(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf,
-                      const at::Tensor& g, const ConvArgs& a, bool brgemm = false);
+                      const at::Tensor& g, const ConvArgs& a, bool binary, bool brgemm = false);
 // dWp, dWf (as m asks) and the weight part of dL/dg in one pass.
 void weight_grads(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf,
                   const at::Tensor& g, const ConvArgs& a, const GradMask& m, at::Tensor& dwp, at::Tensor& dwf,
