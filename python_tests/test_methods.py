@@ -1,5 +1,6 @@
 import copy
 import os
+import pickle
 import tempfile
 
 import pytest
@@ -219,6 +220,64 @@ def test_spottune_eval_folds_the_policy_batchnorms():
         assert m._policy_folded.copies is not folded
     m.train()
     assert m._policy_folded.copies is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("stride,groups,dilation,bias", [(1, 1, 1, True), (2, 1, 1, False), (1, 4, 2, True)])
+def test_packed_conv_equals_the_conv_it_wraps(dtype, stride, groups, dilation, bias):
+    """CPU eval convolutions of the folded copies on oneDNN-prepacked weights: the plain convolution's result
+    and layout; inputs the packed kernel does not take run the Conv2d itself."""
+    from tlkernels.methods.spottune import _PackedConv2d
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 32, 3, stride, dilation, dilation, groups, bias).to(dtype)
+    packed = _PackedConv2d(conv)
+    x = torch.randn(3, 16, 9, 9, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    runs_packed = dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    tol = {} if dtype == torch.float32 else {"rtol": 1.6e-2, "atol": 1e-2}
+    with torch.no_grad():
+        y = packed(x)
+        torch.testing.assert_close(y, conv(x), **tol)
+        assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
+        assert set(packed._packed) == ({dtype} if runs_packed else set())
+        first = packed._packed.get(dtype)
+        torch.testing.assert_close(packed(x[:1]), conv(x[:1]), **tol)  # another batch size, same packed weight
+        assert packed._packed.get(dtype) is first
+        # the default layout comes back as the Conv2d gives it
+        xc = x.contiguous()
+        assert packed(xc).is_contiguous() and torch.equal(packed(xc), conv(xc))
+    # with autograd on, the Conv2d runs: gradients reach its weight
+    packed(x).float().sum().backward()
+    assert conv.weight.grad is not None
+    if dtype == torch.float32:  # under autocast: bfloat16 operands, as autocast gives the Conv2d
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+            y, ref = packed(x), conv(x)
+        assert y.dtype == ref.dtype == torch.bfloat16
+        torch.testing.assert_close(y, ref, rtol=1.6e-2, atol=1e-2)
+        assert (torch.bfloat16 in packed._packed) == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def test_spottune_float32_eval_runs_prepacked_convolutions_and_copies_fold_anew():
+    m = SpotTune(_resnet().float())
+    _perturb_finetuned(m)
+    fixed = (torch.arange(4 * len(m.blocks)).view(4, -1) % 3 == 0).float()
+    m.policy.forward = lambda inp: torch.stack([1 - fixed, fixed], -1) * 10
+    x = torch.randn(4, 3, 32, 32)
+    m.eval()
+    with torch.no_grad():
+        out = m(x)
+        torch.testing.assert_close(out, _spottune_reference(m, x, fixed), rtol=1e-4, atol=1e-4)
+    from tlkernels.methods.spottune import _PackedConv2d
+    packed = [c for c in m.blocks[0]._folded.copies[0].modules() if isinstance(c, _PackedConv2d)]
+    assert packed and all(c._packed for c in packed)  # (each ran on its packed weight)
+    # a copy of the model (or a pickle of it) carries no folded copies: they hold oneDNN tensors without storage
+    m2 = copy.deepcopy(m)
+    assert all(b._folded.copies is None for b in m2.blocks)
+    with torch.no_grad():
+        torch.testing.assert_close(m2(x), out)
+    assert m2.blocks[0]._folded.copies is not None
+    del m.policy.forward  # (a lambda does not pickle)
+    m3 = pickle.loads(pickle.dumps(m))
+    assert all(b._folded.copies is None for b in m3.blocks) and m3._policy_folded.copies is None
 
 
 def test_spottune_policy_gets_gradients_and_frozen_weights_do_not_move():

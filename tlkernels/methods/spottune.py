@@ -108,18 +108,80 @@ def _runs_extra_code(module):
     return "forward" in vars(module) or any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
 
 
+def _packed_conv_dtype(x, weight):
+    """The dtype a CPU eval convolution of x runs in on a prepacked oneDNN weight (autocast's cast for
+    float32 / bfloat16 operands), or None where the plain convolution runs: another device, autograd, an input
+    that is not channels_last (the packed kernel writes channels_last), float64, a bfloat16 convolution that
+    oneDNN does not run on this CPU, or a torch without oneDNN."""
+    if (x.device.type != "cpu" or torch.is_grad_enabled() or x.dim() != 4 or x.shape[0] == 0
+            or not x.is_contiguous(memory_format=torch.channels_last) or not torch.backends.mkldnn.is_available()
+            or not torch.backends.mkldnn.enabled):
+        return None
+    dtype = x.dtype
+    if torch.is_autocast_enabled("cpu") and x.dtype != torch.float64 and weight.dtype != torch.float64:
+        dtype = torch.get_autocast_dtype("cpu")
+    elif weight.dtype != x.dtype:
+        return None
+    if dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return dtype
+    return None
+
+
+class _PackedConv2d(nn.Module):
+    """A Conv2d for eval without autograd whose weight oneDNN reorders into its own blocked layout once (per
+    dtype, on the first call) instead of on every call: torch's oneDNN convolution on a prepacked weight, the
+    kernel torch.compile's CPU freezing runs (benchmarks/test_bench_methods.py times SpotTune's eval). Inputs
+    that _packed_conv_dtype turns away run the Conv2d as it is. Holds the packed weights beside the Conv2d's."""
+
+    def __init__(self, conv):
+        super().__init__()
+        self.conv = conv
+        self._packed = {}  # dtype -> (packed weight, bias in that dtype)
+
+    def forward(self, x):
+        c = self.conv
+        dtype = _packed_conv_dtype(x, c.weight)
+        if dtype is None:
+            return c(x)
+        if dtype not in self._packed:
+            w = c.weight.detach().to(dtype)
+            self._packed[dtype] = (
+                torch._C._nn.mkldnn_reorder_conv2d_weight(w.to_mkldnn(), list(c.padding), list(c.stride),
+                                                          list(c.dilation), c.groups, list(x.shape)),
+                None if c.bias is None else c.bias.detach().to(dtype))
+        weight, bias = self._packed[dtype]
+        return torch.ops.mkldnn._convolution_pointwise(x.to(dtype), weight, bias, list(c.padding), list(c.stride),
+                                                      list(c.dilation), c.groups, "none", [], "")
+
+
+def _pack_convs(module):
+    """module with each plain CPU Conv2d (zero padding given as numbers) inside it wrapped in _PackedConv2d."""
+    if not hasattr(torch.ops.mkldnn, "_convolution_pointwise"):
+        return module
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if (type(child) is nn.Conv2d and child.padding_mode == "zeros" and not isinstance(child.padding, str)
+                    and child.weight.device.type == "cpu"):
+                setattr(parent, name, _PackedConv2d(child))
+    return module
+
+
 class _FoldedCopies:
     """Copies of some modules with each BatchNorm folded into the convolution before it (torch.fx's conv-BN
     fusion; equal up to rounding), for eval without autograd: that saves one pass over every activation
-    (benchmarks/test_bench_methods.py times SpotTune's eval). Rebuilt when a parameter or buffer of
-    the owner changed (in-place version, storage, dtype or device); `clear()` drops them (train()). A module
-    torch.fx cannot trace or with a BatchNorm in training mode comes back as it is, and so does one whose
-    forward is replaced on the instance (fx traces the class's) or with forward hooks on it or a submodule
-    (the traced copy would not call them). Kept as a plain attribute: not in state_dict, not moved by .to();
-    while kept the copies hold one more copy of the weights."""
+    (benchmarks/test_bench_methods.py times SpotTune's eval), their CPU convolutions on prepacked weights
+    (_PackedConv2d). Rebuilt when a parameter or buffer of the owner changed (in-place version, storage, dtype
+    or device); `clear()` drops them (train()). A module torch.fx cannot trace or with a BatchNorm in training
+    mode comes back as it is, and so does one whose forward is replaced on the instance (fx traces the
+    class's) or with forward hooks on it or a submodule (the traced copy would not call them). Kept as a plain
+    attribute: not in state_dict, not moved by .to(), not copied by copy.deepcopy or pickling (a copy folds
+    anew); while kept the copies hold one more copy of the weights, and one packed copy per dtype run."""
 
     def __init__(self):
         self.entry = None  # (key, folded copies or None)
+
+    def __getstate__(self):
+        return {"entry": None}
 
     def get(self, owner, modules, memory_format=torch.contiguous_format):
         """The folded copies of `modules` (parameters and buffers of `owner` key them), their weights in
@@ -131,7 +193,7 @@ class _FoldedCopies:
                                        for t in itertools.chain(owner.parameters(), owner.buffers()))
         if self.entry is None or self.entry[0] != key:
             try:
-                copies = tuple(_fuse_conv_bn(m).to(memory_format=memory_format) for m in modules)
+                copies = tuple(_pack_convs(_fuse_conv_bn(m).to(memory_format=memory_format)) for m in modules)
             except (torch.fx.proxy.TraceError, TypeError, NotImplementedError, RuntimeError, AssertionError):
                 # (not traceable: data-dependent control flow and the like; or a BatchNorm left in training mode,
                 # which torch's fusion refuses and which must then run as it is)
