@@ -110,4 +110,6 @@ def test_knn_search(benchmark, descriptors, provider, device):
     else:  # streaming: each chunk expanded on the fly (what the naive provider also pays)
         def fn():
             return tlkernels.ops.knn_search(q, db, K, "skl", chunk_size=4096)
-    run(benchmark, fn, rounds=2, pair=("naive", "faiss", "gemm_only") if provider == "tlkernels_index" else None)
+    # (the index's ratio against the bare GEMM is a target within the host's run-to-run spread: more rounds)
+    run(benchmark, fn, rounds=4 if provider == "tlkernels_index" else 2,
+        pair=("naive", "faiss", "gemm_only") if provider == "tlkernels_index" else None)
