@@ -248,6 +248,12 @@ def test_packed_conv_equals_the_conv_it_wraps(dtype, stride, groups, dilation, b
     # with autograd on, the Conv2d runs: gradients reach its weight
     packed(x).float().sum().backward()
     assert conv.weight.grad is not None
+    # an input oneDNN refuses: the Conv2d's own error, and that dtype runs the Conv2d from then on
+    with torch.no_grad(), pytest.raises(RuntimeError, match="expected input.* to have 16 channels"):
+        packed(torch.randn(3, 8, 9, 9, dtype=dtype).contiguous(memory_format=torch.channels_last))
+    assert packed._packed.get(dtype, "never packed") in (None, "never packed")
+    with torch.no_grad():
+        torch.testing.assert_close(packed(x), conv(x), **tol)
     if dtype == torch.float32:  # under autocast: bfloat16 operands, as autocast gives the Conv2d
         with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
             y, ref = packed(x), conv(x)

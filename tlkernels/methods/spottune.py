@@ -131,27 +131,31 @@ class _PackedConv2d(nn.Module):
     """A Conv2d for eval without autograd whose weight oneDNN reorders into its own blocked layout once (per
     dtype, on the first call) instead of on every call: torch's oneDNN convolution on a prepacked weight, the
     kernel torch.compile's CPU freezing runs (benchmarks/test_bench_methods.py times SpotTune's eval). Inputs
-    that _packed_conv_dtype turns away run the Conv2d as it is. Holds the packed weights beside the Conv2d's."""
+    that _packed_conv_dtype turns away run the Conv2d as it is, and so do all inputs of a dtype whose packing or
+    packed call oneDNN refused (the Conv2d then raises its own error for an input that is wrong). Holds the
+    packed weights beside the Conv2d's."""
 
     def __init__(self, conv):
         super().__init__()
         self.conv = conv
-        self._packed = {}  # dtype -> (packed weight, bias in that dtype)
+        self._packed = {}  # dtype -> (packed weight, bias in that dtype), or None: the Conv2d runs
 
     def forward(self, x):
         c = self.conv
         dtype = _packed_conv_dtype(x, c.weight)
-        if dtype is None:
+        if dtype is None or self._packed.get(dtype, ()) is None:
             return c(x)
-        if dtype not in self._packed:
-            w = c.weight.detach().to(dtype)
-            self._packed[dtype] = (
-                torch._C._nn.mkldnn_reorder_conv2d_weight(w.to_mkldnn(), list(c.padding), list(c.stride),
-                                                          list(c.dilation), c.groups, list(x.shape)),
-                None if c.bias is None else c.bias.detach().to(dtype))
-        weight, bias = self._packed[dtype]
-        return torch.ops.mkldnn._convolution_pointwise(x.to(dtype), weight, bias, list(c.padding), list(c.stride),
-                                                      list(c.dilation), c.groups, "none", [], "")
+        args = (list(c.padding), list(c.stride), list(c.dilation), c.groups)
+        try:
+            if dtype not in self._packed:
+                w = c.weight.detach().to(dtype)
+                self._packed[dtype] = (torch._C._nn.mkldnn_reorder_conv2d_weight(w.to_mkldnn(), *args, list(x.shape)),
+                                       None if c.bias is None else c.bias.detach().to(dtype))
+            weight, bias = self._packed[dtype]
+            return torch.ops.mkldnn._convolution_pointwise(x.to(dtype), weight, bias, *args, "none", [], "")
+        except RuntimeError:
+            self._packed[dtype] = None
+            return c(x)
 
 
 def _pack_convs(module):
