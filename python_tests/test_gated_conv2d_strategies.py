@@ -350,3 +350,25 @@ def test_fake_and_kernels_agree_on_strides_with_channels_last_weights(settings, 
     assert grads[1].is_contiguous(memory_format=cl) and grads[2].is_contiguous(memory_format=cl)
     if strategy not in ("auto", "heuristic"):
         assert list(torch.ops.tlkernels._gated_conv2d_last_strategies())[1] == strategy
+
+
+@pytest.mark.parametrize("strategy", ["routed", "twoconv", "concat", "blended"])
+def test_channels_last_weights_library_convolutions_take_them_as_they_come(settings, strategy):
+    """A channels_last model's weights: the forward equals two convolutions and a blend, and routed and twoconv
+    (library convolutions only; twoconv is the naive-equivalent candidate, which must cost what the naive way
+    costs) run on them without a copy, where the strategies that reshape weights copy them once."""
+    settings(gated_conv=strategy)
+    cl = torch.channels_last
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, 7, 7).contiguous(memory_format=cl)
+    wp, wf = (torch.randn(16, 8, 3, 3).contiguous(memory_format=cl) for _ in range(2))
+    g = torch.tensor([0.0, 1.0, 1.0, 0.0]) if strategy == "routed" else (torch.rand(4, 16) > 0.5).float()
+    with torch.no_grad(), torch.profiler.profile(record_shapes=True) as prof:
+        y, _ = torch.ops.tlkernels.gated_conv2d_forward(x, wp, wf, g, None, None, [1, 1], [1, 1], [1, 1], 1, True, False)
+    assert last()[0] == strategy
+    g4 = g.view(4, -1, 1, 1)
+    ref = torch.lerp(torch.nn.functional.conv2d(x, wp, padding=1), torch.nn.functional.conv2d(x, wf, padding=1), g4)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    weight_copies = [e for e in prof.events() if e.name in ("aten::clone", "aten::copy_")
+                     and e.input_shapes and list(e.input_shapes[0]) == [16, 8, 3, 3]]
+    assert bool(weight_copies) == (strategy not in ("routed", "twoconv")), [e.name for e in weight_copies]

@@ -200,9 +200,17 @@ std::tuple<at::Tensor, at::Tensor> forward_kernel(
               save_diff);
   }
   const ConvArgs a{stride, padding, dilation, groups};
-  // The strategies reshape weights freely; weights are small next to activations, so a channels_last weight
-  // (model.to(memory_format=torch.channels_last)) is copied to the default layout once per call.
-  const at::Tensor weight_pre = weight_pre_in.contiguous(), weight_ft = weight_ft_in.contiguous();
+  // Most strategies reshape weights freely and read them in the default layout: a channels_last weight
+  // (model.to(memory_format=torch.channels_last)) is copied to it once per call where one of them runs. The
+  // library convolutions of routed and twoconv take the weights as they come.
+  const at::Tensor &weight_pre = weight_pre_in, &weight_ft = weight_ft_in;
+  at::Tensor wp_dense, wf_dense;
+  auto dense = [&] {
+    if (!wp_dense.defined()) {
+      wp_dense = weight_pre.contiguous();
+      wf_dense = weight_ft.contiguous();
+    }
+  };
   const auto sizes = at::native::conv_output_size(input.sizes(), weight_pre.sizes(), padding, stride, dilation);
   const auto fmt = input.suggest_memory_format();
   at::Tensor out = at::empty(sizes, input.options().memory_format(fmt));
@@ -237,16 +245,16 @@ std::tuple<at::Tensor, at::Tensor> forward_kernel(
   const at::Tensor g = effective_gate(gate, weight_pre.size(0), hard);
   const at::Tensor xin = input.contiguous(fmt);
   auto run = [&](Strategy st, at::Tensor& y, at::Tensor* d) {
+    if (st != Strategy::Routed && st != Strategy::TwoConv) dense();
+    const at::Tensor &wp = wp_dense, &wf = wf_dense;
     switch (st) {
       case Strategy::Routed: forward_routed(input, weight_pre, weight_ft, rt, bias_pre, bias_ft, a, y); break;
-      case Strategy::Mix: mix::forward(xin, weight_pre, weight_ft, g, bias_pre, bias_ft, a, y, binary); break;
-      case Strategy::Brgemm:
-        mix::forward(xin, weight_pre, weight_ft, g, bias_pre, bias_ft, a, y, binary, /*brgemm=*/true);
-        break;
-      case Strategy::Blended: forward_blended(input, weight_pre, weight_ft, g, bias_pre, bias_ft, a, y); break;
-      case Strategy::Grouped: forward_grouped(input, weight_pre, weight_ft, g, bias_pre, bias_ft, a, y); break;
-      case Strategy::Bmm: forward_bmm(xin, weight_pre, weight_ft, g, bias_pre, bias_ft, a, y); break;
-      case Strategy::Concat: forward_concat(input, weight_pre, weight_ft, g, bias_pre, bias_ft, a, y, d); break;
+      case Strategy::Mix: mix::forward(xin, wp, wf, g, bias_pre, bias_ft, a, y, binary); break;
+      case Strategy::Brgemm: mix::forward(xin, wp, wf, g, bias_pre, bias_ft, a, y, binary, /*brgemm=*/true); break;
+      case Strategy::Blended: forward_blended(input, wp, wf, g, bias_pre, bias_ft, a, y); break;
+      case Strategy::Grouped: forward_grouped(input, wp, wf, g, bias_pre, bias_ft, a, y); break;
+      case Strategy::Bmm: forward_bmm(xin, wp, wf, g, bias_pre, bias_ft, a, y); break;
+      case Strategy::Concat: forward_concat(input, wp, wf, g, bias_pre, bias_ft, a, y, d); break;
       case Strategy::TwoConv: forward_twoconv(input, weight_pre, weight_ft, g, bias_pre, bias_ft, a, y, d); break;
       case Strategy::Triton: TORCH_INTERNAL_ASSERT(false, "gated_conv2d: triton is never a candidate");
     }
