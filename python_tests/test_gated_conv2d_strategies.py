@@ -372,3 +372,17 @@ def test_channels_last_weights_library_convolutions_take_them_as_they_come(setti
     weight_copies = [e for e in prof.events() if e.name in ("aten::clone", "aten::copy_")
                      and e.input_shapes and list(e.input_shapes[0]) == [16, 8, 3, 3]]
     assert bool(weight_copies) == (strategy not in ("routed", "twoconv")), [e.name for e in weight_copies]
+    # the backward: the same weights as they come (no copy to the default layout), gradients as autograd's
+    dy = torch.randn_like(y)
+    with torch.profiler.profile(record_shapes=True) as prof:
+        grads = torch.ops.tlkernels.gated_conv2d_backward(dy, x, wp, wf, g, None, None, torch.empty(0), [1, 1], [1, 1],
+                                                           [1, 1], 1, True, [True] * 3 + [False] * 3)
+    assert last()[1] == strategy
+    leaves = [t.detach().requires_grad_() for t in (x, wp, wf)]
+    ref = torch.lerp(torch.nn.functional.conv2d(leaves[0], leaves[1], padding=1),
+                     torch.nn.functional.conv2d(leaves[0], leaves[2], padding=1), g4)
+    for got, want in zip(grads[:3], torch.autograd.grad(ref, leaves, dy)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    weight_clones = [e for e in prof.events() if e.name == "aten::clone" and e.input_shapes
+                     and list(e.input_shapes[0]) == [16, 8, 3, 3]]
+    assert bool(weight_clones) == (strategy not in ("routed", "twoconv"))

@@ -295,7 +295,14 @@ Grads backward_kernel(const at::Tensor& grad_output, const at::Tensor& input, co
   }
   const GradMask m = GradMask::of(output_mask);
   const ConvArgs a{stride, padding, dilation, groups};
-  const at::Tensor weight_pre = weight_pre_in.contiguous(), weight_ft = weight_ft_in.contiguous();  // (see forward)
+  const at::Tensor &weight_pre = weight_pre_in, &weight_ft = weight_ft_in;  // (copied where needed: see forward)
+  at::Tensor wp_dense, wf_dense;
+  auto dense = [&] {
+    if (!wp_dense.defined()) {
+      wp_dense = weight_pre.contiguous();
+      wf_dense = weight_ft.contiguous();
+    }
+  };
   const at::Tensor& x = input;
   const at::Tensor& dy = grad_output;
   const int64_t N = x.size(0), C = weight_pre.size(0);
@@ -335,9 +342,10 @@ Grads backward_kernel(const at::Tensor& grad_output, const at::Tensor& input, co
       // together (one weight-gradient's FLOPs instead of a weight gradient plus a conv with Wf - Wp).
       const bool wmix = (st == Strategy::Mix || st == Strategy::Brgemm) && m.gate && !has_diff &&
                         x.scalar_type() == at::kFloat;  // (mix::weight_grads: float32)
-      Grads q = st == Strategy::Grouped   ? backward_grouped(dy, x, weight_pre, weight_ft, g, a, m)
+      if (st != Strategy::TwoConv) dense();
+      Grads q = st == Strategy::Grouped   ? backward_grouped(dy, x, wp_dense, wf_dense, g, a, m)
                 : st == Strategy::TwoConv ? backward_twoconv(dy, x, weight_pre, weight_ft, g, bias_pre, bias_ft, diff, a, m)
-                    : backward_general(dy, x, weight_pre, weight_ft, g, bias_pre, bias_ft, diff, a, m, st, wmix,
+                    : backward_general(dy, x, wp_dense, wf_dense, g, bias_pre, bias_ft, diff, a, m, st, wmix,
                                        binary);
       const bool bias_in_dg = m.gate && (has(bias_pre) || has(bias_ft)) && (st == Strategy::Grouped || wmix);
       if (m.bias_pre || m.bias_ft || bias_in_dg) {
