@@ -146,6 +146,31 @@ c10::TypedOperatorHandle<F> triton_op(const char* name) {
 // forced strategy ran; `python -m tlkernels.selfcheck` prints them).
 thread_local std::string last_forward = "", last_backward = "";
 
+// The strategies reshape weights freely and read them in the default layout, but the library convolutions of
+// routed and twoconv (the naive way's work, which must cost what the naive way costs) take them as they come:
+// a channels_last weight (model.to(memory_format=torch.channels_last)) is copied to the default layout once per
+// call, on first use, and only where a strategy that needs it runs.
+bool takes_any_layout(Strategy st) { return st == Strategy::Routed || st == Strategy::TwoConv; }
+
+struct DenseWeights {
+  const at::Tensor &pre_in, &ft_in;
+  at::Tensor pre_d, ft_d;
+  const at::Tensor& pre() {
+    make();
+    return pre_d;
+  }
+  const at::Tensor& ft() {
+    make();
+    return ft_d;
+  }
+  void make() {
+    if (!pre_d.defined()) {
+      pre_d = pre_in.contiguous();
+      ft_d = ft_in.contiguous();
+    }
+  }
+};
+
 std::string call_key(const char* what, const at::Tensor& x, const at::Tensor& w, const at::Tensor& gate,
                      const ConvArgs& a, bool binary, const std::string& extra) {
   std::ostringstream os;
@@ -200,17 +225,8 @@ std::tuple<at::Tensor, at::Tensor> forward_kernel(
               save_diff);
   }
   const ConvArgs a{stride, padding, dilation, groups};
-  // Most strategies reshape weights freely and read them in the default layout: a channels_last weight
-  // (model.to(memory_format=torch.channels_last)) is copied to it once per call where one of them runs. The
-  // library convolutions of routed and twoconv take the weights as they come.
   const at::Tensor &weight_pre = weight_pre_in, &weight_ft = weight_ft_in;
-  at::Tensor wp_dense, wf_dense;
-  auto dense = [&] {
-    if (!wp_dense.defined()) {
-      wp_dense = weight_pre.contiguous();
-      wf_dense = weight_ft.contiguous();
-    }
-  };
+  DenseWeights dw{weight_pre, weight_ft};
   const auto sizes = at::native::conv_output_size(input.sizes(), weight_pre.sizes(), padding, stride, dilation);
   const auto fmt = input.suggest_memory_format();
   at::Tensor out = at::empty(sizes, input.options().memory_format(fmt));
@@ -245,17 +261,17 @@ std::tuple<at::Tensor, at::Tensor> forward_kernel(
   const at::Tensor g = effective_gate(gate, weight_pre.size(0), hard);
   const at::Tensor xin = input.contiguous(fmt);
   auto run = [&](Strategy st, at::Tensor& y, at::Tensor* d) {
-    if (st != Strategy::Routed && st != Strategy::TwoConv) dense();
-    const at::Tensor &wp = wp_dense, &wf = wf_dense;
+    const bool as_given = takes_any_layout(st);
+    const at::Tensor &wp = as_given ? weight_pre : dw.pre(), &wf = as_given ? weight_ft : dw.ft();
     switch (st) {
-      case Strategy::Routed: forward_routed(input, weight_pre, weight_ft, rt, bias_pre, bias_ft, a, y); break;
+      case Strategy::Routed: forward_routed(input, wp, wf, rt, bias_pre, bias_ft, a, y); break;
       case Strategy::Mix: mix::forward(xin, wp, wf, g, bias_pre, bias_ft, a, y, binary); break;
       case Strategy::Brgemm: mix::forward(xin, wp, wf, g, bias_pre, bias_ft, a, y, binary, /*brgemm=*/true); break;
       case Strategy::Blended: forward_blended(input, wp, wf, g, bias_pre, bias_ft, a, y); break;
       case Strategy::Grouped: forward_grouped(input, wp, wf, g, bias_pre, bias_ft, a, y); break;
       case Strategy::Bmm: forward_bmm(xin, wp, wf, g, bias_pre, bias_ft, a, y); break;
       case Strategy::Concat: forward_concat(input, wp, wf, g, bias_pre, bias_ft, a, y, d); break;
-      case Strategy::TwoConv: forward_twoconv(input, weight_pre, weight_ft, g, bias_pre, bias_ft, a, y, d); break;
+      case Strategy::TwoConv: forward_twoconv(input, wp, wf, g, bias_pre, bias_ft, a, y, d); break;
       case Strategy::Triton: TORCH_INTERNAL_ASSERT(false, "gated_conv2d: triton is never a candidate");
     }
   };
@@ -295,14 +311,8 @@ Grads backward_kernel(const at::Tensor& grad_output, const at::Tensor& input, co
   }
   const GradMask m = GradMask::of(output_mask);
   const ConvArgs a{stride, padding, dilation, groups};
-  const at::Tensor &weight_pre = weight_pre_in, &weight_ft = weight_ft_in;  // (copied where needed: see forward)
-  at::Tensor wp_dense, wf_dense;
-  auto dense = [&] {
-    if (!wp_dense.defined()) {
-      wp_dense = weight_pre.contiguous();
-      wf_dense = weight_ft.contiguous();
-    }
-  };
+  const at::Tensor &weight_pre = weight_pre_in, &weight_ft = weight_ft_in;
+  DenseWeights dw{weight_pre, weight_ft};
   const at::Tensor& x = input;
   const at::Tensor& dy = grad_output;
   const int64_t N = x.size(0), C = weight_pre.size(0);
@@ -336,17 +346,17 @@ Grads backward_kernel(const at::Tensor& grad_output, const at::Tensor& input, co
                                        : Strategy::Concat;
     const at::Tensor g = effective_gate(gate, C, hard);
     auto run = [&](Strategy st) -> Grads {
-      if (st == Strategy::Routed)
-        return backward_routed(dy, x, weight_pre, weight_ft, rt, bias_pre, bias_ft, a, m, gate.dim() == 2);
+      const bool as_given = takes_any_layout(st);
+      const at::Tensor &wp = as_given ? weight_pre : dw.pre(), &wf = as_given ? weight_ft : dw.ft();
+      if (st == Strategy::Routed) return backward_routed(dy, x, wp, wf, rt, bias_pre, bias_ft, a, m, gate.dim() == 2);
       // With a gate gradient and no saved y_f - y_p, the mix engine's weight pass gives dWf, dWp and dL/dg
       // together (one weight-gradient's FLOPs instead of a weight gradient plus a conv with Wf - Wp).
       const bool wmix = (st == Strategy::Mix || st == Strategy::Brgemm) && m.gate && !has_diff &&
                         x.scalar_type() == at::kFloat;  // (mix::weight_grads: float32)
-      if (st != Strategy::TwoConv) dense();
-      Grads q = st == Strategy::Grouped   ? backward_grouped(dy, x, wp_dense, wf_dense, g, a, m)
-                : st == Strategy::TwoConv ? backward_twoconv(dy, x, weight_pre, weight_ft, g, bias_pre, bias_ft, diff, a, m)
-                    : backward_general(dy, x, wp_dense, wf_dense, g, bias_pre, bias_ft, diff, a, m, st, wmix,
-                                       binary);
+      Grads q = st == Strategy::Grouped   ? backward_grouped(dy, x, wp, wf, g, a, m)
+                : st == Strategy::TwoConv ? backward_twoconv(dy, x, wp, wf, g, bias_pre, bias_ft, diff, a, m)
+                                          : backward_general(dy, x, wp, wf, g, bias_pre, bias_ft, diff, a, m, st, wmix,
+                                                             binary);
       const bool bias_in_dg = m.gate && (has(bias_pre) || has(bias_ft)) && (st == Strategy::Grouped || wmix);
       if (m.bias_pre || m.bias_ft || bias_in_dg) {
         const at::Tensor sum = dy.sum({2, 3});

@@ -12,6 +12,7 @@ Choices (see README "Method choices"):
   routed: each image runs only its chosen copy of each block (about one backbone's work).
 """
 import copy
+import functools
 import itertools
 
 import torch
@@ -108,6 +109,12 @@ def _runs_extra_code(module):
     return "forward" in vars(module) or any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
 
 
+@functools.lru_cache(maxsize=None)
+def _onednn_runs_bf16():
+    """Whether torch runs bfloat16 convolutions on oneDNN on this CPU (the test torch applies itself)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def _packed_conv_dtype(x, weight):
     """The dtype a CPU eval convolution of x runs in on a prepacked oneDNN weight (autocast's cast for
     float32 / bfloat16 operands), or None where the plain convolution runs: another device, autograd, an input
@@ -122,7 +129,7 @@ def _packed_conv_dtype(x, weight):
         dtype = torch.get_autocast_dtype("cpu")
     elif weight.dtype != x.dtype:
         return None
-    if dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+    if dtype == torch.float32 or (dtype == torch.bfloat16 and _onednn_runs_bf16()):
         return dtype
     return None
 
