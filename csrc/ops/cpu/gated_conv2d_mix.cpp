@@ -111,11 +111,53 @@ std::vector<mixgemm::Segment> tap_segments(const Geometry& q, int64_t cin) {
   return segs;
 }
 
+// Eight consecutive values as float32 (bfloat16: the bits shifted into place).
+__attribute__((target("avx2,fma"))) inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+__attribute__((target("avx2,fma"))) inline __m256 load8(const c10::BFloat16* p) {
+  const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+}
+
+// tap_rows for a channels_last image (a pixel's channels adjacent): blocks of 8 pixels x 8 channels read along
+// the channels and transposed in registers, rather than one read a pixel's stride apart per value.
+template <class T>
+__attribute__((target("avx2,fma"))) void tap_rows_nhwc(const Geometry& q, const T* xn, int64_t xH, int64_t xW,
+                                                       const mixgemm::Segment& sg, int64_t kh, int64_t kw,
+                                                       int64_t ci0, int64_t kb, float* dst) {
+  const int64_t w = sg.w1 - sg.w0, count = sg.count();
+  thread_local std::vector<const T*> px;  // the segment's pixels in order, at channel ci0
+  px.resize(count);
+  for (int64_t p = 0; p < count; ++p) {
+    const int64_t oh = sg.h0 + p / w, ow = sg.w0 + p % w;
+    px[p] = xn + (oh * q.sh - q.ph + kh * q.dh) * xH + (ow * q.sw - q.pw + kw * q.dw) * xW + ci0;
+  }
+  int64_t c0 = 0;
+  for (; c0 + 8 <= kb; c0 += 8) {
+    int64_t p0 = 0;
+    for (; p0 + 8 <= count; p0 += 8) {
+      __m256 r[8];
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i) r[i] = load8(px[p0 + i] + c0);
+      mixgemm::transpose8(r);
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) _mm256_storeu_ps(dst + (c0 + j) * count + p0, r[j]);
+    }
+    for (; p0 < count; ++p0)
+      for (int j = 0; j < 8; ++j) dst[(c0 + j) * count + p0] = static_cast<float>(px[p0][c0 + j]);
+  }
+  for (; c0 < kb; ++c0)
+    for (int64_t p = 0; p < count; ++p) dst[c0 * count + p] = static_cast<float>(px[p][c0]);
+}
+
 // Rows [ci0, ci0 + kb) of segment sg's A (tap (kh, kw), its rectangle of output pixels, all inside the image),
 // as [kb][sg.count()].
 template <class T>
 void tap_rows(const Geometry& q, const T* xn, int64_t xC, int64_t xH, int64_t xW, const mixgemm::Segment& sg,
               int64_t kh, int64_t kw, int64_t ci0, int64_t kb, float* dst) {
+  if (xC == 1 && kb >= 8) {  // (the AVX-512 engine's path: the CPU has AVX2)
+    tap_rows_nhwc(q, xn, xH, xW, sg, kh, kw, ci0, kb, dst);
+    return;
+  }
   const int64_t w = sg.w1 - sg.w0;
   for (int64_t kk = 0; kk < kb; ++kk) {
     const T* xc = xn + (ci0 + kk) * xC;
