@@ -103,3 +103,23 @@ def test_bf16_inference_takes_our_path_within_the_budget(method, mode):
         assert not work_naive.ops
     else:  # routed: each image through one copy of each block (the policy is a small network of its own)
         assert work.images < 0.7 * work_naive.images, (work.images, work_naive.images)
+
+
+def test_adafilter_autocast_eval_caches_its_folded_weights_cast():
+    """Under autocast the fused eval keeps each layer's folded weights and biases as autocast casts them (its
+    rule: floating point but float64 to the autocast dtype), once, instead of autocast casting them at every
+    call: the output is bit for bit the one autocast's own per-call cast gives."""
+    m = adafilter(fused=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        with torch.autocast("cpu", torch.bfloat16):
+            y = m(x)
+            assert all(t.dtype == torch.bfloat16 for _, layer in m.layers for t in layer._fold_cache[1])
+            for _, layer in m.layers:  # the folded tensors handed over in float32: autocast casts them per call
+                layer._folded = lambda device_type, layer=layer: layer._fold()
+            y_cast_per_call = m(x)
+            for _, layer in m.layers:
+                del layer._folded
+        assert torch.equal(y, y_cast_per_call)
+        m(x)  # out of autocast: float32 again
+        assert all(t.dtype == torch.float32 for _, layer in m.layers for t in layer._fold_cache[1])

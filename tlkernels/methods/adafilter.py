@@ -72,20 +72,26 @@ class AdaFilterConv(nn.Module):
                 ts += [bn.weight, bn.bias, bn.running_mean, bn.running_var]
         return ts
 
-    def _folded(self):
+    def _folded(self, device_type):
         """Eval-mode BN folded into each branch's filters and bias, cached across eval calls (folding every
         conv at each forward is a visible part of the fused eval: benchmarks/test_bench_methods.py). The key holds
         each source tensor's storage and version counter (bumped by in-place changes: optimizer steps, ours
         included, load_state_dict, .to()), so a change to weights or BN parameters refolds. BN's running
         statistics are the exception: a train-mode forward updates them without bumping their version, so
-        forward() drops the cache in train mode."""
+        forward() drops the cache in train mode. Under autocast the cache keeps the folded tensors already cast
+        as autocast casts them (the same values), instead of autocast casting them again at every call."""
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return self._fold()
+        cast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
         key = tuple(None if t is None else (t.data_ptr(), t._version, t.dtype, t.device)
                     for t in self._fold_sources())
-        key += (None if self.bn_ft is None else (self.bn_pre.eps, self.bn_ft.eps),)
+        key += (None if self.bn_ft is None else (self.bn_pre.eps, self.bn_ft.eps), cast)
         if self._fold_cache is None or self._fold_cache[0] != key:
-            self._fold_cache = (key, self._fold())
+            folded = self._fold()
+            if cast is not None:  # (autocast's own rule: floating point but float64 goes to its dtype)
+                folded = tuple(t.to(cast) if isinstance(t, torch.Tensor) and t.is_floating_point()
+                               and t.dtype != torch.float64 else t for t in folded)
+            self._fold_cache = (key, folded)
         return self._fold_cache[1]
 
     def _fold(self):
@@ -130,7 +136,7 @@ class AdaFilterConv(nn.Module):
             # Training needs each branch's batch statistics, so both branch outputs exist anyway; measured
             # on the CPU, two convs (no weight gradient for the frozen one) beat one GEMM over [W_pre; W_ft].
             return self._two_branch(x, gate)
-        w_pre, w_ft, b_pre, b_ft = self._folded()
+        w_pre, w_ft, b_pre, b_ft = self._folded(x.device.type)
         x, padding = c.pad_input(x)
         # (eval gates are 0/1: hard=True tells the kernels so, and CUDA tensors then read nothing from the device)
         return gated_conv2d(x, w_pre, w_ft, gate.to(x.dtype), b_pre, b_ft, c.stride, padding, c.dilation, c.groups,
