@@ -212,20 +212,19 @@ GateView inspect(const at::Tensor& gate, bool hard, bool on_cpu, const Setting& 
 }
 
 std::tuple<at::Tensor, at::Tensor> forward_kernel(
-    const at::Tensor& input, const at::Tensor& weight_pre_in, const at::Tensor& weight_ft_in, const at::Tensor& gate,
+    const at::Tensor& input, const at::Tensor& weight_pre, const at::Tensor& weight_ft, const at::Tensor& gate,
     const c10::optional<at::Tensor>& bias_pre, const c10::optional<at::Tensor>& bias_ft, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool hard, bool save_diff) {
-  check_gated_conv2d_args(input, weight_pre_in, weight_ft_in, gate, bias_pre, bias_ft, stride, padding, dilation,
+  check_gated_conv2d_args(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, stride, padding, dilation,
                           groups);
   const Setting s = setting();
   if (triton_forced(s)) {
     last_forward = kNames[static_cast<int>(Strategy::Triton)];
     return triton_op<decltype(tlkernels::gated_conv2d_forward)>("tlkernels::gated_conv2d_forward_triton")
-        .call(input, weight_pre_in, weight_ft_in, gate, bias_pre, bias_ft, stride, padding, dilation, groups, hard,
+        .call(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, stride, padding, dilation, groups, hard,
               save_diff);
   }
   const ConvArgs a{stride, padding, dilation, groups};
-  const at::Tensor &weight_pre = weight_pre_in, &weight_ft = weight_ft_in;
   DenseWeights dw{weight_pre, weight_ft};
   const auto sizes = at::native::conv_output_size(input.sizes(), weight_pre.sizes(), padding, stride, dilation);
   const auto fmt = input.suggest_memory_format();
@@ -293,12 +292,12 @@ std::tuple<at::Tensor, at::Tensor> forward_kernel(
   return {out, diff};
 }
 
-Grads backward_kernel(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight_pre_in,
-                            const at::Tensor& weight_ft_in, const at::Tensor& gate,
+Grads backward_kernel(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight_pre,
+                            const at::Tensor& weight_ft, const at::Tensor& gate,
                             const c10::optional<at::Tensor>& bias_pre, const c10::optional<at::Tensor>& bias_ft,
                             const at::Tensor& diff, at::IntArrayRef stride, at::IntArrayRef padding,
                             at::IntArrayRef dilation, int64_t groups, bool hard, c10::List<bool> output_mask) {
-  check_gated_conv2d_args(input, weight_pre_in, weight_ft_in, gate, bias_pre, bias_ft, stride, padding, dilation,
+  check_gated_conv2d_args(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, stride, padding, dilation,
                           groups);
   TORCH_CHECK(output_mask.size() == 6, "gated_conv2d_backward: output_mask must have 6 values, got ",
               output_mask.size());
@@ -306,12 +305,11 @@ Grads backward_kernel(const at::Tensor& grad_output, const at::Tensor& input, co
   if (triton_forced(s)) {
     last_backward = kNames[static_cast<int>(Strategy::Triton)];
     return triton_op<decltype(tlkernels::gated_conv2d_backward)>("tlkernels::gated_conv2d_backward_triton")
-        .call(grad_output, input, weight_pre_in, weight_ft_in, gate, bias_pre, bias_ft, diff, stride, padding,
+        .call(grad_output, input, weight_pre, weight_ft, gate, bias_pre, bias_ft, diff, stride, padding,
               dilation, groups, hard, output_mask);
   }
   const GradMask m = GradMask::of(output_mask);
   const ConvArgs a{stride, padding, dilation, groups};
-  const at::Tensor &weight_pre = weight_pre_in, &weight_ft = weight_ft_in;
   DenseWeights dw{weight_pre, weight_ft};
   const at::Tensor& x = input;
   const at::Tensor& dy = grad_output;
@@ -379,7 +377,7 @@ Grads backward_kernel(const at::Tensor& grad_output, const at::Tensor& input, co
   at::Tensor* t[6] = {&std::get<0>(r), &std::get<1>(r), &std::get<2>(r),
                       &std::get<3>(r), &std::get<4>(r), &std::get<5>(r)};
   // Each gradient dense in its tensor's suggested memory format, whatever the strategy (the fake says so too).
-  const at::Tensor* like[6] = {&x, &weight_pre_in, &weight_ft_in, &gate, nullptr, nullptr};
+  const at::Tensor* like[6] = {&x, &weight_pre, &weight_ft, &gate, nullptr, nullptr};
   for (int i = 0; i < 6; ++i) {
     if (!m[i] || !t[i]->defined()) {
       *t[i] = at::empty({0}, x.options());

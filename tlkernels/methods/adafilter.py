@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from tlkernels.methods._blocks import conv_bn_pairs, get_parent
 from tlkernels.nn.gated_conv import GatedConv2d
+from tlkernels.ops._utils import autocast_dtype
 from tlkernels.ops.gated_conv2d import gated_conv2d
 
 
@@ -87,11 +88,8 @@ class AdaFilterConv(nn.Module):
                     for t in self._fold_sources())
         key += (None if self.bn_ft is None else (self.bn_pre.eps, self.bn_ft.eps), cast)
         if self._fold_cache is None or self._fold_cache[0] != key:
-            folded = self._fold()
-            if cast is not None:  # (autocast's own rule: floating point but float64 goes to its dtype)
-                folded = tuple(t.to(cast) if isinstance(t, torch.Tensor) and t.is_floating_point()
-                               and t.dtype != torch.float64 else t for t in folded)
-            self._fold_cache = (key, folded)
+            self._fold_cache = (key, tuple(t.to(autocast_dtype(device_type, t.dtype)) if isinstance(t, torch.Tensor)
+                                           else t for t in self._fold()))
         return self._fold_cache[1]
 
     def _fold(self):

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.fx.experimental.optimization import fuse as _fuse_conv_bn
 
 from tlkernels.methods._blocks import residual_blocks, shortcut_name
+from tlkernels.ops._utils import autocast_dtype
 
 
 class _ZeroPadShortcut(nn.Module):
@@ -124,10 +125,8 @@ def _packed_conv_dtype(x, weight):
             or not x.is_contiguous(memory_format=torch.channels_last) or not torch.backends.mkldnn.is_available()
             or not torch.backends.mkldnn.enabled):
         return None
-    dtype = x.dtype
-    if torch.is_autocast_enabled("cpu") and x.dtype != torch.float64 and weight.dtype != torch.float64:
-        dtype = torch.get_autocast_dtype("cpu")
-    elif weight.dtype != x.dtype:
+    dtype = autocast_dtype("cpu", x.dtype)
+    if autocast_dtype("cpu", weight.dtype) != dtype:
         return None
     if dtype == torch.float32 or (dtype == torch.bfloat16 and _onednn_runs_bf16()):
         return dtype

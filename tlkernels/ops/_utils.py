@@ -52,6 +52,16 @@ def autocast_casts(t):
             and torch.is_autocast_enabled(t.device.type))
 
 
+def autocast_dtype(device_type, dtype):
+    """The dtype a tensor of `dtype` on device_type takes in a lower-precision op (a convolution, gated_conv2d)
+    under torch.autocast: autocast's dtype for floating point but float64 while autocast is on there, else
+    `dtype` itself (torch's own rule)."""
+    if (dtype.is_floating_point and dtype != torch.float64 and torch.amp.is_autocast_available(device_type)
+            and torch.is_autocast_enabled(device_type)):
+        return torch.get_autocast_dtype(device_type)
+    return dtype
+
+
 def conv_output_hw(input, weight, stride, padding, dilation=(1, 1)):
     """[H_out, W_out] of F.conv2d(input, weight, None, stride, padding, dilation) for `input` (N, C, H, W) and
     `weight` (F, C, kH, kW), from PyTorch's own shape function (F.conv2d on meta tensors; the compiled ops call
