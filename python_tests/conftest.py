@@ -99,3 +99,29 @@ def pytest_sessionfinish(session, exitstatus):
         proc.kill()
         if folder:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- gloo ranks in spawned processes
+def _gloo_rank(rank, world, init, fn, args):
+    import faulthandler
+    import sys
+    import torch.distributed as dist
+    faulthandler.enable(all_threads=True)  # a rank killed by a signal prints every thread's Python stack
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    try:
+        fn(rank, world, *args)
+        dist.barrier()  # (no rank tears its connections down while another still uses them)
+    finally:
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # The rank's work is done and its results are on disk for the parent to check; the interpreter's own
+    # teardown (static destructors beside gloo's and the intra-op pool's threads) is not under test.
+    os._exit(0)
+
+
+def gloo_ranks(fn, world, init, *args):
+    """fn(rank, world, *args) in `world` spawned processes joined by one gloo process group (rendezvous in the file
+    `init`); a rank that raises or dies fails the calling test with its traceback."""
+    import torch.multiprocessing as mp
+    mp.spawn(_gloo_rank, args=(world, init, fn, args), nprocs=world, join=True)

@@ -6,13 +6,14 @@ import tempfile
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
 import tlkernels
 from tlkernels.methods import AdaFilter, SpotTune
+
+from conftest import gloo_ranks  # noqa: E402
 
 
 def _resnet(arch="resnet18", classes=5):
@@ -494,8 +495,7 @@ def test_methods_under_torch_compile(method):
 
 
 # ----------------------------------------------------------------------------- DDP, 2 gloo processes
-def _ddp_worker(rank, world, init_file, method, result_file):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+def _ddp_worker(rank, world, method, result_file):
     torch.set_num_threads(1)  # (one thread a rank: two ranks, two cores)
     torch.manual_seed(0)
     base = torchvision.models.resnet18(num_classes=5)
@@ -513,14 +513,13 @@ def _ddp_worker(rank, world, init_file, method, result_file):
     dist.all_gather(gathered, flat)
     if rank == 0:
         torch.save((gathered[0] - gathered[1]).abs().max(), result_file)
-    dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("method", ["spottune", "adafilter"])
 def test_methods_under_ddp_two_gloo_processes(method):
     with tempfile.TemporaryDirectory() as d:
         init, result = os.path.join(d, "init"), os.path.join(d, "result.pt")
-        mp.spawn(_ddp_worker, args=(2, init, method, result), nprocs=2, join=True)
+        gloo_ranks(_ddp_worker, 2, init, method, result)
         assert torch.load(result).item() == 0.0  # replicas stay identical
 
 

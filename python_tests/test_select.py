@@ -7,8 +7,6 @@ import tempfile
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torchvision
 from torch.utils.data import TensorDataset
 
@@ -18,6 +16,8 @@ from tlkernels.ops import (KnnIndex, filterbank_histogram, filterbank_histogram_
 from tlkernels.ops._registry import has_op, op
 from tlkernels.ops.knn import EPS, _db_side, _query_side
 from tlkernels.select import JointDataset, SourceSelector
+
+from conftest import gloo_ranks  # noqa: E402
 
 
 def _edges(f, nb, lo=-2.0, hi=2.0):
@@ -399,8 +399,7 @@ def test_knn_bad_inputs(call, msg):
         call(torch.rand(3, 4), torch.rand(10, 4))
 
 
-def _shard_worker(rank, world, init, out):
-    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+def _shard_worker(rank, world, out):
     g = torch.Generator().manual_seed(0)
     q = torch.softmax(torch.randn(6, 16, generator=g, dtype=torch.float64), 1)
     db = torch.softmax(torch.randn(101, 16, generator=g, dtype=torch.float64), 1)
@@ -409,13 +408,12 @@ def _shard_worker(rank, world, init, out):
     d, i = knn_search(q, db[bounds[rank]:bounds[rank + 1]], 45, sharded=True, chunk_size=10)
     if rank == 0:
         torch.save((d, i, *knn_search(q, db, 45)), out)
-    dist.destroy_process_group()
 
 
 def test_sharded_knn_two_gloo_processes():
     with tempfile.TemporaryDirectory() as t:
         out = os.path.join(t, "out.pt")
-        mp.spawn(_shard_worker, args=(2, os.path.join(t, "init"), out), nprocs=2, join=True)
+        gloo_ranks(_shard_worker, 2, os.path.join(t, "init"), out)
         d, i, d1, i1 = torch.load(out)
         assert torch.equal(i, i1)  # 45 > the first shard's 37 rows: padding path exercised too
         torch.testing.assert_close(d, d1)

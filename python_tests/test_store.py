@@ -10,8 +10,6 @@ import tempfile
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.utils.data import TensorDataset
 
 from tlkernels import store
@@ -19,6 +17,8 @@ from tlkernels.filters import gabor_bank
 from tlkernels.ops import filterbank_histogram, knn_search, knn_search_reference
 from tlkernels.ops.knn import chunk_rows
 from tlkernels.select import SourceSelector
+
+from conftest import gloo_ranks  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -238,20 +238,16 @@ def test_streamed_search_memory_stays_within_the_budget(tmp_path):
     assert len(out["first"]) == 5
 
 
-def _dist_worker(rank, world, init, root, out):
-    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
-    try:
-        target, source = _dataset(6, 1), _dataset(33, 2)
-        sel = _selector(root)
-        sel.edges = torch.load(os.path.join(os.path.dirname(out), "edges.pt"))
-        sel.describe(target, "target")
-        sel.describe_shard(source)
-        nb = sel.select(4)
-        if rank == 0:
-            torch.save(nb, out)
-        dist.barrier()  # (no rank tears its connections down while another still uses them)
-    finally:
-        dist.destroy_process_group()
+def _dist_worker(rank, world, root, out):
+    torch.set_num_threads(1)  # (one thread a rank: two ranks, two cores)
+    target, source = _dataset(6, 1), _dataset(33, 2)
+    sel = _selector(root)
+    sel.edges = torch.load(os.path.join(os.path.dirname(out), "edges.pt"))
+    sel.describe(target, "target")
+    sel.describe_shard(source)
+    nb = sel.select(4)
+    if rank == 0:
+        torch.save(nb, out)
 
 
 def test_two_ranks_write_one_store_and_search_its_shares():
@@ -263,7 +259,7 @@ def test_two_ranks_write_one_store_and_search_its_shares():
     with tempfile.TemporaryDirectory() as t:
         torch.save(list(ref.edges), os.path.join(t, "edges.pt"))
         out, root = os.path.join(t, "nb.pt"), os.path.join(t, "cache")
-        mp.spawn(_dist_worker, args=(2, os.path.join(t, "init"), root, out), nprocs=2, join=True)
+        gloo_ranks(_dist_worker, 2, os.path.join(t, "init"), root, out)
         assert torch.equal(torch.load(out), want)
         m = json.load(open(os.path.join(root, "descriptors-source", "manifest.json")))
         assert len(m["shards"]) == 5 and all(s["sha256"] for s in m["shards"])

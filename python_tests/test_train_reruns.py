@@ -14,6 +14,7 @@ from tlkernels._io import CheckpointError
 from tlkernels.train import loop
 from tlkernels.train.export import load_program
 
+from conftest import gloo_ranks  # noqa: E402
 from test_train import FAST  # noqa: E402  (the demo's few-step options)
 from test_train_real import checkpoint, write_folder  # noqa: E402,F401  (checkpoint: the fixture)
 
@@ -264,21 +265,17 @@ def test_checkpoint_rng_holds_the_gpu_generator_and_restores_it_on_its_device(mo
     assert torch.equal(torch.rand(3), a)
 
 
-def _rng_worker(rank, world, init, out):
-    import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+def _rng_worker(rank, world, out):
     torch.manual_seed(100 + rank)  # each process its own stream
     state = loop.rng_states(torch.device("cpu"), world)
     first = torch.rand(4)
     torch.rand(10)  # the run goes on
     loop.restore_rng(state, torch.device("cpu"), rank)
     torch.save({"state": state, "first": first, "again": torch.rand(4)}, f"{out}.{rank}")
-    dist.destroy_process_group()
 
 
 def test_every_rank_gets_its_own_rng_state_back(tmp_path):
-    import torch.multiprocessing as mp
-    mp.spawn(_rng_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "out")), nprocs=2, join=True)
+    gloo_ranks(_rng_worker, 2, str(tmp_path / "init"), str(tmp_path / "out"))
     r = [torch.load(tmp_path / f"out.{k}", weights_only=True) for k in range(2)]
     assert all(torch.equal(x["first"], x["again"]) for x in r)
     assert not torch.equal(r[0]["first"], r[1]["first"])
