@@ -115,7 +115,7 @@ def test_strategy_float32(settings, strategy, channels_last, shape, gate_kind, h
 @pytest.mark.parametrize("strategy,k", [("routed", 3), ("blended", 3), ("grouped", 3), ("concat", 3), ("twoconv", 3), ("auto", 3),
                                         ("mix", 3), ("mix", 1), ("brgemm", 3), ("brgemm", 1), ("bmm", 1),
                                         ("auto", 1)])
-@pytest.mark.parametrize("gate_kind,hard", [("image", True), ("filter", False)])
+@pytest.mark.parametrize("gate_kind,hard", [("image", True), ("filter", True), ("filter", False)])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_strategy_bfloat16_error_budget(settings, strategy, k, gate_kind, hard, channels_last):
     """err(ours in bf16) <= 2 x err(the reference computed in bf16), both against the float64 reference; in

@@ -173,17 +173,14 @@ void tap_rows(const Geometry& q, const T* xn, int64_t xC, int64_t xH, int64_t xW
   }
 }
 
-// The weight's own contraction index of row k of the packed panels: k itself, or tap-major (k = tap * cin + ci,
-// the weight's index ci * taps + tap); panel_k is its inverse.
-inline int64_t weight_k(int64_t k, bool tap_major, int64_t cin, int64_t taps) {
-  return tap_major ? (k % cin) * taps + k / cin : k;
-}
+// The panel row of the weight's own contraction index kw = ci * taps + tap: kw itself, or tap-major
+// (tap * cin + ci).
 inline int64_t panel_k(int64_t kw, bool tap_major, int64_t cin, int64_t taps) {
   return tap_major ? (kw % taps) * cin + kw / taps : kw;
 }
 
 // Weight (C, ...) as [ceil(C/16)][K][16]: the forward's B panels, zero padded past C. Each task reads
-// 16 rows in step (float32: forward, 8 x 8 blocks transposed in registers; bfloat16: a column at a time) and
+// 16 rows in step (forward, 8 x 8 blocks transposed in registers; bfloat16 rows widened to float32 first) and
 // writes its panel; faster than torch's transpose + contiguous, whose strided reads miss the cache.
 // tap_major: the contraction ordered (kh, kw, ci) instead of the weight's (ci, kh, kw) (see tap_segments).
 template <class T = float>
@@ -195,20 +192,19 @@ at::Tensor weight_panels(const at::Tensor& w, bool tap_major = false) {
   const T* src = wc.data_ptr<T>();
   float* dst = out.data_ptr<float>();
   at::parallel_for(0, Cp / 16, 1, [&](int64_t j0, int64_t j1) {
+    std::vector<float> wide(std::is_same_v<T, float> ? 0 : 16 * K);  // (bfloat16 rows, widened exactly)
     for (int64_t j = j0; j < j1; ++j) {
       const int64_t rows = std::min<int64_t>(16, C - 16 * j);
-      float* d = dst + j * K * 16;
       const T* s0 = src + 16 * j * K;
+      const float* rows32 = nullptr;
       if constexpr (std::is_same_v<T, float>) {
-        mixgemm::panel_from_rows(s0, K, rows, K, d, [&](int64_t kw) { return panel_k(kw, tap_major, cin, taps); });
-        continue;
+        rows32 = s0;
+      } else {
+        for (int64_t l = 0; l < rows; ++l) widen(s0 + l * K, K, wide.data() + l * K);
+        rows32 = wide.data();
       }
-      for (int64_t k = 0; k < K; ++k, d += 16) {
-        const int64_t kw = weight_k(k, tap_major, cin, taps);
-        int64_t l = 0;
-        for (; l < rows; ++l) d[l] = static_cast<float>(s0[l * K + kw]);
-        for (; l < 16; ++l) d[l] = 0.f;
-      }
+      mixgemm::panel_from_rows(rows32, K, rows, K, dst + j * K * 16,
+                               [&](int64_t kw) { return panel_k(kw, tap_major, cin, taps); });
     }
   });
   return out;
@@ -233,7 +229,12 @@ at::Tensor pair_panels(const at::Tensor& w, bool tap_major) {
       for (int64_t l = 0; l < rows; ++l) {
         const uint16_t* s = src + (16 * j + l) * K;  // (read forward)
         uint16_t* r = rows16.data() + l * 2 * K2;
-        for (int64_t kw = 0; kw < K; ++kw) r[panel_k(kw, tap_major, cin, taps)] = s[kw];
+        if (!tap_major) {
+          std::copy(s, s + K, r);
+          continue;
+        }
+        for (int64_t ci = 0; ci < cin; ++ci)  // (panel_k without a division per value)
+          for (int64_t t = 0; t < taps; ++t) r[t * cin + ci] = s[ci * taps + t];
       }
       mixgemm::panel_from_rows(reinterpret_cast<const float*>(rows16.data()), K2, 16, K2,
                                reinterpret_cast<float*>(dst + j * K2 * 32), [](int64_t k2) { return k2; });
