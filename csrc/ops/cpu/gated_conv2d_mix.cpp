@@ -328,15 +328,16 @@ void forward_engine(const at::Tensor& x, const at::Tensor& wp, const at::Tensor&
     return;
   }
   const bool select = binary && wide;
-  // Selected bfloat16 columns need only the pair panels; every other case the float32 panels (blended per
-  // image, or selected as they are).
+  // Our bfloat16 micro-kernel reads the pair panels, selected (binary gates) or blended per image (soft ones);
+  // every other case the float32 panels (blended per image, or selected as they are).
   at::Tensor Wp, Wf;
   mixgemm::BSource src{nullptr, nullptr, K * mixgemm::kNR, mixgemm::kNR};
   mixgemm::Selected sel{nullptr, nullptr, 0};
-  if (select && micro == mixgemm::Micro::Bf16) {
+  const bool pairs = micro == mixgemm::Micro::Bf16;
+  if (pairs) {
     Wp = pair_panels(wp, by_tap);
     Wf = pair_panels(wf, by_tap);
-    sel = {Wp.data_ptr(), Wf.data_ptr(), Wp.stride(0)};
+    sel = {Wp.data_ptr(), Wf.data_ptr(), Wp.stride(0), select};
   } else {
     Wp = weight_panels<T>(wp, by_tap);
     Wf = weight_panels<T>(wf, by_tap);
@@ -386,7 +387,7 @@ void forward_engine(const at::Tensor& x, const at::Tensor& wp, const at::Tensor&
         }
       }
   };
-  mixgemm::run(N, P, K, C, src, Gd, Gld, true, pack, consume, micro, select ? &sel : nullptr,
+  mixgemm::run(N, P, K, C, src, Gd, Gld, true, pack, consume, micro, select || pairs ? &sel : nullptr,
                by_tap ? &segs : nullptr);
 }
 
@@ -417,15 +418,15 @@ at::Tensor input_grad_engine(const at::Tensor& dy, const at::Tensor& x, const at
   const Geometry q(x, wp, dy, a);
   const int64_t P = q.OH * q.OW, taps = q.KH * q.KW;
   const at::Tensor G = padded_gates(g);
-  // bfloat16 weights with binary gates: each image's panel picks its rows from the weights as they are
-  // (pick_rows_bf16); otherwise the blend reads float32 copies.
-  const bool pick = std::is_same_v<T, c10::BFloat16> && wp.scalar_type() == at::kBFloat16 && binary;
+  // bfloat16 weights: each image's panel picks (binary gates) or blends its rows from the weights as they are;
+  // otherwise the blend reads float32 copies.
+  const bool pick = std::is_same_v<T, c10::BFloat16> && wp.scalar_type() == at::kBFloat16;
   const at::Tensor wpc = pick ? wp.contiguous() : wp.to(at::kFloat).contiguous();
   const at::Tensor wfc = pick ? wf.contiguous() : wf.to(at::kFloat).contiguous();
   const mixgemm::BSource src{pick ? nullptr : wpc.data_ptr<float>(), pick ? nullptr : wfc.data_ptr<float>(),
                              mixgemm::kNR, K};
   const mixgemm::RowPick rows{pick ? reinterpret_cast<const uint16_t*>(wpc.data_ptr()) : nullptr,
-                              pick ? reinterpret_cast<const uint16_t*>(wfc.data_ptr()) : nullptr, K};
+                              pick ? reinterpret_cast<const uint16_t*>(wfc.data_ptr()) : nullptr, K, binary};
   at::Tensor dx = at::zeros(x.sizes(), x.options().dtype(at::kFloat).memory_format(x.suggest_memory_format()));
   const T* D = dy.data_ptr<T>();
   const int64_t dN = dy.stride(0), dC = dy.stride(1), dH = dy.stride(2), dW = dy.stride(3);

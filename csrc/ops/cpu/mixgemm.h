@@ -377,10 +377,13 @@ struct BSource {
 // Binary gates per column, for the AVX-512 micro-kernels: Wp and Wf packed once in the micro-kernel's own
 // B layout (float32 [panel][K][16], or bfloat16 pairs [panel][ceil(K/2)][16][2] for Micro::Bf16; panel_stride
 // elements apart), the kernel picking each column from one or the other (no blended panel per image).
+// Soft gates (binary = false; bfloat16 pair panels only): the panels are blended per image instead
+// (blend_pairs_bf16), still read as packed.
 struct Selected {
   const void* pre;
   const void* ft;
   int64_t panel_stride;
+  bool binary = true;
 };
 
 __attribute__((target("avx2,fma"))) inline __m256 load16(const float* p, int valid, int half) {
@@ -475,12 +478,14 @@ __attribute__((target("avx512f,avx512bf16"))) inline void blend_panel_bf16(const
   }
 }
 
-// Binary gates per contraction row on bfloat16 weights (the input gradient's: one gate per output channel):
-// the weights as they are, [Kd][M] bfloat16 with row stride ld; pick_rows_bf16 builds an image's panel from them.
+// Gates per contraction row on bfloat16 weights (the input gradient's: one gate per output channel): the
+// weights as they are, [Kd][M] bfloat16 with row stride ld; pick_rows_bf16 (binary gates) or blend_rows_bf16
+// builds an image's panel from them.
 struct RowPick {
   const uint16_t* pre;
   const uint16_t* ft;
   int64_t ld;
+  bool binary;
 };
 
 // blend_panel_bf16 for binary row gates: rows [k0, k0 + kb) of panel j, each row's 16 values taken from r.pre
@@ -499,6 +504,58 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) inline void pick_rows_bf16(
       hi = _mm512_maskz_slli_epi32(0xFFFF, _mm512_maskz_cvtepu16_epi32(0xFFFF, _mm256_maskz_loadu_epi16(m, r1)), 16);
     }
     _mm512_storeu_si512(dst, _mm512_or_si512(lo, hi));
+  }
+}
+
+// The [16][2] pairs of one panel row pair from its two rows' float32 values: each rounded to bfloat16 (nearest
+// even), the even row's in the low half of each 32-bit lane.
+__attribute__((target("avx512f,avx512bf16,avx512bw,avx512vl"))) inline __m512i pair_rows_bf16(__m512 even, __m512 odd) {
+  const __m512i lo = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(even));
+  return _mm512_or_si512(lo, _mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(odd)), 16));
+}
+
+// blend_panel_bf16 for gates per column from the pair panels of Selected (k0 even): each pair of rows widened
+// to float32 (exact), blended, and rounded again: half the bytes of the float32 panels, and no float32 copy
+// of the weights. Values equal blend_panel_bf16's.
+__attribute__((target("avx512f,avx512bf16,avx512bw,avx512vl"))) inline void blend_pairs_bf16(const Selected& s, int64_t j,
+                                                                                            int64_t k0, int64_t kb,
+                                                                                            const float* gcol,
+                                                                                            uint16_t* dst) {
+  const uint16_t* pp = static_cast<const uint16_t*>(s.pre) + j * s.panel_stride + k0 * kNR;
+  const uint16_t* pf = static_cast<const uint16_t*>(s.ft) + j * s.panel_stride + k0 * kNR;
+  const __m512 g = _mm512_loadu_ps(gcol), h = _mm512_sub_ps(_mm512_set1_ps(1.f), g);
+  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  for (int64_t k = 0; k < kb; k += 2, pp += 2 * kNR, pf += 2 * kNR, dst += 2 * kNR) {
+    const __m512i p = _mm512_loadu_si512(pp), f = _mm512_loadu_si512(pf);
+    const __m512 even = _mm512_fmadd_ps(g, _mm512_castsi512_ps(_mm512_slli_epi32(f, 16)),
+                                        _mm512_mul_ps(h, _mm512_castsi512_ps(_mm512_slli_epi32(p, 16))));
+    const __m512 odd = k + 1 < kb ? _mm512_fmadd_ps(g, _mm512_castsi512_ps(_mm512_and_si512(f, high)),
+                                                    _mm512_mul_ps(h, _mm512_castsi512_ps(_mm512_and_si512(p, high))))
+                                  : _mm512_setzero_ps();
+    _mm512_storeu_si512(dst, pair_rows_bf16(even, odd));
+  }
+}
+
+// Row k of panel j of RowPick r blended by gate g, as float32 (m: the panel's valid columns).
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 blend_row_bf16(const RowPick& r, int64_t j,
+                                                                                 __mmask16 m, int64_t k, float g) {
+  const int64_t at = k * r.ld + j * kNR;
+  const __m512 p = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, r.pre + at)), 16));
+  const __m512 f = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, r.ft + at)), 16));
+  const __m512 gv = _mm512_set1_ps(g);
+  return _mm512_fmadd_ps(gv, f, _mm512_mul_ps(_mm512_sub_ps(_mm512_set1_ps(1.f), gv), p));
+}
+
+// blend_panel_bf16 for gates per row from the bfloat16 weights as they are (RowPick): rows widened exactly,
+// blended in float32, rounded once; values equal blend_panel_bf16's on float32 copies.
+__attribute__((target("avx512f,avx512bf16,avx512bw,avx512vl"))) inline void blend_rows_bf16(const RowPick& r, int64_t j,
+                                                                                           int valid, int64_t k0,
+                                                                                           int64_t kb, const float* grow,
+                                                                                           uint16_t* dst) {
+  const __mmask16 m = valid >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << valid) - 1);
+  for (int64_t k = k0; k < k0 + kb; k += 2, dst += 2 * kNR) {
+    const __m512 odd = k + 1 < k0 + kb ? blend_row_bf16(r, j, m, k + 1, grow[k + 1]) : _mm512_setzero_ps();
+    _mm512_storeu_si512(dst, pair_rows_bf16(blend_row_bf16(r, j, m, k, grow[k]), odd));
   }
 }
 
@@ -548,8 +605,9 @@ inline float* scratch(int slot, size_t n) {
 //   consume(n, C): C is [P][round_up(M, 16)], the finished result of image n.
 // Images are processed in blocks: each block's weight panels are blended from Bp/Bf while they are in
 // cache, and the block's packed A (kb rows) stays in L2. Blocks are spread over ATen's thread pool.
-//   sel: binary gates per column (0 or 1), Wp and Wf already packed (see Selected); only where the AVX-512
-//   micro-kernels run; then b is not read.
+//   sel: gates per column, Wp and Wf already packed (see Selected): binary gates (0 or 1) pick columns, soft
+//   ones (bfloat16 pair panels) blend them per image; only where the AVX-512 micro-kernels run; then b is not
+//   read.
 //   segs: the contraction in segments, each with the output rows it reaches (a convolution's kernel taps: a
 //   tap on the padding reaches fewer pixels, whose rows alone are packed and multiplied); only where the
 //   AVX-512 micro-kernels run; pack_a then writes the segment's rows ([kb][count()], lda = count()).
@@ -563,6 +621,7 @@ void run(int64_t N, int64_t P, int64_t Kd, int64_t M, const BSource& b, const fl
   TORCH_CHECK(kernel != Micro::Bf16Brgemm || brgemm_bf16_available(),
               "gated_conv2d: internal error: bfloat16 BRGeMM where oneDNN has none");
   TORCH_CHECK(!sel || (wide && gate_per_column), "gated_conv2d: internal error: column selection needs AVX-512");
+  TORCH_CHECK(!sel || sel->binary || bf, "gated_conv2d: internal error: blended pair panels are bfloat16");
   TORCH_CHECK(!segs || wide, "gated_conv2d: internal error: contraction segments need AVX-512");
   TORCH_CHECK(!pick || (bf && !gate_per_column), "gated_conv2d: internal error: row picks are for bfloat16 rows");
   const std::vector<Segment> whole{Segment::all(Kd, P)};
@@ -614,8 +673,12 @@ void run(int64_t N, int64_t P, int64_t Kd, int64_t M, const BSource& b, const fl
                 const int valid = static_cast<int>(std::min<int64_t>(kNR, M - (j + i) * kNR));
                 const float* gcol = gate_per_column ? gn + (j + i) * kNR : nullptr;
                 const float* grow = gate_per_column ? nullptr : gn;
-                if (pick)
+                if (pick && pick->binary)
                   pick_rows_bf16(*pick, j + i, valid, k0, kb, grow, bmix16 + i * kKC * kNR);
+                else if (pick)
+                  blend_rows_bf16(*pick, j + i, valid, k0, kb, grow, bmix16 + i * kKC * kNR);
+                else if (sel)  // (soft gates on bfloat16 pair panels)
+                  blend_pairs_bf16(*sel, j + i, k0, kb, gcol, bmix16 + i * kKC * kNR);
                 else if (bf)
                   blend_panel_bf16(b, j + i, valid, k0, kb, gcol, grow, bmix16 + i * kKC * kNR);
                 else
@@ -631,7 +694,7 @@ void run(int64_t N, int64_t P, int64_t Kd, int64_t M, const BSource& b, const fl
                 const E* bq[2];
                 __mmask16 m[2] = {0, 0};
                 bool mixed = false;
-                if (sel) {
+                if (sel && sel->binary) {
                   for (int64_t i = 0; i < jn; ++i) {
                     for (int l = 0; l < kNR; ++l) m[i] |= static_cast<__mmask16>(gn[(j + i) * kNR + l] != 0.f) << l;
                     mixed |= m[i] != 0 && m[i] != 0xFFFF;
