@@ -160,6 +160,28 @@ def test_bfloat16_brgemm_where_onednn_has_none_is_not_a_candidate():
     assert taken != "brgemm" and float(err) < 1e-2, out.stdout  # (relative: the output's bfloat16 rounding)
 
 
+@pytest.mark.skipif(not (os.path.exists("/proc/cpuinfo") and "avx512_bf16" in open("/proc/cpuinfo").read()),
+                    reason="the bfloat16 engine needs AVX-512 BF16")
+@pytest.mark.parametrize("hard", [True, False])
+@pytest.mark.parametrize("shape", [(3, 40, 7, 24), (2, 272, 5, 16), (2, 2, 6, 16)],
+                         ids=["40ch-7x7", "272ch-5x5", "2ch-6x6"])
+def test_bfloat16_engine_reads_channels_last_pairs_as_the_nchw_rows(settings, shape, hard):
+    """The engine packs a bfloat16 channels_last input straight from its channel pairs (8 x 8 blocks of pairs
+    and a remainder; 272 channels: two contraction chunks per tap): the same operands as the NCHW input's rows,
+    so the same bits out."""
+    settings(gated_conv="mix")
+    n, cin, hw, cout = shape
+    ts, kw = make((n, cin, hw, cout, 3, 1, 1, 1, 1), torch.bfloat16, "filter", hard, bias=True, channels_last=False)
+    with torch.no_grad():
+        y = gated_conv2d(*ts, **kw)
+        assert torch.ops.tlkernels._gated_conv2d_last_strategies()[0] == "mix"
+        y_cl = gated_conv2d(ts[0].contiguous(memory_format=torch.channels_last), *ts[1:], **kw)
+        assert torch.ops.tlkernels._gated_conv2d_last_strategies()[0] == "mix"
+    assert torch.equal(y_cl.contiguous(), y)
+    y64 = gated_conv2d_reference(*[None if t is None else t.double() for t in ts], **kw)
+    assert (y.double() - y64).abs().max() <= 2e-2 * y64.abs().max()
+
+
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_empty_batch(settings, strategy):
     settings(gated_conv=strategy)

@@ -149,6 +149,42 @@ __attribute__((target("avx2,fma"))) void tap_rows_nhwc(const Geometry& q, const 
     for (int64_t p = 0; p < count; ++p) dst[c0 * count + p] = static_cast<float>(px[p][c0]);
 }
 
+// tap_rows_nhwc and retile_bf16 in one step for a bfloat16 channels_last image: channels ci, ci + 1 of a pixel
+// are already one pair of micro512_bf16's A, so each tile of tl is the transpose of its pixels' rows of pairs
+// (8 x 8 blocks of 32-bit pairs in registers), written as [tile][kb / 2][mr] (retile_bf16's layout, and its 4
+// values of room past the end); no float32 rows. kb even.
+__attribute__((target("avx2,fma"))) void tiles_nhwc_bf16(const Geometry& q, const c10::BFloat16* xn, int64_t xH,
+                                                         int64_t xW, const mixgemm::Segment& sg, int64_t kh, int64_t kw,
+                                                         int64_t ci0, int64_t kb, const mixgemm::Tiles& tl,
+                                                         uint16_t* dst) {
+  const int64_t w = sg.w1 - sg.w0, kb2 = kb / 2, mr = tl.mr;
+  float* out = reinterpret_cast<float*>(dst);  // (32-bit pairs moved as floats: bits only)
+  for (int64_t t = 0; t < tl.count; ++t, out += kb2 * mr) {
+    const int64_t rows = tl.rows(t), start = tl.start(t);
+    const float* px[8] = {};  // the tile's pixels at channel ci0 (none past its rows)
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t p = start + r, oh = sg.h0 + p / w, ow = sg.w0 + p % w;
+      px[r] = reinterpret_cast<const float*>(xn + (oh * q.sh - q.ph + kh * q.dh) * xH +
+                                             (ow * q.sw - q.pw + kw * q.dw) * xW + ci0);
+    }
+    int64_t u = 0;
+    for (; u + 8 <= kb2; u += 8) {  // (each store's 8 - mr extra pairs are overwritten by the next row's)
+      __m256 v[8];
+#pragma GCC unroll 8
+      for (int r = 0; r < 8; ++r) v[r] = px[r] ? _mm256_loadu_ps(px[r] + u) : _mm256_setzero_ps();
+      mixgemm::transpose8(v);
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i) _mm256_storeu_ps(out + (u + i) * mr, v[i]);
+    }
+    for (; u < kb2; ++u)
+      for (int64_t r = 0; r < mr; ++r) {
+        uint32_t pair = 0;
+        if (r < rows) std::memcpy(&pair, px[r] + u, 4);
+        std::memcpy(out + u * mr + r, &pair, 4);
+      }
+  }
+}
+
 // Rows [ci0, ci0 + kb) of segment sg's A (tap (kh, kw), its rectangle of output pixels, all inside the image),
 // as [kb][sg.count()].
 template <class T>
@@ -387,8 +423,19 @@ void forward_engine(const at::Tensor& x, const at::Tensor& wp, const at::Tensor&
         }
       }
   };
+  // A bfloat16 channels_last input is packed straight into our micro-kernel's tiles (tiles_nhwc_bf16).
+  mixgemm::PackBf16 tiles;
+  if constexpr (!f32) {
+    if (by_tap && xC == 1 && micro == mixgemm::Micro::Bf16)
+      tiles = [&](int64_t n, int64_t k0, int64_t kb, const mixgemm::Tiles& tl, uint16_t* dst) {
+        if (kb % 2) return false;
+        const int64_t tap = k0 / cin;
+        tiles_nhwc_bf16(q, X + n * xN, xH, xW, *seg_of_tap[tap], tap / q.KW, tap % q.KW, k0 % cin, kb, tl, dst);
+        return true;
+      };
+  }
   mixgemm::run(N, P, K, C, src, Gd, Gld, true, pack, consume, micro, select || pairs ? &sel : nullptr,
-               by_tap ? &segs : nullptr);
+               by_tap ? &segs : nullptr, nullptr, tiles ? &tiles : nullptr);
 }
 
 }  // namespace
