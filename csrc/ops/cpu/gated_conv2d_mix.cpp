@@ -111,55 +111,17 @@ std::vector<mixgemm::Segment> tap_segments(const Geometry& q, int64_t cin) {
   return segs;
 }
 
-// Eight consecutive values as float32 (bfloat16: the bits shifted into place).
-__attribute__((target("avx2,fma"))) inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-__attribute__((target("avx2,fma"))) inline __m256 load8(const c10::BFloat16* p) {
-  const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-}
-
-// tap_rows for a channels_last image (a pixel's channels adjacent): blocks of 8 pixels x 8 channels read along
-// the channels and transposed in registers, rather than one read a pixel's stride apart per value.
+// tap_rows and retile (retile_bf16) in one step for a channels_last image, whose k are adjacent per pixel:
+// each tile of tl is the transpose of its pixels' rows of 32-bit units (float32 channels, or bfloat16 pairs of
+// channels: already micro512_bf16's pairs), 8 x 8 blocks in registers, written as [tile][units][mr] (the
+// micro-kernels' A, with 2 units of room past the end); no float32 rows. kb even for bfloat16.
 template <class T>
-__attribute__((target("avx2,fma"))) void tap_rows_nhwc(const Geometry& q, const T* xn, int64_t xH, int64_t xW,
-                                                       const mixgemm::Segment& sg, int64_t kh, int64_t kw,
-                                                       int64_t ci0, int64_t kb, float* dst) {
-  const int64_t w = sg.w1 - sg.w0, count = sg.count();
-  thread_local std::vector<const T*> px;  // the segment's pixels in order, at channel ci0
-  px.resize(count);
-  for (int64_t p = 0; p < count; ++p) {
-    const int64_t oh = sg.h0 + p / w, ow = sg.w0 + p % w;
-    px[p] = xn + (oh * q.sh - q.ph + kh * q.dh) * xH + (ow * q.sw - q.pw + kw * q.dw) * xW + ci0;
-  }
-  int64_t c0 = 0;
-  for (; c0 + 8 <= kb; c0 += 8) {
-    int64_t p0 = 0;
-    for (; p0 + 8 <= count; p0 += 8) {
-      __m256 r[8];
-#pragma GCC unroll 8
-      for (int i = 0; i < 8; ++i) r[i] = load8(px[p0 + i] + c0);
-      mixgemm::transpose8(r);
-#pragma GCC unroll 8
-      for (int j = 0; j < 8; ++j) _mm256_storeu_ps(dst + (c0 + j) * count + p0, r[j]);
-    }
-    for (; p0 < count; ++p0)
-      for (int j = 0; j < 8; ++j) dst[(c0 + j) * count + p0] = static_cast<float>(px[p0][c0 + j]);
-  }
-  for (; c0 < kb; ++c0)
-    for (int64_t p = 0; p < count; ++p) dst[c0 * count + p] = static_cast<float>(px[p][c0]);
-}
-
-// tap_rows_nhwc and retile_bf16 in one step for a bfloat16 channels_last image: channels ci, ci + 1 of a pixel
-// are already one pair of micro512_bf16's A, so each tile of tl is the transpose of its pixels' rows of pairs
-// (8 x 8 blocks of 32-bit pairs in registers), written as [tile][kb / 2][mr] (retile_bf16's layout, and its 4
-// values of room past the end); no float32 rows. kb even.
-__attribute__((target("avx2,fma"))) void tiles_nhwc_bf16(const Geometry& q, const c10::BFloat16* xn, int64_t xH,
-                                                         int64_t xW, const mixgemm::Segment& sg, int64_t kh, int64_t kw,
-                                                         int64_t ci0, int64_t kb, const mixgemm::Tiles& tl,
-                                                         uint16_t* dst) {
-  const int64_t w = sg.w1 - sg.w0, kb2 = kb / 2, mr = tl.mr;
-  float* out = reinterpret_cast<float*>(dst);  // (32-bit pairs moved as floats: bits only)
-  for (int64_t t = 0; t < tl.count; ++t, out += kb2 * mr) {
+__attribute__((target("avx2,fma"))) void tiles_nhwc(const Geometry& q, const T* xn, int64_t xH, int64_t xW,
+                                                    const mixgemm::Segment& sg, int64_t kh, int64_t kw, int64_t ci0,
+                                                    int64_t kb, const mixgemm::Tiles& tl, void* dst) {
+  const int64_t w = sg.w1 - sg.w0, units = kb * sizeof(T) / 4, mr = tl.mr;
+  float* out = static_cast<float*>(dst);  // (bfloat16 pairs moved as floats: bits only)
+  for (int64_t t = 0; t < tl.count; ++t, out += units * mr) {
     const int64_t rows = tl.rows(t), start = tl.start(t);
     const float* px[8] = {};  // the tile's pixels at channel ci0 (none past its rows)
     for (int64_t r = 0; r < rows; ++r) {
@@ -168,7 +130,7 @@ __attribute__((target("avx2,fma"))) void tiles_nhwc_bf16(const Geometry& q, cons
                                              (ow * q.sw - q.pw + kw * q.dw) * xW + ci0);
     }
     int64_t u = 0;
-    for (; u + 8 <= kb2; u += 8) {  // (each store's 8 - mr extra pairs are overwritten by the next row's)
+    for (; u + 8 <= units; u += 8) {  // (each store's 8 - mr extra units are overwritten by the next row's)
       __m256 v[8];
 #pragma GCC unroll 8
       for (int r = 0; r < 8; ++r) v[r] = px[r] ? _mm256_loadu_ps(px[r] + u) : _mm256_setzero_ps();
@@ -176,11 +138,11 @@ __attribute__((target("avx2,fma"))) void tiles_nhwc_bf16(const Geometry& q, cons
 #pragma GCC unroll 8
       for (int i = 0; i < 8; ++i) _mm256_storeu_ps(out + (u + i) * mr, v[i]);
     }
-    for (; u < kb2; ++u)
+    for (; u < units; ++u)
       for (int64_t r = 0; r < mr; ++r) {
-        uint32_t pair = 0;
-        if (r < rows) std::memcpy(&pair, px[r] + u, 4);
-        std::memcpy(out + u * mr + r, &pair, 4);
+        uint32_t unit = 0;
+        if (r < rows) std::memcpy(&unit, px[r] + u, 4);
+        std::memcpy(out + u * mr + r, &unit, 4);
       }
   }
 }
@@ -190,10 +152,6 @@ __attribute__((target("avx2,fma"))) void tiles_nhwc_bf16(const Geometry& q, cons
 template <class T>
 void tap_rows(const Geometry& q, const T* xn, int64_t xC, int64_t xH, int64_t xW, const mixgemm::Segment& sg,
               int64_t kh, int64_t kw, int64_t ci0, int64_t kb, float* dst) {
-  if (xC == 1 && kb >= 8) {  // (the AVX-512 engine's path: the CPU has AVX2)
-    tap_rows_nhwc(q, xn, xH, xW, sg, kh, kw, ci0, kb, dst);
-    return;
-  }
   const int64_t w = sg.w1 - sg.w0;
   for (int64_t kk = 0; kk < kb; ++kk) {
     const T* xc = xn + (ci0 + kk) * xC;
@@ -423,17 +381,15 @@ void forward_engine(const at::Tensor& x, const at::Tensor& wp, const at::Tensor&
         }
       }
   };
-  // A bfloat16 channels_last input is packed straight into our micro-kernel's tiles (tiles_nhwc_bf16).
-  mixgemm::PackBf16 tiles;
-  if constexpr (!f32) {
-    if (by_tap && xC == 1 && micro == mixgemm::Micro::Bf16)
-      tiles = [&](int64_t n, int64_t k0, int64_t kb, const mixgemm::Tiles& tl, uint16_t* dst) {
-        if (kb % 2) return false;
-        const int64_t tap = k0 / cin;
-        tiles_nhwc_bf16(q, X + n * xN, xH, xW, *seg_of_tap[tap], tap / q.KW, tap % q.KW, k0 % cin, kb, tl, dst);
-        return true;
-      };
-  }
+  // A channels_last input is packed straight into our AVX-512 micro-kernels' tiles (tiles_nhwc).
+  mixgemm::PackTiles tiles;
+  if (by_tap && xC == 1 && (f32 || micro == mixgemm::Micro::Bf16))
+    tiles = [&](int64_t n, int64_t k0, int64_t kb, const mixgemm::Tiles& tl, void* dst) {
+      if (!f32 && kb % 2) return false;
+      const int64_t tap = k0 / cin;
+      tiles_nhwc(q, X + n * xN, xH, xW, *seg_of_tap[tap], tap / q.KW, tap % q.KW, k0 % cin, kb, tl, dst);
+      return true;
+    };
   mixgemm::run(N, P, K, C, src, Gd, Gld, true, pack, consume, micro, select || pairs ? &sel : nullptr,
                by_tap ? &segs : nullptr, nullptr, tiles ? &tiles : nullptr);
 }

@@ -609,21 +609,22 @@ inline float* scratch(int slot, size_t n) {
 //   sel: gates per column, Wp and Wf already packed (see Selected): binary gates (0 or 1) pick columns, soft
 //   ones (bfloat16 pair panels) blend them per image; only where the AVX-512 micro-kernels run; then b is not
 //   read.
-//   pack_bf16: where it returns true, it has written the image's packed bfloat16 tiles (retile_bf16's
-//   layout) and pack_a is not called for them.
+//   pack_tiles: where it returns true, it has written the image's packed tiles (retile's or retile_bf16's
+//   layout, with 2 floats of room past the end) and pack_a is not called for them; AVX-512 kernels only.
 //   segs: the contraction in segments, each with the output rows it reaches (a convolution's kernel taps: a
 //   tap on the padding reaches fewer pixels, whose rows alone are packed and multiplied); only where the
 //   AVX-512 micro-kernels run; pack_a then writes the segment's rows ([kb][count()], lda = count()).
 //   Without: one segment of all rows.
-// A writer of an image's packed bfloat16 A tiles itself (pack_bf16(n, k0, kb, tiles, dst) -> whether it did):
-// for inputs whose bfloat16 pairs of k are adjacent in memory, which need no float32 rows (see run()).
-using PackBf16 = std::function<bool(int64_t, int64_t, int64_t, const Tiles&, uint16_t*)>;
+// A writer of an image's packed A tiles for the AVX-512 micro-kernels itself (pack_tiles(n, k0, kb, tiles, dst)
+// -> whether it did; dst: float32 or bfloat16 pairs): for inputs whose k are adjacent in memory, which need no
+// float32 rows (see run()).
+using PackTiles = std::function<bool(int64_t, int64_t, int64_t, const Tiles&, void*)>;
 
 template <class PackA, class Consume>
 void run(int64_t N, int64_t P, int64_t Kd, int64_t M, const BSource& b, const float* gates, int64_t gate_ld,
          bool gate_per_column, const PackA& pack_a, const Consume& consume, Micro kernel = Micro::Avx2,
          const Selected* sel = nullptr, const std::vector<Segment>* segs = nullptr, const RowPick* pick = nullptr,
-         const PackBf16* pack_bf16 = nullptr) {
+         const PackTiles* pack_tiles = nullptr) {
   const bool brg = is_brgemm(kernel), bf = is_bf16(kernel), wide = !brg && avx512::available();
   TORCH_CHECK(!bf || avx512::bf16_available(), "gated_conv2d: internal error: bfloat16 engine without AVX-512 BF16");
   TORCH_CHECK(kernel != Micro::Bf16Brgemm || brgemm_bf16_available(),
@@ -660,7 +661,10 @@ void run(int64_t N, int64_t P, int64_t Kd, int64_t M, const BSource& b, const fl
         // (one image's packed A, in elements: float32, or bfloat16 pairs of k)
         const int64_t per_image = tiles * (bf ? kb2 : kb) * kMR;
         for (int64_t n = n0; n < n1; ++n) {
-          if (bf && !brg && pack_bf16 && (*pack_bf16)(n, k0, kb, tl, apack16 + (n - n0) * per_image)) continue;
+          if (wide && pack_tiles &&
+              (*pack_tiles)(n, k0, kb, tl, bf ? static_cast<void*>(apack16 + (n - n0) * per_image)
+                                              : static_cast<void*>(apack + (n - n0) * per_image)))
+            continue;
           int64_t lda = R;
           const float* a = pack_a(n, k0, kb, rows, lda);
           if (brg && bf)  // (kb rounded up to pairs: the VNNI B's)
