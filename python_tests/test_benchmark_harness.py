@@ -129,3 +129,21 @@ def test_isa_caps_are_recorded_and_name_the_table(monkeypatch):
     row = results.context()
     assert row["isa_cap"] == "tlkernels avx2, ATen avx2, oneDNN AVX2"
     assert "ISA capped at tlkernels avx2, ATen avx2, oneDNN AVX2" in report.hardware(dict(row, device="cpu"))
+
+
+def test_commit_is_dirty_for_changed_code_not_for_the_results_file(tmp_path, monkeypatch):
+    results = _bench_module("results")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    bench = tmp_path / "benchmarks"
+    bench.mkdir()
+    (bench / "results.csv").write_text("run\n")
+    (bench / "code.py").write_text("x = 1\n")
+    subprocess.run(git + ["init", "-q"], check=True)
+    subprocess.run(git + ["add", "-A"], check=True)
+    subprocess.run(git + ["commit", "-qm", "c"], check=True)
+    monkeypatch.setattr(results, "HERE", str(bench))
+    head = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    (bench / "results.csv").write_text("run\n1\n")  # a run appended its rows
+    assert results._commit() == head
+    (bench / "code.py").write_text("x = 2\n")
+    assert results._commit() == head + "+dirty"
