@@ -457,13 +457,18 @@ __attribute__((target("avx512f"))) inline __m512 blend_row512(const float* p, co
   return _mm512_fmadd_ps(g, fv, _mm512_mul_ps(_mm512_sub_ps(_mm512_set1_ps(1.f), g), pv));
 }
 
+// The [16][2] pairs of one panel row pair from its two rows' float32 values: each rounded to bfloat16 (nearest
+// even), the even row's in the low half of each 32-bit lane.
+__attribute__((target("avx512f,avx512bf16,avx512bw,avx512vl"))) inline __m512i pair_rows_bf16(__m512 even, __m512 odd) {
+  const __m512i lo = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(even));
+  return _mm512_or_si512(lo, _mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(odd)), 16));
+}
+
 // blend_panel's bfloat16 twin for micro512_bf16's B: the blend in float32, written as [kb2][16][2] bfloat16
 // (pairs of consecutive k per column, an odd kb's last pair zero padded), rounded to nearest even.
-__attribute__((target("avx512f,avx512bf16"))) inline void blend_panel_bf16(const BSource& s, int64_t j, int valid,
+__attribute__((target("avx512f,avx512bf16,avx512bw,avx512vl"))) inline void blend_panel_bf16(const BSource& s, int64_t j, int valid,
                                                                            int64_t k0, int64_t kb, const float* gcol,
                                                                            const float* grow, uint16_t* dst) {
-  const __m512i lo_idx = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-  const __m512i hi_idx = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
   const __mmask16 m = valid >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << valid) - 1);
   const float* pp = s.pre + j * s.panel_stride + k0 * s.row_stride;
   const float* pf = s.ft + j * s.panel_stride + k0 * s.row_stride;
@@ -474,8 +479,7 @@ __attribute__((target("avx512f,avx512bf16"))) inline void blend_panel_bf16(const
     const __m512 r1 = k + 1 < kb ? blend_row512(pp + (k + 1) * s.row_stride, pf + (k + 1) * s.row_stride,
                                                 grow ? _mm512_set1_ps(grow[k0 + k + 1]) : gc, m)
                                  : _mm512_setzero_ps();
-    const __m512 lo = _mm512_permutex2var_ps(r0, lo_idx, r1), hi = _mm512_permutex2var_ps(r0, hi_idx, r1);
-    _mm512_storeu_si512(dst, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));  // (lo in the lower half)
+    _mm512_storeu_si512(dst, pair_rows_bf16(r0, r1));
   }
 }
 
@@ -506,13 +510,6 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) inline void pick_rows_bf16(
     }
     _mm512_storeu_si512(dst, _mm512_or_si512(lo, hi));
   }
-}
-
-// The [16][2] pairs of one panel row pair from its two rows' float32 values: each rounded to bfloat16 (nearest
-// even), the even row's in the low half of each 32-bit lane.
-__attribute__((target("avx512f,avx512bf16,avx512bw,avx512vl"))) inline __m512i pair_rows_bf16(__m512 even, __m512 odd) {
-  const __m512i lo = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(even));
-  return _mm512_or_si512(lo, _mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(odd)), 16));
 }
 
 // blend_panel_bf16 for gates per column from the pair panels of Selected (k0 even): each pair of rows widened
