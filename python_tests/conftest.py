@@ -16,6 +16,10 @@ os.environ.setdefault("TRITON_INTERPRET", "0" if CUDA else "1")
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+# The CPU's own flags (an oracle beside the library's detection, which the tests check).
+_CPUINFO = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+CPU_AVX2, CPU_AVX512_BF16 = "avx2" in _CPUINFO, "avx512_bf16" in _CPUINFO
+
 
 @pytest.fixture(autouse=True)
 def _seed():

@@ -1,6 +1,5 @@
 """Every hand-written SIMD path and its portable twin: the same checks run with the CPU's own ISA, with the
 `cpu_isa` setting (TLKERNELS_CPU_ISA) at `avx2` and at `scalar`, each against the float64 references."""
-import os
 
 import pytest
 import torch
@@ -11,6 +10,8 @@ from tlkernels.ops import (cross_entropy, filterbank_histogram, filterbank_histo
                            gated_conv2d_reference, knn_search, knn_search_reference, l2sp_penalty_reference,
                            l2sp_value_and_grad)
 from tlkernels.ops.optim_step import adamw_l2sp_step_reference, sgd_l2sp_step_reference
+
+from conftest import CPU_AVX2, CPU_AVX512_BF16  # noqa: E402
 
 
 def errors(settings):
@@ -67,10 +68,8 @@ def test_every_isa_path_matches_the_references(settings, isa):
     assert res["ce"] < 1e-4 and res["l2sp"] < 1e-4 and res["hist"] <= 1e-3 and res["knn"] == 0.0, res
     assert res["steps"] < 1e-5, res
     assert res["gated"] < 1e-3, res
-    has_avx2 = "avx2" in open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else False
     # the forced small-map engine runs only where the AVX2 paths are allowed; capped, another strategy serves
-    assert (res["gated_strategy"] == "mix") == (has_avx2 and isa != "scalar"), res
+    assert (res["gated_strategy"] == "mix") == (CPU_AVX2 and isa != "scalar"), res
     assert res["gated_bf16"] <= 1.0, res  # err <= 2 x the reference's own bfloat16 error
     # bfloat16 on the small-map engine: AVX-512 BF16 only, so not under an avx2 or scalar cap
-    has_bf16 = "avx512_bf16" in open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else False
-    assert (res["gated_bf16_strategy"] == "mix") == (has_bf16 and isa == "native"), res
+    assert (res["gated_bf16_strategy"] == "mix") == (CPU_AVX512_BF16 and isa == "native"), res

@@ -12,6 +12,8 @@ import torch
 import tlkernels
 from tlkernels.ops import gated_conv2d, gated_conv2d_reference
 
+from conftest import CPU_AVX512_BF16  # noqa: E402
+
 STRATEGIES = ["routed", "mix", "brgemm", "blended", "grouped", "concat", "bmm", "twoconv", "heuristic", "auto"]
 # (N, C_in, H, C_out, k, stride, padding, dilation, groups)
 SHAPES = [
@@ -136,14 +138,12 @@ def test_strategy_bfloat16_error_budget(settings, strategy, k, gate_kind, hard, 
             assert err(g, g64) <= 2 * err(g16, g64) + 1e-3 * g64.abs().max().item()
     if strategy in ("mix", "brgemm"):  # the small-map engine takes bfloat16 both ways where the CPU has AVX-512
         # BF16 (with oneDNN's BRGeMM ukernel as its micro-kernel wherever oneDNN's ISA is not capped below it)
-        bf16_cpu = os.path.exists("/proc/cpuinfo") and "avx512_bf16" in open("/proc/cpuinfo").read()
         allowed = tlkernels.config.get("cpu_isa") in ("native", "avx512")
         if strategy == "mix" or not os.environ.get("ONEDNN_MAX_CPU_ISA"):
-            assert (last() == [strategy, strategy]) == (bf16_cpu and allowed), last()
+            assert (last() == [strategy, strategy]) == (CPU_AVX512_BF16 and allowed), last()
 
 
-@pytest.mark.skipif(not (os.path.exists("/proc/cpuinfo") and "avx512_bf16" in open("/proc/cpuinfo").read()),
-                    reason="the bfloat16 engine needs AVX-512 BF16")
+@pytest.mark.skipif(not CPU_AVX512_BF16, reason="the bfloat16 engine needs AVX-512 BF16")
 def test_bfloat16_brgemm_where_onednn_has_none_is_not_a_candidate():
     """oneDNN capped below AVX-512 BF16 has no bfloat16 BRGeMM: the forced `brgemm` setting then leaves the choice
     to the others (as it does wherever a strategy does not apply), and the result stays exact."""
@@ -160,11 +160,8 @@ def test_bfloat16_brgemm_where_onednn_has_none_is_not_a_candidate():
     assert taken != "brgemm" and float(err) < 1e-2, out.stdout  # (relative: the output's bfloat16 rounding)
 
 
-BF16_ENGINE = os.path.exists("/proc/cpuinfo") and "avx512_bf16" in open("/proc/cpuinfo").read()
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
-    not BF16_ENGINE, reason="the bfloat16 engine needs AVX-512 BF16"))], ids=["fp32", "bf16"])
+    not CPU_AVX512_BF16, reason="the bfloat16 engine needs AVX-512 BF16"))], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("hard", [True, False])
 @pytest.mark.parametrize("shape", [(3, 40, 7, 24), (2, 272, 5, 16), (2, 2, 6, 16)],
                          ids=["40ch-7x7", "272ch-5x5", "2ch-6x6"])

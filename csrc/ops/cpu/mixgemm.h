@@ -594,6 +594,11 @@ inline float* scratch(int slot, size_t n) {
   return v.data();
 }
 
+// A writer of an image's packed A tiles for the AVX-512 micro-kernels itself (pack_tiles(n, k0, kb, tiles, dst)
+// -> whether it did; dst: float32 or bfloat16 pairs): for inputs whose k are adjacent in memory, which need no
+// float32 rows (see run()).
+using PackTiles = std::function<bool(int64_t, int64_t, int64_t, const Tiles&, void*)>;
+
 // Runs the per-image gated GEMM over images [0, N).
 //   P: rows (pixels) per image, Kd: contraction length, M: output columns.
 //   gates: [N][gate_ld] float32 (gate_ld >= round_up(M, 16) when per column, zero padded; >= Kd per row).
@@ -612,11 +617,6 @@ inline float* scratch(int slot, size_t n) {
 //   tap on the padding reaches fewer pixels, whose rows alone are packed and multiplied); only where the
 //   AVX-512 micro-kernels run; pack_a then writes the segment's rows ([kb][count()], lda = count()).
 //   Without: one segment of all rows.
-// A writer of an image's packed A tiles for the AVX-512 micro-kernels itself (pack_tiles(n, k0, kb, tiles, dst)
-// -> whether it did; dst: float32 or bfloat16 pairs): for inputs whose k are adjacent in memory, which need no
-// float32 rows (see run()).
-using PackTiles = std::function<bool(int64_t, int64_t, int64_t, const Tiles&, void*)>;
-
 template <class PackA, class Consume>
 void run(int64_t N, int64_t P, int64_t Kd, int64_t M, const BSource& b, const float* gates, int64_t gate_ld,
          bool gate_per_column, const PackA& pack_a, const Consume& consume, Micro kernel = Micro::Avx2,
