@@ -155,19 +155,14 @@ bool takes_any_layout(Strategy st) { return st == Strategy::Routed || st == Stra
 struct DenseWeights {
   const at::Tensor &pre_in, &ft_in;
   at::Tensor pre_d, ft_d;
-  const at::Tensor& pre() {
-    make();
-    return pre_d;
-  }
-  const at::Tensor& ft() {
-    make();
-    return ft_d;
-  }
-  void make() {
+  // (W_pre, W_ft) as strategy st reads them.
+  std::pair<at::Tensor, at::Tensor> of(Strategy st) {
+    if (takes_any_layout(st)) return {pre_in, ft_in};
     if (!pre_d.defined()) {
       pre_d = pre_in.contiguous();
       ft_d = ft_in.contiguous();
     }
+    return {pre_d, ft_d};
   }
 };
 
@@ -260,8 +255,7 @@ std::tuple<at::Tensor, at::Tensor> forward_kernel(
   const at::Tensor g = effective_gate(gate, weight_pre.size(0), hard);
   const at::Tensor xin = input.contiguous(fmt);
   auto run = [&](Strategy st, at::Tensor& y, at::Tensor* d) {
-    const bool as_given = takes_any_layout(st);
-    const at::Tensor &wp = as_given ? weight_pre : dw.pre(), &wf = as_given ? weight_ft : dw.ft();
+    const auto [wp, wf] = dw.of(st);
     switch (st) {
       case Strategy::Routed: forward_routed(input, wp, wf, rt, bias_pre, bias_ft, a, y); break;
       case Strategy::Mix: mix::forward(xin, wp, wf, g, bias_pre, bias_ft, a, y, binary); break;
@@ -344,8 +338,7 @@ Grads backward_kernel(const at::Tensor& grad_output, const at::Tensor& input, co
                                        : Strategy::Concat;
     const at::Tensor g = effective_gate(gate, C, hard);
     auto run = [&](Strategy st) -> Grads {
-      const bool as_given = takes_any_layout(st);
-      const at::Tensor &wp = as_given ? weight_pre : dw.pre(), &wf = as_given ? weight_ft : dw.ft();
+      const auto [wp, wf] = dw.of(st);
       if (st == Strategy::Routed) return backward_routed(dy, x, wp, wf, rt, bias_pre, bias_ft, a, m, gate.dim() == 2);
       // With a gate gradient and no saved y_f - y_p, the mix engine's weight pass gives dWf, dWp and dL/dg
       // together (one weight-gradient's FLOPs instead of a weight gradient plus a conv with Wf - Wp).

@@ -83,10 +83,10 @@ class AdaFilterConv(nn.Module):
         as autocast casts them (the same values), instead of autocast casting them again at every call."""
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return self._fold()
-        cast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
         key = tuple(None if t is None else (t.data_ptr(), t._version, t.dtype, t.device)
                     for t in self._fold_sources())
-        key += (None if self.bn_ft is None else (self.bn_pre.eps, self.bn_ft.eps), cast)
+        key += (None if self.bn_ft is None else (self.bn_pre.eps, self.bn_ft.eps),
+                autocast_dtype(device_type, torch.float32))  # (the cast the cached tensors took)
         if self._fold_cache is None or self._fold_cache[0] != key:
             self._fold_cache = (key, tuple(t.to(autocast_dtype(device_type, t.dtype)) if isinstance(t, torch.Tensor)
                                            else t for t in self._fold()))

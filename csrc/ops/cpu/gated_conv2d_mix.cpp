@@ -421,11 +421,10 @@ at::Tensor input_grad_engine(const at::Tensor& dy, const at::Tensor& x, const at
   const Geometry q(x, wp, dy, a);
   const int64_t P = q.OH * q.OW, taps = q.KH * q.KW;
   const at::Tensor G = padded_gates(g);
-  // bfloat16 weights: each image's panel picks (binary gates) or blends its rows from the weights as they are;
-  // otherwise the blend reads float32 copies.
-  const bool pick = std::is_same_v<T, c10::BFloat16> && wp.scalar_type() == at::kBFloat16;
-  const at::Tensor wpc = pick ? wp.contiguous() : wp.to(at::kFloat).contiguous();
-  const at::Tensor wfc = pick ? wf.contiguous() : wf.to(at::kFloat).contiguous();
+  // The weights are in dy's dtype. bfloat16: each image's panel picks (binary gates) or blends its rows from
+  // them (RowPick); float32: blend_panel reads them.
+  const bool pick = std::is_same_v<T, c10::BFloat16>;
+  const at::Tensor wpc = wp.contiguous(), wfc = wf.contiguous();
   const mixgemm::BSource src{pick ? nullptr : wpc.data_ptr<float>(), pick ? nullptr : wfc.data_ptr<float>(),
                              mixgemm::kNR, K};
   const mixgemm::RowPick rows{pick ? reinterpret_cast<const uint16_t*>(wpc.data_ptr()) : nullptr,

@@ -464,20 +464,19 @@ __attribute__((target("avx512f,avx512bf16,avx512bw,avx512vl"))) inline __m512i p
   return _mm512_or_si512(lo, _mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(odd)), 16));
 }
 
-// blend_panel's bfloat16 twin for micro512_bf16's B: the blend in float32, written as [kb2][16][2] bfloat16
-// (pairs of consecutive k per column, an odd kb's last pair zero padded), rounded to nearest even.
+// blend_panel's bfloat16 twin for micro512_bf16's B, gates per column (row gates on bfloat16 weights:
+// RowPick): the blend in float32, written as [kb2][16][2] bfloat16 (pairs of consecutive k per column, an odd
+// kb's last pair zero padded), rounded to nearest even.
 __attribute__((target("avx512f,avx512bf16,avx512bw,avx512vl"))) inline void blend_panel_bf16(const BSource& s, int64_t j, int valid,
                                                                            int64_t k0, int64_t kb, const float* gcol,
-                                                                           const float* grow, uint16_t* dst) {
+                                                                           uint16_t* dst) {
   const __mmask16 m = valid >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << valid) - 1);
   const float* pp = s.pre + j * s.panel_stride + k0 * s.row_stride;
   const float* pf = s.ft + j * s.panel_stride + k0 * s.row_stride;
-  const __m512 gc = gcol ? _mm512_loadu_ps(gcol) : _mm512_setzero_ps();
+  const __m512 gc = _mm512_loadu_ps(gcol);
   for (int64_t k = 0; k < kb; k += 2, dst += 32) {
-    const __m512 r0 = blend_row512(pp + k * s.row_stride, pf + k * s.row_stride,
-                                   grow ? _mm512_set1_ps(grow[k0 + k]) : gc, m);
-    const __m512 r1 = k + 1 < kb ? blend_row512(pp + (k + 1) * s.row_stride, pf + (k + 1) * s.row_stride,
-                                                grow ? _mm512_set1_ps(grow[k0 + k + 1]) : gc, m)
+    const __m512 r0 = blend_row512(pp + k * s.row_stride, pf + k * s.row_stride, gc, m);
+    const __m512 r1 = k + 1 < kb ? blend_row512(pp + (k + 1) * s.row_stride, pf + (k + 1) * s.row_stride, gc, m)
                                  : _mm512_setzero_ps();
     _mm512_storeu_si512(dst, pair_rows_bf16(r0, r1));
   }
@@ -630,6 +629,7 @@ void run(int64_t N, int64_t P, int64_t Kd, int64_t M, const BSource& b, const fl
   TORCH_CHECK(!sel || sel->binary || bf, "gated_conv2d: internal error: blended pair panels are bfloat16");
   TORCH_CHECK(!segs || wide, "gated_conv2d: internal error: contraction segments need AVX-512");
   TORCH_CHECK(!pick || (bf && !gate_per_column), "gated_conv2d: internal error: row picks are for bfloat16 rows");
+  TORCH_CHECK(!bf || gate_per_column || pick, "gated_conv2d: internal error: bfloat16 row gates need RowPick");
   const std::vector<Segment> whole{Segment::all(Kd, P)};
   const std::vector<Segment>& sgs = segs ? *segs : whole;
   const int64_t step = wide ? 2 : 1;  // panels per pass of the micro-kernel (AVX-512: two, 32 columns)
@@ -690,7 +690,7 @@ void run(int64_t N, int64_t P, int64_t Kd, int64_t M, const BSource& b, const fl
                 else if (sel)  // (soft gates on bfloat16 pair panels)
                   blend_pairs_bf16(*sel, j + i, k0, kb, gcol, bmix16 + i * kKC * kNR);
                 else if (bf)
-                  blend_panel_bf16(b, j + i, valid, k0, kb, gcol, grow, bmix16 + i * kKC * kNR);
+                  blend_panel_bf16(b, j + i, valid, k0, kb, gcol, bmix16 + i * kKC * kNR);
                 else
                   blend_panel(b, j + i, valid, k0, kb, gcol, grow, bmix + i * kKC * kNR);
               }
