@@ -1,8 +1,9 @@
-"""SpotTune and AdaFilter on ResNet-18, on each device of conftest.bench_devices. Providers: naive = both copies / branches computed and blended
-(the papers' code), tlkernels = routed SpotTune eval / fused AdaFilter, tlkernels_pt2 = the torch.export program
-of tlkernels' eval model (what the trainer writes as model.pt2; here exported at the benchmark's input size),
-saved and loaded back. Eval precisions: fp32; bf16 (model and input in bfloat16); autocast_bf16 (the float32
-model under torch.autocast in bfloat16, also the float32 model.pt2's way to serve in bf16).
+"""SpotTune and AdaFilter on ResNet-18, on each device of conftest.bench_devices. Providers: naive = both copies /
+branches computed and blended (the papers' code), tlkernels = routed SpotTune eval / fused AdaFilter,
+tlkernels_pt2 = the torch.export program of tlkernels' eval model as the trainer exports it for model.pt2
+(train.export.fold_batchnorm; here exported at the benchmark's input size), saved and loaded back. Eval
+precisions: fp32; bf16 (model and input in bfloat16); autocast_bf16 (the float32 model under torch.autocast in
+bfloat16, also the float32 model.pt2's way to serve in bf16).
 
 Run: python -m pytest benchmarks/test_bench_methods.py --benchmark-json=.benchmarks/methods.json
      python benchmarks/report.py .benchmarks/methods.json
@@ -112,7 +113,7 @@ def test_adafilter_eval(benchmark, provider, precision, device):
     x = torch.randn(32, 3, 112, 112, device=device)
     m, x = _in_precision(m, x, precision)
     if provider == "tlkernels_pt2":
-        m = _exported(m, x)
+        m = _exported(fold_batchnorm(m), x)
     benchmark.group = _group("adafilter resnet18 eval N=32 112x112", precision)
     benchmark.extra_info["provider"] = provider
     run(benchmark, _eval_call(m, x, precision), rounds=7)

@@ -514,6 +514,34 @@ def case_adafilter_untraceable_model_pairs_nothing_unproven():
     assert isinstance(w.backbone.bn1, nn.BatchNorm2d) and isinstance(w.backbone.bn2, nn.BatchNorm2d)
 
 
+class _BNAct(nn.BatchNorm2d):
+    """A BatchNorm2d subclass that adds an activation (as timm's BatchNormAct2d does)."""
+
+    def forward(self, x):
+        return torch.relu(super().forward(x))
+
+
+class _UntraceableBNAct(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), _BNAct(6), nn.Conv2d(6, 4, 3, padding=1),
+                                  _bn_with_stats(4))
+        bn = self.body[1]
+        bn.running_mean.uniform_(-0.5, 0.5)
+        nn.init.uniform_(bn.bias, -0.5, 0.5)
+
+    def forward(self, x):
+        if x.sum() > -1e9:  # data-dependent control flow: torch.fx cannot trace this (Sequential order is read)
+            x = self.body(x)
+        return x
+
+
+def case_adafilter_bn_subclass_with_its_own_forward_is_not_paired():
+    torch.manual_seed(0)
+    w = _exact_at_init(_UntraceableBNAct().eval(), torch.randn(2, 3, 8, 8), skip=())
+    assert type(w.backbone.body[1]) is _BNAct and isinstance(w.backbone.body[3], nn.Identity)
+
+
 def case_adafilter_reflect_padding():
     torch.manual_seed(0)
     m = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, padding_mode="reflect"), _bn_with_stats(6),

@@ -435,7 +435,7 @@ def test_adafilter_float32_eval_matches_reference_and_refolds_after_changes():
     check()
     # Training between evals, as a trainer does: our fused optimizer writes the weights through data
     # pointers, and a train-mode forward moves BN running statistics without bumping their version
-    # counters; both must refold (both were missed once: eval kept the first eval's weights).
+    # counters; both must refold.
     opt = tlkernels.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
     m.train()
     F.cross_entropy(m(x), torch.tensor([0, 1, 2])).backward()
@@ -447,6 +447,47 @@ def test_adafilter_float32_eval_matches_reference_and_refolds_after_changes():
         m(2 * x + 1)  # BN running statistics only
     m.eval()
     check()
+
+
+def test_adafilter_export_folds_its_branch_bns_once_and_runs_channels_last():
+    """fold_batchnorm (what the trainer exports as model.pt2) folds each layer's branch BNs into its filters and
+    bias once (AdaFilter.fold_bn_): the copy's eval output is the model's, the model keeps its BNs, and the
+    exported program computes no fold per call (no rsqrt) and runs channels_last on CPU tensors, as the eager
+    eval does. A layer whose BN uses batch statistics keeps it."""
+    from tlkernels.train.export import _FrozenBN, export_program, fold_batchnorm
+    m = AdaFilter(_resnet().float(), hidden_size=16).eval()
+    _perturb_finetuned(m)
+    _mixed_gates(m)
+    with torch.no_grad():
+        for _, layer in m.layers:  # branch BNs unlike each other and unlike identity
+            for bn in (layer.bn_pre, layer.bn_ft):
+                bn.weight.uniform_(0.5, 1.5)
+                bn.bias.uniform_(-0.2, 0.2)
+                bn.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(3, 3, 64, 64)
+    folded = fold_batchnorm(m)
+    assert all(l.bn_ft is None and l.bn_pre is None for _, l in folded.layers)
+    assert all(l.bn_ft is not None for _, l in m.layers)
+    assert isinstance(folded.backbone.bn1, _FrozenBN)  # the stem (not gated) keeps its BN as an affine map
+    with torch.no_grad():
+        want = m(x)
+        gates = {l.index: l.last_gate for _, l in m.layers}
+        got = folded(x)
+        assert all(torch.equal(gates[l.index], l.last_gate) for _, l in folded.layers)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+        program = export_program(folded, x)
+        targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+        assert not any("rsqrt" in t for t in targets), targets
+        assert any(n.kwargs.get("memory_format") == torch.channels_last for n in program.graph.nodes
+                   if n.op == "call_function"), targets
+        assert any(t.startswith("tlkernels.gated_conv2d") for t in targets), targets
+        torch.testing.assert_close(program.module()(x), got, rtol=1e-5, atol=1e-5 * got.abs().max().item())
+    batch_stats = AdaFilter(_resnet().float(), hidden_size=16)
+    layer = batch_stats.layers[3][1]
+    layer.bn_ft.track_running_stats = layer.bn_pre.track_running_stats = False
+    layer.bn_ft.running_var = layer.bn_pre.running_var = None
+    batch_stats.fold_bn_()
+    assert layer.bn_ft is not None and batch_stats.layers[4][1].bn_ft is None
 
 
 def test_adafilter_lstm_gets_gradients_and_frozen_filters_do_not_move():

@@ -1,4 +1,5 @@
-"""Finding residual blocks and conv/BN pairs in a backbone."""
+"""Finding residual blocks and conv/BN pairs in a backbone; an eval-mode BN as its affine map."""
+import torch
 import torch.nn as nn
 
 
@@ -60,6 +61,12 @@ def residual_blocks(model):
     return found
 
 
+def _is_plain_bn(m):
+    """A BatchNorm2d that computes BatchNorm2d's forward (a subclass such as timm's BatchNormAct2d adds an
+    activation, which a BN folded into filters would drop)."""
+    return isinstance(m, nn.BatchNorm2d) and type(m).forward is nn.BatchNorm2d.forward
+
+
 def conv_bn_pairs(model):
     """(conv name, BatchNorm2d name or None) for every nn.Conv2d of `model` (qualified names, model order).
 
@@ -88,7 +95,7 @@ def conv_bn_pairs(model):
                 continue
             user = next(iter(nodes[0].users))
             bn = modules.get(user.target) if user.op == "call_module" else None
-            if (isinstance(bn, nn.BatchNorm2d) and len(calls[user.target]) == 1 and user.args[:1] == (nodes[0],)
+            if (_is_plain_bn(bn) and len(calls[user.target]) == 1 and user.args[:1] == (nodes[0],)
                     and len(user.args) == 1 and not user.kwargs and bn.num_features == modules[name].out_channels):
                 pairs[name] = user.target
     else:
@@ -97,7 +104,7 @@ def conv_bn_pairs(model):
                 continue
             children = list(parent.named_children())
             for (a, conv), (b, bn) in zip(children, children[1:]):
-                if (type(conv) is nn.Conv2d and isinstance(bn, nn.BatchNorm2d)
+                if (type(conv) is nn.Conv2d and _is_plain_bn(bn)
                         and bn.num_features == conv.out_channels):
                     pairs[f"{parent_name}.{a}".lstrip(".")] = f"{parent_name}.{b}".lstrip(".")
         # a module reachable under two names (shared) is used twice: no pairing can be proven for it
@@ -112,3 +119,11 @@ def get_parent(model, name):
     """(parent module, attribute name) of the submodule called `name` (a qualified name)."""
     parent_name, _, attr = name.rpartition(".")
     return (model.get_submodule(parent_name) if parent_name else model), attr
+
+
+def bn_affine(bn):
+    """(scale, shift), per channel, of eval-mode BatchNorm `bn` (running statistics): bn(y) = y * scale + shift."""
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:  # affine=False: weight 1, bias 0
+        scale = scale * bn.weight
+    return scale, (0 if bn.bias is None else bn.bias) - bn.running_mean * scale

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tlkernels.methods._blocks import conv_bn_pairs, get_parent
+from tlkernels.methods._blocks import bn_affine, conv_bn_pairs, get_parent
 from tlkernels.nn.gated_conv import GatedConv2d
 from tlkernels.ops._utils import autocast_dtype
 from tlkernels.ops.gated_conv2d import gated_conv2d
@@ -98,12 +98,25 @@ class AdaFilterConv(nn.Module):
             return c.weight_pre, c.weight, c.bias_pre, c.bias
         out = []
         for w, b, bn in ((c.weight_pre, c.bias_pre, self.bn_pre), (c.weight, c.bias, self.bn_ft)):
-            scale = torch.rsqrt(bn.running_var + bn.eps)  # BN(y) = (y - mean) * scale * weight + bias
-            if bn.weight is not None:  # affine=False: weight 1, bias 0
-                scale = scale * bn.weight
-            bias = (0 if bn.bias is None else bn.bias) - bn.running_mean * scale + (0 if b is None else b * scale)
-            out.append((w * scale.view(-1, 1, 1, 1), bias))
+            scale, shift = bn_affine(bn)  # BN(conv(x, w) + b) = conv(x, w * scale) + b * scale + shift
+            out.append((w * scale.view(-1, 1, 1, 1), shift + (0 if b is None else b * scale)))
         return out[0][0], out[1][0], out[0][1], out[1][1]
+
+    def fold_bn_(self):
+        """Folds each branch's eval-mode BN into the branch's filters and bias, in place, and drops the BNs: the
+        layer then computes in eval what it computed before, with nothing left to fold at each call (what
+        torch.export traces for model.pt2). A layer whose BNs use batch statistics keeps them."""
+        if self.bn_ft is None or not self._foldable():
+            return self
+        c = self.conv
+        with torch.no_grad():
+            w_pre, w_ft, b_pre, b_ft = (t.detach().clone() for t in self._fold())
+        c.weight_pre, c.bias_pre = w_pre, b_pre  # (buffers)
+        c.weight = nn.Parameter(w_ft, requires_grad=c.weight.requires_grad)
+        c.bias = nn.Parameter(b_ft, requires_grad=c.weight.requires_grad)
+        self.bn_pre = self.bn_ft = None
+        self._fold_cache = None
+        return self
 
     def _two_branch(self, x, gate):
         """The papers'-code computation: two convolutions, two BNs, a blend (fused=False; benchmarks)."""
@@ -180,9 +193,10 @@ class AdaFilter(nn.Module):
             raise ValueError(f"AdaFilter: input must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
         self.controller.state = None
         # Fused eval without autograd on CPU tensors runs channels_last (the input once): oneDNN's convolutions,
-        # the stem's included, skip their per-call layout reorders (benchmarks/test_bench_methods.py).
+        # the stem's included, skip their per-call layout reorders (benchmarks/test_bench_methods.py). An exported
+        # program keeps that layout change; torch.compile picks layouts itself.
         cl = (self.layers[0][1].fused and not self.training and not torch.is_grad_enabled() and x.device.type == "cpu"
-              and not torch.compiler.is_compiling() and not torch.compiler.is_exporting())
+              and (torch.compiler.is_exporting() or not torch.compiler.is_compiling()))
         if cl:
             x = x.contiguous(memory_format=torch.channels_last)
         try:
@@ -190,6 +204,13 @@ class AdaFilter(nn.Module):
         finally:
             self.controller.state = None
         return out.contiguous() if cl and out.dim() == 4 else out  # (a feature map back in the default layout)
+
+    def fold_bn_(self):
+        """Every layer's branch BNs folded into its filters and bias, in place (AdaFilterConv.fold_bn_): the
+        model for inference and export, the same eval outputs. Returns self."""
+        for _, layer in self.layers:
+            layer.fold_bn_()
+        return self
 
     def gate_usage(self):
         """{layer name: fraction of (image, filter) gates that selected the fine-tuned filter} of the last batch."""

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from tlkernels._io import atomic_save, atomic_write
+from tlkernels.methods._blocks import bn_affine
 
 
 class _FrozenBN(nn.Module):
@@ -25,10 +26,7 @@ class _FrozenBN(nn.Module):
 
     def __init__(self, bn):
         super().__init__()
-        scale = torch.rsqrt(bn.running_var + bn.eps)
-        if bn.weight is not None:
-            scale = scale * bn.weight
-        shift = (0 if bn.bias is None else bn.bias) - bn.running_mean * scale
+        scale, shift = bn_affine(bn)
         self.register_buffer("scale", scale.detach().view(1, -1, 1, 1).clone())
         self.register_buffer("shift", shift.detach().view(1, -1, 1, 1).clone())
 
@@ -37,10 +35,14 @@ class _FrozenBN(nn.Module):
 
 
 def fold_batchnorm(model):
-    """A copy of `model` whose BatchNorm2d layers (with running statistics) are their eval-mode affine maps.
-    Why: aten's batch_norm tests for an empty batch, a guard torch.export cannot take on the data-dependent
-    batch size of a routed part; the affine map needs no such test."""
+    """A copy of `model` for export: modules with their own fold (`fold_bn_`: AdaFilter's branch BNs, folded into
+    the gated convolutions' filters) fold, and every other BatchNorm2d with running statistics becomes its
+    eval-mode affine map. Why: aten's batch_norm tests for an empty batch, a guard torch.export cannot take on
+    the data-dependent batch size of a routed part (SpotTune); the affine map needs no such test."""
     model = copy.deepcopy(model)
+    for m in list(model.modules()):
+        if callable(getattr(m, "fold_bn_", None)):
+            m.fold_bn_()
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.BatchNorm2d) and child.running_var is not None:

@@ -303,6 +303,10 @@ class AdaFilterRecipe(Recipe):
     def gates(self, net):
         return net.trunk.gate_usage()
 
+    def export_model(self, net):
+        from tlkernels.train.export import fold_batchnorm
+        return fold_batchnorm(net)  # the branch BNs folded into the filters (AdaFilter.fold_bn_)
+
 
 class SpotTuneRecipe(Recipe):
     """SpotTune around the backbone; the policy net trains with its own learning rate."""
