@@ -185,6 +185,49 @@ def test_spottune_routed_eval_folds_batchnorm_and_follows_weight_changes():
     assert calls == [int(fixed[:, 1].sum())] and m.blocks[1]._folded.copies is None
 
 
+class _InputDecisions(nn.Module):
+    """The policy network run as it is (its BNs are part of what is folded), its decisions replaced by ones read
+    off each image (the sign of a pixel per block): a mix of both copies in every block, for any batch size."""
+
+    def __init__(self, policy, num_blocks):
+        super().__init__()
+        self.policy, self.num_blocks = policy, num_blocks
+
+    def forward(self, x):
+        g = (x.flatten(1)[:, :self.num_blocks] > 0).to(x.dtype)
+        return self.policy(x) * 0 + torch.stack([1 - g, g], -1) * 10
+
+
+def test_spottune_export_folds_its_bns_into_the_copies_and_routes_channels_last():
+    """fold_batchnorm (what the trainer exports as model.pt2) folds the BNs of the policy and of each block's
+    copies into their convolutions (SpotTune.fold_bn_; the model keeps its own), and the exported program routes
+    each image through one copy in channels_last on CPU tensors: its outputs are the eager eval's, for a batch
+    size other than the example's too."""
+    from tlkernels.train.export import _FrozenBN, export_program, fold_batchnorm
+    m = SpotTune(_resnet().float())
+    _perturb_finetuned(m)
+    m.policy = _InputDecisions(m.policy, len(m.blocks))
+    m.eval()
+    x = torch.randn(6, 3, 48, 48)
+    folded = fold_batchnorm(m)
+    bns = lambda mod: [b for b in mod.modules() if isinstance(b, nn.modules.batchnorm._BatchNorm)]
+    assert not any(bns(b) for b in folded.blocks) and not bns(folded.policy)
+    assert all(bns(b.finetuned) for b in m.blocks) and bns(m.policy)
+    with torch.no_grad():
+        want = m(x)
+        program = export_program(folded, x)
+        targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+        # BNs left: the stem's and the policy's last (behind a ReLU): not routed, each one inference batch norm
+        left = [n for n, b in folded.named_modules() if isinstance(b, _FrozenBN)]
+        assert left == ["backbone.bn1", "policy.policy.layers.3"], left
+        assert sum("batch_norm" in t for t in targets) == 2, targets
+        assert sum("nonzero" in t for t in targets) == 2 * len(m.blocks), targets  # every block routes
+        assert any(n.kwargs.get("memory_format") == torch.channels_last for n in program.graph.nodes
+                   if n.op == "call_function"), targets
+        torch.testing.assert_close(program.module()(x), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+        torch.testing.assert_close(program.module()(x[:5]), m(x[:5]), rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
 def test_spottune_fast_eval_keeps_the_output_layout():
     """Eval on CPU runs channels_last inside; a backbone returning feature maps gives them in the default layout,
     equal to the training-mode modules' blend in eval mode."""

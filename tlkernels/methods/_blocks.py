@@ -1,5 +1,4 @@
-"""Finding residual blocks and conv/BN pairs in a backbone; an eval-mode BN as its affine map."""
-import torch
+"""Finding residual blocks and conv/BN pairs in a backbone."""
 import torch.nn as nn
 
 
@@ -120,10 +119,3 @@ def get_parent(model, name):
     parent_name, _, attr = name.rpartition(".")
     return (model.get_submodule(parent_name) if parent_name else model), attr
 
-
-def bn_affine(bn):
-    """(scale, shift), per channel, of eval-mode BatchNorm `bn` (running statistics): bn(y) = y * scale + shift."""
-    scale = torch.rsqrt(bn.running_var + bn.eps)
-    if bn.weight is not None:  # affine=False: weight 1, bias 0
-        scale = scale * bn.weight
-    return scale, (0 if bn.bias is None else bn.bias) - bn.running_mean * scale

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tlkernels.methods._blocks import bn_affine, conv_bn_pairs, get_parent
+from tlkernels.methods._blocks import conv_bn_pairs, get_parent
 from tlkernels.nn.gated_conv import GatedConv2d
 from tlkernels.ops._utils import autocast_dtype
 from tlkernels.ops.gated_conv2d import gated_conv2d
@@ -98,8 +98,11 @@ class AdaFilterConv(nn.Module):
             return c.weight_pre, c.weight, c.bias_pre, c.bias
         out = []
         for w, b, bn in ((c.weight_pre, c.bias_pre, self.bn_pre), (c.weight, c.bias, self.bn_ft)):
-            scale, shift = bn_affine(bn)  # BN(conv(x, w) + b) = conv(x, w * scale) + b * scale + shift
-            out.append((w * scale.view(-1, 1, 1, 1), shift + (0 if b is None else b * scale)))
+            scale = torch.rsqrt(bn.running_var + bn.eps)  # BN(y) = (y - mean) * scale * weight + bias
+            if bn.weight is not None:  # affine=False: weight 1, bias 0
+                scale = scale * bn.weight
+            bias = (0 if bn.bias is None else bn.bias) - bn.running_mean * scale + (0 if b is None else b * scale)
+            out.append((w * scale.view(-1, 1, 1, 1), bias))
         return out[0][0], out[1][0], out[0][1], out[1][1]
 
     def fold_bn_(self):

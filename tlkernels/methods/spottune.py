@@ -176,6 +176,24 @@ def _pack_convs(module):
     return module
 
 
+# What torch.fx's conv-BN fusion raises for a module it cannot fold: not traceable (data-dependent control flow
+# and the like), or a BatchNorm in training mode, which the fusion refuses and which must then run as it is.
+_UNFOLDABLE = (torch.fx.proxy.TraceError, TypeError, NotImplementedError, RuntimeError, AssertionError)
+
+
+def _fused_eval_copy(module):
+    """`module` with each BatchNorm folded into the convolution before it (torch.fx's conv-BN fusion, traced in
+    eval mode, returned in module's mode), or None where it cannot be folded."""
+    was_training = module.training
+    module.eval()
+    try:
+        return _fuse_conv_bn(module).train(was_training)
+    except _UNFOLDABLE:
+        return None
+    finally:
+        module.train(was_training)
+
+
 class _FoldedCopies:
     """Copies of some modules with each BatchNorm folded into the convolution before it (torch.fx's conv-BN
     fusion; equal up to rounding), for eval without autograd: that saves one pass over every activation
@@ -204,9 +222,7 @@ class _FoldedCopies:
         if self.entry is None or self.entry[0] != key:
             try:
                 copies = tuple(_pack_convs(_fuse_conv_bn(m).to(memory_format=memory_format)) for m in modules)
-            except (torch.fx.proxy.TraceError, TypeError, NotImplementedError, RuntimeError, AssertionError):
-                # (not traceable: data-dependent control flow and the like; or a BatchNorm left in training mode,
-                # which torch's fusion refuses and which must then run as it is)
+            except _UNFOLDABLE:
                 copies = None
             self.entry = (key, copies)
         return self.entry[1] or tuple(modules)
@@ -245,6 +261,16 @@ class SpotTuneBlock(nn.Module):
         weights in x's layout (channels_last: see SpotTune.forward)."""
         return self._folded.get(self, (self.finetuned, self.frozen), _layout(x))
 
+    def fold_bn_(self):
+        """Both copies with their BatchNorms folded into the convolutions before them, in place (where torch.fx
+        can trace the block): for inference and export. The copies then no longer share the shortcut."""
+        fused = [_fused_eval_copy(m) for m in (self.finetuned, self.frozen)]
+        if None not in fused:
+            self.finetuned, self.frozen = fused
+            self.shortcut = None
+            self._folded.clear()
+        return self
+
     def train(self, mode=True):
         super().train(mode)
         if mode:
@@ -275,13 +301,21 @@ class SpotTuneBlock(nn.Module):
                 return frozen(x)
             y1 = finetuned(_rows(x, idx1))
             y0 = frozen(_rows(x, idx0))
-            out = torch.empty((x.shape[0],) + y1.shape[1:], dtype=y1.dtype, device=y1.device,
-                              memory_format=_layout(y1))
+            out = _empty_rows(y1, x.shape[0])
             out.index_copy_(0, idx1, y1)
             out.index_copy_(0, idx0, y0)
             return out
         g4 = g.view(-1, 1, 1, 1).to(x.dtype)
         return (1 - g4) * self.frozen(x) + g4 * self.finetuned(x)
+
+
+def _empty_rows(y, n):
+    """An uninitialised batch of n items shaped as y's, in y's dtype, device and layout. (new_empty: an exported
+    program allocates in the dtype it runs in, bfloat16 under autocast, where torch.empty keeps the dtype it was
+    exported in.)"""
+    if _layout(y) == torch.channels_last:
+        return y.new_empty((n,) + tuple(y.shape[2:]) + (y.shape[1],)).permute(0, 3, 1, 2)
+    return y.new_empty((n,) + tuple(y.shape[1:]))
 
 
 def _split(sel, exporting):
@@ -342,6 +376,16 @@ class SpotTune(nn.Module):
             self._policy_folded.clear()
         return self
 
+    def fold_bn_(self):
+        """The policy network's and every block copy's BatchNorms folded into the convolutions before them, in
+        place (torch.fx's conv-BN fusion, as routed eval folds them; modules fx cannot trace stay as they are):
+        the model for inference and export (model.pt2), the same eval outputs up to rounding. Returns self."""
+        for b in self.blocks:
+            b.fold_bn_()
+        self.policy = _fused_eval_copy(self.policy) or self.policy
+        self._policy_folded.clear()
+        return self
+
     def _fast_eval(self):
         """Routed eval without autograd, outside torch.compile / export: the policy and the blocks' copies run
         with their BatchNorms folded (route=False keeps the official code's way throughout)."""
@@ -368,8 +412,11 @@ class SpotTune(nn.Module):
 
     def forward(self, x):
         # Fast eval on CPU tensors runs channels_last (the input once; the folded copies' weights): oneDNN's
-        # convolutions skip their per-call layout reorders (benchmarks/test_bench_methods.py).
-        cl = self._fast_eval() and x.device.type == "cpu" and x.dim() == 4
+        # convolutions skip their per-call layout reorders (benchmarks/test_bench_methods.py). An exported
+        # routed eval keeps that layout change.
+        routed_export = (torch.compiler.is_exporting() and self.route_eval and not self.training
+                         and not torch.is_grad_enabled())
+        cl = (self._fast_eval() or routed_export) and x.device.type == "cpu" and x.dim() == 4
         if cl:
             x = x.contiguous(memory_format=torch.channels_last)
         g = self.gates(x)

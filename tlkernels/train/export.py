@@ -3,9 +3,9 @@
 model.pt2  torch.export of the eval model (float32; batch size dynamic, and image height and width where the
            model allows: the accepted sizes are in summary.json and inside the file, which load_program reads
            to check each input with a clear error): SpotTune routes each image through
-           the block copy its policy picks (data-dependent shapes, exported with unbacked sizes; its BNs as
-           their eval-mode affine maps), AdaFilter runs its BN-folded gated convolutions (the tlkernels op:
-           load with `import tlkernels` first).
+           the block copy its policy picks (data-dependent shapes, exported with unbacked sizes), AdaFilter
+           runs its gated convolutions (the tlkernels op: load with `import tlkernels` first); both with their
+           BNs folded into the convolutions before them (fold_batchnorm) and channels_last on CPU tensors.
 plain.pt   for methods whose trained model is the unmodified architecture (finetune, l2sp, soft, selective,
            spottune_global: each block its chosen copy):
            a state_dict that loads into the unmodified architecture (its classifier = the target head) with no tlkernels.
@@ -18,31 +18,39 @@ import torch
 import torch.nn as nn
 
 from tlkernels._io import atomic_save, atomic_write
-from tlkernels.methods._blocks import bn_affine
 
 
 class _FrozenBN(nn.Module):
-    """An eval-mode BatchNorm2d as the affine map it is: y = x * scale + shift (per channel)."""
+    """An eval-mode BatchNorm2d for export: aten's inference batch norm on the running statistics, called
+    directly. Why: aten's batch_norm tests for an empty batch, a guard torch.export cannot take on the
+    data-dependent batch size of a routed part (SpotTune); the inference kernel needs no such test, and its
+    output follows the input's dtype (bfloat16 under autocast) as BatchNorm2d's does."""
 
     def __init__(self, bn):
         super().__init__()
-        scale, shift = bn_affine(bn)
-        self.register_buffer("scale", scale.detach().view(1, -1, 1, 1).clone())
-        self.register_buffer("shift", shift.detach().view(1, -1, 1, 1).clone())
+        self.eps = bn.eps
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            t = getattr(bn, name)
+            self.register_buffer(name, None if t is None else t.detach().clone())
 
     def forward(self, x):
-        return x * self.scale + self.shift
+        return torch.ops.aten._native_batch_norm_legit_no_training(x, self.weight, self.bias, self.running_mean,
+                                                                   self.running_var, 0.0, self.eps)[0]
 
 
 def fold_batchnorm(model):
-    """A copy of `model` for export: modules with their own fold (`fold_bn_`: AdaFilter's branch BNs, folded into
-    the gated convolutions' filters) fold, and every other BatchNorm2d with running statistics becomes its
-    eval-mode affine map. Why: aten's batch_norm tests for an empty batch, a guard torch.export cannot take on
-    the data-dependent batch size of a routed part (SpotTune); the affine map needs no such test."""
+    """A copy of `model` for export: modules with their own fold (`fold_bn_`: AdaFilter's branch BNs into its
+    gated convolutions, SpotTune's BNs into the convolutions of its policy and block copies) fold, and every
+    other BatchNorm2d with running statistics becomes a _FrozenBN."""
     model = copy.deepcopy(model)
-    for m in list(model.modules()):
+
+    def fold(m):  # (the outermost module with a fold: it folds its parts)
         if callable(getattr(m, "fold_bn_", None)):
             m.fold_bn_()
+        else:
+            for c in m.children():
+                fold(c)
+    fold(model)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.BatchNorm2d) and child.running_var is not None:

@@ -329,7 +329,7 @@ class SpotTuneRecipe(Recipe):
 
     def export_model(self, net):
         from tlkernels.train.export import fold_batchnorm
-        return fold_batchnorm(net)  # routing exports with the BNs as affine maps (export.fold_batchnorm)
+        return fold_batchnorm(net)  # the BNs folded into the policy's and copies' convolutions (SpotTune.fold_bn_)
 
 
 class SpotTuneGlobalRecipe(SpotTuneRecipe):
