@@ -21,6 +21,16 @@ _CPUINFO = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else 
 CPU_AVX2, CPU_AVX512_BF16 = "avx2" in _CPUINFO, "avx512_bf16" in _CPUINFO
 
 
+def engine_bf16():
+    """Whether the small-map engine takes bfloat16 now: the CPU has AVX-512 BF16 and the cpu_isa setting
+    (TLKERNELS_CPU_ISA) does not cap the hand-written paths below AVX-512."""
+    from tlkernels import config
+    return CPU_AVX512_BF16 and config.get("cpu_isa") in ("native", "avx512")
+
+
+ENGINE_BF16 = engine_bf16()  # (at collection: the setting as the environment gives it)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

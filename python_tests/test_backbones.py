@@ -138,6 +138,7 @@ def test_methods_train_and_export_on_timm_and_torchvision_families(settings, tmp
         summary = res[m][0][0]
         assert summary["status"] == "done" and summary["final_val_acc"] is not None, (m, summary)
         assert "model.pt2" in str(summary.get("export")), (m, summary)
+        assert summary["export"]["max_abs_diff"] < 1e-3, (m, summary["export"])  # the program computes the model
     if "finetune" in FAMILIES[arch]:  # plain.pt loads into the unmodified architecture, classifier = target head
         code = ("import sys, torch; from tlkernels.train import backbones; "
                 "m = backbones.create(sys.argv[1], pretrained=False); "
@@ -147,6 +148,31 @@ def test_methods_train_and_export_on_timm_and_torchvision_families(settings, tmp
         r = subprocess.run([sys.executable, "-c", code, arch, str(tmp_path / "run" / "finetune" / "plain.pt")],
                            capture_output=True, text=True, timeout=300)
         assert r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("method", ["spottune", "adafilter"])
+def test_programs_of_timm_bn_act_models_compute_the_model(method):
+    """timm's BatchNormAct2d (batch norm, then activation, in one module; inside the routed blocks of SpotTune):
+    the export splits it, folds the batch norm where a convolution precedes it and keeps the activation, so the
+    program (routing included) computes the eager eval's outputs."""
+    from tlkernels.methods import AdaFilter, SpotTune
+    from tlkernels.train.export import export_program, fold_batchnorm
+    torch.manual_seed(0)
+    b = timm.create_model("mobilenetv3_small_050", pretrained=False, num_classes=5)
+    with torch.no_grad():  # non-trivial BN statistics, as a pre-trained net has
+        for m in b.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    assert any(type(m).__name__ == "BatchNormAct2d" for m in b.modules())
+    model = (SpotTune(b) if method == "spottune" else AdaFilter(b, hidden_size=16)).eval()
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        want = model(x)
+        folded = fold_batchnorm(model)
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+        got = export_program(folded, x).module()(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
 
 
 def test_spottune_on_a_backbone_without_residual_blocks_says_so(tmp_path, tmp_path_factory, folder):

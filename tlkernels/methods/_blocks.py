@@ -60,7 +60,7 @@ def residual_blocks(model):
     return found
 
 
-def _is_plain_bn(m):
+def is_plain_bn(m):
     """A BatchNorm2d that computes BatchNorm2d's forward (a subclass such as timm's BatchNormAct2d adds an
     activation, which a BN folded into filters would drop)."""
     return isinstance(m, nn.BatchNorm2d) and type(m).forward is nn.BatchNorm2d.forward
@@ -94,7 +94,7 @@ def conv_bn_pairs(model):
                 continue
             user = next(iter(nodes[0].users))
             bn = modules.get(user.target) if user.op == "call_module" else None
-            if (_is_plain_bn(bn) and len(calls[user.target]) == 1 and user.args[:1] == (nodes[0],)
+            if (is_plain_bn(bn) and len(calls[user.target]) == 1 and user.args[:1] == (nodes[0],)
                     and len(user.args) == 1 and not user.kwargs and bn.num_features == modules[name].out_channels):
                 pairs[name] = user.target
     else:
@@ -103,7 +103,7 @@ def conv_bn_pairs(model):
                 continue
             children = list(parent.named_children())
             for (a, conv), (b, bn) in zip(children, children[1:]):
-                if (type(conv) is nn.Conv2d and _is_plain_bn(bn)
+                if (type(conv) is nn.Conv2d and is_plain_bn(bn)
                         and bn.num_features == conv.out_channels):
                     pairs[f"{parent_name}.{a}".lstrip(".")] = f"{parent_name}.{b}".lstrip(".")
         # a module reachable under two names (shared) is used twice: no pairing can be proven for it
@@ -118,4 +118,3 @@ def get_parent(model, name):
     """(parent module, attribute name) of the submodule called `name` (a qualified name)."""
     parent_name, _, attr = name.rpartition(".")
     return (model.get_submodule(parent_name) if parent_name else model), attr
-
