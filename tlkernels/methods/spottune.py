@@ -382,7 +382,9 @@ class SpotTune(nn.Module):
         the model for inference and export (model.pt2), the same eval outputs up to rounding. Returns self."""
         for b in self.blocks:
             b.fold_bn_()
-        self.policy = _fused_eval_copy(self.policy) or self.policy
+        fused = _fused_eval_copy(self.policy)
+        if fused is not None:
+            self.policy = fused
         self._policy_folded.clear()
         return self
 
