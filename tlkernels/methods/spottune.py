@@ -388,11 +388,14 @@ class SpotTune(nn.Module):
         self._policy_folded.clear()
         return self
 
+    def _routed_eval(self):
+        """Routed eval without autograd (route=False keeps the official code's way throughout)."""
+        return self.route_eval and not self.training and not torch.is_grad_enabled()
+
     def _fast_eval(self):
-        """Routed eval without autograd, outside torch.compile / export: the policy and the blocks' copies run
-        with their BatchNorms folded (route=False keeps the official code's way throughout)."""
-        return (self.route_eval and not self.training and not torch.is_grad_enabled()
-                and not torch.compiler.is_compiling() and not torch.compiler.is_exporting())
+        """Routed eval outside torch.compile / export: the policy and the blocks' copies run with their
+        BatchNorms folded."""
+        return self._routed_eval() and not torch.compiler.is_compiling() and not torch.compiler.is_exporting()
 
     def gates(self, x):
         """(N, num_blocks) gates: hard 0/1 values; in training (or sample_at_eval) a straight-through
@@ -416,9 +419,8 @@ class SpotTune(nn.Module):
         # Fast eval on CPU tensors runs channels_last (the input once; the folded copies' weights): oneDNN's
         # convolutions skip their per-call layout reorders (benchmarks/test_bench_methods.py). An exported
         # routed eval keeps that layout change.
-        routed_export = (torch.compiler.is_exporting() and self.route_eval and not self.training
-                         and not torch.is_grad_enabled())
-        cl = (self._fast_eval() or routed_export) and x.device.type == "cpu" and x.dim() == 4
+        cl = (self._routed_eval() and (torch.compiler.is_exporting() or not torch.compiler.is_compiling())
+              and x.device.type == "cpu" and x.dim() == 4)
         if cl:
             x = x.contiguous(memory_format=torch.channels_last)
         g = self.gates(x)

@@ -60,11 +60,7 @@ def fold_batchnorm(model):
     batch norm and its activation first (_split_bn_act); another BatchNorm2d subclass with a forward of its
     own stays as it is."""
     model = copy.deepcopy(model)
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            split = _split_bn_act(child)
-            if split is not None:
-                setattr(parent, name, split)
+    _replace_children(model, _split_bn_act)
 
     def fold(m):  # (the outermost module with a fold: it folds its parts)
         if callable(getattr(m, "fold_bn_", None)):
@@ -73,11 +69,17 @@ def fold_batchnorm(model):
             for c in m.children():
                 fold(c)
     fold(model)
+    _replace_children(model, lambda c: _FrozenBN(c) if is_plain_bn(c) and c.running_var is not None else None)
+    return model
+
+
+def _replace_children(model, replacement):
+    """Every submodule of `model` for which replacement(child) gives a module replaced by it, in place."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if is_plain_bn(child) and child.running_var is not None:
-                setattr(parent, name, _FrozenBN(child))
-    return model
+            new = replacement(child)
+            if new is not None:
+                setattr(parent, name, new)
 
 
 def plain_state_dict(net):
