@@ -263,7 +263,7 @@ class SpotTuneBlock(nn.Module):
 
     def fold_bn_(self):
         """Both copies with their BatchNorms folded into the convolutions before them, in place (where torch.fx
-        can trace the block): for inference and export. The copies then no longer share the shortcut."""
+        can trace the block): for inference and export. Each copy then holds its own shortcut."""
         fused = [_fused_eval_copy(m) for m in (self.finetuned, self.frozen)]
         if None not in fused:
             self.finetuned, self.frozen = fused
