@@ -175,6 +175,69 @@ def test_programs_of_timm_bn_act_models_compute_the_model(method):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
 
 
+def _timm_with_bn_stats(arch):
+    """A timm model whose BNs have non-trivial statistics and affine parameters, as a pre-trained net has."""
+    torch.manual_seed(0)
+    b = timm.create_model(arch, pretrained=False, num_classes=5)
+    with torch.no_grad():
+        for m in b.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.1, 0.1)
+    return b
+
+
+@pytest.mark.parametrize("arch", ["mobilenetv3_small_050", "regnetx_002"])
+def test_adafilter_gates_the_batch_norm_of_timm_bn_act_layers(arch):
+    """timm's BatchNormAct2d behind a conv (every one in these models) becomes the layer's gated BN pair, its
+    activation stays in its place: at initialisation the wrapped model computes the backbone, in eval (fused and
+    the papers' way) and in training mode (batch statistics)."""
+    import copy
+    from tlkernels.methods import AdaFilter
+    from tlkernels.methods._blocks import is_bn_act
+    b = _timm_with_bn_stats(arch)
+    n_bn_act = sum(is_bn_act(m) for m in b.modules())
+    x = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        want_eval = b.eval()(x)
+        want_train = copy.deepcopy(b).train()(x)
+    model = AdaFilter(b, hidden_size=16)
+    assert n_bn_act > 0 and sum(l.bn_ft is not None for _, l in model.layers) == n_bn_act
+    assert not any(is_bn_act(m) for m in model.modules())
+    assert all(type(l.bn_ft) is nn.BatchNorm2d for _, l in model.layers if l.bn_ft is not None)
+    with torch.no_grad():
+        model.controller.heads[0].bias.fill_(-1.0)  # (mixed gates: both branches used)
+        for fused in (True, False):
+            torch.testing.assert_close(model.set_fused(fused).eval()(x), want_eval, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(model.set_fused(True).train()(x), want_train, rtol=1e-4, atol=1e-4)
+
+
+def test_spottune_routed_eval_folds_the_batch_norm_of_timm_bn_act_layers():
+    """The folded copies that SpotTune's routed eval runs have no batch norm left (timm's BatchNormAct2d split,
+    its batch norm folded into the conv before it, its activation kept) and compute the blocks' own modules."""
+    from tlkernels.methods import SpotTune
+    b = _timm_with_bn_stats("mobilenetv3_small_050")
+    model = SpotTune(b).eval()
+    with torch.no_grad():  # (fine-tuned copies unlike the frozen ones)
+        for blk in model.blocks:
+            for p in blk.finetuned.parameters():
+                p.mul_(1.1)
+    x = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        got = model(x)
+    with torch.enable_grad():  # (with autograd on, routing runs the blocks' own modules)
+        want = model(x).detach()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    blk = next(blk for blk in model.blocks if any(isinstance(m, nn.BatchNorm2d) for m in blk.finetuned.modules()))
+    copies = blk._folded.copies
+    assert copies is not None and not any(isinstance(m, nn.BatchNorm2d) for c in copies for m in c.modules())
+    assert not any("batch_norm" in str(n.target) for c in copies for n in c.graph.nodes)  # (nor a functional one)
+    acts = [type(m) for m in blk.finetuned.modules() if isinstance(m, (nn.ReLU, nn.Hardswish))]
+    assert acts and [type(m) for m in copies[0].modules() if isinstance(m, (nn.ReLU, nn.Hardswish))] == acts
+
+
 def test_spottune_on_a_backbone_without_residual_blocks_says_so(tmp_path, tmp_path_factory, folder):
     ck = weights(tmp_path_factory, "densenet121", "pt")
     with pytest.raises(ValueError, match="SpotTune: found no residual blocks in DenseNet"):

@@ -1,4 +1,6 @@
 """Finding residual blocks and conv/BN pairs in a backbone."""
+import torch
+import torch.fx
 import torch.nn as nn
 
 
@@ -66,8 +68,57 @@ def is_plain_bn(m):
     return isinstance(m, nn.BatchNorm2d) and type(m).forward is nn.BatchNorm2d.forward
 
 
+def is_bn_act(m):
+    """timm's BatchNormAct2d: a BatchNorm2d subclass whose forward is the batch norm, then its `drop`, then its
+    `act`."""
+    return (isinstance(m, nn.BatchNorm2d) and type(m).__name__ == "BatchNormAct2d"
+            and type(m).__module__.startswith("timm.") and isinstance(getattr(m, "act", None), nn.Module)
+            and isinstance(getattr(m, "drop", None), nn.Module))
+
+
+def bn_act_parts(m):
+    """timm's BatchNormAct2d (is_bn_act) as (a plain BatchNorm2d holding its parameters and statistics, drop,
+    act), in its mode; None for any other module."""
+    if not is_bn_act(m):
+        return None
+    bn = nn.BatchNorm2d(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)
+    for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+        setattr(bn, name, getattr(m, name))
+    return bn.train(m.training), m.drop, m.act
+
+
+def split_bn_act(m):
+    """timm's BatchNormAct2d as nn.Sequential(plain BatchNorm2d, drop, act) (bn_act_parts); None for any other
+    module. Why: split, the batch norm is one torch.fx sees, so it can fold into the convolution before it."""
+    parts = bn_act_parts(m)
+    return None if parts is None else nn.Sequential(*parts).train(m.training)
+
+
+def replace_children(model, replacement):
+    """Every submodule of `model` for which replacement(child) gives a module replaced by it, in place."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            new = replacement(child)
+            if new is not None:
+                setattr(parent, name, new)
+
+
+class _PairTracer(torch.fx.Tracer):
+    """torch.fx's tracer that keeps timm's BatchNormAct2d as one call (a leaf), so its conv can pair with it."""
+
+    def is_leaf_module(self, m, qualified_name):
+        return is_bn_act(m) or super().is_leaf_module(m, qualified_name)
+
+
+def _pairable(m):
+    """A module AdaFilter can apply as a gated BN behind a conv: a plain BatchNorm2d or timm's BatchNormAct2d
+    (its activation then follows the gated layer)."""
+    return is_plain_bn(m) or is_bn_act(m)
+
+
 def conv_bn_pairs(model):
-    """(conv name, BatchNorm2d name or None) for every nn.Conv2d of `model` (qualified names, model order).
+    """(conv name, BN name or None) for every nn.Conv2d of `model` (qualified names, model order); the BN is a
+    plain BatchNorm2d or timm's BatchNormAct2d (batch norm and activation).
 
     A BN is paired with a conv only where the model provably feeds that conv's output, and nothing else, to
     that BN, and uses neither elsewhere: then applying the BN right behind the conv (AdaFilter's gated BN)
@@ -75,12 +126,11 @@ def conv_bn_pairs(model):
     model that cannot be traced is read by nn.Sequential order (a conv and the BN right after it, the only
     order a container guarantees). Declaration order alone proves nothing (`conv1, conv2, bn1, bn2`, or
     `Sequential(conv, ReLU, BN)`), so other convs get no BN: they are gated without branch BNs."""
-    import torch.fx
     convs = [n for n, m in model.named_modules() if type(m) is nn.Conv2d]
     modules = dict(model.named_modules())
     pairs = {}
     try:
-        graph = torch.fx.symbolic_trace(model).graph
+        graph = _PairTracer().trace(model)
     except Exception:
         graph = None
     if graph is not None:
@@ -94,7 +144,7 @@ def conv_bn_pairs(model):
                 continue
             user = next(iter(nodes[0].users))
             bn = modules.get(user.target) if user.op == "call_module" else None
-            if (is_plain_bn(bn) and len(calls[user.target]) == 1 and user.args[:1] == (nodes[0],)
+            if (_pairable(bn) and len(calls[user.target]) == 1 and user.args[:1] == (nodes[0],)
                     and len(user.args) == 1 and not user.kwargs and bn.num_features == modules[name].out_channels):
                 pairs[name] = user.target
     else:
@@ -103,7 +153,7 @@ def conv_bn_pairs(model):
                 continue
             children = list(parent.named_children())
             for (a, conv), (b, bn) in zip(children, children[1:]):
-                if (type(conv) is nn.Conv2d and is_plain_bn(bn)
+                if (type(conv) is nn.Conv2d and _pairable(bn)
                         and bn.num_features == conv.out_channels):
                     pairs[f"{parent_name}.{a}".lstrip(".")] = f"{parent_name}.{b}".lstrip(".")
         # a module reachable under two names (shared) is used twice: no pairing can be proven for it

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tlkernels.methods._blocks import conv_bn_pairs, get_parent
+from tlkernels.methods._blocks import bn_act_parts, conv_bn_pairs, get_parent
 from tlkernels.nn.gated_conv import GatedConv2d
 from tlkernels.ops._utils import autocast_dtype
 from tlkernels.ops.gated_conv2d import gated_conv2d
@@ -159,7 +159,8 @@ class AdaFilterConv(nn.Module):
 
 class AdaFilter(nn.Module):
     """Wraps a backbone: every nn.Conv2d (but those named in `skip`) becomes an AdaFilterConv; the BN that
-    follows it becomes a gated BN pair. `skip` defaults to the stem ("conv1")."""
+    follows it becomes a gated BN pair (of timm's BatchNormAct2d, the batch norm: its activation stays in its
+    place). `skip` defaults to the stem ("conv1")."""
 
     def __init__(self, backbone, hidden_size=64, skip=("conv1",), fused=True):
         super().__init__()
@@ -173,12 +174,16 @@ class AdaFilter(nn.Module):
             parent, conv_name = get_parent(backbone, full)
             conv = getattr(parent, conv_name)
             bn = backbone.get_submodule(bn_name) if bn_name else None
+            after = nn.Identity()  # what stays in the BN's place
+            parts = bn_act_parts(bn)
+            if parts is not None:  # timm's BatchNormAct2d: its batch norm is gated, its activation stays
+                bn, after = parts[0], nn.Sequential(*parts[1:])
             idx = self.controller.add_layer(conv.in_channels, conv.out_channels)
             layer = AdaFilterConv(conv, bn, self.controller, idx)
             setattr(parent, conv_name, layer)
             if bn_name:  # now applied inside the layer, right behind the conv (where the model applied it)
                 bn_parent, bn_attr = get_parent(backbone, bn_name)
-                setattr(bn_parent, bn_attr, nn.Identity())
+                setattr(bn_parent, bn_attr, after)
             self.layers.append((full, layer))
         if not self.layers:
             raise ValueError(f"AdaFilter: found no nn.Conv2d to gate in {type(backbone).__name__} (skip={skip})")

@@ -19,9 +19,9 @@ import torch
 import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.fx.experimental.optimization import fuse as _fuse_conv_bn
+from torch.fx.experimental.optimization import fuse as _fx_fuse
 
-from tlkernels.methods._blocks import residual_blocks, shortcut_name
+from tlkernels.methods._blocks import replace_children, residual_blocks, shortcut_name, split_bn_act
 from tlkernels.ops._utils import autocast_dtype
 
 
@@ -179,6 +179,14 @@ def _pack_convs(module):
 # What torch.fx's conv-BN fusion raises for a module it cannot fold: not traceable (data-dependent control flow
 # and the like), or a BatchNorm in training mode, which the fusion refuses and which must then run as it is.
 _UNFOLDABLE = (torch.fx.proxy.TraceError, TypeError, NotImplementedError, RuntimeError, AssertionError)
+
+
+def _fuse_conv_bn(module):
+    """A copy of `module` with each BatchNorm folded into the convolution before it (torch.fx's conv-BN fusion);
+    timm's BatchNormAct2d is split first (split_bn_act), so its batch norm folds and its activation stays."""
+    module = copy.deepcopy(module)
+    replace_children(module, split_bn_act)
+    return _fx_fuse(module, inplace=True)
 
 
 def _fused_eval_copy(module):

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from tlkernels._io import atomic_save, atomic_write
-from tlkernels.methods._blocks import is_plain_bn
+from tlkernels.methods._blocks import is_plain_bn, replace_children, split_bn_act
 
 
 class _FrozenBN(nn.Module):
@@ -39,28 +39,14 @@ class _FrozenBN(nn.Module):
                                                                    self.running_var, 0.0, self.eps)[0]
 
 
-def _split_bn_act(m):
-    """timm's BatchNormAct2d (a BatchNorm2d subclass whose forward is the batch norm, then its `drop`, then its
-    `act`) as nn.Sequential(a plain BatchNorm2d with its parameters and statistics, drop, act); None for any
-    other module. Why: split, the batch norm folds into the convolution before it, or exports as a _FrozenBN."""
-    if not (isinstance(m, nn.BatchNorm2d) and type(m).__name__ == "BatchNormAct2d"
-            and type(m).__module__.startswith("timm.") and isinstance(getattr(m, "act", None), nn.Module)
-            and isinstance(getattr(m, "drop", None), nn.Module)):
-        return None
-    bn = nn.BatchNorm2d(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)
-    for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
-        setattr(bn, name, getattr(m, name))
-    return nn.Sequential(bn, m.drop, m.act).train(m.training)
-
-
 def fold_batchnorm(model):
     """A copy of `model` for export: modules with their own fold (`fold_bn_`: AdaFilter's branch BNs into its
     gated convolutions, SpotTune's BNs into the convolutions of its policy and block copies) fold, and every
     other BatchNorm2d with running statistics becomes a _FrozenBN. timm's BatchNormAct2d is split into its
-    batch norm and its activation first (_split_bn_act); another BatchNorm2d subclass with a forward of its
+    batch norm and its activation first (split_bn_act); another BatchNorm2d subclass with a forward of its
     own stays as it is."""
     model = copy.deepcopy(model)
-    _replace_children(model, _split_bn_act)
+    replace_children(model, split_bn_act)
 
     def fold(m):  # (the outermost module with a fold: it folds its parts)
         if callable(getattr(m, "fold_bn_", None)):
@@ -69,17 +55,8 @@ def fold_batchnorm(model):
             for c in m.children():
                 fold(c)
     fold(model)
-    _replace_children(model, lambda c: _FrozenBN(c) if is_plain_bn(c) and c.running_var is not None else None)
+    replace_children(model, lambda c: _FrozenBN(c) if is_plain_bn(c) and c.running_var is not None else None)
     return model
-
-
-def _replace_children(model, replacement):
-    """Every submodule of `model` for which replacement(child) gives a module replaced by it, in place."""
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            new = replacement(child)
-            if new is not None:
-                setattr(parent, name, new)
 
 
 def plain_state_dict(net):
