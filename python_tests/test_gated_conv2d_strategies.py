@@ -410,3 +410,92 @@ def test_channels_last_weights_library_convolutions_take_them_as_they_come(setti
     weight_clones = [e for e in prof.events() if e.name == "aten::clone" and e.input_shapes
                      and list(e.input_shapes[0]) == [16, 8, 3, 3]]
     assert bool(weight_clones) == (strategy not in ("routed", "twoconv"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+    not ENGINE_BF16, reason="the bfloat16 engine needs AVX-512 BF16, not capped below AVX-512"))], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("padding", [1, 0])
+@pytest.mark.parametrize("hard", [True, False])
+def test_engine_packed_weights_follow_every_change_to_the_weights(settings, dtype, padding, hard):
+    """The engine keeps the packed panels of weights that need no gradient across calls: a weight changed in
+    place (ATen's ops or ours: the version counter), given new storage (`.data =`), or freed and replaced by a
+    new tensor (which may take its address), and an inference tensor changed in place inside inference mode
+    (no version counter: never kept), each computes with the weights as they are now."""
+    settings(gated_conv="mix")
+    ts, kw = make((3, 24, 7, 40, 3, 1, padding, 1, 1), dtype, "filter", hard, bias=True, channels_last=False)
+    kw["padding"] = padding
+    x, wp, wf, g, bp, bf = ts
+
+    def check(wp, wf):
+        with torch.no_grad():
+            y = gated_conv2d(x, wp, wf, g, bp, bf, **kw)
+        assert torch.ops.tlkernels._gated_conv2d_last_strategies()[0] == "mix"
+        want = gated_conv2d_reference(*[None if t is None else t.double() for t in (x, wp, wf, g, bp, bf)], **kw)
+        assert (y.double() - want).abs().max() <= (2e-2 if dtype == torch.bfloat16 else 1e-5) * want.abs().max()
+
+    check(wp, wf)
+    check(wp, wf)  # (the kept panels)
+    with torch.no_grad():
+        wp.mul_(-1.5)
+        wf.copy_(torch.randn(wf.shape).to(dtype))
+    check(wp, wf)
+    wf.data = torch.randn(wf.shape).to(dtype)
+    check(wp, wf)
+    shape = wp.shape
+    del wp
+    check(torch.randn(shape).to(dtype), wf)  # (a new weight, perhaps at the freed one's address)
+    with torch.inference_mode():
+        wi = torch.randn(shape).to(dtype)
+        check(wi, wf)
+        wi.mul_(3.0)  # (an inference tensor has no version counter to bump)
+        check(wi, wf)
+
+
+def test_engine_drops_the_packed_weights_of_freed_tensors(settings):
+    """Panels kept for weights that were freed are dropped: a loop over fresh weights holds memory flat."""
+    settings(gated_conv="mix")
+    x = torch.randn(1, 256, 7, 7)
+    g = (torch.rand(1, 256) > 0.5).float()
+
+    def step():
+        wp, wf = torch.randn(256, 256, 3, 3), torch.randn(256, 256, 3, 3)  # (9 MiB of panels per call)
+        with torch.no_grad():
+            gated_conv2d(x, wp, wf, g, None, None, 1, 1, 1, 1, hard=True)
+        assert torch.ops.tlkernels._gated_conv2d_last_strategies()[0] == "mix"
+
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    for _ in range(5):
+        step()
+    before = rss()
+    for _ in range(100):
+        step()
+    assert rss() - before < 200 * 2**20
+
+
+def test_engine_packed_weights_of_parameters_follow_optimizer_steps(settings):
+    """Eval calls without autograd keep the panels of weights that require a gradient too; a training step in
+    between (autograd's backward, then tlkernels' fused optimizer, which writes the weights through their data
+    pointers and bumps their versions) makes the next eval call pack the new weights."""
+    from tlkernels.optim import SGD
+    settings(gated_conv="mix")
+    ts, kw = make((3, 24, 7, 40, 3, 1, 1, 1, 1), torch.float32, "filter", True, bias=False, channels_last=False)
+    x, wp, wf, g = ts[:4]
+    wp, wf = torch.nn.Parameter(wp), torch.nn.Parameter(wf)
+    opt = SGD([wp, wf], lr=0.5)
+
+    def check():
+        with torch.no_grad():
+            y = gated_conv2d(x, wp, wf, g, None, None, **kw)
+        assert torch.ops.tlkernels._gated_conv2d_last_strategies()[0] == "mix"
+        want = gated_conv2d_reference(x.double(), wp.double(), wf.double(), g.double(), None, None, **kw)
+        assert (y.double() - want).abs().max() <= 1e-5 * want.abs().max()
+
+    for _ in range(3):
+        check()
+        check()
+        gated_conv2d(x, wp, wf, g, None, None, **kw).square().sum().backward()
+        opt.step()
+        opt.zero_grad()

@@ -490,6 +490,15 @@ def test_adafilter_float32_eval_matches_reference_and_refolds_after_changes():
         m(2 * x + 1)  # BN running statistics only
     m.eval()
     check()
+    # Inference mode (serving) computes the same, and folds into ordinary tensors (which track their versions,
+    # so the CPU engine keeps its packed panels of them for later calls)
+    for _, layer in m.layers:
+        layer._fold_cache = None
+    with torch.inference_mode():
+        out = m(x)
+    assert not any(t.is_inference() for _, layer in m.layers for t in layer._fold_cache[1] if torch.is_tensor(t))
+    with torch.no_grad():
+        assert torch.equal(m(x), out)
 
 
 def test_adafilter_export_folds_its_branch_bns_once_and_runs_channels_last():

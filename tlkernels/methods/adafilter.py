@@ -88,8 +88,11 @@ class AdaFilterConv(nn.Module):
         key += (None if self.bn_ft is None else (self.bn_pre.eps, self.bn_ft.eps),
                 autocast_dtype(device_type, torch.float32))  # (the cast the cached tensors took)
         if self._fold_cache is None or self._fold_cache[0] != key:
-            self._fold_cache = (key, tuple(t.to(autocast_dtype(device_type, t.dtype)) if isinstance(t, torch.Tensor)
-                                           else t for t in self._fold()))
+            # (ordinary tensors even in inference mode: the CPU engine keeps its packed panels of tensors that
+            # track their versions, and these serve every later call)
+            with torch.inference_mode(False), torch.no_grad():
+                self._fold_cache = (key, tuple(t.to(autocast_dtype(device_type, t.dtype))
+                                               if isinstance(t, torch.Tensor) else t for t in self._fold()))
         return self._fold_cache[1]
 
     def _fold(self):

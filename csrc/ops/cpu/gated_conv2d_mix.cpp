@@ -4,6 +4,9 @@
 
 #include <ATen/Parallel.h>
 
+#include <mutex>
+#include <vector>
+
 #include "ops/cpu/mixgemm.h"
 
 namespace tlkernels {
@@ -237,6 +240,66 @@ at::Tensor pair_panels(const at::Tensor& w, bool tap_major) {
   return out;
 }
 
+// The forward's packed weight panels kept across calls for weights that stay the same between them: a weight
+// that tracks its version (not an inference tensor) and for which autograd records nothing (it requires no
+// gradient, or the call runs in inference mode or with grad mode off: eval, serving, a frozen W_pre in
+// training) is packed once per layout kind and reused while its data pointer, shape, strides and version
+// counter are unchanged (an in-place change bumps the counter, our ops' included: inplace_versions.h; a write
+// that bypasses it, through `.data` or a NumPy view, is not seen), then repacked. An entry holds its weight's
+// TensorImpl weakly (so no other tensor takes that address while it lives): entries of weights that died are
+// dropped at the next packing, and the oldest go first past kMaxEntries or kMaxBytes.
+class PanelCache {
+ public:
+  template <class Pack>
+  at::Tensor get(const at::Tensor& w, int kind, const Pack& pack) {
+    const bool recorded = w.requires_grad() && !NoGradCall::active() && !c10::InferenceMode::is_enabled();
+    if (recorded || w.is_inference()) return pack();
+    c10::TensorImpl* impl = w.unsafeGetTensorImpl();
+    const uint32_t version = impl->version_counter().current_version();
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      for (const Entry& e : entries_)
+        if (e.impl == impl && e.kind == kind && !e.weak.expired() && e.version == version &&
+            e.data == w.data_ptr() && e.sizes == w.sizes() && e.strides == w.strides())
+          return e.packed;
+    }
+    at::Tensor packed = pack();
+    std::lock_guard<std::mutex> lock(mu_);
+    std::vector<Entry> kept;  // (the live entries but this weight's older one)
+    int64_t bytes = packed.nbytes();
+    for (Entry& e : entries_)
+      if (!e.weak.expired() && !(e.impl == impl && e.kind == kind)) kept.push_back(std::move(e));
+    size_t first = 0;
+    for (const Entry& e : kept) bytes += e.packed.nbytes();
+    while (first < kept.size() && (kept.size() - first >= kMaxEntries || bytes > kMaxBytes))
+      bytes -= kept[first++].packed.nbytes();
+    entries_.assign(std::make_move_iterator(kept.begin() + first), std::make_move_iterator(kept.end()));
+    entries_.push_back({impl, c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(w.getIntrusivePtr()),
+                        kind, version, w.data_ptr(), w.sizes().vec(), w.strides().vec(), packed});
+    return packed;
+  }
+
+ private:
+  static constexpr size_t kMaxEntries = 1024;
+  static constexpr int64_t kMaxBytes = int64_t(2) << 30;
+  struct Entry {
+    const c10::TensorImpl* impl;
+    c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> weak;
+    int kind;
+    uint32_t version;
+    const void* data;
+    std::vector<int64_t> sizes, strides;
+    at::Tensor packed;
+  };
+  std::mutex mu_;
+  std::vector<Entry> entries_;
+};
+
+PanelCache& panel_cache() {
+  static PanelCache* cache = new PanelCache();  // (never destroyed: no order problem at exit)
+  return *cache;
+}
+
 }  // namespace
 
 namespace {
@@ -328,13 +391,15 @@ void forward_engine(const at::Tensor& x, const at::Tensor& wp, const at::Tensor&
   mixgemm::BSource src{nullptr, nullptr, K * mixgemm::kNR, mixgemm::kNR};
   mixgemm::Selected sel{nullptr, nullptr, 0};
   const bool pairs = micro == mixgemm::Micro::Bf16;
+  const int kind = (pairs ? 2 : 0) + (by_tap ? 1 : 0);
+  auto panels = [&](const at::Tensor& w) {
+    return panel_cache().get(w, kind, [&] { return pairs ? pair_panels(w, by_tap) : weight_panels<T>(w, by_tap); });
+  };
+  Wp = panels(wp);
+  Wf = panels(wf);
   if (pairs) {
-    Wp = pair_panels(wp, by_tap);
-    Wf = pair_panels(wf, by_tap);
     sel = {Wp.data_ptr(), Wf.data_ptr(), Wp.stride(0), select};
   } else {
-    Wp = weight_panels<T>(wp, by_tap);
-    Wf = weight_panels<T>(wf, by_tap);
     src = {Wp.data_ptr<float>(), Wf.data_ptr<float>(), K * mixgemm::kNR, mixgemm::kNR};
     sel = {Wp.data_ptr<float>(), Wf.data_ptr<float>(), K * mixgemm::kNR};
   }
