@@ -119,6 +119,18 @@ def test_adafilter_eval(benchmark, provider, precision, device):
     run(benchmark, _eval_call(m, x, precision), rounds=7)
 
 
+@pytest.mark.parametrize("precision,provider", [(p, v) for p in ("fp32", "autocast_bf16")
+                                                for v in ("naive", "tlkernels")])
+def test_adafilter_serving(benchmark, provider, precision, device):
+    """One image per call, as a server answers requests: per-call costs (weight packing, library calls) weigh
+    most, and the engine parallelises over images."""
+    m = _adafilter(provider).eval().to(device)
+    x = torch.randn(1, 3, 224, 224, device=device)
+    benchmark.group = _group("adafilter resnet18 serving N=1 224x224", precision)
+    benchmark.extra_info["provider"] = provider
+    run(benchmark, _eval_call(m, x, precision), rounds=15)
+
+
 @pytest.mark.parametrize("provider", ["naive", "tlkernels"])
 def test_adafilter_train_step(benchmark, provider, device):
     m = _adafilter(provider).train().to(device)

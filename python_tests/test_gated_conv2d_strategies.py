@@ -11,6 +11,7 @@ import torch
 
 import tlkernels
 from tlkernels.ops import gated_conv2d, gated_conv2d_reference
+from tlkernels.ops.gated_conv2d import keep_packed
 
 from conftest import CPU_AVX512_BF16, ENGINE_BF16, engine_bf16  # noqa: E402
 
@@ -416,25 +417,36 @@ def test_channels_last_weights_library_convolutions_take_them_as_they_come(setti
     not ENGINE_BF16, reason="the bfloat16 engine needs AVX-512 BF16, not capped below AVX-512"))], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("padding", [1, 0])
 @pytest.mark.parametrize("hard", [True, False])
-def test_engine_packed_weights_follow_every_change_to_the_weights(settings, dtype, padding, hard):
-    """The engine keeps the packed panels of weights that need no gradient across calls: a weight changed in
-    place (ATen's ops or ours: the version counter), given new storage (`.data =`), or freed and replaced by a
-    new tensor (which may take its address), and an inference tensor changed in place inside inference mode
-    (no version counter: never kept), each computes with the weights as they are now."""
+def test_engine_keeps_packed_weights_registered_with_keep_packed(settings, dtype, padding, hard):
+    """keep_packed(weights): the engine keeps their packed panels across calls (a write that bypasses the
+    version counter, through `.data`, is not seen: that is how the test sees the panels kept); a weight changed in
+    place (the version counter), given new storage (`.data =`), or freed and replaced by a new tensor (which may
+    take its address), and an inference tensor (no version counter: never kept) changed in place inside inference
+    mode, each computes with the weights as they are now. Weights not registered are packed at every call."""
     settings(gated_conv="mix")
     ts, kw = make((3, 24, 7, 40, 3, 1, padding, 1, 1), dtype, "filter", hard, bias=True, channels_last=False)
     kw["padding"] = padding
     x, wp, wf, g, bp, bf = ts
 
-    def check(wp, wf):
+    def y(wp, wf):
         with torch.no_grad():
-            y = gated_conv2d(x, wp, wf, g, bp, bf, **kw)
+            out = gated_conv2d(x, wp, wf, g, bp, bf, **kw)
         assert torch.ops.tlkernels._gated_conv2d_last_strategies()[0] == "mix"
-        want = gated_conv2d_reference(*[None if t is None else t.double() for t in (x, wp, wf, g, bp, bf)], **kw)
-        assert (y.double() - want).abs().max() <= (2e-2 if dtype == torch.bfloat16 else 1e-5) * want.abs().max()
+        return out
 
+    def check(wp, wf):
+        want = gated_conv2d_reference(*[None if t is None else t.double() for t in (x, wp, wf, g, bp, bf)], **kw)
+        got = y(wp, wf)
+        assert (got.double() - want).abs().max() <= (2e-2 if dtype == torch.bfloat16 else 1e-5) * want.abs().max()
+        return got
+
+    before = check(wp, wf)
+    wp.data.mul_(-1.5)  # (not registered: packed anew)
     check(wp, wf)
-    check(wp, wf)  # (the kept panels)
+    keep_packed(wp, wf)
+    before = check(wp, wf)
+    wp.data.mul_(-1.5)  # (registered: the kept panels, from before this write)
+    assert torch.equal(y(wp, wf), before)
     with torch.no_grad():
         wp.mul_(-1.5)
         wf.copy_(torch.randn(wf.shape).to(dtype))
@@ -443,22 +455,27 @@ def test_engine_packed_weights_follow_every_change_to_the_weights(settings, dtyp
     check(wp, wf)
     shape = wp.shape
     del wp
-    check(torch.randn(shape).to(dtype), wf)  # (a new weight, perhaps at the freed one's address)
+    w_new = torch.randn(shape).to(dtype)  # (perhaps at the freed one's address)
+    keep_packed(w_new)
+    check(w_new, wf)
     with torch.inference_mode():
         wi = torch.randn(shape).to(dtype)
+        keep_packed(wi)
         check(wi, wf)
-        wi.mul_(3.0)  # (an inference tensor has no version counter to bump)
+        wi.mul_(3.0)
         check(wi, wf)
 
 
 def test_engine_drops_the_packed_weights_of_freed_tensors(settings):
-    """Panels kept for weights that were freed are dropped: a loop over fresh weights holds memory flat."""
+    """Panels kept for weights that were freed are dropped: a loop over fresh registered weights holds memory
+    flat."""
     settings(gated_conv="mix")
     x = torch.randn(1, 256, 7, 7)
     g = (torch.rand(1, 256) > 0.5).float()
 
     def step():
-        wp, wf = torch.randn(256, 256, 3, 3), torch.randn(256, 256, 3, 3)  # (9 MiB of panels per call)
+        wp, wf = torch.randn(256, 256, 3, 3), torch.randn(256, 256, 3, 3)  # (4.5 MiB of panels)
+        keep_packed(wp, wf)
         with torch.no_grad():
             gated_conv2d(x, wp, wf, g, None, None, 1, 1, 1, 1, hard=True)
         assert torch.ops.tlkernels._gated_conv2d_last_strategies()[0] == "mix"
@@ -475,15 +492,16 @@ def test_engine_drops_the_packed_weights_of_freed_tensors(settings):
     assert rss() - before < 200 * 2**20
 
 
-def test_engine_packed_weights_of_parameters_follow_optimizer_steps(settings):
-    """Eval calls without autograd keep the panels of weights that require a gradient too; a training step in
-    between (autograd's backward, then tlkernels' fused optimizer, which writes the weights through their data
-    pointers and bumps their versions) makes the next eval call pack the new weights."""
+def test_engine_kept_weights_follow_optimizer_steps(settings):
+    """Registered parameters: a training step between eval calls (autograd's backward, then tlkernels' fused
+    optimizer, which writes the weights through their data pointers and bumps their versions) makes the next
+    eval call pack the new weights."""
     from tlkernels.optim import SGD
     settings(gated_conv="mix")
     ts, kw = make((3, 24, 7, 40, 3, 1, 1, 1, 1), torch.float32, "filter", True, bias=False, channels_last=False)
     x, wp, wf, g = ts[:4]
     wp, wf = torch.nn.Parameter(wp), torch.nn.Parameter(wf)
+    keep_packed(wp, wf)
     opt = SGD([wp, wf], lr=0.5)
 
     def check():

@@ -470,6 +470,10 @@ bool gated_conv2d_keeps_diff(const at::Tensor& input, const at::Tensor& weight_p
 
 TORCH_LIBRARY_FRAGMENT(tlkernels, m) {
   m.def("_gated_conv2d_last_strategies() -> str[]", &gconv::last_strategies);
+  // Registers weights whose packed panels the CPU engine keeps across calls (gated_conv2d_mix.h, keep_packed).
+  m.def("_gated_conv2d_keep_packed(Tensor[] weights) -> ()", [](const std::vector<at::Tensor>& weights) {
+    for (const at::Tensor& w : weights) gconv::mix::keep_packed(w);
+  });
   // Sets whether CPU tensors on this thread take CUDA tensors' path choices (ops/emulate_cuda.h); returns the
   // previous setting.
   m.def("_emulate_cuda(bool on) -> bool", [](bool on) {

@@ -75,7 +75,6 @@ at::Tensor gated_conv2d_autograd(const at::Tensor& input, const at::Tensor& weig
   const bool save_diff = at::GradMode::is_enabled() && gate.requires_grad() &&
                          gated_conv2d_keeps_diff(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, stride,
                                                  padding, dilation, groups, hard);
-  const gconv::NoGradCall no_grad_call(!at::GradMode::is_enabled());
   return GatedConv2dFn::apply(input, weight_pre, weight_ft, gate, bias_pre, bias_ft, stride, padding, dilation,
                               groups, hard, save_diff)[0];
 }

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tlkernels.methods._blocks import bn_act_parts, conv_bn_pairs, get_parent
 from tlkernels.nn.gated_conv import GatedConv2d
 from tlkernels.ops._utils import autocast_dtype
-from tlkernels.ops.gated_conv2d import gated_conv2d
+from tlkernels.ops.gated_conv2d import gated_conv2d, keep_packed
 
 
 class _Controller(nn.Module):
@@ -88,11 +88,14 @@ class AdaFilterConv(nn.Module):
         key += (None if self.bn_ft is None else (self.bn_pre.eps, self.bn_ft.eps),
                 autocast_dtype(device_type, torch.float32))  # (the cast the cached tensors took)
         if self._fold_cache is None or self._fold_cache[0] != key:
-            # (ordinary tensors even in inference mode: the CPU engine keeps its packed panels of tensors that
-            # track their versions, and these serve every later call)
+            # Ordinary tensors even in inference mode (they track their versions): the CPU engine keeps its packed
+            # panels of the folded filters (keep_packed); not of the layer's own weights, which others may write.
             with torch.inference_mode(False), torch.no_grad():
-                self._fold_cache = (key, tuple(t.to(autocast_dtype(device_type, t.dtype))
-                                               if isinstance(t, torch.Tensor) else t for t in self._fold()))
+                folded = tuple(t.to(autocast_dtype(device_type, t.dtype)) if isinstance(t, torch.Tensor) else t
+                               for t in self._fold())
+            self._fold_cache = (key, folded)
+            own = {id(t) for t in self._fold_sources()}
+            keep_packed(*(w for w in folded[:2] if id(w) not in own))
         return self._fold_cache[1]
 
     def _fold(self):

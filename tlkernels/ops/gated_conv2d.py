@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch._prims_common import suggest_memory_format
 
 from tlkernels import config
-from tlkernels._extension import use_reference
+from tlkernels._extension import HAS_C, use_reference
 from tlkernels.ops._registry import COMPILED, ONE_KERNEL, define_like, op, register_op
 from tlkernels.ops._utils import autocast_casts, check_tensor, compiled_checks, conv_output_hw, fail, pair
 
@@ -195,6 +195,16 @@ def emulate_cuda():
         yield
     finally:
         torch.ops.tlkernels._emulate_cuda(was)
+
+
+def keep_packed(*weights):
+    """Lets the CPU small-map engine keep its packed panels of these weights across calls while each lives and is
+    unchanged (repacked after a change that bumps its version counter, as in-place ops do, ours included). Only
+    for tensors that nothing writes without bumping it (not through `.data`, a NumPy view, or torch.compile's
+    generated kernels, which rewrite their buffers): AdaFilter's folded eval weights. Without the compiled
+    library, nothing to keep."""
+    if HAS_C:
+        torch.ops.tlkernels._gated_conv2d_keep_packed([w for w in weights if isinstance(w, torch.Tensor)])
 
 
 def _resolve_padding(padding, weight, stride, dilation):

@@ -4,6 +4,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <mutex>
 #include <vector>
 
@@ -240,57 +241,72 @@ at::Tensor pair_panels(const at::Tensor& w, bool tap_major) {
   return out;
 }
 
-// The forward's packed weight panels kept across calls for weights that stay the same between them: a weight
-// that tracks its version (not an inference tensor) and for which autograd records nothing (it requires no
-// gradient, or the call runs in inference mode or with grad mode off: eval, serving, a frozen W_pre in
-// training) is packed once per layout kind and reused while its data pointer, shape, strides and version
-// counter are unchanged (an in-place change bumps the counter, our ops' included: inplace_versions.h; a write
-// that bypasses it, through `.data` or a NumPy view, is not seen), then repacked. An entry holds its weight's
-// TensorImpl weakly (so no other tensor takes that address while it lives): entries of weights that died are
-// dropped at the next packing, and the oldest go first past kMaxEntries or kMaxBytes.
+// The forward's packed weight panels kept across calls for the weights registered with keep_packed (AdaFilter's
+// folded eval weights): packed once per layout kind and reused while the weight's data pointer, shape, strides
+// and version counter are unchanged (an in-place change bumps the counter, our ops' included:
+// inplace_versions.h), then repacked. Only registered weights: a tensor that code writes without bumping its
+// counter (torch.compile's generated kernels reuse and rewrite their buffers) must not be kept. An entry holds its
+// weight's TensorImpl weakly (so no other tensor takes that address while it lives) and is dropped once the
+// weight is freed.
 class PanelCache {
  public:
+  void keep(const at::Tensor& w) {
+    if (!w.defined() || w.is_inference()) return;  // (an inference tensor has no version counter)
+    std::lock_guard<std::mutex> lock(mu_);
+    sweep();
+    for (const Entry& e : entries_)
+      if (e.impl == w.unsafeGetTensorImpl()) return;
+    entries_.push_back({w.unsafeGetTensorImpl(),
+                        c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(w.getIntrusivePtr()), {}});
+  }
+
   template <class Pack>
   at::Tensor get(const at::Tensor& w, int kind, const Pack& pack) {
-    const bool recorded = w.requires_grad() && !NoGradCall::active() && !c10::InferenceMode::is_enabled();
-    if (recorded || w.is_inference()) return pack();
-    c10::TensorImpl* impl = w.unsafeGetTensorImpl();
-    const uint32_t version = impl->version_counter().current_version();
+    const c10::TensorImpl* impl = w.unsafeGetTensorImpl();
     {
       std::lock_guard<std::mutex> lock(mu_);
-      for (const Entry& e : entries_)
-        if (e.impl == impl && e.kind == kind && !e.weak.expired() && e.version == version &&
-            e.data == w.data_ptr() && e.sizes == w.sizes() && e.strides == w.strides())
-          return e.packed;
+      Entry* e = find(impl);
+      if (e == nullptr) return pack();
+      const uint32_t version = impl->version_counter().current_version();
+      for (const Slot& sl : e->slots)
+        if (sl.kind == kind && sl.version == version && sl.data == w.data_ptr() && sl.sizes == w.sizes() &&
+            sl.strides == w.strides())
+          return sl.packed;
     }
+    const uint32_t version = impl->version_counter().current_version();
     at::Tensor packed = pack();
     std::lock_guard<std::mutex> lock(mu_);
-    std::vector<Entry> kept;  // (the live entries but this weight's older one)
-    int64_t bytes = packed.nbytes();
-    for (Entry& e : entries_)
-      if (!e.weak.expired() && !(e.impl == impl && e.kind == kind)) kept.push_back(std::move(e));
-    size_t first = 0;
-    for (const Entry& e : kept) bytes += e.packed.nbytes();
-    while (first < kept.size() && (kept.size() - first >= kMaxEntries || bytes > kMaxBytes))
-      bytes -= kept[first++].packed.nbytes();
-    entries_.assign(std::make_move_iterator(kept.begin() + first), std::make_move_iterator(kept.end()));
-    entries_.push_back({impl, c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(w.getIntrusivePtr()),
-                        kind, version, w.data_ptr(), w.sizes().vec(), w.strides().vec(), packed});
+    if (Entry* e = find(impl)) {
+      std::vector<Slot>& slots = e->slots;
+      slots.erase(std::remove_if(slots.begin(), slots.end(), [&](const Slot& sl) { return sl.kind == kind; }),
+                  slots.end());
+      slots.push_back({kind, version, w.data_ptr(), w.sizes().vec(), w.strides().vec(), packed});
+    }
     return packed;
   }
 
  private:
-  static constexpr size_t kMaxEntries = 1024;
-  static constexpr int64_t kMaxBytes = int64_t(2) << 30;
-  struct Entry {
-    const c10::TensorImpl* impl;
-    c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> weak;
+  struct Slot {
     int kind;
     uint32_t version;
     const void* data;
     std::vector<int64_t> sizes, strides;
     at::Tensor packed;
   };
+  struct Entry {
+    const c10::TensorImpl* impl;
+    c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> weak;
+    std::vector<Slot> slots;
+  };
+  Entry* find(const c10::TensorImpl* impl) {
+    for (Entry& e : entries_)
+      if (e.impl == impl && !e.weak.expired()) return &e;
+    return nullptr;
+  }
+  void sweep() {
+    entries_.erase(std::remove_if(entries_.begin(), entries_.end(), [](const Entry& e) { return e.weak.expired(); }),
+                   entries_.end());
+  }
   std::mutex mu_;
   std::vector<Entry> entries_;
 };
@@ -461,6 +477,8 @@ void forward_engine(const at::Tensor& x, const at::Tensor& wp, const at::Tensor&
 
 }  // namespace
 
+void keep_packed(const at::Tensor& w) { panel_cache().keep(w); }
+
 void forward(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& wf, const at::Tensor& g,
              const c10::optional<at::Tensor>& bp, const c10::optional<at::Tensor>& bf, const ConvArgs& a,
              at::Tensor& out, bool binary, bool brgemm) {
@@ -587,6 +605,7 @@ void weight_grads(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w
 }
 #else
 bool applicable(const at::Tensor&, const ConvArgs&, int64_t) { return false; }
+void keep_packed(const at::Tensor&) {}
 bool brgemm_applicable(const at::Tensor&) { return false; }
 void weight_grads(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                   const at::Tensor&, const ConvArgs&, const GradMask&, at::Tensor&, at::Tensor&, at::Tensor&) {

@@ -24,6 +24,9 @@ bool applicable(const at::Tensor& x, const ConvArgs& a, int64_t pixels);
 // Where the engine applies, whether its micro-kernel can also be oneDNN's BRGeMM ukernel for x's dtype
 // (float32: always; bfloat16: where oneDNN's build and ISA cap run bfloat16 BRGeMM, AMX tiles included).
 bool brgemm_applicable(const at::Tensor& x);
+// Registers w, a weight that is written only through ops that bump its version counter: the forward keeps its
+// packed panels across calls while it lives and is unchanged (AdaFilter's folded eval weights).
+void keep_packed(const at::Tensor& w);
 // out = gated conv with effective (N, C_out) gates g; `binary`: every gate is 0 or 1. brgemm: the GEMM's
 // micro-kernel is oneDNN's BRGeMM ukernel (JIT for the running ISA) instead of ours (AVX2 / AVX-512; for
 // bfloat16 the AVX-512 BF16 one).
