@@ -517,3 +517,31 @@ def test_engine_kept_weights_follow_optimizer_steps(settings):
         gated_conv2d(x, wp, wf, g, None, None, **kw).square().sum().backward()
         opt.step()
         opt.zero_grad()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+    not ENGINE_BF16, reason="the bfloat16 engine needs AVX-512 BF16, not capped below AVX-512"))], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("hard", [True, False])
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_engine_splits_the_panels_among_threads_for_small_batches(settings, n, hard, dtype):
+    """With fewer images than threads the engine also splits each image's output columns (forward) and input
+    columns (input gradient) among threads: the same bits as one thread computing everything."""
+    settings(gated_conv="mix")
+    ts, kw = make((n, 24, 7, 72, 3, 1, 1, 1, 1), dtype, "filter", hard, bias=True, channels_last=False)
+    threads = torch.get_num_threads()
+
+    def run_with(k):
+        torch.set_num_threads(k)
+        try:
+            y, gs = run(gated_conv2d, ts, kw)
+            assert last() == ["mix", "mix"]
+            return y, gs[0]  # (the output and the input gradient: the engine's)
+        finally:
+            torch.set_num_threads(threads)
+
+    y1, dx1 = run_with(1)
+    for k in (2, 4):
+        y, dx = run_with(k)
+        assert torch.equal(y, y1) and torch.equal(dx, dx1), k
+    y64 = gated_conv2d_reference(*[None if t is None else t.double() for t in ts], **kw)
+    assert (y1.double() - y64).abs().max() <= (2e-2 if dtype == torch.bfloat16 else 1e-5) * y64.abs().max()

@@ -606,7 +606,8 @@ using PackTiles = std::function<bool(int64_t, int64_t, int64_t, const Tiles&, vo
 //   to buf (room for kb * P floats); run() re-tiles them.
 //   consume(n, C): C is [P][round_up(M, 16)], the finished result of image n.
 // Images are processed in blocks: each block's weight panels are blended from Bp/Bf while they are in
-// cache, and the block's packed A (kb rows) stays in L2. Blocks are spread over ATen's thread pool.
+// cache, and the block's packed A (kb rows) stays in L2. Blocks are spread over ATen's thread pool; with
+// fewer blocks than threads, each block's panels are split among tasks too (then consume runs once all are done).
 //   sel: gates per column, Wp and Wf already packed (see Selected): binary gates (0 or 1) pick columns, soft
 //   ones (bfloat16 pair panels) blend them per image; only where the AVX-512 micro-kernels run; then b is not
 //   read.
@@ -639,17 +640,29 @@ void run(int64_t N, int64_t P, int64_t Kd, int64_t M, const BSource& b, const fl
   int64_t nblk = threads * std::max<int64_t>(1, (N * P + 256 * threads - 1) / (256 * threads));
   nblk = std::min(nblk, N);
   const int64_t nb = (N + nblk - 1) / nblk, blocks = (N + nb - 1) / nb;
-  at::parallel_for(0, blocks, 1, [&](int64_t blo, int64_t bhi) {
+  // Fewer image blocks than threads (small batches, as in serving): each block's passes over the panels are
+  // split among tasks too, each task packing its images' A itself (a small part of a pass's work); the tasks
+  // then write one shared C, consumed once all are done.
+  const int64_t passes = (panels + step - 1) / step;
+  const int64_t groups = blocks < threads ? std::max<int64_t>(1, std::min(threads / blocks, passes)) : 1;
+  at::Tensor shared_c;
+  if (groups > 1)  // (segments reach subsets of the rows: zeros)
+    shared_c = segs ? at::zeros({N * P * Mp}, at::kFloat) : at::empty({N * P * Mp}, at::kFloat);
+  at::parallel_for(0, blocks * groups, 1, [&](int64_t task0, int64_t task1) {
     float* rows = scratch(0, kKC * P + 8);
     float* apack = scratch(1, nb * (brg ? P * kKC : tiles * kKC * kMR) + 8);
-    float* cbuf = scratch(2, nb * P * Mp + 8);
+    float* own_c = groups > 1 ? nullptr : scratch(2, nb * P * Mp + 8);
     float* bstore = scratch(3, step * kKC * kNR + 8);
     float* bmix = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(bstore) + 31) & ~uintptr_t(31));
     uint16_t* bmix16 = reinterpret_cast<uint16_t*>(bmix);  // (bfloat16 panels: the same room, half of it)
     uint16_t* apack16 = reinterpret_cast<uint16_t*>(apack);
-    for (int64_t blk = blo; blk < bhi; ++blk) {
+    for (int64_t task = task0; task < task1; ++task) {
+      const int64_t blk = task / groups, group = task % groups;
       const int64_t n0 = blk * nb, n1 = std::min(N, n0 + nb);
-      if (segs) std::fill(cbuf, cbuf + (n1 - n0) * P * Mp, 0.f);  // (segments reach subsets of the rows)
+      const int64_t j_begin = group * passes / groups * step;  // (this task's panels)
+      const int64_t j_end = std::min(panels, (group + 1) * passes / groups * step);
+      float* cbuf = groups > 1 ? shared_c.data_ptr<float>() + n0 * P * Mp : own_c;
+      if (segs && groups == 1) std::fill(cbuf, cbuf + (n1 - n0) * P * Mp, 0.f);  // (as shared_c's zeros)
       for (const Segment& sg : sgs)
       for (int64_t k0 = sg.k0; k0 < sg.k1; k0 += kKC) {
         const int64_t kb = std::min(kKC, sg.k1 - k0), kb2 = round_up(kb, 2), R = sg.count();
@@ -673,7 +686,7 @@ void run(int64_t N, int64_t P, int64_t Kd, int64_t M, const BSource& b, const fl
           else
             retile(a, lda, tl, kb, apack + (n - n0) * per_image);
         }
-        for (int64_t j = 0; j < panels; j += step) {
+        for (int64_t j = j_begin; j < j_end; j += step) {
           const int64_t jn = std::min(step, panels - j);  // panels in this pass
           for (int64_t n = n0; n < n1; ++n) {
             const float* gn = gates + n * gate_ld;
@@ -755,10 +768,15 @@ void run(int64_t N, int64_t P, int64_t Kd, int64_t M, const BSource& b, const fl
           }
         }
       }
-      for (int64_t n = n0; n < n1; ++n) consume(n, cbuf + (n - n0) * P * Mp);
+      if (groups == 1)
+        for (int64_t n = n0; n < n1; ++n) consume(n, cbuf + (n - n0) * P * Mp);
     }
     if (brg) at::native::cpublas::brgemm_release(bf);  // (the ukernel's per-thread hardware context)
   });
+  if (groups > 1)
+    at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n) consume(n, shared_c.data_ptr<float>() + n * P * Mp);
+    });
 }
 
 // ---------------------------------------------------------------------------------------------------
