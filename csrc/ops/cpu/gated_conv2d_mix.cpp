@@ -246,8 +246,8 @@ at::Tensor pair_panels(const at::Tensor& w, bool tap_major) {
 // and version counter are unchanged (an in-place change bumps the counter, our ops' included:
 // inplace_versions.h), then repacked. Only registered weights: a tensor that code writes without bumping its
 // counter (torch.compile's generated kernels reuse and rewrite their buffers) must not be kept. An entry holds its
-// weight's TensorImpl weakly (so no other tensor takes that address while it lives) and is dropped once the
-// weight is freed.
+// weight's TensorImpl weakly (so no other tensor takes that address while it lives); the entries of freed
+// weights, panels included, are dropped at the next call or registration.
 class PanelCache {
  public:
   void keep(const at::Tensor& w) {
@@ -265,6 +265,7 @@ class PanelCache {
     const c10::TensorImpl* impl = w.unsafeGetTensorImpl();
     {
       std::lock_guard<std::mutex> lock(mu_);
+      sweep();
       Entry* e = find(impl);
       if (e == nullptr) return pack();
       const uint32_t version = impl->version_counter().current_version();
