@@ -31,6 +31,20 @@ def engine_bf16():
 ENGINE_BF16 = engine_bf16()  # (at collection: the setting as the environment gives it)
 
 
+def like_pretrained_bns(model, affine=True):
+    """model with every BatchNorm's running statistics (and, with affine, its scale and shift) drawn away from
+    their initial values, as a pre-trained net has them: a BN applied wrongly then shows. Returns model."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+                if affine:
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.uniform_(-0.1, 0.1)
+    return model
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from tlkernels.train import backbones, loop
 
+from conftest import like_pretrained_bns  # noqa: E402
 from test_train_real import write_folder  # noqa: E402  (real PNG files, 3 classes)
 
 timm = pytest.importorskip("timm")
@@ -158,12 +159,7 @@ def test_programs_of_timm_bn_act_models_compute_the_model(method):
     from tlkernels.methods import AdaFilter, SpotTune
     from tlkernels.train.export import export_program, fold_batchnorm
     torch.manual_seed(0)
-    b = timm.create_model("mobilenetv3_small_050", pretrained=False, num_classes=5)
-    with torch.no_grad():  # non-trivial BN statistics, as a pre-trained net has
-        for m in b.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.1, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
+    b = like_pretrained_bns(timm.create_model("mobilenetv3_small_050", pretrained=False, num_classes=5), affine=False)
     assert any(type(m).__name__ == "BatchNormAct2d" for m in b.modules())
     model = (SpotTune(b) if method == "spottune" else AdaFilter(b, hidden_size=16)).eval()
     x = torch.randn(3, 3, 64, 64)
@@ -176,17 +172,8 @@ def test_programs_of_timm_bn_act_models_compute_the_model(method):
 
 
 def _timm_with_bn_stats(arch):
-    """A timm model whose BNs have non-trivial statistics and affine parameters, as a pre-trained net has."""
     torch.manual_seed(0)
-    b = timm.create_model(arch, pretrained=False, num_classes=5)
-    with torch.no_grad():
-        for m in b.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.1, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.1, 0.1)
-    return b
+    return like_pretrained_bns(timm.create_model(arch, pretrained=False, num_classes=5))
 
 
 @pytest.mark.parametrize("arch", ["mobilenetv3_small_050", "regnetx_002"])

@@ -13,20 +13,12 @@ import torchvision
 import tlkernels
 from tlkernels.methods import AdaFilter, SpotTune
 
-from conftest import gloo_ranks  # noqa: E402
+from conftest import gloo_ranks, like_pretrained_bns  # noqa: E402
 
 
 def _resnet(arch="resnet18", classes=5):
     torch.manual_seed(0)
-    m = getattr(torchvision.models, arch)(num_classes=classes)
-    with torch.no_grad():  # non-trivial BN statistics, as a pre-trained net has
-        for mod in m.modules():
-            if isinstance(mod, nn.BatchNorm2d):
-                mod.running_mean.uniform_(-0.1, 0.1)
-                mod.running_var.uniform_(0.5, 1.5)
-                mod.weight.uniform_(0.5, 1.5)
-                mod.bias.uniform_(-0.1, 0.1)
-    return m.double()
+    return like_pretrained_bns(getattr(torchvision.models, arch)(num_classes=classes)).double()
 
 
 def _perturb_finetuned(model):
@@ -112,11 +104,7 @@ def test_spottune_finds_every_block_family_and_equals_the_original_at_initialisa
     else:
         model = torchvision.models.get_model(arch)
     torch.manual_seed(0)
-    model = model.double().eval()
-    for m in model.modules():  # (statistics away from 0/1, so that a wrong BN would show)
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.running_mean.uniform_(-0.1, 0.1)
-            m.running_var.uniform_(0.5, 1.5)
+    model = like_pretrained_bns(model.double().eval(), affine=False)
     x = torch.randn(4, 3, 48, 48, dtype=torch.float64)
     with torch.no_grad():
         ref = model(x)
