@@ -201,10 +201,11 @@ def keep_packed(*weights):
     """Lets the CPU small-map engine keep its packed panels of these weights across calls while each lives and is
     unchanged (repacked after a change that bumps its version counter, as in-place ops do, ours included). Only
     for tensors that nothing writes without bumping it (not through `.data`, a NumPy view, or torch.compile's
-    generated kernels, which rewrite their buffers): AdaFilter's folded eval weights. Without the compiled
-    library, nothing to keep."""
-    if HAS_C:
-        torch.ops.tlkernels._gated_conv2d_keep_packed([w for w in weights if isinstance(w, torch.Tensor)])
+    generated kernels, which rewrite their buffers): AdaFilter's folded eval weights. Tensors on other devices
+    than the CPU, and calls without the compiled library, have nothing to keep."""
+    cpu = [w for w in weights if isinstance(w, torch.Tensor) and w.device.type == "cpu"]
+    if HAS_C and cpu:
+        torch.ops.tlkernels._gated_conv2d_keep_packed(cpu)
 
 
 def _resolve_padding(padding, weight, stride, dilation):
