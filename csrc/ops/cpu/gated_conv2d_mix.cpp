@@ -254,8 +254,7 @@ class PanelCache {
     if (!w.defined() || w.is_inference()) return;  // (an inference tensor has no version counter)
     std::lock_guard<std::mutex> lock(mu_);
     sweep();
-    for (const Entry& e : entries_)
-      if (e.impl == w.unsafeGetTensorImpl()) return;
+    if (find(w.unsafeGetTensorImpl()) != nullptr) return;
     entries_.push_back({w.unsafeGetTensorImpl(),
                         c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(w.getIntrusivePtr()), {}});
   }
