@@ -2,7 +2,6 @@
 marked `cuda`), else executed by the interpreter (TRITON_INTERPRET=1, set in conftest) on CPU tensors; plus AOT
 compilation for sm80/sm90 in a subprocess."""
 import os
-import subprocess
 import sys
 
 import pytest
@@ -76,12 +75,22 @@ def test_triton_channels_last_and_partial_mask(shape):
     torch.testing.assert_close(out[3], ref[3])
 
 
-def test_triton_kernels_compile_for_ampere_and_hopper():
+def start_aot(key, *args):
+    """`python -m tlkernels.triton._aot *args` beside the suite (the compiler, not the interpreter)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-m", "tlkernels.triton._aot"], env=env, capture_output=True, text=True,
-                       timeout=900)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.splitlines()[-1] == "0 failed", r.stdout
+    start_background(key, [sys.executable, "-m", "tlkernels.triton._aot", *args], env=env)
+
+
+def start_aot_kernels():
+    start_aot("aot-kernels")
+
+
+@pytest.mark.background.with_args(start_aot_kernels)  # (compiles beside the suite from its start)
+def test_triton_kernels_compile_for_ampere_and_hopper():
+    start_aot_kernels()  # (run alone, the test starts it now)
+    with background_result("aot-kernels", timeout=900) as (returncode, stdout, stderr, _):
+        assert returncode == 0, stdout[-4000:] + stderr[-2000:]
+        assert stdout.splitlines()[-1] == "0 failed", stdout[-2000:]
 
 
 def test_float32_dots_honour_the_tf32_setting():
@@ -123,8 +132,7 @@ def test_autotune_keeps_only_configs_that_fit(settings):
 
 
 def start_aot_configs():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    start_background("aot-configs", [sys.executable, "-m", "tlkernels.triton._aot", "--configs"], env=env)
+    start_aot("aot-configs", "--configs")
 
 
 @pytest.mark.background.with_args(start_aot_configs)  # (compiles beside the suite from its start)

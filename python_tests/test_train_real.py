@@ -2,7 +2,9 @@
 grayscale, palette and RGBA files), DataLoader workers, normalised and augmented batches, unreadable files,
 mixed precision, exports loaded back, seeds, --help, TensorBoard."""
 import json
+import math
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -12,6 +14,8 @@ import torchvision
 from PIL import Image
 
 from tlkernels.train import backbones, data, loop, parse_args
+
+from conftest import background_result, start_background
 
 FAST = ["--epochs", "2", "--eval_every", "1", "--batch_size", "8", "--image_size", "32", "--quiet", "--threads", "2",
         "--no-export"]
@@ -49,13 +53,16 @@ def folder(tmp_path_factory):
     return write_folder(str(tmp_path_factory.mktemp("birds")))
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def write_checkpoint(path):
     """A 3-channel torchvision resnet18 state_dict (no network here: stands in for the pre-trained weights)."""
     torch.manual_seed(0)
-    path = str(tmp_path_factory.mktemp("ck") / "resnet18.pt")
     torch.save(torchvision.models.resnet18().state_dict(), path)
     return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return write_checkpoint(str(tmp_path_factory.mktemp("ck") / "resnet18.pt"))
 
 
 def run(tmp_path, folder, checkpoint, *args):
@@ -231,9 +238,26 @@ def test_tensorboard_log(tmp_path, folder, checkpoint):
     assert any(f.startswith("events.out.tfevents") for f in files)
 
 
-def test_compile(tmp_path, folder, checkpoint):
-    res = run(tmp_path, folder, checkpoint, "--method", "adafilter", "--compile", "--stop_after", "2")
-    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in res["adafilter"][0][1])
+def compile_run(work):
+    """The run test_compile checks, on its own copy of this file's data (in the process start_compile_run starts)."""
+    run(pathlib.Path(work), write_folder(os.path.join(work, "birds")), write_checkpoint(os.path.join(work, "r18.pt")),
+        "--method", "adafilter", "--compile", "--stop_after", "2")
+
+
+def start_compile_run():
+    """compile_run in a process of its own beside the suite (inductor compiles the model's forward and backward)."""
+    code = "import sys; sys.path.insert(0, sys.argv[1]); import test_train_real; test_train_real.compile_run(sys.argv[2])"
+    start_background("train-compile", [sys.executable, "-c", code, os.path.dirname(os.path.abspath(__file__))],
+                     env=dict(os.environ, TLKERNELS_GATED_CONV="heuristic"), workdir=True)  # (_fixed_strategies)
+
+
+@pytest.mark.background.with_args(start_compile_run)
+def test_compile():
+    start_compile_run()  # (run alone, the test starts it now)
+    with background_result("train-compile", timeout=1200) as (returncode, _, stderr, work):
+        assert returncode == 0, stderr[-4000:]
+        history = [json.loads(line) for line in (work / "adafilter" / "metrics.jsonl").read_text().splitlines()]
+        assert [h["step"] for h in history] == [1, 2] and all(math.isfinite(h["loss"]) for h in history), history
 
 
 def test_help_lists_every_option_and_method(capsys):
