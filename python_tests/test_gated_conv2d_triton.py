@@ -81,6 +81,13 @@ def start_aot(key, *args):
     start_background(key, [sys.executable, "-m", "tlkernels.triton._aot", *args], env=env)
 
 
+def assert_aot_passed(key, timeout):
+    """The AOT run started under `key` exited 0 and reported no failure."""
+    with background_result(key, timeout=timeout) as (returncode, stdout, stderr, _):
+        assert returncode == 0, stdout[-4000:] + stderr[-2000:]
+        assert stdout.splitlines()[-1] == "0 failed", stdout[-2000:]
+
+
 def start_aot_kernels():
     start_aot("aot-kernels")
 
@@ -88,9 +95,7 @@ def start_aot_kernels():
 @pytest.mark.background.with_args(start_aot_kernels)  # (compiles beside the suite from its start)
 def test_triton_kernels_compile_for_ampere_and_hopper():
     start_aot_kernels()  # (run alone, the test starts it now)
-    with background_result("aot-kernels", timeout=900) as (returncode, stdout, stderr, _):
-        assert returncode == 0, stdout[-4000:] + stderr[-2000:]
-        assert stdout.splitlines()[-1] == "0 failed", stdout[-2000:]
+    assert_aot_passed("aot-kernels", timeout=900)
 
 
 def test_float32_dots_honour_the_tf32_setting():
@@ -138,12 +143,9 @@ def start_aot_configs():
 @pytest.mark.background.with_args(start_aot_configs)  # (compiles beside the suite from its start)
 def test_every_fitting_config_compiles_within_limits():
     """AOT: every config autotuning may launch, for float32, bfloat16, float16 and float64, compiled for sm80 and
-    sm90 (Triton's compiler and ptxas, no GPU): shared memory within the target's limit, no register spills
-    (about 2 minutes on 2 cores with an empty Triton cache)."""
+    sm90 (Triton's compiler and ptxas, no GPU): shared memory within the target's limit, no register spills."""
     start_aot_configs()  # (run alone, the test starts it now)
-    with background_result("aot-configs", timeout=1500) as (returncode, stdout, stderr, _):
-        assert returncode == 0, stdout[-4000:] + stderr[-2000:]
-        assert stdout.splitlines()[-1] == "0 failed", stdout[-2000:]
+    assert_aot_passed("aot-configs", timeout=1500)
 
 
 @pytest.mark.cuda
